@@ -1,0 +1,19 @@
+"""One file per HF ``model_type``; ``get_arch`` looks one up by name."""
+from __future__ import annotations
+
+from ..errors import UnsupportedArchitecture
+from . import llama, mixtral, olmoe, qwen2_moe, qwen3_moe
+from .spec import ArchSpec
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    m.ARCH.model_type: m.ARCH for m in (llama, qwen3_moe, qwen2_moe, mixtral, olmoe)
+}
+
+
+def get_arch(model_type: str) -> ArchSpec:
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitecture(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return spec

@@ -1,0 +1,65 @@
+"""The KV-cache interface. The cache owns attention, so a compressed cache (TurboQuant) can
+compute scores straight from its codes instead of handing back dense K and V."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..layers.batch import BatchLayout
+
+
+class KVCache(ABC):
+    """Per-sequence keys and values for every layer.
+
+    Protocol for one forward pass: ``begin(batch)``, then ``attend(layer, ...)`` once per layer
+    (it appends that layer's new k/v after the sequence's current length and attends causally
+    over everything up to them), then ``end(batch)`` advances each sequence's length.
+    """
+
+    @abstractmethod
+    def add_sequence(self, seq_id: int) -> None: ...
+
+    @abstractmethod
+    def free_sequence(self, seq_id: int) -> None: ...
+
+    @abstractmethod
+    def length(self, seq_id: int) -> int: ...
+
+    def begin(self, batch: BatchLayout) -> None:
+        """Make room for the batch's new tokens (before any layer runs)."""
+
+    @abstractmethod
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: BatchLayout,
+        scale: float,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """q: [T, Hq, Dh], k/v: [T, Hkv, Dh] (RoPE applied) -> attention output [T, Hq, Dh]."""
+
+    @abstractmethod
+    def end(self, batch: BatchLayout) -> None:
+        """Advance every sequence of the batch by its query length."""
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's buffers."""
+        return 0
+
+
+def causal_mask(n: int, start: int, window: int | None) -> torch.Tensor | None:
+    """Bool mask [n, start + n]: query i (absolute position start + i) sees keys j <= start + i
+    (and j > start + i - window with a sliding window). None when no key is hidden."""
+    total = start + n
+    if n == 1 and (window is None or total <= window):
+        return None
+    qpos = torch.arange(start, total)[:, None]  # [n, 1]
+    kpos = torch.arange(total)[None, :]  # [1, L]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask

@@ -1,0 +1,54 @@
+"""Grouped-query self-attention with fused q/k/v; the KV cache computes the attention itself."""
+from __future__ import annotations
+
+import torch
+
+from ..kvcache.base import KVCache
+from .batch import BatchLayout
+from .norm import RMSNorm
+from .qlinear import QuantLinear
+from .rope import apply_rope
+
+
+class Attention(torch.nn.Module):
+    def __init__(
+        self,
+        layer: int,
+        qkv: QuantLinear,
+        o_proj: QuantLinear,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+        qk_norm: str | None = None,
+        clip_qkv: float | None = None,
+        window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.qkv = qkv  # [(Hq + 2 Hkv) Dh, D]
+        self.o_proj = o_proj  # [D, Hq Dh]
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_norm, self.k_norm, self.qk_norm = q_norm, k_norm, qk_norm
+        self.clip_qkv = clip_qkv
+        self.window = window
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, batch: BatchLayout
+    ) -> torch.Tensor:
+        # x: [T, D]; cos/sin: [T, 1, Dh]
+        t = x.shape[0]
+        hq, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([hq * dh, hkv * dh, hkv * dh], dim=-1)
+        if self.qk_norm == "full":  # olmoe: norm over the whole projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
+        q, k, v = q.view(t, hq, dh), k.view(t, hkv, dh), v.reshape(t, hkv, dh)
+        if self.qk_norm == "head":  # qwen3_moe: norm per head
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = cache.attend(self.layer, q, k, v, batch, self.scale, self.window)  # [T, Hq, Dh]
+        return self.o_proj(out.reshape(t, hq * dh))

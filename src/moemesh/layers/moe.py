@@ -1,0 +1,87 @@
+"""The MoE feed-forward block and its two expert-mixing paths.
+
+Shape legend: T tokens, D hidden, A active experts per token, E experts.
+``mix_grouped`` is the fast path (one matmul per active expert over all its tokens);
+``mix_reference`` is the obvious per-token, per-slot loop kept beside it for tests.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .mlp import GatedMLP
+from .router import TopKRouter
+
+ExpertFn = Callable[[int], GatedMLP]
+
+
+def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """ids [T, A] -> [(expert, token_idx [n], slot_flat_idx [n])] sorted by expert id."""
+    flat = ids.reshape(-1)  # [T*A]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat).tolist()
+    groups, start, a = [], 0, ids.shape[1]
+    for expert, count in enumerate(counts):
+        if count:
+            slots = order[start : start + count]
+            groups.append((expert, slots // a, slots))
+            start += count
+    return groups
+
+
+def mix_grouped(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: ExpertFn) -> torch.Tensor:
+    # x: [T, D], ids/weights: [T, A] -> [T, D]
+    out = torch.zeros_like(x)
+    flat_w = weights.reshape(-1)  # [T*A]
+    for e, token_idx, slots in group_by_expert(ids):
+        y = expert(e)(x[token_idx]) * flat_w[slots, None]  # [n, D]
+        out.index_add_(0, token_idx, y)
+    return out
+
+
+def mix_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: ExpertFn) -> torch.Tensor:
+    # x: [T, D], ids/weights: [T, A] -> [T, D]; one token and one slot at a time
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = int(ids[t, slot])
+            out[t] += weights[t, slot] * expert(e)(x[t : t + 1])[0]
+    return out
+
+
+class MoEBlock(torch.nn.Module):
+    """Router -> expert provider -> (+ gated shared expert). Never touches expert weights itself."""
+
+    def __init__(
+        self,
+        layer: int,
+        router: TopKRouter,
+        provider: "ExpertProviderLike",
+        shared: GatedMLP | None = None,
+        shared_gate: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.router = router
+        self.provider = provider
+        self.shared = shared
+        # qwen2_moe: sigmoid(x @ g.T) scales the shared expert; g: [1, D]
+        self.shared_gate = None if shared_gate is None else torch.nn.Parameter(shared_gate.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, D] -> [T, D]
+        ids, weights = self.router(x)
+        out = self.provider.run(self.layer, x, ids, weights)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(torch.nn.functional.linear(x, self.shared_gate)) * shared
+            out = out + shared
+        return out
+
+
+class ExpertProviderLike:
+    """Structural type for ``experts.provider.ExpertProvider`` (avoids an import cycle)."""
+
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...

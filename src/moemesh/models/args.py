@@ -1,0 +1,94 @@
+"""ModelArgs: one explicit description of a decoder-only transformer, MoE or dense.
+
+Each architecture file turns an HF ``config.json`` dict into ModelArgs; everything the shared
+layers need is spelled out here so no layer ever reads a raw config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    intermediate_size: int  # dense FFN width (dense layers)
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v (qwen2_moe's qkv_bias)
+    o_bias: bool = False
+    qk_norm: str | None = None  # None | "head" (qwen3_moe: per head) | "full" (olmoe: whole projection)
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    # MoE (num_experts == 0 means dense)
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: list[int] = field(default_factory=list)  # indices of layers with an MoE FFN
+    shared_expert_intermediate_size: int = 0  # qwen2_moe's shared expert (0 = none)
+    shared_expert_gate: bool = False  # qwen2_moe: sigmoid(Linear(D, 1)) scales the shared expert
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+
+def rope_theta_of(cfg: dict[str, Any], default: float = 10000.0) -> float:
+    """transformers 5 writes ``rope_parameters``; older configs write ``rope_theta``."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in ("default", None):
+        from ..errors import UnsupportedArchitecture
+
+        raise UnsupportedArchitecture(f"RoPE scaling type {rope_type!r} is not supported yet")
+    return float(params.get("rope_theta", cfg.get("rope_theta", default)))
+
+
+def eos_ids_of(cfg: dict[str, Any]) -> list[int]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, list) else [int(eos)]
+
+
+def common_args(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Fields every architecture reads the same way from an HF config."""
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    return dict(
+        model_type=model_type,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta_of(cfg),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        intermediate_size=int(cfg.get("intermediate_size", 0)),
+        hidden_act=str(cfg.get("hidden_act", "silu")),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids_of(cfg),
+    )
+
+
+def num_experts_of(cfg: dict[str, Any]) -> int:
+    """Checkpoints say ``num_experts`` or ``num_local_experts`` (transformers 5 writes the latter)."""
+    n = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if n is None:
+        raise KeyError("config has neither num_experts nor num_local_experts")
+    return int(n)

@@ -1,0 +1,111 @@
+"""Build a Transformer straight from a WeightSource.
+
+Modules are constructed from the loaded tensors (never randomly initialised first), so each
+weight exists once: as an mmap view when it is used as stored, or only in its converted form.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import CheckpointError
+from ..experts.provider import ExpertProvider, ResidentExperts
+from ..layers.attention import Attention
+from ..layers.mlp import GatedMLP
+from ..layers.moe import MoEBlock
+from ..layers.norm import RMSNorm
+from ..layers.qlinear import QuantLinear
+from ..layers.router import TopKRouter
+from ..weights.source import WeightSource
+from .args import ModelArgs
+from .spec import ArchSpec
+from .transformer import DecoderLayer, Transformer
+
+QUANT_MODES = ("auto", "fp32", "bf16", "int8", "int4")
+
+
+class Builder:
+    """Turns HF-named tensors into layers. ``quant``: auto keeps each tensor as stored (GGUF 4-bit
+    blocks stay 4-bit, floats become fp32); fp32/bf16/int8/int4 convert every linear."""
+
+    def __init__(self, spec: ArchSpec, args: ModelArgs, source: WeightSource, quant: str = "auto") -> None:
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+        self.spec, self.args, self.src, self.quant = spec, args, source, quant
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if not self.src.has(name):
+            raise CheckpointError(f"missing tensor {name!r} (needed by {self.args.model_type})")
+        return self.src.get(name)
+
+    def optional(self, name: str) -> torch.Tensor | None:
+        return self.src.get(name) if self.src.has(name) else None
+
+    def linear(self, names: list[str], bias_names: list[str] | None = None) -> QuantLinear:
+        """One linear from the row-wise concatenation of ``names`` (fuses q/k/v, gate/up)."""
+        bias = None
+        if bias_names:
+            bias = torch.cat([self.tensor(b).float() for b in bias_names])
+        if self.quant in ("auto", "int4"):
+            groups = [self.src.int4_groups(n) if self.src.has(n) else None for n in names]
+            if all(g is not None for g in groups):
+                q, s, m = (torch.cat(parts) for parts in zip(*groups))
+                return QuantLinear.from_int4_groups(q, s, m, bias)
+        weights = [self.tensor(n) for n in names]
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)  # [O, I]
+        mode = "fp32" if self.quant == "auto" else self.quant
+        return QuantLinear.from_float(w.float(), bias, mode)
+
+    def norm(self, name: str) -> RMSNorm:
+        return RMSNorm(self.tensor(name), self.args.rms_norm_eps)
+
+    def gated_mlp(self, gate: str, up: str, down: str) -> GatedMLP:
+        return GatedMLP(self.linear([gate, up]), self.linear([down]), self.args.hidden_act)
+
+    def attention(self, i: int) -> Attention:
+        a, s = self.args, self.spec
+        qkv = [s.attn(i, f"{p}_proj.weight") for p in "qkv"]
+        qkv_bias = [s.attn(i, f"{p}_proj.bias") for p in "qkv"] if a.attention_bias else None
+        o_bias = [s.attn(i, "o_proj.bias")] if a.o_bias else None
+        q_norm = k_norm = None
+        if a.qk_norm:
+            q_norm, k_norm = self.norm(s.attn(i, "q_norm.weight")), self.norm(s.attn(i, "k_norm.weight"))
+        return Attention(
+            i, self.linear(qkv, qkv_bias), self.linear([s.attn(i, "o_proj.weight")], o_bias),
+            a.num_heads, a.num_kv_heads, a.head_dim, q_norm, k_norm, a.qk_norm, a.clip_qkv, a.sliding_window,
+        )
+
+    def experts(self, i: int) -> list[GatedMLP]:
+        return [self.gated_mlp(*self.spec.expert(i, e)) for e in range(self.args.num_experts)]
+
+    def moe(self, i: int, provider: ExpertProvider) -> MoEBlock:
+        a, s = self.args, self.spec
+        router = TopKRouter(self.tensor(s.moe(i, "gate.weight")), a.top_k, a.norm_topk_prob)
+        shared = gate = None
+        if a.shared_expert_intermediate_size:
+            shared = self.gated_mlp(*(s.moe(i, f"shared_expert.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")))
+            gate = self.tensor(s.moe(i, "shared_expert_gate.weight")) if a.shared_expert_gate else None
+        return MoEBlock(i, router, provider, shared, gate)
+
+    def build(self, provider: ExpertProvider | None = None) -> Transformer:
+        """provider=None holds every expert in RAM (ResidentExperts)."""
+        a, s = self.args, self.spec
+        if provider is None:
+            provider = ResidentExperts({i: self.experts(i) for i in a.moe_layers})
+        layers = []
+        for i in range(a.num_layers):
+            if a.is_moe_layer(i):
+                ffn = self.moe(i, provider)
+            else:
+                ffn = self.gated_mlp(*(s.dense_mlp(i, f"{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")))
+            prefix = f"model.layers.{i}."
+            layers.append(DecoderLayer(
+                self.norm(prefix + "input_layernorm.weight"), self.attention(i),
+                self.norm(prefix + "post_attention_layernorm.weight"), ffn,
+            ))
+        embed = self.tensor("model.embed_tokens.weight").float()  # [V, D]
+        head_name = "lm_head.weight"
+        if a.tie_word_embeddings or not self.src.has(head_name):
+            lm_head = QuantLinear.from_float(embed, None, "fp32" if self.quant == "auto" else self.quant)
+        else:
+            lm_head = self.linear([head_name])
+        return Transformer(a, embed, layers, self.norm("model.norm.weight"), lm_head)

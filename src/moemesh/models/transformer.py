@@ -1,0 +1,71 @@
+"""The shared decoder-only transformer every architecture file builds."""
+from __future__ import annotations
+
+import torch
+
+from ..kvcache.base import KVCache
+from ..layers.attention import Attention
+from ..layers.batch import BatchLayout
+from ..layers.mlp import GatedMLP
+from ..layers.moe import MoEBlock
+from ..layers.norm import RMSNorm
+from ..layers.qlinear import QuantLinear
+from ..layers.rope import RotaryEmbedding
+from .args import ModelArgs
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: GatedMLP | MoEBlock) -> None:
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+
+    def forward(self, x, cos, sin, cache: KVCache, batch: BatchLayout) -> torch.Tensor:
+        # x: [T, D] residual stream (fp32)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, batch)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(torch.nn.Module):
+    """forward(tokens, positions, cache, batch) over a flat token axis holding several sequences."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        embed: torch.Tensor,
+        layers: list[DecoderLayer],
+        norm: RMSNorm,
+        lm_head: QuantLinear,
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.embed = torch.nn.Parameter(embed, requires_grad=False)  # [V, D]
+        self.layers = torch.nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head  # [V, D]
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        batch: BatchLayout,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """tokens, positions: [T] -> logits [T, V] if all_logits else [B, V] (last token of each
+        sequence). Appends the tokens to each sequence's KV cache."""
+        x = self.embed[tokens].float()  # [T, D]
+        cos, sin = self.rope.cos_sin(positions)
+        cache.begin(batch)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, batch)
+        cache.end(batch)
+        if not all_logits:
+            x = x[batch.last_token_indices()]  # [B, D]
+        return self.lm_head(self.norm(x))
+
+    def new_cache(self) -> KVCache:
+        from ..kvcache.dense import DenseKVCache
+
+        return DenseKVCache(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim)

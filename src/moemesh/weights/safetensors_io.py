@@ -1,0 +1,119 @@
+"""A zero-copy safetensors reader: tensors are views of a private mmap of the file.
+
+Written by hand (rather than ``safetensors.safe_open``) so that every tensor is checked against
+the file size up front and a truncated or corrupt file fails with the file and tensor named.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """One ``*.safetensors`` file: ``names()``, ``get(name)`` -> a tensor viewing the mmap."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: file not found")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise CheckpointError(f"{self.path}: truncated or not a safetensors file (header of {n} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({exc})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for name, info in header.items():
+            self.entries[name] = self._check(name, info, size)
+        # ACCESS_COPY: a private mapping, so tensors are writable views and the file never changes
+        self._mmap = None
+        if size:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)  # mmap keeps its own reference to the file
+
+    def _check(self, name: str, info: dict, size: int) -> tuple[torch.dtype, list[int], int, int]:
+        dtype = DTYPES.get(info.get("dtype", ""))
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        shape = [int(s) for s in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has inconsistent offsets {begin}..{end} for shape {shape}")
+        if self.data_start + end > size:
+            raise CheckpointError(
+                f"{self.path}: truncated: tensor {name!r} ends at byte {self.data_start + end} but the file has {size}"
+            )
+        return dtype, shape, begin, end
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        t = torch.frombuffer(self._mmap, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.data_start + begin)
+        return t.view(shape)
+
+
+class SafetensorsCheckpoint:
+    """All tensors of an HF checkpoint directory (one file, or shards with an index)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.dir}: no *.safetensors files found")
+            weight_map = {}
+        self.files = {name: SafetensorsFile(self.dir / name) for name in files}
+        self.where: dict[str, SafetensorsFile] = {}
+        for fname, f in self.files.items():
+            for tname in f.names():
+                self.where[tname] = f
+        missing = [t for t in weight_map if t not in self.where]
+        if missing:
+            raise CheckpointError(f"{self.dir}: index lists tensor {missing[0]!r} but its file lacks it")
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.where.get(name)
+        if f is None:
+            raise CheckpointError(f"{self.dir}: missing tensor {name!r}")
+        return f.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.where)
