@@ -1,0 +1,107 @@
+"""``moemesh generate``: one prompt through the engine, streamed to stdout or as one JSON object."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+from ..engine.engine import Engine
+from ..engine.sampling_params import SamplingParams
+from ..errors import MoemeshError
+from ..models.build import QUANT_MODES
+from ..models.loader import load_model
+from ..tokenizer.detok import IncrementalDetokenizer
+
+QUANT_CHOICES = ("none",) + QUANT_MODES  # none = fp32 everywhere
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("model", help="checkpoint directory, .gguf file, or 'smollm2'")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
+                   help="weights at run time: auto keeps them as stored (GGUF 4-bit stays 4-bit)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=run)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise MoemeshError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_load = time.perf_counter()
+    loaded = load_model(args.model, "fp32" if args.quant == "none" else args.quant)
+    load_seconds = time.perf_counter() - t_load
+    tok = loaded.tokenizer
+    if args.prompt_ids is not None:
+        prompt_ids = parse_ids(args.prompt_ids)
+        vocab = loaded.args.vocab_size
+        bad = [i for i in prompt_ids if not 0 <= i < vocab]
+        if bad:
+            raise MoemeshError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    else:
+        if tok is None:
+            raise MoemeshError(f"{loaded.path}: no tokenizer found; use --prompt-ids")
+        text = args.prompt
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            text = tok.apply_chat_template(messages + [{"role": "user", "content": text}], add_generation_prompt=True)
+        prompt_ids = tok.encode(text, add_special_tokens=not args.chat)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+    )
+    stops = tok.eos_token_ids if tok is not None else frozenset(loaded.args.eos_token_ids)
+    engine = Engine(loaded.model, stop_token_ids=frozenset(stops))
+    detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
+
+    def stream(out) -> None:
+        if detok is not None and not args.json and out.new_token not in stops:
+            sys.stdout.write(detok.add(out.new_token))
+            sys.stdout.flush()
+
+    (seq,) = engine.generate([prompt_ids], params, on_token=stream)
+    if args.json:
+        gen = seq.output_ids
+        n_decode = max(0, len(gen) - 1)  # the first token comes out of the prefill step
+        result = {
+            "text": tok.decode([t for t in gen if t not in stops]) if tok is not None else None,
+            "token_ids": gen,
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(gen),
+            "finish_reason": seq.finish_reason,
+            "prefill_tok_s": len(prompt_ids) / seq.prefill_seconds if seq.prefill_seconds else None,
+            "decode_tok_s": n_decode / seq.decode_seconds if seq.decode_seconds else None,
+            "load_seconds": load_seconds,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "quant": args.quant,
+            "model": str(loaded.path),
+        }
+        print(json.dumps(result))
+    else:
+        if detok is not None:
+            sys.stdout.write(detok.flush())
+        sys.stdout.write("\n")
+    return 0

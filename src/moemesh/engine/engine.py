@@ -1,0 +1,163 @@
+"""Engine: continuous batching over one model. ``step()`` = schedule -> forward -> sample -> finish.
+
+Sequences join and leave the running batch at every step; prompts are fed in chunks of at most
+``max_prefill_tokens`` so one long prompt never stalls the running decodes for long.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import PromptTooLong
+from ..layers.batch import BatchLayout
+from ..models.transformer import Transformer
+from .sampler import Sampler, make_generator
+from .sampling_params import SamplingParams
+from .sequence import Sequence, Status
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    new_token: int | None  # None while the prompt is still being prefilled
+    finished: bool
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        stop_token_ids: frozenset[int] = frozenset(),
+        max_batch: int = 16,
+        max_prefill_tokens: int = 512,
+        context_length: int | None = None,
+    ) -> None:
+        self.model = model
+        self.cache = model.new_cache()
+        self.sampler = Sampler()
+        self.stop_token_ids = stop_token_ids
+        self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        self.context_length = context_length or model.args.max_position_embeddings
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._next_id = 0
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) >= self.context_length:
+            raise PromptTooLong(
+                f"prompt has {len(prompt_ids)} tokens but the context window is {self.context_length}"
+            )
+        seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params.seed), self.stop_token_ids)
+        self._next_id += 1
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _schedule(self) -> list[Sequence]:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting.pop(0)
+            seq.status = Status.RUNNING
+            self.cache.add_sequence(seq.seq_id)
+            self.running.append(seq)
+        return list(self.running)
+
+    def step(self) -> list[StepOutput]:
+        seqs = self._schedule()
+        if not seqs:
+            return []
+        budget = self.max_prefill_tokens
+        chunks = []
+        for seq in seqs:
+            chunk = seq.next_chunk(budget if seq.in_prefill else 1)
+            if seq.in_prefill:
+                budget = max(1, budget - len(chunk))
+            chunks.append(chunk)
+        tokens = torch.tensor([t for c in chunks for t in c], dtype=torch.long)  # [T]
+        positions = torch.tensor(
+            [p for s, c in zip(seqs, chunks) for p in range(s.num_computed, s.num_computed + len(c))], dtype=torch.long
+        )
+        layout = BatchLayout([s.seq_id for s in seqs], [len(c) for c in chunks])
+        was_prefill = [s.in_prefill for s in seqs]
+        t0 = time.perf_counter()
+        logits = self.model(tokens, positions, self.cache, layout)  # [B, V]
+        for seq, chunk in zip(seqs, chunks):
+            seq.num_computed += len(chunk)
+        ready = [i for i, s in enumerate(seqs) if not s.in_prefill]
+        outputs = self._sample(seqs, ready, logits)
+        elapsed = time.perf_counter() - t0
+        for seq, prefill in zip(seqs, was_prefill):  # charge the step to the phase each was in
+            if prefill:
+                seq.prefill_seconds += elapsed
+            else:
+                seq.decode_seconds += elapsed
+        done = {id(o.seq) for o in outputs}
+        outputs += [StepOutput(s, None, False) for s in seqs if id(s) not in done]
+        return outputs
+
+    def _sample(self, seqs: list[Sequence], ready: list[int], logits: torch.Tensor) -> list[StepOutput]:
+        if not ready:
+            return []
+        rows = [seqs[i] for i in ready]
+        result = self.sampler.sample(
+            logits[ready], [s.params for s in rows], [s.prompt_ids for s in rows],
+            [s.output_ids for s in rows], [s.generator for s in rows],
+        )
+        now = time.perf_counter()
+        outputs = []
+        for j, seq in enumerate(rows):
+            token = result.token_ids[j]
+            seq.output_ids.append(token)
+            seq.output_logprobs.append(result.logprobs[j])
+            if result.top_logprobs is not None:
+                seq.output_top_logprobs.append(result.top_logprobs[j])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._stop_reason(seq, token)
+            if reason:
+                self._finish(seq, reason)
+            outputs.append(StepOutput(seq, token, reason is not None))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        if token in seq.stop_token_ids:
+            return "stop"
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            return "length"
+        if len(seq.prompt_ids) + len(seq.output_ids) >= self.context_length:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.free_sequence(seq.seq_id)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+        on_token: Callable[[StepOutput], None] | None = None,
+    ) -> list[Sequence]:
+        """Run prompts to completion together (continuous batching), in order of the prompts."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        while self.has_work():
+            for out in self.step():
+                if on_token is not None and out.new_token is not None:
+                    on_token(out)
+        return seqs
