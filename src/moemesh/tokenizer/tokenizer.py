@@ -79,8 +79,9 @@ def _gguf_backend(meta: _HasMetadata, where: str) -> tuple[Backend, bool]:
     pre_name = meta.metadata("tokenizer.ggml.pre", "default")
     pre = _PRE_TOKENIZERS.get(pre_name)
     if pre is None:
+        supported = ", ".join(sorted(_PRE_TOKENIZERS))
         raise UnsupportedArchitecture(
-            f"{where}: GGUF pre-tokenizer {pre_name!r} is not supported; supported: {', '.join(sorted(_PRE_TOKENIZERS))}"
+            f"{where}: GGUF pre-tokenizer {pre_name!r} is not supported; supported: {supported}"
         )
     tokens: list[str] = meta.metadata("tokenizer.ggml.tokens")
     merges: list[str] | None = meta.metadata("tokenizer.ggml.merges")
@@ -192,8 +193,10 @@ class Tokenizer:
         eos_ids += _id_list(gen_config.get("eos_token_id")) + _id_list(model_config.get("eos_token_id"))
         bos_id = token_id("bos_token")
         if bos_id is None:
-            bos_id = (_id_list(gen_config.get("bos_token_id")) or _id_list(model_config.get("bos_token_id")) or [None])[0]
-        return cls(backend, bos_token_id=bos_id, eos_token_ids=eos_ids, chat_template=_dir_chat_template(root, tok_config))
+            bos_ids = _id_list(gen_config.get("bos_token_id")) or _id_list(model_config.get("bos_token_id"))
+            bos_id = bos_ids[0] if bos_ids else None
+        return cls(backend, bos_token_id=bos_id, eos_token_ids=eos_ids,
+                   chat_template=_dir_chat_template(root, tok_config))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids; add_special_tokens adds BOS (etc.) only where the model's tokenizer says so."""

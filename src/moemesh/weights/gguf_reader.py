@@ -52,8 +52,15 @@ class _CheckedReader(GGUFReader):
             try:
                 ggml_type = GGMLQuantizationType(int(raw_dtype[0]))
             except ValueError:
-                raise CheckpointError(f"{self._path}: tensor {name!r} has unknown ggml type {int(raw_dtype[0])}") from None
+                raise CheckpointError(
+                    f"{self._path}: tensor {name!r} has unknown ggml type {int(raw_dtype[0])}"
+                ) from None
             block, type_size = GGML_QUANT_SIZES[ggml_type]
+            if len(dims) and int(dims[0]) % block:
+                raise CheckpointError(
+                    f"{self._path}: tensor {name!r} has rows of {int(dims[0])}, "
+                    f"not a multiple of the {ggml_type.name} block size {block}"
+                )
             n_elems = int(np.prod(dims.astype(np.int64))) if len(dims) else 1
             begin = int(start_offs + offset_tensor[0])
             end = begin + n_elems * type_size // block
