@@ -63,6 +63,9 @@ class DenseKVCache(KVCache):
             keys, values = seq.keys[layer], seq.values[layer]
             keys[:, start:end] = k[off : off + n].transpose(0, 1)
             values[:, start:end] = v[off : off + n].transpose(0, 1)
+            if n == 1 and (window is None or end <= window):
+                out[off] = decode_attention(q[off], keys[:, :end], values[:, :end], scale)
+                continue
             lo = 0 if window is None else max(0, end - n - window + 1)  # keys no query can see
             mask = causal_mask(n, start, window)
             if mask is not None:
@@ -80,3 +83,12 @@ class DenseKVCache(KVCache):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.seqs.values() for t in s.keys + s.values)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token over all its keys, GQA without repeating K/V (fewer ops than SDPA's math
+    path for this case). q: [Hq, Dh], keys/values: [Hkv, L, Dh] -> [Hq, Dh]."""
+    hkv, _, dh = keys.shape
+    qg = q.view(hkv, -1, dh)  # [Hkv, G, Dh]
+    probs = torch.softmax(torch.bmm(qg, keys.transpose(1, 2)).mul_(scale), dim=-1)  # [Hkv, G, L]
+    return torch.bmm(probs, values).view(-1, dh)

@@ -10,6 +10,7 @@ import torch
 from ..errors import CheckpointError
 from ..experts.provider import ExpertProvider, ResidentExperts
 from ..layers.attention import Attention
+from ..layers.head import OutputHead
 from ..layers.mlp import GatedMLP
 from ..layers.moe import MoEBlock
 from ..layers.norm import RMSNorm
@@ -31,6 +32,7 @@ class Builder:
         if quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
         self.spec, self.args, self.src, self.quant = spec, args, source, quant
+        self.native_int4 = False  # set once a stored 4-bit tensor went straight into the kernel
 
     def tensor(self, name: str) -> torch.Tensor:
         if not self.src.has(name):
@@ -49,6 +51,7 @@ class Builder:
             groups = [self.src.int4_groups(n) if self.src.has(n) else None for n in names]
             if all(g is not None for g in groups):
                 q, s, m = (torch.cat(parts) for parts in zip(*groups))
+                self.native_int4 = True
                 return QuantLinear.from_int4_groups(q, s, m, bias)
         weights = [self.tensor(n) for n in names]
         w = weights[0] if len(weights) == 1 else torch.cat(weights)  # [O, I]
@@ -102,10 +105,16 @@ class Builder:
                 self.norm(prefix + "input_layernorm.weight"), self.attention(i),
                 self.norm(prefix + "post_attention_layernorm.weight"), ffn,
             ))
-        embed = self.tensor("model.embed_tokens.weight").float()  # [V, D]
-        head_name = "lm_head.weight"
-        if a.tie_word_embeddings or not self.src.has(head_name):
-            lm_head = QuantLinear.from_float(embed, None, "fp32" if self.quant == "auto" else self.quant)
-        else:
-            lm_head = self.linear([head_name])
-        return Transformer(a, embed, layers, self.norm("model.norm.weight"), lm_head)
+        embed = self.tensor("model.embed_tokens.weight")  # [V, D], as stored (an mmap view if float)
+        return Transformer(a, embed, layers, self.norm("model.norm.weight"), self.head(embed))
+
+    def head(self, embed: torch.Tensor) -> OutputHead:
+        """fp32 when exactness was asked for (fp32, or auto on float checkpoints); otherwise a
+        quantized matmul whose top candidates are rescored from the stored table (tied: the
+        embedding itself; untied float checkpoints: an mmap view, so no second copy)."""
+        name = "lm_head.weight"
+        table = embed if self.args.tie_word_embeddings or not self.src.has(name) else self.tensor(name)
+        mode = self.quant if self.quant != "auto" else ("int4" if self.native_int4 else "fp32")
+        if mode == "fp32":
+            return OutputHead(table.float())
+        return OutputHead(table, QuantLinear.from_float(table.float(), None, mode))

@@ -9,7 +9,7 @@ from ..layers.batch import BatchLayout
 from ..layers.mlp import GatedMLP
 from ..layers.moe import MoEBlock
 from ..layers.norm import RMSNorm
-from ..layers.qlinear import QuantLinear
+from ..layers.head import OutputHead
 from ..layers.rope import RotaryEmbedding
 from .args import ModelArgs
 
@@ -34,11 +34,11 @@ class Transformer(torch.nn.Module):
         embed: torch.Tensor,
         layers: list[DecoderLayer],
         norm: RMSNorm,
-        lm_head: QuantLinear,
+        lm_head: OutputHead,
     ) -> None:
         super().__init__()
         self.args = args
-        self.embed = torch.nn.Parameter(embed, requires_grad=False)  # [V, D]
+        self.embed = embed  # [V, D] in its stored dtype; rows are cast to fp32 on lookup
         self.layers = torch.nn.ModuleList(layers)
         self.norm = norm
         self.lm_head = lm_head  # [V, D]

@@ -1,0 +1,35 @@
+"""Output head: logits over the vocabulary, optionally on a quantized matmul with exact rescoring."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .qlinear import QuantLinear
+
+
+class OutputHead(torch.nn.Module):
+    """logits = x @ W.T.
+
+    With ``approx`` set, the [V, D] matmul (the largest single read of a small model's decode
+    step) runs on the quantized copy, then each row's ``rescore`` best candidates are recomputed
+    exactly from the fp32 table. Greedy decoding therefore matches fp32 unless the true argmax is
+    not among the approximate top ``rescore`` — the rest of the distribution stays approximate.
+    """
+
+    def __init__(self, weight: torch.Tensor, approx: QuantLinear | None = None, rescore: int = 16) -> None:
+        super().__init__()
+        self.weight = weight  # [V, D] as stored (shared with the embedding when tied: no copy)
+        self.approx = approx
+        self.rescore = rescore
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, D] -> [B, V]
+        if self.approx is None:
+            return F.linear(x, self.weight)  # weight is fp32 here (see Builder.head)
+        logits = self.approx(x)  # [B, V]
+        top = logits.topk(self.rescore, dim=-1).indices  # [B, R]
+        exact = torch.einsum("bd,brd->br", x, self.weight[top].float())  # [B, R]
+        return logits.scatter_(-1, top, exact)
+
+    def nbytes(self) -> int:
+        return self.approx.nbytes() if self.approx is not None else self.weight.numel() * 4
