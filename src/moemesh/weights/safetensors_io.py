@@ -117,3 +117,28 @@ class SafetensorsCheckpoint:
 
     def names(self) -> list[str]:
         return list(self.where)
+
+
+REVERSE_DTYPES = {v: k for k, v in DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], chunk: int = 64 << 20) -> None:
+    """Stream tensors into a safetensors file one at a time (each may be an mmap view), so the
+    writer never holds more than one tensor's bytes beyond what the caller already has."""
+    header: dict[str, dict] = {}
+    offset = 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": REVERSE_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in tensors:
+            flat = t.contiguous().view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+            for start in range(0, flat.numel(), chunk):
+                f.write(flat[start : start + chunk].numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())

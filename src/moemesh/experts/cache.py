@@ -1,0 +1,151 @@
+"""ExpertCache: a fixed pool of blob-sized slots in one anonymous mapping, keyed by (layer, expert).
+
+Memory is bounded by construction (num_slots * blob_size, page-aligned for O_DIRECT) and only
+becomes resident as slots are first written. Entries being read or pinned by the running layer
+are never evicted; the eviction policy picks among the rest.
+"""
+from __future__ import annotations
+
+import mmap
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import MoemeshError
+from ..layers.mlp import GatedMLP
+from .io import BlobReader
+from .policy import EvictionPolicy, Key
+from .store import ExpertStore
+
+
+@dataclass
+class Entry:
+    key: Key
+    slot: int
+    future: Future | None  # the read in flight, None once consumed
+    expert: GatedMLP | None = None
+    pins: int = 0
+    prefetched: bool = False  # loaded by prefetch and not used yet
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_hits: int = 0  # demanded experts that a prefetch had already brought in
+    stall_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, num_slots: int, policy: EvictionPolicy, reader: BlobReader,
+                 verify: bool = True) -> None:
+        if num_slots < 1:
+            raise MoemeshError("expert cache needs at least one slot")
+        self.store, self.policy, self.reader, self.verify = store, policy, reader, verify
+        self.num_slots = num_slots
+        self.blob_size = store.blob_size
+        self._mem = mmap.mmap(-1, num_slots * self.blob_size)  # page-aligned, lazily backed
+        self._view = memoryview(self._mem)
+        self._tensor = torch.frombuffer(self._mem, dtype=torch.uint8)  # [slots * blob]
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.entries: dict[Key, Entry] = {}
+        self.stats = CacheStats()
+
+    def slot_view(self, slot: int) -> memoryview:
+        return self._view[slot * self.blob_size : (slot + 1) * self.blob_size]
+
+    def _evictable(self, protect: set[Key]) -> list[Key]:
+        return [k for k, e in self.entries.items()
+                if e.pins == 0 and k not in protect and (e.future is None or e.future.done())]
+
+    def _take_slot(self, protect: set[Key]) -> int | None:
+        if self.free_slots:
+            return self.free_slots.pop()
+        candidates = self._evictable(protect)
+        if not candidates:
+            return None
+        victim = self.policy.victim(candidates)
+        entry = self.entries.pop(victim)
+        if entry.future is not None:
+            entry.future.result()  # surface a failed read instead of losing it
+        self.policy.forget(victim)
+        return entry.slot
+
+    def _load(self, key: Key, protect: set[Key]) -> Entry | None:
+        slot = self._take_slot(protect)
+        if slot is None:
+            return None
+        layer, expert = key
+        future = self.reader.submit(self.store.offset(layer, expert), self.slot_view(slot))
+        entry = Entry(key, slot, future)
+        self.entries[key] = entry
+        return entry
+
+    def acquire(self, keys: list[Key]) -> list[Entry]:
+        """Pin every key (issuing all misses at once); len(keys) must not exceed num_slots."""
+        if len(keys) > self.num_slots:
+            raise MoemeshError(f"{len(keys)} experts requested at once but the cache has {self.num_slots} slots")
+        protect = set(keys)
+        out = []
+        for key in keys:
+            entry = self.entries.get(key)
+            if entry is None:
+                self.stats.misses += 1
+                entry = self._load(key, protect)
+                if entry is None:
+                    raise MoemeshError("expert cache: no slot free (all pinned)")
+            else:
+                self.stats.hits += 1
+                if entry.prefetched:
+                    self.stats.prefetch_hits += 1
+            entry.prefetched = False
+            entry.pins += 1
+            self.policy.touch(key)
+            out.append(entry)
+        return out
+
+    def prefetch(self, keys: list[Key], protect: set[Key]) -> int:
+        """Start reads for keys not cached, into free slots or evictable ones outside ``protect``.
+        Returns how many reads were issued."""
+        issued = 0
+        for key in keys:
+            if key in self.entries:
+                continue
+            entry = self._load(key, protect | set(keys))
+            if entry is None:
+                break
+            entry.prefetched = True
+            issued += 1
+        self.stats.prefetch_issued += issued
+        return issued
+
+    def expert(self, entry: Entry) -> GatedMLP:
+        """Wait for the entry's read (counted as stall time), verify, build the expert once."""
+        if entry.future is not None:
+            t0 = time.perf_counter()
+            entry.future.result()
+            self.stats.stall_seconds += time.perf_counter() - t0
+            entry.future = None
+            layer, expert = entry.key
+            data = self.slot_view(entry.slot)
+            if self.verify:
+                try:
+                    self.store.verify(layer, expert, data)
+                except MoemeshError:
+                    self.entries.pop(entry.key, None)  # never serve a corrupt blob again
+                    self.free_slots.append(entry.slot)
+                    raise
+            base = entry.slot * self.blob_size
+            entry.expert = self.store.expert_from_buffer(self._tensor[base : base + self.blob_size])
+        return entry.expert
+
+    def release(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            entry.pins -= 1
+
+    def nbytes(self) -> int:
+        return self.num_slots * self.blob_size

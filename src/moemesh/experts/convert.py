@@ -1,0 +1,130 @@
+"""``moemesh convert``: an HF MoE checkpoint -> an expert store, streamed and atomic.
+
+Tensors are taken one at a time from mmap views, each expert is quantized and written as one
+aligned blob, and the store is assembled in a temporary directory that is renamed into place
+only after every file is fsync'ed and the manifest written: an interrupted conversion never
+leaves a directory that looks like a valid store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..errors import CheckpointError, MoemeshError
+from ..layers.qlinear import QuantLinear
+from ..layers.qlinear_state import export_state
+from ..models import get_arch
+from ..models.loader import open_source
+from ..models.spec import ArchSpec
+from ..weights.safetensors_io import write_safetensors
+from .store import ALIGN, FORMAT, PART_ALIGN, VERSION, dtype_name
+
+STORE_QUANTS = ("int4", "int8", "bf16", "fp32")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def expert_linears(spec: ArchSpec, source, layer: int, expert: int, quant: str) -> dict[str, QuantLinear]:
+    gate, up, down = (source.get(n).float() for n in spec.expert(layer, expert))
+    return {"gate_up": QuantLinear.from_float(torch.cat([gate, up]), None, quant),
+            "down": QuantLinear.from_float(down, None, quant)}
+
+
+def blob_layout(linears: dict[str, QuantLinear]) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """(per-linear meta, parts, padded blob size) of one expert; identical for every expert."""
+    metas, parts, offset = {}, [], 0
+    for lname, layer in linears.items():
+        meta, tensors = export_state(layer)
+        metas[lname] = meta
+        for bname, t in tensors.items():
+            n = t.numel() * t.element_size()
+            parts.append({"linear": lname, "buffer": bname, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                          "offset": offset, "nbytes": n})
+            offset = _round_up(offset + n, PART_ALIGN)
+    return metas, parts, _round_up(offset, ALIGN)
+
+
+def pack_blob(linears: dict[str, QuantLinear], parts: list[dict[str, Any]], blob_size: int) -> bytearray:
+    blob = bytearray(blob_size)
+    states = {name: export_state(layer)[1] for name, layer in linears.items()}
+    for p in parts:
+        t = states[p["linear"]][p["buffer"]]
+        if list(t.shape) != p["shape"] or dtype_name(t.dtype) != p["dtype"]:
+            raise MoemeshError(f"expert tensor {p['linear']}.{p['buffer']} changed layout ({list(t.shape)} vs {p['shape']})")
+        blob[p["offset"] : p["offset"] + p["nbytes"]] = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return blob
+
+
+def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: bool = True) -> Path:
+    if quant not in STORE_QUANTS:
+        raise MoemeshError(f"--quant must be one of {STORE_QUANTS}, got {quant!r}")
+    src, out = Path(src), Path(out)
+    if out.exists():
+        raise MoemeshError(f"{out} already exists; remove it or choose another output directory")
+    if not src.is_dir():
+        raise MoemeshError(f"{src}: convert reads an HF checkpoint directory (GGUF MoE sources are not supported yet)")
+    config, source, _ = open_source(src)
+    spec = get_arch(config["model_type"])
+    args = spec.args_from_config(config)
+    if not args.moe_layers:
+        raise MoemeshError(f"{src}: {args.model_type} has no MoE layers; there are no experts to store")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_store(src, tmp, config, spec, args, source, quant, progress)
+        os.rename(tmp, out)  # atomic: the store appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_store(src, tmp, config, spec, args, source, quant, progress) -> None:
+    expert_names = {n for i in args.moe_layers for e in range(args.num_experts) for n in spec.expert(i, e)}
+    trunk = [(n, source.get(n)) for n in source.ckpt.names() if n not in expert_names]
+    write_safetensors(tmp / "trunk.safetensors", trunk)
+    del trunk
+    first = expert_linears(spec, source, args.moe_layers[0], 0, quant)
+    metas, parts, blob_size = blob_layout(first)
+    layers: dict[str, list[dict[str, int]]] = {}
+    total = len(args.moe_layers) * args.num_experts
+    bar = tqdm(total=total, desc="experts", unit="expert", disable=not progress)
+    offset = 0
+    with open(tmp / "experts.bin", "wb") as f:
+        for i in args.moe_layers:
+            entries = []
+            for e in range(args.num_experts):
+                linears = first if (i, e) == (args.moe_layers[0], 0) else expert_linears(spec, source, i, e, quant)
+                blob = pack_blob(linears, parts, blob_size)
+                f.write(blob)
+                entries.append({"offset": offset, "crc32": zlib.crc32(blob)})
+                offset += blob_size
+                bar.update(1)
+            layers[str(i)] = entries
+        f.flush()
+        os.fsync(f.fileno())
+    bar.close()
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "model_type": args.model_type, "config": config, "quant": quant,
+        "hidden_act": args.hidden_act, "alignment": ALIGN, "blob_size": blob_size, "linears": metas, "parts": parts,
+        "trunk_file": "trunk.safetensors", "experts_file": "experts.bin", "layers": layers,
+    }
+    with open(tmp / "manifest.json", "w") as f:  # written last: its presence marks a finished store
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,100 @@
+"""LazyExperts: experts stay in the store on disk and are read into a RAM-budgeted cache when the
+router picks them, with the next layer's likely experts prefetched while this layer computes.
+
+Exactness: experts are combined in expert-id order with the same kernels as ResidentExperts over
+the same stored weights, so the output is bit-identical; waves (when one layer needs more
+experts than the cache has slots) keep that order.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layers.moe import group_by_expert
+from ..layers.router import TopKRouter
+from .cache import ExpertCache
+from .provider import ExpertProvider
+
+
+class Lookahead:
+    """Predicts layer ``next_layer``'s experts from layer l's FFN input.
+
+    With an unchanged residual h, norm_{l+1}(h) = (w_{l+1} / w_l) * norm_l(h), so the next
+    router sees the current normalized input rescaled per channel; the residual does change
+    by this layer's FFN and the next attention, which is what makes it a prediction.
+    """
+
+    def __init__(self, next_layer: int, ratio: torch.Tensor, router: TopKRouter) -> None:
+        self.next_layer = next_layer
+        self.ratio = ratio  # [D]
+        self.router = router
+
+    def predict(self, x: torch.Tensor) -> list[int]:
+        ids, _ = self.router(x * self.ratio)  # [T, A]
+        return torch.unique(ids).tolist()
+
+
+class LazyExperts(ExpertProvider):
+    def __init__(self, cache: ExpertCache, lookahead: dict[int, Lookahead] | None = None) -> None:
+        self.cache = cache
+        self.lookahead = lookahead or {}
+        self.predicted: dict[int, set[int]] = {}  # layer -> experts predicted for its next run
+        self.predicted_total = 0
+        self.predicted_right = 0
+        self.tokens = 0  # token-layer visits, to report per-token figures
+
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # x: [T, D], ids/weights: [T, A] -> [T, D]
+        groups = group_by_expert(ids)
+        self._score_prediction(layer, [e for e, _, _ in groups])
+        self.tokens += x.shape[0]
+        out = torch.zeros_like(x)
+        flat_w = weights.reshape(-1)
+        wave = self.cache.num_slots
+        for start in range(0, len(groups), wave):
+            chunk = groups[start : start + wave]
+            entries = self.cache.acquire([(layer, e) for e, _, _ in chunk])
+            try:
+                if start == 0:
+                    self._prefetch_next(layer, x, {e.key for e in entries})
+                for entry, (_, token_idx, slots) in zip(entries, chunk):
+                    y = self.cache.expert(entry)(x[token_idx]) * flat_w[slots, None]  # [n, D]
+                    out.index_add_(0, token_idx, y)
+            finally:
+                self.cache.release(entries)
+        return out
+
+    def _prefetch_next(self, layer: int, x: torch.Tensor, protect: set) -> None:
+        look = self.lookahead.get(layer)
+        if look is None:
+            return
+        predicted = look.predict(x)
+        self.predicted[look.next_layer] = set(predicted)
+        self.cache.prefetch([(look.next_layer, e) for e in predicted], protect)
+
+    def _score_prediction(self, layer: int, actual: list[int]) -> None:
+        predicted = self.predicted.pop(layer, None)
+        if predicted is None:
+            return
+        self.predicted_total += len(actual)
+        self.predicted_right += len(predicted.intersection(actual))
+
+    def stats(self) -> dict:
+        s = self.cache.stats
+        reader = self.cache.reader
+        lookups = s.hits + s.misses
+        return {
+            "hits": s.hits,
+            "misses": s.misses,
+            "hit_rate": s.hits / lookups if lookups else None,
+            "bytes_read": reader.bytes_read,
+            "read_seconds": reader.read_seconds,
+            "read_bandwidth_bytes_s": reader.bytes_read / reader.read_seconds if reader.read_seconds else None,
+            "stall_seconds": s.stall_seconds,
+            "prefetch_issued": s.prefetch_issued,
+            "prefetch_hits": s.prefetch_hits,
+            "prefetch_accuracy": self.predicted_right / self.predicted_total if self.predicted_total else None,
+            "cache_slots": self.cache.num_slots,
+            "cache_bytes": self.cache.nbytes(),
+            "blob_bytes": self.cache.blob_size,
+            "o_direct": reader.direct,
+        }

@@ -1,0 +1,78 @@
+"""Build a model over an expert store: experts resident (read once) or lazy under a --ram budget."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layers.moe import MoEBlock
+from ..models import get_arch
+from ..models.build import Builder
+from ..models.transformer import Transformer
+from ..weights.safetensors_io import SafetensorsCheckpoint
+from ..weights.source import SafetensorsSource
+from .budget import BudgetPlan, plan_budget
+from .cache import ExpertCache
+from .io import BlobReader
+from .lazy import LazyExperts, Lookahead
+from .policy import make_policy
+from .provider import ExpertProvider, ResidentExperts
+from .store import ExpertStore
+
+
+@dataclass
+class ExpertOptions:
+    ram: int | None = None  # whole-process budget in bytes; None = every expert resident
+    policy: str = "lfu"
+    verify: bool = True  # crc32 of every blob read
+    prefetch: bool = True
+    io_threads: int = 4
+    direct: bool = True  # O_DIRECT when the filesystem allows it
+    kv_reserve: int = 64 * 2**20
+    slots: int | None = None  # exact slot count (tests, benchmarks); overrides the budget
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor the trunk holds (experts behind a provider are not modules)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()) + [model.embed, model.lm_head.weight]:
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def lookaheads(model: Transformer) -> dict[int, Lookahead]:
+    """layer l -> predictor of the next MoE layer's experts (consecutive MoE layers only)."""
+    moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoEBlock)]
+    out = {}
+    for cur, nxt in zip(moe, moe[1:]):
+        w_cur = model.layers[cur].ffn_norm.weight
+        w_next = model.layers[nxt].ffn_norm.weight
+        ratio = torch.where(w_cur.abs() > 1e-6, w_next / w_cur, torch.zeros_like(w_cur))  # [D]
+        out[cur] = Lookahead(nxt, ratio, model.layers[nxt].ffn.router)
+    return out
+
+
+def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tuple[Transformer, ExpertProvider, BudgetPlan | None]:
+    spec = get_arch(store.config["model_type"])
+    args = spec.args_from_config(store.config)
+    source = SafetensorsSource(SafetensorsCheckpoint(store.root))
+    builder = Builder(spec, args, source, quant)
+    if opts.ram is None and opts.slots is None:
+        provider = ResidentExperts({i: [store.read_expert(i, e, opts.verify) for e in range(args.num_experts)]
+                                    for i in store.moe_layers})
+        return builder.build(provider), provider, None
+    lazy = LazyExperts(cache=None)  # type: ignore[arg-type]  # the cache is sized after the trunk
+    model = builder.build(lazy)
+    plan = None
+    slots = opts.slots
+    if slots is None:
+        plan = plan_budget(opts.ram, model_bytes(model), opts.kv_reserve, store.blob_size, args.top_k)
+        slots = plan.slots
+    slots = min(slots, args.num_experts * len(store.moe_layers))
+    reader = BlobReader(store.experts_path, opts.io_threads, opts.direct)
+    lazy.cache = ExpertCache(store, slots, make_policy(opts.policy), reader, opts.verify)
+    if opts.prefetch:
+        lazy.lookahead = lookaheads(model)
+    return model, lazy, plan

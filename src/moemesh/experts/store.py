@@ -1,0 +1,137 @@
+"""The on-disk expert store: a trunk, one aligned blob per (layer, expert), a versioned manifest.
+
+```
+STORE/
+  manifest.json       format, version, HF config, quant, blob layout, offsets, crc32 per blob
+  trunk.safetensors   every non-expert tensor under its HF name
+  experts.bin         blobs at multiples of ALIGN; blob = gate_up and down QuantLinear buffers
+  tokenizer files     copied from the source, when it had them
+```
+
+Every blob of a store has the same layout (``parts``), so one read of ``blob_size`` bytes at a
+4096-aligned offset fetches one expert, and the expert is built as tensor views over that buffer.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..layers.mlp import GatedMLP
+from ..layers.qlinear_state import from_state
+
+FORMAT = "moemesh-expert-store"
+VERSION = 1
+ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffers aligned to the logical block size
+PART_ALIGN = 64  # every tensor inside a blob starts 64-byte aligned (the int8 kernel's loads)
+DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One tensor inside every blob: which linear ('gate_up' | 'down'), which buffer, where."""
+
+    linear: str
+    buffer: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+class ExpertStore:
+    """An opened, validated store. ``expert_from_buffer`` turns blob bytes into a GatedMLP."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        manifest_path = self.root / "manifest.json"
+        if not manifest_path.is_file():
+            raise CheckpointError(f"{self.root}: not an expert store (no manifest.json)")
+        try:
+            m = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{manifest_path}: corrupt manifest ({exc})") from None
+        if m.get("format") != FORMAT:
+            raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest")
+        if m.get("version") != VERSION:
+            raise CheckpointError(f"{manifest_path}: store format version {m.get('version')} (this moemesh reads {VERSION})")
+        self.manifest: dict[str, Any] = m
+        self.config: dict[str, Any] = m["config"]
+        self.quant: str = m["quant"]
+        self.act: str = m["hidden_act"]
+        self.blob_size: int = m["blob_size"]
+        self.linear_meta: dict[str, dict] = m["linears"]
+        self.parts = [Part(p["linear"], p["buffer"], p["dtype"], tuple(p["shape"]), p["offset"], p["nbytes"]) for p in m["parts"]]
+        # layer -> expert -> (offset, crc32)
+        self.blobs: dict[int, list[tuple[int, int]]] = {
+            int(layer): [(b["offset"], b["crc32"]) for b in blobs] for layer, blobs in m["layers"].items()
+        }
+        self.experts_path = self.root / m["experts_file"]
+        self.trunk_path = self.root / m["trunk_file"]
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        if not self.experts_path.is_file():
+            raise CheckpointError(f"{self.experts_path}: missing expert file")
+        size = self.experts_path.stat().st_size
+        need = max((off for blobs in self.blobs.values() for off, _ in blobs), default=-self.blob_size) + self.blob_size
+        if size < need:
+            raise CheckpointError(
+                f"{self.experts_path}: truncated store: {size} bytes but the manifest needs {need}; reconvert the model"
+            )
+        if not self.trunk_path.is_file():
+            raise CheckpointError(f"{self.trunk_path}: missing trunk file")
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return sorted(self.blobs)
+
+    @property
+    def num_experts(self) -> int:
+        return len(next(iter(self.blobs.values())))
+
+    def offset(self, layer: int, expert: int) -> int:
+        return self.blobs[layer][expert][0]
+
+    def verify(self, layer: int, expert: int, data: memoryview | bytes) -> None:
+        """Raise CheckpointError naming layer and expert when the blob's crc32 does not match."""
+        if zlib.crc32(data) != self.blobs[layer][expert][1]:
+            raise CheckpointError(
+                f"{self.experts_path}: checksum mismatch in layer {layer} expert {expert} "
+                f"(offset {self.offset(layer, expert)}): the store is corrupt; reconvert the model"
+            )
+
+    def expert_from_buffer(self, buf: torch.Tensor) -> GatedMLP:
+        """buf: uint8 [>= blob_size] holding one blob; the expert's tensors are views of it."""
+        tensors: dict[str, dict[str, torch.Tensor]] = {"gate_up": {}, "down": {}}
+        for p in self.parts:
+            dtype = DTYPES[p.dtype]
+            tensors[p.linear][p.buffer] = buf[p.offset : p.offset + p.nbytes].view(dtype).view(p.shape)
+        gate_up = from_state(self.linear_meta["gate_up"], tensors["gate_up"])
+        down = from_state(self.linear_meta["down"], tensors["down"])
+        return GatedMLP(gate_up, down, self.act)
+
+    def read_expert(self, layer: int, expert: int, verify: bool = True) -> GatedMLP:
+        """Plain buffered read of one expert into its own memory (the resident path)."""
+        with open(self.experts_path, "rb") as f:
+            f.seek(self.offset(layer, expert))
+            data = bytearray(f.read(self.blob_size))
+        if verify:
+            self.verify(layer, expert, data)
+        return self.expert_from_buffer(torch.frombuffer(data, dtype=torch.uint8))
+
+    def expert_bytes(self) -> int:
+        return self.blob_size * sum(len(b) for b in self.blobs.values())
+
+
+def is_store(path: Path) -> bool:
+    return (path / "manifest.json").is_file() and (path / "trunk.safetensors").is_file()
