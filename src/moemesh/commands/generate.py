@@ -10,8 +10,10 @@ import time
 from ..engine.engine import Engine
 from ..engine.sampling_params import SamplingParams
 from ..errors import MoemeshError
+from ..kvcache.spec import KV_HELP, parse_kv_spec
 from ..models.build import QUANT_MODES
 from ..models.loader import load_model
+from .expert_args import add_expert_args, expert_options
 from ..tokenizer.detok import IncrementalDetokenizer
 
 QUANT_CHOICES = ("none",) + QUANT_MODES  # none = fp32 everywhere
@@ -35,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
                    help="weights at run time: auto keeps them as stored (GGUF 4-bit stays 4-bit)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--kv", default="dense", help=KV_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_expert_args(p)
     p.set_defaults(func=run)
 
 
@@ -51,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        kv = parse_kv_spec(args.kv)
+    except ValueError as e:
+        raise MoemeshError(f"--kv: {e}") from None
     t_load = time.perf_counter()
-    loaded = load_model(args.model, "fp32" if args.quant == "none" else args.quant)
+    loaded = load_model(args.model, "fp32" if args.quant == "none" else args.quant, experts=expert_options(args))
     load_seconds = time.perf_counter() - t_load
     tok = loaded.tokenizer
     if args.prompt_ids is not None:
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
     )
     stops = tok.eos_token_ids if tok is not None else frozenset(loaded.args.eos_token_ids)
-    engine = Engine(loaded.model, stop_token_ids=frozenset(stops))
+    engine = Engine(loaded.model, stop_token_ids=frozenset(stops), cache=loaded.model.new_cache(str(kv)))
     detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
 
     def stream(out) -> None:
@@ -97,8 +105,13 @@ def run(args: argparse.Namespace) -> int:
             "load_seconds": load_seconds,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "quant": args.quant,
+            "kv": str(kv),
             "model": str(loaded.path),
         }
+        if loaded.provider is not None:
+            result["experts"] = loaded.provider.stats()
+            if loaded.budget is not None:
+                result["experts"]["budget"] = vars(loaded.budget)
         print(json.dumps(result))
     else:
         if detok is not None:

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..errors import PromptTooLong
+from ..kvcache.base import KVCache
 from ..layers.batch import BatchLayout
 from ..models.transformer import Transformer
 from .sampler import Sampler, make_generator
@@ -34,9 +35,10 @@ class Engine:
         max_batch: int = 16,
         max_prefill_tokens: int = 512,
         context_length: int | None = None,
+        cache: KVCache | None = None,
     ) -> None:
         self.model = model
-        self.cache = model.new_cache()
+        self.cache = cache if cache is not None else model.new_cache()  # e.g. model.new_cache("turboquant:3.5")
         self.sampler = Sampler()
         self.stop_token_ids = stop_token_ids
         self.max_batch = max_batch

@@ -58,14 +58,18 @@ class ExpertCache:
     def slot_view(self, slot: int) -> memoryview:
         return self._view[slot * self.blob_size : (slot + 1) * self.blob_size]
 
-    def _evictable(self, protect: set[Key]) -> list[Key]:
-        return [k for k, e in self.entries.items()
-                if e.pins == 0 and k not in protect and (e.future is None or e.future.done())]
+    def _evictable(self, protect: set[Key], may_wait: bool) -> list[Key]:
+        """Unpinned, unprotected entries. Reads still in flight only when ``may_wait`` and nothing
+        else is left: a mispredicted prefetch must not block a demanded expert, and a prefetch
+        must never wait."""
+        idle = [k for k, e in self.entries.items() if e.pins == 0 and k not in protect]
+        done = [k for k in idle if self.entries[k].future is None or self.entries[k].future.done()]
+        return done or (idle if may_wait else [])
 
-    def _take_slot(self, protect: set[Key]) -> int | None:
+    def _take_slot(self, protect: set[Key], may_wait: bool = True) -> int | None:
         if self.free_slots:
             return self.free_slots.pop()
-        candidates = self._evictable(protect)
+        candidates = self._evictable(protect, may_wait)
         if not candidates:
             return None
         victim = self.policy.victim(candidates)
@@ -75,8 +79,8 @@ class ExpertCache:
         self.policy.forget(victim)
         return entry.slot
 
-    def _load(self, key: Key, protect: set[Key]) -> Entry | None:
-        slot = self._take_slot(protect)
+    def _load(self, key: Key, protect: set[Key], may_wait: bool = True) -> Entry | None:
+        slot = self._take_slot(protect, may_wait)
         if slot is None:
             return None
         layer, expert = key
@@ -115,7 +119,7 @@ class ExpertCache:
         for key in keys:
             if key in self.entries:
                 continue
-            entry = self._load(key, protect | set(keys))
+            entry = self._load(key, protect | set(keys), may_wait=False)
             if entry is None:
                 break
             entry.prefetched = True

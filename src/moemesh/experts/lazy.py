@@ -40,13 +40,15 @@ class LazyExperts(ExpertProvider):
         self.predicted: dict[int, set[int]] = {}  # layer -> experts predicted for its next run
         self.predicted_total = 0
         self.predicted_right = 0
-        self.tokens = 0  # token-layer visits, to report per-token figures
+        self.token_layers = 0  # (token, layer) visits; / MoE layers = tokens, for per-token figures
+        self.layers_seen: set[int] = set()
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # x: [T, D], ids/weights: [T, A] -> [T, D]
         groups = group_by_expert(ids)
         self._score_prediction(layer, [e for e, _, _ in groups])
-        self.tokens += x.shape[0]
+        self.token_layers += x.shape[0]
+        self.layers_seen.add(layer)
         out = torch.zeros_like(x)
         flat_w = weights.reshape(-1)
         wave = self.cache.num_slots
@@ -82,7 +84,13 @@ class LazyExperts(ExpertProvider):
         s = self.cache.stats
         reader = self.cache.reader
         lookups = s.hits + s.misses
+        tokens = self.token_layers / max(1, len(self.layers_seen))
+        per_token = (lambda v: v / tokens if tokens else None)  # noqa: E731
         return {
+            "tokens": tokens,
+            "misses_per_token": per_token(s.misses),
+            "bytes_read_per_token": per_token(reader.bytes_read),
+            "stall_seconds_per_token": per_token(s.stall_seconds),
             "hits": s.hits,
             "misses": s.misses,
             "hit_rate": s.hits / lookups if lookups else None,

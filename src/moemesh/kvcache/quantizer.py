@@ -42,16 +42,16 @@ class TurboQuantizer:
         self.layout = BitLayout(groups)
         self.codebooks: list[Codebook] = codebooks or [lloyd_max(b, dim) for _, b in groups]
         self.sizes = [n for n, _ in groups]
-        # One table for all groups: group g's codes are offset by the sizes of the groups before.
-        self.offsets = [0]
-        for cb in self.codebooks[:-1]:
-            self.offsets.append(self.offsets[-1] + cb.centroids.numel())
+        # All groups' centroids in one table (the native kernel's view): group g starts at offsets[g].
         self.table = torch.cat([cb.centroids for cb in self.codebooks])  # [sum 2^b_g] float32
+        self.table_offsets = [0]
+        for cb in self.codebooks[:-1]:
+            self.table_offsets.append(self.table_offsets[-1] + cb.centroids.numel())
 
     @property
-    def nbytes(self) -> int:
-        """Packed code bytes per vector (norm not included)."""
-        return self.layout.nbytes
+    def words(self) -> int:
+        """Packed int32 words per vector (norm not included)."""
+        return self.layout.words
 
     @property
     def unit_mse(self) -> float:
@@ -65,25 +65,36 @@ class TurboQuantizer:
     def unrotate(self, y: torch.Tensor) -> torch.Tensor:
         return y @ self.r
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [..., d] float -> (packed uint8 [..., nbytes], norms float16 [...])."""
+    def normalize_rotate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [..., d] -> (norms float32 [...], rotated unit vectors [..., d]): the input to the
+        codebooks (shared by ``encode`` and the native packer so both see identical floats)."""
         x = x.float()
         norms = x.norm(dim=-1)  # [...]
-        unit = self.rotate(x / norms.clamp_min(1e-30).unsqueeze(-1))  # [..., d]
+        return norms, self.rotate(x / norms.clamp_min(1e-30).unsqueeze(-1))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [..., d] float -> (int32 words [..., words], norms float16 [...])."""
+        norms, unit = self.normalize_rotate(x)
         codes = torch.cat(
             [cb.quantize(part.contiguous()) for cb, part in zip(self.codebooks, unit.split(self.sizes, dim=-1))], dim=-1
         )  # [..., d] uint8
         return self.layout.pack(codes), norms.clamp(max=NORM_MAX).to(NORM_DTYPE)
 
-    def indices(self, packed: torch.Tensor) -> torch.Tensor:
-        """packed [..., nbytes] -> int32 [..., d] indices into ``table``."""
-        return self.layout.unpack(packed, self.offsets)
+    def centroids_t(self, words: torch.Tensor) -> list[torch.Tensor]:
+        """words int32 [..., words, N] (coordinate-major) -> per group float32 [..., n_g, N]:
+        the rotated unit vectors' coordinates, transposed."""
+        out = []
+        for cb, idx in zip(self.codebooks, self.layout.unpack_t(words)):
+            out.append(cb.centroids.index_select(0, idx.view(-1)).view(idx.shape))
+        return out
 
-    def centroids(self, packed: torch.Tensor) -> torch.Tensor:
-        """packed [..., nbytes] -> float32 [..., d]: the unit vector's rotated coordinates."""
-        idx = self.indices(packed)
-        return self.table.index_select(0, idx.view(-1)).view(idx.shape)
+    def decode(self, words: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """(words [..., words], norms [...]) -> x_hat float32 [..., d] in the original basis."""
+        parts = self.centroids_t(words.unsqueeze(-1))  # [..., n_g, 1] each
+        unit = torch.cat(parts, dim=-2).squeeze(-1)  # [..., d]
+        return self.unrotate(unit * norms.float().unsqueeze(-1))
 
-    def decode(self, packed: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """(packed [..., nbytes], norms [...]) -> x_hat float32 [..., d] in the original basis."""
-        return self.unrotate(self.centroids(packed) * norms.float().unsqueeze(-1))
+    def decode_t(self, words: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """(words [..., words, N], norms [..., N]) -> x_hat float32 [..., N, d] (original basis)."""
+        unit = torch.cat(self.centroids_t(words), dim=-2).transpose(-1, -2)  # [..., N, d]
+        return self.unrotate(unit * norms.float().unsqueeze(-1))

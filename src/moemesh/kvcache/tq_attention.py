@@ -24,9 +24,9 @@ from .quantizer import TurboQuantizer
 class CodedHistory:
     """One layer's coded keys/values of one sequence, positions [0, capacity)."""
 
-    k_codes: torch.Tensor  # [Hkv, cap, nbytes] uint8
+    k_codes: torch.Tensor  # [Hkv, words, cap] int32, coordinate-major bit-packed codes
     k_norms: torch.Tensor  # [Hkv, cap] float16
-    v_codes: torch.Tensor  # [Hkv, cap, nbytes] uint8
+    v_codes: torch.Tensor  # [Hkv, words, cap] int32
     v_norms: torch.Tensor  # [Hkv, cap] float16
 
 
@@ -59,8 +59,11 @@ def attend_codes(
     qg = (q * scale).view(n, hkv, g, dh).permute(1, 2, 0, 3).reshape(hkv, g * n, dh)  # [Hkv, G n, Dh]
     scores = torch.bmm(qg, exact_k[:, e0:].transpose(1, 2))  # [Hkv, G n, Ne]
     if nc:
-        kc = tq.centroids(hist.k_codes[:, lo:coded])  # [Hkv, nc, Dh] rotated unit keys
-        sc = torch.bmm(tq.rotate(qg), kc.transpose(1, 2))  # [Hkv, G n, nc]
+        q_rot = tq.rotate(qg).split(tq.sizes, dim=-1)  # per group [Hkv, G n, n_g]
+        kc = tq.centroids_t(hist.k_codes[:, :, lo:coded])  # per group [Hkv, n_g, nc]: rotated unit keys
+        sc = torch.bmm(q_rot[0], kc[0])  # [Hkv, G n, nc]
+        for qp, kp in zip(q_rot[1:], kc[1:]):
+            sc.baddbmm_(qp, kp)
         sc *= hist.k_norms[:, lo:coded].float().unsqueeze(1)
         scores = torch.cat([sc, scores], dim=-1)  # keys in position order
     if mask is not None:
@@ -68,9 +71,10 @@ def attend_codes(
     p = torch.softmax(scores, dim=-1)  # [Hkv, G n, nc + Ne]
     out = torch.bmm(p[..., nc:], exact_v[:, e0:])  # [Hkv, G n, Dh]
     if nc:
-        vc = tq.centroids(hist.v_codes[:, lo:coded])  # [Hkv, nc, Dh] rotated unit values
-        pw = p[..., :nc] * hist.v_norms[:, lo:coded].float().unsqueeze(1)
-        out += tq.unrotate(torch.bmm(pw, vc))  # one rotation back for the whole sum
+        vc = tq.centroids_t(hist.v_codes[:, :, lo:coded])  # per group [Hkv, n_g, nc]: rotated unit values
+        pw = p[..., :nc] * hist.v_norms[:, lo:coded].float().unsqueeze(1)  # [Hkv, G n, nc]
+        o_rot = torch.cat([torch.bmm(pw, vp.transpose(1, 2)) for vp in vc], dim=-1)  # [Hkv, G n, Dh]
+        out += tq.unrotate(o_rot)  # one rotation back for the whole sum
     return out.view(hkv, g, n, dh).permute(2, 0, 1, 3).reshape(n, hq, dh)
 
 
@@ -87,8 +91,8 @@ def attend_dequant(
 ) -> torch.Tensor:
     """Reference for ``attend_codes`` (same arguments): dequantize, then standard attention."""
     lo, mask = _visible(start, q.shape[0], window)
-    keys = torch.cat([tq.decode(hist.k_codes[:, :coded], hist.k_norms[:, :coded]), exact_k], dim=1)
-    values = torch.cat([tq.decode(hist.v_codes[:, :coded], hist.v_norms[:, :coded]), exact_v], dim=1)
+    keys = torch.cat([tq.decode_t(hist.k_codes[:, :, :coded], hist.k_norms[:, :coded]), exact_k], dim=1)
+    values = torch.cat([tq.decode_t(hist.v_codes[:, :, :coded], hist.v_norms[:, :coded]), exact_v], dim=1)
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1), keys[:, lo:], values[:, lo:], attn_mask=mask, scale=scale, enable_gqa=True
     )  # [Hq, n, Dh]

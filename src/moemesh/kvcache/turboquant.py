@@ -15,8 +15,9 @@ import torch
 
 from ..layers.batch import BatchLayout
 from .base import KVCache
-from .quantizer import NORM_DTYPE, TurboQuantizer
+from .quantizer import NORM_DTYPE, NORM_MAX, TurboQuantizer
 from .tq_attention import CodedHistory, attend_codes, attend_dequant
+from .tq_native import boundary_descriptors, coord_descriptors, decode_attend, load_native, pack_into, padded_table
 
 BITS_CHOICES = (2.0, 2.5, 3.0, 3.5, 4.0)  # the rates the CLI offers; the quantizer takes more
 DEFAULT_WINDOW = 32
@@ -48,7 +49,10 @@ class TurboQuantKVCache(KVCache):
         window: int = DEFAULT_WINDOW,
         seed: int = 0,
         mode: str = "codes",
+        native: bool | None = None,
     ) -> None:
+        """mode: "codes" (attention from codes) or "dequant" (reference). native: use the C
+        decode kernel for one-token steps (None: when it can be built; False: never)."""
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
         if mode not in MODES:
@@ -60,6 +64,13 @@ class TurboQuantKVCache(KVCache):
             TurboQuantizer(head_dim, bits, seed + i, first.codebooks) for i in range(1, num_layers)
         ]
         self.seqs: dict[int, _Seq] = {}
+        self.table = padded_table(first.table)  # same centroids in every layer
+        usable = mode == "codes" and self.table is not None
+        self.lib = load_native() if native is not False and usable else None
+        if native and self.lib is None:
+            raise RuntimeError("the native TurboQuant kernel is unavailable (see tq_native.py)")
+        self.desc = coord_descriptors(first.layout, first.table_offsets)
+        self.bounds, self.bdesc = boundary_descriptors(first.sizes, [cb.boundaries for cb in first.codebooks])
 
     # -- sequences -------------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
@@ -75,10 +86,10 @@ class TurboQuantKVCache(KVCache):
         return self.seqs[seq_id].length
 
     def _history(self, cap: int) -> CodedHistory:
-        h, nb = self.num_kv_heads, self.quantizers[0].nbytes
+        h, w = self.num_kv_heads, self.quantizers[0].words
         return CodedHistory(
-            torch.zeros(h, cap, nb, dtype=torch.uint8), torch.zeros(h, cap, dtype=NORM_DTYPE),
-            torch.zeros(h, cap, nb, dtype=torch.uint8), torch.zeros(h, cap, dtype=NORM_DTYPE),
+            torch.zeros(h, w, cap, dtype=torch.int32), torch.zeros(h, cap, dtype=NORM_DTYPE),
+            torch.zeros(h, w, cap, dtype=torch.int32), torch.zeros(h, cap, dtype=NORM_DTYPE),
         )
 
     # -- forward protocol ------------------------------------------------------------------
@@ -94,7 +105,9 @@ class TurboQuantKVCache(KVCache):
         new_cap = max(needed, 2 * cap, MIN_CAPACITY)  # doubling keeps appends amortised O(1)
         for st in seq.layers:
             old, st.hist = st.hist, self._history(new_cap)
-            for name in ("k_codes", "k_norms", "v_codes", "v_norms"):
+            for name in ("k_codes", "v_codes"):
+                getattr(st.hist, name)[..., : seq.coded] = getattr(old, name)[..., : seq.coded]
+            for name in ("k_norms", "v_norms"):
                 getattr(st.hist, name)[:, : seq.coded] = getattr(old, name)[:, : seq.coded]
 
     def attend(self, layer, q, k, v, batch, scale, window=None):
@@ -107,17 +120,38 @@ class TurboQuantKVCache(KVCache):
             st = seq.layers[layer]
             exact_k = torch.cat([st.win_k, k[off : off + n].transpose(0, 1).float()], dim=1)  # [Hkv, W', Dh]
             exact_v = torch.cat([st.win_v, v[off : off + n].transpose(0, 1).float()], dim=1)
-            out[off : off + n] = run(tq, q[off : off + n], st.hist, seq.coded, exact_k, exact_v, seq.length, scale, window)
+            if n == 1 and self.lib is not None:
+                out[off] = self._native_step(tq, q[off] * scale, st.hist, seq.coded, exact_k, exact_v, seq.length, window)
+            else:
+                out[off : off + n] = run(tq, q[off : off + n], st.hist, seq.coded, exact_k, exact_v, seq.length, scale, window)
             self._evict(tq, st, seq.coded, exact_k, exact_v)
         return out
+
+    def _native_step(self, tq, q, hist, coded, exact_k, exact_v, start, window) -> torch.Tensor:
+        """One query token [Hq, Dh] (scaled) through the C kernel -> [Hq, Dh]."""
+        lo = 0 if window is None else max(0, start - window + 1)
+        nc, e0 = max(0, coded - lo), max(lo, coded) - coded
+        ek, ev = exact_k[:, e0:].contiguous(), exact_v[:, e0:].contiguous()
+        return decode_attend(
+            self.lib, q, tq.rt, hist.k_codes, hist.v_codes, min(lo, coded), nc, hist.k_norms, hist.v_norms,
+            ek, ev, self.table, self.desc,
+        )
 
     def _evict(self, tq: TurboQuantizer, st: _LayerState, coded: int, exact_k: torch.Tensor, exact_v: torch.Tensor) -> None:
         """Encode the tokens that left the window; keep the last ``window`` exact."""
         e = max(0, exact_k.shape[1] - self.window)
         if e:
             h = st.hist
-            h.k_codes[:, coded : coded + e], h.k_norms[:, coded : coded + e] = tq.encode(exact_k[:, :e])
-            h.v_codes[:, coded : coded + e], h.v_norms[:, coded : coded + e] = tq.encode(exact_v[:, :e])
+            x = torch.stack([exact_k[:, :e], exact_v[:, :e]])  # [2, Hkv, e, Dh]
+            if self.lib is not None:
+                norms, unit = tq.normalize_rotate(x)
+                pack_into(self.lib, unit.contiguous(), self.bounds, self.bdesc, self.desc, h.k_codes, h.v_codes, coded)
+                norms = norms.clamp(max=NORM_MAX).to(NORM_DTYPE)  # [2, Hkv, e]
+            else:
+                words, norms = tq.encode(x)  # [2, Hkv, e, words], [2, Hkv, e]
+                h.k_codes[:, :, coded : coded + e] = words[0].transpose(1, 2)
+                h.v_codes[:, :, coded : coded + e] = words[1].transpose(1, 2)
+            h.k_norms[:, coded : coded + e], h.v_norms[:, coded : coded + e] = norms[0], norms[1]
         st.win_k, st.win_v = exact_k[:, e:].clone(), exact_v[:, e:].clone()  # clone: drop the chunk's storage
 
     def end(self, batch: BatchLayout) -> None:

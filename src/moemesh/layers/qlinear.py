@@ -42,7 +42,8 @@ NEVER = 1 << 62
 def _dequant_min_m(mode: str) -> int:
     """Threshold for ``mode``; the dequant path needs fast bf16 GEMM (avx512_bf16/AMX), without
     which (unmeasured here) we stay on the kernels, whose bf16 path is plain AVX-512/AVX2 fp32 math."""
-    if mode not in DEQUANT_MIN_M or not torch.cpu._is_avx512_bf16_supported():
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()  # private API
+    if mode not in DEQUANT_MIN_M or not has_bf16:
         return NEVER
     return DEQUANT_MIN_M[mode]
 

@@ -65,7 +65,8 @@ class Transformer(torch.nn.Module):
             x = x[batch.last_token_indices()]  # [B, D]
         return self.lm_head(self.norm(x))
 
-    def new_cache(self) -> KVCache:
-        from ..kvcache.dense import DenseKVCache
+    def new_cache(self, kv: str = "dense") -> KVCache:
+        """kv: "dense" or "turboquant:BITS[:WINDOW]" (see kvcache/spec.py)."""
+        from ..kvcache.spec import make_cache
 
-        return DenseKVCache(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim)
+        return make_cache(kv, self.args.num_layers, self.args.num_kv_heads, self.args.head_dim)

@@ -220,6 +220,10 @@ class EngineLoop:
             else:
                 handle.restarts += 1
                 self._retry.append(handle)
+        # sequences the failed step dropped half-way (neither running nor waiting) cannot resume
+        live = {s.seq_id for s in self._engine.running} | {s.seq_id for s in self._engine.waiting}
+        for seq_id in [i for i in self._owners if i not in live]:
+            self._fail(self._owners.pop(seq_id), exc, client=False)
 
     def _fail(self, handle: RequestHandle, exc: Exception, client: bool) -> None:
         message = str(exc) if client else f"generation failed: {type(exc).__name__}: {exc}"

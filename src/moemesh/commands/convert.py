@@ -1,0 +1,25 @@
+"""``moemesh convert SRC OUT``: write an expert store from an HF MoE checkpoint directory."""
+from __future__ import annotations
+
+import argparse
+
+from ..experts.convert import STORE_QUANTS, convert
+from ..experts.store import ExpertStore
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="write an expert store (trunk + one aligned blob per expert)")
+    p.add_argument("src", help="HF checkpoint directory of a supported MoE architecture")
+    p.add_argument("out", help="new store directory (must not exist)")
+    p.add_argument("--quant", choices=STORE_QUANTS, default="int4", help="expert weight format (default int4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = convert(args.src, args.out, args.quant, progress=not args.quiet)
+    store = ExpertStore(out)
+    n = sum(len(b) for b in store.blobs.values())
+    print(f"wrote {out}: {n} experts x {store.blob_size / 2**20:.2f} MiB ({store.quant}), "
+          f"trunk {store.trunk_path.stat().st_size / 2**20:.1f} MiB")
+    return 0

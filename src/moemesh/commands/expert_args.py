@@ -1,0 +1,31 @@
+"""Command-line options for how experts are held, shared by generate and serve."""
+from __future__ import annotations
+
+import argparse
+
+from ..experts.budget import parse_size
+from ..experts.policy import POLICIES
+from ..experts.setup import ExpertOptions
+
+
+def add_expert_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experts (MoE models)")
+    g.add_argument("--ram", default=None,
+                   help="whole-process RAM budget (e.g. 8G): experts stay on disk in an expert store and a "
+                        "cache gets what the trunk, KV reserve and runtime leave; without it every expert is resident")
+    g.add_argument("--cache-policy", choices=sorted(POLICIES), default="lfu",
+                   help="expert cache eviction: lfu = decayed frequency (default), lru")
+    g.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's predicted experts")
+    g.add_argument("--no-verify", action="store_true", help="skip the crc32 check of each expert read")
+    g.add_argument("--io-threads", type=int, default=4, help="expert reader threads")
+
+
+def expert_options(args: argparse.Namespace, kv_reserve: int = 64 * 2**20) -> ExpertOptions:
+    return ExpertOptions(
+        ram=parse_size(args.ram) if args.ram else None,
+        policy=args.cache_policy,
+        verify=not args.no_verify,
+        prefetch=not args.no_prefetch,
+        io_threads=args.io_threads,
+        kv_reserve=kv_reserve,
+    )

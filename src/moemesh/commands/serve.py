@@ -1,0 +1,128 @@
+"""``moemesh serve``: the OpenAI- and Anthropic-compatible HTTP server with continuous batching."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import socket
+import sys
+
+from ..errors import MoemeshError
+from ..models.build import QUANT_MODES
+
+QUANT_CHOICES = ("none",) + QUANT_MODES
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'16G', '512MiB', '1.5GB', '1048576' -> bytes (binary units: memory is sized that way)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtb]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8G, 512M, 1.5GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI and Anthropic APIs)",
+        description="Serve a model over HTTP: OpenAI /v1/chat/completions, /v1/completions, /v1/models, "
+        "Anthropic /v1/messages, /tokenize, /detokenize, /health, /metrics. Requests are batched "
+        "continuously (they join and leave the running batch at every decode step).",
+    )
+    p.add_argument("model", help="checkpoint directory, .gguf file, or 'smollm2'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("MOEMESH_API_KEY"),
+                   help="require this key (Authorization: Bearer KEY or x-api-key: KEY) on /v1/*, /tokenize, "
+                   "/detokenize; default $MOEMESH_API_KEY, else no key")
+    p.add_argument("--ram", type=str, default=None,
+                   help="RAM budget for the lazy-expert cache (e.g. 8G). Recorded only for now: the lazy "
+                   "expert cache that will use it is not built yet, so every expert stays resident")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per step (default 8)")
+    p.add_argument("--queue-size", type=int, default=64,
+                   help="most requests waiting or running at once; more get HTTP 429 (default 64)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens fed per step (default 512): bounds how long a new prompt stalls the "
+                   "running decodes")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context length in tokens (default: the model's); longer prompts get HTTP 400")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
+                   help="weights at run time: auto keeps them as stored (GGUF 4-bit stays 4-bit)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--served-model-name", default=None, help="model name reported by the API (default: from MODEL)")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run)
+
+
+def curl_example(host: str, port: int, model: str, api_key: str | None) -> str:
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "[::1]"
+    auth = f' \\\n    -H "Authorization: Bearer {api_key}"' if api_key else ""
+    return (
+        f"  curl http://{host}:{port}/v1/chat/completions \\\n"
+        f'    -H "Content-Type: application/json"{auth} \\\n'
+        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+        f"\"content\": \"What is the capital of France?\"}}]}}'"
+    )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise MoemeshError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from ..server.app import build_app
+    from ..server.state import ServerConfig, ServerState
+
+    for name, value in (("--max-batch", args.max_batch), ("--queue-size", args.queue_size),
+                        ("--max-prefill-tokens", args.max_prefill_tokens)):
+        if value < 1:
+            raise MoemeshError(f"{name} must be >= 1, got {value}")
+    if args.ctx is not None and args.ctx < 2:
+        raise MoemeshError(f"--ctx must be >= 2, got {args.ctx}")
+    ram_bytes = parse_size(args.ram) if args.ram else None
+    if args.threads:
+        torch.set_num_threads(args.threads)  # here, on the main thread, before the engine thread exists
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sock = _listen(args.host, args.port)
+    port = sock.getsockname()[1]
+    config = ServerConfig(model=args.model, host=args.host, port=port, api_key=args.api_key, ram=args.ram,
+                          ram_bytes=ram_bytes, max_batch=args.max_batch,
+                          max_prefill_tokens=args.max_prefill_tokens, queue_size=args.queue_size, ctx=args.ctx,
+                          quant=args.quant, threads=args.threads, served_model_name=args.served_model_name)
+    state = ServerState(config)
+    server: uvicorn.Server | None = None
+
+    def on_loaded(st: ServerState) -> None:
+        if st.status == "ready":
+            print(f"moemesh: ready: {st.model_name} loaded in {st.load_seconds:.1f}s, context {st.context_length}, "
+                  f"max batch {config.max_batch}, queue {config.queue_size}. Try:\n"
+                  f"{curl_example(args.host, port, st.model_name, config.api_key)}", flush=True)
+        else:
+            print(f"moemesh: error: cannot load {args.model}: {st.load_error}", file=sys.stderr, flush=True)
+            if server is not None:
+                server.should_exit = True
+
+    app = build_app(state, on_loaded)
+    print(f"moemesh: listening on http://{args.host}:{port} (loading {args.model}; /health answers 503 "
+          "until it is ready)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
+                                           timeout_graceful_shutdown=3))
+    server.run(sockets=[sock])
+    return 2 if state.status == "failed" else 0

@@ -1,0 +1,176 @@
+"""Chat messages + tools + tool_choice -> the prompt text, and what the model is steered to write.
+
+Templates differ in what they understand, so messages are shaped to the template: one that
+knows ``tools`` gets them as a variable; one that does not (SmolLM2's) gets the Hermes tool
+prompt in its system message, and past tool calls / tool results are written into the text in
+the same Hermes format. ``tool_choice`` is enforced, not advisory: ``none`` drops the tools,
+``required`` and a named function prefill the start of a ``<tool_call>`` after the generation
+prompt so the model can only continue the call.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..tokenizer.chat import ChatTemplateError
+from ..tokenizer.tokenizer import Tokenizer
+from .errors import APIError
+from .generation import ToolMode
+from .reasoning import THINK_OPEN
+from .tool_parser import TOOL_CLOSE, TOOL_OPEN
+
+_HERMES_TOOLS = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+@dataclass(frozen=True)
+class TemplateCaps:
+    """What a chat template reads, judged from its source."""
+
+    tools: bool
+    tool_calls: bool
+    tool_role: bool
+    reasoning_content: bool
+
+    @classmethod
+    def of(cls, source: str | None) -> TemplateCaps:
+        s = source or ""
+        return cls("tools" in s, "tool_calls" in s, "'tool'" in s or '"tool"' in s, "reasoning_content" in s)
+
+
+@dataclass
+class PromptPlan:
+    text: str  # the rendered prompt, prefill included
+    prefill: str  # the tail of text that the parsers must read as the model's own output
+    tool_mode: ToolMode | None
+    start_in_reasoning: bool
+
+
+def content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or the text parts of a content-part list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"{where}[{j}]: only text content parts are supported (got type {kind!r})",
+                           param=f"{where}[{j}].type")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _arguments_value(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
+
+
+def _hermes_call(call: dict) -> str:
+    fn = call.get("function", {})
+    body = json.dumps({"name": fn.get("name"), "arguments": _arguments_value(fn.get("arguments", {}))},
+                      ensure_ascii=False)
+    return f"{TOOL_OPEN}\n{body}\n{TOOL_CLOSE}"
+
+
+def shape_messages(messages: list[dict], caps: TemplateCaps) -> list[dict]:
+    """Internal messages -> what this template can render (strings for content, always)."""
+    out: list[dict] = []
+    for i, msg in enumerate(messages):
+        role = msg["role"]
+        text = content_text(msg.get("content"), f"messages[{i}].content")
+        if role == "developer":
+            role = "system"
+        if role in ("tool", "function"):
+            if caps.tool_role:
+                out.append({"role": "tool", "content": text, "tool_call_id": msg.get("tool_call_id"),
+                            "name": msg.get("name")})
+                continue
+            response = f"<tool_response>\n{text}\n</tool_response>"
+            if out and out[-1].get("_tool_responses"):  # consecutive results share one user turn
+                out[-1]["content"] += "\n" + response
+            else:
+                out.append({"role": "user", "content": response, "_tool_responses": True})
+            continue
+        shaped: dict[str, Any] = {"role": role, "content": text}
+        if role == "assistant":
+            calls = msg.get("tool_calls") or []
+            reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+            if reasoning and caps.reasoning_content:
+                shaped["reasoning_content"] = reasoning
+            if calls and caps.tool_calls:
+                shaped["tool_calls"] = [
+                    {**c, "function": {**c["function"], "arguments": _arguments_value(c["function"].get("arguments"))}}
+                    for c in calls
+                ]
+            elif calls:
+                shaped["content"] = "\n".join([text] * bool(text) + [_hermes_call(c) for c in calls])
+        out.append(shaped)
+    return [{k: v for k, v in m.items() if k != "_tool_responses"} for m in out]
+
+
+def _with_tool_prompt(messages: list[dict], tools: list[dict]) -> list[dict]:
+    block = _HERMES_TOOLS.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+    if messages and messages[0]["role"] == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first['content']}\n\n{block}" if first["content"] else block
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
+
+
+def tool_mode_for(tools: list[dict] | None, choice: str | dict | None) -> ToolMode | None:
+    """tool_choice ('none' | 'auto' | 'required' | {'name': X}) -> ToolMode, or None for no tools."""
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None
+    names = frozenset(t["function"]["name"] for t in tools)
+    if choice is None or choice == "auto":
+        return ToolMode("auto", names)
+    if choice == "none":
+        return None
+    if choice == "required":
+        return ToolMode("required", names, next(iter(names)) if len(names) == 1 else None)
+    if isinstance(choice, dict) and choice.get("name") in names:
+        return ToolMode("named", names, choice["name"])
+    wanted = choice.get("name") if isinstance(choice, dict) else choice
+    raise APIError(400, f"tool_choice names {wanted!r}, which is not among the tools ({', '.join(sorted(names))})",
+                   param="tool_choice")
+
+
+def build_chat_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None,
+                      tool_choice: str | dict | None, template_kwargs: dict | None = None) -> PromptPlan:
+    caps = TemplateCaps.of(tokenizer.chat_template)
+    mode = tool_mode_for(tools, tool_choice)
+    shaped = shape_messages(messages, caps)
+    offered = tools if mode is not None else None  # tool_choice none: the model never sees them
+    if offered and not caps.tools:
+        shaped = _with_tool_prompt(shaped, offered)
+    try:
+        text = tokenizer.apply_chat_template(shaped, add_generation_prompt=True,
+                                             tools=offered if caps.tools else None, **(template_kwargs or {}))
+    except ChatTemplateError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    prefill = ""
+    if mode is not None and mode.forced:
+        prefill = f"{TOOL_OPEN}\n" + ('{"name": ' + json.dumps(mode.name, ensure_ascii=False) + ', "arguments": '
+                                      if mode.name else '{"name": "')
+    start_in_reasoning = text.rstrip().endswith(THINK_OPEN)
+    return PromptPlan(text + prefill, prefill, mode, start_in_reasoning and not prefill)

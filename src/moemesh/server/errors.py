@@ -1,0 +1,105 @@
+"""API errors and the handlers that answer them in OpenAI's or Anthropic's error shape."""
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger("moemesh.server")
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
+                    429: "rate_limit_error", 503: "overloaded_error"}
+_OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+                 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    """An HTTP error with a message for the client; ``param`` names the offending field."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or (_OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"))
+        self.headers = headers
+
+    def openai_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def error_response(path: str, err: APIError) -> JSONResponse:
+    body = err.anthropic_body() if is_anthropic_path(path) else err.openai_body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or None
+
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The field part of a pydantic loc: it stops at the first union-variant label ('str',
+    'list[str]', "literal['a']", a model class name), which names a type, not a field."""
+    out = []
+    for p in loc:
+        if not isinstance(p, int) and (p in _TYPE_LABELS or not re.fullmatch(r"[a-z_][a-z0-9_]*", str(p))):
+            break
+        out.append(p)
+    return tuple(out)
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}")
+    param = _loc_to_param(_field_path(tuple(first.get("loc", ()))))
+    if first.get("type") == "missing":
+        message = f"missing required field {param!r}"
+    else:
+        message = f"invalid value for {param!r}: {first['msg']}" if param else first["msg"]
+    return APIError(400, message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request.url.path, validation_error(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(request.url.path, APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s:\n%s", request.url.path, traceback.format_exc())
+        return error_response(request.url.path, APIError(500, f"internal error: {type(exc).__name__}: {exc}"))

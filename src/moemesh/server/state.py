@@ -1,0 +1,140 @@
+"""What the server holds: its settings, the model once loaded, the engine thread, metrics."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine.engine import Engine
+from ..experts.provider import ExpertProvider
+from ..models.loader import EMBEDDED, LoadedModel, load_model
+from ..tokenizer.tokenizer import Tokenizer
+from .admission import Admission
+from .engine_loop import EngineLoop
+from .errors import APIError
+from .generation import Generation, GenerationRequest
+from .metrics import Metrics
+
+log = logging.getLogger("moemesh.server")
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    ram: str | None = None  # recorded for the lazy-expert cache; no provider reads it yet
+    ram_bytes: int | None = None
+    max_batch: int = 8
+    max_prefill_tokens: int = 512
+    queue_size: int = 64
+    ctx: int | None = None
+    quant: str = "auto"
+    threads: int | None = None
+    served_model_name: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model if self.model in EMBEDDED else Path(self.model).name
+
+
+class ServerState:
+    """Loading -> ready (or failed). Everything but load() runs on the asyncio thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.model_name = config.model_name
+        self.status = "loading"  # loading | ready | failed
+        self.load_error: str | None = None
+        self.load_seconds: float | None = None
+        self.created = int(time.time())
+        self.metrics = Metrics(self.model_name)
+        self.admission = Admission(config.queue_size)
+        self.loaded: LoadedModel | None = None
+        self._tokenizer: Tokenizer | None = None
+        self.engine_loop: EngineLoop | None = None
+        self.context_length = 0
+        self.providers: list[ExpertProvider] = []
+
+    def load(self) -> None:
+        """Blocking: load the model and start the engine thread (run off the event loop)."""
+        import torch
+
+        t0 = time.perf_counter()
+        try:
+            if self.config.threads:
+                torch.set_num_threads(self.config.threads)
+            loaded = load_model(self.config.model, "fp32" if self.config.quant == "none" else self.config.quant)
+            if loaded.tokenizer is None:
+                raise APIError(500, f"{loaded.path}: no tokenizer found; the server needs one")
+            self.context_length = self.config.ctx or loaded.args.max_position_embeddings
+            engine = Engine(loaded.model, stop_token_ids=frozenset(loaded.tokenizer.eos_token_ids),
+                            max_batch=self.config.max_batch,
+                            max_prefill_tokens=self.config.max_prefill_tokens, context_length=self.context_length)
+            self.providers = _providers(loaded)
+            self.engine_loop = EngineLoop(engine)
+            self.engine_loop.start()
+            self.loaded, self._tokenizer = loaded, loaded.tokenizer
+            self.load_seconds = time.perf_counter() - t0
+            self.status = "ready"
+        except Exception as exc:  # reported by /health and the serve command
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.status = "failed"
+            log.error("model load failed: %s", self.load_error)
+
+    def ready_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or a 503 while the model is loading (or failed to)."""
+        if self.status != "ready" or self._tokenizer is None:
+            self.metrics.rejected[503] += 1
+            detail = f": {self.load_error}" if self.load_error else ""
+            raise APIError(503, f"model {self.model_name} is {self.status}{detail}", code="model_not_ready",
+                           headers={"Retry-After": "1"})
+        return self._tokenizer
+
+    def start_generation(self, request: GenerationRequest, tool_id_prefix: str = "call_") -> Generation:
+        tokenizer = self.ready_tokenizer()
+        assert self.engine_loop is not None
+        try:
+            slot = self.admission.acquire()
+        except APIError as exc:
+            self.metrics.rejected[exc.status] += 1
+            raise
+        request.tool_id_prefix = tool_id_prefix
+        generation = Generation(request, self.engine_loop, tokenizer, self.metrics, slot)
+        generation.start()
+        return generation
+
+    def queue_sizes(self) -> tuple[int, int]:
+        """(running, waiting): the engine's batch, and admitted requests not yet in it."""
+        if self.engine_loop is None:
+            return 0, 0
+        running = self.engine_loop.num_running
+        return running, max(self.engine_loop.num_waiting, self.admission.active - running)
+
+    def expert_stats(self) -> list[dict]:
+        stats = []
+        for provider in self.providers:
+            try:
+                stats.append(dict(provider.stats()))
+            except Exception as exc:  # a provider's bug must not break /metrics
+                log.warning("ExpertProvider.stats() failed: %s", exc)
+                stats.append({})
+        return stats
+
+    def shutdown(self) -> None:
+        if self.engine_loop is not None:
+            self.engine_loop.shutdown()
+
+
+def _providers(loaded: LoadedModel) -> list[ExpertProvider]:
+    """The distinct ExpertProviders behind the model's MoE layers (none for a dense model)."""
+    seen: dict[int, ExpertProvider] = {}
+    for layer in loaded.model.layers:
+        provider = getattr(layer.ffn, "provider", None)
+        if provider is not None:
+            seen.setdefault(id(provider), provider)
+    return list(seen.values())

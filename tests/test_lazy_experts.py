@@ -1,0 +1,175 @@
+"""Lazy experts: bit-identical to resident, integrity checks, atomic conversion, policies."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moemesh.engine.engine import Engine
+from moemesh.engine.sampling_params import SamplingParams
+from moemesh.errors import CheckpointError, MoemeshError
+from moemesh.experts import convert as convert_mod
+from moemesh.experts.budget import parse_size, plan_budget
+from moemesh.experts.convert import convert
+from moemesh.experts.policy import LRU, DecayedFrequency
+from moemesh.experts.setup import ExpertOptions
+from moemesh.models.loader import load_model
+
+MOE = ["qwen3_moe-norm", "qwen3_moe-nonorm-dense1", "qwen2_moe", "mixtral", "olmoe-gqa-norm"]
+PROMPTS = [list(range(5, 30)), [7, 8, 9], [40, 41, 42, 43, 44, 45]]
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    return {name: convert(tiny_checkpoints[name][1], root / name, "int4", progress=False) for name in MOE}
+
+
+def run(loaded, greedy: bool) -> list[list[int]]:
+    params = [SamplingParams(temperature=0.0 if greedy else 0.9, seed=7 + i, max_tokens=12) for i in range(3)]
+    return [s.output_ids for s in Engine(loaded.model).generate(PROMPTS, params)]
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_lazy_bit_identical_to_resident(stores, name):
+    resident = load_model(str(stores[name]))
+    top_k = resident.args.top_k
+    ref_greedy, ref_sampled = run(resident, True), run(resident, False)
+    # top_k slots hold exactly one layer's active experts for one token
+    for slots, prefetch in ((top_k, True), (top_k + 1, False), (2 * top_k + 1, True), (1000, True)):
+        lazy = load_model(str(stores[name]), experts=ExpertOptions(slots=slots, prefetch=prefetch))
+        assert run(lazy, True) == ref_greedy, (slots, prefetch)
+        assert run(lazy, False) == ref_sampled, (slots, prefetch)
+        stats = lazy.provider.stats()
+        assert stats["misses"] > 0
+        if not prefetch:  # every byte read was a demanded miss
+            assert stats["bytes_read"] == stats["misses"] * stats["blob_bytes"]
+
+
+def test_lazy_logits_bit_identical(stores):
+    import torch
+
+    from moemesh.layers.batch import BatchLayout
+
+    ids = torch.tensor(PROMPTS[0])
+    outs = []
+    for opts in (ExpertOptions(), ExpertOptions(slots=2), ExpertOptions(slots=5, policy="lru", direct=False)):
+        model = load_model(str(stores["qwen3_moe-norm"]), experts=opts).model
+        cache = model.new_cache()
+        cache.add_sequence(0)
+        outs.append(model(ids, torch.arange(len(ids)), cache, BatchLayout([0], [len(ids)]), all_logits=True))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_store_matches_checkpoint_closely(stores, tiny_checkpoints):
+    """fp32 store == the HF checkpoint exactly; the int4 store stays close (greedy prefix)."""
+    _, d = tiny_checkpoints["mixtral"]
+    fp32_store = convert(d, stores["mixtral"].parent / "mixtral-fp32", "fp32", progress=False)
+    assert run(load_model(str(fp32_store), experts=ExpertOptions(slots=3)), True) == run(load_model(str(d), "fp32"), True)
+
+
+def test_corrupt_blob_names_layer_and_expert(stores, tmp_path):
+    import shutil
+
+    st = tmp_path / "st"
+    shutil.copytree(stores["mixtral"], st)
+    manifest = json.loads((st / "manifest.json").read_text())
+    offset = manifest["layers"]["1"][2]["offset"]
+    with open(st / "experts.bin", "r+b") as f:
+        f.seek(offset + 10)
+        byte = f.read(1)
+        f.seek(offset + 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="layer 1 expert 2"):
+        load_model(str(st))  # resident: every blob is read and checked
+    lazy = load_model(str(st), experts=ExpertOptions(slots=4))
+    with pytest.raises(CheckpointError, match="layer 1 expert 2"):
+        for i in range(20):  # keep generating until the router picks the corrupt expert
+            Engine(lazy.model).generate([[5 + i, 9, 11 + i]], SamplingParams(temperature=1.0, seed=i, max_tokens=8))
+
+
+def test_truncated_store_refused_at_open(stores, tmp_path):
+    import shutil
+
+    st = tmp_path / "st"
+    shutil.copytree(stores["olmoe-gqa-norm"], st)
+    size = (st / "experts.bin").stat().st_size
+    os.truncate(st / "experts.bin", size - 4096)
+    with pytest.raises(CheckpointError, match="truncated store"):
+        load_model(str(st), experts=ExpertOptions(slots=4))
+
+
+def test_wrong_version_refused(stores, tmp_path):
+    import shutil
+
+    st = tmp_path / "st"
+    shutil.copytree(stores["olmoe-gqa-norm"], st)
+    m = json.loads((st / "manifest.json").read_text())
+    m["version"] = 99
+    (st / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_model(str(st))
+
+
+def test_interrupted_conversion_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = convert_mod.pack_blob
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(convert_mod, "pack_blob", failing)
+    out = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_checkpoints["mixtral"][1], out, "int4", progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_convert_refuses_existing_and_dense(tiny_checkpoints, tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(MoemeshError, match="already exists"):
+        convert(tiny_checkpoints["mixtral"][1], tmp_path / "x")
+    with pytest.raises(MoemeshError, match="no MoE layers"):
+        convert(tiny_checkpoints["llama-gqa"][1], tmp_path / "y")
+
+
+def test_policies():
+    lru = LRU()
+    for k in [(0, 1), (0, 2), (0, 3), (0, 1)]:
+        lru.touch(k)
+    assert lru.victim([(0, 1), (0, 2), (0, 3)]) == (0, 2)
+    lfu = DecayedFrequency(decay=0.9)
+    for _ in range(5):
+        lfu.touch((0, 1))
+    lfu.touch((0, 2))
+    lfu.touch((0, 3))
+    assert lfu.victim([(0, 1), (0, 2), (0, 3)]) == (0, 2)  # rarely used, least recent among equals
+
+
+def test_budget():
+    assert parse_size("8G") == 8 * 2**30 and parse_size("512M") == 2**29 and parse_size("2GiB") == 2**31
+    with pytest.raises(MoemeshError):
+        parse_size("lots")
+    plan = plan_budget(2**30, 100 * 2**20, 64 * 2**20, 2**20, 8)
+    assert plan.slots == (2**30 - 100 * 2**20 - 64 * 2**20 - plan.overhead) // 2**20
+    with pytest.raises(MoemeshError, match="too small"):
+        plan_budget(500 * 2**20, 100 * 2**20, 64 * 2**20, 2**20, 8)
+
+
+def test_cli_convert_and_generate_with_ram(tiny_checkpoints, tmp_path):
+    out = tmp_path / "store"
+    r = subprocess.run([sys.executable, "-m", "moemesh.cli", "convert", str(tiny_checkpoints["qwen2_moe"][1]), str(out),
+                        "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "moemesh.cli", "generate", str(out), "--prompt-ids", "5,6,7", "-n", "5",
+                        "--ram", "1G", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)["experts"]
+    assert stats["misses"] > 0 and stats["hits"] + stats["misses"] > 0 and stats["budget"]["slots"] > 0
+    assert {"bytes_read_per_token", "stall_seconds", "prefetch_accuracy", "read_bandwidth_bytes_s"} <= set(stats)
