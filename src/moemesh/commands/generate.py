@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
@@ -13,6 +12,7 @@ from ..errors import MoemeshError
 from ..kvcache.spec import KV_HELP, parse_kv_spec
 from ..models.build import QUANT_MODES
 from ..models.loader import load_model
+from ..sysinfo import peak_rss_bytes
 from .expert_args import add_expert_args, expert_options
 from ..tokenizer.detok import IncrementalDetokenizer
 
@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--kv", default="dense", help=KV_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--compile", action="store_true",
+                   help="decode a single sequence with one torch.compile graph (cold compile ~1-3 min, cached on disk)")
     add_expert_args(p)
     p.set_defaults(func=run)
 
@@ -82,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
     )
     stops = tok.eos_token_ids if tok is not None else frozenset(loaded.args.eos_token_ids)
-    engine = Engine(loaded.model, stop_token_ids=frozenset(stops), cache=loaded.model.new_cache(str(kv)))
+    engine = Engine(loaded.model, stop_token_ids=frozenset(stops), cache=loaded.model.new_cache(str(kv)),
+                    compiled=args.compile)
     detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
 
     def stream(out) -> None:
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             "prefill_tok_s": len(prompt_ids) / seq.prefill_seconds if seq.prefill_seconds else None,
             "decode_tok_s": n_decode / seq.decode_seconds if seq.decode_seconds else None,
             "load_seconds": load_seconds,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "quant": args.quant,
             "kv": str(kv),
             "model": str(loaded.path),

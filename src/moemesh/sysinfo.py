@@ -1,0 +1,21 @@
+"""Process memory figures, read from /proc where possible."""
+from __future__ import annotations
+
+import resource
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process image.
+
+    VmHWM (the high-water mark of the current address space) rather than ru_maxrss: Linux
+    carries ru_maxrss across fork and exec, so a CLI started from a large parent (a test runner,
+    a server) would report the parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
