@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from moemesh.layers.qlinear import NEVER, QuantLinear
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 768), (768, 2048), (576, 49152)]  # (in K, out N)
-MAX_CALL_S = 0.3  # skip a cell whose predicted single call is slower than this (fp32-act kernels)
+MAX_CALL_S = 0.5  # skip a cell whose predicted single call is slower than this (fp32-act kernels)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -116,15 +116,16 @@ def run(shapes: list[tuple[int, int]], ms: list[int], budget_s: float) -> list[d
     return rows
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+HOW = (f"Shape is in->out (K->N); GFLOP/s = 2*M*K*N / median seconds per call. '-' = skipped (predicted "
+       f"> {MAX_CALL_S}s per call). QL = QuantLinear.forward, fp32 in/out (casts, scales, bias path included); "
+       "'kernel' / 'dequant' force its two paths. Weights are cache-resident for the smaller shapes.\n")
+
+
+def markdown(rows: list[dict], threads: int) -> str:
     names = list(dict.fromkeys(r["method"] for r in rows))
     keys = list(dict.fromkeys((r["shape"], r["M"]) for r in rows))
     cell = {(r["shape"], r["M"], r["method"]): r["gflops"] for r in rows}
-    out = [f"# Matmul GFLOP/s (median of repeats; noisy shared machine)\n",
-           "; ".join(f"{k}: {v}" for k, v in meta.items()) + "\n",
-           "Shape is in->out (K->N). '-' = skipped (predicted > "
-           f"{MAX_CALL_S}s per call). QL = QuantLinear.forward with fp32 in/out.\n",
-           "| shape | M | " + " | ".join(names) + " |",
+    out = [f"## {threads} thread(s)\n", "| shape | M | " + " | ".join(names) + " |",
            "|---|---:|" + "---:|" * len(names)]
     for shape, m in keys:
         vals = [cell.get((shape, m, nm)) for nm in names]
@@ -147,21 +148,26 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8,64,256", help="comma-separated M (rows of x)")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,...")
     ap.add_argument("--budget-s", type=float, default=0.08, help="timing budget per method and cell")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--threads", default=f"1,{torch.get_num_threads()}",
+                    help="comma-separated torch thread counts, one table each (1 is steadier under load)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_model(),
+    meta = dict(torch=torch.__version__, cpu=cpu_model(), cores=os.cpu_count(),
                 capability=torch.backends.cpu.get_cpu_capability(),
                 avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
                 loadavg_before=" ".join(f"{v:.1f}" for v in os.getloadavg()))
     t0 = time.perf_counter()
     shapes = [(int(k), int(n)) for k, n in (sh.split("x") for sh in a.shapes.split(","))]
-    rows = run(shapes, [int(m) for m in a.ms.split(",")], a.budget_s)
+    rows, md = [], ""
+    for threads in dict.fromkeys(int(t) for t in a.threads.split(",")):
+        torch.set_num_threads(threads)
+        part = [dict(r, threads=threads) for r in run(shapes, [int(m) for m in a.ms.split(",")], a.budget_s)]
+        rows += part
+        md += markdown(part, threads) + "\n"
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["loadavg_after"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    md = markdown(rows, meta)
+    md = (f"# Matmul GFLOP/s (median of interleaved repeats; noisy shared machine)\n\n"
+          + "; ".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n" + HOW + "\n" + md)
     print(md)
     if not a.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)

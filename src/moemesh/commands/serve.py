@@ -23,6 +23,12 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+def parse_size_arg(text: str) -> str:
+    """argparse type for --ram: checks the size, keeps the text as the user wrote it."""
+    parse_size(text)
+    return text
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over HTTP (OpenAI and Anthropic APIs)",
@@ -36,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("MOEMESH_API_KEY"),
                    help="require this key (Authorization: Bearer KEY or x-api-key: KEY) on /v1/*, /tokenize, "
                    "/detokenize; default $MOEMESH_API_KEY, else no key")
-    p.add_argument("--ram", type=str, default=None,
+    p.add_argument("--ram", type=parse_size_arg, default=None,
                    help="RAM budget for the lazy-expert cache (e.g. 8G). Recorded only for now: the lazy "
                    "expert cache that will use it is not built yet, so every expert stays resident")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per step (default 8)")
@@ -84,24 +90,25 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    import uvicorn
-
-    from ..server.app import build_app
-    from ..server.state import ServerConfig, ServerState
-
     for name, value in (("--max-batch", args.max_batch), ("--queue-size", args.queue_size),
                         ("--max-prefill-tokens", args.max_prefill_tokens)):
         if value < 1:
             raise MoemeshError(f"{name} must be >= 1, got {value}")
     if args.ctx is not None and args.ctx < 2:
         raise MoemeshError(f"--ctx must be >= 2, got {args.ctx}")
-    ram_bytes = parse_size(args.ram) if args.ram else None
+    ram_bytes = parse_size(args.ram) if args.ram else None  # already checked by argparse
+    sock = _listen(args.host, args.port)  # before the slow imports: a busy port fails at once
+    port = sock.getsockname()[1]
+
+    import torch
+    import uvicorn
+
+    from ..server.app import build_app
+    from ..server.state import ServerConfig, ServerState
+
     if args.threads:
         torch.set_num_threads(args.threads)  # here, on the main thread, before the engine thread exists
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sock = _listen(args.host, args.port)
-    port = sock.getsockname()[1]
     config = ServerConfig(model=args.model, host=args.host, port=port, api_key=args.api_key, ram=args.ram,
                           ram_bytes=ram_bytes, max_batch=args.max_batch,
                           max_prefill_tokens=args.max_prefill_tokens, queue_size=args.queue_size, ctx=args.ctx,

@@ -156,7 +156,7 @@ class DecodeGraph(torch.nn.Module):
         """token, pos: [1] int64 (pos = the sequence's cache length); keys/values: per layer
         [Hkv, cap, Dh] with cap > pos. Returns logits [1, V]; writes k/v at pos in every layer."""
         length = pos.item()
-        torch._check_is_size(length)
+        torch._check(length >= 0)
         x = self.embed[token].float()  # [1, D]
         freqs = pos.float()[:, None] * self.inv_freq[None, :]  # [1, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -221,10 +221,36 @@ class CompiledDecoder:
         return type(cache) is DenseKVCache and cache.dtype == torch.float32
 
 
-def try_compiled(model: Transformer, **kwargs) -> CompiledDecoder | None:
-    """A CompiledDecoder, or None (with one warning) when the model cannot use one."""
-    try:
-        return CompiledDecoder(model, **kwargs)
-    except ValueError as exc:
-        warnings.warn(f"{exc}; decoding eagerly", stacklevel=2)
-        return None
+class CompiledDecode:
+    """The engine's opt-in hook: ``maybe_step`` runs the compiled step when exactly one sequence is
+    decoding one token on a DenseKVCache, and returns None (the engine then runs eagerly) in every
+    other case, or when the model cannot compile (one warning) or compiling fails (one warning,
+    then eager for good). Compiles lazily, on the first eligible step."""
+
+    def __init__(self, model: Transformer, **options) -> None:
+        self.model = model
+        self.options = options
+        self.decoder: CompiledDecoder | None = None
+        self.disabled: str | None = None  # why we gave up, once we have
+
+    def _give_up(self, why: str) -> None:
+        self.disabled = why
+        warnings.warn(f"compiled decode disabled, decoding eagerly: {why}", RuntimeWarning, stacklevel=3)
+
+    def maybe_step(self, token_chunks: list[list[int]], in_prefill: list[bool], seq_ids: list[int],
+                   cache) -> torch.Tensor | None:
+        if self.disabled or len(seq_ids) != 1 or in_prefill[0] or len(token_chunks[0]) != 1:
+            return None
+        if not (type(cache) is DenseKVCache and cache.dtype == torch.float32):
+            return None
+        if self.decoder is None:
+            reason = unsupported_reason(self.model)
+            if reason is not None:
+                self._give_up(reason)
+                return None
+            self.decoder = CompiledDecoder(self.model, **self.options)
+        try:
+            return self.decoder.step(token_chunks[0][0], cache, seq_ids[0])
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: eager is always correct
+            self._give_up(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            return None

@@ -36,8 +36,15 @@ class Engine:
         max_prefill_tokens: int = 512,
         context_length: int | None = None,
         cache: KVCache | None = None,
+        compiled: bool = False,
     ) -> None:
         self.model = model
+        # opt-in: one sequence decoding one token runs as one compiled graph (engine/compiled.py)
+        self.compiled = None
+        if compiled:
+            from .compiled import CompiledDecode
+
+            self.compiled = CompiledDecode(model)
         self.cache = cache if cache is not None else model.new_cache()  # e.g. model.new_cache("turboquant:3.5")
         self.sampler = Sampler()
         self.stop_token_ids = stop_token_ids
@@ -94,7 +101,11 @@ class Engine:
         layout = BatchLayout([s.seq_id for s in seqs], [len(c) for c in chunks])
         was_prefill = [s.in_prefill for s in seqs]
         t0 = time.perf_counter()
-        logits = self.model(tokens, positions, self.cache, layout)  # [B, V]
+        logits = None
+        if self.compiled is not None:
+            logits = self.compiled.maybe_step(chunks, was_prefill, layout.seq_ids, self.cache)
+        if logits is None:
+            logits = self.model(tokens, positions, self.cache, layout)  # [B, V]
         for seq, chunk in zip(seqs, chunks):
             seq.num_computed += len(chunk)
         ready = [i for i, s in enumerate(seqs) if not s.in_prefill]

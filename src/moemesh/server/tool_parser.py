@@ -106,6 +106,7 @@ class ToolCallStream:
         self._body = ""  # everything after <tool_call> in the current call (for whole parsing)
         self._scan = _JsonScan()
         self._strip_next = False  # drop whitespace right after a call
+        self._ws_before = ""  # whitespace dropped before the current <tool_call>
         self.calls: list[ToolCall] = []
         self.invalid_bodies: list[str] = []  # <tool_call> bodies that were not calls
 
@@ -167,7 +168,9 @@ class ToolCallStream:
             self._strip_next = not self._buf
         i = self._buf.find(TOOL_OPEN)
         if i >= 0:
-            content.append(self._buf[:i].rstrip())
+            before = self._buf[:i].rstrip()
+            self._ws_before = self._buf[len(before):i]  # given back if the body is no call
+            content.append(before)
             self._buf = self._buf[i + len(TOOL_OPEN):]
             self._body = ""
             self._mode = "head"
@@ -211,8 +214,9 @@ class ToolCallStream:
             return False
         body = self._body + self._buf[:i]
         self._buf = self._buf[i + len(TOOL_CLOSE):]
-        content.append(self._parse_whole(body, deltas))
-        self._mode, self._strip_next = "text", True
+        text = self._parse_whole(body, deltas)
+        content.append(text + TOOL_CLOSE if text else "")
+        self._mode, self._strip_next = "text", not text
         return True
 
     def _parse_whole(self, body: str, deltas: list[ToolCallDelta]) -> str:
@@ -223,7 +227,7 @@ class ToolCallStream:
             if started:  # a started call whose arguments never became JSON: keep it, incomplete
                 return ""
             self.invalid_bodies.append(body)
-            return TOOL_OPEN + body
+            return self._ws_before + TOOL_OPEN + body
         name, arguments = parsed
         if not started:
             self._start_call(name, deltas)

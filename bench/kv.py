@@ -1,0 +1,139 @@
+"""Decode speed and KV memory: dense fp32 cache vs TurboQuant, SmolLM2 at several context lengths.
+
+For every context length each cache is filled directly with random keys/values (prefilling 8K
+tokens through the model would dominate the run; decode cost does not depend on the values), then
+single-token decode steps of the whole model are timed round-robin across the caches, so a burst
+of load from other processes hits all of them. Also timed: one layer's ``cache.attend`` alone.
+KV bytes per token per layer come from ``cache.nbytes()`` (the actual buffers, capacity included).
+Writes bench/results/kv.{json,md}.
+
+    .venv/bin/python bench/kv.py [--contexts 1024,4096,8192] [--kv dense,turboquant:3.5,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moemesh.kvcache.base import KVCache
+from moemesh.kvcache.dense import DenseKVCache
+from moemesh.kvcache.turboquant import TurboQuantKVCache
+from moemesh.layers.batch import BatchLayout
+from moemesh.models.loader import load_model
+
+RESULTS = Path(__file__).parent / "results"
+KINDS = "dense,turboquant:2.5,turboquant:3.5,turboquant:4"
+
+
+def fill(cache: KVCache, n: int, hkv: int, dh: int, layers: int, gen: torch.Generator) -> None:
+    """Give sequence 0 a history of n random tokens, as if it had been prefilled."""
+    cache.add_sequence(0)
+    cache.begin(BatchLayout([0], [n]))
+    seq = cache.seqs[0]
+    for layer in range(layers):
+        k, v = torch.randn(hkv, n, dh, generator=gen) * 4, torch.randn(hkv, n, dh, generator=gen)  # [Hkv, n, Dh]
+        if isinstance(cache, DenseKVCache):
+            seq.keys[layer][:, :n], seq.values[layer][:, :n] = k, v
+            continue
+        assert isinstance(cache, TurboQuantKVCache)
+        nc = max(0, n - cache.window)
+        st, tq = seq.layers[layer], cache.quantizers[layer]
+        words, norms = tq.encode(torch.stack([k[:, :nc], v[:, :nc]]))  # [2, Hkv, nc, W], [2, Hkv, nc]
+        st.hist.k_codes[:, :, :nc], st.hist.v_codes[:, :, :nc] = words[0].transpose(1, 2), words[1].transpose(1, 2)
+        st.hist.k_norms[:, :nc], st.hist.v_norms[:, :nc] = norms[0], norms[1]
+        st.win_k, st.win_v = k[:, nc:].clone(), v[:, nc:].clone()
+    if isinstance(cache, TurboQuantKVCache):
+        seq.coded = max(0, n - cache.window)
+    seq.length = n
+
+
+@torch.inference_mode()
+def measure(model, kinds: list[str], ctx: int, steps: int) -> list[dict]:
+    a = model.args
+    gen = torch.Generator().manual_seed(ctx)
+    caches = {}
+    for kind in kinds:
+        caches[kind] = model.new_cache(kind)
+        fill(caches[kind], ctx, a.num_kv_heads, a.head_dim, a.num_layers, gen)
+    bytes_tok = {k: c.nbytes() / (ctx * a.num_layers) for k, c in caches.items()}
+    tok = torch.tensor([42])
+    one = BatchLayout([0], [1])
+    q = torch.randn(1, a.num_heads, a.head_dim, generator=gen)
+    kv1 = torch.randn(1, a.num_kv_heads, a.head_dim, generator=gen)
+    step_s: dict[str, list[float]] = {k: [] for k in kinds}
+    attend_s: dict[str, list[float]] = {k: [] for k in kinds}
+    for kind, c in caches.items():  # warm-up (allocator, native library load)
+        model(tok, torch.tensor([c.length(0)]), c, one)
+    for _ in range(steps):
+        for kind, c in caches.items():
+            t0 = time.perf_counter()
+            model(tok, torch.tensor([c.length(0)]), c, one)
+            step_s[kind].append(time.perf_counter() - t0)
+            c.begin(one)
+            t0 = time.perf_counter()
+            c.attend(0, q, kv1, kv1, one, a.head_dim**-0.5)
+            attend_s[kind].append(time.perf_counter() - t0)
+            c.end(one)
+    bf16 = 2 * 2 * a.num_kv_heads * a.head_dim  # bytes/token/layer of a bf16 K+V cache
+    base = statistics.median(step_s[kinds[0]])
+    rows = []
+    for kind in kinds:
+        med = statistics.median(step_s[kind])
+        rows.append(dict(
+            context=ctx, kv=kind, decode_ms=round(med * 1e3, 2), decode_tok_s=round(1 / med, 2),
+            vs_first=round(med / base, 3), attend_layer_ms=round(statistics.median(attend_s[kind]) * 1e3, 3),
+            kv_bytes_per_token_layer=round(bytes_tok[kind], 1), x_smaller_than_bf16=round(bf16 / bytes_tok[kind], 2),
+            native=getattr(caches[kind], "lib", None) is not None, samples=steps,
+        ))
+        print(f"  ctx {ctx:5d} {kind:16s} {med * 1e3:7.2f} ms/token  attend {rows[-1]['attend_layer_ms']:.3f} ms"
+              f"  {bytes_tok[kind]:7.1f} B/token/layer", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    out = ["# KV cache: decode speed and memory (SmolLM2-135M shapes: 30 layers, 3 KV heads, Dh 64)\n",
+           "; ".join(f"{k}: {v}" for k, v in meta.items()) + "\n",
+           "decode = one whole-model single-token step (median of interleaved steps); vs dense = that time / "
+           "dense's at the same context; attend = one layer's cache.attend alone; bytes = cache.nbytes() / "
+           "(tokens * layers), K and V, norms and the exact window included; x bf16 = a bf16 cache's 768 B "
+           "/ that.\n",
+           "| context | kv | decode ms | tok/s | vs dense | attend ms/layer | bytes/token/layer | x smaller than bf16 |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['context']} | {r['kv']} | {r['decode_ms']:.2f} | {r['decode_tok_s']:.1f} | {r['vs_first']:.3f} "
+                   f"| {r['attend_layer_ms']:.3f} | {r['kv_bytes_per_token_layer']:.1f} | {r['x_smaller_than_bf16']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="1024,4096,8192")
+    ap.add_argument("--kv", default=KINDS, help="comma-separated cache specs; the first is the baseline")
+    ap.add_argument("--steps", type=int, default=24, help="timed decode steps per cache and context")
+    ap.add_argument("--quant", default="fp32", help="model weights (fp32, bf16, int8, int4, auto)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_model("smollm2", a.quant).model
+    kinds = a.kv.split(",")
+    meta = dict(torch=torch.__version__, threads=a.threads, weights=a.quant, cores=os.cpu_count(),
+                loadavg_before=" ".join(f"{v:.1f}" for v in os.getloadavg()))
+    t0 = time.perf_counter()
+    rows = [r for ctx in (int(c) for c in a.contexts.split(",")) for r in measure(model, kinds, ctx, a.steps)]
+    meta.update(wall_s=round(time.perf_counter() - t0, 1), loadavg_after=" ".join(f"{v:.1f}" for v in os.getloadavg()))
+    md = markdown(rows, meta)
+    print(md)
+    if not a.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "kv.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+        (RESULTS / "kv.md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""A synthetic Qwen3-30B-A3B-shaped MoE model, written twice from the same weights: as a moemesh
+expert store and as a Q4_0 GGUF that llama.cpp loads (architecture ``qwen3moe``).
+
+Per layer the shapes are Qwen3-30B-A3B's (hidden 2048, 128 experts, top-8, expert width 768,
+32 query / 4 KV heads of dim 128, per-head q/k norms, norm_topk_prob); the depth and the vocabulary
+are parameters (the real model has 48 layers and a 151936-token vocabulary; see ``--vocab`` in
+bench/lazy.py for why the default is smaller).
+
+Experts are bit-identical in both files: every weight is ``(q - 8) * d`` with a random nibble q and
+one bf16-exact (hence fp16-exact) scale d per 32 inputs, which is a Q4_0 block exactly and, with a
+zero offset, exactly the int4 group-32 kernel format (``QuantLinear.from_int4_groups``). The trunk
+(attention, embedding, head) is random bf16 in the store, quantized at load time by moemesh (int4,
+asymmetric min/max) and to Q4_0 by gguf.quants from the same bf16 values for llama.cpp.
+
+Nothing here goes through an HF checkpoint: the store is written directly (trunk.safetensors,
+experts.bin, manifest.json, in convert._write_store's format, with convert.blob_layout/pack_blob),
+and the GGUF is streamed tensor by tensor with GGUFWriter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SYNTH_VERSION = 1  # bump when the generated weights or layout change (invalidates cached data)
+SHAPES = dict(hidden_size=2048, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+              num_attention_heads=32, num_key_value_heads=4, head_dim=128)
+GROUP = 32  # Q4_0 block = int4 kernel group
+
+
+def hf_config(layers: int, vocab: int) -> dict:
+    return {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], **SHAPES,
+        "vocab_size": vocab, "num_hidden_layers": layers, "intermediate_size": 6144,
+        "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 4096,
+        "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu",
+        "attention_bias": False, "use_sliding_window": False, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def model_dir(work_dir: Path, layers: int, vocab: int, seed: int) -> Path:
+    return Path(work_dir) / f"qwen3moe-synth-v{SYNTH_VERSION}-L{layers}-V{vocab}-s{seed}"
+
+
+def _gen(seed: int, *key: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(repr((seed, *key)).encode()))
+    return g
+
+
+def random_int4(n: int, k: int, fan_in: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """q uint8 [n, k] in 0..15 and bf16-exact fp32 scales [n, k/32] with weight std ~ 1/sqrt(fan_in)."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    # E[(q-8)^2] = 21.5 for uniform q; scales vary +-25% per block
+    base = 1.0 / (21.5 * fan_in) ** 0.5
+    d = (base * (0.75 + 0.5 * torch.rand(n, k // GROUP, generator=g))).to(torch.bfloat16).float()
+    return q, d
+
+
+def q4_0_bytes(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """q uint8 [..., n, k], d [..., n, k/32] -> GGUF Q4_0 bytes [..., n, k/32*18] (same weights)."""
+    *lead, n, k = q.shape
+    qb = q.numpy().reshape(*lead, n, k // GROUP, GROUP)
+    qs = qb[..., :16] | (qb[..., 16:] << 4)  # byte j: element j (low nibble), j + 16 (high)
+    dh = d.numpy().astype(np.float16).reshape(*lead, n, k // GROUP, 1).view(np.uint8)  # [.., 2]
+    return np.concatenate([dh, qs], axis=-1).reshape(*lead, n, k // GROUP * 18)
+
+
+def expert_weights(seed: int, layer: int, expert: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = _gen(seed, 1, layer, expert)
+    d_model, inter = SHAPES["hidden_size"], SHAPES["moe_intermediate_size"]
+    return {"gate": random_int4(inter, d_model, d_model, g), "up": random_int4(inter, d_model, d_model, g),
+            "down": random_int4(d_model, inter, inter, g)}
+
+
+def expert_linears(w: dict) -> dict:
+    from moemesh.layers.qlinear import QuantLinear
+
+    (qg, dg), (qu, du), (qd, dd) = w["gate"], w["up"], w["down"]
+    q_gu, d_gu = torch.cat([qg, qu]), torch.cat([dg, du])
+    return {"gate_up": QuantLinear.from_int4_groups(q_gu, d_gu, -8 * d_gu, None, GROUP),
+            "down": QuantLinear.from_int4_groups(qd, dd, -8 * dd, None, GROUP)}
+
+
+def trunk_tensors(cfg: dict, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Every non-expert tensor under its HF name, bf16 (as an HF Qwen3-MoE checkpoint stores them)."""
+    d, v = cfg["hidden_size"], cfg["vocab_size"]
+    h, hkv, dh, e = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["num_experts"]
+    g = _gen(seed, 0)
+
+    def normal(*shape, std):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    def norm_w(n):
+        return (1.0 + 0.1 * torch.randn(n, generator=g)).abs().to(torch.bfloat16)
+
+    out = [("model.embed_tokens.weight", normal(v, d, std=1.0)), ("model.norm.weight", norm_w(d)),
+           ("lm_head.weight", normal(v, d, std=d ** -0.5))]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", norm_w(d)),
+            (p + "self_attn.q_proj.weight", normal(h * dh, d, std=d ** -0.5)),
+            (p + "self_attn.k_proj.weight", normal(hkv * dh, d, std=d ** -0.5)),
+            (p + "self_attn.v_proj.weight", normal(hkv * dh, d, std=d ** -0.5)),
+            (p + "self_attn.o_proj.weight", normal(d, h * dh, std=(h * dh) ** -0.5)),
+            (p + "self_attn.q_norm.weight", norm_w(dh)),
+            (p + "self_attn.k_norm.weight", norm_w(dh)),
+            (p + "post_attention_layernorm.weight", norm_w(d)),
+            (p + "mlp.gate.weight", normal(e, d, std=d ** -0.5)),
+        ]
+    return out
+
+
+# HF name (per layer, without "model.layers.{i}.") -> GGUF name; None = model-level
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight", "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+}
+Q4_TRUNK = {"token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output"}  # the rest stays F32
+
+
+def is_q4(gguf_tensor: str) -> bool:
+    return gguf_tensor.split(".")[-2] in Q4_TRUNK
+
+
+def gguf_name(hf: str) -> str:
+    if hf in GGUF_NAMES:
+        return GGUF_NAMES[hf]
+    _, _, i, rest = hf.split(".", 3)
+    return f"blk.{i}.{GGUF_NAMES[rest]}"
+
+
+def gguf_trunk_array(name: str, t: torch.Tensor) -> tuple[np.ndarray, object]:
+    import gguf
+
+    arr = t.float().numpy()
+    if is_q4(name):
+        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q4_0), gguf.GGMLQuantizationType.Q4_0
+    return arr.astype(np.float32), None
+
+
+def _gguf_metadata(w, cfg: dict) -> None:
+    import gguf
+
+    w.add_name("qwen3moe-synthetic")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_expert_count(cfg["num_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # a minimal gpt2-style vocabulary: benchmarks feed token ids, nothing is ever tokenized
+    v = cfg["vocab_size"]
+    tokens = ["<unk>", "<|bos|>", "<|eos|>"] + [f"t{i}" for i in range(3, v)]
+    types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (v - 3)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(["t 1"])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(False)
+
+
+def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> Path:
+    """Write (or reuse) DIR/store (moemesh expert store) and DIR/model.gguf; returns DIR."""
+    out = model_dir(work_dir, layers, vocab, seed)
+    if (out / "DONE").is_file():
+        return out
+    import gguf
+
+    from moemesh.experts.convert import blob_layout, pack_blob
+    from moemesh.experts.store import ALIGN, FORMAT, VERSION
+    from moemesh.models import get_arch
+    from moemesh.weights.safetensors_io import write_safetensors
+
+    cfg = hf_config(layers, vocab)
+    args = get_arch("qwen3_moe").args_from_config(cfg)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "store").mkdir(parents=True)
+    t0 = time.time()
+    try:
+        trunk = trunk_tensors(cfg, seed)
+        write_safetensors(tmp / "store" / "trunk.safetensors", trunk)
+        trunk_by_name = dict(trunk)
+
+        # GGUF: declare every tensor first (the header lists them), then stream the data in order
+        e, inter, d = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"]
+        gw = gguf.GGUFWriter(tmp / "model.gguf", "qwen3moe")
+        _gguf_metadata(gw, cfg)
+        order: list[tuple[str, object]] = []  # (gguf name, HF trunk name | ("exps", layer, part))
+        q4 = gguf.GGMLQuantizationType.Q4_0
+
+        def declare_trunk(hf: str) -> None:
+            name = gguf_name(hf)
+            t = trunk_by_name[hf]
+            shape = list(t.shape)
+            if is_q4(name):
+                gw.add_tensor_info(name, shape[:-1] + [shape[-1] // GROUP * 18], np.dtype(np.uint8),
+                                   int(np.prod(shape[:-1])) * shape[-1] // GROUP * 18, raw_dtype=q4)
+            else:
+                gw.add_tensor_info(name, shape, np.dtype(np.float32), t.numel() * 4)
+            order.append((name, hf))
+
+        for hf in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            declare_trunk(hf)
+        for i in range(layers):
+            for hf in [n for n, _ in trunk if n.startswith(f"model.layers.{i}.")]:
+                declare_trunk(hf)
+            for part, (n, k) in (("gate", (inter, d)), ("up", (inter, d)), ("down", (d, inter))):
+                shape = [e, n, k // GROUP * 18]
+                gw.add_tensor_info(f"blk.{i}.ffn_{part}_exps.weight", shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=q4)
+                order.append((f"blk.{i}.ffn_{part}_exps.weight", ("exps", i, part)))
+        gw.write_header_to_file()
+        gw.write_kv_data_to_file()
+        gw.write_ti_data_to_file()
+
+        first = expert_linears(expert_weights(seed, 0, 0))
+        metas, parts, blob_size = blob_layout(first)
+        manifest_layers: dict[str, list[dict[str, int]]] = {}
+        offset = 0
+        exps: dict[str, np.ndarray] = {}
+        with open(tmp / "store" / "experts.bin", "wb") as f:
+            for name, src in order:
+                if not isinstance(src, tuple):
+                    arr, _ = gguf_trunk_array(name, trunk_by_name[src])
+                    gw.write_tensor_data(arr)
+                    continue
+                _, i, part = src
+                if part == "gate":  # generate the whole layer's experts once, write blobs + GGUF stacks
+                    stacks = {p: [] for p in ("gate", "up", "down")}
+                    entries = []
+                    for x in range(e):
+                        w = expert_weights(seed, i, x)
+                        blob = pack_blob(expert_linears(w), parts, blob_size)
+                        f.write(blob)
+                        entries.append({"offset": offset, "crc32": zlib.crc32(blob)})
+                        offset += blob_size
+                        for p in stacks:
+                            stacks[p].append(q4_0_bytes(*w[p]))
+                    manifest_layers[str(i)] = entries
+                    exps = {p: np.stack(v) for p, v in stacks.items()}
+                    log(f"  layer {i + 1}/{layers} generated ({time.time() - t0:.0f} s)")
+                gw.write_tensor_data(exps.pop(part))
+            f.flush()
+            os.fsync(f.fileno())
+        gw.close()
+        manifest = {
+            "format": FORMAT, "version": VERSION, "model_type": args.model_type, "config": cfg, "quant": "int4",
+            "hidden_act": args.hidden_act, "alignment": ALIGN, "blob_size": blob_size, "linears": metas, "parts": parts,
+            "trunk_file": "trunk.safetensors", "experts_file": "experts.bin", "layers": manifest_layers,
+        }
+        with open(tmp / "store" / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        (tmp / "DONE").write_text(json.dumps({"seconds": time.time() - t0, "synth_version": SYNTH_VERSION}))
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work-dir", default="/work/bench-data")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    print(build(Path(a.work_dir), a.layers, a.vocab, a.seed))
