@@ -55,38 +55,88 @@ def _gen(seed: int, *key: int) -> torch.Generator:
     return g
 
 
-def random_int4(n: int, k: int, fan_in: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """q uint8 [n, k] in 0..15 and bf16-exact fp32 scales [n, k/32] with weight std ~ 1/sqrt(fan_in)."""
-    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-    # E[(q-8)^2] = 21.5 for uniform q; scales vary +-25% per block
-    base = 1.0 / (21.5 * fan_in) ** 0.5
-    d = (base * (0.75 + 0.5 * torch.rand(n, k // GROUP, generator=g))).to(torch.bfloat16).float()
+def random_int4(n: int, k: int, fan_in: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """q uint8 [n, k] in 0..15 and bf16-exact fp32 scales [n, k/32]; weight std ~ 1/sqrt(fan_in)."""
+    b = np.frombuffer(rng.bytes(n * k // 2), dtype=np.uint8).reshape(n, k // 2)
+    q = np.empty((n, k), np.uint8)
+    q[:, 0::2], q[:, 1::2] = b & 15, b >> 4
+    base = 1.0 / (21.5 * fan_in) ** 0.5  # E[(q-8)^2] = 21.5 for uniform q; scales vary +-25% per block
+    d = (base * (0.75 + 0.5 * rng.random((n, k // GROUP), dtype=np.float32))).astype(np.float32)
+    d = torch.from_numpy(d).to(torch.bfloat16).float().numpy()  # bf16-exact, hence fp16-exact
     return q, d
 
 
-def q4_0_bytes(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
-    """q uint8 [..., n, k], d [..., n, k/32] -> GGUF Q4_0 bytes [..., n, k/32*18] (same weights)."""
+def q4_0_bytes(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """q uint8 [..., n, k], d [..., n, k/32] -> GGUF Q4_0 bytes [..., n, k/32*18] (the same weights)."""
     *lead, n, k = q.shape
-    qb = q.numpy().reshape(*lead, n, k // GROUP, GROUP)
+    qb = q.reshape(*lead, n, k // GROUP, GROUP)
     qs = qb[..., :16] | (qb[..., 16:] << 4)  # byte j: element j (low nibble), j + 16 (high)
-    dh = d.numpy().astype(np.float16).reshape(*lead, n, k // GROUP, 1).view(np.uint8)  # [.., 2]
+    dh = d.astype(np.float16).reshape(*lead, n, k // GROUP, 1).view(np.uint8)  # [.., 2]
     return np.concatenate([dh, qs], axis=-1).reshape(*lead, n, k // GROUP * 18)
 
 
-def expert_weights(seed: int, layer: int, expert: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    g = _gen(seed, 1, layer, expert)
+def expert_weights(seed: int, layer: int, expert: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.Generator(np.random.PCG64([seed, 1, layer, expert]))
     d_model, inter = SHAPES["hidden_size"], SHAPES["moe_intermediate_size"]
-    return {"gate": random_int4(inter, d_model, d_model, g), "up": random_int4(inter, d_model, d_model, g),
-            "down": random_int4(d_model, inter, inter, g)}
+    return {"gate": random_int4(inter, d_model, d_model, rng), "up": random_int4(inter, d_model, d_model, rng),
+            "down": random_int4(d_model, inter, inter, rng)}
 
 
-def expert_linears(w: dict) -> dict:
+def _gate_up(w: dict) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([w["gate"][0], w["up"][0]]), np.concatenate([w["gate"][1], w["up"][1]])
+
+
+def expert_linears_reference(w: dict) -> dict:
+    """The two QuantLinears of one expert through the public constructor (slow: packs and verifies)."""
     from moemesh.layers.qlinear import QuantLinear
 
-    (qg, dg), (qu, du), (qd, dd) = w["gate"], w["up"], w["down"]
-    q_gu, d_gu = torch.cat([qg, qu]), torch.cat([dg, du])
-    return {"gate_up": QuantLinear.from_int4_groups(q_gu, d_gu, -8 * d_gu, None, GROUP),
-            "down": QuantLinear.from_int4_groups(qd, dd, -8 * dd, None, GROUP)}
+    out = {}
+    for name, (q, d) in (("gate_up", _gate_up(w)), ("down", w["down"])):
+        qt, dt = torch.from_numpy(q), torch.from_numpy(d)
+        out[name] = QuantLinear.from_int4_groups(qt, dt, -8 * dt, None, GROUP)
+    return out
+
+
+def pack_int4(q: np.ndarray, block_n: int, halves: bool) -> np.ndarray:
+    """q uint8 [n, k] -> the CPU int4 kernel's packed [n, k/2] (inverse of qlinear._unpack_int4 for
+    n % block_n == 0): blocks of block_n rows stored [k, block_n/2], byte j = rows j | j+half << 4
+    (halves) or rows 2j | 2j+1 << 4."""
+    n, k = q.shape
+    nb, half = n // block_n, block_n // 2
+    qb = q.reshape(nb, 2, half, k) if halves else q.reshape(nb, half, 2, k).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray((qb[:, 0] | (qb[:, 1] << 4)).transpose(0, 2, 1)).reshape(n, k // 2)
+
+
+class FastExperts:
+    """Valid int4 QuantLinear states without the constructor's repacking/verification: packs with
+    numpy in the layout the reference constructor detected, checked against it once per layer."""
+
+    def __init__(self, reference: dict) -> None:
+        from moemesh.layers.qlinear_state import export_state
+
+        self.meta = {name: export_state(layer)[0] for name, layer in reference.items()}
+        self.layout = {name: m["int4_layout"] for name, m in self.meta.items()}
+
+    def linears(self, w: dict) -> dict:
+        from moemesh.layers.qlinear_state import from_state
+
+        out = {}
+        for name, (q, d) in (("gate_up", _gate_up(w)), ("down", w["down"])):
+            layout = self.layout[name]
+            if layout is None or q.shape[0] % layout[0]:
+                return expert_linears_reference(w)
+            packed = torch.from_numpy(pack_int4(q, layout[0], layout[1]))
+            dt = torch.from_numpy(d)  # [n, k/g]
+            sz = torch.stack([dt.t(), torch.zeros_like(dt).t()], -1).to(torch.bfloat16).contiguous()  # [k/g, n, 2]
+            out[name] = from_state(self.meta[name], {"qweight": packed, "scales_and_zeros": sz})
+        return out
+
+    def check(self, w: dict) -> None:
+        ref, fast = expert_linears_reference(w), self.linears(w)
+        for name in ref:
+            for buf in ("qweight", "scales_and_zeros"):
+                if not torch.equal(getattr(ref[name], buf), getattr(fast[name], buf)):
+                    raise RuntimeError(f"fast int4 packing differs from QuantLinear.from_int4_groups ({name}.{buf})")
 
 
 def trunk_tensors(cfg: dict, seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -238,8 +288,9 @@ def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> 
         gw.write_kv_data_to_file()
         gw.write_ti_data_to_file()
 
-        first = expert_linears(expert_weights(seed, 0, 0))
+        first = expert_linears_reference(expert_weights(seed, 0, 0))
         metas, parts, blob_size = blob_layout(first)
+        fast = FastExperts(first)
         manifest_layers: dict[str, list[dict[str, int]]] = {}
         offset = 0
         exps: dict[str, np.ndarray] = {}
@@ -255,7 +306,9 @@ def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> 
                     entries = []
                     for x in range(e):
                         w = expert_weights(seed, i, x)
-                        blob = pack_blob(expert_linears(w), parts, blob_size)
+                        if x == 0:
+                            fast.check(w)  # the fast path builds exactly what the constructor builds
+                        blob = pack_blob(fast.linears(w), parts, blob_size)
                         f.write(blob)
                         entries.append({"offset": offset, "crc32": zlib.crc32(blob)})
                         offset += blob_size

@@ -173,3 +173,14 @@ def test_cli_convert_and_generate_with_ram(tiny_checkpoints, tmp_path):
     stats = json.loads(r.stdout)["experts"]
     assert stats["misses"] > 0 and stats["hits"] + stats["misses"] > 0 and stats["budget"]["slots"] > 0
     assert {"bytes_read_per_token", "stall_seconds", "prefetch_accuracy", "read_bandwidth_bytes_s"} <= set(stats)
+
+
+def test_hf_dir_converted_on_first_lazy_use(tiny_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
+    _, d = tiny_checkpoints["olmoe-gqa-norm"]
+    first = load_model(str(d), experts=ExpertOptions(slots=6))
+    stores = list((tmp_path / "cache" / "stores").iterdir())
+    assert len(stores) == 1 and (stores[0] / "manifest.json").is_file() and first.path == stores[0]
+    second = load_model(str(d), experts=ExpertOptions(slots=6))
+    assert second.path == stores[0]  # reused, not converted again
+    assert run(first, True) == run(load_model(str(stores[0])), True)

@@ -3,25 +3,21 @@ context window (400, never truncated), and clear exits for a bad model or a busy
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import openai
 import pytest
 
-from moemesh.server.launcher import ServerProcess
+from moemesh.cli import main
+from test_server_openai import LIMITS_CTX as CTX, shared_server
 
-CTX = 128
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    # no --api-key: every route is open
-    with ServerProcess("smollm2", "--queue-size", "1", "--max-batch", "1", "--ctx", str(CTX), "--threads", "1") as srv:
-        yield srv
+def server(request):
+    return shared_server(request.config, "limits")  # --queue-size 1, --ctx 128, no --api-key
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def metric(server, name: str) -> float:
 
 
 def test_health_is_503_until_the_model_is_loaded(server):
-    # the HTTP server starts before the model loads; the launcher polled /health all along
+    # the HTTP server starts before the model loads: its first /health answer came while loading
     assert server.health_codes[0] == 503 and server.health_codes[-1] == 200
     assert set(server.health_codes) == {503, 200}
 
@@ -101,16 +97,13 @@ def test_migration_snippet_runs_unchanged(server):
     assert response.choices[0].message.content.strip()
 
 
-def serve_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moemesh.cli", "serve", *args], capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_serve_exits_clearly_on_bad_model_or_busy_port(tmp_path):
-    bad = serve_cli(str(tmp_path / "missing"), "--port", "0")
-    assert bad.returncode == 2 and "cannot load" in bad.stderr and "no such file" in bad.stderr
+def test_serve_exits_clearly_on_bad_model_or_busy_port(tmp_path, capsys):
+    # in process: the command returns its exit status instead of raising
+    assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "no such file" in err
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        taken = serve_cli("smollm2", "--port", str(busy.getsockname()[1]))
-    assert taken.returncode == 2 and "cannot listen on 127.0.0.1" in taken.stderr
+        assert main(["serve", "smollm2", "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err

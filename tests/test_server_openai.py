@@ -23,14 +23,34 @@ TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": 
 WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
+# Server configurations of the whole server test suite. One thread each: this machine's two cores
+# are shared, and an oversubscribed OpenMP pool stalls. "main" keeps prefill chunks under 128 rows:
+# torch's int4 kernel rounds differently from 128 rows on, so only then is a sequence's output
+# independent of what it is batched with (the eight-streams test). "limits" is tiny on purpose.
+LIMITS_CTX = 128
+SERVERS = {
+    "main": ("smollm2", "--api-key", KEY, "--threads", "1", "--max-prefill-tokens", "112"),
+    "limits": ("smollm2", "--queue-size", "1", "--max-batch", "1", "--ctx", str(LIMITS_CTX), "--threads", "1"),
+}
+_RUNNING = pytest.StashKey[dict]()
+
+
+def shared_server(config: pytest.Config, name: str) -> ServerProcess:
+    """The named server, one process for the whole session. The first call launches them all so
+    they load side by side, and waits until each answers /health (503 while it loads)."""
+    running = config.stash.get(_RUNNING, None)
+    if running is None:
+        running = config.stash[_RUNNING] = {n: ServerProcess(*args).launch() for n, args in SERVERS.items()}
+        for srv in running.values():
+            config.add_cleanup(srv.stop)
+        for srv in running.values():
+            srv.wait_listening()
+    return running[name].wait_ready()
+
+
 @pytest.fixture(scope="module")
-def server():
-    # One thread: this machine's two cores are shared, and an oversubscribed OpenMP pool stalls.
-    # Prefill chunks stay under 128 rows: torch's int4 kernel rounds differently from 128 rows on,
-    # so only then is a sequence's output independent of what it is batched with (see the
-    # eight-streams test).
-    with ServerProcess("smollm2", "--api-key", KEY, "--threads", "1", "--max-prefill-tokens", "112") as srv:
-        yield srv
+def server(request):
+    return shared_server(request.config, "main")
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +213,11 @@ def test_malformed_json_oversize_prompt_and_auth(server, client):
 def test_eight_concurrent_streams_equal_each_alone(server, client):
     topics = ["the sea", "a cat", "Paris", "robots", "winter", "coffee", "a lighthouse", "the moon"]
     asks = [[{"role": "user", "content": f"Write one sentence about {t}."}] for t in topics]
-    alone = [client.chat.completions.create(model="smollm2", messages=m, temperature=0, max_tokens=16)
+    alone = [client.chat.completions.create(model="smollm2", messages=m, temperature=0, max_tokens=10)
              .choices[0].message.content for m in asks]
 
     def stream(messages: list[dict]) -> str:
-        chunks = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=16,
+        chunks = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=10,
                                                 stream=True)
         return "".join(c.choices[0].delta.content or "" for c in chunks)
 

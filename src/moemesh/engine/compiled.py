@@ -101,7 +101,7 @@ def linear(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-              length, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+              length, keys: torch.Tensor, values: torch.Tensor, impl: str = "fused") -> torch.Tensor:
     """Attention.forward + DenseKVCache.attend for one token. x: [1, D]; keys/values: [Hkv, cap, Dh]
     (written at ``length`` in place); returns [1, D]."""
     hq, hkv, dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -120,8 +120,13 @@ def attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     lo = 0 if attn.window is None else torch.sym_max(0, end - attn.window)
     ks, vs = keys[:, lo:end], values[:, lo:end]  # [Hkv, L, Dh]
     qg = q.view(hkv, hq // hkv, dh)  # [Hkv, G, Dh]
-    probs = torch.softmax(torch.bmm(qg, ks.transpose(1, 2)) * attn.scale, dim=-1)  # [Hkv, G, L]
-    out = torch.bmm(probs, vs).reshape(1, hq * dh)
+    if impl == "bmm":
+        probs = torch.softmax(torch.bmm(qg, ks.transpose(1, 2)) * attn.scale, dim=-1)  # [Hkv, G, L]
+        out = torch.bmm(probs, vs).reshape(1, hq * dh)
+    else:  # elementwise products + sums: Inductor fuses them with the softmax, no extern GEMM calls
+        scores = (qg[:, :, None, :] * ks[:, None, :, :]).sum(-1) * attn.scale  # [Hkv, G, L]
+        probs = torch.softmax(scores, dim=-1)
+        out = (probs[..., None] * vs[:, None, :, :]).sum(-2).reshape(1, hq * dh)  # [Hkv, G, Dh]
     return linear(attn.o_proj, out)
 
 
@@ -143,8 +148,9 @@ def head(h: OutputHead, x: torch.Tensor) -> torch.Tensor:
 class DecodeGraph(torch.nn.Module):
     """The step function, as a module holding *references* to the model's modules (no copies)."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, attn_impl: str = "fused") -> None:
         super().__init__()
+        self.attn_impl = attn_impl
         self.layers = model.layers
         self.norm = model.norm
         self.lm_head = model.lm_head
@@ -163,7 +169,8 @@ class DecodeGraph(torch.nn.Module):
         cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]  # [1, 1, Dh]
         for i, layer in enumerate(self.layers):
             torch._check(length < keys[i].shape[1])
-            x = x + attention(layer.attn, layer.attn_norm(x), cos, sin, pos, length, keys[i], values[i])
+            x = x + attention(layer.attn, layer.attn_norm(x), cos, sin, pos, length, keys[i], values[i],
+                                 self.attn_impl)
             x = x + mlp(layer.ffn, layer.ffn_norm(x))
         return head(self.lm_head, self.norm(x))
 
@@ -177,16 +184,18 @@ class CompiledDecoder:
     """
 
     def __init__(self, model: Transformer, cache_dir: str | os.PathLike | None = None,
-                 cpp_wrapper: bool = True, freezing: bool = False, max_autotune: bool = False) -> None:
+                 cpp_wrapper: bool = True, freezing: bool = False, max_autotune: bool = False,
+                 attn_impl: str = "fused", inductor_options: dict | None = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"compiled decode unsupported: {reason}")
         self.model = model
-        self.graph = DecodeGraph(model).eval()
+        self.graph = DecodeGraph(model, attn_impl).eval()
         self.cache_dir = cache_dir
         self.options = {"cpp_wrapper": cpp_wrapper, "freezing": freezing}
         if max_autotune:
             self.options["max_autotune"] = True
+        self.options.update(inductor_options or {})
         self.compile_seconds: float | None = None
         self._fn = None
 

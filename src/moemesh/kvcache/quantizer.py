@@ -42,11 +42,6 @@ class TurboQuantizer:
         self.layout = BitLayout(groups)
         self.codebooks: list[Codebook] = codebooks or [lloyd_max(b, dim) for _, b in groups]
         self.sizes = [n for n, _ in groups]
-        # All groups' centroids in one table (the native kernel's view): group g starts at offsets[g].
-        self.table = torch.cat([cb.centroids for cb in self.codebooks])  # [sum 2^b_g] float32
-        self.table_offsets = [0]
-        for cb in self.codebooks[:-1]:
-            self.table_offsets.append(self.table_offsets[-1] + cb.centroids.numel())
 
     @property
     def words(self) -> int:
@@ -85,7 +80,7 @@ class TurboQuantizer:
         the rotated unit vectors' coordinates, transposed."""
         out = []
         for cb, idx in zip(self.codebooks, self.layout.unpack_t(words)):
-            out.append(cb.centroids.index_select(0, idx.view(-1)).view(idx.shape))
+            out.append(cb.centroids.index_select(0, idx.reshape(-1)).view(idx.shape))
         return out
 
     def decode(self, words: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""Optional native kernel for TurboQuant decode attention (tq_native.c), built on first use.
+"""Optional C kernels for TurboQuant (tq_attend.c, tq_encode.c), built on first use.
 
-The torch path has to materialise every decoded coordinate (a gather per coordinate per step,
-several passes over [Hkv, N, Dh] int32/float tensors); the C kernel streams the packed words
-once per step and keeps everything else in cache. It is plain C with no torch headers: ``cc``
-builds it in about a second into ``$MOEMESH_CACHE_DIR`` (default ~/.cache/moemesh/native), keyed
-by a hash of the source, the compiler flags and this CPU's feature flags (-march=native). No
-compiler, a failed build, or ``MOEMESH_TQ_NATIVE=0`` -> ``load_native()`` returns None and the
-cache uses the torch path, which computes the same thing.
+The torch path materialises every decoded coordinate each step (a gather per coordinate and
+several passes over [Hkv, N, Dh] tensors) and pays per-op overhead on tiny tensors; the C decode
+step streams the packed words once, keeps the rest in cache, and does the window update and the
+eviction encode in the same call. Plain C, no torch headers: ``cc`` builds it in about a second
+into ``$MOEMESH_CACHE_DIR`` (default ~/.cache/moemesh/native), keyed by a hash of the sources,
+flags and this CPU's feature flags (it is built with -march=native). No compiler, a failed build,
+or ``MOEMESH_TQ_NATIVE=0``: ``load_native()`` returns None and the cache uses the torch path.
 """
 from __future__ import annotations
 
@@ -22,37 +22,39 @@ import torch
 
 from .packing import BitLayout
 
-SOURCE = Path(__file__).with_name("tq_native.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
-MAXP, DESC = 3, 14  # must match tq_native.c
-MAX_GROUP, MAX_DIM, TABLE = 16, 256, 32
+HERE = Path(__file__).parent
+SOURCES = ("tq_native.h", "tq_attend.c", "tq_encode.c")
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+MAX_GROUP, MAX_DIM, MAX_GROUPS = 16, 256, 2  # must match tq_native.h
+
+
+class CodedView(ctypes.Structure):
+    """coded_t in tq_native.h: one layer of one sequence as the kernels see it."""
+
+    _fields_ = [("kw", ctypes.c_void_p), ("vw", ctypes.c_void_p), ("kn", ctypes.c_void_p), ("vn", ctypes.c_void_p),
+                ("head_stride", ctypes.c_int64), ("ws", ctypes.c_int64), ("norm_stride", ctypes.c_int64),
+                ("rt", ctypes.c_void_p), ("groups", ctypes.c_void_p), ("ng", ctypes.c_int),
+                ("tables", ctypes.c_void_p), ("bounds", ctypes.c_void_p)]
 
 
 def _cpu_flags() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
-        pass
-    return ""
+        return ""
 
 
-def _library_path(source: str) -> Path:
-    root = Path(os.environ.get("MOEMESH_CACHE_DIR", Path.home() / ".cache" / "moemesh")) / "native"
-    key = hashlib.sha256("\0".join([source, " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
-    return root / f"tq_native_{key}.so"
-
-
-def _build(source: str, target: Path) -> None:
+def _build(texts: dict[str, str], target: Path) -> None:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         raise OSError("no C compiler")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, lib = Path(tmp) / "tq_native.c", Path(tmp) / target.name
-        src.write_text(source)
-        subprocess.run([cc, *FLAGS, str(src), "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
+        for name, text in texts.items():
+            (Path(tmp) / name).write_text(text)
+        lib = Path(tmp) / target.name
+        srcs = [str(Path(tmp) / n) for n in texts if n.endswith(".c")]
+        subprocess.run([cc, *FLAGS, *srcs, "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(lib, target)  # atomic: concurrent builders never see half a library
 
 
@@ -61,115 +63,80 @@ def load_native() -> ctypes.CDLL | None:
     if os.environ.get("MOEMESH_TQ_NATIVE", "1") == "0":
         return None
     try:
-        source = SOURCE.read_text()
-        path = _library_path(source)
+        texts = {name: (HERE / name).read_text() for name in SOURCES}
+        key = hashlib.sha256("\0".join([*texts.values(), " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
+        root = Path(os.environ.get("MOEMESH_CACHE_DIR", Path.home() / ".cache" / "moemesh")) / "native"
+        path = root / f"tq_native_{key}.so"
         if not path.exists():
-            _build(source, path)
+            _build(texts, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.tq_decode_attend.argtypes = [i32, i32, i32, p, p, p, p, i64, i64, i64, i64, p, p, i64, p, p, i64, p, p, p, p]
-    lib.tq_decode_attend.restype = ctypes.c_int
-    lib.tq_pack.argtypes = [p, i32, i64, i32, p, p, p, p, p, i64, i64, i64]
-    lib.tq_pack.restype = None
+    lib.tq_decode_step.argtypes = [p, i32, i32, i32, p, ctypes.c_float, p, p, p, p, i64, i64, i64, i64, i64, i64, p, p]
+    lib.tq_decode_step.restype = i32
+    lib.tq_encode.argtypes = [p, i32, i64, i32, p, i64]
+    lib.tq_encode.restype = None
     return lib
 
 
-def coord_descriptors(layout: BitLayout, table_offsets: list[int]) -> torch.Tensor:
-    """int32 [d, DESC]: per coordinate {nplanes, table base, (word, bit, mask, shift) * MAXP}."""
-    desc = torch.zeros(layout.dim, DESC, dtype=torch.int32)
-    used = [0] * layout.dim
-    for pl in layout.planes:
-        for i in range(pl.count):
-            j = pl.coord_lo + i
-            k = used[j]
-            desc[j, 2 + 4 * k : 6 + 4 * k] = torch.tensor(
-                [pl.word_lo + i // pl.per_word, (i % pl.per_word) * pl.width, (1 << pl.width) - 1, pl.shift]
-            )
-            used[j] += 1
-            desc[j, 0] = used[j]
-            desc[j, 1] = table_offsets[pl.group]
-    if max(used) > MAXP:
-        raise ValueError(f"codes wider than {MAXP} planes")
-    return desc
+class NativeTables:
+    """A quantizer's layout and codebooks in the kernels' terms: groups int32 [G, 5] {first
+    coordinate, count, bits, word of plane 0, word of plane 1}, centroid tables float32 [G, 16]
+    (each repeated to 16 entries so index bits above b need no masking), boundaries [G, 15]."""
+
+    def __init__(self, layout: BitLayout, codebooks: list) -> None:
+        rows, coord = [], 0
+        planes = {(pl.group, pl.shift): pl for pl in layout.planes}
+        for gi, (n, bits) in enumerate(layout.groups):
+            p1 = planes.get((gi, 2)) if bits == 3 else None
+            rows.append([coord, n, bits, planes[(gi, 0)].word_lo, p1.word_lo if p1 else -1])
+            coord += n
+        self.groups = torch.tensor(rows, dtype=torch.int32)
+        self.tables = torch.stack([cb.centroids.repeat(16 // cb.centroids.numel()) for cb in codebooks])
+        self.bounds = torch.stack([torch.cat([cb.boundaries, cb.boundaries.new_zeros(16 - cb.centroids.numel())])
+                                   for cb in codebooks])
+
+    @staticmethod
+    def supports(layout: BitLayout, dim: int) -> bool:
+        return dim <= MAX_DIM and len(layout.groups) <= MAX_GROUPS and all(b <= 4 for _, b in layout.groups)
+
+    def view(self, k_codes, v_codes, k_norms, v_norms, rt: torch.Tensor) -> CodedView:
+        """The C struct over one layer's buffers (k/v_codes int32 [Hkv, words, cap], norms
+        float16 [Hkv, cap], rotation [d, d]); the tensors must outlive it."""
+        if not (k_codes.stride() == v_codes.stride() and k_codes.stride(2) == 1 and k_norms.stride() == v_norms.stride()
+                and k_norms.stride(1) == 1 and rt.is_contiguous()):
+            raise ValueError("code/norm buffers must share a layout with unit token stride")
+        return CodedView(k_codes.data_ptr(), v_codes.data_ptr(), k_norms.data_ptr(), v_norms.data_ptr(),
+                         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), rt.data_ptr(),
+                         self.groups.data_ptr(), self.groups.shape[0], self.tables.data_ptr(), self.bounds.data_ptr())
 
 
-def padded_table(table: torch.Tensor) -> torch.Tensor | None:
-    """The centroid table zero-padded to the kernel's TABLE entries; None if it is longer
-    (codes of 5+ bits), which the kernel does not take."""
-    if table.numel() > TABLE:
-        return None
-    return torch.cat([table, table.new_zeros(TABLE - table.numel())])
-
-
-def boundary_descriptors(sizes: list[int], boundaries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(all groups' boundaries concatenated float32, int32 [d, 2] {offset, count} per coordinate)."""
-    offsets = [0]
-    for b in boundaries[:-1]:
-        offsets.append(offsets[-1] + b.numel())
-    rows = [[off, b.numel()] for n, off, b in zip(sizes, offsets, boundaries) for _ in range(n)]
-    return torch.cat(boundaries).contiguous(), torch.tensor(rows, dtype=torch.int32)
-
-
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
-def decode_attend(
-    lib: ctypes.CDLL,
-    q: torch.Tensor,
-    rt: torch.Tensor,
-    k_codes: torch.Tensor,
-    v_codes: torch.Tensor,
-    lo: int,
-    nc: int,
-    k_norms: torch.Tensor,
-    v_norms: torch.Tensor,
-    exact_k: torch.Tensor,
-    exact_v: torch.Tensor,
-    table: torch.Tensor,
-    desc: torch.Tensor,
-) -> torch.Tensor:
-    """q [Hq, Dh] (scaled) attends over coded tokens [lo, lo + nc) of k/v_codes [Hkv, words, cap]
-    (norms float16 [Hkv, cap]) and exact_k/v [Hkv, Ne, Dh] -> [Hq, Dh].
-    table: ``padded_table`` of the quantizer's table; desc: ``coord_descriptors``."""
+def decode_step(lib: ctypes.CDLL, view: CodedView, q: torch.Tensor, scale: float, k_new: torch.Tensor,
+                v_new: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, nw: int, window: int, lo: int, coded: int,
+                e0: int) -> tuple[torch.Tensor, int]:
+    """One token: q [Hq, Dh], k_new/v_new [Hkv, Dh] (appended to the window buffers wk/wv
+    [Hkv, cap, Dh] after their nw tokens) -> (attention output [Hq, Dh], tokens evicted into codes).
+    Attends over codes of [lo, coded) and window entries [e0, nw + 1); see tq_attend.c."""
     hq, d = q.shape
-    hkv, ne = exact_k.shape[0], exact_k.shape[1]
-    if not (k_codes.stride(2) == 1 and k_codes.stride() == v_codes.stride() and k_norms.stride() == v_norms.stride()):
-        raise ValueError("code/norm buffers must share a layout with unit token stride")
-    if not all(t.is_contiguous() for t in (q, rt, exact_k, exact_v, table, desc)) or k_norms.stride(1) != 1:
-        raise ValueError("native kernel inputs must be contiguous")
+    hkv, wcap = wk.shape[0], wk.shape[1]
+    if not all(t.is_contiguous() for t in (q, k_new, v_new, wk, wv)):
+        raise ValueError("decode_step needs contiguous tensors")
+    nc = max(0, coded - lo)
     out = torch.empty(hq, d)
-    scratch = torch.empty(hq * (nc + ne) + 2 * nc)
-    rc = lib.tq_decode_attend(
-        hq, hkv, d, _ptr(q), _ptr(rt), _ptr(k_codes), _ptr(v_codes), k_codes.stride(0), k_codes.stride(1),
-        lo, nc, _ptr(k_norms), _ptr(v_norms), k_norms.stride(0), _ptr(exact_k), _ptr(exact_v), ne,
-        _ptr(table), _ptr(desc), _ptr(scratch), _ptr(out),
-    )
-    if rc != 0:
+    scratch = torch.empty(hq * (nc + nw + 1 - e0) + 2 * nc)
+    evicted = lib.tq_decode_step(ctypes.byref(view), hq, hkv, d, q.data_ptr(), scale, k_new.data_ptr(), v_new.data_ptr(),
+                                 wk.data_ptr(), wv.data_ptr(), wcap, nw, window, lo, coded, e0,
+                                 scratch.data_ptr(), out.data_ptr())
+    if evicted < 0:
         raise ValueError(f"native TurboQuant kernel rejected the shapes (Hq/Hkv <= {MAX_GROUP}, Dh <= {MAX_DIM})")
-    return out
+    return out, evicted
 
 
-def pack_into(
-    lib: ctypes.CDLL,
-    y: torch.Tensor,
-    bounds: torch.Tensor,
-    bdesc: torch.Tensor,
-    desc: torch.Tensor,
-    k_codes: torch.Tensor,
-    v_codes: torch.Tensor,
-    t0: int,
-) -> None:
-    """Quantize and pack rotated unit vectors y [2 (k, v), Hkv, e, Dh] into token columns
-    [t0, t0 + e) of k/v_codes [Hkv, words, cap] (what quantize + BitLayout.pack compute)."""
-    _, hkv, e, d = y.shape
-    if not y.is_contiguous() or k_codes.stride() != v_codes.stride() or k_codes.stride(2) != 1:
-        raise ValueError("pack_into needs contiguous y and unit token stride")
-    if t0 + e > k_codes.shape[2]:
-        raise ValueError("pack_into past the buffer's capacity")
-    lib.tq_pack(
-        _ptr(y), hkv, e, d, _ptr(bounds), _ptr(bdesc), _ptr(desc), _ptr(k_codes), _ptr(v_codes),
-        k_codes.stride(0), k_codes.stride(1), t0,
-    )
+def encode(lib: ctypes.CDLL, view: CodedView, x: torch.Tensor, t0: int, capacity: int) -> None:
+    """Encode x [2 (k, v), Hkv, e, Dh] into token columns [t0, t0 + e) of the viewed buffers."""
+    _, hkv, e, d = x.shape
+    if t0 + e > capacity:
+        raise ValueError("encode past the buffers' capacity")
+    x = x.float().contiguous()
+    lib.tq_encode(ctypes.byref(view), hkv, e, d, x.data_ptr(), t0)

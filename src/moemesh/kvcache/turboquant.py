@@ -1,11 +1,12 @@
 """TurboQuant KV cache: old tokens as packed Lloyd-Max codes + norms, recent ones exact.
 
-Per sequence and layer, tokens [0, coded) are stored as codes (``CodedHistory``: uint8 bit-packed
-codes of the rotated unit vector, float16 norm) and tokens [coded, length) - at most ``window``
-of them, the most recent - in full precision. A forward pass sees its own chunk in full
-precision too; after it, tokens that fell out of the window are encoded (each exactly once).
-Attention reads the codes directly (``attend_codes``); ``mode="dequant"`` runs the plain
-dequantize-then-attend reference instead. Each layer has its own rotation (seed + layer).
+Per sequence and layer, tokens [0, coded) are stored as codes (``CodedHistory``: bit-packed codes
+of the rotated unit vector, float16 norm) and tokens [coded, length) - at most ``window`` of
+them, the most recent - in full precision (fp32) in a fixed [Hkv, window + 1, Dh] buffer. A
+forward pass sees its own chunk in full precision too; after it, tokens that fell out of the
+window are encoded (each exactly once). Attention reads the codes directly (``attend_codes``,
+or the C decode step for one-token steps when it can be built); ``mode="dequant"`` runs the
+plain dequantize-then-attend reference instead. Each layer has its own rotation (seed + layer).
 """
 from __future__ import annotations
 
@@ -15,21 +16,23 @@ import torch
 
 from ..layers.batch import BatchLayout
 from .base import KVCache
-from .quantizer import NORM_DTYPE, NORM_MAX, TurboQuantizer
+from .quantizer import NORM_DTYPE, TurboQuantizer
 from .tq_attention import CodedHistory, attend_codes, attend_dequant
-from .tq_native import boundary_descriptors, coord_descriptors, decode_attend, load_native, pack_into, padded_table
+from .tq_native import CodedView, NativeTables, decode_step, encode, load_native
 
 BITS_CHOICES = (2.0, 2.5, 3.0, 3.5, 4.0)  # the rates the CLI offers; the quantizer takes more
 DEFAULT_WINDOW = 32
-MIN_CAPACITY = 64
+CAP_BLOCK = 32  # code buffers grow in blocks of this many tokens (see _reserve)
 MODES = ("codes", "dequant")
 
 
 @dataclass
 class _LayerState:
     hist: CodedHistory
-    win_k: torch.Tensor  # [Hkv, length - coded, Dh] float32, positions [coded, length)
-    win_v: torch.Tensor
+    wk: torch.Tensor  # [Hkv, window + 1, Dh] float32; [:, :nw] = positions [coded, length)
+    wv: torch.Tensor
+    nw: int = 0
+    view: CodedView | None = None  # the C kernels' struct over ``hist`` (rebuilt when hist grows)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class TurboQuantKVCache(KVCache):
         native: bool | None = None,
     ) -> None:
         """mode: "codes" (attention from codes) or "dequant" (reference). native: use the C
-        decode kernel for one-token steps (None: when it can be built; False: never)."""
+        kernels (None: when they can be built; False: never; True: required)."""
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
         if mode not in MODES:
@@ -64,20 +67,20 @@ class TurboQuantKVCache(KVCache):
             TurboQuantizer(head_dim, bits, seed + i, first.codebooks) for i in range(1, num_layers)
         ]
         self.seqs: dict[int, _Seq] = {}
-        self.table = padded_table(first.table)  # same centroids in every layer
-        usable = mode == "codes" and self.table is not None
+        usable = mode == "codes" and NativeTables.supports(first.layout, head_dim)
         self.lib = load_native() if native is not False and usable else None
         if native and self.lib is None:
-            raise RuntimeError("the native TurboQuant kernel is unavailable (see tq_native.py)")
-        self.desc = coord_descriptors(first.layout, first.table_offsets)
-        self.bounds, self.bdesc = boundary_descriptors(first.sizes, [cb.boundaries for cb in first.codebooks])
+            raise RuntimeError("the native TurboQuant kernels are unavailable (see tq_native.py)")
+        self.native_tables = NativeTables(first.layout, first.codebooks) if usable else None
 
     # -- sequences -------------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id} already in the cache")
-        empty = torch.empty(self.num_kv_heads, 0, self.head_dim)
-        self.seqs[seq_id] = _Seq(layers=[_LayerState(self._history(0), empty, empty) for _ in range(self.num_layers)])
+        shape = (self.num_kv_heads, self.window + 1, self.head_dim)
+        self.seqs[seq_id] = _Seq(layers=[
+            _LayerState(self._history(0), torch.empty(shape), torch.empty(shape)) for _ in range(self.num_layers)
+        ])
 
     def free_sequence(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
@@ -88,8 +91,8 @@ class TurboQuantKVCache(KVCache):
     def _history(self, cap: int) -> CodedHistory:
         h, w = self.num_kv_heads, self.quantizers[0].words
         return CodedHistory(
-            torch.zeros(h, w, cap, dtype=torch.int32), torch.zeros(h, cap, dtype=NORM_DTYPE),
-            torch.zeros(h, w, cap, dtype=torch.int32), torch.zeros(h, cap, dtype=NORM_DTYPE),
+            torch.empty(h, w, cap, dtype=torch.int32), torch.empty(h, cap, dtype=NORM_DTYPE),
+            torch.empty(h, w, cap, dtype=torch.int32), torch.empty(h, cap, dtype=NORM_DTYPE),
         )
 
     # -- forward protocol ------------------------------------------------------------------
@@ -99,60 +102,67 @@ class TurboQuantKVCache(KVCache):
             self._reserve(seq, max(seq.coded, seq.length + n - self.window))
 
     def _reserve(self, seq: _Seq, needed: int) -> None:
+        """Grow the code buffers to ``needed`` tokens rounded up to CAP_BLOCK. Linear growth is
+        cheap here: copying the history every CAP_BLOCK steps costs a fraction 1/CAP_BLOCK of
+        what attention already reads every step, and the slack stays under one block."""
         cap = seq.layers[0].hist.k_norms.shape[1]
         if needed <= cap:
             return
-        new_cap = max(needed, 2 * cap, MIN_CAPACITY)  # doubling keeps appends amortised O(1)
+        new_cap = -(-needed // CAP_BLOCK) * CAP_BLOCK
         for st in seq.layers:
-            old, st.hist = st.hist, self._history(new_cap)
+            old, st.hist, st.view = st.hist, self._history(new_cap), None
             for name in ("k_codes", "v_codes"):
                 getattr(st.hist, name)[..., : seq.coded] = getattr(old, name)[..., : seq.coded]
             for name in ("k_norms", "v_norms"):
                 getattr(st.hist, name)[:, : seq.coded] = getattr(old, name)[:, : seq.coded]
 
+    def _view(self, layer: int, st: _LayerState) -> CodedView:
+        if st.view is None:
+            h = st.hist
+            st.view = self.native_tables.view(h.k_codes, h.v_codes, h.k_norms, h.v_norms, self.quantizers[layer].rt)
+        return st.view
+
     def attend(self, layer, q, k, v, batch, scale, window=None):
         # q: [T, Hq, Dh], k/v: [T, Hkv, Dh] -> [T, Hq, Dh]
         tq = self.quantizers[layer]
-        run = attend_codes if self.mode == "codes" else attend_dequant
         out = torch.empty_like(q)
         for sid, off, n in zip(batch.seq_ids, batch.offsets, batch.query_lens):
             seq = self.seqs[sid]
             st = seq.layers[layer]
-            exact_k = torch.cat([st.win_k, k[off : off + n].transpose(0, 1).float()], dim=1)  # [Hkv, W', Dh]
-            exact_v = torch.cat([st.win_v, v[off : off + n].transpose(0, 1).float()], dim=1)
             if n == 1 and self.lib is not None:
-                out[off] = self._native_step(tq, q[off] * scale, st.hist, seq.coded, exact_k, exact_v, seq.length, window)
-            else:
-                out[off : off + n] = run(tq, q[off : off + n], st.hist, seq.coded, exact_k, exact_v, seq.length, scale, window)
-            self._evict(tq, st, seq.coded, exact_k, exact_v)
+                out[off] = self._native_step(layer, st, seq, q[off], k[off], v[off], scale, window)
+                continue
+            exact_k = torch.cat([st.wk[:, : st.nw], k[off : off + n].transpose(0, 1).float()], dim=1)  # [Hkv, nw+n, Dh]
+            exact_v = torch.cat([st.wv[:, : st.nw], v[off : off + n].transpose(0, 1).float()], dim=1)
+            run = attend_codes if self.mode == "codes" else attend_dequant
+            out[off : off + n] = run(tq, q[off : off + n], st.hist, seq.coded, exact_k, exact_v, seq.length, scale, window)
+            self._evict(layer, st, seq.coded, exact_k, exact_v)
         return out
 
-    def _native_step(self, tq, q, hist, coded, exact_k, exact_v, start, window) -> torch.Tensor:
-        """One query token [Hq, Dh] (scaled) through the C kernel -> [Hq, Dh]."""
-        lo = 0 if window is None else max(0, start - window + 1)
-        nc, e0 = max(0, coded - lo), max(lo, coded) - coded
-        ek, ev = exact_k[:, e0:].contiguous(), exact_v[:, e0:].contiguous()
-        return decode_attend(
-            self.lib, q, tq.rt, hist.k_codes, hist.v_codes, min(lo, coded), nc, hist.k_norms, hist.v_norms,
-            ek, ev, self.table, self.desc,
-        )
+    def _native_step(self, layer: int, st: _LayerState, seq: _Seq, q, k, v, scale: float, window: int | None):
+        """One token through the C decode step (attention, window append, eviction) -> [Hq, Dh]."""
+        lo = 0 if window is None else max(0, seq.length - window + 1)
+        e0 = max(lo, seq.coded) - seq.coded
+        o, evicted = decode_step(self.lib, self._view(layer, st), q.float().contiguous(), scale,
+                                 k.float().contiguous(), v.float().contiguous(), st.wk, st.wv, st.nw,
+                                 self.window, min(lo, seq.coded), seq.coded, e0)
+        st.nw += 1 - evicted
+        return o
 
-    def _evict(self, tq: TurboQuantizer, st: _LayerState, coded: int, exact_k: torch.Tensor, exact_v: torch.Tensor) -> None:
+    def _evict(self, layer: int, st: _LayerState, coded: int, exact_k: torch.Tensor, exact_v: torch.Tensor) -> None:
         """Encode the tokens that left the window; keep the last ``window`` exact."""
         e = max(0, exact_k.shape[1] - self.window)
         if e:
-            h = st.hist
-            x = torch.stack([exact_k[:, :e], exact_v[:, :e]])  # [2, Hkv, e, Dh]
-            if self.lib is not None:
-                norms, unit = tq.normalize_rotate(x)
-                pack_into(self.lib, unit.contiguous(), self.bounds, self.bdesc, self.desc, h.k_codes, h.v_codes, coded)
-                norms = norms.clamp(max=NORM_MAX).to(NORM_DTYPE)  # [2, Hkv, e]
+            h, x = st.hist, torch.stack([exact_k[:, :e], exact_v[:, :e]])  # [2, Hkv, e, Dh]
+            if self.lib is not None:  # the C encoder, as the decode step uses
+                encode(self.lib, self._view(layer, st), x, coded, h.k_norms.shape[1])
             else:
-                words, norms = tq.encode(x)  # [2, Hkv, e, words], [2, Hkv, e]
+                words, norms = self.quantizers[layer].encode(x)  # [2, Hkv, e, words], [2, Hkv, e]
                 h.k_codes[:, :, coded : coded + e] = words[0].transpose(1, 2)
                 h.v_codes[:, :, coded : coded + e] = words[1].transpose(1, 2)
-            h.k_norms[:, coded : coded + e], h.v_norms[:, coded : coded + e] = norms[0], norms[1]
-        st.win_k, st.win_v = exact_k[:, e:].clone(), exact_v[:, e:].clone()  # clone: drop the chunk's storage
+                h.k_norms[:, coded : coded + e], h.v_norms[:, coded : coded + e] = norms[0], norms[1]
+        st.nw = exact_k.shape[1] - e
+        st.wk[:, : st.nw], st.wv[:, : st.nw] = exact_k[:, e:], exact_v[:, e:]
 
     def end(self, batch: BatchLayout) -> None:
         for sid, n in zip(batch.seq_ids, batch.query_lens):
@@ -166,6 +176,6 @@ class TurboQuantKVCache(KVCache):
         for seq in self.seqs.values():
             for st in seq.layers:
                 h = st.hist
-                for t in (h.k_codes, h.k_norms, h.v_codes, h.v_norms, st.win_k, st.win_v):
+                for t in (h.k_codes, h.k_norms, h.v_codes, h.v_norms, st.wk, st.wv):
                     total += t.numel() * t.element_size()
         return total

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 
 from .anthropic_convert import chat_messages, chat_tool_choice, chat_tools
 from .anthropic_schemas import CountTokensRequest, MessagesRequest
-from .chat_prompt import build_chat_prompt
+from .chat_prompt import PromptPlan, build_chat_prompt
 from .generation import Generation, GenerationRequest, Outcome
 from .sampling import check_prompt_fits, make_params
 from .sse import run_or_disconnect, sse, sse_response
@@ -103,7 +103,7 @@ async def stream_message(gen: Generation, msg_id: str, model: str) -> AsyncItera
 def messages_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    def plan_of(body: CountTokensRequest):  # noqa: ANN202 - PromptPlan
+    def plan_of(body: CountTokensRequest) -> tuple[PromptPlan, list[int]]:
         tokenizer = state.ready_tokenizer()
         plan = build_chat_prompt(tokenizer, chat_messages(body), chat_tools(body), chat_tool_choice(body.tool_choice))
         return plan, tokenizer.encode(plan.text)

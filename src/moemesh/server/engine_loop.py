@@ -182,8 +182,15 @@ class EngineLoop:
             return
         self.steps += 1
         for out in outputs:
-            if out.new_token is not None:
+            if out.new_token is None:
+                continue
+            try:
                 self._deliver(out)
+            except Exception as exc:  # only this request's hand-off broke: end it, keep the rest
+                handle = self._owners.pop(out.seq.seq_id, None)
+                if handle is not None:
+                    self._engine.abort(out.seq)
+                    self._fail(handle, exc, client=False)
 
     def _deliver(self, out: StepOutput) -> None:
         handle = self._owners.get(out.seq.seq_id)

@@ -4,7 +4,9 @@ reasoning -> tool calls, as deltas that the OpenAI and Anthropic routes render i
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -18,6 +20,8 @@ from .metrics import Metrics
 from .reasoning import ReasoningStream
 from .stop_strings import StopMatcher
 from .tool_parser import ToolCall, ToolCallDelta, ToolCallStream
+
+log = logging.getLogger("moemesh.server")
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class Generation:
         self._engine_loop.submit(self.handle)
 
     async def deltas(self) -> AsyncIterator[Delta]:
+        """Deltas as the engine produces tokens; afterwards ``outcome`` is final (``error`` set if
+        this request failed: a bug here fails only this request, as an error the client sees)."""
         try:
             while not self._engine_done and self._ended_by is None:
                 delta = self._take_pending()
@@ -116,6 +122,10 @@ class Generation:
             if delta:
                 yield delta
             self._finalize()
+        except Exception as exc:  # not CancelledError/GeneratorExit: a client leaving is not an error
+            log.error("request failed:\n%s", traceback.format_exc())
+            self.outcome.finish_reason = "error"
+            self.outcome.error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}")
         finally:
             self.close()
 

@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
@@ -37,11 +38,29 @@ class ServerProcess:
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         """Launch and wait until /health says 200; raises with the server's output if it does not."""
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting (launch several, then wait: they load side by side)."""
         cmd = [sys.executable, "-m", "moemesh.cli", "serve", self.model, "--host", self.host, "--port", "0",
                *self.args]
         with open(self._log, "w") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
+
+    def wait_listening(self, timeout: float = 120.0) -> ServerProcess:
+        """Wait for the HTTP server and its first /health answer (a 503 while the model loads)."""
+        self._wait(lambda: self.port is not None and self._health() != 0, timeout, "listening")
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+        if not self.health_codes or self.health_codes[-1] != 200:
+            self._wait(lambda: self.port is not None and self._health() == 200, timeout, "ready")
+        return self
+
+    def _wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        assert self._proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -49,11 +68,11 @@ class ServerProcess:
             if self.port is None:
                 m = _LISTENING.search(self.output())
                 self.port = int(m.group(1)) if m else None
-            elif self._health() == 200:
-                return self
+            if done():
+                return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"moemesh serve not ready after {timeout}s:\n{self.output()}")
+        raise RuntimeError(f"moemesh serve not {what} after {timeout}s:\n{self.output()}")
 
     def _health(self) -> int:
         try:
