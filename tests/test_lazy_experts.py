@@ -144,7 +144,7 @@ def test_policies():
     for k in [(0, 1), (0, 2), (0, 3), (0, 1)]:
         lru.touch(k)
     assert lru.victim([(0, 1), (0, 2), (0, 3)]) == (0, 2)
-    lfu = DecayedFrequency(decay=0.9)
+    lfu = DecayedFrequency(decay=0.9)  # fast decay keeps the test short
     for _ in range(5):
         lfu.touch((0, 1))
     lfu.touch((0, 2))
