@@ -63,6 +63,29 @@ def _kv(p: Path) -> dict[str, int]:
     return out
 
 
+def apply_cap_to_self(limit_bytes: int, tries: int = 50) -> dict:
+    """Lower this process's own cgroup limit to limit_bytes (the kernel reclaims page cache to fit;
+    EBUSY when it cannot, e.g. anonymous memory above the limit and no swap), then reset the
+    cgroup's max-usage counter so later readings cover only what runs after this call.
+    Returns {"load_max_usage_bytes", "usage_after_bytes", "applied"}."""
+    import errno
+
+    cg = own_memory_cgroup()
+    out = {"load_max_usage_bytes": _read_int(cg / "memory.max_usage_in_bytes"), "applied": False}
+    for _ in range(tries):
+        try:
+            (cg / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
+            out["applied"] = True
+            break
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            time.sleep(0.1)
+    (cg / "memory.max_usage_in_bytes").write_text("0")
+    out["usage_after_bytes"] = _read_int(cg / "memory.usage_in_bytes")
+    return out
+
+
 def run(cmd: list[str], limit_bytes: int | None, timeout: float, name: str = "bench", env=None) -> Outcome:
     """Run cmd (inside a fresh memory cgroup limited to limit_bytes, or unconfined when None)."""
     cg = None
@@ -80,6 +103,12 @@ def run(cmd: list[str], limit_bytes: int | None, timeout: float, name: str = "be
         proc.kill()  # our own child, by pid
         out, err = proc.communicate()
         rc = None
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        if cg is not None:
+            _remove(cg)
+        raise
     wall = time.perf_counter() - t0
     stats: dict = {}
     if cg is not None:
@@ -90,10 +119,14 @@ def run(cmd: list[str], limit_bytes: int | None, timeout: float, name: str = "be
             "oom_kill": _kv(cg / "memory.oom_control").get("oom_kill"),
             "pgmajfault": _kv(cg / "memory.stat").get("pgmajfault"),
         }
-        for _ in range(50):  # the exec'ed process is gone; the directory may need a moment
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        _remove(cg)
     return Outcome(rc, out, err, wall, stats)
+
+
+def _remove(cg: Path) -> None:
+    for _ in range(50):  # the exec'ed process is gone; the directory may need a moment
+        try:
+            cg.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)

@@ -85,6 +85,11 @@ def moemesh_worker(cfg: dict) -> dict:
         return {"engine": "moemesh", "error": str(exc)}
     load_s = time.perf_counter() - t0
     load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    capped = None
+    if cfg.get("cap_after_load"):
+        capped = cgroup.apply_cap_to_self(cfg["cap_after_load"])
+        if not capped["applied"]:
+            return {"engine": "moemesh", "error": "cap could not be applied after load", "cap": capped}
     model, prov = loaded.model, loaded.provider
     lazy = hasattr(prov, "cache")
 
@@ -138,7 +143,7 @@ def moemesh_worker(cfg: dict) -> dict:
         "disk_read_bytes_per_token": (s1["io"]["read_bytes"] - s0["io"]["read_bytes"]) / n,
         "major_faults_per_token": (s1["ru"].ru_majflt - s0["ru"].ru_majflt) / n,
         "moe_s_per_token": (s1["moe"] - s0["moe"]) / n,
-        "peak_rss_bytes": s1["ru"].ru_maxrss * 1024, "load_peak_rss_bytes": load_rss,
+        "peak_rss_bytes": s1["ru"].ru_maxrss * 1024, "load_peak_rss_bytes": load_rss, "cap_after_load": capped,
     }
     if lazy:
         d = {k: s1[k] - s0[k] for k in ("hits", "misses", "stall", "pf_issued", "pf_hits", "bytes", "read_s",
@@ -204,7 +209,12 @@ def token_stream(n: int, vocab: int, seed: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
-def run_worker(engine: str, cfg: dict, limit: int | None, timeout: float, args) -> dict:
+def run_worker(engine: str, cfg: dict, limit: int | None, timeout: float, args, cap_after_load: bool = False) -> dict:
+    """limit: the cgroup limit; with cap_after_load the process loads under limit + --load-headroom
+    and lowers its own limit to `limit` once loaded (before any decode step)."""
+    if limit is not None and cap_after_load:
+        cfg = {**cfg, "cap_after_load": limit}
+        limit = limit + args.load_headroom_mib * MIB
     if engine == "moemesh":
         cmd = [sys.executable, str(HERE / "lazy.py"), "--worker", json.dumps(cfg)]
     else:
@@ -263,6 +273,9 @@ def parity(a: list[list[float]], b: list[list[float]]) -> dict:
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup (kill the worker, remove its cgroup)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", default="/work/bench-data")
@@ -275,6 +288,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24, help="timed decode steps per run")
     ap.add_argument("--llama-capped-tokens", type=int, default=8, help="timed steps for llama.cpp under a cap")
     ap.add_argument("--margin-mib", type=int, default=128, help="moemesh --ram = cap - margin")
+    ap.add_argument("--load-headroom-mib", type=int, default=3072,
+                    help="capped runs load under cap + this, then lower their own limit to the cap before decoding "
+                         "(moemesh's load-time peak exceeds its --ram budget; see the strict check)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -338,7 +354,7 @@ def main() -> None:
                     nt = args.warmup + (args.tokens if cap is None else args.llama_capped_tokens)
                     cfg = {"model": str(gguf_path), "tokens": stream[:nt], "warmup": args.warmup,
                            "threads": args.threads, "repack": cap is None, "logits": want_logits}
-                r = run_worker(engine, cfg, cap, args.timeout, args)
+                r = run_worker(engine, cfg, cap, args.timeout, args, cap_after_load=True)
                 r["config"], r["repeat"] = c, rep
                 runs[c][engine].append(r)
                 msg = r.get("error") or f"{r['tokens_per_s']:.2f} tok/s"
@@ -355,6 +371,14 @@ def main() -> None:
                 print(f"parity (moemesh vs llama.cpp logits, first steps): cosine {[round(x, 4) for x in par['cosine']]}, "
                       f"top-1 agree {par['top1_agree']}", flush=True)
     caps = [c for c in configs if c != "none"]
+    for c in caps:  # moemesh loading under the cap from the first byte (the protocol above caps after load)
+        cap = int(expert_bytes * int(c[1:]) / 100)
+        cfg = {"store": str(store), "tokens": stream[: args.warmup + 2], "warmup": args.warmup, "threads": args.threads,
+               "io_threads": args.io_threads, "policy": args.policy, "prefetch": True, "ram": cap - args.margin_mib * MIB}
+        r = run_worker("moemesh", cfg, cap, args.timeout, args)
+        extra[f"moemesh_load_under_cap_{c}"] = {"config": c, "result": r.get("error", "ran"), "tokens_per_s": r.get("tokens_per_s"),
+                                                "load_peak_rss_bytes": r.get("load_peak_rss_bytes"), "cgroup": r["cgroup"]}
+        print(f"moemesh loading under the {c} cap from the start: {extra[f'moemesh_load_under_cap_{c}']['result']}", flush=True)
     if caps and not args.no_repack_oom_check:
         c = min(caps, key=lambda c: int(c[1:]))
         cap = int(expert_bytes * int(c[1:]) / 100)
@@ -463,7 +487,10 @@ def markdown(r: dict) -> str:
               "all Q4_0 weights into anonymous memory). Page cache warm.",
               "- qNN: cgroup-v1 memory limit of NN% of the expert bytes, page cache counted and dropped before each run. moemesh: "
               f"lazy experts, --ram = cap - {s['margin_mib']} MiB, policy {s['policy']}, {s['io_threads']} I/O threads, "
-              "O_DIRECT. llama.cpp: use_extra_bufts off (no repacking) so its weights stay mmap'ed and page in on demand.",
+              "O_DIRECT. llama.cpp: use_extra_bufts off (no repacking) so its weights stay mmap'ed and page in on demand. "
+              f"Both engines load under cap + {s['load_headroom_mib']} MiB and lower their own cgroup limit to the cap before "
+              "the first decode step (moemesh's load-time peak exceeds the cap: see below); the cgroup's max usage is reset "
+              "then, so 'peak cgroup MiB' covers decoding.",
               "- disk floor = bytes read per token / best measured O_DIRECT bandwidth; llama.cpp's bytes are the process's "
               "/proc/self/io read_bytes (page-cache misses); moemesh's are its reader's bytes.",
               f"- both engines: {s['threads']} compute threads, OMP_WAIT_POLICY={s['omp_wait_policy'] or '(default)'} "
@@ -474,6 +501,12 @@ def markdown(r: dict) -> str:
         p = r["parity"]
         lines.append(f"- parity, first {len(p['cosine'])} steps (no cap): logits cosine "
                      f"{', '.join(f'{x:.4f}' for x in p['cosine'])}, top-1 agreement {p['top1_agree']}.")
+    for k, x in r.get("extra", {}).items():
+        if k.startswith("moemesh_load_under_cap_"):
+            cg = x.get("cgroup") or {}
+            lines.append(f"- moemesh loading under the {x['config']} cap from the start (no headroom): {x['result']}"
+                         f" (cgroup max usage {_f(cg.get('max_usage_bytes'), '{:.0f}', 1 / MIB)} MiB of "
+                         f"{_f(cg.get('limit_bytes'), '{:.0f}', 1 / MIB)} MiB).")
     x = r.get("extra", {}).get("llama_repack_under_cap")
     if x:
         lines.append(f"- llama.cpp with its default repacking under the {x['config']} cap: {x['result']}.")

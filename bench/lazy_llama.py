@@ -12,6 +12,7 @@ logits (how many steps' logits to return, for the parity check).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -48,6 +49,15 @@ def main() -> None:
     llm = Llama(model_path=cfg["model"], n_ctx=cfg.get("n_ctx", 256), n_threads=cfg.get("threads", 2),
                 n_threads_batch=cfg.get("threads", 2), n_batch=32, verbose=bool(cfg.get("verbose")))
     load_s = time.perf_counter() - t0
+    capped = None
+    if cfg.get("cap_after_load"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import cgroup
+
+        capped = cgroup.apply_cap_to_self(cfg["cap_after_load"])
+        if not capped["applied"]:
+            print("RESULT " + json.dumps({"engine": "llama.cpp", "error": "cap could not be applied after load", "cap": capped}))
+            return
     tokens, warmup = cfg["tokens"], cfg["warmup"]
     n_vocab = llm.n_vocab()
     logits, steps = [], []
@@ -70,6 +80,7 @@ def main() -> None:
         "disk_read_bytes_per_token": (io1["read_bytes"] - io0["read_bytes"]) / timed if timed else None,
         "major_faults_per_token": (ru1.ru_majflt - ru0.ru_majflt) / timed if timed else None,
         "peak_rss_bytes": ru1.ru_maxrss * 1024, "repack": cfg.get("repack", True), "lazy_mode": cfg.get("lazy_mode"),
+        "cap_after_load": capped,
     }
     if logits:
         out["logits"] = logits

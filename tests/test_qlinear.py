@@ -195,3 +195,14 @@ def test_quantize_model_linears() -> None:
     assert isinstance(model["block"][0], QuantLinear) and isinstance(model["block"][2], QuantLinear)
     assert type(model["router"]) is torch.nn.Linear and type(model["lm_head"]) is torch.nn.Linear
     assert rel_err(model["block"](x), before) < 0.02
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8", "bf16"])
+def test_rows_do_not_depend_on_batch_size(mode):
+    """Batched == alone in the engine needs each output row to be independent of M."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.randn(96, 64), None, mode)
+    x = torch.randn(300, 64)
+    full = layer(x)
+    for i in (0, 5, 127, 128, 299):
+        assert torch.equal(full[i], layer(x[i : i + 1])[0])

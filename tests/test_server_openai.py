@@ -24,12 +24,12 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 # Server configurations of the whole server test suite. One thread each: this machine's two cores
-# are shared, and an oversubscribed OpenMP pool stalls. "main" keeps prefill chunks under 128 rows:
-# torch's int4 kernel rounds differently from 128 rows on, so only then is a sequence's output
-# independent of what it is batched with (the eight-streams test). "limits" is tiny on purpose.
+# are shared, and an oversubscribed OpenMP pool stalls. "main" uses the default prefill chunk (512
+# rows): the int kernels are row-invariant, so a sequence's output does not depend on what it is
+# batched with (the eight-streams test). "limits" is tiny on purpose.
 LIMITS_CTX = 128
 SERVERS = {
-    "main": ("smollm2", "--api-key", KEY, "--threads", "1", "--max-prefill-tokens", "112"),
+    "main": ("smollm2", "--api-key", KEY, "--threads", "1"),
     "limits": ("smollm2", "--queue-size", "1", "--max-batch", "1", "--ctx", str(LIMITS_CTX), "--threads", "1"),
 }
 _RUNNING = pytest.StashKey[dict]()
@@ -185,7 +185,8 @@ def test_completions_models_tokenize(client, server):
 @pytest.mark.parametrize("extra, param", [
     ({"n": 2}, "n"), ({"temperature": "hot"}, "temperature"), ({"top_p": 1.5}, "top_p"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
-    ({"presence_penalty": 3}, "presence_penalty"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ({"tool_choice": "required"}, "tool_choice"), ({"seed": 2**70}, "seed"),
 ])
 def test_bad_fields_are_400_naming_the_field(client, extra, param):

@@ -118,8 +118,9 @@ def smol_tok() -> Tokenizer:
     return Tokenizer.from_gguf(resolve_model_path("smollm2"))
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function",
+          "function": {"name": "get_weather", "description": "Weather in a city", "parameters": CITY}},
          {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 

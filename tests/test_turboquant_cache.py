@@ -2,9 +2,6 @@
 window bookkeeping, memory, and the engine (continuous batching) on tiny checkpoints."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -73,12 +70,26 @@ def test_native_decode_step_equals_torch_codes_path(bits, window, dh, hq, hkv):
     """Every one-token step of the C kernel gives what the torch codes path computes from the
     same cache state (codes written by the C encoder), for every sequence and layer; prefill
     chunks go through torch attention over C-encoded codes."""
+    check_native_steps(bits, window, dh, hq, hkv)
+
+
+@needs_native
+def test_native_decode_step_two_threads():
+    """The kernel's OpenMP split (token chunks, query rows, octets) computes the same."""
+    torch.set_num_threads(2)
+    try:
+        check_native_steps(3.5, None, 64, 9, 3, prefix=1500)
+    finally:
+        torch.set_num_threads(1)
+
+
+def check_native_steps(bits, window, dh, hq, hkv, prefix=0):
     c = TurboQuantKVCache(2, hkv, dh, bits=bits, window=4, native=True)
     g = torch.Generator().manual_seed(1)
     for sid in (0, 1, 2):
         c.add_sequence(sid)
     checked = 0
-    for step in STEPS:
+    for step in ([[(0, prefix)]] if prefix else []) + STEPS:  # a long prefix spans several token chunks
         b = BatchLayout([s for s, _ in step], [n for _, n in step])
         t = b.num_tokens
         q, k, v = torch.randn(t, hq, dh, generator=g), torch.randn(t, hkv, dh, generator=g) * 3, torch.randn(t, hkv, dh, generator=g)
@@ -98,7 +109,7 @@ def test_native_decode_step_equals_torch_codes_path(bits, window, dh, hq, hkv):
                 torch.testing.assert_close(out[off : off + 1], ref, atol=2e-5, rtol=1e-5)
                 checked += 1
         c.end(b)
-    assert checked == 2 * sum(n == 1 for step in STEPS for _, n in step)
+    assert checked == 2 * sum(n == 1 for step in STEPS for _, n in step)  # + the prefix chunk, n > 1
     for seq in c.seqs.values():
         assert seq.coded == max(0, seq.length - 4) and all(st.nw == seq.length - seq.coded for st in seq.layers)
 
@@ -195,10 +206,12 @@ def test_kv_spec_parsing():
             parse_kv_spec(bad)
 
 
-def test_generate_rejects_bad_kv():
-    r = subprocess.run([sys.executable, "-m", "moemesh.cli", "generate", "smollm2", "--prompt", "hi", "--kv", "turboquant:5"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--kv" in r.stderr and "Traceback" not in r.stderr
+def test_generate_rejects_bad_kv(capsys):
+    from moemesh.cli import main
+
+    assert main(["generate", "smollm2", "--prompt", "hi", "--kv", "turboquant:5"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv" in err and "turboquant:BITS" in err and "Traceback" not in err
 
 
 def prompt(seed: int, n: int, vocab: int) -> list[int]:

@@ -4,31 +4,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import socket
 import sys
 
 from ..errors import MoemeshError
 from ..models.build import QUANT_MODES
+from .expert_args import add_expert_args, expert_options
 
 QUANT_CHOICES = ("none",) + QUANT_MODES
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'16G', '512MiB', '1.5GB', '1048576' -> bytes (binary units: memory is sized that way)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtb]?)(?:i?b)?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8G, 512M, 1.5GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def parse_size_arg(text: str) -> str:
-    """argparse type for --ram: checks the size, keeps the text as the user wrote it."""
-    parse_size(text)
-    return text
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over HTTP (OpenAI and Anthropic APIs)",
@@ -42,9 +25,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("MOEMESH_API_KEY"),
                    help="require this key (Authorization: Bearer KEY or x-api-key: KEY) on /v1/*, /tokenize, "
                    "/detokenize; default $MOEMESH_API_KEY, else no key")
-    p.add_argument("--ram", type=parse_size_arg, default=None,
-                   help="RAM budget for the lazy-expert cache (e.g. 8G). Recorded only for now: the lazy "
-                   "expert cache that will use it is not built yet, so every expert stays resident")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per step (default 8)")
     p.add_argument("--queue-size", type=int, default=64,
                    help="most requests waiting or running at once; more get HTTP 429 (default 64)")
@@ -58,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--served-model-name", default=None, help="model name reported by the API (default: from MODEL)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    add_expert_args(p)
     p.set_defaults(func=run)
 
 
@@ -96,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             raise MoemeshError(f"{name} must be >= 1, got {value}")
     if args.ctx is not None and args.ctx < 2:
         raise MoemeshError(f"--ctx must be >= 2, got {args.ctx}")
-    ram_bytes = parse_size(args.ram) if args.ram else None  # already checked by argparse
+    experts = expert_options(args)  # checks --ram before anything slow
     sock = _listen(args.host, args.port)  # before the slow imports: a busy port fails at once
     port = sock.getsockname()[1]
 
@@ -109,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)  # here, on the main thread, before the engine thread exists
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = ServerConfig(model=args.model, host=args.host, port=port, api_key=args.api_key, ram=args.ram,
-                          ram_bytes=ram_bytes, max_batch=args.max_batch,
+    config = ServerConfig(model=args.model, host=args.host, port=port, api_key=args.api_key, experts=experts,
+                          max_batch=args.max_batch,
                           max_prefill_tokens=args.max_prefill_tokens, queue_size=args.queue_size, ctx=args.ctx,
                           quant=args.quant, threads=args.threads, served_model_name=args.served_model_name)
     state = ServerState(config)

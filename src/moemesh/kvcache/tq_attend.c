@@ -64,7 +64,7 @@ static inline void octet_next(octet_t *o) {
 /* s[m][t..t+16) = kn * <qr[m], centroids(t)> for MG query heads; constant MG after inlining
  * keeps the accumulators in registers. */
 static inline __attribute__((always_inline)) void scores16(
-    const uint32_t *w, int64_t ws, const group_t *gs, int ng, const __m512 *tables, const float (*qr)[MAXD],
+    const uint32_t *w, int64_t ws, const group_t *gs, int ng, const __m512 *tables, const float *qr, int d,
     const float *kn, int64_t t, int64_t nc, float *s, int64_t len, const int MG) {
     const __mmask16 v = lanes(nc - t);
     __m512 acc[4];
@@ -76,7 +76,7 @@ static inline __attribute__((always_inline)) void scores16(
             const int kn8 = g->n - i0 < 8 ? g->n - i0 : 8;
             for (int k = 0; k < kn8; k++) {
                 const __m512 c = octet_lookup(&o, tables[gi]);
-                for (int m = 0; m < MG; m++) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(qr[m][g->lo + i0 + k]), c, acc[m]);
+                for (int m = 0; m < MG; m++) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(qr[m * d + g->lo + i0 + k]), c, acc[m]);
                 octet_next(&o);
             }
         }
@@ -89,7 +89,7 @@ static inline __attribute__((always_inline)) void scores16(
  * 8 x MG accumulators in registers. */
 static inline __attribute__((always_inline)) void values_octet(
     const uint32_t *w, int64_t ws, const group_t *g, int i0, __m512 table, const float *pw, int64_t len,
-    int64_t t0, int64_t t1, float (*orot)[MAXD], const int MG) {
+    int64_t t0, int64_t t1, float *orot, int d, const int MG) {
     __m512 acc[8][3];
     for (int k = 0; k < 8; k++)
         for (int m = 0; m < MG; m++) acc[k][m] = _mm512_setzero_ps();
@@ -106,7 +106,7 @@ static inline __attribute__((always_inline)) void values_octet(
     }
     const int kn8 = g->n - i0 < 8 ? g->n - i0 : 8;
     for (int k = 0; k < kn8; k++)
-        for (int m = 0; m < MG; m++) orot[m][g->lo + i0 + k] += _mm512_reduce_add_ps(acc[k][m]);
+        for (int m = 0; m < MG; m++) orot[m * d + g->lo + i0 + k] += _mm512_reduce_add_ps(acc[k][m]);
 }
 
 static inline __m512 exp16(__m512 x) {  /* e^x for x <= 0, rel. error ~2e-7: 2^k * poly(r) */
@@ -126,21 +126,21 @@ static inline __m512 exp16(__m512 x) {  /* e^x for x <= 0, rel. error ~2e-7: 2^k
 }
 #endif
 
+/* s[m][t] = kn[t] * <qr[m], centroids(t)>, tokens [0, nc) of w, g query heads (qr [g, d]) */
 static void coded_scores(const uint32_t *w, int64_t ws, const group_t *gs, int ng, const float *tables, int g,
-                         const float (*qr)[MAXD], const float *kn, int64_t nc, float *s, int64_t len) {
+                         const float *qr, int d, const float *kn, int64_t nc, float *s, int64_t len) {
 #ifdef __AVX512F__
     __m512 tab[MAXGROUPS];
     for (int gi = 0; gi < ng; gi++) tab[gi] = _mm512_loadu_ps(tables + 16 * gi);
     for (int m0 = 0; m0 < g; m0 += 4) {
-        const int mg = g - m0 < 4 ? g - m0 : 4;
+        const float *q = qr + m0 * d;
+        float *sm = s + m0 * len;
         for (int64_t t = 0; t < nc; t += 16) {
-            const float (*q)[MAXD] = qr + m0;
-            float *sm = s + m0 * len;
-            switch (mg) {
-            case 1: scores16(w, ws, gs, ng, tab, q, kn, t, nc, sm, len, 1); break;
-            case 2: scores16(w, ws, gs, ng, tab, q, kn, t, nc, sm, len, 2); break;
-            case 3: scores16(w, ws, gs, ng, tab, q, kn, t, nc, sm, len, 3); break;
-            default: scores16(w, ws, gs, ng, tab, q, kn, t, nc, sm, len, 4);
+            switch (g - m0 < 4 ? g - m0 : 4) {
+            case 1: scores16(w, ws, gs, ng, tab, q, d, kn, t, nc, sm, len, 1); break;
+            case 2: scores16(w, ws, gs, ng, tab, q, d, kn, t, nc, sm, len, 2); break;
+            case 3: scores16(w, ws, gs, ng, tab, q, d, kn, t, nc, sm, len, 3); break;
+            default: scores16(w, ws, gs, ng, tab, q, d, kn, t, nc, sm, len, 4);
             }
         }
     }
@@ -150,40 +150,38 @@ static void coded_scores(const uint32_t *w, int64_t ws, const group_t *gs, int n
         for (int i = 0; i < gs[gi].n; i++)
             for (int64_t t = 0; t < nc; t++) {
                 const float c = tables[16 * gi + code_at(w, ws, gs + gi, i, t)];
-                for (int m = 0; m < g; m++) s[m * len + t] += qr[m][gs[gi].lo + i] * c;
+                for (int m = 0; m < g; m++) s[m * len + t] += qr[m * d + gs[gi].lo + i] * c;
             }
     for (int m = 0; m < g; m++)
         for (int64_t t = 0; t < nc; t++) s[m * len + t] *= kn[t];
 #endif
 }
 
-static void coded_values(const uint32_t *w, int64_t ws, const group_t *gs, int ng, const float *tables, int g,
-                         const float *pw, int64_t len, int64_t nc, float (*orot)[MAXD], int d) {
-    for (int m = 0; m < g; m++) memset(orot[m], 0, sizeof(float) * d);
+/* orot[m][j] = sum_t pw[m][t] * centroid_j(t) for the coordinates [i0, i0 + 8) of group gi
+ * (orot [g, d] zeroed by the caller), tokens [0, nc) */
+static void coded_values(const uint32_t *w, int64_t ws, const group_t *gs, int gi, int i0, const float *tables,
+                         int g, const float *pw, int64_t len, int64_t nc, float *orot, int d) {
+    const group_t *gr = gs + gi;
 #ifdef __AVX512F__
+    const __m512 tab = _mm512_loadu_ps(tables + 16 * gi);
     for (int64_t t0 = 0; t0 < nc; t0 += BLK) {
         const int64_t t1 = nc - t0 < BLK ? nc : t0 + BLK;
-        for (int gi = 0; gi < ng; gi++) {
-            const __m512 tab = _mm512_loadu_ps(tables + 16 * gi);
-            for (int i0 = 0; i0 < gs[gi].n; i0 += 8)
-                for (int m0 = 0; m0 < g; m0 += 3) {
-                    const float *p = pw + m0 * len;
-                    float (*o)[MAXD] = orot + m0;
-                    switch (g - m0 < 3 ? g - m0 : 3) {
-                    case 1: values_octet(w, ws, gs + gi, i0, tab, p, len, t0, t1, o, 1); break;
-                    case 2: values_octet(w, ws, gs + gi, i0, tab, p, len, t0, t1, o, 2); break;
-                    default: values_octet(w, ws, gs + gi, i0, tab, p, len, t0, t1, o, 3);
-                    }
-                }
+        for (int m0 = 0; m0 < g; m0 += 3) {
+            const float *p = pw + m0 * len;
+            float *o = orot + m0 * d;
+            switch (g - m0 < 3 ? g - m0 : 3) {
+            case 1: values_octet(w, ws, gr, i0, tab, p, len, t0, t1, o, d, 1); break;
+            case 2: values_octet(w, ws, gr, i0, tab, p, len, t0, t1, o, d, 2); break;
+            default: values_octet(w, ws, gr, i0, tab, p, len, t0, t1, o, d, 3);
+            }
         }
     }
 #else
-    for (int gi = 0; gi < ng; gi++)
-        for (int i = 0; i < gs[gi].n; i++)
-            for (int64_t t = 0; t < nc; t++) {
-                const float c = tables[16 * gi + code_at(w, ws, gs + gi, i, t)];
-                for (int m = 0; m < g; m++) orot[m][gs[gi].lo + i] += pw[m * len + t] * c;
-            }
+    for (int i = i0; i < i0 + 8 && i < gr->n; i++)
+        for (int64_t t = 0; t < nc; t++) {
+            const float c = tables[16 * gi + code_at(w, ws, gr, i, t)];
+            for (int m = 0; m < g; m++) orot[m * d + gr->lo + i] += pw[m * len + t] * c;
+        }
 #endif
 }
 
@@ -223,62 +221,81 @@ static float half_to_float(uint16_t h) {
     return (h & 0x8000) ? -f : f;
 }
 
+#define SCHUNK 512  /* tokens per scores task */
+
 /* One decode step of one sequence and layer. The new token's k/v [hkv, d] are appended to the
  * exact window wk/wv [hkv, wcap, d] (nw tokens before the call); q [hq, d] * scale attends over
  * codes of tokens [lo, coded) and window entries [e0, nw + 1); then, if the window holds more
- * than `window` tokens, its oldest is encoded into token column `coded` and dropped.
- * scratch: hq * (nc + ne) + 2 * nc floats. Returns the number of evicted tokens (0 or 1), or -1
- * for sizes beyond the fixed limits. */
+ * than `window` tokens, its oldest is encoded into token column `coded` and dropped. Work is
+ * split over `threads` OpenMP threads by (head, token chunk), (head, query) and (head, octet).
+ * scratch: hq * (nc + ne) + 2 * hkv * nc + 2 * hq * d floats. Returns the number of evicted
+ * tokens (0 or 1), or -1 for sizes beyond the fixed limits. */
 int tq_decode_step(const coded_t *c, int hq, int hkv, int d, const float *q, float scale, const float *k_new,
                    const float *v_new, float *wk, float *wv, int64_t wcap, int64_t nw, int64_t window,
-                   int64_t lo, int64_t coded, int64_t e0, float *scratch, float *out) {
+                   int64_t lo, int64_t coded, int64_t e0, float *scratch, float *out, int threads) {
     const int g = hq / hkv;
     if (g > MAXG || d > MAXD || g * hkv != hq || c->ng > MAXGROUPS || nw + 1 > wcap) return -1;
     const int64_t nc = coded > lo ? coded - lo : 0, ne = nw + 1 - e0, len = nc + ne;
-    float qs[MAXG * MAXD], qr[MAXG][MAXD], orot[MAXG][MAXD];
-    float *kn = scratch + (int64_t)hq * len, *vn = kn + nc;
+    float *sc = scratch, *kn = sc + (int64_t)hq * len, *vn = kn + hkv * nc, *qr = vn + hkv * nc, *orot = qr + hq * d;
+    int noct = 0, octs[MAXD / 8][2];  /* (group, first coordinate) of every octet */
+    for (int gi = 0; gi < c->ng; gi++)
+        for (int i0 = 0; i0 < c->groups[gi].n; i0 += 8) octs[noct][0] = gi, octs[noct++][1] = i0;
+    const int64_t nchunk = (nc + SCHUNK - 1) / SCHUNK;
     for (int h = 0; h < hkv; h++) {
         memcpy(wk + (h * wcap + nw) * d, k_new + h * d, sizeof(float) * d);
         memcpy(wv + (h * wcap + nw) * d, v_new + h * d, sizeof(float) * d);
     }
-    for (int h = 0; h < hkv; h++) {
-        const float *ek = wk + (h * wcap + e0) * d, *ev = wv + (h * wcap + e0) * d, *qh = qs;
-        for (int i = 0; i < g * d; i++) qs[i] = q[(int64_t)h * g * d + i] * scale;
-        float *sh = scratch + (int64_t)h * g * len;
-        for (int64_t t = 0; t < nc; t++) {
-            kn[t] = half_to_float(c->kn[h * c->norm_stride + lo + t]);
-            vn[t] = half_to_float(c->vn[h * c->norm_stride + lo + t]);
+    memset(orot, 0, sizeof(float) * hq * d);
+    for (int r = 0; r < hq; r++)  /* rotate the queries once: <q, k> = <q rt, k rt> */
+        for (int j = 0; j < d; j++) {
+            float x = 0.f;
+            for (int i = 0; i < d; i++) x += q[r * d + i] * c->rt[i * d + j];
+            qr[r * d + j] = x * scale;
         }
-        for (int m = 0; m < g; m++)  /* rotate the query once: <q, k> = <q rt, k rt> */
-            for (int j = 0; j < d; j++) {
-                float x = 0.f;
-                for (int i = 0; i < d; i++) x += qh[m * d + i] * c->rt[i * d + j];
-                qr[m][j] = x;
-            }
-        const uint32_t *kw = c->kw + h * c->head_stride + lo, *vw = c->vw + h * c->head_stride + lo;
-        coded_scores(kw, c->ws, c->groups, c->ng, c->tables, g, (const float (*)[MAXD])qr, kn, nc, sh, len);
-        for (int m = 0; m < g; m++) {  /* exact window scores, softmax, fold in the value norms */
-            float *s = sh + m * len;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < hkv * nc; i++) {
+            const int64_t h = i / nc, t = i % nc;
+            kn[i] = half_to_float(c->kn[h * c->norm_stride + lo + t]);
+            vn[i] = half_to_float(c->vn[h * c->norm_stride + lo + t]);
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < hkv * nchunk; task++) {
+            const int h = (int)(task / nchunk);
+            const int64_t t0 = (task % nchunk) * SCHUNK, n = nc - t0 < SCHUNK ? nc - t0 : SCHUNK;
+            coded_scores(c->kw + h * c->head_stride + lo + t0, c->ws, c->groups, c->ng, c->tables, g,
+                         qr + h * g * d, d, kn + h * nc + t0, n, sc + (int64_t)h * g * len + t0, len);
+        }
+#pragma omp for schedule(dynamic)
+        for (int r = 0; r < hq; r++) {  /* exact window scores, softmax, fold in the value norms */
+            const int h = r / g;
+            const float *ek = wk + (h * wcap + e0) * d;
+            float *s = sc + (int64_t)r * len;
             for (int64_t e = 0; e < ne; e++) {
                 float dot = 0.f;
-                for (int i = 0; i < d; i++) dot += qh[m * d + i] * ek[e * d + i];
-                s[nc + e] = dot;
+                for (int i = 0; i < d; i++) dot += q[r * d + i] * ek[e * d + i];
+                s[nc + e] = dot * scale;
             }
             softmax_row(s, len);
-            for (int64_t t = 0; t < nc; t++) s[t] *= vn[t];
+            for (int64_t t = 0; t < nc; t++) s[t] *= vn[h * nc + t];
         }
-        coded_values(vw, c->ws, c->groups, c->ng, c->tables, g, sh, len, nc, orot, d);
-        for (int m = 0; m < g; m++) {  /* rotate back once (x = x_rot rt^T), add the window's values */
-            float *o = out + (int64_t)(h * g + m) * d;
-            const float *pw = sh + m * len + nc;
-            for (int i = 0; i < d; i++) {
-                float x = 0.f;
-                for (int j = 0; j < d; j++) x += orot[m][j] * c->rt[i * d + j];
-                o[i] = x;
-            }
-            for (int64_t e = 0; e < ne; e++)
-                for (int i = 0; i < d; i++) o[i] += pw[e] * ev[e * d + i];
+#pragma omp for schedule(dynamic)
+        for (int task = 0; task < hkv * noct; task++) {
+            const int h = task / noct, o = task % noct;
+            coded_values(c->vw + h * c->head_stride + lo, c->ws, c->groups, octs[o][0], octs[o][1], c->tables, g,
+                         sc + (int64_t)h * g * len, len, nc, orot + h * g * d, d);
         }
+    }
+    for (int r = 0; r < hq; r++) {  /* rotate back once (x = x_rot rt^T), add the window's values */
+        const float *ev = wv + ((r / g) * wcap + e0) * d, *pw = sc + (int64_t)r * len + nc;
+        for (int i = 0; i < d; i++) {
+            float x = 0.f;
+            for (int j = 0; j < d; j++) x += orot[r * d + j] * c->rt[i * d + j];
+            out[r * d + i] = x;
+        }
+        for (int64_t e = 0; e < ne; e++)
+            for (int i = 0; i < d; i++) out[r * d + i] += pw[e] * ev[e * d + i];
     }
     if (nw + 1 <= window) return 0;
     for (int h = 0; h < hkv; h++) {  /* the oldest window token becomes codes */

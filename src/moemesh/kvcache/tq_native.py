@@ -24,7 +24,7 @@ from .packing import BitLayout
 
 HERE = Path(__file__).parent
 SOURCES = ("tq_native.h", "tq_attend.c", "tq_encode.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fopenmp"]  # retried without -fopenmp
 MAX_GROUP, MAX_DIM, MAX_GROUPS = 16, 256, 2  # must match tq_native.h
 
 
@@ -54,7 +54,11 @@ def _build(texts: dict[str, str], target: Path) -> None:
             (Path(tmp) / name).write_text(text)
         lib = Path(tmp) / target.name
         srcs = [str(Path(tmp) / n) for n in texts if n.endswith(".c")]
-        subprocess.run([cc, *FLAGS, *srcs, "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
+        try:  # OpenMP: libgomp's soname matches torch's bundled one, so both share one thread pool
+            subprocess.run([cc, *FLAGS, *srcs, "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            flags = [f for f in FLAGS if f != "-fopenmp"]
+            subprocess.run([cc, *flags, *srcs, "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(lib, target)  # atomic: concurrent builders never see half a library
 
 
@@ -73,7 +77,7 @@ def load_native() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.tq_decode_step.argtypes = [p, i32, i32, i32, p, ctypes.c_float, p, p, p, p, i64, i64, i64, i64, i64, i64, p, p]
+    lib.tq_decode_step.argtypes = [p, i32, i32, i32, p, ctypes.c_float, p, p, p, p, i64, i64, i64, i64, i64, i64, p, p, i32]
     lib.tq_decode_step.restype = i32
     lib.tq_encode.argtypes = [p, i32, i64, i32, p, i64]
     lib.tq_encode.restype = None
@@ -124,10 +128,10 @@ def decode_step(lib: ctypes.CDLL, view: CodedView, q: torch.Tensor, scale: float
         raise ValueError("decode_step needs contiguous tensors")
     nc = max(0, coded - lo)
     out = torch.empty(hq, d)
-    scratch = torch.empty(hq * (nc + nw + 1 - e0) + 2 * nc)
+    scratch = torch.empty(hq * (nc + nw + 1 - e0) + 2 * hkv * nc + 2 * hq * d)
     evicted = lib.tq_decode_step(ctypes.byref(view), hq, hkv, d, q.data_ptr(), scale, k_new.data_ptr(), v_new.data_ptr(),
                                  wk.data_ptr(), wv.data_ptr(), wcap, nw, window, lo, coded, e0,
-                                 scratch.data_ptr(), out.data_ptr())
+                                 scratch.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if evicted < 0:
         raise ValueError(f"native TurboQuant kernel rejected the shapes (Hq/Hkv <= {MAX_GROUP}, Dh <= {MAX_DIM})")
     return out, evicted

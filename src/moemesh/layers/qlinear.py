@@ -35,7 +35,11 @@ INT4_N_MULTIPLE = 16  # the int4 packer needs out_features % 16 == 0; we pad row
 INT8_K_MULTIPLE = 16  # the bf16 int8 kernel steps K by 16 (reads past the row otherwise)
 # Rows (M) from which dequantize-once + bf16 F.linear beats the kernel; bench/matmul.py, 1 thread,
 # 576x1536 and 2048x768: int8 wins from M=16 (67 vs 55 GF/s), int4 from M=128 (89 vs 81).
-DEQUANT_MIN_M = MappingProxyType({"int8": 16, "int4": 128})
+MEASURED_DEQUANT_MIN_M = MappingProxyType({"int8": 16, "int4": 128})
+# Off by default: the two paths round differently, so a sequence's tokens would depend on how many
+# rows the rest of the batch brought (the server saw 2 of 8 greedy streams diverge from running
+# alone). The kernels are row-invariant (tested), so batched == alone holds; prefill pays ~30%.
+DEQUANT_MIN_M: MappingProxyType = MappingProxyType({})
 NEVER = 1 << 62
 
 

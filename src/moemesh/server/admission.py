@@ -29,7 +29,8 @@ class Admission:
         if self.active >= self.limit:
             raise APIError(
                 429, f"server is at capacity ({self.active} requests waiting or running, --queue-size "
-                f"{self.limit}); retry later", code="queue_full", headers={"Retry-After": str(self.retry_after_seconds)},
+                f"{self.limit}); retry later", code="queue_full",
+                headers={"Retry-After": str(self.retry_after_seconds)},
             )
         self.active += 1
         return Slot(self)

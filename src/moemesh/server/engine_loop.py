@@ -80,6 +80,7 @@ class EngineLoop:
         self.num_waiting = 0
         self.steps = 0
         self.step_failures = 0
+        self.cpu_seconds = 0.0  # this thread's CPU time: the engine's share of the server's CPU
 
     def start(self) -> None:
         self._thread.start()
@@ -115,6 +116,7 @@ class EngineLoop:
             self._step()
         self.num_running = len(self._engine.running)
         self.num_waiting = len(self._engine.waiting) + len(self._held) + len(self._retry)
+        self.cpu_seconds = time.thread_time()
 
     def _drain(self, block: bool) -> None:
         try:

@@ -4,9 +4,11 @@ The server picks its own port (--port 0) and prints it, so two launches never ra
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,14 @@ from pathlib import Path
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the launching process dies, so a killed
+    test run or benchmark never leaves a server behind."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ServerProcess:
     def __init__(self, model: str, *args: str, host: str = "127.0.0.1") -> None:
         self.model = model
@@ -28,6 +38,10 @@ class ServerProcess:
         self.health_codes: list[int] = []  # /health answers seen while waiting (503s, then 200)
         self._log = Path(tempfile.mkstemp(prefix="moemesh-serve-", suffix=".log")[1])
         self._proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def base_url(self) -> str:
@@ -46,7 +60,7 @@ class ServerProcess:
                *self.args]
         with open(self._log, "w") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
         return self
 
     def wait_listening(self, timeout: float = 120.0) -> ServerProcess:

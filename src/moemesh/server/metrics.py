@@ -55,7 +55,9 @@ class Metrics:
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
 
-    def render(self, running: int, waiting: int, expert_stats: list[dict]) -> str:
+    def render(self, running: int, waiting: int, expert_stats: list[dict],
+               engine: tuple[int, int, float] = (0, 0, 0.0)) -> str:
+        """engine: (steps, failed steps, CPU seconds) of the engine thread."""
         labels = f'model_name="{_escape(self.model_name)}"'
         out = [
             "# HELP vllm:num_requests_running Requests in the running batch.",
@@ -85,6 +87,15 @@ class Metrics:
                 "# TYPE moemesh_requests_rejected_total counter"]
         for status in sorted(self.rejected):
             out.append(f'moemesh_requests_rejected_total{{{labels},status="{status}"}} {self.rejected[status]}')
+        steps, failures, cpu = engine
+        out += ["# HELP moemesh_engine_steps_total Engine steps (one forward over the running batch).",
+                "# TYPE moemesh_engine_steps_total counter", f"moemesh_engine_steps_total{{{labels}}} {steps}",
+                "# HELP moemesh_engine_step_failures_total Steps that raised (their batch was isolated).",
+                "# TYPE moemesh_engine_step_failures_total counter",
+                f"moemesh_engine_step_failures_total{{{labels}}} {failures}",
+                "# HELP moemesh_engine_cpu_seconds_total CPU time of the engine thread (the rest is HTTP).",
+                "# TYPE moemesh_engine_cpu_seconds_total counter",
+                f"moemesh_engine_cpu_seconds_total{{{labels}}} {cpu}"]
         out += _expert_section(expert_stats, labels)
         return "\n".join(out) + "\n"
 

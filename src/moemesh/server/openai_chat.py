@@ -50,7 +50,8 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
 
 def _tool_delta(d: ToolCallDelta) -> dict[str, Any]:
     if d.id is not None:  # a call's first delta: id, type and name once
-        return {"index": d.index, "id": d.id, "type": "function", "function": {"name": d.name, "arguments": d.arguments}}
+        return {"index": d.index, "id": d.id, "type": "function",
+                "function": {"name": d.name, "arguments": d.arguments}}
     return {"index": d.index, "function": {"arguments": d.arguments}}
 
 
@@ -98,8 +99,9 @@ def chat_response(outcome: Outcome, meta: ResponseMeta, logprobs: bool) -> dict[
         message["reasoning_content"] = message["reasoning"] = outcome.reasoning
     if outcome.tool_calls:
         message["content"] = outcome.content or None
-        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                 for c in outcome.tool_calls]
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in outcome.tool_calls]
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "choices": [{"index": 0, "message": message,
                          "logprobs": chat_logprobs(outcome.logprobs) if logprobs else None,

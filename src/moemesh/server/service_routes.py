@@ -26,7 +26,9 @@ def service_router(state: ServerState) -> APIRouter:
     @router.get("/metrics")
     async def metrics() -> PlainTextResponse:
         running, waiting = state.queue_sizes()
-        text = state.metrics.render(running, waiting, state.expert_stats())
+        loop = state.engine_loop
+        engine = (loop.steps, loop.step_failures, loop.cpu_seconds) if loop is not None else (0, 0, 0.0)
+        text = state.metrics.render(running, waiting, state.expert_stats(), engine)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..engine.engine import Engine
 from ..experts.provider import ExpertProvider
+from ..experts.setup import ExpertOptions
 from ..models.loader import EMBEDDED, LoadedModel, load_model
 from ..tokenizer.tokenizer import Tokenizer
 from .admission import Admission
@@ -25,8 +26,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
-    ram: str | None = None  # recorded for the lazy-expert cache; no provider reads it yet
-    ram_bytes: int | None = None
+    experts: ExpertOptions | None = None  # how MoE experts are held (resident, or lazy under --ram)
     max_batch: int = 8
     max_prefill_tokens: int = 512
     queue_size: int = 64
@@ -68,7 +68,8 @@ class ServerState:
         try:
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
-            loaded = load_model(self.config.model, "fp32" if self.config.quant == "none" else self.config.quant)
+            quant = "fp32" if self.config.quant == "none" else self.config.quant
+            loaded = load_model(self.config.model, quant, experts=self.config.experts)
             if loaded.tokenizer is None:
                 raise APIError(500, f"{loaded.path}: no tokenizer found; the server needs one")
             self.context_length = self.config.ctx or loaded.args.max_position_embeddings
