@@ -51,6 +51,10 @@ class ExpertCache:
         self._mem = mmap.mmap(-1, num_slots * self.blob_size)  # page-aligned, lazily backed
         self._view = memoryview(self._mem)
         self._tensor = torch.frombuffer(self._mem, dtype=torch.uint8)  # [slots * blob]
+        # each slot's expert is built once as views over the slot: a read into the slot is all it
+        # takes to turn it into another expert (every blob has the same layout)
+        self.slot_experts = [store.expert_from_buffer(self._tensor[i * self.blob_size : (i + 1) * self.blob_size])
+                             for i in range(num_slots)]
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.entries: dict[Key, Entry] = {}
         self.stats = CacheStats()
@@ -75,7 +79,8 @@ class ExpertCache:
         victim = self.policy.victim(candidates)
         entry = self.entries.pop(victim)
         if entry.future is not None:
-            entry.future.result()  # surface a failed read instead of losing it
+            entry.future.exception()  # wait until the slot is no longer being written; a failed
+            # read of an unused prefetch is dropped: a demand for that expert reads and checks it again
         self.policy.forget(victim)
         return entry.slot
 
@@ -84,7 +89,8 @@ class ExpertCache:
         if slot is None:
             return None
         layer, expert = key
-        future = self.reader.submit(self.store.offset(layer, expert), self.slot_view(slot))
+        check = (lambda data: self.store.verify(layer, expert, data)) if self.verify else None
+        future = self.reader.submit(self.store.offset(layer, expert), self.slot_view(slot), check)
         entry = Entry(key, slot, future)
         self.entries[key] = entry
         return entry
@@ -128,23 +134,19 @@ class ExpertCache:
         return issued
 
     def expert(self, entry: Entry) -> GatedMLP:
-        """Wait for the entry's read (counted as stall time), verify, build the expert once."""
+        """Wait for the entry's read and checksum (counted as stall time); the slot's expert."""
         if entry.future is not None:
             t0 = time.perf_counter()
-            entry.future.result()
-            self.stats.stall_seconds += time.perf_counter() - t0
+            try:
+                entry.future.result()
+            except MoemeshError:
+                self.entries.pop(entry.key, None)  # never serve a corrupt blob again
+                self.free_slots.append(entry.slot)
+                raise
+            finally:
+                self.stats.stall_seconds += time.perf_counter() - t0
             entry.future = None
-            layer, expert = entry.key
-            data = self.slot_view(entry.slot)
-            if self.verify:
-                try:
-                    self.store.verify(layer, expert, data)
-                except MoemeshError:
-                    self.entries.pop(entry.key, None)  # never serve a corrupt blob again
-                    self.free_slots.append(entry.slot)
-                    raise
-            base = entry.slot * self.blob_size
-            entry.expert = self.store.expert_from_buffer(self._tensor[base : base + self.blob_size])
+            entry.expert = self.slot_experts[entry.slot]
         return entry.expert
 
     def release(self, entries: list[Entry]) -> None:

@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 
 class BlobReader:
@@ -32,11 +33,13 @@ class BlobReader:
         self.bytes_read = 0
         self.read_seconds = 0.0  # summed over reads (they overlap: this is not wall time)
 
-    def submit(self, offset: int, buf: memoryview) -> Future:
-        """Read len(buf) bytes at offset into buf (aligned offset, size and address for O_DIRECT)."""
-        return self.pool.submit(self._read, offset, buf)
+    def submit(self, offset: int, buf: memoryview, check: Callable[[memoryview], None] | None = None) -> Future:
+        """Read len(buf) bytes at offset into buf (aligned offset, size and address for O_DIRECT),
+        then run ``check`` on it in the same worker (a checksum: zlib releases the GIL, so it
+        overlaps compute instead of stalling the forward pass)."""
+        return self.pool.submit(self._read, offset, buf, check)
 
-    def _read(self, offset: int, buf: memoryview) -> int:
+    def _read(self, offset: int, buf: memoryview, check: Callable[[memoryview], None] | None = None) -> int:
         t0 = time.perf_counter()
         done = 0
         while done < len(buf):
@@ -55,6 +58,8 @@ class BlobReader:
         with self.lock:
             self.bytes_read += done
             self.read_seconds += time.perf_counter() - t0
+        if check is not None:
+            check(buf)
         return done
 
     def _fall_back_to_buffered(self) -> None:
