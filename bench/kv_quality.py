@@ -6,6 +6,7 @@
    (the MSE quantizer shrinks them by 1 - D), mean error and error variance (theory D / d).
 2. Perplexity of SmolLM2-135M (fp32) on tests/data/kv_eval_essay.txt, teacher-forced in chunks
    (default 256 tokens per forward), dense vs TurboQuant at each rate.
+   Also: how often the top-1 next-token prediction equals dense's (teacher-forced, every position).
 3. Greedy continuations from several cut points of the essay: tokens agreeing with dense.
 
 Writes bench/results/kv_quality.{json,md}.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from moemesh.kvcache.quality import agreement, greedy, perplexity, token_nll
+from moemesh.kvcache.quality import agreement, greedy, perplexity, teacher_forced
 from moemesh.kvcache.quantizer import TurboQuantizer
 from moemesh.models.loader import load_model
 
@@ -69,9 +70,10 @@ def main() -> None:
     loaded = load_model("smollm2", "fp32")
     model, ids = loaded.model, loaded.tokenizer.encode(TEXT.read_text())
     kinds = ["dense"] + [f"turboquant:{b}:{a.window}" for b in a.bits.split(",")]
-    ppl = {}
+    ppl, top1 = {}, {}
     for kv in kinds:
-        ppl[kv] = perplexity(token_nll(model, ids, kv, a.chunk))
+        nll, top1[kv] = teacher_forced(model, ids, kv, a.chunk)
+        ppl[kv] = perplexity(nll)
         print(f"  {kv:18s} ppl {ppl[kv]:.4f}", flush=True)
     cuts = [int(c) for c in a.cuts.split(",")] if a.greedy else []
     refs = {c: greedy(model, ids[:c], a.greedy, "dense", a.chunk) for c in cuts}
@@ -80,6 +82,7 @@ def main() -> None:
                 chunk=a.chunk, window=a.window, threads=a.threads, wall_s=round(time.perf_counter() - t0, 1),
                 loadavg=" ".join(f"{v:.1f}" for v in os.getloadavg()))
     rows = [dict(kv=kv, ppl=round(ppl[kv], 4), vs_dense=round(ppl[kv] / ppl["dense"] - 1, 5),
+                 top1_agree=round((top1[kv] == top1["dense"]).double().mean().item(), 4),
                  greedy=[dict(cut=c, common_prefix=p, agree=s, of=a.greedy) for c, (p, s) in zip(cuts, agree.get(kv, []))])
             for kv in kinds]
     md = markdown(meta, dist, rows, a.greedy)
@@ -104,12 +107,13 @@ def markdown(meta: dict, dist: list[dict], rows: list[dict], n_greedy: int) -> s
                    f"{r['bound']:.5f} | {r['ip_slope']:.4f} | {r['ip_mean_err']:.1e} | {r['ip_err_var']:.2e} | "
                    f"{r['ip_err_var_theory']:.2e} | {r['bytes_per_vector']} |")
     out += ["\n## SmolLM2 perplexity and greedy agreement\n",
+            "top-1 = share of the positions where the teacher-forced top-1 prediction equals dense's. "
             f"greedy: {n_greedy} tokens after each cut point; 'prefix' = tokens identical to dense before the "
-            "first difference, 'agree' = positions equal.\n",
-            "| kv | perplexity | vs dense | greedy prefix / agree per cut |", "|---|---:|---:|---|"]
+            "first difference, 'agree' = positions equal (after a first difference the texts drift apart).\n",
+            "| kv | perplexity | vs dense | top-1 | greedy prefix / agree per cut |", "|---|---:|---:|---:|---|"]
     for r in rows:
         g = ", ".join(f"@{x['cut']}: {x['common_prefix']}/{x['agree']}" for x in r["greedy"]) or "-"
-        out.append(f"| {r['kv']} | {r['ppl']:.4f} | {100 * r['vs_dense']:+.2f}% | {g} |")
+        out.append(f"| {r['kv']} | {r['ppl']:.4f} | {100 * r['vs_dense']:+.2f}% | {100 * r['top1_agree']:.1f}% | {g} |")
     return "\n".join(out) + "\n"
 
 

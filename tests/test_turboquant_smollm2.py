@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemesh.kvcache.quality import agreement, greedy, perplexity, token_nll
+from moemesh.kvcache.quality import agreement, greedy, perplexity, teacher_forced, token_nll
 from moemesh.models.loader import load_model
 
 TEXT = Path(__file__).parent / "data" / "kv_eval_essay.txt"
@@ -38,20 +38,35 @@ def test_short_span_perplexity(smollm2):
     assert tq / dense < 1.03, (dense, tq)
 
 
+@pytest.fixture(scope="module")
+def dense_full(smollm2):
+    model, ids = smollm2
+    return teacher_forced(model, ids, "dense", chunk=256)  # (nll, top-1) over the whole essay
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bits,goal", [(4, 1.01), (3.5, 1.01), (3, 1.03), (2.5, 1.05)])
-def test_full_essay_perplexity_goals(smollm2, bits, goal):
+def test_full_essay_perplexity_goals(smollm2, dense_full, bits, goal):
+    """The issue's goals: at most +1% at 3.5 bits, +5% at 2.5 bits (chunks of 256, window 32)."""
     model, ids = smollm2
-    dense = perplexity(token_nll(model, ids, "dense", chunk=256))
+    dense = perplexity(dense_full[0])
     tq = perplexity(token_nll(model, ids, f"turboquant:{bits}", chunk=256))
     assert tq / dense <= goal, (dense, tq)
 
 
 @pytest.mark.slow
-def test_greedy_continuations_agree_at_4_bits(smollm2):
+def test_top1_predictions_agree_with_dense(smollm2, dense_full):
+    """Teacher-forced top-1 next-token predictions over the whole essay: TurboQuant at 3.5 bits
+    picks dense's token almost everywhere (free-running greedy text is reported by
+    bench/kv_quality.py instead: one near-tie flips it and the two texts drift apart)."""
     model, ids = smollm2
-    prompt = ids[:1024]
-    ref = greedy(model, prompt, 32, "dense")
-    got = greedy(model, prompt, 32, "turboquant:4")
-    prefix, same = agreement(ref, got)
-    assert same >= 16, (prefix, same)
+    _, got = teacher_forced(model, ids, "turboquant:3.5", chunk=256)
+    assert (got == dense_full[1]).double().mean().item() >= 0.95
+
+
+@pytest.mark.slow
+def test_greedy_continuation_runs_and_starts_like_dense(smollm2):
+    model, ids = smollm2
+    ref = greedy(model, ids[:1536], 16, "dense")
+    got = greedy(model, ids[:1536], 16, "turboquant:4")
+    assert len(got) == 16 and agreement(ref, got)[0] >= 4

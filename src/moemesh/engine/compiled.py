@@ -83,96 +83,152 @@ def unsupported_reason(model: Transformer) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- functional building blocks
-def linear(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """QuantLinear.forward for a few rows (M < dequant_min_m), traceable. x: [M, K] fp32 -> [M, N] fp32."""
-    if ql.mode == "fp32":
-        return F.linear(x, ql.weight, ql.bias)
+# ---------------------------------------------------------------- the step as a plain function
+# The compiled function takes every weight as one flat list argument ``w`` and reads the model's
+# structure (modes, sizes, flags) from plain objects holding ints and strings. Passing the
+# modules themselves also works, but then every call re-fetches ~300 parameters through
+# nn.Module.__getattr__ before entering the graph (~1 ms of a ~8 ms step).
+
+
+class LinearPlan:
+    """One QuantLinear: its mode and sizes, and where its tensors sit in the weight list."""
+
+    def __init__(self, ql: QuantLinear, w: list[torch.Tensor]) -> None:
+        self.mode, self.out_features, self.group_size = ql.mode, ql.out_features, ql.group_size
+        tensors = {"int4": ("qweight", "scales_and_zeros"), "int8": ("qweight", "_ones", "scales"),
+                   "bf16": ("weight",), "fp32": ("weight",)}[ql.mode]
+        self.idx = tuple(_add(w, getattr(ql, name)) for name in tensors)
+        self.bias = None if ql.bias is None else _add(w, ql.bias)
+
+
+class LayerPlan:
+    def __init__(self, layer, w: list[torch.Tensor]) -> None:
+        attn, ffn = layer.attn, layer.ffn
+        self.attn_norm, self.attn_eps = _add(w, layer.attn_norm.weight), layer.attn_norm.eps
+        self.ffn_norm, self.ffn_eps = _add(w, layer.ffn_norm.weight), layer.ffn_norm.eps
+        self.qkv, self.o_proj = LinearPlan(attn.qkv, w), LinearPlan(attn.o_proj, w)
+        self.gate_up, self.down = LinearPlan(ffn.gate_up, w), LinearPlan(ffn.down, w)
+        self.act = ffn.act_name
+        self.hq, self.hkv, self.dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.scale, self.window, self.clip_qkv, self.qk_norm = attn.scale, attn.window, attn.clip_qkv, attn.qk_norm
+        self.q_norm = self.k_norm = None
+        if attn.qk_norm:
+            self.q_norm, self.k_norm = _add(w, attn.q_norm.weight), _add(w, attn.k_norm.weight)
+            self.qk_eps = attn.q_norm.eps
+
+
+class StepPlan:
+    """The model's structure for the step function plus ``weights``: references (never copies) to
+    the model's tensors, in the order the plan's indices name them."""
+
+    def __init__(self, model: Transformer, attn_impl: str = "fused") -> None:
+        w: list[torch.Tensor] = []
+        self.embed = _add(w, model.embed)
+        self.inv_freq = _add(w, model.rope.inv_freq)
+        self.layers = [LayerPlan(layer, w) for layer in model.layers]
+        self.norm, self.norm_eps = _add(w, model.norm.weight), model.norm.eps
+        h = model.lm_head
+        self.head_table = _add(w, h.weight)
+        self.head_approx = None if h.approx is None else LinearPlan(h.approx, w)
+        self.rescore = h.rescore
+        self.attn_impl = attn_impl
+        self.weights = w
+
+
+def _add(w: list[torch.Tensor], t: torch.Tensor) -> int:
+    w.append(t)
+    return len(w) - 1
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def linear(p: LinearPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """QuantLinear.forward for a few rows (M < dequant_min_m). x: [M, K] fp32 -> [M, N] fp32."""
+    bias = None if p.bias is None else w[p.bias]
+    if p.mode == "fp32":
+        return F.linear(x, w[p.idx[0]], bias)
     xb = x.to(torch.bfloat16)
-    if ql.mode == "int4":
-        y = torch._weight_int4pack_mm_for_cpu(xb, ql.qweight, ql.group_size, ql.scales_and_zeros)
-        y = y[:, : ql.out_features]
-    elif ql.mode == "int8":
-        y = torch._weight_int8pack_mm(xb, ql.qweight, ql._ones)
-        return torch.mul(y, ql.scales) if ql.bias is None else torch.addcmul(ql.bias, y, ql.scales)
+    if p.mode == "int4":
+        y = torch._weight_int4pack_mm_for_cpu(xb, w[p.idx[0]], p.group_size, w[p.idx[1]])[:, : p.out_features]
+    elif p.mode == "int8":
+        y = torch._weight_int8pack_mm(xb, w[p.idx[0]], w[p.idx[1]])
+        scales = w[p.idx[2]]
+        return torch.mul(y, scales) if bias is None else torch.addcmul(bias, y, scales)
     else:  # bf16
-        y = F.linear(xb, ql.weight)
-    return y.float() if ql.bias is None else torch.add(y, ql.bias)
+        y = F.linear(xb, w[p.idx[0]])
+    return y.float() if bias is None else torch.add(y, bias)
 
 
-def attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-              length, keys: torch.Tensor, values: torch.Tensor, impl: str = "fused") -> torch.Tensor:
-    """Attention.forward + DenseKVCache.attend for one token. x: [1, D]; keys/values: [Hkv, cap, Dh]
-    (written at ``length`` in place); returns [1, D]."""
-    hq, hkv, dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q, k, v = linear(attn.qkv, x).split([hq * dh, hkv * dh, hkv * dh], dim=-1)
-    if attn.qk_norm == "full":
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.clip_qkv is not None:
-        q, k, v = (z.clamp(-attn.clip_qkv, attn.clip_qkv) for z in (q, k, v))
+def attention(p: LayerPlan, w: list[torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              pos: torch.Tensor, length, keys: torch.Tensor, values: torch.Tensor, impl: str) -> torch.Tensor:
+    """Attention.forward + DenseKVCache.attend for one token. x: [1, D] (normed); keys/values:
+    [Hkv, cap, Dh], written at ``length`` in place; returns [1, D]."""
+    hq, hkv, dh = p.hq, p.hkv, p.dh
+    q, k, v = linear(p.qkv, w, x).split([hq * dh, hkv * dh, hkv * dh], dim=-1)
+    if p.qk_norm == "full":  # olmoe
+        q, k = rms_norm(q, w[p.q_norm], p.qk_eps), rms_norm(k, w[p.k_norm], p.qk_eps)
+    if p.clip_qkv is not None:
+        q, k, v = (z.clamp(-p.clip_qkv, p.clip_qkv) for z in (q, k, v))
     q, k, v = q.view(1, hq, dh), k.view(1, hkv, dh), v.reshape(1, hkv, dh)
-    if attn.qk_norm == "head":
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    if p.qk_norm == "head":  # qwen3
+        q, k = rms_norm(q, w[p.q_norm], p.qk_eps), rms_norm(k, w[p.k_norm], p.qk_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys.index_copy_(1, pos, k.transpose(0, 1))  # [Hkv, 1, Dh] at column `length`
+    keys.index_copy_(1, pos, k.transpose(0, 1))  # [Hkv, 1, Dh] at column `length`, in place
     values.index_copy_(1, pos, v.transpose(0, 1))
     end = length + 1
-    lo = 0 if attn.window is None else torch.sym_max(0, end - attn.window)
-    ks, vs = keys[:, lo:end], values[:, lo:end]  # [Hkv, L, Dh]
+    lo = 0 if p.window is None else torch.sym_max(0, end - p.window)
+    ks, vs = keys[:, lo:end], values[:, lo:end]  # [Hkv, L, Dh]: the real length, no mask
     qg = q.view(hkv, hq // hkv, dh)  # [Hkv, G, Dh]
     if impl == "bmm":
-        probs = torch.softmax(torch.bmm(qg, ks.transpose(1, 2)) * attn.scale, dim=-1)  # [Hkv, G, L]
+        probs = torch.softmax(torch.bmm(qg, ks.transpose(1, 2)) * p.scale, dim=-1)  # [Hkv, G, L]
         out = torch.bmm(probs, vs).reshape(1, hq * dh)
     else:  # elementwise products + sums: Inductor fuses them with the softmax, no extern GEMM calls
-        scores = (qg[:, :, None, :] * ks[:, None, :, :]).sum(-1) * attn.scale  # [Hkv, G, L]
+        scores = (qg[:, :, None, :] * ks[:, None, :, :]).sum(-1) * p.scale  # [Hkv, G, L]
         probs = torch.softmax(scores, dim=-1)
         out = (probs[..., None] * vs[:, None, :, :]).sum(-2).reshape(1, hq * dh)  # [Hkv, G, Dh]
-    return linear(attn.o_proj, out)
+    return linear(p.o_proj, w, out)
 
 
-def mlp(ffn: GatedMLP, x: torch.Tensor) -> torch.Tensor:
-    gate, up = linear(ffn.gate_up, x).chunk(2, dim=-1)  # [1, I] each
-    return linear(ffn.down, ACTIVATIONS[ffn.act_name](gate) * up)
+def mlp(p: LayerPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    gate, up = linear(p.gate_up, w, x).chunk(2, dim=-1)  # [1, I] each
+    return linear(p.down, w, ACTIVATIONS[p.act](gate) * up)
 
 
-def head(h: OutputHead, x: torch.Tensor) -> torch.Tensor:
-    """OutputHead.forward, traceable. x: [1, D] -> [1, V]."""
-    if h.approx is None:
-        return F.linear(x, h.weight)
-    logits = linear(h.approx, x)  # [1, V]
-    top = logits.topk(h.rescore, dim=-1).indices  # [1, R]
-    exact = torch.einsum("bd,brd->br", x, h.weight[top].float())  # [1, R]
+def head(plan: StepPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """OutputHead.forward. x: [1, D] -> [1, V]."""
+    table = w[plan.head_table]
+    if plan.head_approx is None:
+        return F.linear(x, table)
+    logits = linear(plan.head_approx, w, x)  # [1, V]
+    top = logits.topk(plan.rescore, dim=-1).indices  # [1, R]
+    exact = torch.einsum("bd,brd->br", x, table[top].float())  # [1, R]
     return logits.scatter(-1, top, exact)
 
 
-class DecodeGraph(torch.nn.Module):
-    """The step function, as a module holding *references* to the model's modules (no copies)."""
+def make_step(plan: StepPlan):
+    """The decode step over ``plan``: step(token, pos, keys, values, w) -> logits [1, V].
 
-    def __init__(self, model: Transformer, attn_impl: str = "fused") -> None:
-        super().__init__()
-        self.attn_impl = attn_impl
-        self.layers = model.layers
-        self.norm = model.norm
-        self.lm_head = model.lm_head
-        self.embed = model.embed  # plain attribute: the same tensor, not a copy
-        self.register_buffer("inv_freq", model.rope.inv_freq, persistent=False)
+    token, pos: [1] int64 (pos = the sequence's cache length); keys/values: per layer
+    [Hkv, cap, Dh] with cap > pos, written at pos in every layer; w: ``plan.weights``."""
 
-    def forward(self, token: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor]) -> torch.Tensor:
-        """token, pos: [1] int64 (pos = the sequence's cache length); keys/values: per layer
-        [Hkv, cap, Dh] with cap > pos. Returns logits [1, V]; writes k/v at pos in every layer."""
-        length = pos.item()
+    def decode_step(token: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor],
+                    values: list[torch.Tensor], w: list[torch.Tensor]) -> torch.Tensor:
+        length = pos.item()  # an unbacked int inside the graph: one graph for every length
         torch._check(length >= 0)
-        x = self.embed[token].float()  # [1, D]
-        freqs = pos.float()[:, None] * self.inv_freq[None, :]  # [1, Dh/2]
+        x = w[plan.embed][token].float()  # [1, D]
+        freqs = pos.float()[:, None] * w[plan.inv_freq][None, :]  # [1, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]  # [1, 1, Dh]
-        for i, layer in enumerate(self.layers):
+        for i, p in enumerate(plan.layers):
             torch._check(length < keys[i].shape[1])
-            x = x + attention(layer.attn, layer.attn_norm(x), cos, sin, pos, length, keys[i], values[i],
-                                 self.attn_impl)
-            x = x + mlp(layer.ffn, layer.ffn_norm(x))
-        return head(self.lm_head, self.norm(x))
+            h = rms_norm(x, w[p.attn_norm], p.attn_eps)
+            x = x + attention(p, w, h, cos, sin, pos, length, keys[i], values[i], plan.attn_impl)
+            x = x + mlp(p, w, rms_norm(x, w[p.ffn_norm], p.ffn_eps))
+        return head(plan, w, rms_norm(x, w[plan.norm], plan.norm_eps))
+
+    return decode_step
 
 
 class CompiledDecoder:
@@ -190,7 +246,7 @@ class CompiledDecoder:
         if reason is not None:
             raise ValueError(f"compiled decode unsupported: {reason}")
         self.model = model
-        self.graph = DecodeGraph(model, attn_impl).eval()
+        self.plan = StepPlan(model, attn_impl)
         self.cache_dir = cache_dir
         self.options = {"cpp_wrapper": cpp_wrapper, "freezing": freezing}
         if max_autotune:
@@ -198,12 +254,13 @@ class CompiledDecoder:
         self.options.update(inductor_options or {})
         self.compile_seconds: float | None = None
         self._fn = None
+        self._marked: torch.Tensor | None = None
 
     def _compiled(self):
         if self._fn is None:
             use_cache_dir(self.cache_dir)
             torch._dynamo.config.capture_scalar_outputs = True  # pos.item() stays in the graph
-            self._fn = torch.compile(self.graph, fullgraph=True, dynamic=False, options=self.options)
+            self._fn = torch.compile(make_step(self.plan), fullgraph=True, dynamic=False, options=self.options)
         return self._fn
 
     @torch.inference_mode()
@@ -213,16 +270,18 @@ class CompiledDecoder:
         seq = cache.seqs[seq_id]
         pos = torch.tensor([seq.length], dtype=torch.long)
         cache.begin(batch)  # grows the buffers if needed (by doubling)
-        for t in (*seq.keys, *seq.values):
-            torch._dynamo.mark_dynamic(t, 1)  # capacity: one graph for every size
+        if seq.keys[0] is not self._marked:  # new buffers (first step or grown): capacity is dynamic
+            for t in (*seq.keys, *seq.values):
+                torch._dynamo.mark_dynamic(t, 1)
+            self._marked = seq.keys[0]
         tok = torch.tensor([token], dtype=torch.long)
         fn = self._compiled()
         if self.compile_seconds is None:
             t0 = time.perf_counter()
-            logits = fn(tok, pos, seq.keys, seq.values)
+            logits = fn(tok, pos, seq.keys, seq.values, self.plan.weights)
             self.compile_seconds = time.perf_counter() - t0
         else:
-            logits = fn(tok, pos, seq.keys, seq.values)
+            logits = fn(tok, pos, seq.keys, seq.values, self.plan.weights)
         cache.end(batch)
         return logits
 

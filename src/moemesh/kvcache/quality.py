@@ -15,18 +15,26 @@ from ..models.transformer import Transformer
 
 
 @torch.inference_mode()
-def token_nll(model: Transformer, ids: list[int], kv: str = "dense", chunk: int = 256) -> torch.Tensor:
-    """-log p(ids[i+1] | ids[:i+1]) for every i: float64 [len(ids) - 1]."""
+def teacher_forced(model: Transformer, ids: list[int], kv: str = "dense", chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every i: (-log p(ids[i+1] | ids[:i+1]) float64, the model's top-1 token int64), both
+    [len(ids) - 1]."""
     cache = model.new_cache(kv)
     cache.add_sequence(0)
     tokens = torch.tensor(ids)
-    out = []
+    nll, top1 = [], []
     for start in range(0, len(ids) - 1, chunk):
         end = min(start + chunk, len(ids) - 1)  # the last token is only ever a target
-        logits = model(tokens[start:end], torch.arange(start, end), cache, BatchLayout([0], [end - start]), all_logits=True)
-        logp = torch.log_softmax(logits.double(), dim=-1)  # [n, V]
-        out.append(-logp.gather(1, tokens[start + 1 : end + 1, None]).squeeze(1))
-    return torch.cat(out)
+        batch = BatchLayout([0], [end - start])
+        logits = model(tokens[start:end], torch.arange(start, end), cache, batch, all_logits=True)  # [n, V]
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        nll.append(-logp.gather(1, tokens[start + 1 : end + 1, None]).squeeze(1))
+        top1.append(logits.argmax(dim=-1))
+    return torch.cat(nll), torch.cat(top1)
+
+
+def token_nll(model: Transformer, ids: list[int], kv: str = "dense", chunk: int = 256) -> torch.Tensor:
+    """-log p(ids[i+1] | ids[:i+1]) for every i: float64 [len(ids) - 1]."""
+    return teacher_forced(model, ids, kv, chunk)[0]
 
 
 def perplexity(nll: torch.Tensor) -> float:
