@@ -20,6 +20,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -32,9 +33,9 @@ from moemesh.models.build import Builder
 
 RESULTS = Path(__file__).parent / "results"
 KINDS = "dense,turboquant:2.5,turboquant:3.5,turboquant:4"
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+SMOLLM2 = MappingProxyType(dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
-               tie_word_embeddings=True)  # SmolLM2-135M's config
+               tie_word_embeddings=True))  # SmolLM2-135M's config
 
 
 class RandomSource:
@@ -56,7 +57,7 @@ class RandomSource:
 
 def random_smollm2():
     spec = get_arch("llama")
-    args = spec.args_from_config(SMOLLM2)
+    args = spec.args_from_config(dict(SMOLLM2))
     d, f, dh = args.hidden_size, args.intermediate_size, args.head_dim
     shapes = {"model.embed_tokens.weight": (args.vocab_size, d), "model.norm.weight": (d,)}
     for i in range(args.num_layers):

@@ -21,6 +21,7 @@ import math
 import os
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -30,7 +31,7 @@ from moemesh.models.loader import load_model
 
 ROOT = Path(__file__).parent
 TEXT = ROOT.parent / "tests" / "data" / "kv_eval_essay.txt"
-PAPER = {1: 0.36, 2: 0.117, 3: 0.03, 4: 0.009}
+PAPER = MappingProxyType({1: 0.36, 2: 0.117, 3: 0.03, 4: 0.009})
 
 
 def distortion(bits: float, dim: int, n: int = 50000) -> dict:

@@ -206,3 +206,15 @@ def test_rows_do_not_depend_on_batch_size(mode):
     full = layer(x)
     for i in (0, 5, 127, 128, 299):
         assert torch.equal(full[i], layer(x[i : i + 1])[0])
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8", "bf16"])
+def test_from_float_rows_equals_from_float(mode):
+    torch.manual_seed(1)
+    w = torch.randn(300, 64)
+    whole = QuantLinear.from_float(w, None, mode)
+    chunked = QuantLinear.from_float_rows(w.to(torch.bfloat16).float(), mode, rows=64)
+    ref = QuantLinear.from_float(w.to(torch.bfloat16).float(), None, mode)
+    x = torch.randn(5, 64)
+    assert torch.equal(chunked(x), ref(x)) and chunked.out_features == whole.out_features
+    assert torch.equal(chunked.dequantized_weight(), ref.dequantized_weight())

@@ -83,6 +83,18 @@ def test_native_decode_step_two_threads():
         torch.set_num_threads(1)
 
 
+@needs_native
+def test_portable_c_loops(monkeypatch, tmp_path):
+    """The kernels' scalar loops (what CPUs without AVX-512 run) compute the same."""
+    monkeypatch.setenv("MOEMESH_TQ_CFLAGS", "-mno-avx512f")
+    monkeypatch.setenv("MOEMESH_CACHE_DIR", str(tmp_path))
+    if load_native() is None:
+        pytest.skip("the compiler rejects -mno-avx512f")
+    check_native_steps(3.5, 6, 64, 9, 3)
+    check_native_steps(2.5, None, 20, 2, 1)
+    assert list(tmp_path.glob("native/tq_native_*.so"))
+
+
 def check_native_steps(bits, window, dh, hq, hkv, prefix=0):
     c = TurboQuantKVCache(2, hkv, dh, bits=bits, window=4, native=True)
     g = torch.Generator().manual_seed(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.moe import group_by_expert
+from ..layers.moe import accumulate, group_by_expert
 from ..layers.router import TopKRouter
 from .cache import ExpertCache
 from .provider import ExpertProvider
@@ -60,7 +60,7 @@ class LazyExperts(ExpertProvider):
                     self._prefetch_next(layer, x, {e.key for e in entries})
                 for entry, (_, token_idx, slots) in zip(entries, chunk):
                     y = self.cache.expert(entry)(x[token_idx]) * flat_w[slots, None]  # [n, D]
-                    out.index_add_(0, token_idx, y)
+                    accumulate(out, token_idx, y)
             finally:
                 self.cache.release(entries)
         return out

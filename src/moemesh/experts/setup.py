@@ -32,10 +32,13 @@ class ExpertOptions:
     slots: int | None = None  # exact slot count (tests, benchmarks); overrides the budget
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every tensor the trunk holds (experts behind a provider are not modules)."""
+def model_bytes(model: Transformer) -> int:
+    """Bytes of the trunk that stay resident while decoding (experts behind a provider are not
+    modules). The embedding table (and a head's exact table when a quantized head scores every
+    row) is an mmap view of which only a few rows per token are touched: not counted then."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()) + [model.embed, model.lm_head.weight]:
+    tables = [] if model.lm_head.approx is not None else [model.lm_head.weight]
+    for t in list(model.parameters()) + list(model.buffers()) + tables:
         if t is not None and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()

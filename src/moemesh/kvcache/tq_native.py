@@ -7,6 +7,7 @@ eviction encode in the same call. Plain C, no torch headers: ``cc`` builds it in
 into ``$MOEMESH_CACHE_DIR`` (default ~/.cache/moemesh/native), keyed by a hash of the sources,
 flags and this CPU's feature flags (it is built with -march=native). No compiler, a failed build,
 or ``MOEMESH_TQ_NATIVE=0``: ``load_native()`` returns None and the cache uses the torch path.
+``MOEMESH_TQ_CFLAGS`` adds compiler flags (the tests build the portable loops with -mno-avx512f).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .packing import BitLayout
 
 HERE = Path(__file__).parent
 SOURCES = ("tq_native.h", "tq_attend.c", "tq_encode.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fopenmp"]  # retried without -fopenmp
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fopenmp")  # retried without -fopenmp
 MAX_GROUP, MAX_DIM, MAX_GROUPS = 16, 256, 2  # must match tq_native.h
 
 
@@ -44,6 +45,10 @@ def _cpu_flags() -> str:
         return ""
 
 
+def _flags() -> list[str]:
+    return [*FLAGS, *os.environ.get("MOEMESH_TQ_CFLAGS", "").split()]
+
+
 def _build(texts: dict[str, str], target: Path) -> None:
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
@@ -55,9 +60,9 @@ def _build(texts: dict[str, str], target: Path) -> None:
         lib = Path(tmp) / target.name
         srcs = [str(Path(tmp) / n) for n in texts if n.endswith(".c")]
         try:  # OpenMP: libgomp's soname matches torch's bundled one, so both share one thread pool
-            subprocess.run([cc, *FLAGS, *srcs, "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
+            subprocess.run([cc, *_flags(), *srcs, "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
         except subprocess.CalledProcessError:
-            flags = [f for f in FLAGS if f != "-fopenmp"]
+            flags = [f for f in _flags() if f != "-fopenmp"]
             subprocess.run([cc, *flags, *srcs, "-o", str(lib), "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(lib, target)  # atomic: concurrent builders never see half a library
 
@@ -68,7 +73,7 @@ def load_native() -> ctypes.CDLL | None:
         return None
     try:
         texts = {name: (HERE / name).read_text() for name in SOURCES}
-        key = hashlib.sha256("\0".join([*texts.values(), " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([*texts.values(), " ".join(_flags()), _cpu_flags()]).encode()).hexdigest()[:16]
         root = Path(os.environ.get("MOEMESH_CACHE_DIR", Path.home() / ".cache" / "moemesh")) / "native"
         path = root / f"tq_native_{key}.so"
         if not path.exists():

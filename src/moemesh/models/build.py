@@ -117,4 +117,4 @@ class Builder:
         mode = self.quant if self.quant != "auto" else ("int4" if self.native_int4 else "fp32")
         if mode == "fp32":
             return OutputHead(table.float())
-        return OutputHead(table, QuantLinear.from_float(table.float(), None, mode))
+        return OutputHead(table, QuantLinear.from_float_rows(table, mode))
