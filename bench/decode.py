@@ -40,18 +40,23 @@ from llama_cpp import Llama
 path, threads = sys.argv[1], int(sys.argv[2])
 llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
             verbose=False)
+n_vocab = llm.n_vocab()
+
+def argmax_last():  # logits of the last evaluated token (llm.scores is only filled with logits_all)
+    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
+
 print(json.dumps({"ready": True, "version": __import__("llama_cpp").__version__}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(req["prompt"])
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = argmax_last()
     t1 = time.perf_counter()
     toks = [tok]
     for _ in range(req["n"]):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = argmax_last()
         toks.append(tok)
     t2 = time.perf_counter()
     print(json.dumps({"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": toks}), flush=True)
@@ -125,7 +130,7 @@ def compile_probe(cache_dir: str, threads: int) -> None:
     dec.step(6, cache, 0)
     second = time.perf_counter() - t0
     print(json.dumps({"first_step_s": first, "second_step_s": second,
-                      "process_to_first_token_s": time.perf_counter() - t_start - second}))
+                      "process_to_first_compiled_step_s": time.perf_counter() - t_start - second}))
 
 
 def probe(cache_dir: str, threads: int) -> dict:
@@ -134,6 +139,27 @@ def probe(cache_dir: str, threads: int) -> dict:
     if r.returncode != 0:
         raise RuntimeError(f"compile probe failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def cpu_busy(window: float) -> float:
+    """Fraction of all cores busy over ``window`` seconds (while we sleep: other jobs' load)."""
+    def snap():
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    t0, i0 = snap()
+    time.sleep(window)
+    t1, i1 = snap()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_busy: float, timeout: float) -> float:
+    """Sleep until the machine is at most ``max_busy`` busy (others' jobs), or ``timeout``
+    passed; returns the last busy fraction seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = cpu_busy(2.0)
+        if busy <= max_busy or time.monotonic() > deadline:
+            return busy
 
 
 # ---------------------------------------------------------------- main
@@ -145,6 +171,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-python", default=None, help="python of a venv with llama-cpp-python")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--max-busy", type=float, default=0.3,
+                    help="before each round wait until other jobs use at most this fraction of the CPUs")
+    ap.add_argument("--quiet-timeout", type=float, default=300.0, help="longest wait for a quiet machine (s)")
     ap.add_argument("--no-compile-time", action="store_true", help="skip the cold/warm compile probes")
     ap.add_argument("--out", default=str(RESULTS / "decode"), help="output path without extension")
     ap.add_argument("--compile-probe", default=None, help=argparse.SUPPRESS)
@@ -212,7 +241,9 @@ def main() -> int:
         if name == "moemesh compiled int4":
             warm_compile = time.perf_counter() - t0
     runs: dict[str, list[dict]] = {name: [] for name in engines}
+    busy_before_round = []
     for r in range(args.rounds):
+        busy_before_round.append(wait_quiet(args.max_busy, args.quiet_timeout))
         for name, fn in engines.items():
             runs[name].append(fn(prompt, args.decode_tokens))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
@@ -246,10 +277,12 @@ def main() -> int:
         "decode_tokens": args.decode_tokens,
         "rounds": args.rounds,
         "threads": args.threads,
+        "max_busy": args.max_busy,
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": hf_version,
                     "llama_cpp_python": llama.version if llama else None,
                     "load_avg_start": load_avg_start, "load_avg_end": os.getloadavg()},
+        "cpu_busy_before_each_round": busy_before_round,
         "compile_seconds": compile_times,
         "compiled_engine_first_call_s": warm_compile,
         "engines": summary,
@@ -282,7 +315,9 @@ def markdown(r: dict) -> str:
         f"{r['model']}, prompt {r['prompt_tokens']} tokens, {r['decode_tokens']} greedy decode steps (EOS ignored), "
         f"{r['threads']} threads everywhere, {r['rounds']} interleaved rounds, medians. Machine: {r['machine']['cpu']}, "
         f"{r['machine']['cores']} cores shared with other jobs (load average {r['machine']['load_avg_start'][0]:.1f} "
-        f"at start, {r['machine']['load_avg_end'][0]:.1f} at end); torch {r['machine']['torch']}, "
+        f"at start, {r['machine']['load_avg_end'][0]:.1f} at end; each round waited for other jobs to use "
+        f"<= {r['max_busy']:.0%} of the CPUs, measured before the rounds: "
+        f"{', '.join(f'{b:.0%}' for b in r['cpu_busy_before_each_round'])}); torch {r['machine']['torch']}, "
         f"llama-cpp-python {r['machine']['llama_cpp_python']}, transformers {r['machine']['transformers']}.",
         "",
         "| engine | decode tok/s | vs llama.cpp | prefill tok/s | vs llama.cpp | greedy tokens = fp32 (of "
@@ -299,9 +334,9 @@ def markdown(r: dict) -> str:
     if c:
         lines += [
             f"- cold (empty Inductor cache): {c['cold']['first_step_s']:.1f} s "
-            f"(process start to first compiled token {c['cold']['process_to_first_token_s']:.1f} s)",
+            f"(process start to first compiled token {c['cold']['process_to_first_compiled_step_s']:.1f} s)",
             f"- warm (cache on disk): {c['warm']['first_step_s']:.1f} s "
-            f"(process start to first compiled token {c['warm']['process_to_first_token_s']:.1f} s)",
+            f"(process start to first compiled token {c['warm']['process_to_first_compiled_step_s']:.1f} s)",
         ]
     lines.append(f"- in the benchmark process (warm cache, after a cold+warm probe): {r['compiled_engine_first_call_s']:.1f} s")
     if r["notes"]:

@@ -9,7 +9,8 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from moemesh.commands.serve import curl_example, parse_size
+from moemesh.commands.serve import curl_example
+from moemesh.experts.budget import parse_size
 from moemesh.models.loader import resolve_model_path
 from moemesh.server.chat_prompt import build_chat_prompt
 from moemesh.server.errors import APIError, validation_error

@@ -26,7 +26,6 @@ only; fp32 caches only.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 import warnings
@@ -44,8 +43,6 @@ from ..layers.qlinear import QuantLinear
 from ..layers.rope import apply_rope
 from ..models.transformer import Transformer
 
-log = logging.getLogger(__name__)
-
 CACHE_ENV = "MOEMESH_COMPILE_CACHE"
 
 
@@ -59,15 +56,19 @@ def default_cache_dir() -> Path:
 
 
 def use_cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """Point Inductor's on-disk caches at ``path`` (default: ``default_cache_dir()``), unless the
-    user set ``TORCHINDUCTOR_CACHE_DIR`` themselves. Returns the directory in use."""
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if path is None and current and not getattr(use_cache_dir, "_ours", False):
-        return Path(current)  # the user's choice wins over our default
-    target = Path(path).expanduser() if path is not None else default_cache_dir()
+    """Point Inductor's on-disk caches (FX graph, AOT autograd, generated code) at ``path``. With
+    no path: keep a ``TORCHINDUCTOR_CACHE_DIR`` the user set, else use ``default_cache_dir()``.
+    Returns the directory in use."""
+    if path is None:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+        current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if current and os.path.abspath(current) != os.path.abspath(torch_default()):
+            return Path(current)  # set by the user (torch itself writes its /tmp default there)
+        path = default_cache_dir()
+    target = Path(path).expanduser()
     target.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(target)
-    use_cache_dir._ours = True  # type: ignore[attr-defined]
     return target
 
 
@@ -84,10 +85,10 @@ def unsupported_reason(model: Transformer) -> str | None:
 
 
 # ---------------------------------------------------------------- the step as a plain function
-# The compiled function takes every weight as one flat list argument ``w`` and reads the model's
-# structure (modes, sizes, flags) from plain objects holding ints and strings. Passing the
-# modules themselves also works, but then every call re-fetches ~300 parameters through
-# nn.Module.__getattr__ before entering the graph (~1 ms of a ~8 ms step).
+# The compiled function takes every weight as one flat list argument ``w`` (references to the
+# model's tensors) and reads the model's structure (modes, sizes, flags) from plain objects
+# holding ints and strings. Compiling a module over the model's modules works too, but then each
+# call fetches ~300 parameters through nn.Module.__getattr__ before it enters the graph.
 
 
 class LinearPlan:
@@ -121,7 +122,7 @@ class StepPlan:
     """The model's structure for the step function plus ``weights``: references (never copies) to
     the model's tensors, in the order the plan's indices name them."""
 
-    def __init__(self, model: Transformer, attn_impl: str = "fused") -> None:
+    def __init__(self, model: Transformer, attn_impl: str = "bmm") -> None:
         w: list[torch.Tensor] = []
         self.embed = _add(w, model.embed)
         self.inv_freq = _add(w, model.rope.inv_freq)
@@ -241,7 +242,7 @@ class CompiledDecoder:
 
     def __init__(self, model: Transformer, cache_dir: str | os.PathLike | None = None,
                  cpp_wrapper: bool = True, freezing: bool = False, max_autotune: bool = False,
-                 attn_impl: str = "fused", inductor_options: dict | None = None) -> None:
+                 attn_impl: str = "bmm", inductor_options: dict | None = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"compiled decode unsupported: {reason}")
@@ -259,8 +260,9 @@ class CompiledDecoder:
     def _compiled(self):
         if self._fn is None:
             use_cache_dir(self.cache_dir)
-            torch._dynamo.config.capture_scalar_outputs = True  # pos.item() stays in the graph
-            self._fn = torch.compile(make_step(self.plan), fullgraph=True, dynamic=False, options=self.options)
+            fn = torch.compile(make_step(self.plan), fullgraph=True, dynamic=False, options=self.options)
+            # pos.item() stays in the graph (scoped: other torch.compile users keep their setting)
+            self._fn = torch._dynamo.config.patch(capture_scalar_outputs=True)(fn)
         return self._fn
 
     @torch.inference_mode()
@@ -284,9 +286,6 @@ class CompiledDecoder:
             logits = fn(tok, pos, seq.keys, seq.values, self.plan.weights)
         cache.end(batch)
         return logits
-
-    def supports(self, cache) -> bool:
-        return type(cache) is DenseKVCache and cache.dtype == torch.float32
 
 
 class CompiledDecode:
