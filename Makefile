@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-run: venv
+PORT ?= 8080
+
+run: venv   # one answer on the command line, then the OpenAI/Anthropic server (Ctrl-C stops it)
 	$(VENV)/bin/moemesh generate smollm2 --chat --prompt "$(PROMPT)" -n 64
+	$(VENV)/bin/moemesh serve smollm2 --port $(PORT)
 
 test: venv
 	$(VENV)/bin/pytest -q
