@@ -45,3 +45,24 @@ def test_lazy_moe_served_with_cache_metrics(moe_store):
         assert lines.get("moemesh_expert_cache_slots", 0) > 0
     finally:
         server.stop()
+
+
+def test_serve_with_turboquant_kv_answers():
+    """The server's engine runs on a TurboQuant cache: concurrent requests complete, Paris survives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = ServerProcess("smollm2", "--kv", "turboquant:3.5", "--threads", "1").start()
+    try:
+        def ask(question: str) -> str:
+            body = json.dumps({"model": "m", "max_tokens": 24, "temperature": 0,
+                               "messages": [{"role": "user", "content": question}]}).encode()
+            req = urllib.request.Request(server.base_url + "/v1/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.load(r)["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(ask, ["What is the capital of France?", "Name a color.", "Say hello."]))
+        assert "Paris" in answers[0] and all(answers)
+    finally:
+        server.stop()

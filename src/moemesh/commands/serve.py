@@ -9,6 +9,7 @@ import sys
 
 from ..errors import MoemeshError
 from ..models.build import QUANT_MODES
+from ..kvcache.spec import KV_HELP, parse_kv_spec
 from .expert_args import add_expert_args, expert_options
 
 QUANT_CHOICES = ("none",) + QUANT_MODES
@@ -38,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--served-model-name", default=None, help="model name reported by the API (default: from MODEL)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--kv", default="dense", help=KV_HELP)
     add_expert_args(p)
     p.set_defaults(func=run)
 
@@ -78,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     if args.ctx is not None and args.ctx < 2:
         raise MoemeshError(f"--ctx must be >= 2, got {args.ctx}")
     experts = expert_options(args)  # checks --ram before anything slow
+    try:
+        kv = str(parse_kv_spec(args.kv))
+    except ValueError as e:
+        raise MoemeshError(f"--kv: {e}") from None
     sock = _listen(args.host, args.port)  # before the slow imports: a busy port fails at once
     port = sock.getsockname()[1]
 
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)  # here, on the main thread, before the engine thread exists
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = ServerConfig(model=args.model, host=args.host, port=port, api_key=args.api_key, experts=experts,
+    config = ServerConfig(model=args.model, host=args.host, port=port, api_key=args.api_key, experts=experts, kv=kv,
                           max_batch=args.max_batch,
                           max_prefill_tokens=args.max_prefill_tokens, queue_size=args.queue_size, ctx=args.ctx,
                           quant=args.quant, threads=args.threads, served_model_name=args.served_model_name)

@@ -27,6 +27,7 @@ class ServerConfig:
     port: int = 8080
     api_key: str | None = None
     experts: ExpertOptions | None = None  # how MoE experts are held (resident, or lazy under --ram)
+    kv: str = "dense"  # KV cache spec: dense | turboquant:BITS[:WINDOW]
     max_batch: int = 8
     max_prefill_tokens: int = 512
     queue_size: int = 64
@@ -75,7 +76,8 @@ class ServerState:
             self.context_length = self.config.ctx or loaded.args.max_position_embeddings
             engine = Engine(loaded.model, stop_token_ids=frozenset(loaded.tokenizer.eos_token_ids),
                             max_batch=self.config.max_batch,
-                            max_prefill_tokens=self.config.max_prefill_tokens, context_length=self.context_length)
+                            max_prefill_tokens=self.config.max_prefill_tokens, context_length=self.context_length,
+                            cache=loaded.model.new_cache(self.config.kv))
             self.providers = _providers(loaded)
             self.engine_loop = EngineLoop(engine)
             self.engine_loop.start()
