@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -250,6 +251,7 @@ def main() -> int:
             f"{n} {args.decode_tokens / runs[n][-1]['decode_s']:.1f}" for n in engines), file=sys.stderr, flush=True)
     if llama is not None:
         llama.close()
+    shutil.rmtree(cache_dir, ignore_errors=True)  # the probes' and this run's compiled artifacts
 
     ref_tokens = runs["moemesh eager fp32"][0]["tokens"]
     summary = {}
@@ -339,6 +341,14 @@ def markdown(r: dict) -> str:
             f"(process start to first compiled token {c['warm']['process_to_first_compiled_step_s']:.1f} s)",
         ]
     lines.append(f"- in the benchmark process (warm cache, after a cold+warm probe): {r['compiled_engine_first_call_s']:.1f} s")
+    lines += [
+        "",
+        "Reading the table: moemesh numbers are the engine's own accounting (`Engine.generate`, sampler "
+        "included); prefill is the first step (prompt -> first token), decode the 64 steps after it. The "
+        "compiled engine prefills eagerly (the compiled graph is the single-token step), so its prefill "
+        "column measures the same code as eager int4. \"greedy tokens = fp32\" counts how many leading "
+        "greedy tokens equal moemesh eager fp32's.",
+    ]
     if r["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
