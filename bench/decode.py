@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from moemesh.benchkit.results import cpu_model, write_results
+
 PROMPT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp, a "
     "notebook and a thermos of tea. From the gallery he could see the fishing boats returning, "
@@ -280,7 +282,7 @@ def main() -> int:
         "rounds": args.rounds,
         "threads": args.threads,
         "max_busy": args.max_busy,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": hf_version,
                     "llama_cpp_python": llama.version if llama else None,
                     "load_avg_start": load_avg_start, "load_avg_end": os.getloadavg()},
@@ -291,21 +293,9 @@ def main() -> int:
         "notes": notes,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    write_results(out.parent, out.name, result, markdown(result), sys.argv)
     print(markdown(result))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown(r: dict) -> str:

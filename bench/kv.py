@@ -15,15 +15,16 @@ shapes, hence the same decode cost), for machines without the model package.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 
+from moemesh.benchkit.results import cpu_model, write_results
 from moemesh.kvcache.base import KVCache
 from moemesh.kvcache.dense import DenseKVCache
 from moemesh.kvcache.turboquant import TurboQuantKVCache
@@ -152,14 +153,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def cpu_model() -> str:
-    try:
-        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
-        return line.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="1024,4096,8192")
@@ -187,9 +180,7 @@ def main() -> None:
     md = markdown(rows, meta)
     print(md)
     if not a.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{a.out}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-        (RESULTS / f"{a.out}.md").write_text(md)
+        write_results(RESULTS, a.out, dict(meta=meta, rows=rows), md, sys.argv)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,16 @@ Writes bench/results/kv_quality.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 
+from moemesh.benchkit.results import write_results
 from moemesh.kvcache.quality import agreement, greedy, perplexity, teacher_forced
 from moemesh.kvcache.quantizer import TurboQuantizer
 from moemesh.models.loader import load_model
@@ -89,9 +90,7 @@ def main() -> None:
     md = markdown(meta, dist, rows, a.greedy)
     print(md)
     if not a.no_write:
-        (ROOT / "results").mkdir(exist_ok=True)
-        (ROOT / "results" / "kv_quality.json").write_text(json.dumps(dict(meta=meta, distortion=dist, perplexity=rows), indent=1) + "\n")
-        (ROOT / "results" / "kv_quality.md").write_text(md)
+        write_results(ROOT / "results", "kv_quality", dict(meta=meta, distortion=dist, perplexity=rows), md, sys.argv)
 
 
 def markdown(meta: dict, dist: list[dict], rows: list[dict], n_greedy: int) -> str:

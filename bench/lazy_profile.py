@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--work-dir", default="/work/bench-data")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--cap-pct", type=float, default=25.0, help="cgroup cap (% of expert bytes), applied after load; 0 = none")
+    ap.add_argument("--cap-pct", type=float, default=25.0, help="cgroup cap (%% of expert bytes), applied after load; 0 = none")
     ap.add_argument("--margin-mib", type=int, default=128)
     ap.add_argument("--slots", type=int, help="exact cache slots instead of the --ram budget")
     ap.add_argument("--io-threads", type=int, default=4, help="reader threads (ExpertOptions.io_threads)")

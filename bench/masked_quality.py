@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moemesh.benchkit.results import write_results
 from moemesh.layers.batch import BatchLayout
 from moemesh.mesh.masked import mask_model, moe_blocks, shard_experts
 from moemesh.models.loader import load_model
@@ -124,7 +126,7 @@ def essay_streams(path: str, tokens: int, seqs: int) -> list[list[int]]:
     return [ids[i * tokens:(i + 1) * tokens] for i in range(seqs) if len(ids) >= (i + 1) * tokens]
 
 
-def write_md(out: Path, rows: list[dict], meta: dict) -> None:
+def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Masked mode quality (each node uses only its own experts)", "",
         f"Command: `{meta['command']}`  ",
@@ -148,7 +150,7 @@ def write_md(out: Path, rows: list[dict], meta: dict) -> None:
     if meta.get("moefied"):
         lines.append(f"The moefied model ({meta['moefied']}) has SmolLM2's real weights split into experts and a "
                      "fitted router; fed real text, it is a closer (still imperfect) proxy.")
-    out.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -177,9 +179,7 @@ def main() -> None:
                 machine=f"{platform.machine()} {torch.get_num_threads()} threads", torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d"), moefied=args.moefied)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-    write_md(out.with_suffix(".md"), rows, meta)
+    write_results(out.parent, out.name, dict(meta=meta, rows=rows), markdown(rows, meta), sys.argv)
     print(f"wrote {out}.json and .md")
 
 

@@ -9,10 +9,9 @@ shapes, so M=1 numbers are optimistic for weights streamed from DRAM.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moemesh.benchkit.results import cpu_model, write_results
 from moemesh.layers.qlinear import NEVER, QuantLinear
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 768), (768, 2048), (576, 49152)]  # (in K, out N)
@@ -137,16 +137,6 @@ def markdown(rows: list[dict], threads: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ms", default="1,8,64,256", help="comma-separated M (rows of x)")
@@ -174,9 +164,7 @@ def main() -> None:
           + "; ".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n" + HOW + "\n" + md)
     print(md)
     if not a.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "matmul.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-        (RESULTS / "matmul.md").write_text(md)
+        write_results(RESULTS, "matmul", dict(meta=meta, rows=rows), md, sys.argv)
 
 
 if __name__ == "__main__":

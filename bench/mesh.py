@@ -27,11 +27,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from moemesh.benchkit.results import write_results
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.mesh.launcher import MeshProcess, StageProcess
@@ -137,7 +139,7 @@ def expert_shards(model: Path, tokens: int, shard_counts: list[int]) -> list[dic
     return rows
 
 
-def write_md(results: dict) -> None:
+def markdown(results: dict) -> str:
     lines = []
     if results.get("configs"):
         lines += [f"# Mesh pipeline on loopback: {results['model']} ({results['num_layers']} layers)", "",
@@ -176,7 +178,7 @@ def write_md(results: dict) -> None:
                   "in expert-id order exactly as one process does. A 48-layer model of this shape (Qwen3-30B-A3B) "
                   "moves 48 x the per-MoE-layer figure per token.", "",
                   f"Command: `.venv/bin/python bench/mesh.py --part experts --tokens {ex['tokens']}`"]
-    (RESULTS / "mesh.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -198,8 +200,7 @@ def main() -> None:
         old["expert_shards"] = {"model": "random qwen3_moe, hidden 2048, 128 experts, top-8, 2 layers",
                                 "tokens": args.tokens,
                                 "rows": expert_shards(model, args.tokens, [int(x) for x in args.shards.split(",")])}
-        (RESULTS / "mesh.json").write_text(json.dumps(old, indent=2))
-        write_md(old)
+        write_results(RESULTS, "mesh", old, markdown(old), sys.argv)  # the pipeline rows kept
         return
     single = load_model(args.model).model
     n = single.args.num_layers
@@ -248,8 +249,7 @@ def main() -> None:
                                     "rows": expert_shards(model, args.tokens, [int(x) for x in args.shards.split(",")])}
     elif "expert_shards" in old:
         results["expert_shards"] = old["expert_shards"]
-    (RESULTS / "mesh.json").write_text(json.dumps(results, indent=2))
-    write_md(results)
+    write_results(RESULTS, "mesh", results, markdown(results), sys.argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Usage: python bench/mla_decode.py [THREADS] [CONTEXT]
 """
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import torch
@@ -18,8 +18,11 @@ from moemesh.layers.rope import RotaryEmbedding
 
 
 def main() -> None:
-    threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-    ctx = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("threads", type=int, nargs="?", default=1, help="torch threads (default 1)")
+    ap.add_argument("context", type=int, nargs="?", default=1024, help="tokens in the cache before decoding (default 1024)")
+    a = ap.parse_args()
+    threads, ctx = a.threads, a.context
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     d, h, steps = 2048, 16, 32

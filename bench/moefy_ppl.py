@@ -16,11 +16,13 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from moemesh.benchkit.results import write_results
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.layers.batch import BatchLayout
@@ -114,7 +116,6 @@ def write(a, rows: list[dict]) -> None:
     meta = {"model": a.model, "eval_text": "tests/data/kv_eval_essay.txt", "eval_tokens": rows[0]["tokens"],
             "window": a.window, "threads": a.threads, "machine": platform.machine(), "cpus": os.cpu_count(),
             "command": f"python bench/moefy_ppl.py --configs {a.configs}"}
-    Path(a.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# MoEfied {a.model}: perplexity on held-out text", "",
              f"Eval: {meta['eval_text']} ({meta['eval_tokens']} predicted tokens, windows of {a.window}); "
              f"dense = the same dequantized fp32 weights. Calibration: moemesh/moefy/data (not the eval text). "
@@ -129,7 +130,8 @@ def write(a, rows: list[dict]) -> None:
                      f"{opt('router_scale', '{:g}')} | {r['ppl']:.2f} | {r['ppl_vs_dense']:.3f} | "
                      f"{opt('router_error', '{:.3f}')} | {opt('oracle_error', '{:.3f}')} | {opt('moefy_seconds', '{:.0f}')} | "
                      f"{' '.join(r['answer'][:60].split()).replace('|', '/')} |")
-    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+    out = Path(a.out)
+    write_results(out.parent, out.name, {"meta": meta, "rows": rows}, "\n".join(lines) + "\n", sys.argv)
 
 
 if __name__ == "__main__":

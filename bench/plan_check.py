@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -34,6 +33,7 @@ import lazy  # noqa: E402
 import synth  # noqa: E402
 
 from moemesh.benchkit import perfmodel, probe as probe_mod  # noqa: E402
+from moemesh.benchkit.results import write_results  # noqa: E402
 from moemesh.commands.plan import plan  # noqa: E402
 
 MIB = 2**20
@@ -164,9 +164,8 @@ def main() -> None:
         for r in rr:
             r.pop("routing_counts", None)
             r.pop("step_s", None)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(out.with_suffix(".md").read_text())
+    write_results(out.parent, out.name, result, markdown(result), sys.argv)
+    print(markdown(result))
 
 
 def _f(x, fmt="{:.2f}", scale=1.0):

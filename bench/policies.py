@@ -12,10 +12,11 @@ Run: .venv/bin/python bench/policies.py  -> bench/results/policies.{json,md}
 from __future__ import annotations
 
 import argparse
-import json
 import random
+import sys
 from pathlib import Path
 
+from moemesh.benchkit.results import write_results
 from moemesh.experts.policy import POLICIES, Key, make_policy
 
 
@@ -83,7 +84,6 @@ def main() -> None:
             print(row)
     meta = {"tokens": a.tokens, "layers": a.layers, "experts": a.experts, "top_k": a.top_k,
             "command": "python bench/policies.py"}
-    Path(a.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Expert cache policies: hit rate by workload ({a.layers} layers x {a.experts} experts, top-{a.top_k}, "
              f"{a.tokens} tokens)", "", f"Command: `{meta['command']}`", "",
              "| workload | cache (% of experts) | slots | " + " | ".join(sorted(POLICIES)) + " |",
@@ -91,7 +91,8 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['workload']} | {100 * r['cache_fraction']:.0f}% | {r['slots']} | "
                      + " | ".join(f"{r[n]:.3f}" for n in sorted(POLICIES)) + " |")
-    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+    out = Path(a.out)
+    write_results(out.parent, out.name, {"meta": meta, "rows": rows}, "\n".join(lines) + "\n", sys.argv)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ import argparse
 import gzip
 import json
 import random
+import sys
 from pathlib import Path
 
+from moemesh.benchkit.results import write_results
 from moemesh.experts.policy import POLICIES, Key, make_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,11 +168,11 @@ def main() -> None:
                     print(r)
     meta = {**trace["meta"], "layers": layers, "tokens": stats["tokens"], "decode_tokens": decode_tokens,
             "command": "python bench/routing.py"}
-    Path(a.out + ".json").write_text(json.dumps({"meta": meta, "stats": stats, "rows": rows}, indent=1))
-    write_md(a.out + ".md", meta, stats, rows)
+    out = Path(a.out)
+    write_results(out.parent, out.name, {"meta": meta, "stats": stats, "rows": rows}, markdown(meta, stats, rows), sys.argv)
 
 
-def write_md(path: str, meta: dict, stats: dict, rows: list[dict]) -> None:
+def markdown(meta: dict, stats: dict, rows: list[dict]) -> str:
     mean = lambda xs: sum(x for x in xs if x is not None) / max(1, sum(x is not None for x in xs))  # noqa: E731
     E, k = meta["num_experts"], meta["top_k"]
     lines = [f"# Routing of the moefied model ({E} experts, top-{k}, {meta['layers']} layers)", "",
@@ -198,7 +200,7 @@ def write_md(path: str, meta: dict, stats: dict, rows: list[dict]) -> None:
         lines.append(f"| {r['workload']} | {100 * r['cache_fraction']:.0f}% | {r['slots']} | {r['policy']} | "
                      f"{'yes' if r['prefetch'] else 'no'} | {r['hit_rate']:.3f} | {r['misses_per_token']:.1f} | "
                      f"{r['reads_per_token']:.1f} | {pu} |")
-    Path(path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

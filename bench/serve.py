@@ -18,12 +18,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
 
+from moemesh.benchkit.results import write_results
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.models.loader import load_model
@@ -187,9 +189,7 @@ def main() -> None:
               "raw": {str(c): runs[c] for c in levels},
               "command": f"bench/serve.py --model {args.model} --threads {args.threads} "
                          f"--max-tokens {args.max_tokens} --concurrency {args.concurrency} --rounds {args.rounds}"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "serve.md").write_text(markdown(report))
+    write_results(RESULTS, "serve", report, markdown(report), sys.argv)  # report's own machine/command kept
     print(markdown(report))
 
 
