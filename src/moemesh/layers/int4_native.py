@@ -20,7 +20,7 @@ import torch
 from ..native import BASE_FLAGS, load_library
 
 HERE = Path(__file__).parent
-SOURCE = "int4_matmul.c"
+SOURCES = ("int4_kernel.h", "int4_matmul.c", "int4_ffn.c")
 FLAGS = BASE_FLAGS
 LAYOUT = (64, True)  # torch's AVX-512 int4 packing, the only one the kernel reads
 GROUP = 32
@@ -29,12 +29,14 @@ GROUP = 32
 @lru_cache(maxsize=1)
 def _load() -> ctypes.CDLL | None:
     try:
-        lib = load_library("int4_matmul", HERE, (SOURCE,), list(FLAGS))
+        lib = load_library("int4_matmul", HERE, SOURCES, list(FLAGS))
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.i4_matmul.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
     lib.i4_matmul.restype = i32
+    lib.i4_experts_ffn.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, p, i32]
+    lib.i4_experts_ffn.restype = i32
     lib.i4_simd.restype = i32
     return lib if lib.i4_simd() else None
 
@@ -67,6 +69,22 @@ def int4_matmul(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales
                        scales_and_zeros.data_ptr(), n_pad, y.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"int4_matmul: kernel rejected M={m}, K={k}, N={n_pad}")
+    return y
+
+
+def experts_ffn(lib: ctypes.CDLL, x: torch.Tensor, inter: int, parts: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """One token through n int4 SwiGLU experts in one call (int4_ffn.c): x fp32 [1, D] ->
+    fp32 [n, N_pad]; parts[e] = (gate_up qweight, gate_up scales_and_zeros, down qweight, down
+    scales_and_zeros), the packed buffers of QuantLinear (contiguous, checked by the caller)."""
+    d, n = x.shape[1], len(parts)
+    x = x.float().contiguous()
+    tables = [(ctypes.c_void_p * n)(*(part[j].data_ptr() for part in parts)) for j in range(4)]  # 4 x [n]
+    gu_npad, dn_npad = parts[0][0].shape[0], parts[0][2].shape[0]
+    y = torch.empty(n, dn_npad)
+    rc = lib.i4_experts_ffn(x.data_ptr(), d, inter, n, tables[0], tables[1], gu_npad, tables[2], tables[3], dn_npad,
+                            y.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"experts_ffn: kernel rejected D={d}, I={inter}, n={n}")
     return y
 
 

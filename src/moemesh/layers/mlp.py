@@ -1,9 +1,12 @@
 """Gated MLP (SwiGLU): the dense FFN, every routed expert and the shared expert."""
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
+from . import int4_native
 from .qlinear import QuantLinear
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -19,11 +22,42 @@ class GatedMLP(torch.nn.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"activation {act!r} not supported (have {sorted(ACTIVATIONS)})")
         self.act_name = act
+        self._fusable: bool | None = None  # int4 SwiGLU the fused kernel reads; decided on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
+        if x.dim() == 2 and x.shape[0] == 1:
+            lib = self.fused_int4()
+            if lib is not None:  # one token: one C call (int4_ffn.c), same bits as run_fused over a layer
+                return run_fused(lib, [self], x)
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
         return self.down(ACTIVATIONS[self.act_name](gate) * up)
 
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfused path (two kernel calls and torch's silu), for tests of the fused one."""
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
+        return self.down(ACTIVATIONS[self.act_name](gate) * up)
+
+    def fused_int4(self) -> ctypes.CDLL | None:
+        """The int4 kernel library when this MLP can run fused (int4 native gate_up and down, silu,
+        no biases), else None."""
+        if self._fusable is None:
+            gu, dn = self.gate_up, self.down
+            self._fusable = (self.act_name == "silu" and gu.bias is None and dn.bias is None
+                             and gu.native_int4() is not None and dn.native_int4() is not None
+                             and gu.out_features == 2 * dn.in_features
+                             and all(t.is_contiguous() for t in (gu.qweight, gu.scales_and_zeros,
+                                                                 dn.qweight, dn.scales_and_zeros)))
+        return int4_native.load_native() if self._fusable else None
+
     def nbytes(self) -> int:
         return self.gate_up.nbytes() + self.down.nbytes()
+
+
+def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.Tensor:
+    """One token x [1, D] through every MLP of ``mlps`` (all fused_int4()) -> [n, D]; row e equals
+    mlps[e](x) bit for bit (the kernel computes each expert independently of the others)."""
+    parts = [(m.gate_up.qweight, m.gate_up.scales_and_zeros, m.down.qweight, m.down.scales_and_zeros) for m in mlps]
+    y = int4_native.experts_ffn(lib, x, mlps[0].down.in_features, parts)  # [n, N_pad]
+    d = mlps[0].down.out_features
+    return y if y.shape[1] == d else y[:, :d].contiguous()

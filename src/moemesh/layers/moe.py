@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .mlp import GatedMLP
+from .mlp import GatedMLP, run_fused
 from .router import TopKRouter
 
 ExpertFn = Callable[[int], GatedMLP]
@@ -32,11 +32,33 @@ def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Te
 
 def mix_grouped(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: ExpertFn) -> torch.Tensor:
     # x: [T, D], ids/weights: [T, A] -> [T, D]
+    if x.shape[0] == 1:
+        fused = mix_one_token(x, ids, weights, expert)
+        if fused is not None:
+            return fused
     out = torch.zeros_like(x)
     flat_w = weights.reshape(-1)  # [T*A]
     for e, token_idx, slots in group_by_expert(ids):
         y = expert(e)(x[token_idx]) * flat_w[slots, None]  # [n, D]
         accumulate(out, token_idx, y)
+    return out
+
+
+def mix_one_token(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: ExpertFn) -> torch.Tensor | None:
+    """Decode fast path: one token's experts in one fused int4 call (int4_ffn.c), or None when they
+    are not all fusable. Same products and additions, in the same expert-id order, as the grouped
+    loop (whose per-expert calls run the same kernel): the result is bit-identical to it."""
+    # x: [1, D], ids/weights: [1, A] -> [1, D]
+    idl = ids[0].tolist()
+    order = sorted(range(len(idl)), key=idl.__getitem__)
+    mlps = [expert(idl[a]) for a in order]
+    lib = mlps[0].fused_int4() if isinstance(mlps[0], GatedMLP) else None
+    if lib is None or len(set(idl)) != len(idl) or not all(isinstance(m, GatedMLP) and m.fused_int4() for m in mlps):
+        return None
+    yw = run_fused(lib, mlps, x) * weights[0, order][:, None]  # [A, D]
+    out = torch.zeros_like(x)
+    for i in range(len(order)):
+        out.add_(yw[i])
     return out
 
 

@@ -1,0 +1,81 @@
+/* Fused int4 SwiGLU experts for one token (decode): for each of n experts
+     y_e = down_e(silu(g) * u),  [g | u] = gate_up_e(x)   (gate rows 0..I-1, up rows I..2I-1)
+   in one OpenMP region (three work-shared loops: gate_up blocks of every expert, the activation
+   and its quantization per expert, down blocks of every expert) instead of two kernel calls, a
+   chunk, a silu and a multiply per expert from Python.
+
+   Both matmuls are int4_kernel.h's block_tile / tail_rows, so every output row has the arithmetic of
+   i4_matmul. y_e depends only on x and expert e's weights (not on n, on the other experts in the
+   call, on the thread count or schedule): computing a layer's experts in one call or one at a time
+   gives the same bits, which keeps lazy (experts computed as their reads land) == resident. */
+#include "int4_kernel.h"
+
+static inline float silu_f(float g) { return g / (1.f + expf(-g)); }
+
+/* x fp32 [D]; expert e: gate_up qweight gu_q[e] [gu_npad, D/2], scales gu_sz[e] bf16 [D/32, gu_npad, 2];
+   down dn_q[e] [dn_npad, I/2], dn_sz[e] [I/32, dn_npad, 2]. y fp32 [n, dn_npad]. 0, or -1. */
+int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const uint8_t *const *gu_q,
+                   const uint16_t *const *gu_sz, int64_t gu_npad, const uint8_t *const *dn_q,
+                   const uint16_t *const *dn_sz, int64_t dn_npad, float *y, int nthreads) {
+#if I4_SIMD
+    if (d % GS || inter % GS || gu_npad % 16 || dn_npad % 16 || gu_npad < 2 * inter || n <= 0) return -1;
+    const int64_t G1 = d / GS, G2 = inter / GS;
+    const int64_t nf1 = gu_npad / BLK, t1 = gu_npad % BLK, nb1 = nf1 + (t1 ? 1 : 0);
+    const int64_t nf2 = dn_npad / BLK, t2 = dn_npad % BLK, nb2 = nf2 + (t2 ? 1 : 0);
+    /* scratch: x planes [D] x2, gate_up out [n, gu_npad], activation planes [n, I] x2, group stats */
+    int8_t *xq = (int8_t *)malloc((size_t)(2 * d + 2 * n * inter));
+    float *fs = (float *)malloc(sizeof(float) * (size_t)(2 * G1 + n * gu_npad + 2 * n * G2));
+    int32_t *is = (int32_t *)malloc(sizeof(int32_t) * (size_t)(G1 + n * G2));
+    if (!xq || !fs || !is) {
+        free(xq), free(fs), free(is);
+        return -1;
+    }
+    int8_t *x1 = xq, *x2 = xq + d, *a1 = xq + 2 * d, *a2 = a1 + n * inter;
+    float *du = fs, *sumx = fs + G1, *h = fs + 2 * G1, *adu = h + n * gu_npad, *asum = adu + n * G2;
+    int32_t *sx = is, *asx = is + G1;
+    quant_x(x, 0, 1, d, x1, x2, du, sumx, sx);
+    uint8_t ia[64], ib[64];
+    for (int j = 0; j < 16; j++) {
+        ia[4 * j] = j, ia[4 * j + 1] = 32 + j, ia[4 * j + 2] = 64 + j, ia[4 * j + 3] = 96 + j;
+        ib[4 * j] = 16 + j, ib[4 * j + 1] = 48 + j, ib[4 * j + 2] = 80 + j, ib[4 * j + 3] = 112 + j;
+    }
+    const __m512i idx_a = _mm512_loadu_si512(ia), idx_b = _mm512_loadu_si512(ib);
+    if (n * (gu_npad * d + dn_npad * inter) < SERIAL_MACS) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < n * nb1; it++) {
+            const int64_t e = it / nb1, blk = it % nb1;
+            if (blk == nf1)
+                tail_rows(gu_q[e] + nf1 * d * (BLK / 2), gu_sz[e], gu_npad, nf1 * BLK, t1, d, 1, x1, x2, du, sumx, sx,
+                          h + e * gu_npad, gu_npad);
+            else
+                block_tile(gu_q[e] + blk * d * (BLK / 2), gu_sz[e], gu_npad, blk, G1, d, x1, x2, du, sumx, sx,
+                           h + e * gu_npad, gu_npad, 1, idx_a, idx_b);
+        }
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < n; e++) {
+            float *he = h + e * gu_npad;
+            for (int64_t i = 0; i < inter; i++) he[i] = silu_f(he[i]) * he[inter + i];  /* act in place */
+            quant_x(he, 0, 1, inter, a1 + e * inter, a2 + e * inter, adu + e * G2, asum + e * G2, asx + e * G2);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < n * nb2; it++) {
+            const int64_t e = it / nb2, blk = it % nb2;
+            const int8_t *e1 = a1 + e * inter, *e2 = a2 + e * inter;
+            if (blk == nf2)
+                tail_rows(dn_q[e] + nf2 * inter * (BLK / 2), dn_sz[e], dn_npad, nf2 * BLK, t2, inter, 1, e1, e2,
+                          adu + e * G2, asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad);
+            else
+                block_tile(dn_q[e] + blk * inter * (BLK / 2), dn_sz[e], dn_npad, blk, G2, inter, e1, e2, adu + e * G2,
+                           asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad, 1, idx_a, idx_b);
+        }
+    }
+    free(xq), free(fs), free(is);
+    return 0;
+#else
+    (void)x, (void)d, (void)inter, (void)n, (void)gu_q, (void)gu_sz, (void)gu_npad, (void)dn_q, (void)dn_sz;
+    (void)dn_npad, (void)y, (void)nthreads;
+    return -1;
+#endif
+}

@@ -1,0 +1,89 @@
+"""The fused one-token int4 SwiGLU kernel (layers/int4_ffn.c) beside its references.
+
+Fused == the unfused path (two int4 kernel calls and torch's silu) within 1e-6 relative (only the
+silu's exp differs by an ulp: measured 2e-8); one call over many experts == one call per expert bit for bit
+(what keeps lazy == resident and mesh shards == one process); the MoE decode fast path ==
+the grouped loop bit for bit and == the per-token reference loop within fp32 tolerance.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moemesh.layers import int4_native as n4
+from moemesh.layers.mlp import GatedMLP, run_fused
+from moemesh.layers.moe import accumulate, group_by_expert, mix_grouped, mix_one_token, mix_reference
+from moemesh.layers.qlinear import QuantLinear
+
+LIB = n4.load_native()
+needs_lib = pytest.mark.skipif(LIB is None, reason="no C compiler or no AVX-512 VNNI/VBMI on this CPU")
+
+
+def expert(d: int, i: int, seed: int, mode: str = "int4", act: str = "silu") -> GatedMLP:
+    g = torch.Generator().manual_seed(seed)
+    gate_up = QuantLinear.from_float(torch.randn(2 * i, d, generator=g) * 0.05, None, mode, 32)
+    down = QuantLinear.from_float(torch.randn(d, i, generator=g) * 0.05, None, mode, 32)
+    return GatedMLP(gate_up, down, act)
+
+
+# (D, I): the Qwen3-30B-A3B expert, small full blocks, a D whose down rows end in a 32-row tail block
+SHAPES = [(2048, 768), (64, 32), (96, 160)]
+
+
+@needs_lib
+@pytest.mark.parametrize("d,i", SHAPES)
+def test_fused_matches_unfused_and_is_per_expert(d: int, i: int) -> None:
+    mlps = [expert(d, i, s) for s in range(5)]
+    x = torch.randn(1, d, generator=torch.Generator().manual_seed(d))
+    assert all(m.fused_int4() is not None for m in mlps)
+    together = run_fused(LIB, mlps, x)  # [5, D]
+    one_by_one = torch.cat([m(x) for m in mlps])  # forward: the fused kernel with one expert
+    assert together.shape == (5, d)
+    assert torch.equal(together, one_by_one)
+    assert torch.equal(run_fused(LIB, mlps[2:4], x), together[2:4])  # any subset, any order of calls
+    unfused = torch.cat([m.reference_forward(x) for m in mlps])
+    assert ((together - unfused).norm() / unfused.norm()).item() < 1e-6
+    exact = torch.cat([torch.nn.functional.linear(
+        torch.nn.functional.silu(g) * u, m.down.dequantized_weight()) for m in mlps
+        for g, u in [torch.nn.functional.linear(x, m.gate_up.dequantized_weight()).chunk(2, -1)]])
+    assert ((together - exact).norm() / exact.norm()).item() < 1e-4  # int8x2 activation planes
+
+
+@needs_lib
+def test_not_fused_when_it_cannot_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert expert(64, 48, 0).fused_int4() is None  # I not a multiple of the group size
+    assert expert(64, 32, 0, act="gelu").fused_int4() is None
+    assert expert(64, 32, 0, mode="int8").fused_int4() is None
+    monkeypatch.setenv("MOEMESH_INT4_NATIVE", "0")
+    m = expert(64, 32, 0)
+    assert m.fused_int4() is None
+    x = torch.randn(1, 64)
+    assert torch.equal(m(x), m.reference_forward(x))  # the fallback is the unfused path
+
+
+@needs_lib
+def test_decode_fast_path_equals_grouped_loop_bitwise() -> None:
+    d, i, e, a = 96, 64, 10, 4
+    experts = [expert(d, i, s) for s in range(e)]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        x = torch.randn(1, d, generator=gen)
+        ids = torch.randperm(e, generator=gen)[:a][None]  # [1, A], not sorted
+        w = torch.softmax(torch.randn(1, a, generator=gen), -1)
+        fast = mix_one_token(x, ids, w, experts.__getitem__)
+        assert fast is not None
+        assert torch.equal(mix_grouped(x, ids, w, experts.__getitem__), fast)
+        loop = torch.zeros_like(x)  # the grouped loop, written out (what LazyExperts does per expert)
+        for ex, token_idx, slots in group_by_expert(ids):
+            accumulate(loop, token_idx, experts[ex](x[token_idx]) * w.reshape(-1)[slots, None])
+        assert torch.equal(fast, loop)
+        ref = mix_reference(x, ids, w, experts.__getitem__)
+        assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_declines_unfusable_experts() -> None:
+    experts = [expert(64, 32, s, mode="int8") for s in range(4)]
+    x, ids, w = torch.randn(1, 64), torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.3]])
+    assert mix_one_token(x, ids, w, experts.__getitem__) is None
+    assert torch.allclose(mix_grouped(x, ids, w, experts.__getitem__), mix_reference(x, ids, w, experts.__getitem__),
+                          rtol=1e-5, atol=1e-6)
