@@ -48,6 +48,17 @@ def mallopt_after_load() -> None:
     libc.mallopt(M_TOP_PAD, 64 << 20)
 
 
+def disk_ticks(path: Path) -> int | None:
+    """Milliseconds the block device holding the store has spent with I/O in flight (io_ticks in
+    /sys/block/DEV/stat): its change over the timed steps / their wall time = disk busy fraction."""
+    try:
+        dev = os.stat(path).st_dev
+        name = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve().name
+        return int(Path(f"/sys/block/{name}/stat").read_text().split()[9])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def apply_fixes(provider, fixes: set[str]) -> None:
     import torch
 
@@ -126,6 +137,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, help="exact cache slots instead of the --ram budget")
     ap.add_argument("--io-threads", type=int, default=4, help="reader threads (ExpertOptions.io_threads)")
     ap.add_argument("--prefetch-top", type=int, default=None, help="ExpertOptions.prefetch_top")
+    ap.add_argument("--prefetch-threshold", type=float, default=None, help="ExpertOptions.prefetch_threshold (default: its default)")
     ap.add_argument("--fix", default="", help="comma list: crc-in-io, slot-experts, add, mallopt")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=12)
@@ -155,7 +167,9 @@ def main() -> None:
 
     ram = cap - a.margin_mib * MIB if cap else 2**40
     lm = load_model(str(root / "store"), "int4", experts=ExpertOptions(ram=None if a.slots else ram, slots=a.slots,
-                                                                      io_threads=a.io_threads, prefetch_top=a.prefetch_top))
+                                                                      io_threads=a.io_threads, prefetch_top=a.prefetch_top,
+                                                                      **({} if a.prefetch_threshold is None else
+                                                                         {"prefetch_threshold": a.prefetch_threshold})))
     fixes = {f for f in a.fix.split(",") if f}
     if "mallopt" in fixes:
         mallopt_after_load()
@@ -176,10 +190,12 @@ def main() -> None:
     for i in range(a.warmup):
         step(i)
     s0 = dict(prov.stats())
+    disk0 = disk_ticks(root)
     t = time.perf_counter()
     for i in range(a.warmup, a.warmup + a.tokens):
         step(i)
     dt = time.perf_counter() - t
+    disk_busy = (disk_ticks(root) - disk0) / 1e3 / dt if disk0 is not None else None
     s1 = prov.stats()
     n = a.tokens
     print(json.dumps({
@@ -189,6 +205,8 @@ def main() -> None:
         "stall_ms_per_token": (s1["stall_seconds"] - s0["stall_seconds"]) / n * 1e3,
         "prefetch_issued_per_token": (s1["prefetch_issued"] - s0["prefetch_issued"]) / n,
         "misses_per_token": (s1["misses"] - s0["misses"]) / n,
+        "disk_busy_fraction": disk_busy,
+        "prefetch_rank_precision": [None if v is None else round(v, 3) for v in s1.get("prefetch_rank_precision") or []],
     }))
     if a.profile:
         pr = cProfile.Profile()

@@ -182,6 +182,39 @@ def test_prefetch_top_limits_predictions_and_keeps_output(stores):
         assert len(top1) <= 3 and top1 <= all_k and len(all_k) > len(top1)
 
 
+def test_rank_gate_follows_measured_precision():
+    from moemesh.experts.lazy import RankGate
+
+    gate = RankGate(0.7, warmup=4)
+    for _ in range(3):
+        gate.score(0, True)
+        gate.score(1, False)
+    assert gate.open(0) and gate.open(1) and gate.open(5)  # still warming up / never seen
+    gate.score(0, True)
+    gate.score(1, False)
+    assert gate.open(0) and not gate.open(1)  # 4/4 used vs 0/4
+    for _ in range(20):
+        gate.score(1, True)
+    assert gate.open(1)  # scored while closed: 20/24 >= 0.7 reopens it
+    assert gate.precision()[:2] == [1.0, 20 / 24]
+    assert RankGate(0.0, warmup=0).open(1)  # 0 = prefetch every predicted expert
+
+
+def test_rank_gate_prefetches_less_and_keeps_output(stores):
+    """A gate that closes every rank after warm-up issues fewer prefetches than no gate; the output
+    is the same, and per-rank precision is reported."""
+    ref = run(load_model(str(stores["qwen3_moe-norm"])), True)
+    runs = {}
+    for th in (0.0, 1.01):
+        lm = load_model(str(stores["qwen3_moe-norm"]), experts=ExpertOptions(slots=12, prefetch_threshold=th))
+        lm.provider.gate.warmup = 2
+        assert run(lm, True) == ref
+        runs[th] = lm.provider.stats()
+    assert runs[1.01]["prefetch_issued"] < runs[0.0]["prefetch_issued"]
+    prec = runs[0.0]["prefetch_rank_precision"]
+    assert prec and all(p is None or 0.0 <= p <= 1.0 for p in prec)
+
+
 def test_policies():
     lru = LRU()
     for k in [(0, 1), (0, 2), (0, 3), (0, 1)]:

@@ -5,7 +5,7 @@ import argparse
 
 from ..experts.budget import parse_size
 from ..experts.policy import POLICIES
-from ..experts.setup import ExpertOptions
+from ..experts.setup import PREFETCH_THRESHOLD, ExpertOptions
 
 
 def add_expert_args(p: argparse.ArgumentParser) -> None:
@@ -17,8 +17,11 @@ def add_expert_args(p: argparse.ArgumentParser) -> None:
                    help="expert cache eviction: lfu = decayed frequency (default), lru")
     g.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's predicted experts")
     g.add_argument("--prefetch-top", type=int, default=None, metavar="N",
-                   help="prefetch only each token's N most likely next-layer experts (default: all top-k; "
-                        "6 of 8 was ~15-20%% faster at a quarter-size cache with uniform routing)")
+                   help="prefetch at most each token's N most likely next-layer experts (default: every rank "
+                        "that passes --prefetch-threshold)")
+    g.add_argument("--prefetch-threshold", type=float, default=PREFETCH_THRESHOLD, metavar="P",
+                   help="prefetch a prediction rank (a token's r-th most likely next-layer expert) only while its "
+                        "measured precision on this run is at least P (default %(default)s; 0 = every predicted expert)")
     g.add_argument("--no-verify", action="store_true", help="skip the checksum of each expert read")
     g.add_argument("--io-threads", type=int, default=4, help="expert reader threads")
 
@@ -30,6 +33,7 @@ def expert_options(args: argparse.Namespace, kv_reserve: int = 64 * 2**20) -> Ex
         verify=not args.no_verify,
         prefetch=not args.no_prefetch,
         prefetch_top=args.prefetch_top,
+        prefetch_threshold=args.prefetch_threshold,
         io_threads=args.io_threads,
         kv_reserve=kv_reserve,
     )

@@ -30,15 +30,57 @@ class Lookahead:
         self.top = top  # None: all of each token's top-k; n: only its n most likely (fewer wasted reads)
 
     def predict(self, x: torch.Tensor) -> list[int]:
+        return sorted(e for e, rank in self.predict_ranked(x).items() if self.top is None or rank < self.top)
+
+    def predict_ranked(self, x: torch.Tensor) -> dict[int, int]:
+        """expert -> its best rank over the tokens of x (0 = some token's most likely)."""
         ids, _ = self.router(x * self.ratio)  # [T, A], most likely first
-        return torch.unique(ids[:, : self.top]).tolist()
+        ranked: dict[int, int] = {}
+        for row in ids.tolist():
+            for rank, e in enumerate(row):
+                ranked[e] = min(rank, ranked.get(e, rank))
+        return ranked
+
+
+class RankGate:
+    """Which prediction ranks are worth a prefetch, measured on this model while it runs.
+
+    A prefetch that is not used costs a whole blob read and a cache slot; a used one only moves a
+    read that would happen anyway earlier. So rank r (the r-th most likely next-layer expert of a
+    token) is prefetched while its measured precision (used / predicted) is at least
+    ``threshold``, and always during its first ``warmup`` predictions. Every rank keeps being
+    predicted and scored whether or not it is prefetched, so a gate can reopen.
+    """
+
+    def __init__(self, threshold: float, warmup: int = 32) -> None:
+        self.threshold = threshold
+        self.warmup = warmup
+        self.total: list[int] = []  # per rank: predictions scored
+        self.right: list[int] = []  # per rank: of those, used by the next layer
+
+    def open(self, rank: int) -> bool:
+        if self.threshold <= 0 or rank >= len(self.total) or self.total[rank] < self.warmup:
+            return True
+        return self.right[rank] >= self.threshold * self.total[rank]
+
+    def score(self, rank: int, used: bool) -> None:
+        while rank >= len(self.total):
+            self.total.append(0)
+            self.right.append(0)
+        self.total[rank] += 1
+        self.right[rank] += int(used)
+
+    def precision(self) -> list[float | None]:
+        return [r / t if t else None for r, t in zip(self.right, self.total)]
 
 
 class LazyExperts(ExpertProvider):
-    def __init__(self, cache: ExpertCache, lookahead: dict[int, Lookahead] | None = None) -> None:
+    def __init__(self, cache: ExpertCache, lookahead: dict[int, Lookahead] | None = None,
+                 gate: RankGate | None = None) -> None:
         self.cache = cache
         self.lookahead = lookahead or {}
-        self.predicted: dict[int, set[int]] = {}  # layer -> experts predicted for its next run
+        self.gate = gate  # None: prefetch every predicted expert (or a Lookahead's fixed top)
+        self.predicted: dict[int, dict[int, int]] = {}  # layer -> {expert: rank} predicted for its next run
         self.predicted_total = 0
         self.predicted_right = 0
         self.token_layers = 0  # (token, layer) visits; / MoE layers = tokens, for per-token figures
@@ -84,16 +126,22 @@ class LazyExperts(ExpertProvider):
         look = self.lookahead.get(layer)
         if look is None:
             return
-        predicted = look.predict(x)
-        self.predicted[look.next_layer] = set(predicted)
-        self.cache.prefetch([(look.next_layer, e) for e in predicted], protect)
+        ranked = look.predict_ranked(x)
+        self.predicted[look.next_layer] = ranked
+        chosen = sorted(e for e, r in ranked.items()
+                        if (look.top is None or r < look.top) and (self.gate is None or self.gate.open(r)))
+        self.cache.prefetch([(look.next_layer, e) for e in chosen], protect)
 
     def _score_prediction(self, layer: int, actual: list[int]) -> None:
         predicted = self.predicted.pop(layer, None)
         if predicted is None:
             return
         self.predicted_total += len(actual)
-        self.predicted_right += len(predicted.intersection(actual))
+        self.predicted_right += len(predicted.keys() & set(actual))
+        if self.gate is not None:
+            used = set(actual)
+            for e, rank in predicted.items():
+                self.gate.score(rank, e in used)
 
     def stats(self) -> dict:
         s = self.cache.stats
@@ -116,6 +164,7 @@ class LazyExperts(ExpertProvider):
             "prefetch_issued": s.prefetch_issued,
             "prefetch_hits": s.prefetch_hits,
             "prefetch_accuracy": self.predicted_right / self.predicted_total if self.predicted_total else None,
+            "prefetch_rank_precision": self.gate.precision() if self.gate is not None else None,
             "cache_slots": self.cache.num_slots,
             "cache_bytes": self.cache.nbytes(),
             "blob_bytes": self.cache.blob_size,

@@ -13,10 +13,15 @@ from ..weights.source import SafetensorsSource
 from .budget import BudgetPlan, plan_budget
 from .cache import ExpertCache
 from .io import BlobReader
-from .lazy import LazyExperts, Lookahead
+from .lazy import LazyExperts, Lookahead, RankGate
 from .policy import make_policy
 from .provider import ExpertProvider, ResidentExperts
 from .store import ExpertStore
+
+
+# Measured (bench/lazy_profile.py --prefetch-threshold, docs in RankGate): 0.7 prefetched 6 of 8 ranks on the
+# Qwen3-shaped store at a quarter cap (4.6-4.8 vs 3.9-4.3 tok/s for all) and 27 of 28 on the moefied SmolLM2.
+PREFETCH_THRESHOLD = 0.7
 
 
 @dataclass
@@ -26,6 +31,8 @@ class ExpertOptions:
     verify: bool = True  # checksum of every blob read (xxh3-64; crc32 in older stores)
     prefetch: bool = True
     prefetch_top: int | None = None  # prefetch only each token's N most likely next-layer experts
+    # prefetch a prediction rank only while its measured precision is at least this (lazy.RankGate); 0 = all
+    prefetch_threshold: float = PREFETCH_THRESHOLD
     io_threads: int = 4
     direct: bool = True  # O_DIRECT when the filesystem allows it
     kv_reserve: int = 64 * 2**20
@@ -78,4 +85,5 @@ def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tup
     lazy.cache = ExpertCache(store, slots, make_policy(opts.policy), reader, opts.verify)
     if opts.prefetch:
         lazy.lookahead = lookaheads(model, opts.prefetch_top)
+        lazy.gate = RankGate(opts.prefetch_threshold)
     return model, lazy, plan
