@@ -136,7 +136,7 @@ def main() -> None:
     cal = rows.get(f"q{args.calibrate}")
     k_fit = None
     if cal and cal["measured_tokens_per_s"] and cal["plan"]["disk_floor_s"]:
-        cpu = max(cal["plan"]["memory_floor_s"], cal["plan"]["compute_floor_s"])
+        cpu = max(cal["plan"]["memory_floor_s"], cal["plan"]["compute_floor_s"]) + cal["plan"].get("overhead_s", 0.0)
         k_fit = (1 / cal["measured_tokens_per_s"] - cpu) / cal["plan"]["disk_floor_s"]
     none_tps = rows["none"]["measured_tokens_per_s"]
     for c, row in rows.items():
@@ -147,7 +147,7 @@ def main() -> None:
             row["predicted_measured_cpu_tokens_per_s"] = 1 / t
             row["error_measured_cpu"] = 1 / t / m - 1
         if k_fit is not None and m:
-            t = max(p["memory_floor_s"], p["compute_floor_s"]) + k_fit * p["disk_floor_s"]
+            t = max(p["memory_floor_s"], p["compute_floor_s"]) + p.get("overhead_s", 0.0) + k_fit * p["disk_floor_s"]
             row["predicted_refit_tokens_per_s"] = 1 / t
             row["error_refit"] = 1 / t / m - 1
     result = {
@@ -184,7 +184,7 @@ def markdown(r: dict) -> str:
         f"int4 M=1 matmul {pr['matmul']['int4']['gflops']:.1f} GFLOP/s ({pr['threads']} threads). Machine: "
         f"{r['machine']['cores']} cores shared with other jobs (load {r['machine']['loadavg_before'][0]:.1f} before, "
         f"{r['machine']['loadavg_after'][0]:.1f} after): **timings are noisy**.", "",
-        "Prediction = `max(memory, compute floor) + IO_FACTOR * disk floor`, disk floor = "
+        "Prediction = `max(memory, compute floor) + layers * eager overhead per layer (probe) + IO_FACTOR * disk floor`, disk floor = "
         "`L * k * (1 - h) * blob / disk BW`, h = hit rate of a frequency-ordered cache of the budget's slots under the "
         "routing profile recorded in the uncapped run (all steps; each cached pair misses once). "
         f"Shipped IO_FACTOR {r['io_factor_shipped']}; refit on {r['calibration_cap']} alone: {_f(r['io_factor_refit'])}.", "",

@@ -85,6 +85,13 @@ def test_store_blob_and_trunk_match_a_converted_store(tiny_checkpoints, tmp_path
         assert format_bytes(shape_from_config(st.config), "int4").trunk_ram == model_bytes(loaded.model), name
 
 
+def test_disk_bandwidth_is_a_robust_median_near_the_blob_size():
+    probe = {"disk": {"measurements": [{"request_bytes": 2**21, "bytes_s": b} for b in (1.0e9, 1.1e9, 2.3e9)]
+                      + [{"request_bytes": 2**24, "bytes_s": 3e9}]}}
+    assert perfmodel.disk_bandwidth(probe, 2**21) == pytest.approx(1.1e9)  # one lucky 2.3 GB/s sample ignored
+    assert perfmodel.disk_bandwidth(probe, 100 * 2**20) == pytest.approx(3e9)  # none within 4x: nearest size
+
+
 def test_perfmodel_floors_and_hit_rates():
     s = shape_from_config(KNOWN["Qwen3-30B-A3B"])
     fb = format_bytes(s, "int4")
@@ -93,7 +100,7 @@ def test_perfmodel_floors_and_hit_rates():
     assert everything.seconds_per_token == pytest.approx(max(fb.active / 20e9, 2 * s.active_matmul_params / 40e9))
     half = perfmodel.predict(s, "int4", fb.trunk_ram + fb.experts // 2 + 2**30, PROBE)
     assert half.hit_rate == pytest.approx(half.slots / (48 * 128))
-    floor = 48 * 8 * (1 - half.hit_rate) * fb.expert / 1e9  # 2.8 MiB blobs: the 2 MiB measurement
+    floor = 48 * 8 * (1 - half.hit_rate) * fb.expert / 1.5e9  # 2.8 MiB blobs: median of the 2 and 8 MiB samples
     assert half.disk_s == pytest.approx(floor)
     assert half.seconds_per_token == pytest.approx(everything.seconds_per_token + perfmodel.IO_FACTOR * floor)
     assert not perfmodel.predict(s, "int4", 2**29, PROBE).fits
@@ -153,3 +160,21 @@ def test_bench_quick_writes_a_probe_plan_reads(tmp_path, capsys):
     assert main(["plan", "Qwen3-30B-A3B", "--ram", "8G", "--probe", str(out), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["formats"]["int4"]["tokens_per_s"] > 0
+
+
+def test_eager_overhead_adds_per_layer():
+    s = shape_from_config(KNOWN["Qwen3-30B-A3B"])
+    fb = format_bytes(s, "int4")
+    ram = perfmodel.ram_to_hold_all(fb)
+    base = perfmodel.predict(s, "int4", ram, PROBE)
+    more = perfmodel.predict(s, "int4", ram, {**PROBE, "overhead": {"layer_s": 1e-3}})
+    assert more.overhead_s == pytest.approx(48e-3) and base.overhead_s == 0.0
+    assert more.seconds_per_token == pytest.approx(base.seconds_per_token + 48e-3)
+
+
+def test_layer_overhead_runs_the_real_decode_code():
+    from moemesh.benchkit.overhead import layer_overhead, step_seconds
+
+    assert step_seconds(2, steps=3) > 0
+    r = layer_overhead(steps=3, shallow=1, deep=2)
+    assert r["layer_s"] >= 0.0 and r["step_s_deep"] > 0 and r["layers"] == [1, 2]

@@ -6,8 +6,10 @@ size S, N experts per layer, a cache of C slots and hit rate h:
 * disk floor    ``L * k * (1 - h) * S / B_disk``   (h = C / (L * N) for uniform routing)
 * memory floor  ``active_bytes / B_mem``
 * compute floor ``2 * active_matmul_params / R_fmt`` (R_fmt: the probe's M=1 matmul rate)
+* eager overhead ``layers * o`` (o: the probe's measured per-layer cost of the real decode code
+  beyond its weight bytes, benchkit/overhead.py; 0 for probes made before it existed)
 
-The prediction is ``max(memory, compute) + IO_FACTOR * disk``. Measured (bench/plan_check.py):
+The prediction is ``max(memory, compute) + overhead + IO_FACTOR * disk``. Measured (bench/plan_check.py):
 on a 2-core machine the expert reads do not hide behind compute (the I/O threads, checksums and
 building the expert views share the two cores with the matmuls; wrongly prefetched experts are
 read too), so the disk floor adds to the compute time rather than overlapping it. IO_FACTOR is
@@ -22,11 +24,11 @@ from ..experts.budget import RUNTIME_OVERHEAD
 from .shapes import FormatBytes, ModelShape, format_bytes
 
 KV_RESERVE = 64 * 2**20  # ExpertOptions.kv_reserve's default
-# Fitted by bench/plan_check.py on its 50% cap on a quiet machine (load 0.6-2.2, 3 repeats, after the
-# xxh3 checksums and the int4 C kernel): 1.65; the 25% and 100% caps, not used in the fit, were then
-# within +21% and -16% (bench/results/plan_check.md). The previous value, 1.3, came from
-# bench/results/lazy.md's older runs and over-predicted the quarter cap by 44%.
-IO_FACTOR = 1.65
+# Fitted by bench/plan_check.py on its 50% cap (quiet machine, 3 repeats, after the fused int4 expert
+# kernel and the rank-gated prefetch, with the median disk bandwidth above): 1.47; it then checks the
+# 25% and 100% caps, which the fit does not use (bench/results/plan_check.md). Earlier values: 1.65
+# (best-of disk bandwidth, before the fused kernel), 1.3 (older runs of bench/lazy.py).
+IO_FACTOR = 1.47
 
 
 @dataclass
@@ -40,15 +42,23 @@ class Prediction:
     seconds_per_token: float | None
     tokens_per_s: float | None
     why: str = ""
+    overhead_s: float = 0.0  # per token: eager dispatch beyond the weight bytes
 
 
 def disk_bandwidth(probe: dict[str, Any], request_bytes: int) -> float:
-    """Best measured bandwidth at the request size nearest (log scale) to one expert's blob."""
+    """Median measured bandwidth over the probe's request sizes within 4x of one expert's blob (the
+    nearest size when none is): single samples of this disk swing 1.1-2.3 GB/s between runs, and a
+    best-of would make IO_FACTOR absorb one lucky sample."""
     import math
+    import statistics
 
     ms = probe["disk"]["measurements"]
-    near = min({m["request_bytes"] for m in ms}, key=lambda r: abs(math.log(r / max(request_bytes, 1))))
-    return max(m["bytes_s"] for m in ms if m["request_bytes"] == near)
+    size = max(request_bytes, 1)
+    near = [m for m in ms if abs(math.log(m["request_bytes"] / size)) <= math.log(4)]
+    if not near:
+        best = min({m["request_bytes"] for m in ms}, key=lambda r: abs(math.log(r / size)))
+        near = [m for m in ms if m["request_bytes"] == best]
+    return statistics.median(m["bytes_s"] for m in near)
 
 
 def ram_to_hold_all(fb: FormatBytes) -> int:
@@ -83,20 +93,22 @@ def predict(shape: ModelShape, fmt: str, ram: int, probe: dict[str, Any], hit_ra
     fb = format_bytes(shape, fmt)
     mem_s = fb.active / probe["memory"]["bytes_s"]
     compute_s = 2 * shape.active_matmul_params / (probe["matmul"][fmt]["gflops"] * 1e9)
-    cpu_s = max(mem_s, compute_s)
+    overhead_s = shape.num_layers * float((probe.get("overhead") or {}).get("layer_s", 0.0))
+    cpu_s = max(mem_s, compute_s) + overhead_s
     total = shape.moe_layers * shape.num_experts
     if ram >= ram_to_hold_all(fb) or total == 0:
-        return Prediction(True, total, 1.0, 0.0, mem_s, compute_s, cpu_s, 1 / cpu_s)
+        return Prediction(True, total, 1.0, 0.0, mem_s, compute_s, cpu_s, 1 / cpu_s, overhead_s=overhead_s)
     slots = cache_slots(shape, fb, ram)
     if slots < shape.top_k:
         need = fb.trunk_ram + KV_RESERVE + RUNTIME_OVERHEAD + shape.top_k * fb.expert
         return Prediction(False, slots, 0.0, 0.0, mem_s, compute_s, None, None,
-                          f"needs at least {need / 2**30:.1f} GiB (trunk + runtime + one layer's active experts)")
+                          f"needs at least {need / 2**30:.1f} GiB (trunk + runtime + one layer's active experts)",
+                          overhead_s)
     h = hit_rate if hit_rate is not None else (
         profile_hit_rate(routing, slots) if routing is not None else uniform_hit_rate(shape, slots))
     disk_s = shape.moe_layers * shape.top_k * (1 - h) * fb.expert / disk_bandwidth(probe, fb.expert)
     t = cpu_s + io_factor * disk_s
-    return Prediction(True, slots, h, disk_s, mem_s, compute_s, t, 1 / t)
+    return Prediction(True, slots, h, disk_s, mem_s, compute_s, t, 1 / t, overhead_s=overhead_s)
 
 
 def nodes_to_hold(fb: FormatBytes, ram: int) -> int | None:

@@ -159,12 +159,17 @@ def run_probe(disk_dir: Path | None = None, disk_file: Path | None = None, threa
     for fmt in ("int4", "int8", "bf16"):
         matmul[fmt] = matmul_rate(fmt, shapes, 96 * MIB, 2.0 * scale)
         log(f"{fmt} matmul (M=1, weights from DRAM): {matmul[fmt]['gflops']:.1f} GFLOP/s")
+    from .overhead import layer_overhead
+
+    log("eager decode overhead per layer (tiny qwen3_moe, 2 vs 8 layers) ...")
+    overhead = layer_overhead(steps=20 if quick else 40)
+    log(f"  {overhead['layer_s'] * 1e3:.2f} ms per layer")
     return {
         "version": PROBE_VERSION, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick, "threads": threads,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "loadavg": os.getloadavg(), "torch": torch.__version__, "ram_bytes": total_ram()},
         "disk": {"file": str(disk_file), "measurements": disk}, "memory": mem, "matmul": matmul,
-        "seconds": time.time() - t0,
+        "overhead": overhead, "seconds": time.time() - t0,
     }
 
 

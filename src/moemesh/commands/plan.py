@@ -52,7 +52,8 @@ def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rat
         if probe is not None:
             p = predict(shape, fmt, pooled, probe, hit_rate, routing)
             row.update(tokens_per_s=p.tokens_per_s, fits=p.fits, cache_slots=p.slots, hit_rate=p.hit_rate,
-                       disk_floor_s=p.disk_s, memory_floor_s=p.memory_s, compute_floor_s=p.compute_s, why=p.why)
+                       disk_floor_s=p.disk_s, memory_floor_s=p.memory_s, compute_floor_s=p.compute_s,
+                       overhead_s=p.overhead_s, why=p.why)
         out["formats"][fmt] = row
     return out
 
