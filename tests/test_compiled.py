@@ -11,10 +11,11 @@ import warnings
 import pytest
 import torch
 
-from moemesh.engine.compiled import CompiledDecode, CompiledDecoder, unsupported_reason
+from moemesh.engine.compiled import CompiledDecode, CompiledDecoder, StepPlan, unsupported_reason
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.layers.batch import BatchLayout
+from moemesh.layers.int4_native import load_native
 
 
 def prefill(model, cache, ids: list[int], seq_id: int = 0) -> torch.Tensor:
@@ -102,22 +103,47 @@ def test_engine_compiled_generates_what_eager_generates(tiny_model):
             == engine.generate([prompts[0]], sampled)[0].output_ids)
 
 
-def test_moe_model_stays_eager_with_one_warning(tmp_path):
+def test_fp32_moe_model_stays_eager_with_one_warning(tmp_path):
     from tiny import configs, make_checkpoint
 
     from moemesh.models.loader import load_model
 
     make_checkpoint(configs()["qwen3_moe-norm"], tmp_path)
     model = load_model(str(tmp_path), "fp32").model
-    assert "MoEBlock" in unsupported_reason(model)
+    assert "not int4 SwiGLUs" in unsupported_reason(model)
     params = SamplingParams(temperature=0.0, max_tokens=8)
     eager = Engine(model).generate([[1, 2, 3]], params)[0].output_ids
     engine = Engine(model, compiled=True)
-    with pytest.warns(RuntimeWarning, match="MoEBlock") as record:
+    with pytest.warns(RuntimeWarning, match="int4 SwiGLUs") as record:
         out = engine.generate([[1, 2, 3]], params)[0].output_ids
         out2 = engine.generate([[1, 2, 3]], params)[0].output_ids
     assert len(record) == 1
     assert out == out2 == eager
+
+
+@pytest.mark.skipif(load_native() is None, reason="no C int4 kernel on this machine")
+def test_int4_moe_compiled_close_to_eager_and_moe_op_exact():
+    """A resident int4 qwen3_moe (the probe's tiny random model, 2 layers) compiles: its MoE layers
+    run as one custom op whose output equals the eager MoE layer's bits, and greedy decoding
+    follows eager (the rest differs only by Inductor's op order)."""
+    from moemesh.benchkit.overhead import DictSource, tiny_qwen3_moe
+    from moemesh.models import get_arch
+
+    cfg, tensors = tiny_qwen3_moe(2)
+    spec = get_arch("qwen3_moe")
+    model = spec.make_builder(spec.args_from_config(cfg), DictSource(tensors), "int4").build(None)
+    assert unsupported_reason(model) is None
+    ffn = model.layers[1].ffn
+    x = torch.randn(1, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
+    ids, w = ffn.router(x)
+    plan = StepPlan(model).layers[1].moe
+    table = StepPlan(model).weights[plan.table]
+    via_op = torch.ops.moemesh.moe_decode(x, ids, w, table, plan.inter, plan.gu_npad, plan.dn_npad)
+    assert torch.equal(via_op, ffn(x))
+    le, lc, toks_e, toks_c = decode_both(model, CompiledDecoder(model), [5, 6, 7, 8, 9], 12)
+    rel = ((le - lc).norm(dim=-1) / le.norm(dim=-1)).max().item()
+    assert rel < 1e-3, rel
+    assert toks_e == toks_c
 
 
 def test_compile_failure_falls_back_to_eager_once(tiny_model, monkeypatch):

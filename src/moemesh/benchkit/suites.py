@@ -97,7 +97,7 @@ SUITES: tuple[Suite, ...] = (
           ("--repeats", "3"), _res("plan_check.json", "plan_check.md", "plan_check_probe.json"), root=True, minutes=10,
           note="first run builds the synthetic data in /work/bench-data (+10-20 min)"),
     Suite("lazy", "lazy.py", "lazy experts vs llama.cpp under memory caps, Qwen3-30B-A3B shapes (12 layers)",
-          results=_res("lazy.json", "lazy.md", "lazy.png"), llama_cpp=True, root=True, minutes=15,
+          ("--omp-wait-policy", ""), results=_res("lazy.json", "lazy.md", "lazy.png"), llama_cpp=True, root=True, minutes=15,
           llama_flag="--llama-python"),
     _lazy("gpt-oss-120b", 6),
     _lazy("mixtral-8x7b", 15),
@@ -115,7 +115,10 @@ SUITES: tuple[Suite, ...] = (
     Suite("mla_decode", "mla_decode.py", "one DeepSeek MLA layer: latent vs per-head KV cache (prints only)",
           minutes=1, in_all=False),
     Suite("lazy_profile", "lazy_profile.py", "where a capped lazy decode step's time goes (prints a profile)",
-          ("--cap-pct", "25", "--tokens", "24", "--prefetch-top", "6"), root=True, minutes=3, in_all=False),
+          ("--cap-pct", "25", "--tokens", "24"), root=True, minutes=3, in_all=False),
+    Suite("decode_split", "decode_split.py", "uncapped decode step split: fused experts / other int4 matmuls / rest",
+          ("--compile",), results=_res("decode_split.json", "decode_split.md"), minutes=2, in_all=False,
+          note="needs the store `lazy` builds"),
 )
 BY_NAME = MappingProxyType({s.name: s for s in SUITES})
 

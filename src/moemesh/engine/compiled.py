@@ -26,9 +26,12 @@ rounding of matmul inputs turns last-bit fp32 differences (Inductor's fused RMSN
 F.rms_norm) into ~1% relative logit differences, well inside each path's distance to fp32, but
 enough to flip a greedy near-tie now and then (tests/test_compiled.py has the measurements).
 
-Limits: dense (GatedMLP) layers only -- an MoE layer calls an ExpertProvider that does
-data-dependent Python, so such models stay eager (``unsupported_reason`` says why); DenseKVCache
-with fp32 buffers only; one sequence per step (batched steps stay eager).
+MoE layers compile when their experts are resident int4 SwiGLUs the fused kernel reads (top-k
+softmax router, no shared expert): the router runs in the graph and the experts run as one opaque
+custom op, ``moemesh::moe_decode`` (layers/int4_ops.py), which returns the eager MoE layer's bits
+for the same input. With the C int4 kernel available, int4 linears call it too
+(``moemesh::int4_mm``), as eager does. Lazy or remote experts stay eager (``unsupported_reason``
+says why); DenseKVCache with fp32 buffers only; one sequence per step (batched steps stay eager).
 """
 from __future__ import annotations
 
@@ -45,7 +48,11 @@ import torch.nn.functional as F
 from ..kvcache.dense import DenseKVCache
 from ..layers.attention import Attention
 from ..layers.batch import BatchLayout
+from ..experts.provider import ResidentExperts
+from ..layers import int4_ops
 from ..layers.head import OutputHead
+from ..layers.moe import MoEBlock
+from ..layers.router import TopKRouter
 from ..layers.mlp import ACTIVATIONS, GatedMLP
 from ..layers.qlinear import QuantLinear
 from ..layers.rope import apply_rope
@@ -83,14 +90,29 @@ def use_cache_dir(path: str | os.PathLike | None = None) -> Path:
 def unsupported_reason(model: Transformer) -> str | None:
     """Why ``model`` cannot use the compiled decode step, or None when it can."""
     for i, layer in enumerate(model.layers):
-        if not isinstance(layer.ffn, GatedMLP):
-            return f"layer {i} feed-forward is {type(layer.ffn).__name__} (only dense GatedMLP layers compile)"
+        ffn = layer.ffn
+        if isinstance(ffn, MoEBlock):
+            why = _moe_unsupported(ffn)
+            if why:
+                return f"layer {i}: {why}"
+        elif not isinstance(ffn, GatedMLP):
+            return f"layer {i} feed-forward is {type(ffn).__name__} (dense GatedMLP or resident int4 MoE layers compile)"
         if not isinstance(layer.attn, Attention):
             return f"layer {i} attention is {type(layer.attn).__name__}"
     if not isinstance(model.lm_head, OutputHead):
         return f"output head is {type(model.lm_head).__name__}"
     if getattr(model.rope, "attention_factor", 1.0) != 1.0:  # YaRN scales cos/sin; the step function does not
         return "scaled RoPE with an attention factor (YaRN) is not in the compiled step"
+    return None
+
+
+def _moe_unsupported(ffn: MoEBlock) -> str | None:
+    if type(ffn.router) is not TopKRouter or ffn.shared is not None:
+        return "MoE layer with a shared expert or a non-softmax router"
+    if not isinstance(ffn.provider, ResidentExperts) or ffn.provider.reference:
+        return f"experts behind {type(ffn.provider).__name__} (only resident experts compile)"
+    if int4_ops.expert_table(ffn.provider.experts[ffn.layer]) is None:
+        return "experts are not int4 SwiGLUs the fused C kernel reads"
     return None
 
 
@@ -111,6 +133,18 @@ class LinearPlan:
                    "bf16": ("weight",), "fp32": ("weight",)}[ql.mode]
         self.idx = tuple(_add(w, getattr(ql, name)) for name in tensors)
         self.bias = None if ql.bias is None else _add(w, ql.bias)
+        self.native = ql.mode == "int4" and ql.native_int4() is not None  # the C kernel, as eager
+
+
+class MoEPlan:
+    """A resident int4 MoE layer: router weight and the experts' pointer table in the weight list."""
+
+    def __init__(self, ffn: MoEBlock, w: list[torch.Tensor]) -> None:
+        experts = ffn.provider.experts[ffn.layer]
+        self.router, self.top_k, self.norm_topk = _add(w, ffn.router.weight), ffn.router.top_k, ffn.router.norm_topk_prob
+        self.table = _add(w, int4_ops.expert_table(experts))
+        e = experts[0]
+        self.inter, self.gu_npad, self.dn_npad = e.down.in_features, e.gate_up.qweight.shape[0], e.down.qweight.shape[0]
 
 
 class LayerPlan:
@@ -119,8 +153,10 @@ class LayerPlan:
         self.attn_norm, self.attn_eps = _add(w, layer.attn_norm.weight), layer.attn_norm.eps
         self.ffn_norm, self.ffn_eps = _add(w, layer.ffn_norm.weight), layer.ffn_norm.eps
         self.qkv, self.o_proj = LinearPlan(attn.qkv, w), LinearPlan(attn.o_proj, w)
-        self.gate_up, self.down = LinearPlan(ffn.gate_up, w), LinearPlan(ffn.down, w)
-        self.act = ffn.act_name
+        self.moe = MoEPlan(ffn, w) if isinstance(ffn, MoEBlock) else None
+        if self.moe is None:
+            self.gate_up, self.down = LinearPlan(ffn.gate_up, w), LinearPlan(ffn.down, w)
+            self.act = ffn.act_name
         self.hq, self.hkv, self.dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.scale, self.window, self.clip_qkv, self.qk_norm = attn.scale, attn.window, attn.clip_qkv, attn.qk_norm
         self.q_norm = self.k_norm = None
@@ -161,6 +197,9 @@ def linear(p: LinearPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tenso
     bias = None if p.bias is None else w[p.bias]
     if p.mode == "fp32":
         return F.linear(x, w[p.idx[0]], bias)
+    if p.native:  # C kernel (int4_matmul.c) as an opaque op, fp32 in and out like eager
+        y = torch.ops.moemesh.int4_mm(x, w[p.idx[0]], w[p.idx[1]])[:, : p.out_features]
+        return y if bias is None else torch.add(y, bias)
     xb = x.to(torch.bfloat16)
     if p.mode == "int4":
         y = torch._weight_int4pack_mm_for_cpu(xb, w[p.idx[0]], p.group_size, w[p.idx[1]])[:, : p.out_features]
@@ -207,6 +246,13 @@ def attention(p: LayerPlan, w: list[torch.Tensor], x: torch.Tensor, cos: torch.T
 
 
 def mlp(p: LayerPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    if p.moe is not None:  # TopKRouter in the graph, the experts in one custom op
+        m = p.moe
+        probs = F.softmax(F.linear(x, w[m.router]), dim=-1, dtype=torch.float32)  # [1, E]
+        weights, ids = torch.topk(probs, m.top_k, dim=-1)
+        if m.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return torch.ops.moemesh.moe_decode(x, ids, weights, w[m.table], m.inter, m.gu_npad, m.dn_npad)
     gate, up = linear(p.gate_up, w, x).chunk(2, dim=-1)  # [1, I] each
     return linear(p.down, w, ACTIVATIONS[p.act](gate) * up)
 

@@ -1,0 +1,77 @@
+"""The C int4 kernels as torch custom ops, so a ``torch.compile`` graph (engine/compiled.py) can
+call them as opaque nodes: ``moemesh::int4_mm`` (int4_matmul.c) and ``moemesh::moe_decode`` (one
+token's routed experts through int4_ffn.c, summed like layers/moe.mix_one_token, so the compiled
+MoE layer returns the eager one's bits for the same input).
+
+Experts are named by a pointer table, int64 [E, 4] = data_ptr of (gate_up qweight, gate_up
+scales_and_zeros, down qweight, down scales_and_zeros) per expert (``expert_table``): a graph
+input like any weight. The tensors it points into belong to ResidentExperts, which keeps them
+alive and in place for the model's lifetime.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import int4_native
+from .mlp import GatedMLP
+
+
+@torch.library.custom_op("moemesh::int4_mm", mutates_args=())
+def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x fp32 [M, K] -> fp32 [M, N_pad] (int4_native.int4_matmul)."""
+    lib = int4_native.load_native()
+    if lib is None:
+        raise RuntimeError("moemesh::int4_mm: the C int4 kernel is not available")
+    return int4_native.int4_matmul(lib, x, qweight, scales_and_zeros)
+
+
+@int4_mm.register_fake
+def _int4_mm_fake(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("moemesh::moe_decode", mutates_args=())
+def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
+               gu_npad: int, dn_npad: int) -> torch.Tensor:
+    """x fp32 [1, D], ids int64 [1, A], weights fp32 [1, A], table int64 [E, 4] -> [1, D]."""
+    lib = int4_native.load_native()
+    if lib is None:
+        raise RuntimeError("moemesh::moe_decode: the C int4 kernel is not available")
+    idl = ids[0].tolist()
+    order = sorted(range(len(idl)), key=idl.__getitem__)  # expert-id order, as the eager path sums
+    rows = table[[idl[a] for a in order]].tolist()  # [A, 4] pointers
+    tables = [(ctypes.c_void_p * len(rows))(*(r[j] for r in rows)) for j in range(4)]
+    xc = x.float().contiguous()
+    d = x.shape[1]
+    y = torch.empty(len(rows), dn_npad)
+    rc = lib.i4_experts_ffn(xc.data_ptr(), d, inter, len(rows), tables[0], tables[1], gu_npad, tables[2], tables[3],
+                            dn_npad, y.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"moemesh::moe_decode: kernel rejected D={d}, I={inter}")
+    y = y if dn_npad == d else y[:, :d].contiguous()
+    yw = y * weights[0, order][:, None]  # [A, D]
+    out = torch.zeros_like(xc)
+    for i in range(len(order)):
+        out.add_(yw[i])
+    return out
+
+
+@moe_decode.register_fake
+def _moe_decode_fake(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
+                     gu_npad: int, dn_npad: int) -> torch.Tensor:
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+def expert_table(experts: list[GatedMLP]) -> torch.Tensor | None:
+    """int64 [E, 4] pointer table of a layer's experts, or None unless every one is a fusable int4
+    SwiGLU of one shape (what ``moe_decode`` computes)."""
+    if not experts or any(not isinstance(e, GatedMLP) or e.fused_int4() is None for e in experts):
+        return None
+    shape = lambda e: (e.gate_up.qweight.shape, e.down.qweight.shape, e.down.in_features)  # noqa: E731
+    if any(shape(e) != shape(experts[0]) for e in experts):
+        return None
+    return torch.tensor([[e.gate_up.qweight.data_ptr(), e.gate_up.scales_and_zeros.data_ptr(),
+                          e.down.qweight.data_ptr(), e.down.scales_and_zeros.data_ptr()] for e in experts],
+                        dtype=torch.int64)
