@@ -125,7 +125,7 @@ def test_fp32_moe_model_stays_eager_with_one_warning(tmp_path):
 def test_int4_moe_compiled_close_to_eager_and_moe_op_exact():
     """A resident int4 qwen3_moe (the probe's tiny random model, 2 layers) compiles: its MoE layers
     run as one custom op whose output equals the eager MoE layer's bits, and greedy decoding
-    follows eager (the rest differs only by Inductor's op order)."""
+    follows eager (attention runs torch's int4 kernel in the graph)."""
     from moemesh.benchkit.overhead import DictSource, tiny_qwen3_moe
     from moemesh.models import get_arch
 
@@ -142,7 +142,7 @@ def test_int4_moe_compiled_close_to_eager_and_moe_op_exact():
     assert torch.equal(via_op, ffn(x))
     le, lc, toks_e, toks_c = decode_both(model, CompiledDecoder(model), [5, 6, 7, 8, 9], 12)
     rel = ((le - lc).norm(dim=-1) / le.norm(dim=-1)).max().item()
-    assert rel < 1e-3, rel
+    assert rel < 0.02, rel  # attention linears: torch's bf16-input int4 kernel in the graph, C kernel eager
     assert toks_e == toks_c
 
 

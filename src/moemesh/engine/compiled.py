@@ -29,8 +29,9 @@ enough to flip a greedy near-tie now and then (tests/test_compiled.py has the me
 MoE layers compile when their experts are resident int4 SwiGLUs the fused kernel reads (top-k
 softmax router, no shared expert): the router runs in the graph and the experts run as one opaque
 custom op, ``moemesh::moe_decode`` (layers/int4_ops.py), which returns the eager MoE layer's bits
-for the same input. With the C int4 kernel available, int4 linears call it too
-(``moemesh::int4_mm``), as eager does. Lazy or remote experts stay eager (``unsupported_reason``
+for the same input. Linears keep torch's int4 kernel: a Python custom op per linear
+(``moemesh::int4_mm``) cost SmolLM2's compiled decode ~40% (117 -> 70 tok/s, bench/decode.py,
+one noisy run), so it is not used here. Lazy or remote experts stay eager (``unsupported_reason``
 says why); DenseKVCache with fp32 buffers only; one sequence per step (batched steps stay eager).
 """
 from __future__ import annotations
@@ -133,7 +134,6 @@ class LinearPlan:
                    "bf16": ("weight",), "fp32": ("weight",)}[ql.mode]
         self.idx = tuple(_add(w, getattr(ql, name)) for name in tensors)
         self.bias = None if ql.bias is None else _add(w, ql.bias)
-        self.native = ql.mode == "int4" and ql.native_int4() is not None  # the C kernel, as eager
 
 
 class MoEPlan:
@@ -197,9 +197,6 @@ def linear(p: LinearPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tenso
     bias = None if p.bias is None else w[p.bias]
     if p.mode == "fp32":
         return F.linear(x, w[p.idx[0]], bias)
-    if p.native:  # C kernel (int4_matmul.c) as an opaque op, fp32 in and out like eager
-        y = torch.ops.moemesh.int4_mm(x, w[p.idx[0]], w[p.idx[1]])[:, : p.out_features]
-        return y if bias is None else torch.add(y, bias)
     xb = x.to(torch.bfloat16)
     if p.mode == "int4":
         y = torch._weight_int4pack_mm_for_cpu(xb, w[p.idx[0]], p.group_size, w[p.idx[1]])[:, : p.out_features]

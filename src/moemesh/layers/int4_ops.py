@@ -1,7 +1,8 @@
-"""The C int4 kernels as torch custom ops, so a ``torch.compile`` graph (engine/compiled.py) can
-call them as opaque nodes: ``moemesh::int4_mm`` (int4_matmul.c) and ``moemesh::moe_decode`` (one
+"""The fused int4 expert kernel as a torch custom op, so a ``torch.compile`` graph
+(engine/compiled.py) can call it as one opaque node per MoE layer: ``moemesh::moe_decode`` (one
 token's routed experts through int4_ffn.c, summed like layers/moe.mix_one_token, so the compiled
-MoE layer returns the eager one's bits for the same input).
+MoE layer returns the eager one's bits for the same input). A custom op is called from the graph
+through Python (tens of microseconds): worth it once per layer, not per linear.
 
 Experts are named by a pointer table, int64 [E, 4] = data_ptr of (gate_up qweight, gate_up
 scales_and_zeros, down qweight, down scales_and_zeros) per expert (``expert_table``): a graph
@@ -16,20 +17,6 @@ import torch
 
 from . import int4_native
 from .mlp import GatedMLP
-
-
-@torch.library.custom_op("moemesh::int4_mm", mutates_args=())
-def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """x fp32 [M, K] -> fp32 [M, N_pad] (int4_native.int4_matmul)."""
-    lib = int4_native.load_native()
-    if lib is None:
-        raise RuntimeError("moemesh::int4_mm: the C int4 kernel is not available")
-    return int4_native.int4_matmul(lib, x, qweight, scales_and_zeros)
-
-
-@int4_mm.register_fake
-def _int4_mm_fake(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("moemesh::moe_decode", mutates_args=())
