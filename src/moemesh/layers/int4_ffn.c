@@ -10,7 +10,28 @@
    gives the same bits, which keeps lazy (experts computed as their reads land) == resident. */
 #include "int4_kernel.h"
 
-static inline float silu_f(float g) { return g / (1.f + expf(-g)); }
+/* silu(g) * u over 16 lanes: g / (1 + exp(-g)) with a Cephes-style exp (range reduction by ln 2,
+   degree-6 polynomial, exponent via scalef; ~2 ulp, the same bits on every call: fused results stay
+   deterministic). Scalar expf cost ~10 ns per element (~60 us per MoE layer at 8 x 768). */
+#if I4_SIMD
+static inline __m512 silu_mul16(__m512 g, __m512 u) {
+    const __m512 x = _mm512_max_ps(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.37626f)),
+                                   _mm512_set1_ps(-88.37626f));  /* -g, clamped */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512 e = _mm512_scalef_ps(p, n);  /* exp(-g) */
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
+}
+#endif
 
 /* x fp32 [D]; expert e: gate_up qweight gu_q[e] [gu_npad, D/2], scales gu_sz[e] bf16 [D/32, gu_npad, 2];
    down dn_q[e] [dn_npad, I/2], dn_sz[e] [I/32, dn_npad, 2]. y fp32 [n, dn_npad]. 0, or -1. */
@@ -56,7 +77,8 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
 #pragma omp for schedule(static)
         for (int64_t e = 0; e < n; e++) {
             float *he = h + e * gu_npad;
-            for (int64_t i = 0; i < inter; i++) he[i] = silu_f(he[i]) * he[inter + i];  /* act in place */
+            for (int64_t i = 0; i < inter; i += 16)  /* act in place; inter is a multiple of 32 */
+                _mm512_storeu_ps(he + i, silu_mul16(_mm512_loadu_ps(he + i), _mm512_loadu_ps(he + inter + i)));
             quant_x(he, 0, 1, inter, a1 + e * inter, a2 + e * inter, adu + e * G2, asum + e * G2, asx + e * G2);
         }
 #pragma omp for schedule(dynamic, 1)
