@@ -32,6 +32,10 @@ cap (1.1 GB); 32768 keeps the head's share of a token's bytes near the real 48-l
 per-layer shapes (bench/synth_models.py; llama.cpp only where a GGUF is written: Mixtral) and
 writes bench/results/lazy_MODEL.{json,md,png}; each config's row also carries `moemesh plan`'s
 prediction (int4, uniform routing) from the machine probe ``--probe``.
+
+``--transformers`` (Qwen3 shapes only) adds transformers as a third engine on the same weights: an
+fp32 HF checkpoint written from the store (bench/synth_hf.py, ~2.4 GB per layer, so with
+``--layers 2``), run by bench/lazy_hf.py under the same protocol; see that file.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import cgroup  # noqa: E402
+import lazy_hf  # noqa: E402
 import synth_models  # noqa: E402
 
 from moemesh.benchkit.probe import disk_bandwidth  # noqa: E402  (O_DIRECT random reads, shared with the probe)
@@ -212,6 +217,8 @@ def run_worker(engine: str, cfg: dict, limit: int | None, timeout: float, args, 
         limit = limit + args.load_headroom_mib * MIB
     if engine.startswith("moemesh"):
         cmd = [sys.executable, str(HERE / "lazy.py"), "--worker", json.dumps(cfg)]
+    elif engine == lazy_hf.ENGINE:
+        cmd = lazy_hf.command(cfg)
     else:
         cmd = [args.llama_python, str(HERE / "lazy_llama.py"), json.dumps(cfg)]
     if limit is not None:
@@ -306,6 +313,9 @@ def main() -> None:
     ap.add_argument("--llama-python", default=LLAMA_PY)
     ap.add_argument("--no-repack-oom-check", action="store_true", help="skip the one llama.cpp run with repacking under the smallest cap")
     ap.add_argument("--out", help="results path without suffix (default bench/results/lazy for qwen3, lazy_MODEL otherwise)")
+    ap.add_argument("--transformers", action="store_true",
+                    help="also run transformers (fp32 HF checkpoint of the same weights, bench/synth_hf.py: ~2.4 GB per "
+                         "layer, use --layers 2) in every config")
     args = ap.parse_args()
     spec = synth_models.MODELS[args.model]
     args.layers, args.vocab = args.layers or spec.layers, args.vocab or spec.vocab
@@ -318,6 +328,8 @@ def main() -> None:
         return
     if not cgroup.available():
         sys.exit("bench/lazy.py needs root and the cgroup-v1 memory controller (memory caps)")
+    if args.transformers and args.model != "qwen3-30b-a3b":
+        sys.exit("--transformers: bench/synth_hf.py writes Qwen3-MoE checkpoints only")
 
     t_start = time.time()
     load_before = os.getloadavg()
@@ -343,6 +355,9 @@ def main() -> None:
     print(f"store: {expert_bytes / 2**30:.2f} GiB of experts ({st.blob_size / MIB:.2f} MiB each), "
           f"gguf {(info['gguf_bytes'] or 0) / 2**30:.2f} GiB; ready in {gen_s:.0f} s", flush=True)
 
+    hf = None
+    if args.transformers:
+        hf_path, hf = lazy_hf.prepare(root, log=lambda m: print(m, flush=True))
     print("disk: O_DIRECT random reads on experts.bin ...", flush=True)
     disk = disk_bandwidth(st.experts_path, [st.blob_size, 2 * MIB, 4 * MIB, 8 * MIB], [1, 4, 8], seconds=1.5)
     best = max(d["bytes_s"] for d in disk)
@@ -358,13 +373,15 @@ def main() -> None:
     for c in configs:
         cap = None if c == "none" else int(expert_bytes * int(c[1:]) / 100)
         engines = ["moemesh"] + (["llama.cpp"] if has_gguf else []) + (
-            ["moemesh-fit"] if cap is not None and args.fit_reserve_mib else [])
+            ["moemesh-fit"] if cap is not None and args.fit_reserve_mib else []) + ([lazy_hf.ENGINE] if hf else [])
         runs[c] = {e: [] for e in engines}
         for rep in range(args.repeats):
             order = engines[rep % len(engines):] + engines[: rep % len(engines)]  # rotate who goes first
             for engine in order:
-                want_logits = 3 if (c == "none" and rep == 0 and has_gguf) else 0  # for the parity check
-                if engine.startswith("moemesh"):
+                want_logits = 3 if (c == "none" and rep == 0 and (has_gguf or hf)) else 0  # for the parity check
+                if engine == lazy_hf.ENGINE:
+                    cfg = lazy_hf.worker_cfg(hf_path, stream, cap is not None, args, want_logits)
+                elif engine.startswith("moemesh"):
                     cfg = {"store": str(store), "tokens": stream, "warmup": args.warmup, "threads": args.threads,
                            "io_threads": args.io_threads, "policy": args.policy, "prefetch": True,
                            "ram": None if cap is None else cap - args.margin_mib * MIB, "logits": want_logits}
@@ -384,12 +401,18 @@ def main() -> None:
                 elif "disk_read_bytes_per_token" in r and "error" not in r:
                     msg += f", disk {r['disk_read_bytes_per_token'] / MIB:.0f} MiB/token"
                 print(f"[{c} rep {rep}] {engine}: {msg} (process {r['process_wall_s']:.0f} s)", flush=True)
-        if c == "none" and runs[c]["moemesh"] and runs[c].get("llama.cpp"):
-            a, b = runs[c]["moemesh"][0].pop("logits", None), runs[c]["llama.cpp"][0].pop("logits", None)
+        if c == "none" and runs[c]["moemesh"] and (runs[c].get("llama.cpp") or hf):
+            a = runs[c]["moemesh"][0].pop("logits", None)
+            b = runs[c]["llama.cpp"][0].pop("logits", None) if runs[c].get("llama.cpp") else None
             if a and b:
                 par = parity(a, b)
                 print(f"parity (moemesh vs llama.cpp logits, first steps): cosine {[round(x, 4) for x in par['cosine']]}, "
                       f"top-1 agree {par['top1_agree']}", flush=True)
+            t = runs[c][lazy_hf.ENGINE][0].pop("logits", None) if hf else None
+            if a and t:
+                hf["parity"] = parity(a, t)
+                print(f"parity (moemesh vs transformers logits): cosine {[round(x, 4) for x in hf['parity']['cosine']]}, "
+                      f"top-1 agree {hf['parity']['top1_agree']}", flush=True)
     caps = [c for c in configs if c != "none"]
     for c in caps:  # moemesh loading under the cap from the first byte (the protocol above caps after load)
         cap = int(expert_bytes * int(c[1:]) / 100)
@@ -441,6 +464,8 @@ def main() -> None:
         elif cap is None:
             row["goal_at_least_llama"] = (row.get("speedup_moemesh_over_llama") or 0) >= 1
         summary[c] = row
+    if hf:
+        lazy_hf.annotate(summary, runs, hf["hf_bytes"])
 
     import torch
 
@@ -450,7 +475,8 @@ def main() -> None:
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "torch": torch.__version__,
                     "note": "2 cores shared with other engineers' jobs: timings are noisy"},
         "model": info, "generation_s": gen_s, "disk": {"measurements": disk, "best_bytes_s": best},
-        "settings": {k: v for k, v in vars(args).items() if k != "worker"}, "parity": par, "summary": summary,
+        "settings": {k: v for k, v in vars(args).items() if k != "worker" and (k != "transformers" or v)},
+        "parity": par, "summary": summary, **({lazy_hf.ENGINE: hf} if hf else {}),
         "extra": extra, "runs": runs, "wall_s": time.time() - t_start,
         "notes": ["synthetic random weights route close to uniformly: the worst case for an expert cache",
                   "teacher-forced fixed pseudo-random token stream; warmup steps untimed"],
@@ -484,8 +510,9 @@ def _f(x, fmt="{:.2f}", scale=1.0):
     return "-" if x is None else fmt.format(x * scale)
 
 
-ENGINES = ("moemesh", "moemesh-fit", "llama.cpp")
-ENGINE_LABEL = {"moemesh": "moemesh", "moemesh-fit": "moemesh, cache fit to cap*", "llama.cpp": "llama.cpp"}
+ENGINES = ("moemesh", "moemesh-fit", "llama.cpp", lazy_hf.ENGINE)
+ENGINE_LABEL = {"moemesh": "moemesh", "moemesh-fit": "moemesh, cache fit to cap*", "llama.cpp": "llama.cpp",
+                lazy_hf.ENGINE: lazy_hf.LABEL}
 
 
 def markdown(r: dict) -> str:
@@ -502,7 +529,8 @@ def markdown(r: dict) -> str:
     gguf = (f"GGUF Q4_0 {m['gguf_bytes'] / 2**30:.2f} GiB, bit-identical expert weights" if m.get("gguf_bytes")
             else "no GGUF: llama.cpp not run")
     lines = [
-        f"# Lazy experts{' vs llama.cpp' if m.get('gguf_bytes') else ''} ({name}-shaped, synthetic)", "",
+        f"# Lazy experts{' vs llama.cpp' if m.get('gguf_bytes') else ''}{' and transformers' if r.get(lazy_hf.ENGINE) else ''}"
+        f" ({name}-shaped, synthetic)", "",
         f"Model: {m['layers']} layers of {shape}, int4 experts "
         f"({m['blob_bytes'] / MIB:.2f} MiB each, {m['expert_bytes'] / 2**30:.2f} GiB in all; {gguf}). "
         + ("**Synthetic weights route close to uniformly: the worst case for an expert cache.** " if name == "Qwen3-30B-A3B" else
@@ -521,7 +549,8 @@ def markdown(r: dict) -> str:
         for eng in [e for e in ENGINES if e in row]:
             e = row[eng]
             if not e.get("ok"):
-                lines.append(f"| {cap} | {ENGINE_LABEL[eng]} | failed: {', '.join(e.get('errors', []))} | | | | | | | | |")
+                why = e.get("failure") or f"failed: {', '.join(e.get('errors', []))}"
+                lines.append(f"| {cap} | {ENGINE_LABEL[eng]} | {why} | | | | | | | | |")
                 continue
             bpt = e.get("bytes_read_per_token", e.get("disk_read_bytes_per_token"))
             allv = ", ".join(f"{x:.2f}" for x in e["tokens_per_s_all"])
@@ -562,10 +591,13 @@ def markdown(r: dict) -> str:
                 f"{_f(e.get('expert_fetch_s_per_token'), '{:.0f}', 1e3)} | {_f(e.get('moe_s_per_token'), '{:.0f}', 1e3)} | "
                 f"{_f(e.get('load_s'), '{:.1f}')} | {_f(e.get('load_peak_rss_bytes'), '{:.0f}', 1 / MIB)} |")
     has_llama = any("llama.cpp" in row for row in r["summary"].values())
+    th, ts = lazy_hf.ratio_header(bool(r.get(lazy_hf.ENGINE)))
     if has_llama:
-        lines += ["", "| config | moemesh / llama.cpp tok/s | moemesh-fit / llama.cpp | goal (from the issue) | met |", "|---|---:|---:|---|---|"]
+        lines += ["", f"| config | moemesh / llama.cpp tok/s |{th} moemesh-fit / llama.cpp | goal (from the issue) | met |",
+                  f"|---|---:|{ts}---:|---|---|"]
     for c, row in r["summary"].items() if has_llama else ():
         ratio, fit = _f(row.get("speedup_moemesh_over_llama")), _f(row.get("speedup_moemesh-fit_over_llama"))
+        ratio += lazy_hf.ratio_cell(row, bool(th))
         if row["cap_bytes"] is None and "goal_at_least_llama" in row:
             lines.append(f"| {c} | {ratio} | | >= 1x llama.cpp | {row['goal_at_least_llama']} |")
         elif "goal_10x_llama" in row:
@@ -595,6 +627,8 @@ def markdown(r: dict) -> str:
               "(with spinning OpenMP threads both engines' 2-thread decode collapsed 5-20x on this oversubscribed machine).",
               "- trunk: moemesh quantizes the bf16 trunk to int4 (group 32, asymmetric) at load; llama.cpp reads Q4_0 of the "
               "same bf16 values; experts are bit-identical."]
+    if r.get(lazy_hf.ENGINE):
+        lines += lazy_hf.notes(r)
     if not has_llama:  # the notes above describe both engines; only moemesh ran
         lines.append("- only moemesh ran (no GGUF of this architecture is written: see bench/synth_models.py); the "
                      "llama.cpp parts of these notes do not apply.")
@@ -628,10 +662,12 @@ def plot(r: dict, path: Path) -> None:
 
     cfgs = list(r["summary"])
     fig, ax = plt.subplots(figsize=(7, 4))
-    w = 0.27
-    for j, eng in enumerate(e for e in ENGINES if any(e in row for row in r["summary"].values())):
+    engines = [e for e in ENGINES if any(e in row for row in r["summary"].values())]
+    w = 0.27 if len(engines) <= 3 else 0.8 / len(engines)
+    for j, eng in enumerate(engines):
         vals = [(r["summary"][c].get(eng) or {}).get("tokens_per_s") or 0 for c in cfgs]
-        bars = ax.bar([i + (j - 1) * w for i in range(len(cfgs))], vals, w, label=ENGINE_LABEL[eng].rstrip("*"))
+        off = j - 1 if len(engines) <= 3 else j - (len(engines) - 1) / 2
+        bars = ax.bar([i + off * w for i in range(len(cfgs))], vals, w, label=ENGINE_LABEL[eng].rstrip("*"))
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     for i, c in enumerate(cfgs):
         fl = r["summary"][c]["moemesh"].get("disk_floor_s_per_token")

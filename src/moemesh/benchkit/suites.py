@@ -116,6 +116,14 @@ SUITES: tuple[Suite, ...] = (
           minutes=1, in_all=False),
     Suite("lazy_profile", "lazy_profile.py", "where a capped lazy decode step's time goes (prints a profile)",
           ("--cap-pct", "25", "--tokens", "24"), root=True, minutes=3, in_all=False),
+    Suite("lazy_hf", "lazy.py", "lazy experts vs llama.cpp and transformers (fp32) on the same weights, 2-layer "
+          "Qwen3-30B-A3B shapes, under memory caps",
+          ("--layers", "2", "--transformers", "--configs", "none,q100,q150", "--repeats", "3", "--out", "bench/results/lazy_hf"),
+          _res("lazy_hf.json", "lazy_hf.md", "lazy_hf.png"), llama_cpp=True, root=True, minutes=8, in_all=False,
+          llama_flag="--llama-python",
+          note="caps of 100%/150% of the experts: at 2 layers a quarter or half (180/360 MiB) is below moemesh's floor "
+               "(--ram >= 535M); --out is relative to the checkout root (the cwd); first run builds the 2-layer data and "
+               "its 4.8 GB fp32 HF checkpoint in /work/bench-data (+1-2 min)"),
     Suite("decode_split", "decode_split.py", "uncapped decode step split: fused experts / other int4 matmuls / rest",
           ("--compile",), results=_res("decode_split.json", "decode_split.md"), minutes=2, in_all=False,
           note="needs the store `lazy` builds"),
