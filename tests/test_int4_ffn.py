@@ -87,3 +87,9 @@ def test_fast_path_declines_unfusable_experts() -> None:
     assert mix_one_token(x, ids, w, experts.__getitem__) is None
     assert torch.allclose(mix_grouped(x, ids, w, experts.__getitem__), mix_reference(x, ids, w, experts.__getitem__),
                           rtol=1e-5, atol=1e-6)
+
+
+@needs_lib
+def test_run_fused_refuses_mixed_shapes() -> None:
+    with pytest.raises(ValueError, match="share their shapes"):
+        run_fused(LIB, [expert(64, 32, 0), expert(64, 64, 1)], torch.randn(1, 64))

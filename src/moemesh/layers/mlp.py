@@ -58,6 +58,8 @@ def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.
     """One token x [1, D] through every MLP of ``mlps`` (all fused_int4()) -> [n, D]; row e equals
     mlps[e](x) bit for bit (the kernel computes each expert independently of the others)."""
     parts = [(m.gate_up.qweight, m.gate_up.scales_and_zeros, m.down.qweight, m.down.scales_and_zeros) for m in mlps]
+    if any(p[0].shape != parts[0][0].shape or p[2].shape != parts[0][2].shape for p in parts):
+        raise ValueError("run_fused: the MLPs of one call must share their shapes")
     y = int4_native.experts_ffn(lib, x, mlps[0].down.in_features, parts)  # [n, N_pad]
     d = mlps[0].down.out_features
     return y if y.shape[1] == d else y[:, :d].contiguous()
