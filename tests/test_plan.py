@@ -178,3 +178,19 @@ def test_layer_overhead_runs_the_real_decode_code():
     assert step_seconds(2, steps=3) > 0
     r = layer_overhead(steps=3, shallow=1, deep=2)
     assert r["layer_s"] >= 0.0 and r["step_s_deep"] > 0 and r["layers"] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe-norm", "mixtral"])
+def test_gguf_sized_like_its_checkpoint(tiny_checkpoints, tmp_path, name):
+    """plan reads a MoE GGUF's header (qwen3moe, and Mixtral = llama + expert_count) into the same
+    parameter counts as the HF checkpoint the GGUF was written from."""
+    from test_gguf_moe import write_gguf
+
+    from moemesh.commands.plan import plan
+
+    _, d = tiny_checkpoints[name]
+    gguf = tmp_path / f"{name}.gguf"
+    write_gguf(d, gguf)
+    from_hf, from_gguf = plan(str(d), 2**30, 1, PROBE), plan(str(gguf), 2**30, 1, PROBE)
+    for key in ("total_params", "active_params", "layers", "moe_layers", "experts", "top_k", "vocab_size"):
+        assert from_gguf[key] == from_hf[key], (name, key)
