@@ -285,6 +285,20 @@ def test_cli_convert_and_generate_with_ram(tiny_checkpoints, tmp_path):
     assert {"bytes_read_per_token", "stall_seconds", "prefetch_accuracy", "read_bandwidth_bytes_s"} <= set(stats)
 
 
+@pytest.mark.parametrize("flag,value,msg", [("--prefetch-threshold", "1.5", "between 0 and 1"),
+                                            ("--prefetch-top", "0", "at least 1"), ("--io-threads", "0", "at least 1")])
+def test_bad_expert_options_are_clear_errors(flag, value, msg):
+    import argparse
+
+    from moemesh.commands.expert_args import add_expert_args, expert_options
+    from moemesh.errors import MoemeshError
+
+    p = argparse.ArgumentParser()
+    add_expert_args(p)
+    with pytest.raises(MoemeshError, match=msg):
+        expert_options(p.parse_args([flag, value]))
+
+
 def test_hf_dir_converted_on_first_lazy_use(tiny_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
     _, d = tiny_checkpoints["olmoe-gqa-norm"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import MoemeshError
 from ..experts.budget import parse_size
 from ..experts.policy import POLICIES
 from ..experts.setup import PREFETCH_THRESHOLD, ExpertOptions
@@ -27,6 +28,13 @@ def add_expert_args(p: argparse.ArgumentParser) -> None:
 
 
 def expert_options(args: argparse.Namespace, kv_reserve: int = 64 * 2**20) -> ExpertOptions:
+    if not 0.0 <= args.prefetch_threshold <= 1.0:
+        raise MoemeshError(f"--prefetch-threshold {args.prefetch_threshold}: a precision between 0 and 1 "
+                           "(0 = prefetch every predicted expert)")
+    if args.prefetch_top is not None and args.prefetch_top < 1:
+        raise MoemeshError(f"--prefetch-top {args.prefetch_top}: at least 1 (or leave it out)")
+    if args.io_threads < 1:
+        raise MoemeshError(f"--io-threads {args.io_threads}: at least 1")
     return ExpertOptions(
         ram=parse_size(args.ram) if args.ram else None,
         policy=args.cache_policy,
