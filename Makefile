@@ -17,13 +17,15 @@ venv: $(VENV)/.installed
 
 PORT ?= 8080
 
-# SmolLM2 split into an MoE by `moemesh moefy` (made once); RAM: the whole-process budget of
-# `serve`, experts beyond it stay on disk and are read into a cache as the router picks them
-MOE_DIR ?= $(HOME)/.cache/moemesh/smollm2-moe
-RAM ?= 700M
+# SmolLM2 split into an MoE by `moemesh moefy` (made once): 16 experts, 15 per token (perplexity
+# 1.135x dense; 2-3x faster to decode than moefy's default 32/28, which runs 28 experts a layer);
+# RAM: the whole-process budget of `serve`, experts beyond it stay on disk and are read into a
+# cache as the router picks them
+MOE_DIR ?= $(HOME)/.cache/moemesh/smollm2-moe-16x15
+RAM ?= 680M
 
 $(MOE_DIR): | $(VENV)/.installed   # a directory: made once, atomically (moefy renames it into place)
-	$(VENV)/bin/moemesh moefy smollm2 $(MOE_DIR)
+	$(VENV)/bin/moemesh moefy smollm2 $(MOE_DIR) --experts 16 --top-k 15
 
 # one answer from the MoE on the command line, then the OpenAI/Anthropic server with lazy experts
 # under a RAM budget (live cache statistics at /metrics: moemesh_expert_*); Ctrl-C stops it
