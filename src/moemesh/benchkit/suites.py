@@ -72,7 +72,7 @@ SUITES: tuple[Suite, ...] = (
           results=_res("policies.json", "policies.md"), minutes=1),
     Suite("routing", "routing.py", "moefied SmolLM2's routing replayed through the expert cache",
           results=_res("routing.json", "routing.md"), minutes=2,
-          note="reuses results/routing_trace.json.gz; `-- --retrace` needs ~/.cache/moemesh/smollm2-moe"),
+          note="reuses results/routing_trace.json.gz; `-- --retrace` needs ~/.cache/moemesh/smollm2-moe (`moemesh moefy smollm2 DIR`)"),
     Suite("kv_quality", "kv_quality.py", "TurboQuant KV quality: distortion, SmolLM2 perplexity, greedy agreement",
           results=_res("kv_quality.json", "kv_quality.md"), minutes=10),
     Suite("kv", "kv.py", "decode speed and KV bytes at 1K-8K context: dense vs TurboQuant",
