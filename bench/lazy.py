@@ -56,6 +56,7 @@ sys.path.insert(0, str(HERE))
 
 import cgroup  # noqa: E402
 import lazy_hf  # noqa: E402
+from lazy_llama import proc_io  # noqa: E402  (stdlib only: shared with the llama.cpp and transformers workers)
 import synth_models  # noqa: E402
 
 from moemesh.benchkit.probe import disk_bandwidth  # noqa: E402  (O_DIRECT random reads, shared with the probe)
@@ -66,15 +67,6 @@ MIB = 2**20
 
 
 # --------------------------------------------------------------------------- workers (subprocesses)
-def proc_io() -> dict:
-    out = {}
-    with open("/proc/self/io") as f:
-        for line in f:
-            k, v = line.split(":")
-            out[k.strip()] = int(v)
-    return out
-
-
 def moemesh_worker(cfg: dict) -> dict:
     import resource
 

@@ -21,19 +21,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from lazy_llama import proc_io  # noqa: E402  (stdlib only: shared by the three engines' workers)
 ENGINE = "transformers"
 LABEL = "transformers (fp32)"
 GIB = 2**30
 LOADED = "lazy_hf: model loaded"
-
-
-def proc_io() -> dict:
-    out = {}
-    with open("/proc/self/io") as f:
-        for line in f:
-            k, v = line.split(":")
-            out[k.strip()] = int(v)
-    return out
 
 
 def worker(cfg: dict) -> dict:
