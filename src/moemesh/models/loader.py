@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from ..sysinfo import trim_heap
 from ..experts.provider import ExpertProvider
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource, WeightSource
@@ -92,6 +93,7 @@ def load_model(
     if path.is_dir() and is_store(path):
         store = ExpertStore(path)
         model, prov, budget = build_from_store(store, quant, opts)
+        trim_heap()
         tokenizer = None
         if (path / "tokenizer.json").is_file():
             from ..tokenizer.tokenizer import Tokenizer
@@ -101,6 +103,7 @@ def load_model(
     config, source, tokenizer = open_source(path)
     spec, args = arch_and_args(path, config)
     model = spec.make_builder(args, source, quant).build(provider)
+    trim_heap()
     return LoadedModel(model, args, tokenizer, path, config, provider)
 
 
