@@ -76,10 +76,17 @@ def experts_ffn(lib: ctypes.CDLL, x: torch.Tensor, inter: int, parts: list[tuple
     """One token through n int4 SwiGLU experts in one call (int4_ffn.c): x fp32 [1, D] ->
     fp32 [n, N_pad]; parts[e] = (gate_up qweight, gate_up scales_and_zeros, down qweight, down
     scales_and_zeros), the packed buffers of QuantLinear (contiguous, checked by the caller)."""
-    d, n = x.shape[1], len(parts)
+    ptrs = [[t.data_ptr() for t in part] for part in parts]
+    return experts_ffn_ptrs(lib, x, inter, ptrs, parts[0][0].shape[0], parts[0][2].shape[0])
+
+
+def experts_ffn_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[list[int]], gu_npad: int,
+                     dn_npad: int) -> torch.Tensor:
+    """``experts_ffn`` with each expert named by the data pointers of its four buffers, ptrs [n][4]
+    (the compiled path keeps them in a table); the buffers must stay alive during the call."""
+    d, n = x.shape[1], len(ptrs)
     x = x.float().contiguous()
-    tables = [(ctypes.c_void_p * n)(*(part[j].data_ptr() for part in parts)) for j in range(4)]  # 4 x [n]
-    gu_npad, dn_npad = parts[0][0].shape[0], parts[0][2].shape[0]
+    tables = [(ctypes.c_void_p * n)(*(p[j] for p in ptrs)) for j in range(4)]  # 4 x [n]
     y = torch.empty(n, dn_npad)
     rc = lib.i4_experts_ffn(x.data_ptr(), d, inter, n, tables[0], tables[1], gu_npad, tables[2], tables[3], dn_npad,
                             y.data_ptr(), torch.get_num_threads())

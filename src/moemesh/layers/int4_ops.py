@@ -11,12 +11,11 @@ alive and in place for the model's lifetime.
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from . import int4_native
 from .mlp import GatedMLP
+from .moe import sum_in_order
 
 
 @torch.library.custom_op("moemesh::moe_decode", mutates_args=())
@@ -29,20 +28,11 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table:
     idl = ids[0].tolist()
     order = sorted(range(len(idl)), key=idl.__getitem__)  # expert-id order, as the eager path sums
     rows = table[[idl[a] for a in order]].tolist()  # [A, 4] pointers
-    tables = [(ctypes.c_void_p * len(rows))(*(r[j] for r in rows)) for j in range(4)]
     xc = x.float().contiguous()
     d = x.shape[1]
-    y = torch.empty(len(rows), dn_npad)
-    rc = lib.i4_experts_ffn(xc.data_ptr(), d, inter, len(rows), tables[0], tables[1], gu_npad, tables[2], tables[3],
-                            dn_npad, y.data_ptr(), torch.get_num_threads())
-    if rc:
-        raise RuntimeError(f"moemesh::moe_decode: kernel rejected D={d}, I={inter}")
+    y = int4_native.experts_ffn_ptrs(lib, xc, inter, rows, gu_npad, dn_npad)  # [A, N_pad]
     y = y if dn_npad == d else y[:, :d].contiguous()
-    yw = y * weights[0, order][:, None]  # [A, D]
-    out = torch.zeros_like(xc)
-    for i in range(len(order)):
-        out.add_(yw[i])
-    return out
+    return sum_in_order(xc, y, weights[0, order])
 
 
 @moe_decode.register_fake

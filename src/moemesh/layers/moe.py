@@ -55,9 +55,16 @@ def mix_one_token(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exp
     lib = mlps[0].fused_int4() if isinstance(mlps[0], GatedMLP) else None
     if lib is None or len(set(idl)) != len(idl) or not all(isinstance(m, GatedMLP) and m.fused_int4() for m in mlps):
         return None
-    yw = run_fused(lib, mlps, x) * weights[0, order][:, None]  # [A, D]
+    return sum_in_order(x, run_fused(lib, mlps, x), weights[0, order])
+
+
+def sum_in_order(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_e w[e] * y[e] for one token, one product and one addition per expert in the given
+    order: the float operations of the grouped loop (and of LazyExperts), so the bits match.
+    x [1, D] (shape/dtype of the result), y [A, D], w [A] -> [1, D]."""
+    yw = y * w[:, None]  # [A, D]
     out = torch.zeros_like(x)
-    for i in range(len(order)):
+    for i in range(yw.shape[0]):
         out.add_(yw[i])
     return out
 
