@@ -8,7 +8,8 @@ bench/lazy.py for why the default is smaller).
 
 Experts are bit-identical in both files: every weight is ``(q - 8) * d`` with a random nibble q and
 one bf16-exact (hence fp16-exact) scale d per 32 inputs, which is a Q4_0 block exactly and, with a
-zero offset, exactly the int4 group-32 kernel format (``QuantLinear.from_int4_groups``). The trunk
+zero offset, exactly the int4 group-32 kernel format (``QuantLinear.from_int4_groups``, which stores
+it symmetric: scales only, the same 18 bytes per 32 weights as Q4_0). The trunk
 (attention, embedding, head) is random bf16 in the store, quantized at load time by moemesh (int4,
 asymmetric min/max) and to Q4_0 by gguf.quants from the same bf16 values for llama.cpp.
 
@@ -28,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SYNTH_VERSION = 1  # bump when the generated weights or layout change (invalidates cached data)
+SYNTH_VERSION = 2  # bump when the generated weights or layout change (invalidates cached data)
+# v2: expert blobs hold symmetric int4 (scales only, 18 bytes per 32 weights like Q4_0; v1 also
+# stored the all-zero zeros: 20 bytes). Same weights; the GGUF is unchanged.
 SHAPES = dict(hidden_size=2048, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
               num_attention_heads=32, num_key_value_heads=4, head_dim=128)
 GROUP = 32  # Q4_0 block = int4 kernel group
@@ -128,18 +131,24 @@ class FastExperts:
                 return expert_linears_reference(w)
             packed = torch.from_numpy(pack_int4(q, layout[0], layout[1]))
             dt = torch.from_numpy(d)  # [n, k/g]
-            sz = torch.stack([dt.t(), torch.zeros_like(dt).t()], -1).to(torch.bfloat16).contiguous()  # [k/g, n, 2]
-            state = {"qweight": packed, "scales_and_zeros": sz}
+            if self.meta[name].get("symmetric"):
+                state = {"qweight": packed, "scales": dt.t().to(torch.bfloat16).contiguous()}  # [k/g, n]
+            else:
+                sz = torch.stack([dt.t(), torch.zeros_like(dt).t()], -1).to(torch.bfloat16).contiguous()  # [k/g, n, 2]
+                state = {"qweight": packed, "scales_and_zeros": sz}
             if self.meta[name].get("bias"):
                 state["bias"] = torch.from_numpy(w[name + "_bias"]).float()
             out[name] = from_state(self.meta[name], state)
         return out
 
     def check(self, w: dict) -> None:
+        from moemesh.layers.qlinear_state import export_state
+
         ref, fast = expert_linears_reference(w), self.linears(w)
         for name in ref:
-            for buf in ("qweight", "scales_and_zeros") + (("bias",) if ref[name].bias is not None else ()):
-                if not torch.equal(getattr(ref[name], buf), getattr(fast[name], buf)):
+            (rm, rt), (fm, ft) = export_state(ref[name]), export_state(fast[name])
+            for buf in rt:
+                if rm != fm or buf not in ft or not torch.equal(rt[buf], ft[buf]):
                     raise RuntimeError(f"fast int4 packing differs from QuantLinear.from_int4_groups ({name}.{buf})")
 
 

@@ -138,7 +138,7 @@ def test_int4_moe_compiled_close_to_eager_and_moe_op_exact():
     ids, w = ffn.router(x)
     plan = StepPlan(model).layers[1].moe
     table = StepPlan(model).weights[plan.table]
-    via_op = torch.ops.moemesh.moe_decode(x, ids, w, table, plan.inter, plan.gu_npad, plan.dn_npad)
+    via_op = torch.ops.moemesh.moe_decode(x, ids, w, table, plan.inter, plan.gu_npad, plan.dn_npad, plan.sym)
     assert torch.equal(via_op, ffn(x))
     le, lc, toks_e, toks_c = decode_both(model, CompiledDecoder(model), [5, 6, 7, 8, 9], 12)
     rel = ((le - lc).norm(dim=-1) / le.norm(dim=-1)).max().item()

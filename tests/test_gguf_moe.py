@@ -145,6 +145,23 @@ def test_q4_gguf_converts_to_store_lazy_equals_resident(q4_model):
         assert lazy.provider.stats()["misses"] > 0
 
 
+def test_q4_gguf_store_is_symmetric_and_planned_at_its_size(q4_model, tmp_path):
+    """Q4_0 experts (zero 0) are stored symmetric: scales only, 18 bytes per 32 weights like the
+    GGUF (asymmetric: 20); plan's int4 row for the store uses the store's real blob size."""
+    from moemesh.benchkit.shapes import blob_bytes, shape_from_config
+    from moemesh.commands.plan import plan
+    from moemesh.experts.store import ExpertStore
+
+    store = ExpertStore(convert(q4_model / "q4.gguf", tmp_path / "store", "int4", progress=False))
+    assert all(store.linear_meta[lin].get("symmetric") for lin in ("gate_up", "down"))
+    assert {p.buffer for p in store.parts} == {"qweight", "scales"}
+    asym = blob_bytes(shape_from_config(store.config), "int4")  # what an HF -> int4 convert writes
+    assert store.blob_size <= asym
+    r = plan(str(store.root), 2**30, 1, None)
+    assert r["formats"]["int4"]["expert_bytes"] == store.blob_size
+    assert r["formats"]["int8"]["expert_bytes"] == blob_bytes(shape_from_config(store.config), "int8")
+
+
 def test_q4_gguf_experts_dequantize_exactly(q4_model):
     """Each expert slice of a 3-D Q4_0 tensor equals gguf-py's dequantization of that expert."""
     from moemesh.weights.gguf_reader import open_gguf

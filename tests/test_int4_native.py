@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moemesh.layers import int4_native as n4
-from moemesh.layers.qlinear import QuantLinear, _unpack_int4
+from moemesh.layers.int4_pack import unpack_int4
+from moemesh.layers.qlinear import QuantLinear
 
 LIB = n4.load_native()
 needs_lib = pytest.mark.skipif(LIB is None, reason="no C compiler or no AVX-512 VNNI/VBMI on this CPU")
@@ -38,7 +39,7 @@ def test_kernel_matches_reference_and_fp32(n: int, k: int, dtype: torch.dtype) -
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     y = n4.int4_matmul(LIB, x, ql.qweight, ql.scales_and_zeros)  # [5, N_pad]
     n_pad = ql.qweight.shape[0]
-    q = _unpack_int4(ql.qweight, n_pad, k, *ql._int4_layout)
+    q = unpack_int4(ql.qweight, n_pad, k, *ql._int4_layout)
     ref = n4.reference_int4_matmul(x, q, ql.scales_and_zeros)  # same arithmetic, other summation order
     assert y.shape == (5, n_pad) and y.dtype == torch.float32
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -91,8 +91,10 @@ def test_from_int4_groups(style: str, n: int) -> None:
     bound = BF16_U * ((q.float() - 8).abs() * scale.repeat_interleave(g, 1) + z.abs())
     dw = (layer.dequantized_weight() - exact).abs()
     assert (dw <= bound * (1 + 1e-5) + 1e-6 * exact.abs() + 1e-9).all()
-    if style == "q4_0":  # zero is exactly 0: only the scale is rounded
-        assert (layer.scales_and_zeros[..., 1] == 0).all()
+    if style == "q4_0":  # zero is exactly 0: stored symmetric, only the scale is rounded
+        assert layer.symmetric and tuple(layer.scales.shape) == (k // g, layer.qweight.shape[0])
+    else:
+        assert not layer.symmetric
 
     x = torch.randn(5, k, generator=gen)
     for min_m in paths(layer):

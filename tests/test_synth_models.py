@@ -111,4 +111,4 @@ def test_gpt_oss_gguf_same_experts_and_add_gguf(tmp_path):
 
 def test_qwen3_dispatch_keeps_cached_layout(tmp_path):
     assert sm.model_dir(tmp_path, "qwen3-30b-a3b", 12, 32768, 0) == synth.model_dir(tmp_path, 12, 32768, 0)
-    assert sm.model_dir(tmp_path, "qwen3-30b-a3b", 12, 32768, 0).name == "qwen3moe-synth-v1-L12-V32768-s0"
+    assert sm.model_dir(tmp_path, "qwen3-30b-a3b", 12, 32768, 0).name == f"qwen3moe-synth-v{synth.SYNTH_VERSION}-L12-V32768-s0"

@@ -49,6 +49,8 @@ class ModelShape:
     small_params: int = 0  # norms, routers, sinks: kept fp32, read every token
     tied: bool = False
     notes: list[str] = field(default_factory=list)
+    # an expert store's real blob size for its quant (e.g. symmetric int4: 10% below blob_bytes' asymmetric count)
+    stored_blobs: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -150,7 +152,7 @@ class FormatBytes:
 
 
 def format_bytes(shape: ModelShape, fmt: str) -> FormatBytes:
-    blob = blob_bytes(shape, fmt)
+    blob = shape.stored_blobs.get(fmt) or blob_bytes(shape, fmt)
     n_blobs = shape.moe_layers * shape.num_experts
     trunk_disk = 2 * shape.trunk_params
     head = resident_linear_bytes(shape.head, fmt)

@@ -31,6 +31,7 @@ class Stored:
     params: int  # elements over all tensors (GGUF: logical elements)
     dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> bytes
     blob_size: int | None = None  # expert store: one blob
+    quant: str | None = None  # expert store: the blobs' format (int4 | int8 | bf16)
 
 
 def resolve(model: str) -> tuple[str, dict[str, Any], Stored | None]:
@@ -110,7 +111,7 @@ def _store(root: Path) -> tuple[dict[str, Any], Stored]:
     trunk = _safetensors_file(store.trunk_path)
     # params: the trunk's only (packed blobs do not say how many weights they hold; the config does)
     st = Stored("expert-store", 2, trunk.tensor_bytes + store.expert_bytes(), store.expert_bytes(), trunk.params,
-                {**trunk.dtypes, f"experts ({store.quant})": store.expert_bytes()}, store.blob_size)
+                {**trunk.dtypes, f"experts ({store.quant})": store.expert_bytes()}, store.blob_size, store.quant)
     return dict(store.config), st
 
 

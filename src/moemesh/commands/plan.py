@@ -35,6 +35,8 @@ def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rat
 
     name, cfg, stored = resolve(model)
     shape = shape_from_config(cfg, name)
+    if stored is not None and stored.blob_size and stored.quant:  # an expert store: its blobs as written
+        shape.stored_blobs[stored.quant] = stored.blob_size
     # N nodes split the model by layer ranges: their RAM adds up, each pays its own runtime
     pooled = nodes * ram - (nodes - 1) * (KV_RESERVE + RUNTIME_OVERHEAD)
     out: dict[str, Any] = {

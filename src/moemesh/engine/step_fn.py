@@ -64,9 +64,11 @@ class LinearPlan:
 
     def __init__(self, ql: QuantLinear, w: list[torch.Tensor]) -> None:
         self.mode, self.out_features, self.group_size = ql.mode, ql.out_features, ql.group_size
-        tensors = {"int4": ("qweight", "scales_and_zeros"), "int8": ("qweight", "_ones", "scales"),
-                   "bf16": ("weight",), "fp32": ("weight",)}[ql.mode]
-        self.idx = tuple(_add(w, getattr(ql, name)) for name in tensors)
+        if ql.mode == "int4":  # torch's kernel in the graph: a symmetric layer's (scale, 0) pairs are built once here
+            self.idx = (_add(w, ql.qweight), _add(w, ql.torch_scales_and_zeros()))
+        else:
+            tensors = {"int8": ("qweight", "_ones", "scales"), "bf16": ("weight",), "fp32": ("weight",)}[ql.mode]
+            self.idx = tuple(_add(w, getattr(ql, name)) for name in tensors)
         self.bias = None if ql.bias is None else _add(w, ql.bias)
 
 
@@ -79,6 +81,7 @@ class MoEPlan:
         self.table = _add(w, int4_ops.expert_table(experts))
         e = experts[0]
         self.inter, self.gu_npad, self.dn_npad = e.down.in_features, e.gate_up.qweight.shape[0], e.down.qweight.shape[0]
+        self.sym = e.gate_up.symmetric
 
 
 class LayerPlan:
@@ -183,7 +186,7 @@ def mlp(p: LayerPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         weights, ids = torch.topk(probs, m.top_k, dim=-1)
         if m.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return torch.ops.moemesh.moe_decode(x, ids, weights, w[m.table], m.inter, m.gu_npad, m.dn_npad)
+        return torch.ops.moemesh.moe_decode(x, ids, weights, w[m.table], m.inter, m.gu_npad, m.dn_npad, m.sym)
     gate, up = linear(p.gate_up, w, x).chunk(2, dim=-1)  # [1, I] each
     return linear(p.down, w, ACTIVATIONS[p.act](gate) * up)
 

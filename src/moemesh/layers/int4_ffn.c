@@ -33,11 +33,12 @@ static inline __m512 silu_mul16(__m512 g, __m512 u) {
 }
 #endif
 
-/* x fp32 [D]; expert e: gate_up qweight gu_q[e] [gu_npad, D/2], scales gu_sz[e] bf16 [D/32, gu_npad, 2];
-   down dn_q[e] [dn_npad, I/2], dn_sz[e] [I/32, dn_npad, 2]. y fp32 [n, dn_npad]. 0, or -1. */
+/* x fp32 [D]; expert e: gate_up qweight gu_q[e] [gu_npad, D/2], scales gu_sz[e] bf16 [D/32, gu_npad, 2]
+   ([D/32, gu_npad] when sym: symmetric int4, see int4_kernel.h); down dn_q[e] [dn_npad, I/2],
+   dn_sz[e] [I/32, dn_npad(, 2)]. sym applies to every matrix of the call. y fp32 [n, dn_npad]. 0, or -1. */
 int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const uint8_t *const *gu_q,
                    const uint16_t *const *gu_sz, int64_t gu_npad, const uint8_t *const *dn_q,
-                   const uint16_t *const *dn_sz, int64_t dn_npad, float *y, int nthreads) {
+                   const uint16_t *const *dn_sz, int64_t dn_npad, int sym, float *y, int nthreads) {
 #if I4_SIMD
     if (d % GS || inter % GS || gu_npad % 16 || dn_npad % 16 || gu_npad < 2 * inter || n <= 0) return -1;
     const int64_t G1 = d / GS, G2 = inter / GS;
@@ -68,11 +69,14 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
         for (int64_t it = 0; it < n * nb1; it++) {
             const int64_t e = it / nb1, blk = it % nb1;
             if (blk == nf1)
-                tail_rows(gu_q[e] + nf1 * d * (BLK / 2), gu_sz[e], gu_npad, nf1 * BLK, t1, d, 1, x1, x2, du, sumx, sx,
+                tail_rows(gu_q[e] + nf1 * d * (BLK / 2), gu_sz[e], sym, gu_npad, nf1 * BLK, t1, d, 1, x1, x2, du, sumx, sx,
                           h + e * gu_npad, gu_npad);
+            else if (sym)
+                block_tile(gu_q[e] + blk * d * (BLK / 2), gu_sz[e], gu_npad, blk, G1, d, x1, x2, du, sumx, sx,
+                           h + e * gu_npad, gu_npad, 1, 1, idx_a, idx_b);
             else
                 block_tile(gu_q[e] + blk * d * (BLK / 2), gu_sz[e], gu_npad, blk, G1, d, x1, x2, du, sumx, sx,
-                           h + e * gu_npad, gu_npad, 1, idx_a, idx_b);
+                           h + e * gu_npad, gu_npad, 1, 0, idx_a, idx_b);
         }
 #pragma omp for schedule(static)
         for (int64_t e = 0; e < n; e++) {
@@ -86,18 +90,21 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
             const int64_t e = it / nb2, blk = it % nb2;
             const int8_t *e1 = a1 + e * inter, *e2 = a2 + e * inter;
             if (blk == nf2)
-                tail_rows(dn_q[e] + nf2 * inter * (BLK / 2), dn_sz[e], dn_npad, nf2 * BLK, t2, inter, 1, e1, e2,
+                tail_rows(dn_q[e] + nf2 * inter * (BLK / 2), dn_sz[e], sym, dn_npad, nf2 * BLK, t2, inter, 1, e1, e2,
                           adu + e * G2, asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad);
+            else if (sym)
+                block_tile(dn_q[e] + blk * inter * (BLK / 2), dn_sz[e], dn_npad, blk, G2, inter, e1, e2, adu + e * G2,
+                           asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad, 1, 1, idx_a, idx_b);
             else
                 block_tile(dn_q[e] + blk * inter * (BLK / 2), dn_sz[e], dn_npad, blk, G2, inter, e1, e2, adu + e * G2,
-                           asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad, 1, idx_a, idx_b);
+                           asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad, 1, 0, idx_a, idx_b);
         }
     }
     free(xq), free(fs), free(is);
     return 0;
 #else
     (void)x, (void)d, (void)inter, (void)n, (void)gu_q, (void)gu_sz, (void)gu_npad, (void)dn_q, (void)dn_sz;
-    (void)dn_npad, (void)y, (void)nthreads;
+    (void)dn_npad, (void)sym, (void)y, (void)nthreads;
     return -1;
 #endif
 }

@@ -5,7 +5,10 @@ y[m, n] = sum_k x[m, k] * W[n, k],  W[n, k] = (q[n, k] - 8) * s[k/32, n] + z[k/3
 Weights: torch._convert_weight_to_int4pack_for_cpu's AVX-512 layout (block_n 64, "halves"):
 blocks of 64 rows, each [K, 32] bytes; byte j of row k holds row j (low nibble) and row j + 32
 (high nibble); a short tail block (16..48 rows) is [K, tail/2] bytes, byte j = rows 2j, 2j+1.
-Scales/zeros: bf16 [K/32, N_pad, 2] (scale, zero). Group size 32 only.
+Scales/zeros: bf16 [K/32, N_pad, 2] (scale, zero), or with ``sym`` (symmetric int4, GGUF Q4_0's
+values: the zero is 0) bf16 scales alone, [K/32, N_pad]: 18 instead of 20 bytes per 32 weights,
+and the zero fma is skipped (fma(0, sum x, acc) == acc, so sym and a zero-filled asymmetric copy
+give the same values). Group size 32 only.
 
 Activations: per (row, group of 32), t = x * 127 / amax is split into two int8 planes,
 x1 = round(t) and x2 = round(256 (t - x1)), so x ~ du * (256 x1 + x2), du = amax / 127 / 256
@@ -97,7 +100,7 @@ static inline void quant_x(const void *x, int x_bf16, int64_t m, int64_t k, int8
 static inline __attribute__((always_inline)) void block_tile(
     const uint8_t *wb, const uint16_t *sz, int64_t n_pad, int64_t blk, int64_t G, int64_t k, const int8_t *x1,
     const int8_t *x2, const float *du, const float *sumx, const int32_t *sx, float *y, int64_t n_out, const int MT,
-    __m512i idx_a, __m512i idx_b) {
+    const int SYM, __m512i idx_a, __m512i idx_b) {
     __m512 acc[2][4];
     for (int mi = 0; mi < MT; mi++)
         for (int r = 0; r < 4; r++) acc[mi][r] = _mm512_setzero_ps();
@@ -105,9 +108,10 @@ static inline __attribute__((always_inline)) void block_tile(
     const __m512i zmask = _mm512_set1_epi32((int)0xFFFF0000u);
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *wg = wb + g * GS * 32;
-        const uint16_t *sg = sz + (g * n_pad + blk * BLK) * 2;
+        const int64_t sw = SYM ? 1 : 2;  /* bf16 values per (group, row) */
+        const uint16_t *sg = sz + (g * n_pad + blk * BLK) * sw;
         if (g + PF_S < G)  /* scales are strided by N_pad: hardware prefetchers miss them */
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(sg + PF_S * n_pad * 2 + 32 * r), _MM_HINT_T0);
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(sg + PF_S * n_pad * sw + 16 * sw * r), _MM_HINT_T0);
         __m512i d1[2][4], d2[2][4];
         for (int mi = 0; mi < MT; mi++)
             for (int r = 0; r < 4; r++) {
@@ -137,12 +141,18 @@ static inline __attribute__((always_inline)) void block_tile(
         for (int mi = 0; mi < MT; mi++) {
             __m512 dum = _mm512_set1_ps(du[mi * G + g]), sm = _mm512_set1_ps(sumx[mi * G + g]);
             for (int r = 0; r < 4; r++) {
-                __m512i v = _mm512_loadu_si512((const void *)(sg + 32 * r));  /* 16 x (scale, zero) */
-                __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, zmask));
                 __m512i dd = _mm512_add_epi32(_mm512_slli_epi32(d1[mi][r], 8), d2[mi][r]);
-                acc[mi][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), _mm512_mul_ps(s, dum), acc[mi][r]);
-                acc[mi][r] = _mm512_fmadd_ps(z, sm, acc[mi][r]);
+                if (SYM) {  /* 16 scales */
+                    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sg + 16 * r)));
+                    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                    acc[mi][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), _mm512_mul_ps(s, dum), acc[mi][r]);
+                } else {
+                    __m512i v = _mm512_loadu_si512((const void *)(sg + 32 * r));  /* 16 x (scale, zero) */
+                    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                    __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, zmask));
+                    acc[mi][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), _mm512_mul_ps(s, dum), acc[mi][r]);
+                    acc[mi][r] = _mm512_fmadd_ps(z, sm, acc[mi][r]);
+                }
             }
         }
     }
@@ -152,8 +162,8 @@ static inline __attribute__((always_inline)) void block_tile(
 }
 
 /* Scalar path for the tail block (rows 2j, 2j+1 share byte j); same arithmetic per row. */
-static inline void tail_rows(const uint8_t *wt, const uint16_t *sz, int64_t n_pad, int64_t n0, int64_t tail, int64_t k,
-                      int64_t m, const int8_t *x1, const int8_t *x2, const float *du, const float *sumx,
+static inline void tail_rows(const uint8_t *wt, const uint16_t *sz, int sym, int64_t n_pad, int64_t n0, int64_t tail,
+                      int64_t k, int64_t m, const int8_t *x1, const int8_t *x2, const float *du, const float *sumx,
                       const int32_t *sx, float *y, int64_t n_out) {
     const int64_t G = k / GS, half = tail / 2;
     for (int64_t r = 0; r < m; r++)
@@ -166,9 +176,9 @@ static inline void tail_rows(const uint8_t *wt, const uint16_t *sz, int64_t n_pa
                     int32_t q = (t & 1) ? byte >> 4 : byte & 15;
                     dot += q * (256 * (int32_t)x1[r * k + kk] + (int32_t)x2[r * k + kk]);
                 }
-                const uint16_t *p = sz + (g * n_pad + n0 + t) * 2;
+                const uint16_t *p = sz + (g * n_pad + n0 + t) * (sym ? 1 : 2);
                 acc = fmaf((float)dot, bf16f(p[0]) * du[r * G + g], acc);
-                acc = fmaf(bf16f(p[1]), sumx[r * G + g], acc);
+                if (!sym) acc = fmaf(bf16f(p[1]), sumx[r * G + g], acc);
             }
             y[r * n_out + n0 + t] = acc;
         }

@@ -3,9 +3,10 @@
 
 int i4_simd(void) { return I4_SIMD; }
 
-/* y fp32 [M, n_pad] = x [M, K] @ W.T. Returns 0, or -1 (no SIMD build / bad shape / no memory). */
-int i4_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *qw, const uint16_t *sz, int64_t n_pad,
-              float *y, int nthreads) {
+/* y fp32 [M, n_pad] = x [M, K] @ W.T; sz: (scale, zero) pairs, or scales alone when sym.
+   Returns 0, or -1 (no SIMD build / bad shape / no memory). */
+int i4_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *qw, const uint16_t *sz, int sym,
+              int64_t n_pad, float *y, int nthreads) {
 #if I4_SIMD
     if (k % GS || n_pad % 16 || m <= 0) return -1;
     const int64_t G = k / GS, nfull = n_pad / BLK, tail = n_pad % BLK;
@@ -34,22 +35,29 @@ int i4_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *qw
 #endif
     for (int64_t blk = 0; blk < nblocks; blk++) {
         if (blk == nfull) {
-            tail_rows(qw + nfull * k * (BLK / 2), sz, n_pad, nfull * BLK, tail, k, m, x1, x2, du, sumx, sx, y, n_pad);
+            tail_rows(qw + nfull * k * (BLK / 2), sz, sym, n_pad, nfull * BLK, tail, k, m, x1, x2, du, sumx, sx, y, n_pad);
             continue;
         }
         const uint8_t *wb = qw + blk * k * (BLK / 2);
         int64_t r = 0;
-        for (; r + MT_MAX <= m; r += MT_MAX)
-            block_tile(wb, sz, n_pad, blk, G, k, x1 + r * k, x2 + r * k, du + r * G, sumx + r * G, sx + r * G,
-                       y + r * n_pad, n_pad, MT_MAX, idx_a, idx_b);
-        for (; r < m; r++)
-            block_tile(wb, sz, n_pad, blk, G, k, x1 + r * k, x2 + r * k, du + r * G, sumx + r * G, sx + r * G,
-                       y + r * n_pad, n_pad, 1, idx_a, idx_b);
+#define I4_TILES(S)                                                                                              \
+    for (; r + MT_MAX <= m; r += MT_MAX)                                                                         \
+        block_tile(wb, sz, n_pad, blk, G, k, x1 + r * k, x2 + r * k, du + r * G, sumx + r * G, sx + r * G,       \
+                   y + r * n_pad, n_pad, MT_MAX, S, idx_a, idx_b);                                               \
+    for (; r < m; r++)                                                                                           \
+        block_tile(wb, sz, n_pad, blk, G, k, x1 + r * k, x2 + r * k, du + r * G, sumx + r * G, sx + r * G,       \
+                   y + r * n_pad, n_pad, 1, S, idx_a, idx_b);
+        if (sym) {  /* constant SYM per instantiation: the branch leaves the inner loops */
+            I4_TILES(1)
+        } else {
+            I4_TILES(0)
+        }
+#undef I4_TILES
     }
     free(x1), free(fs), free(sx);
     return 0;
 #else
-    (void)x, (void)x_bf16, (void)m, (void)k, (void)qw, (void)sz, (void)n_pad, (void)y, (void)nthreads;
+    (void)x, (void)x_bf16, (void)m, (void)k, (void)qw, (void)sz, (void)sym, (void)n_pad, (void)y, (void)nthreads;
     return -1;
 #endif
 }

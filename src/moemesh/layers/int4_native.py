@@ -33,9 +33,9 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.i4_matmul.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
+    lib.i4_matmul.argtypes = [p, i32, i64, i64, p, p, i32, i64, p, i32]
     lib.i4_matmul.restype = i32
-    lib.i4_experts_ffn.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, p, i32]
+    lib.i4_experts_ffn.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i32, p, i32]
     lib.i4_experts_ffn.restype = i32
     lib.i4_simd.restype = i32
     return lib if lib.i4_simd() else None
@@ -53,20 +53,26 @@ def supports(layout: tuple[int, bool] | None, group_size: int, in_features: int)
     return layout == LAYOUT and group_size == GROUP and in_features % GROUP == 0
 
 
-def int4_matmul(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+def is_symmetric(scales: torch.Tensor) -> bool:
+    """Symmetric int4 (scales alone, bf16 [K/32, N_pad]) vs (scale, zero) pairs [K/32, N_pad, 2]."""
+    return scales.dim() == 2
+
+
+def int4_matmul(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x fp32/bf16 [M, K] @ W.T -> fp32 [M, N_pad]; qweight uint8 [N_pad, K/2] (torch's AVX-512
-    int4 packing), scales_and_zeros bf16 [K/32, N_pad, 2]."""
+    int4 packing), scales bf16 [K/32, N_pad, 2] (scale, zero) or [K/32, N_pad] (symmetric)."""
     m, k = x.shape
     n_pad = qweight.shape[0]
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()
     x = x.contiguous()
-    if (scales_and_zeros.dtype != torch.bfloat16 or tuple(scales_and_zeros.shape) != (k // GROUP, n_pad, 2)
-            or not qweight.is_contiguous() or not scales_and_zeros.is_contiguous()):
-        raise ValueError("int4_matmul: qweight/scales_and_zeros do not match x or are not contiguous bf16")
+    sym = is_symmetric(scales)
+    if (scales.dtype != torch.bfloat16 or tuple(scales.shape) != (k // GROUP, n_pad, 2)[: 2 if sym else 3]
+            or not qweight.is_contiguous() or not scales.is_contiguous()):
+        raise ValueError("int4_matmul: qweight/scales do not match x or are not contiguous bf16")
     y = torch.empty(m, n_pad)
     rc = lib.i4_matmul(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, qweight.data_ptr(),
-                       scales_and_zeros.data_ptr(), n_pad, y.data_ptr(), torch.get_num_threads())
+                       scales.data_ptr(), int(sym), n_pad, y.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"int4_matmul: kernel rejected M={m}, K={k}, N={n_pad}")
     return y
@@ -74,14 +80,17 @@ def int4_matmul(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales
 
 def experts_ffn(lib: ctypes.CDLL, x: torch.Tensor, inter: int, parts: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
     """One token through n int4 SwiGLU experts in one call (int4_ffn.c): x fp32 [1, D] ->
-    fp32 [n, N_pad]; parts[e] = (gate_up qweight, gate_up scales_and_zeros, down qweight, down
-    scales_and_zeros), the packed buffers of QuantLinear (contiguous, checked by the caller)."""
+    fp32 [n, N_pad]; parts[e] = (gate_up qweight, gate_up scales, down qweight, down scales), the
+    packed buffers of QuantLinear (contiguous, checked by the caller; all symmetric or none)."""
     ptrs = [[t.data_ptr() for t in part] for part in parts]
-    return experts_ffn_ptrs(lib, x, inter, ptrs, parts[0][0].shape[0], parts[0][2].shape[0])
+    sym = is_symmetric(parts[0][1])
+    if any(is_symmetric(p[1]) != sym or is_symmetric(p[3]) != sym for p in parts):
+        raise ValueError("experts_ffn: symmetric and asymmetric int4 matrices in one call")
+    return experts_ffn_ptrs(lib, x, inter, ptrs, parts[0][0].shape[0], parts[0][2].shape[0], sym)
 
 
 def experts_ffn_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[list[int]], gu_npad: int,
-                     dn_npad: int) -> torch.Tensor:
+                     dn_npad: int, sym: bool = False) -> torch.Tensor:
     """``experts_ffn`` with each expert named by the data pointers of its four buffers, ptrs [n][4]
     (the compiled path keeps them in a table); the buffers must stay alive during the call."""
     d, n = x.shape[1], len(ptrs)
@@ -89,7 +98,7 @@ def experts_ffn_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[l
     tables = [(ctypes.c_void_p * n)(*(p[j] for p in ptrs)) for j in range(4)]  # 4 x [n]
     y = torch.empty(n, dn_npad)
     rc = lib.i4_experts_ffn(x.data_ptr(), d, inter, n, tables[0], tables[1], gu_npad, tables[2], tables[3], dn_npad,
-                            y.data_ptr(), torch.get_num_threads())
+                            int(sym), y.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"experts_ffn: kernel rejected D={d}, I={inter}, n={n}")
     return y

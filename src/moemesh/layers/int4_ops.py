@@ -5,7 +5,8 @@ MoE layer returns the eager one's bits for the same input). A custom op is calle
 through Python (tens of microseconds): worth it once per layer, not per linear.
 
 Experts are named by a pointer table, int64 [E, 4] = data_ptr of (gate_up qweight, gate_up
-scales_and_zeros, down qweight, down scales_and_zeros) per expert (``expert_table``): a graph
+scales, down qweight, down scales) per expert (``expert_table``; scales are QuantLinear.int4_scales:
+(scale, zero) pairs, or scales alone when ``sym``, for every expert of the layer): a graph
 input like any weight. The tensors it points into belong to ResidentExperts, which keeps them
 alive and in place for the model's lifetime.
 """
@@ -20,7 +21,7 @@ from .moe import sum_in_order
 
 @torch.library.custom_op("moemesh::moe_decode", mutates_args=())
 def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
-               gu_npad: int, dn_npad: int) -> torch.Tensor:
+               gu_npad: int, dn_npad: int, sym: bool) -> torch.Tensor:
     """x fp32 [1, D], ids int64 [1, A], weights fp32 [1, A], table int64 [E, 4] -> [1, D]."""
     lib = int4_native.load_native()
     if lib is None:
@@ -30,14 +31,14 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table:
     rows = table[[idl[a] for a in order]].tolist()  # [A, 4] pointers
     xc = x.float().contiguous()
     d = x.shape[1]
-    y = int4_native.experts_ffn_ptrs(lib, xc, inter, rows, gu_npad, dn_npad)  # [A, N_pad]
+    y = int4_native.experts_ffn_ptrs(lib, xc, inter, rows, gu_npad, dn_npad, sym)  # [A, N_pad]
     y = y if dn_npad == d else y[:, :d].contiguous()
     return sum_in_order(xc, y, weights[0, order])
 
 
 @moe_decode.register_fake
 def _moe_decode_fake(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
-                     gu_npad: int, dn_npad: int) -> torch.Tensor:
+                     gu_npad: int, dn_npad: int, sym: bool) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.float32)
 
 
@@ -46,9 +47,9 @@ def expert_table(experts: list[GatedMLP]) -> torch.Tensor | None:
     SwiGLU of one shape (what ``moe_decode`` computes)."""
     if not experts or any(not isinstance(e, GatedMLP) or e.fused_int4() is None for e in experts):
         return None
-    shape = lambda e: (e.gate_up.qweight.shape, e.down.qweight.shape, e.down.in_features)  # noqa: E731
+    shape = lambda e: (e.gate_up.qweight.shape, e.down.qweight.shape, e.down.in_features, e.gate_up.symmetric)  # noqa: E731
     if any(shape(e) != shape(experts[0]) for e in experts):
         return None
-    return torch.tensor([[e.gate_up.qweight.data_ptr(), e.gate_up.scales_and_zeros.data_ptr(),
-                          e.down.qweight.data_ptr(), e.down.scales_and_zeros.data_ptr()] for e in experts],
+    return torch.tensor([[e.gate_up.qweight.data_ptr(), e.gate_up.int4_scales().data_ptr(),
+                          e.down.qweight.data_ptr(), e.down.int4_scales().data_ptr()] for e in experts],
                         dtype=torch.int64)

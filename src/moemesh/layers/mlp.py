@@ -46,8 +46,9 @@ class GatedMLP(torch.nn.Module):
             self._fusable = (self.act_name == "silu" and gu.bias is None and dn.bias is None
                              and gu.native_int4() is not None and dn.native_int4() is not None
                              and gu.out_features == 2 * dn.in_features
-                             and all(t.is_contiguous() for t in (gu.qweight, gu.scales_and_zeros,
-                                                                 dn.qweight, dn.scales_and_zeros)))
+                             and gu.symmetric == dn.symmetric
+                             and all(t.is_contiguous() for t in (gu.qweight, gu.int4_scales(),
+                                                                 dn.qweight, dn.int4_scales())))
         return int4_native.load_native() if self._fusable else None
 
     def nbytes(self) -> int:
@@ -57,7 +58,7 @@ class GatedMLP(torch.nn.Module):
 def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.Tensor:
     """One token x [1, D] through every MLP of ``mlps`` (all fused_int4()) -> [n, D]; row e equals
     mlps[e](x) bit for bit (the kernel computes each expert independently of the others)."""
-    parts = [(m.gate_up.qweight, m.gate_up.scales_and_zeros, m.down.qweight, m.down.scales_and_zeros) for m in mlps]
+    parts = [(m.gate_up.qweight, m.gate_up.int4_scales(), m.down.qweight, m.down.int4_scales()) for m in mlps]
     if any(p[0].shape != parts[0][0].shape or p[2].shape != parts[0][2].shape for p in parts):
         raise ValueError("run_fused: the MLPs of one call must share their shapes")
     y = int4_native.experts_ffn(lib, x, mlps[0].down.in_features, parts)  # [n, N_pad]

@@ -14,6 +14,11 @@ and by probing; see tests/test_qlinear.py):
   reads K in steps of 16 with aligned loads: K % 16 != 0 or an x not 32-byte aligned reads
   garbage or segfaults (probed).
 
+Symmetric int4 (``symmetric``; GGUF Q4_0's values, zero 0): buffer ``scales`` bf16 [K/g, N_pad]
+alone instead of ``scales_and_zeros`` (18 instead of 20 bytes per 32 weights: 10% fewer bytes to
+read from disk per lazy expert and from memory per token). The C kernel reads it directly; torch's
+kernel gets (scale, 0) pairs built per call (fallback only).
+
 int4, group 32, torch's AVX-512 packing: by default the C kernel of int4_native.py instead (same
 buffers; x split into two int8 planes, exact VNNI integer dots, fp32 output: ~100x closer to the
 fp32 reference than the bf16 kernel and 1.3-1.9x faster, bench/results/int4_kernel.md); it is
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import int4_native
+from .int4_pack import pad_rows, unpack_int4
 
 MODES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
@@ -60,37 +66,6 @@ def _dequant_min_m(mode: str) -> int:
     return DEQUANT_MIN_M[mode]
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """Zero-pad dim 0 of t up to ``rows``."""
-    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
-
-
-def _unpack_int4(packed: torch.Tensor, n: int, k: int, block_n: int, halves: bool) -> torch.Tensor:
-    """Inverse of _convert_weight_to_int4pack_for_cpu: packed uint8 [n, k/2] -> q uint8 [n, k].
-
-    The packer walks blocks of ``block_n`` rows (64 on AVX-512, 32 otherwise), each stored as
-    [k, block_n/2] bytes; in a full block byte j holds rows j (low nibble) and j + block_n/2
-    (``halves``) or rows 2j, 2j+1 (plain build); a short tail block always uses pairs.
-    Nibbles are written straight into their transposed place (out=) to save copies.
-    """
-    flat = packed.reshape(-1)
-    q = torch.empty(n, k, dtype=torch.uint8)
-    nfull, half = n // block_n, block_n // 2
-    if nfull:
-        b = flat[: nfull * k * half].view(nfull, k, half)
-        dst = q[: nfull * block_n].view(nfull, 2, half, k) if halves else \
-            q[: nfull * block_n].view(nfull, half, 2, k).transpose(1, 2)  # [nfull, 2, half, k]
-        torch.bitwise_and(b, 15, out=dst[:, 0].transpose(1, 2))
-        torch.bitwise_right_shift(b, 4, out=dst[:, 1].transpose(1, 2))
-    tail = n - nfull * block_n
-    if tail:
-        b = flat[nfull * k * half:].view(k, tail // 2)
-        dst = q[nfull * block_n:].view(tail // 2, 2, k)
-        torch.bitwise_and(b, 15, out=dst[:, 0].t())
-        torch.bitwise_right_shift(b, 4, out=dst[:, 1].t())
-    return q
-
-
 class QuantLinear(torch.nn.Module):
     """Linear layer over a stored (possibly quantized) weight; build with from_float/from_int4_groups.
 
@@ -106,6 +81,7 @@ class QuantLinear(torch.nn.Module):
         self.fallback: str | None = None
         self.dequant_min_m = _dequant_min_m(mode)
         self._int4_layout: tuple[int, bool] | None = None  # (block_n, halves) once verified
+        self.symmetric = False  # int4 with zero 0: ``scales`` [K/g, N_pad] instead of scales_and_zeros
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     # ---------------------------------------------------------------- construction
@@ -142,7 +118,8 @@ class QuantLinear(torch.nn.Module):
         """Weights given exactly as ``w = q * scale + minv`` (GGUF Q4_0: minv = -8*scale; Q4_1).
 
         q: uint8 [out, in] in 0..15; scale, minv: fp32 [out, in // group_size].
-        Stored as kernel zero ``z = minv + 8 * scale`` (computed in fp32) and scale, both rounded
+        When every ``z`` is 0 (Q4_0) the layer is stored ``symmetric`` (scales only). Otherwise
+        stored as kernel zero ``z = minv + 8 * scale`` (computed in fp32) and scale, both rounded
         to bf16 because the fast kernel needs bf16 scales (bf16: 8 significant bits, relative
         rounding u = 2^-8). Hence per weight ``|dw| <= 2^-8 * (|q - 8| * |scale| + |z|)``:
         for Q4_0 (z = 0 exactly) at most 8 * 2^-8 = 3.1% of one quantization step, for Q4_1
@@ -157,7 +134,8 @@ class QuantLinear(torch.nn.Module):
         layer = cls(k, n, "int4", bias)
         scale_f, minv_f = scale.float(), minv.float()  # [N, ceil(K/g)]
         if group_size in INT4_GROUPS and k % group_size == 0:
-            return layer._set_int4(q.to(torch.int32), scale_f, minv_f + 8 * scale_f, group_size)
+            zero = minv_f + 8 * scale_f
+            return layer._set_int4(q.to(torch.int32), scale_f, zero, group_size, symmetric=not bool(zero.any()))
         expand = lambda t: t.repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731  [N, K]
         layer._fall_back("bf16", f"group_size={group_size}, in_features={k}: no int4 kernel")
         layer.register_buffer("weight", (q.float() * expand(scale_f) + expand(minv_f)).to(torch.bfloat16))
@@ -215,33 +193,48 @@ class QuantLinear(torch.nn.Module):
             self.fallback = f"int4 group {requested} -> {g} (in_features={k} not divisible)"
         return self._set_int4(q.view(n, k).to(torch.int32), scale_b, zero_b, g)
 
-    def _set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g: int) -> QuantLinear:
-        """q int32 [N, K] in 0..15, scale/zero fp32 [N, K/g] (kernel formula (q-8)*s+z)."""
+    def _set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g: int,
+                  symmetric: bool = False) -> QuantLinear:
+        """q int32 [N, K] in 0..15, scale/zero fp32 [N, K/g] (kernel formula (q-8)*s+z); with
+        ``symmetric`` the zeros (all 0) are not stored."""
         n, k = q.shape
         n_pad = -(-n // INT4_N_MULTIPLE) * INT4_N_MULTIPLE  # padded rows are zero weights
-        q, scale, zero = _pad_rows(q, n_pad), _pad_rows(scale, n_pad), _pad_rows(zero, n_pad)
+        q, scale, zero = pad_rows(q, n_pad), pad_rows(scale, n_pad), pad_rows(zero, n_pad)
         packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)  # [N_pad, K/2] uint8
-        sz = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()  # [K/g, N_pad, 2]
-        self.group_size = g
+        self.group_size, self.symmetric = g, symmetric
         self.register_buffer("qweight", packed)
-        self.register_buffer("scales_and_zeros", sz)
+        if symmetric:
+            self.register_buffer("scales", scale.t().to(torch.bfloat16).contiguous())  # [K/g, N_pad]
+        else:
+            self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16)
+                                 .contiguous())  # [K/g, N_pad, 2]
         self._int4_layout = next(((b, h) for b, h in ((64, True), (32, True), (32, False))
-                                  if torch.equal(_unpack_int4(packed, n_pad, k, b, h), q.to(torch.uint8))),
+                                  if torch.equal(unpack_int4(packed, n_pad, k, b, h), q.to(torch.uint8))),
                                  None)
         if self._int4_layout is None:  # only the kernel can decode it: no dequant-once path
             self.dequant_min_m = NEVER
         return self
 
     # ---------------------------------------------------------------- weights
+    def int4_scales(self) -> torch.Tensor:
+        """The scale buffer the C kernel reads: ``scales`` (symmetric) or ``scales_and_zeros``."""
+        return self.scales if self.symmetric else self.scales_and_zeros
+
+    def torch_scales_and_zeros(self) -> torch.Tensor:
+        """bf16 [K/g, N_pad, 2] for torch's int4 kernel (built for a symmetric layer: zeros 0)."""
+        if not self.symmetric:
+            return self.scales_and_zeros
+        return torch.stack([self.scales, torch.zeros_like(self.scales)], -1)
+
     def _int4_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized int4 weight [N_pad, K] in dtype, computed in fp32 like the kernel."""
         n_pad, k, g = self.qweight.shape[0], self.in_features, self.group_size
         if self._int4_layout is None:  # unknown packing: let the kernel decode (slow, exact)
-            sz32 = self.scales_and_zeros.float()
+            sz32 = self.torch_scales_and_zeros().float()
             eye = torch.eye(k, dtype=torch.float32)
             return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, g, sz32).t().to(dtype)
-        q = _unpack_int4(self.qweight, n_pad, k, *self._int4_layout)  # [N_pad, K] uint8
-        s, z = self.scales_and_zeros.float().permute(2, 1, 0)  # [N_pad, K/g] each
+        q = unpack_int4(self.qweight, n_pad, k, *self._int4_layout)  # [N_pad, K] uint8
+        s, z = self.torch_scales_and_zeros().float().permute(2, 1, 0)  # [N_pad, K/g] each
         # (q - 8) * s is exact in fp32 (4-bit int times 8-bit mantissa), so this matches the fma
         w = q.view(n_pad, k // g, g).float().sub_(8).mul_(s[..., None]).add_(z[..., None])
         return w.view(n_pad, k).to(dtype)
@@ -273,7 +266,7 @@ class QuantLinear(torch.nn.Module):
         lib = self.native_int4() if self.mode == "int4" and m < self.dequant_min_m else None
         if lib is not None:
             # C kernel (int4_native.py): same packed buffers, two int8 activation planes, batch invariant
-            y = int4_native.int4_matmul(lib, x2, self.qweight, self.scales_and_zeros)
+            y = int4_native.int4_matmul(lib, x2, self.qweight, self.int4_scales())
             y = y[:, : self.out_features]  # [M, N]
             y = y.contiguous() if self.bias is None else torch.add(y, self.bias)
             return y.view(*lead, self.out_features)
@@ -294,7 +287,7 @@ class QuantLinear(torch.nn.Module):
         elif m >= self.dequant_min_m:
             y = F.linear(xb, self._int4_weight(torch.bfloat16))
         else:
-            y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self.scales_and_zeros)
+            y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self.torch_scales_and_zeros())
         y = y[:, : self.out_features]  # [M, N]: drops int4 padding rows
         y = y.float() if bias is None else torch.add(y, bias)  # fp32, contiguous
         return y.view(*lead, self.out_features)
@@ -308,7 +301,7 @@ class QuantLinear(torch.nn.Module):
         return int4_native.load_native() if self._native_ok else None
 
     def extra_repr(self) -> str:
-        g = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        g = f", group_size={self.group_size}{', symmetric' if self.symmetric else ''}" if self.mode == "int4" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{g}, "
                 f"bias={self.bias is not None}" + (f", fallback={self.fallback!r}" if self.fallback else ""))
 

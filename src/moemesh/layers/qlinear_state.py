@@ -12,6 +12,12 @@ import torch
 from .qlinear import NEVER, QuantLinear
 
 BUFFERS = {"int4": ("qweight", "scales_and_zeros"), "int8": ("qweight", "scales"), "bf16": ("weight",), "fp32": ("weight",)}
+SYMMETRIC_INT4 = ("qweight", "scales")  # int4 with zero 0 (meta "symmetric": true)
+
+
+def buffer_names(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The tensors a layer of this meta is made of."""
+    return SYMMETRIC_INT4 if meta["mode"] == "int4" and meta.get("symmetric") else BUFFERS[meta["mode"]]
 
 
 def export_state(layer: QuantLinear) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -21,7 +27,9 @@ def export_state(layer: QuantLinear) -> tuple[dict[str, Any], dict[str, torch.Te
         "group_size": layer.group_size,
         "int4_layout": list(layer._int4_layout) if layer._int4_layout else None,
     }
-    tensors = {name: getattr(layer, name).contiguous() for name in BUFFERS[layer.mode]}
+    if layer.symmetric:  # the key is only present then, so older metas read the same
+        meta["symmetric"] = True
+    tensors = {name: getattr(layer, name).contiguous() for name in buffer_names(meta)}
     if layer.bias is not None:  # fp32 [O]; the key is only present then, so older metas read the same
         meta["bias"] = True
         tensors["bias"] = layer.bias.float().contiguous()
@@ -36,9 +44,10 @@ def from_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantL
         layer.register_buffer("bias", tensors["bias"])
     layer.group_size = meta["group_size"]
     layer._int4_layout = tuple(meta["int4_layout"]) if meta.get("int4_layout") else None
+    layer.symmetric = bool(meta.get("symmetric"))
     if mode == "int4" and layer._int4_layout is None:
         layer.dequant_min_m = NEVER  # packing layout unknown: only the kernel can decode it
-    for name in BUFFERS[mode]:
+    for name in buffer_names(meta):
         layer.register_buffer(name, tensors[name])
     if mode == "int8":
         layer.register_buffer("_ones", torch.ones(layer.out_features, dtype=torch.bfloat16), persistent=False)

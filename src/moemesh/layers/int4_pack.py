@@ -1,0 +1,36 @@
+"""torch's CPU int4 packing, read back: row padding and unpacking (QuantLinear's dequantized
+weights, tests, and the synthetic benchmark's packer checks)."""
+from __future__ import annotations
+
+import torch
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero-pad dim 0 of t up to ``rows``."""
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int, block_n: int, halves: bool) -> torch.Tensor:
+    """Inverse of _convert_weight_to_int4pack_for_cpu: packed uint8 [n, k/2] -> q uint8 [n, k].
+
+    The packer walks blocks of ``block_n`` rows (64 on AVX-512, 32 otherwise), each stored as
+    [k, block_n/2] bytes; in a full block byte j holds rows j (low nibble) and j + block_n/2
+    (``halves``) or rows 2j, 2j+1 (plain build); a short tail block always uses pairs.
+    Nibbles are written straight into their transposed place (out=) to save copies.
+    """
+    flat = packed.reshape(-1)
+    q = torch.empty(n, k, dtype=torch.uint8)
+    nfull, half = n // block_n, block_n // 2
+    if nfull:
+        b = flat[: nfull * k * half].view(nfull, k, half)
+        dst = q[: nfull * block_n].view(nfull, 2, half, k) if halves else \
+            q[: nfull * block_n].view(nfull, half, 2, k).transpose(1, 2)  # [nfull, 2, half, k]
+        torch.bitwise_and(b, 15, out=dst[:, 0].transpose(1, 2))
+        torch.bitwise_right_shift(b, 4, out=dst[:, 1].transpose(1, 2))
+    tail = n - nfull * block_n
+    if tail:
+        b = flat[nfull * k * half:].view(k, tail // 2)
+        dst = q[nfull * block_n:].view(tail // 2, 2, k)
+        torch.bitwise_and(b, 15, out=dst[:, 0].t())
+        torch.bitwise_right_shift(b, 4, out=dst[:, 1].t())
+    return q
