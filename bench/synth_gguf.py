@@ -1,5 +1,6 @@
 """The GGUF side of bench/synth_models.py: a Mixtral-shaped model as llama.cpp's ``llama``
-architecture, a gpt-oss-shaped one as its ``gpt-oss`` architecture, both with stacked Q4_0
+architecture, a gpt-oss-shaped one as its ``gpt-oss`` architecture (DeepSeek-V3 as ``deepseek2``:
+bench/synth_gguf_deepseek.py), all with stacked Q4_0
 experts (``blk.N.ffn_{gate,up,down}_exps``; gpt-oss also their fp32 biases). The real gpt-oss
 GGUFs hold MXFP4 experts, which cannot represent our int4 weights; llama.cpp takes any type there.
 
@@ -59,8 +60,9 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensor_array(hf: str, t: torch.Tensor, cfg: dict, arch: str) -> tuple[np.ndarray, bool]:
-    """(data to write, is Q4_0)."""
+def tensor_array(hf: str, t: torch.Tensor, cfg: dict, arch: str,
+                 float_trunk: bool = False) -> tuple[np.ndarray, bool]:
+    """(data to write, is Q4_0); float_trunk: F32 matrices (a parity check isolating the experts)."""
     import gguf
 
     arr = t.float().numpy()
@@ -69,7 +71,7 @@ def tensor_array(hf: str, t: torch.Tensor, cfg: dict, arch: str) -> tuple[np.nda
     elif arch == "llama" and hf.endswith("k_proj.weight"):
         arr = permute(arr, cfg["num_key_value_heads"])
     name = gguf_name(hf, arch)
-    if name.endswith(".weight") and name.split(".")[-2] in Q4:
+    if not float_trunk and name.endswith(".weight") and name.split(".")[-2] in Q4:
         return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q4_0), True
     return arr.astype(np.float32), False
 
@@ -99,6 +101,12 @@ def metadata(w, cfg: dict, arch: str) -> None:
     w.add_expert_count(cfg["num_local_experts"])
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     w.add_vocab_size(cfg["vocab_size"])
+    file_and_vocab_metadata(w, cfg)
+
+
+def file_and_vocab_metadata(w, cfg: dict) -> None:
+    import gguf
+
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     v = cfg["vocab_size"]  # a minimal vocabulary: benchmarks feed token ids, nothing is tokenized
@@ -112,19 +120,25 @@ def metadata(w, cfg: dict, arch: str) -> None:
     w.add_add_bos_token(False)
 
 
-def open_writer(path: Path, arch: str, cfg: dict, trunk: list[tuple[str, torch.Tensor]], moe_layers: list[int]):
+def open_writer(path: Path, arch: str, cfg: dict, trunk: list[tuple[str, torch.Tensor]], moe_layers: list[int],
+                float_trunk: bool = False):
     """Declare every tensor, write header and trunk; the caller writes the expert stacks in order
     (for each MoE layer: expert_parts(arch), weights [E, N, K/32*18] Q4_0 bytes) and closes."""
     import gguf
 
+    if arch == "deepseek2":
+        import synth_gguf_deepseek
+
+        return synth_gguf_deepseek.open_writer(path, cfg, trunk, moe_layers, float_trunk)
     if (arch, cfg["model_type"]) not in (("llama", "mixtral"), ("gpt-oss", "gpt_oss")):
-        raise ValueError(f"synthetic GGUF: mixtral as 'llama' or gpt_oss as 'gpt-oss' (got {arch}, {cfg['model_type']})")
+        raise ValueError(f"synthetic GGUF: mixtral as 'llama', gpt_oss as 'gpt-oss' or deepseek_v3 as 'deepseek2' "
+                         f"(got {arch}, {cfg['model_type']})")
     q4 = gguf.GGMLQuantizationType.Q4_0
     w = gguf.GGUFWriter(path, arch)
     metadata(w, cfg, arch)
     arrays = []
     for hf, t in trunk:
-        arr, is_q4 = tensor_array(hf, t, cfg, arch)
+        arr, is_q4 = tensor_array(hf, t, cfg, arch, float_trunk)
         name = gguf_name(hf, arch)
         if is_q4:
             shape = list(t.shape)

@@ -18,9 +18,10 @@ architecture's own HF config keys and tensor names so ``get_arch`` builds them:
 * deepseek-v3: hidden 7168, 256 routed experts top-8 + 1 shared, expert width 2048, MLA (q_lora
   1536, kv_lora 512, rope 64, nope 128, v 128, 128 heads), sigmoid grouped routing (8 groups,
   top 4). Every layer is MoE (first_k_dense_replace 0: a dense layer would be an 18432-wide MLP
-  the benchmark does not study). No GGUF (llama.cpp's deepseek2 wants kv_b split into per-head
-  k_b/v_b tensors and its own MLA keys: not written). With one MoE layer moemesh's prefetch has
-  no next layer to predict, so it never prefetches.
+  the benchmark does not study). GGUF: arch ``deepseek2`` as convert_hf_to_gguf.py writes V3
+  (kv_b split into per-head k_b/v_b, MLA and YaRN keys, sigmoid group routing; see
+  bench/synth_gguf_deepseek.py). With one MoE layer moemesh's prefetch has no next layer to
+  predict, so it never prefetches.
 
     .venv/bin/python bench/synth_models.py --model gpt-oss-120b [--layers 2] [--vocab 32768]
 """
@@ -94,7 +95,7 @@ MODELS = {m.key: m for m in (
     SynthModel("qwen3-30b-a3b", "qwen3_moe", 12, 32768, synth.hf_config, "qwen3moe"),
     SynthModel("mixtral-8x7b", "mixtral", 7, 32000, _mixtral, "llama"),
     SynthModel("gpt-oss-120b", "gpt_oss", 2, 32768, _gpt_oss, "gpt-oss"),
-    SynthModel("deepseek-v3", "deepseek_v3", 1, 32768, _deepseek_v3, None),
+    SynthModel("deepseek-v3", "deepseek_v3", 1, 32768, _deepseek_v3, "deepseek2"),
 )}
 
 
@@ -232,7 +233,7 @@ def write(tmp: Path, cfg: dict, seed: int, gguf_arch: str | None, log=print) -> 
     offset = 0
     with open(tmp / "store" / "experts.bin", "wb") as f:
         for i in args.moe_layers:
-            stacks: dict[str, list[np.ndarray]] = {p: [] for p in synth_gguf.expert_parts(gguf_arch or "")}
+            stacks: dict[str, np.ndarray] = {}
             entries = []
             for x in range(args.num_experts):
                 w = expert_weights(seed, i, x, d, inter, bias)
@@ -243,12 +244,11 @@ def write(tmp: Path, cfg: dict, seed: int, gguf_arch: str | None, log=print) -> 
                 entries.append({"offset": offset, "sum": blob_sum(blob)})
                 offset += blob_size
                 if gw is not None:
-                    for p, arr in synth_gguf.expert_arrays(gguf_arch, w).items():
-                        stacks[p].append(arr)
+                    stack_into(stacks, x, args.num_experts, synth_gguf.expert_arrays(gguf_arch, w))
             manifest_layers[str(i)] = entries
             if gw is not None:
                 for p in synth_gguf.expert_parts(gguf_arch):
-                    gw.write_tensor_data(np.stack(stacks.pop(p)))
+                    gw.write_tensor_data(stacks.pop(p))
             log(f"  layer {i + 1}/{cfg['num_hidden_layers']} experts written ({time.time() - t0:.0f} s)")
         f.flush()
         os.fsync(f.fileno())
@@ -268,9 +268,20 @@ def write(tmp: Path, cfg: dict, seed: int, gguf_arch: str | None, log=print) -> 
         os.fsync(f.fileno())
 
 
-def add_gguf(root: Path, cfg: dict, seed: int, arch: str, log=print) -> None:
-    """Write root/model.gguf for an existing store: the trunk from the store, the experts
-    regenerated from the seed (the same weights the store's blobs hold)."""
+def stack_into(stacks: dict[str, np.ndarray], x: int, n: int, arrays: dict[str, np.ndarray]) -> None:
+    """stacks[p][x] = arrays[p], the [n, ...] stacks allocated at x == 0: one layer's expert stacks
+    are written whole, and at DeepSeek-V3's shape they are 6.3 GiB (no second copy from np.stack)."""
+    for p, arr in arrays.items():
+        if x == 0:
+            stacks[p] = np.empty((n, *arr.shape), arr.dtype)
+        stacks[p][x] = arr
+
+
+def add_gguf(root: Path, cfg: dict, seed: int, arch: str, log=print, name: str = "model.gguf",
+             float_trunk: bool = False) -> Path:
+    """Write root/NAME for an existing store: the trunk from the store, the experts regenerated
+    from the seed (the same weights the store's blobs hold). float_trunk: F32 trunk matrices
+    instead of Q4_0 (bench/gguf_parity.py's exact-trunk check)."""
     from moemesh.models import get_arch
     from safetensors.torch import load_file
 
@@ -278,26 +289,27 @@ def add_gguf(root: Path, cfg: dict, seed: int, arch: str, log=print) -> None:
 
     t0 = time.time()
     trunk_file = load_file(root / "store" / "trunk.safetensors")
-    trunk = [(name, trunk_file[name]) for name, _, _ in trunk_spec(cfg)]  # the declared order
+    trunk = [(n, trunk_file[n]) for n, _, _ in trunk_spec(cfg)]  # the declared order
     layers = get_arch(cfg["model_type"]).args_from_config(cfg)
-    tmp = root / f".model.gguf.partial-{os.getpid()}"
+    tmp = root / f".{name}.partial-{os.getpid()}"
     try:
-        gw = synth_gguf.open_writer(tmp, arch, cfg, trunk, layers.moe_layers)
+        gw = synth_gguf.open_writer(tmp, arch, cfg, trunk, layers.moe_layers, float_trunk)
         del trunk, trunk_file
         d, inter, bias = expert_dims(cfg)
         for i in layers.moe_layers:
-            stacks: dict[str, list[np.ndarray]] = {p: [] for p in synth_gguf.expert_parts(arch)}
+            stacks: dict[str, np.ndarray] = {}
             for x in range(layers.num_experts):
-                for p, arr in synth_gguf.expert_arrays(arch, expert_weights(seed, i, x, d, inter, bias)).items():
-                    stacks[p].append(arr)
+                w = expert_weights(seed, i, x, d, inter, bias)
+                stack_into(stacks, x, layers.num_experts, synth_gguf.expert_arrays(arch, w))
             for p in synth_gguf.expert_parts(arch):
-                gw.write_tensor_data(np.stack(stacks.pop(p)))
+                gw.write_tensor_data(stacks.pop(p))
             log(f"  gguf layer {i + 1}/{cfg['num_hidden_layers']} ({time.time() - t0:.0f} s)")
         gw.close()
-        os.rename(tmp, root / "model.gguf")
+        os.rename(tmp, root / name)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return root / name
 
 
 if __name__ == "__main__":

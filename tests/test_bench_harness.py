@@ -126,16 +126,16 @@ WRITER = """
 
 
 def test_missing_requirements_refuse_before_running(tmp_path, capsys, monkeypatch):
-    d = fake_bench(tmp_path, {"decode.py": WRITER, "lazy.py": WRITER, "policies.py": WRITER})
+    d = fake_bench(tmp_path, {"decode.py": WRITER, "lazy.py": WRITER, "policies.py": WRITER, "plan_check.py": WRITER})
     assert main(["bench", "run", "policies", "decode", "--bench-dir", str(d), "--llama-python", NOPE]) == 2
     err = capsys.readouterr().err
     assert "decode needs llama.cpp: no Python at /nonexistent/python" in err and "policies" not in err
     assert not (d / "results" / "matmul.json").exists()  # nothing ran, not even the suite that could
     monkeypatch.setattr("moemesh.benchkit.runner.available", lambda: False)
-    assert main(["bench", "run", "lazy_deepseek-v3", "--bench-dir", str(d)]) == 2
-    assert "lazy_deepseek-v3 needs root: needs root and the cgroup-v1" in capsys.readouterr().err
+    assert main(["bench", "run", "plan_check", "--bench-dir", str(d)]) == 2
+    assert "plan_check needs root: needs root and the cgroup-v1" in capsys.readouterr().err
     # --skip-unavailable runs what can run and lists the rest as skipped
-    assert main(["bench", "run", "lazy_deepseek-v3", "policies", "--skip-unavailable", "--bench-dir", str(d)]) == 0
+    assert main(["bench", "run", "plan_check", "policies", "--skip-unavailable", "--bench-dir", str(d)]) == 0
     assert "skipped (root+cgroup)" in capsys.readouterr().out
     assert (d / "results" / "matmul.json").exists()
 

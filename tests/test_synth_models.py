@@ -55,7 +55,7 @@ def test_store_loads_and_lazy_matches_resident(tmp_path, key):
     lazy = decode(root / "store", ExpertOptions(slots=3, prefetch=True))
     assert torch.isfinite(resident).all() and resident.std() > 0.1
     assert torch.equal(resident, lazy)
-    assert (root / "model.gguf").is_file() == (key != "deepseek-v3")
+    assert (root / "model.gguf").is_file()  # every benchmarked architecture has a GGUF
 
 
 def test_gpt_oss_blobs_hold_biases(tmp_path):

@@ -58,11 +58,10 @@ def _res(*names: str) -> tuple[str, ...]:
     return tuple(f"results/{n}" for n in names)
 
 
-def _lazy(model: str, minutes: float, llama: bool = True) -> Suite:
-    peer = "vs llama.cpp" if llama else "(moemesh alone: no GGUF)"
-    return Suite(f"lazy_{model}", "lazy.py", f"lazy experts {peer} under memory caps, {model} shapes",
+def _lazy(model: str, minutes: float) -> Suite:
+    return Suite(f"lazy_{model}", "lazy.py", f"lazy experts vs llama.cpp under memory caps, {model} shapes",
                  ("--model", model, "--repeats", "3"), _res(*(f"lazy_{model}.{x}" for x in ("json", "md", "png"))),
-                 llama_cpp=llama, root=True, minutes=minutes, llama_flag="--llama-python" if llama else "")
+                 llama_cpp=True, root=True, minutes=minutes, llama_flag="--llama-python")
 
 
 # In `run all` order: quick and independent first; plan_check before the lazy suites (they read its
@@ -101,7 +100,7 @@ SUITES: tuple[Suite, ...] = (
           llama_flag="--llama-python"),
     _lazy("gpt-oss-120b", 6),
     _lazy("mixtral-8x7b", 15),
-    _lazy("deepseek-v3", 6, llama=False),  # no DeepSeek GGUF is written: moemesh alone
+    _lazy("deepseek-v3", 6),  # llama.cpp's deepseek2 GGUF: bench/synth_gguf_deepseek.py
     Suite("plot_caps", "plot_caps.py", "plot: decode tok/s vs RAM cap per model, from the lazy results",
           results=_res("lazy_caps.png"), minutes=0.2),
     Suite("readme_table", "readme_table.py", "regenerate README.md's performance table from bench/results",
