@@ -33,9 +33,13 @@ per-layer shapes (bench/synth_models.py; llama.cpp only where a GGUF is written:
 writes bench/results/lazy_MODEL.{json,md,png}; each config's row also carries `moemesh plan`'s
 prediction (int4, uniform routing) from the machine probe ``--probe``.
 
-``--transformers`` (Qwen3 shapes only) adds transformers as a third engine on the same weights: an
-fp32 HF checkpoint written from the store (bench/synth_hf.py, ~2.4 GB per layer, so with
-``--layers 2``), run by bench/lazy_hf.py under the same protocol; see that file.
+``--transformers`` adds transformers as a third engine on the same weights: an fp32 HF checkpoint
+written from the store in each architecture's published layout (bench/synth_hf.py), run by
+bench/lazy_hf.py under the same protocol; see those files. fp32 experts are big (per MoE layer:
+Qwen3-30B-A3B 2.4 GB, Mixtral-8x7B 5.6 GB, gpt-oss-120b 12.7 GB, DeepSeek-V3 45 GB), so use a
+shallow model (``--layers 1`` or 2); the run is refused up front, sized from the config, when the
+checkpoint would not fit on disk or in transformers' RAM (on a 24 GB / ~32 GB-free-disk machine:
+DeepSeek-V3 never, gpt-oss-120b one layer, Mixtral up to ~3 layers).
 """
 from __future__ import annotations
 
@@ -57,6 +61,8 @@ sys.path.insert(0, str(HERE))
 import cgroup  # noqa: E402
 import lazy_hf  # noqa: E402
 from lazy_llama import proc_io  # noqa: E402  (stdlib only: shared with the llama.cpp and transformers workers)
+import synth_hf  # noqa: E402
+import synth_hf_size  # noqa: E402
 import synth_models  # noqa: E402
 
 from moemesh.benchkit.probe import disk_bandwidth  # noqa: E402  (O_DIRECT random reads, shared with the probe)
@@ -306,8 +312,8 @@ def main() -> None:
     ap.add_argument("--no-repack-oom-check", action="store_true", help="skip the one llama.cpp run with repacking under the smallest cap")
     ap.add_argument("--out", help="results path without suffix (default bench/results/lazy for qwen3, lazy_MODEL otherwise)")
     ap.add_argument("--transformers", action="store_true",
-                    help="also run transformers (fp32 HF checkpoint of the same weights, bench/synth_hf.py: ~2.4 GB per "
-                         "layer, use --layers 2) in every config")
+                    help="also run transformers (fp32 HF checkpoint of the same weights, bench/synth_hf.py: per layer "
+                         "~2.4 GB qwen3, 5.6 GB mixtral, 12.7 GB gpt-oss, 45 GB deepseek; use --layers 1-2) in every config")
     args = ap.parse_args()
     spec = synth_models.MODELS[args.model]
     args.layers, args.vocab = args.layers or spec.layers, args.vocab or spec.vocab
@@ -320,8 +326,10 @@ def main() -> None:
         return
     if not cgroup.available():
         sys.exit("bench/lazy.py needs root and the cgroup-v1 memory controller (memory caps)")
-    if args.transformers and args.model != "qwen3-30b-a3b":
-        sys.exit("--transformers: bench/synth_hf.py writes Qwen3-MoE checkpoints only")
+    if args.transformers and not (synth_hf.hf_dir(synth_models.model_dir(
+            Path(args.work_dir), args.model, args.layers, args.vocab, args.seed)) / "DONE").is_file():
+        # before generating the store: sized from the config (the disk is checked again right before writing)
+        synth_hf_size.require_fits(spec.config(args.layers, args.vocab), Path(args.work_dir))
 
     t_start = time.time()
     load_before = os.getloadavg()

@@ -1,34 +1,40 @@
-"""An HF checkpoint (Qwen3MoeForCausalLM, safetensors) of a synthetic bench/synth.py model, written
-from its expert store, so transformers runs the same weights as moemesh and llama.cpp.
+"""An HF checkpoint (safetensors) of a synthetic bench/synth_models.py model, written from its expert
+store, so transformers runs the same weights as moemesh and llama.cpp. Every architecture there:
+Qwen3MoeForCausalLM, MixtralForCausalLM, GptOssForCausalLM, DeepseekV3ForCausalLM.
 
     MODEL_DIR/hf/
-      config.json                         the store manifest's config (model_type qwen3_moe)
+      config.json                         the store manifest's config (an HF config already)
       model-00001-of-0000N.safetensors    embedding, final norm, head (bf16, as stored)
       model-0000K-of-0000N.safetensors    layer K-2: its trunk tensors (bf16) + its experts (fp32)
       model.safetensors.index.json
       DONE                                written last; the directory appears by one rename
       check.json                          `--check`'s result (the weight and logit check below)
 
-Trunk tensors are copied from trunk.safetensors unchanged (bf16, HF names). Experts are
-dequantized from the store's int4 blobs by moemesh's own code (``ExpertStore.read_expert`` ->
-``QuantLinear.dequantized_weight()``, fp32), and gate_up's rows split into gate_proj (first
-moe_intermediate_size rows) and up_proj (the rest), the order in which bench/synth.py packs them
-and GatedMLP consumes them (``gate, up = gate_up(x).chunk(2)``). fp32 holds every expert weight
-``(q - 8) * d`` exactly, i.e. the very values moemesh's int4 kernel and llama.cpp's Q4_0 use; the
-names are the per-expert ones of the published Qwen3 checkpoints (``mlp.experts.E.gate_proj.weight``;
-transformers 5 stacks them into its fused ``gate_up_proj`` at load).
+Trunk tensors are copied from trunk.safetensors unchanged (bf16 and fp32 as stored, HF names:
+routers, shared experts, DeepSeek's e_score_correction_bias and MLA projections, gpt-oss's sinks
+and biases). Experts are dequantized from the store's int4 blobs by moemesh's own code
+(``ExpertStore.read_expert`` -> ``QuantLinear.dequantized_weight()``, fp32; gpt-oss's fp32 biases
+as stored), and gate_up's rows split into gate (first half) and up, the order in which the store
+packs them and moemesh's experts consume them (``gate, up = gate_up(x).chunk(2)``). fp32 holds
+every expert weight ``(q - 8) * d`` exactly (bf16 would not), i.e. the very values moemesh's int4
+kernel and llama.cpp's Q4_0 use. The expert names and layout are those of each architecture's
+published checkpoints (bench/synth_hf_arch.py): per-expert tensors for Qwen3 / DeepSeek-V3
+(``mlp.experts.E.gate_proj.weight``) and Mixtral (``block_sparse_moe.experts.E.w1``), fused and
+gate/up-interleaved ``mlp.experts.gate_up_proj`` [E, D, 2I] + biases for gpt-oss.
 
 Every shard is streamed: its header is computed from the shapes, then tensors are written one at
-a time (one expert dequantized at a time), so peak memory is about one expert, not one layer.
-Size: 3 x 768 x 2048 x 4 B x 128 experts = 2.25 GiB per layer (12 layers: ~29 GB): meant for a
-shallow model (``bench/lazy.py --layers 2 --transformers``: ~4.8 GB).
+a time (one expert dequantized at a time; gpt-oss's fused tensors one expert slice at a time), so
+peak memory is about one expert, not one layer. Sizes (fp32 experts per MoE layer): Qwen3-30B-A3B
+2.4 GB, Mixtral-8x7B 5.6 GB, gpt-oss-120b 12.7 GB, DeepSeek-V3 45 GB; bench/synth_hf_size.py
+refuses, before writing, a checkpoint the disk or transformers' RAM cannot hold (DeepSeek-V3 at
+any depth on a 24 GB machine).
 
-    .venv/bin/python bench/synth_hf.py --layers 2 [--check]
+    .venv/bin/python bench/synth_hf.py [--model mixtral-8x7b] --layers 2 [--check]
 
 ``--check`` loads the directory with transformers and compares (1) one expert per MoE layer with
-the store's dequantized weights (must be equal) and (2) transformers' logits for a few
-teacher-forced tokens with moemesh's ``load_model(store, "fp32")`` (trunk kept fp32, experts the
-store's int4 through moemesh's kernels), reporting the max relative logit difference.
+the store's dequantized weights (must be equal, biases included) and (2) transformers' logits for
+a few teacher-forced tokens with moemesh's ``load_model(store, "fp32")`` (trunk kept fp32, experts
+the store's int4 through moemesh's kernels), reporting the max relative logit difference.
 """
 from __future__ import annotations
 
@@ -47,9 +53,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import synth_hf_arch  # noqa: E402
+import synth_hf_size  # noqa: E402
+
 HF_VERSION = 1  # bump when the written layout changes (invalidates cached hf/ directories)
 ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PARTS = synth_hf_arch.PARTS
 
 
 def hf_dir(model_dir: Path) -> Path:
@@ -57,17 +66,16 @@ def hf_dir(model_dir: Path) -> Path:
 
 
 def expert_tensors(store, layer: int, expert: int) -> dict[str, torch.Tensor]:
-    """gate_proj [I, D], up_proj [I, D], down_proj [D, I], fp32, exactly the weights moemesh uses."""
-    mlp = store.read_expert(layer, expert)
-    gu = mlp.gate_up.dequantized_weight()  # [2I, D] fp32: gate rows then up rows (GatedMLP: chunk(2))
-    inter = gu.shape[0] // 2
-    return {"gate_proj": gu[:inter], "up_proj": gu[inter:], "down_proj": mlp.down.dequantized_weight()}
+    """gate_proj [I, D], up_proj [I, D], down_proj [D, I] (+ gpt-oss's biases), fp32, exactly the
+    weights moemesh uses."""
+    return synth_hf_arch.store_expert(store, layer, expert)
 
 
 def _write_shard(path: Path, spec: list[tuple[str, torch.dtype, list[int]]],
                  tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
     """Write a safetensors file whose header is ``spec`` (name, dtype, shape) from ``tensors``,
-    produced lazily in the same order (each checked against the spec). Returns the data bytes."""
+    produced lazily in the same order, each whole or as consecutive slices along its first axis
+    (each checked against the spec). Returns the data bytes."""
     header, offset = {}, 0
     for name, dtype, shape in spec:
         n = dtype.itemsize
@@ -77,13 +85,21 @@ def _write_shard(path: Path, spec: list[tuple[str, torch.dtype, list[int]]],
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    it = iter(tensors)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for (name, dtype, shape), (got, t) in zip(spec, tensors, strict=True):
-            if got != name or t.dtype != dtype or list(t.shape) != list(shape):
-                raise RuntimeError(f"{path.name}: produced {got} {t.dtype} {list(t.shape)}, header says {name} {dtype} {shape}")
-            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        for name, dtype, shape in spec:
+            rows = 0
+            while rows < shape[0]:  # one whole tensor, or its slices [k, *shape[1:]] in order
+                got, t = next(it, (None, None))
+                if got != name or t.dtype != dtype or list(t.shape[1:]) != list(shape[1:]) or rows + t.shape[0] > shape[0]:
+                    raise RuntimeError(f"{path.name}: produced {got} {getattr(t, 'dtype', None)} "
+                                       f"{list(getattr(t, 'shape', []))} at row {rows}, header says {name} {dtype} {shape}")
+                f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                rows += t.shape[0]
+        if next(it, None) is not None:
+            raise RuntimeError(f"{path.name}: produced more tensors than the header holds")
         f.flush()
         os.fsync(f.fileno())
     return offset
@@ -100,14 +116,12 @@ def build_hf(model_dir: Path, log: Callable[[str], None] = print) -> Path:
         return out
     store = ExpertStore(model_dir / "store")
     cfg = dict(store.config)
-    if cfg.get("model_type") != "qwen3_moe" or store.expert_module is not None:
-        raise SystemExit(f"{model_dir}: synth_hf writes Qwen3-MoE checkpoints only (store is {cfg.get('model_type')})")
+    arch = synth_hf_arch.layout(cfg["model_type"])
+    synth_hf_size.require_fits(cfg, model_dir)  # before writing anything
     trunk = SafetensorsFile(store.trunk_path)
     layers, n_exp = cfg["num_hidden_layers"], store.num_experts
-    d, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
-    if store.moe_layers != list(range(layers)):
-        raise SystemExit(f"{model_dir}: expected every layer to be MoE, store has {store.moe_layers}")
-    shapes = {"gate_proj": [inter, d], "up_proj": [inter, d], "down_proj": [d, inter]}
+    first = store.read_expert(store.moe_layers[0], 0)  # the widths as stored
+    inter, d = first.gate_up.out_features // 2, first.gate_up.in_features
     n_shards = layers + 1
     fname = lambda k: f"model-{k:05d}-of-{n_shards:05d}.safetensors"  # noqa: E731
 
@@ -122,19 +136,18 @@ def build_hf(model_dir: Path, log: Callable[[str], None] = print) -> Path:
         spec = [(n, trunk.entries[n][0], trunk.entries[n][1]) for n in top]
         total += _write_shard(tmp / fname(1), spec, ((n, trunk.get(n)) for n in top))
         weight_map.update({n: fname(1) for n in top})
-        # one shard per layer: its trunk tensors as stored, then its experts, one at a time
+        # one shard per layer: its trunk tensors as stored, then its experts (if MoE), streamed
         for i in range(layers):
             names = [n for n in trunk.names() if n.startswith(f"model.layers.{i}.")]
+            moe = i in store.moe_layers
             spec = [(n, trunk.entries[n][0], trunk.entries[n][1]) for n in names]
-            spec += [(f"model.layers.{i}.mlp.experts.{e}.{p}.weight", torch.float32, shapes[p])
-                     for e in range(n_exp) for p in EXPERT_PARTS]
+            spec += arch.spec(i, n_exp, d, inter) if moe else []
 
-            def produce(i=i, names=names):
+            def produce(i=i, names=names, moe=moe):
                 for n in names:
                     yield n, trunk.get(n)
-                for e in range(n_exp):
-                    for p, t in expert_tensors(store, i, e).items():
-                        yield f"model.layers.{i}.mlp.experts.{e}.{p}.weight", t
+                if moe:
+                    yield from arch.produce(store, i)
 
             f = fname(i + 2)
             total += _write_shard(tmp / f, spec, produce())
@@ -173,13 +186,14 @@ def check(model_dir: Path, n_tokens: int = 4, threads: int = 2) -> dict:
     model_dir = Path(model_dir)
     store = ExpertStore(model_dir / "store")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir(model_dir), dtype=torch.float32).eval()
+    arch = synth_hf_arch.layout(store.config["model_type"])
     n_exp = store.num_experts
     experts = {}
     for i in store.moe_layers:
         e = (7 * i + 5) % n_exp
         want = expert_tensors(store, i, e)
-        got = _hf_expert(hf, i, e)
-        experts[f"{i}.{e}"] = {p: bool(torch.equal(got[p], want[p])) for p in EXPERT_PARTS}
+        got = arch.from_model(hf, i, e)
+        experts[f"{i}.{e}"] = {p: bool(set(got) == set(want) and torch.equal(got[p], want[p])) for p in want}
     rng = random.Random(7)
     tokens = [rng.randrange(3, store.config["vocab_size"]) for _ in range(n_tokens)]
     ref_hf = []
@@ -190,6 +204,7 @@ def check(model_dir: Path, n_tokens: int = 4, threads: int = 2) -> dict:
             past = o.past_key_values
             ref_hf.append(o.logits[0, -1].float())
     impl = getattr(hf.config, "_experts_implementation", None)
+    type_name = type(hf).__name__
     del hf, past
     loaded = load_model(str(store.root), "fp32")
     model = loaded.model
@@ -209,24 +224,13 @@ def check(model_dir: Path, n_tokens: int = 4, threads: int = 2) -> dict:
                       "top1_agree": bool(a.argmax() == b.argmax())})
     import transformers
 
-    return {"experts_equal": experts, "all_experts_equal": all(all(v.values()) for v in experts.values()),
+    return {"model_type": store.config["model_type"], "hf_class": type_name,
+            "experts_equal": experts, "all_experts_equal": all(all(v.values()) for v in experts.values()),
             "tokens": tokens, "steps": steps, "max_rel_diff": max(s["max_rel_diff"] for s in steps),
+            "top1_agree": all(s["top1_agree"] for s in steps),
             "moemesh": "load_model(store, 'fp32')", "moemesh_trunk_modes": modes,
             "transformers": transformers.__version__, "experts_implementation": impl,
             "definition": "max_rel_diff = max |logit_hf - logit_moemesh| / max |logit_moemesh|, per step"}
-
-
-def _hf_expert(hf, layer: int, e: int) -> dict[str, torch.Tensor]:
-    """One expert's gate/up/down from a loaded Qwen3MoeForCausalLM (transformers 5 fuses them into
-    experts.gate_up_proj [E, 2I, D] (gate then up) and experts.down_proj [E, D, I]; 4.x keeps
-    per-expert Linear modules)."""
-    ex = hf.model.layers[layer].mlp.experts
-    if hasattr(ex, "gate_up_proj"):
-        gu = ex.gate_up_proj[e].detach()
-        inter = gu.shape[0] // 2
-        return {"gate_proj": gu[:inter], "up_proj": gu[inter:], "down_proj": ex.down_proj[e].detach()}
-    m = ex[e]
-    return {p: getattr(m, p).weight.detach() for p in EXPERT_PARTS}
 
 
 def ensure(model_dir: Path, log: Callable[[str], None] = print, run_check: bool = True) -> tuple[Path, dict | None]:
@@ -260,12 +264,13 @@ def _write_check(model_dir: Path) -> dict:
 if __name__ == "__main__":
     import argparse
 
-    import synth
+    import synth_models
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(synth_models.MODELS), default="qwen3-30b-a3b")
     ap.add_argument("--work-dir", default="/work/bench-data")
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--vocab", type=int, help="default: the model's (bench/synth_models.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="(re)run the transformers check, print it")
     ap.add_argument("--check-dir", help=argparse.SUPPRESS)  # ensure()'s subprocess: check MODEL_DIR, write check.json
@@ -273,7 +278,10 @@ if __name__ == "__main__":
     if a.check_dir:
         _write_check(Path(a.check_dir))
         sys.exit(0)
-    root = synth.build(Path(a.work_dir), a.layers, a.vocab, a.seed)
+    m = synth_models.MODELS[a.model]
+    if not (hf_dir(synth_models.model_dir(Path(a.work_dir), a.model, a.layers, a.vocab or m.vocab, a.seed)) / "DONE").is_file():
+        synth_hf_size.require_fits(m.config(a.layers, a.vocab or m.vocab), Path(a.work_dir))  # before the store, too
+    root = synth_models.build(Path(a.work_dir), a.model, a.layers, a.vocab, a.seed)
     out = build_hf(root)
     print(out)
     if a.check:
