@@ -54,7 +54,7 @@ def main() -> None:
     from moemesh.models.loader import load_model
 
     acc = {"experts": 0.0, "matmul": 0.0}
-    n4.experts_ffn = timed(n4.experts_ffn, acc, "experts")
+    n4.experts_ffn_ptrs = timed(n4.experts_ffn_ptrs, acc, "experts")
     n4.int4_matmul = timed(n4.int4_matmul, acc, "matmul")
     root = synth.model_dir(Path(a.work_dir), a.layers, a.vocab, 0)
     lm = load_model(str(root / "store"), "int4")

@@ -1,6 +1,7 @@
 """The README's performance table, generated from bench/results/*.json (never typed by hand).
 
-One row per (benchmark, configuration): moemesh and the peer measured in the same run, their
+One row per (benchmark, configuration, peer): moemesh (and moemesh --compile where the run has it)
+and the peer measured in the same run (llama.cpp; transformers in the lazy_hf* runs), their
 ratio, the physical floors of a token (disk: the bytes moemesh read at the run's best measured
 O_DIRECT bandwidth; memory and compute: `moemesh plan`'s floors from the machine probe), the
 machine and the command that reproduces the row. Rewrites the block between the markers in
@@ -19,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 LAZY = {"lazy": "Qwen3-30B-A3B shapes", "lazy_gpt-oss-120b": "gpt-oss-120b shapes",
-        "lazy_mixtral-8x7b": "Mixtral-8x7B shapes", "lazy_deepseek-v3": "DeepSeek-V3 shapes"}
-CAPS = {"none": "no cap", "q25": "25% of expert bytes", "q50": "50% of expert bytes"}
+        "lazy_mixtral-8x7b": "Mixtral-8x7B shapes", "lazy_deepseek-v3": "DeepSeek-V3 shapes",
+        "lazy_hf": "Qwen3-30B-A3B shapes", "lazy_hf_mixtral": "Mixtral-8x7B shapes"}  # lazy_hf*: with transformers
+PEERS = {"llama.cpp": "llama.cpp", "transformers": "transformers (fp32)"}  # engine key in the results -> label
 
 
 def ms(seconds: float | None) -> str:
@@ -33,27 +35,34 @@ def machine(m: dict) -> str:
 
 
 def lazy_rows(name: str, label: str) -> list[str]:
+    """moemesh (eager, and --compile where the run has it) vs each peer of the same run, per config."""
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         return []
     d = json.loads(path.read_text())
     depth = d.get("model", {}).get("num_hidden_layers") or d.get("model", {}).get("layers")
     cmd = d.get("command", "").strip() or f"bench/lazy.py --model {name.removeprefix('lazy_')}"
+    layers = f" ({depth} layer{'s' if depth != 1 else ''})" if depth else ""
     rows = []
-    for key, cap in CAPS.items():
-        s = d["summary"].get(key)
-        if not s or "moemesh" not in s:
+    for key, s in d["summary"].items():
+        if not s.get("moemesh") or not s["moemesh"].get("tokens_per_s"):
             continue
-        ours = s["moemesh"].get("tokens_per_s")
-        peer = s.get("llama.cpp", {}).get("tokens_per_s")
+        cap = "no cap" if key == "none" else f"{key[1:]}% of expert bytes"
         plan = s.get("plan", {})
-        disk = s["moemesh"].get("disk_floor_s_per_token")
-        ratio = f"{ours / peer:.2f}x" if ours and peer else "-"
-        floors = f"{ms(disk)} / {ms(plan.get('memory_floor_s'))} / {ms(plan.get('compute_floor_s'))}"
-        layers = f" ({depth} layer{'s' if depth != 1 else ''})" if depth else ""
-        rows.append(f"| {label}{layers}, {cap} | {ours:.2f} | "
-                    f"{'-' if peer is None else f'{peer:.2f}'} | {ratio} | {floors} | {machine(d.get('machine', {}))} | "
-                    f"`.venv/bin/python {cmd}` |")
+        floors = f"{ms(s['moemesh'].get('disk_floor_s_per_token'))} / {ms(plan.get('memory_floor_s'))} / " \
+                 f"{ms(plan.get('compute_floor_s'))}"
+        ours_all = [("", s["moemesh"])] + ([(", --compile", s["moemesh-compiled"])] if s.get("moemesh-compiled") else [])
+        for peer_name in [p for p in PEERS if p in s] or [None]:
+            peer = (s.get(peer_name) or {}).get("tokens_per_s") if peer_name else None
+            why = "" if peer or not peer_name else " (" + (s[peer_name].get("failure") or "failed").split(" (")[0].split(";")[0] + ")"
+            for suffix, e in ours_all:
+                ours = e.get("tokens_per_s")
+                if not ours:
+                    continue
+                ratio = f"{ours / peer:.2f}x" if peer else "-"
+                rows.append(f"| {label}{layers}, {cap}{suffix} | {ours:.2f} | "
+                            f"{'-' if peer is None else f'{peer:.2f}'} | {PEERS.get(peer_name, '-')}{why} | {ratio} | "
+                            f"{floors} | {machine(d.get('machine', {}))} | `.venv/bin/python {cmd}` |")
     return rows
 
 
@@ -69,14 +78,14 @@ def decode_rows() -> list[str]:
         if not name.startswith("moemesh"):
             continue
         ours = e["decode_tok_s_median"]
-        rows.append(f"| SmolLM2-135M decode, {name.removeprefix('moemesh ')} | {ours:.1f} | {peer:.1f} | "
+        rows.append(f"| SmolLM2-135M decode, {name.removeprefix('moemesh ')} | {ours:.1f} | {peer:.1f} | llama.cpp | "
                     f"{ours / peer:.2f}x | - | {machine(d.get('machine', {}))} | `{cmd}` |")
     return rows
 
 
 def table() -> str:
-    head = ["| benchmark, configuration | moemesh tok/s | llama.cpp tok/s (same run) | ratio | floor ms/token: disk / memory / compute | machine | command |",
-            "|---|---:|---:|---:|---|---|---|"]
+    head = ["| benchmark, configuration | moemesh tok/s | peer tok/s (same run) | peer | ratio | floor ms/token: disk / memory / compute | machine | command |",
+            "|---|---:|---:|---|---:|---|---|---|"]
     rows = [r for name, label in LAZY.items() for r in lazy_rows(name, label)] + decode_rows()
     return "\n".join([BEGIN, *head, *rows, END])
 

@@ -78,26 +78,20 @@ def int4_matmul(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales
     return y
 
 
-def experts_ffn(lib: ctypes.CDLL, x: torch.Tensor, inter: int, parts: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
-    """One token through n int4 SwiGLU experts in one call (int4_ffn.c): x fp32 [1, D] ->
-    fp32 [n, N_pad]; parts[e] = (gate_up qweight, gate_up scales, down qweight, down scales), the
-    packed buffers of QuantLinear (contiguous, checked by the caller; all symmetric or none)."""
-    ptrs = [[t.data_ptr() for t in part] for part in parts]
-    sym = is_symmetric(parts[0][1])
-    if any(is_symmetric(p[1]) != sym or is_symmetric(p[3]) != sym for p in parts):
-        raise ValueError("experts_ffn: symmetric and asymmetric int4 matrices in one call")
-    return experts_ffn_ptrs(lib, x, inter, ptrs, parts[0][0].shape[0], parts[0][2].shape[0], sym)
-
-
 def experts_ffn_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[list[int]], gu_npad: int,
                      dn_npad: int, sym: bool = False) -> torch.Tensor:
-    """``experts_ffn`` with each expert named by the data pointers of its four buffers, ptrs [n][4]
-    (the compiled path keeps them in a table); the buffers must stay alive during the call."""
+    """One token through n int4 SwiGLU experts in one call (int4_ffn.c): x fp32 [1, D] -> fp32
+    [n, N_pad]. Expert e is named by the data pointers of its four buffers, ptrs[e] = (gate_up
+    qweight, gate_up scales, down qweight, down scales) of its QuantLinears (contiguous; all
+    symmetric when ``sym``, else all (scale, zero) pairs: checked by the callers, GatedMLP keeps the
+    row and its format key); the buffers must stay alive during the call."""
     d, n = x.shape[1], len(ptrs)
     x = x.float().contiguous()
-    tables = [(ctypes.c_void_p * n)(*(p[j] for p in ptrs)) for j in range(4)]  # 4 x [n]
+    # the kernel's four pointer arrays as rows of one int64 tensor [4, n] (ctypes arrays cost ~20x more per call)
+    tables = torch.tensor(ptrs, dtype=torch.int64).t().contiguous()
+    t0, row = tables.data_ptr(), 8 * n
     y = torch.empty(n, dn_npad)
-    rc = lib.i4_experts_ffn(x.data_ptr(), d, inter, n, tables[0], tables[1], gu_npad, tables[2], tables[3], dn_npad,
+    rc = lib.i4_experts_ffn(x.data_ptr(), d, inter, n, t0, t0 + row, gu_npad, t0 + 2 * row, t0 + 3 * row, dn_npad,
                             int(sym), y.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"experts_ffn: kernel rejected D={d}, I={inter}, n={n}")

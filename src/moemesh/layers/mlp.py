@@ -23,6 +23,8 @@ class GatedMLP(torch.nn.Module):
             raise ValueError(f"activation {act!r} not supported (have {sorted(ACTIVATIONS)})")
         self.act_name = act
         self._fusable: bool | None = None  # int4 SwiGLU the fused kernel reads; decided on first use
+        self._kernel_ptrs: list[int] = []  # data_ptr of (gate_up q, scales, down q, scales), set with _fusable
+        self._kernel_key: tuple | None = None  # (gate_up q shape, down q shape, symmetric) when fusable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
@@ -49,6 +51,9 @@ class GatedMLP(torch.nn.Module):
                              and gu.symmetric == dn.symmetric
                              and all(t.is_contiguous() for t in (gu.qweight, gu.int4_scales(),
                                                                  dn.qweight, dn.int4_scales())))
+            if self._fusable:  # expert buffers are never replaced (store views, slot views): pointers stay valid
+                self._kernel_ptrs = [t.data_ptr() for t in (gu.qweight, gu.int4_scales(), dn.qweight, dn.int4_scales())]
+                self._kernel_key = (gu.qweight.shape, dn.qweight.shape, gu.symmetric)
         return int4_native.load_native() if self._fusable else None
 
     def nbytes(self) -> int:
@@ -58,9 +63,17 @@ class GatedMLP(torch.nn.Module):
 def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.Tensor:
     """One token x [1, D] through every MLP of ``mlps`` (all fused_int4()) -> [n, D]; row e equals
     mlps[e](x) bit for bit (the kernel computes each expert independently of the others)."""
-    parts = [(m.gate_up.qweight, m.gate_up.int4_scales(), m.down.qweight, m.down.int4_scales()) for m in mlps]
-    if any(p[0].shape != parts[0][0].shape or p[2].shape != parts[0][2].shape for p in parts):
-        raise ValueError("run_fused: the MLPs of one call must share their shapes")
-    y = int4_native.experts_ffn(lib, x, mlps[0].down.in_features, parts)  # [n, N_pad]
+    for m in mlps:
+        if m._fusable is None:
+            m.fused_int4()
+    key = mlps[0]._kernel_key
+    if key is None:
+        raise ValueError("run_fused: not a fusable int4 SwiGLU MLP")
+    if any(m._kernel_key != key for m in mlps):
+        raise ValueError("run_fused: the MLPs of one call must share their shapes and int4 format "
+                         "(symmetric and asymmetric int4 cannot share one call)")
+    gu_q, dn_q, sym = key
+    y = int4_native.experts_ffn_ptrs(lib, x, mlps[0].down.in_features, [m._kernel_ptrs for m in mlps],
+                                     gu_q[0], dn_q[0], sym)  # [n, N_pad]
     d = mlps[0].down.out_features
     return y if y.shape[1] == d else y[:, :d].contiguous()
