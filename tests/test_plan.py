@@ -111,6 +111,18 @@ def test_perfmodel_floors_and_hit_rates():
     assert perfmodel.nodes_to_hold(fb, 8 * 2**30) == -(-(fb.trunk_ram + fb.experts) // (8 * 2**30 - 448 * 2**20))
 
 
+def test_compute_uses_the_fused_expert_rate_when_probed():
+    """int4 routed experts at the probe's fused-expert rate, the trunk and head at the per-linear rate."""
+    s = shape_from_config(KNOWN["Qwen3-30B-A3B"])
+    experts = 48 * 8 * (2 * 768 * 2048 + 2048 * 768)  # MoE layers x top-k x (gate_up + down) weights
+    plain = perfmodel.compute_seconds(s, "int4", PROBE)
+    assert plain == pytest.approx(2 * s.active_matmul_params / 40e9)
+    fused = {**PROBE, "matmul": {**PROBE["matmul"], "int4": {"gflops": 40, "fused_experts": {"gflops": 80}}}}
+    got = perfmodel.compute_seconds(s, "int4", fused)
+    assert got == pytest.approx(2 * (s.active_matmul_params - experts) / 40e9 + 2 * experts / 80e9)
+    assert got < plain and perfmodel.compute_seconds(s, "int8", fused) == perfmodel.compute_seconds(s, "int8", PROBE)
+
+
 def test_plan_cli_json_and_table(tmp_path, capsys):
     probe = tmp_path / "probe.json"
     probe.write_text(json.dumps(PROBE))

@@ -5,7 +5,8 @@ size S, N experts per layer, a cache of C slots and hit rate h:
 
 * disk floor    ``L * k * (1 - h) * S / B_disk``   (h = C / (L * N) for uniform routing)
 * memory floor  ``active_bytes / B_mem``
-* compute floor ``2 * active_matmul_params / R_fmt`` (R_fmt: the probe's M=1 matmul rate)
+* compute floor ``2 * active_matmul_params / R_fmt`` (R_fmt: the probe's M=1 matmul rate; int4 routed
+  experts at the probe's fused-expert rate when it has one: ``compute_seconds``)
 * eager overhead ``layers * o`` (o: the probe's measured per-layer cost of the real decode code
   beyond its weight bytes, benchkit/overhead.py; 0 for probes made before it existed)
 
@@ -24,11 +25,12 @@ from ..experts.budget import RUNTIME_OVERHEAD
 from .shapes import FormatBytes, ModelShape, format_bytes
 
 KV_RESERVE = 64 * 2**20  # ExpertOptions.kv_reserve's default
-# Fitted by bench/plan_check.py on its 50% cap (quiet machine, 3 repeats, after the fused int4 expert
-# kernel and the rank-gated prefetch, with the median disk bandwidth above): 1.47; it then checks the
-# 25% and 100% caps, which the fit does not use (bench/results/plan_check.md). Earlier values: 1.65
-# (best-of disk bandwidth, before the fused kernel), 1.3 (older runs of bench/lazy.py).
-IO_FACTOR = 1.47
+# bench/plan_check.py's refit on its 50% cap moves with this disk's bandwidth between runs: two
+# consecutive quiet runs (symmetric-int4 store, fused-expert compute rate in the probe, median disk
+# bandwidth) refit 1.06 and 1.58; shipped: their geometric mean, checked on the next run
+# (bench/results/plan_check.md). Earlier values: 1.47 (asymmetric store, per-linear compute rate),
+# 1.65 (best-of disk bandwidth, before the fused kernel), 1.3 (older runs of bench/lazy.py).
+IO_FACTOR = 1.29
 
 
 @dataclass
@@ -86,13 +88,25 @@ def profile_hit_rate(counts: list[list[float]], slots: int) -> float:
     return 1.0 if total == 0 else sum(max(0.0, c - 1) for c in flat[:slots]) / total
 
 
+def compute_seconds(shape: ModelShape, fmt: str, probe: dict[str, Any]) -> float:
+    """2 FLOPs per active weight at the probe's rates: the routed experts at the fused-expert rate
+    when the probe measured it (int4: one C call per layer, ~1.5x the per-linear rate here), the
+    trunk and head at the per-linear M=1 rate."""
+    rates = probe["matmul"][fmt]
+    fused = (rates.get("fused_experts") or {}).get("gflops")
+    if not fused:
+        return 2 * shape.active_matmul_params / (rates["gflops"] * 1e9)
+    experts = shape.moe_layers * shape.top_k * sum(lin.n_out * lin.n_in for lin in shape.expert_linears)
+    return 2 * (shape.active_matmul_params - experts) / (rates["gflops"] * 1e9) + 2 * experts / (fused * 1e9)
+
+
 def predict(shape: ModelShape, fmt: str, ram: int, probe: dict[str, Any], hit_rate: float | None = None,
             routing: list[list[float]] | None = None, io_factor: float = IO_FACTOR) -> Prediction:
     """hit_rate: a fixed rate; routing: a measured profile (counts per layer and expert); neither:
     uniform routing (the worst case for a cache)."""
     fb = format_bytes(shape, fmt)
     mem_s = fb.active / probe["memory"]["bytes_s"]
-    compute_s = 2 * shape.active_matmul_params / (probe["matmul"][fmt]["gflops"] * 1e9)
+    compute_s = compute_seconds(shape, fmt, probe)
     overhead_s = shape.num_layers * float((probe.get("overhead") or {}).get("layer_s", 0.0))
     cpu_s = max(mem_s, compute_s) + overhead_s
     total = shape.moe_layers * shape.num_experts

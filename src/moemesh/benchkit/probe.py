@@ -128,6 +128,41 @@ def matmul_rate(fmt: str, shapes: list[tuple[int, int]], pool_bytes: int, second
             "pool_bytes": sum(lay.nbytes() for lay in layers), "shapes": [list(x) for x in shapes]}
 
 
+def fused_experts_rate(d: int, inter: int, top_k: int, pool_bytes: int, seconds: float) -> dict[str, float] | None:
+    """GFLOP/s of one decode token's experts in one fused int4 call (mlp.run_fused, the path every
+    int4 MoE layer decodes through), ``top_k`` distinct experts per call cycling over a pool larger
+    than the last-level cache; None without the C kernel."""
+    import torch
+
+    from ..layers import int4_native
+    from ..layers.mlp import GatedMLP, run_fused
+    from ..layers.qlinear import QuantLinear
+
+    lib = int4_native.load_native()
+    if lib is None:
+        return None
+    g = torch.Generator().manual_seed(1)
+
+    def lin(n: int, k: int) -> QuantLinear:
+        return QuantLinear.from_float(torch.randn(n, k, generator=g) * k ** -0.5, None, "int4")
+
+    experts: list[GatedMLP] = []
+    while sum(e.nbytes() for e in experts) < pool_bytes or len(experts) % top_k:
+        experts.append(GatedMLP(lin(2 * inter, d), lin(d, inter)))
+    groups = [experts[i : i + top_k] for i in range(0, len(experts), top_k)]
+    x = torch.randn(1, d, generator=g)  # [1, D]
+    flops = 2 * 3 * d * inter * len(experts)
+
+    def sweep() -> None:
+        for grp in groups:
+            run_fused(lib, grp, x)
+
+    with torch.inference_mode():
+        s = _samples(sweep, seconds)
+    return {"gflops": flops / min(s) / 1e9, "gflops_median": flops / statistics.median(s) / 1e9,
+            "pool_bytes": sum(e.nbytes() for e in experts), "shape": [d, inter, top_k]}
+
+
 # ---------------------------------------------------------------------- the probe
 def run_probe(disk_dir: Path | None = None, disk_file: Path | None = None, threads: int = 2, quick: bool = False,
               log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -159,6 +194,10 @@ def run_probe(disk_dir: Path | None = None, disk_file: Path | None = None, threa
     for fmt in ("int4", "int8", "bf16"):
         matmul[fmt] = matmul_rate(fmt, shapes, 96 * MIB, 2.0 * scale)
         log(f"{fmt} matmul (M=1, weights from DRAM): {matmul[fmt]['gflops']:.1f} GFLOP/s")
+    fused = fused_experts_rate(2048, 768, 8, 96 * MIB, 2.0 * scale)  # Qwen3-30B-A3B's experts, top-8
+    if fused is not None:
+        matmul["int4"]["fused_experts"] = fused
+        log(f"int4 fused experts (8 per call, weights from DRAM): {fused['gflops']:.1f} GFLOP/s")
     from .overhead import layer_overhead
 
     log("eager decode overhead per layer (tiny qwen3_moe, 2 vs 8 layers) ...")
