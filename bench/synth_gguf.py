@@ -157,6 +157,12 @@ def open_writer(path: Path, arch: str, cfg: dict, trunk: list[tuple[str, torch.T
             n, k = sizes[part]
             shape = [e, n, k // synth.GROUP * 18]
             w.add_tensor_info(f"blk.{i}.ffn_{part}_exps.weight", shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=q4)
+    return write_header_and_trunk(w, arrays)
+
+
+def write_header_and_trunk(w, arrays: list[np.ndarray]):
+    """Every tensor is declared: write the header, then the trunk's data (declared first); the
+    caller streams the expert stacks after it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

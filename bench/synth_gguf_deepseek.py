@@ -159,9 +159,4 @@ def open_writer(path: Path, cfg: dict, trunk: list[tuple[str, torch.Tensor]], mo
                 w.add_tensor_info(name, list(arr.shape), np.dtype(np.float32), arr.nbytes)
             arrays.append(arr)
     declare_experts(w, cfg, moe_layers)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for arr in arrays:
-        w.write_tensor_data(arr)
-    return w
+    return synth_gguf.write_header_and_trunk(w, arrays)
