@@ -10,8 +10,9 @@ Every run decodes a fixed pseudo-random token stream one token per step, teacher
 sampled token is ignored): greedy output of random weights repeats itself and makes any cache look
 good. Engines alternate within each repeat; each run is a fresh process. Configurations:
 
-* ``none``: no memory cap, warm page cache. moemesh holds every expert (no --ram); llama.cpp runs
-  with its defaults (mmap + CPU_REPACK, which copies every Q4_0 weight into anonymous memory).
+* ``none``: no memory cap, warm page cache. moemesh holds every expert (no --ram), eager and (Qwen3
+  shapes, ``--compiled``) with ``--compile``; llama.cpp runs with its defaults (mmap + CPU_REPACK,
+  which copies every Q4_0 weight into anonymous memory).
 * ``qNN``: a cgroup-v1 memory limit of NN% of the store's expert bytes (page cache counted), page
   cache dropped before each run. moemesh runs lazy experts with --ram = cap - margin; llama.cpp
   runs with repacking off (use_extra_bufts=false) so its weights stay mmap'ed and page through
@@ -29,7 +30,8 @@ cap (1.1 GB); 32768 keeps the head's share of a token's bytes near the real 48-l
     .venv/bin/python bench/lazy.py [--layers 12] [--configs none,q25,q50] [--repeats 3]
 
 ``--model mixtral-8x7b | gpt-oss-120b | deepseek-v3`` runs the same protocol on those models'
-per-layer shapes (bench/synth_models.py; llama.cpp only where a GGUF is written: Mixtral) and
+per-layer shapes (bench/synth_models.py: GGUFs for llama.cpp as its llama, gpt-oss and deepseek2
+architectures) and
 writes bench/results/lazy_MODEL.{json,md,png}; each config's row also carries `moemesh plan`'s
 prediction (int4, uniform routing) from the machine probe ``--probe``.
 

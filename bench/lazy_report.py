@@ -36,7 +36,7 @@ def markdown(r: dict) -> str:
     lines = [
         f"# Lazy experts{' vs llama.cpp' if m.get('gguf_bytes') else ''}{' and transformers' if r.get(lazy_hf.ENGINE) else ''}"
         f" ({name}-shaped, synthetic)", "",
-        f"Model: {m['layers']} layers of {shape}, int4 experts "
+        f"Model: {m['layers']} layer{'s' if m['layers'] != 1 else ''} of {shape}, int4 experts "
         f"({m['blob_bytes'] / MIB:.2f} MiB each, {m['expert_bytes'] / 2**30:.2f} GiB in all; {gguf}). "
         + ("**Synthetic weights route close to uniformly: the worst case for an expert cache.** " if name == "Qwen3-30B-A3B" else
            "**Synthetic random weights; how uniformly they route was not measured for this model** (bench/plan_check.py "
