@@ -121,6 +121,9 @@ def _safetensors_file(path: Path) -> Stored:
         if name != "__metadata__":
             begin, end = info["data_offsets"]
             st.tensor_bytes += end - begin
-            st.params += math.prod(int(d) for d in info["shape"])
-            st.dtypes[info["dtype"]] = st.dtypes.get(info["dtype"], 0) + end - begin
+            numel = math.prod(int(d) for d in info["shape"])
+            # an int4 trunk (weights/int4_trunk.py): NAME.q4 packs two weights a byte; its scales are not weights
+            st.params += 2 * numel if name.endswith(".q4") else 0 if name.endswith((".q4_scale", ".q4_zero")) else numel
+            dtype = "int4 (trunk linears)" if name.endswith((".q4", ".q4_scale", ".q4_zero")) else info["dtype"]
+            st.dtypes[dtype] = st.dtypes.get(dtype, 0) + end - begin
     return st

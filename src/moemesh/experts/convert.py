@@ -28,6 +28,7 @@ from .checksum import checksum_fn
 from .store import ALIGN, FORMAT, PART_ALIGN, VERSION, dtype_name
 
 STORE_QUANTS = ("int4", "int8", "bf16", "fp32")
+TRUNK_QUANTS = ("keep", "int4")  # the trunk's linears as the source has them, or int4 (weights/int4_trunk.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
 
@@ -77,9 +78,12 @@ def pack_blob(linears: dict[str, QuantLinear], parts: list[dict[str, Any]], blob
     return blob
 
 
-def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: bool = True) -> Path:
+def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: bool = True,
+            trunk_quant: str = "keep") -> Path:
     if quant not in STORE_QUANTS:
         raise MoemeshError(f"--quant must be one of {STORE_QUANTS}, got {quant!r}")
+    if trunk_quant not in TRUNK_QUANTS:
+        raise MoemeshError(f"--trunk-quant must be one of {TRUNK_QUANTS}, got {trunk_quant!r}")
     src, out = Path(src), Path(out)
     if out.exists():
         raise MoemeshError(f"{out} already exists; remove it or choose another output directory")
@@ -94,7 +98,7 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: boo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_store(src, tmp, config, spec, args, source, quant, progress)
+        _write_store(src, tmp, config, spec, args, source, quant, progress, trunk_quant)
         if src.is_file() and tokenizer is not None:  # a GGUF keeps its tokenizer in metadata
             tokenizer.save_dir(tmp)
         os.rename(tmp, out)  # atomic: the store appears complete or not at all
@@ -104,9 +108,32 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: boo
     return out
 
 
-def _write_store(src, tmp, config, spec, args, source, quant, progress) -> None:
+def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) -> list[tuple[str, torch.Tensor]]:
+    """Every non-expert tensor under its HF name; with trunk_quant int4 each linear weight as its
+    three int4 tensors instead (GGUF 4-bit groups as read, float weights quantized like at load)."""
+    from ..weights import int4_trunk
+
+    linears = int4_trunk.linear_names(spec, args, source) if trunk_quant == "int4" else set()
+    out = []
+    for n in source.ckpt.names():
+        if n in expert_names:
+            continue
+        if n in linears:
+            groups = source.int4_groups(n)
+            t = None if groups is not None else source.get(n)
+            if groups is not None or int4_trunk.quantizable(t):
+                parts = int4_trunk.from_groups(groups) if groups is not None else int4_trunk.quantize(t)
+                out += [(n + sfx, v) for sfx, v in parts.items()]
+                continue
+            out.append((n, t))
+        else:
+            out.append((n, source.get(n)))
+    return out
+
+
+def _write_store(src, tmp, config, spec, args, source, quant, progress, trunk_quant="keep") -> None:
     expert_names = {n for i in args.moe_layers for n in spec.expert_tensor_names(i, args.num_experts)}
-    trunk = [(n, source.get(n)) for n in source.ckpt.names() if n not in expert_names]
+    trunk = trunk_tensors(spec, args, source, expert_names, trunk_quant)
     write_safetensors(tmp / "trunk.safetensors", trunk)
     del trunk
     first = expert_linears(spec, source, args.moe_layers[0], 0, quant)
@@ -135,7 +162,7 @@ def _write_store(src, tmp, config, spec, args, source, quant, progress) -> None:
             shutil.copy2(src / name, tmp / name)
     manifest = {
         "format": FORMAT, "version": VERSION, "model_type": args.model_type, "config": config, "quant": quant,
-        "checksum": CHECKSUM,
+        "checksum": CHECKSUM, "trunk_quant": trunk_quant,
         "hidden_act": args.hidden_act, "alignment": ALIGN, "blob_size": blob_size, "linears": metas, "parts": parts,
         "trunk_file": "trunk.safetensors", "experts_file": "experts.bin", "layers": layers,
     }

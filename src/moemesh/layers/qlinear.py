@@ -66,6 +66,20 @@ def _dequant_min_m(mode: str) -> int:
     return DEQUANT_MIN_M[mode]
 
 
+def int4_quantize(w: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max int4 per (row, group of g): w fp32 [N, K] -> q int32 [N, K] in 0..15 and
+    bf16-exact fp32 scale, zero [N, K/g] with w ~ (q - 8) * scale + zero (the kernel's formula)."""
+    n, k = w.shape
+    wg = w.view(n, k // g, g)  # [N, K/g, g]
+    lo, hi = wg.amin(-1), wg.amax(-1)  # [N, K/g]
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    # quantize against the bf16-rounded scale/zero the kernel will actually use
+    scale_b = scale.to(torch.bfloat16).float()
+    zero_b = (lo + 8 * scale).to(torch.bfloat16).float()
+    q = torch.round((wg - zero_b[..., None]) / scale_b[..., None] + 8).clamp(0, 15)
+    return q.view(n, k).to(torch.int32), scale_b, zero_b
+
+
 class QuantLinear(torch.nn.Module):
     """Linear layer over a stored (possibly quantized) weight; build with from_float/from_int4_groups.
 
@@ -181,17 +195,10 @@ class QuantLinear(torch.nn.Module):
         return self
 
     def _set_int4_from_float(self, w: torch.Tensor, g: int, requested: int) -> QuantLinear:
-        n, k = w.shape
-        wg = w.view(n, k // g, g)  # [N, K/g, g]
-        lo, hi = wg.amin(-1), wg.amax(-1)  # [N, K/g]
-        scale = ((hi - lo) / 15).clamp_min(1e-12)
-        # quantize against the bf16-rounded scale/zero the kernel will actually use
-        scale_b = scale.to(torch.bfloat16).float()
-        zero_b = (lo + 8 * scale).to(torch.bfloat16).float()  # w = (q - 8) * scale + zero
-        q = torch.round((wg - zero_b[..., None]) / scale_b[..., None] + 8).clamp(0, 15)
+        q, scale_b, zero_b = int4_quantize(w, g)
         if g != requested:
-            self.fallback = f"int4 group {requested} -> {g} (in_features={k} not divisible)"
-        return self._set_int4(q.view(n, k).to(torch.int32), scale_b, zero_b, g)
+            self.fallback = f"int4 group {requested} -> {g} (in_features={w.shape[1]} not divisible)"
+        return self._set_int4(q, scale_b, zero_b, g)
 
     def _set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g: int,
                   symmetric: bool = False) -> QuantLinear:

@@ -124,10 +124,11 @@ def cached_store(src: Path, quant: str) -> Path:
     from ..experts.convert import convert
 
     stat = (src / "config.json").stat()
-    key = hashlib.sha256(f"{src.resolve()}|{stat.st_mtime_ns}|{quant}".encode()).hexdigest()[:16]
+    trunk = "int4" if quant == "int4" else "keep"  # an int4 run reads an int4 trunk: no float trunk mapped in
+    key = hashlib.sha256(f"{src.resolve()}|{stat.st_mtime_ns}|{quant}|trunk-{trunk}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "stores"
     out = root / f"{src.name}-{quant}-{key}"
     if not out.exists():
         root.mkdir(parents=True, exist_ok=True)
-        convert(src, out, quant)
+        convert(src, out, quant, trunk_quant=trunk)
     return out

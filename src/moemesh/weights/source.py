@@ -19,16 +19,28 @@ class WeightSource(Protocol):
 
 
 class SafetensorsSource:
-    """Adapts a SafetensorsCheckpoint (plain float tensors, no native int4)."""
+    """Adapts a SafetensorsCheckpoint: float tensors, and an expert store's int4 trunk linears
+    (NAME.q4 / .q4_scale / .q4_zero, weights/int4_trunk.py) as exact 4-bit groups."""
 
     def __init__(self, ckpt) -> None:
         self.ckpt = ckpt
 
     def has(self, name: str) -> bool:
-        return self.ckpt.has(name)
+        return self.ckpt.has(name) or self.ckpt.has(name + ".q4")
 
     def get(self, name: str) -> torch.Tensor:
+        if not self.ckpt.has(name) and self.ckpt.has(name + ".q4"):
+            from .int4_trunk import dequantize
+
+            return dequantize(*self._int4_parts(name))
         return self.ckpt.get(name)
 
     def int4_groups(self, name: str) -> Int4Groups | None:
-        return None
+        if not self.ckpt.has(name + ".q4"):
+            return None
+        from .int4_trunk import groups
+
+        return groups(*self._int4_parts(name))
+
+    def _int4_parts(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.ckpt.get(name + sfx) for sfx in (".q4", ".q4_scale", ".q4_zero"))  # type: ignore[return-value]
