@@ -19,8 +19,9 @@ PORT ?= 8080
 
 # SmolLM2 split into an MoE by `moemesh moefy` (made once): 16 experts, 15 per token (perplexity
 # 1.135x dense; 2-3x faster to decode than moefy's default 32/28, which runs 28 experts a layer);
-# RAM: the whole-process budget of `serve`, experts beyond it stay on disk and are read into a
-# cache as the router picks them
+# RAM: the whole-process budget of `generate` and `serve`, experts beyond it stay on disk and are read
+# into a cache as the router picks them (both run the expert store made on first use, whose trunk
+# linears are stored int4: `convert --trunk-quant int4`)
 MOE_DIR ?= $(HOME)/.cache/moemesh/smollm2-moe-16x15
 RAM ?= 680M
 
@@ -30,7 +31,7 @@ $(MOE_DIR): | $(VENV)/.installed   # a directory: made once, atomically (moefy r
 # one answer from the MoE on the command line, then the OpenAI/Anthropic server with lazy experts
 # under a RAM budget (live cache statistics at /metrics: moemesh_expert_*); Ctrl-C stops it
 run: venv $(MOE_DIR)
-	$(VENV)/bin/moemesh generate $(MOE_DIR) --chat --prompt "$(PROMPT)" -n 64
+	$(VENV)/bin/moemesh generate $(MOE_DIR) --chat --prompt "$(PROMPT)" -n 64 --ram $(RAM)
 	$(VENV)/bin/moemesh serve $(MOE_DIR) --port $(PORT) --ram $(RAM)
 
 test: venv
