@@ -45,10 +45,11 @@ def test_int4_trunk_store_equals_load_time_quantization(tiny_checkpoints, tmp_pa
     small = convert(d, tmp_path / "int4", "int4", progress=False, trunk_quant="int4")
     ck = SafetensorsCheckpoint(small)
     quantized = [n.removesuffix(".q4") for n in ck.names() if n.endswith(".q4")]
-    assert quantized and all(".mlp.experts." not in n for n in quantized)  # trunk linears only
-    assert not any(n.endswith(("norm.weight", "embed_tokens.weight", "lm_head.weight")) for n in quantized)
+    assert quantized and all(".mlp.experts." not in n and not n.endswith("norm.weight") for n in quantized)
+    head = [n for n in quantized if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert len(head) == 1 and ck.has(head[0])  # the head's table: float kept (rows, rescoring) + its int4 copy
     src = SafetensorsSource(ck)
-    assert all(src.has(n) and not ck.has(n) for n in quantized)  # served by name, stored as int4 only
+    assert all(src.has(n) and not ck.has(n) for n in quantized if n not in head)  # linears: int4 only
     assert (small / "trunk.safetensors").stat().st_size < (keep / "trunk.safetensors").stat().st_size
     at_load, stored = load_model(str(keep), "int4").model, load_model(str(small), "int4").model
     for (name, m1), (_, m2) in zip(at_load.named_modules(), stored.named_modules()):  # every kernel buffer equal
@@ -81,3 +82,15 @@ def test_cached_lazy_store_gets_an_int4_trunk(tiny_checkpoints, tmp_path, monkey
     _, d = tiny_checkpoints["qwen3_moe-norm"]
     lm = load_model(str(d), "int4", experts=ExpertOptions(slots=4))
     assert any(n.endswith(".q4") for n in SafetensorsCheckpoint(lm.path).names())
+
+
+def test_head_from_stored_int4_equals_quantizing_the_table():
+    """A vocab-sized table in several row chunks: the head built from its stored int4 tensors has
+    the buffers of from_float_rows on the float table (padding rows: 9000 is not a multiple of 64)."""
+    from moemesh.models.build import int4_head
+
+    table = torch.randn(9000, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    parts = int4_trunk.quantize(table, rows=4096)
+    got, ref = int4_head((parts[".q4"], parts[".q4_scale"], parts[".q4_zero"])), QuantLinear.from_float_rows(table, "int4")
+    assert got.out_features == ref.out_features == 9000 and not got.symmetric
+    assert torch.equal(got.qweight, ref.qweight) and torch.equal(got.scales_and_zeros, ref.scales_and_zeros)

@@ -117,13 +117,17 @@ def _store(root: Path) -> tuple[dict[str, Any], Stored]:
 
 def _safetensors_file(path: Path) -> Stored:
     st = Stored("safetensors", 1, 0, 0, 0)
-    for name, info in safetensors_header(path).items():
+    header = safetensors_header(path)
+    for name, info in header.items():
         if name != "__metadata__":
             begin, end = info["data_offsets"]
             st.tensor_bytes += end - begin
             numel = math.prod(int(d) for d in info["shape"])
             # an int4 trunk (weights/int4_trunk.py): NAME.q4 packs two weights a byte; its scales are not weights
-            st.params += 2 * numel if name.endswith(".q4") else 0 if name.endswith((".q4_scale", ".q4_zero")) else numel
+            # (a head table keeps its float tensor beside its int4 copy: count it once)
+            if name.endswith(".q4"):
+                numel = 0 if name.removesuffix(".q4") in header else 2 * numel
+            st.params += 0 if name.endswith((".q4_scale", ".q4_zero")) else numel
             dtype = "int4 (trunk linears)" if name.endswith((".q4", ".q4_scale", ".q4_zero")) else info["dtype"]
             st.dtypes[dtype] = st.dtypes.get(dtype, 0) + end - begin
     return st

@@ -114,9 +114,16 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) 
     from ..weights import int4_trunk
 
     linears = int4_trunk.linear_names(spec, args, source) if trunk_quant == "int4" else set()
+    head = int4_trunk.head_table_name(source, args) if trunk_quant == "int4" else None
     out = []
     for n in source.ckpt.names():
         if n in expert_names:
+            continue
+        if n == head:  # the float table stays (embedding rows, exact rescoring) + its int4 copy for the head
+            t = source.get(n)
+            out.append((n, t))
+            if int4_trunk.quantizable(t):
+                out += [(n + sfx, v) for sfx, v in int4_trunk.quantize(t).items()]
             continue
         if n in linears:
             groups = source.int4_groups(n)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layers.mlp import GatedMLP, run_fused
 from ..layers.moe import accumulate, group_by_expert
 from ..layers.router import TopKRouter
 from .cache import ExpertCache
@@ -74,6 +75,17 @@ class RankGate:
         return [r / t if t else None for r, t in zip(self.right, self.total)]
 
 
+def weighted_outputs(mlps: list, groups: list, x: torch.Tensor, flat_w: torch.Tensor) -> list[torch.Tensor]:
+    """Each expert's output on its tokens times its routing weights, [n, D] per expert. One decode
+    token through several fusable int4 experts takes one fused kernel call (mlp.run_fused): each
+    row is the bits the expert gives alone, so the result does not depend on how the ready experts
+    were grouped (lazy == resident stays exact)."""
+    if x.shape[0] == 1 and len(mlps) > 1 and all(isinstance(m, GatedMLP) and m.fused_int4() is not None for m in mlps):
+        y = run_fused(mlps[0].fused_int4(), mlps, x)  # [n, D]
+        return [y[j : j + 1] * flat_w[slots, None] for j, (_, _, slots) in enumerate(groups)]
+    return [m(x[token_idx]) * flat_w[slots, None] for m, (_, token_idx, slots) in zip(mlps, groups)]
+
+
 class LazyExperts(ExpertProvider):
     def __init__(self, cache: ExpertCache, lookahead: dict[int, Lookahead] | None = None,
                  gate: RankGate | None = None) -> None:
@@ -115,10 +127,10 @@ class LazyExperts(ExpertProvider):
         ys: list[torch.Tensor | None] = [None] * len(entries)
         pending = list(range(len(entries)))
         while pending:
-            ready = [i for i in pending if entries[i].future is None or entries[i].future.done()]
-            for i in ready or pending[:1]:
-                _, token_idx, slots = chunk[i]
-                ys[i] = self.cache.expert(entries[i])(x[token_idx]) * flat_w[slots, None]  # [n, D]
+            ready = [i for i in pending if entries[i].future is None or entries[i].future.done()] or pending[:1]
+            outs = weighted_outputs([self.cache.expert(entries[i]) for i in ready], [chunk[i] for i in ready], x, flat_w)
+            for i, y in zip(ready, outs):
+                ys[i] = y
             pending = [i for i in pending if ys[i] is None]
         return ys  # type: ignore[return-value]
 

@@ -161,24 +161,13 @@ class QuantLinear(torch.nn.Module):
         so a vocab-sized table is never held whole in fp32 (151936 x 2048 would be 1.2 GB).
         Quantization is per row, and ``rows`` is a multiple of the int4 packing block (64), so
         the result equals from_float's."""
+        from .qlinear_rows import concat_rows
+
         n = weight.shape[0]
         if n <= rows:
             return cls.from_float(weight.float(), None, mode, group_size)
         parts = [cls.from_float(weight[i : i + rows].float(), None, mode, group_size) for i in range(0, n, rows)]
-        first = parts[0]
-        layer = cls(first.in_features, n, first.mode, None)
-        layer.requested_mode, layer.fallback, layer.group_size = mode, first.fallback, first.group_size
-        layer._int4_layout, layer.dequant_min_m = first._int4_layout, first.dequant_min_m
-        if first.mode == "int4":  # padding rows exist only at the end of the last chunk
-            layer.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
-            layer.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
-        elif first.mode == "int8":
-            layer.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
-            layer.register_buffer("scales", torch.cat([p.scales for p in parts]))
-            layer.register_buffer("_ones", torch.ones(n, dtype=torch.bfloat16), persistent=False)
-        else:
-            layer.register_buffer("weight", torch.cat([p.weight for p in parts]))
-        return layer
+        return concat_rows(parts, mode)
 
     def _fall_back(self, mode: str, why: str) -> None:
         step = f"{self.mode} -> {mode} ({why})"

@@ -24,6 +24,20 @@ from .transformer import DecoderLayer, Transformer
 QUANT_MODES = ("auto", "fp32", "bf16", "int8", "int4")
 
 
+def int4_head(stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> QuantLinear:
+    """The head's int4 matmul from a store's packed table (packed, scale, zero), row chunk by row
+    chunk: the same buffers as quantizing the float table at load."""
+    from ..layers.qlinear_rows import from_row_chunks
+    from ..weights.int4_trunk import groups
+
+    packed, scale, zero = stored
+
+    def chunk(a: int, b: int) -> QuantLinear:
+        return QuantLinear.from_int4_groups(*groups(packed[a:b], scale[a:b], zero[a:b]), None)
+
+    return from_row_chunks(packed.shape[0], chunk, "int4")
+
+
 class Builder:
     """Turns HF-named tensors into layers. ``quant``: auto keeps each tensor as stored (GGUF 4-bit
     blocks stay 4-bit, floats become fp32); fp32/bf16/int8/int4 convert every linear."""
@@ -116,8 +130,12 @@ class Builder:
         quantized matmul whose top candidates are rescored from the stored table (tied: the
         embedding itself; untied float checkpoints: an mmap view, so no second copy)."""
         name = "lm_head.weight"
-        table = embed if self.args.tie_word_embeddings or not self.src.has(name) else self.tensor(name)
+        tied = self.args.tie_word_embeddings or not self.src.has(name)
+        table = embed if tied else self.tensor(name)
         mode = self.quant if self.quant != "auto" else ("int4" if self.native_int4 else "fp32")
         if mode == "fp32":
             return OutputHead(table.float())
+        stored = getattr(self.src, "int4_parts", lambda _: None)("model.embed_tokens.weight" if tied else name)
+        if mode == "int4" and stored is not None:  # an int4 trunk's head (weights/int4_trunk.py): no float pass
+            return OutputHead(table, int4_head(stored))
         return OutputHead(table, QuantLinear.from_float_rows(table, mode))

@@ -125,7 +125,8 @@ def cached_store(src: Path, quant: str) -> Path:
 
     stat = (src / "config.json").stat()
     trunk = "int4" if quant == "int4" else "keep"  # an int4 run reads an int4 trunk: no float trunk mapped in
-    key = hashlib.sha256(f"{src.resolve()}|{stat.st_mtime_ns}|{quant}|trunk-{trunk}".encode()).hexdigest()[:16]
+    layout = f"trunk-{trunk}-v2"  # v2: the int4 trunk includes the head's table
+    key = hashlib.sha256(f"{src.resolve()}|{stat.st_mtime_ns}|{quant}|{layout}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "stores"
     out = root / f"{src.name}-{quant}-{key}"
     if not out.exists():

@@ -12,8 +12,10 @@ weight NAME [N, K] (K % 32 == 0) is stored as three tensors instead of NAME:
 i.e. exactly the values ``QuantLinear.from_float(w, None, "int4")`` computes at load (same
 ``int4_quantize``), so a store with an int4 trunk decodes like one quantized at load, bit for bit.
 Which weights are linears is taken from the model builder itself (``linear_names``): whatever goes
-through ``Builder.linear`` (attention, dense MLPs, shared experts), never norms, routers, the
-embedding or the head.
+through ``Builder.linear`` (attention, dense MLPs, shared experts), never norms or routers. The
+output head's table (lm_head, or the tied embedding) keeps its float tensor (embedding rows and the
+head's exact rescoring read it) and gains the three int4 tensors beside it: the head's int4 matmul
+is then built from them, never by reading the whole float table at load.
 """
 from __future__ import annotations
 
@@ -26,12 +28,15 @@ GROUP = 32
 Q, SCALE, ZERO = ".q4", ".q4_scale", ".q4_zero"
 
 
-def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """w [N, K] (any float dtype) -> {".q4": packed, ".q4_scale": bf16, ".q4_zero": bf16}."""
-    q, scale, zero = int4_quantize(w.float(), GROUP)  # q int32 [N, K], scale/zero [N, K/32]
-    q8 = q.to(torch.uint8)
-    packed = (q8[:, 0::2] | (q8[:, 1::2] << 4)).contiguous()  # [N, K/2]
-    return {Q: packed, SCALE: scale.to(torch.bfloat16), ZERO: zero.to(torch.bfloat16)}
+def quantize(w: torch.Tensor, rows: int = 4096) -> dict[str, torch.Tensor]:
+    """w [N, K] (any float dtype) -> {".q4": packed, ".q4_scale": bf16, ".q4_zero": bf16}; per row, in
+    chunks of ``rows`` so a vocab-sized table is never whole in fp32."""
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for i in range(0, w.shape[0], rows):
+        q, scale, zero = int4_quantize(w[i : i + rows].float(), GROUP)  # q int32 [n, K], scale/zero [n, K/32]
+        q8 = q.to(torch.uint8)
+        parts.append(((q8[:, 0::2] | (q8[:, 1::2] << 4)), scale.to(torch.bfloat16), zero.to(torch.bfloat16)))
+    return {sfx: torch.cat([p[j] for p in parts]).contiguous() for j, sfx in enumerate((Q, SCALE, ZERO))}
 
 
 def from_groups(groups: Int4Groups) -> dict[str, torch.Tensor]:
@@ -63,6 +68,12 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 def quantizable(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.shape[1] % GROUP == 0 and t.is_floating_point()
+
+
+def head_table_name(source, args) -> str:
+    """The table the output head scores against: lm_head.weight, or the embedding when tied."""
+    tied = args.tie_word_embeddings or not source.has("lm_head.weight")
+    return "model.embed_tokens.weight" if tied else "lm_head.weight"
 
 
 def linear_names(spec, args, source) -> set[str]:

@@ -32,7 +32,7 @@ class SafetensorsSource:
         if not self.ckpt.has(name) and self.ckpt.has(name + ".q4"):
             from .int4_trunk import dequantize
 
-            return dequantize(*self._int4_parts(name))
+            return dequantize(*self.int4_parts(name))
         return self.ckpt.get(name)
 
     def int4_groups(self, name: str) -> Int4Groups | None:
@@ -40,7 +40,10 @@ class SafetensorsSource:
             return None
         from .int4_trunk import groups
 
-        return groups(*self._int4_parts(name))
+        return groups(*self.int4_parts(name))
 
-    def _int4_parts(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def int4_parts(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(packed uint8 [N, K/2], scale, zero bf16 [N, K/32]) as mmap views, or None."""
+        if not self.ckpt.has(name + ".q4"):
+            return None
         return tuple(self.ckpt.get(name + sfx) for sfx in (".q4", ".q4_scale", ".q4_zero"))  # type: ignore[return-value]
