@@ -72,9 +72,12 @@ def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tup
     if opts.ram is None and opts.slots is None:
         provider = ResidentExperts({i: [store.read_expert(i, e, opts.verify) for e in range(args.num_experts)]
                                     for i in store.moe_layers})
-        return builder.build(provider), provider, None
+        model = builder.build(provider)
+        source.ckpt.release_unused(model)
+        return model, provider, None
     lazy = LazyExperts(cache=None)  # type: ignore[arg-type]  # the cache is sized after the trunk
     model = builder.build(lazy)
+    source.ckpt.release_unused(model)  # trunk pages only the load read (float weights now quantized, tables)
     plan = None
     slots = opts.slots
     if slots is None:

@@ -103,6 +103,8 @@ def load_model(
     config, source, tokenizer = open_source(path)
     spec, args = arch_and_args(path, config)
     model = spec.make_builder(args, source, quant).build(provider)
+    if isinstance(source, SafetensorsSource):
+        source.ckpt.release_unused(model)  # the float pages of weights the build converted
     trim_heap()
     return LoadedModel(model, args, tokenizer, path, config, provider)
 

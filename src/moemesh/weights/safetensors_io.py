@@ -75,6 +75,10 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.entries)
 
+    def mapping(self) -> mmap.mmap | None:
+        """The file's private mapping (None for an empty file): for weights/page_out.py."""
+        return self._mmap
+
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
         if end == begin:
@@ -117,6 +121,13 @@ class SafetensorsCheckpoint:
 
     def names(self) -> list[str]:
         return list(self.where)
+
+    def release_unused(self, model: torch.nn.Module) -> int:
+        """Page out every mapped range the built model does not view (weights/page_out.py); bytes advised."""
+        from .page_out import kept_ranges, page_out_unused
+
+        maps = [m for f in self.files.values() if (m := f.mapping()) is not None]
+        return page_out_unused(maps, kept_ranges(model))
 
 
 REVERSE_DTYPES = {v: k for k, v in DTYPES.items()}

@@ -1,0 +1,53 @@
+"""Give back the mapped pages of checkpoint tensors a built model no longer reads.
+
+A float trunk quantized at load (``--quant int4`` over bf16 weights) is read once through the
+safetensors mmap; its pages then stay mapped and count in the process's RSS (and in a cgroup's
+page cache) although only the quantized copies are used. After the build, every range of the
+mapping that no model parameter or buffer views is advised MADV_PAGEOUT: clean file pages are
+dropped (private copy-on-write pages are kept, so nothing written is lost) and a later read, e.g.
+an embedding row, faults its page back in from the file. Tables read a row at a time (the
+embedding, a quantized head's rescoring table) are not parameters, so their pages go too.
+"""
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+MADV_PAGEOUT = 21  # Linux >= 5.4; Python's mmap module does not name it
+PAGE = mmap.PAGESIZE
+
+
+def kept_ranges(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """[start, end) addresses of the storages the model keeps viewing: parameters and buffers (a
+    float head that scores every row keeps its table too)."""
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    head = getattr(model, "lm_head", None)
+    if head is not None and getattr(head, "approx", 1) is None:
+        tensors.append(head.weight)
+    out = []
+    for t in tensors:
+        s = t.untyped_storage()
+        out.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
+    return out
+
+
+def page_out_unused(mappings: list[mmap.mmap], keep: list[tuple[int, int]]) -> int:
+    """Advise MADV_PAGEOUT on every whole page of ``mappings`` outside ``keep``; bytes advised
+    (0 where the kernel lacks the advice)."""
+    advised = 0
+    for m in mappings:
+        size = len(m)
+        base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+        inside = sorted((max(lo, base) - base, min(hi, base + size) - base) for lo, hi in keep if lo < base + size and hi > base)
+        pos = 0
+        for lo, hi in inside + [(size, size)]:
+            start, end = -(-pos // PAGE) * PAGE, (lo // PAGE) * PAGE  # whole pages strictly outside kept tensors
+            if end > start:
+                try:
+                    m.madvise(MADV_PAGEOUT, start, end - start)
+                except OSError:  # older kernel: the pages stay mapped, nothing else changes
+                    return advised
+                advised += end - start
+            pos = max(pos, hi)
+    return advised

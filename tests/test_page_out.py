@@ -1,0 +1,56 @@
+"""After a build, the mapped pages of checkpoint tensors the model no longer views are paged out
+(weights/page_out.py): the model's output does not change, and the advised ranges never touch
+a tensor the model keeps."""
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+from moemesh.layers.batch import BatchLayout
+from moemesh.models.loader import load_model
+from moemesh.weights.page_out import PAGE, kept_ranges, page_out_unused
+from moemesh.weights.safetensors_io import SafetensorsCheckpoint
+
+
+def decode(model, n: int = 6) -> torch.Tensor:
+    cache = model.new_cache()
+    cache.add_sequence(0)
+    return torch.cat([model(torch.tensor([t]), torch.tensor([i]), cache, BatchLayout([0], [1]))
+                      for i, t in enumerate([1, 5, 9, 2, 7, 3][:n])])
+
+
+def test_ranges_outside_kept_tensors_whole_pages_only():
+    m = mmap.mmap(-1, 10 * PAGE)
+    base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+    m[PAGE + 5 : PAGE + 8] = b"abc"  # a written (anonymous) page survives the advice
+    keep = [(base + 3 * PAGE + 100, base + 4 * PAGE + 10)]  # touches pages 3 and 4
+    advised = page_out_unused([m], keep)
+    assert advised in (0, (3 + 5) * PAGE)  # pages 0-2 and 5-9; 0 on a kernel without MADV_PAGEOUT
+    assert m[PAGE + 5 : PAGE + 8] == b"abc"
+
+
+def rss_file_kib() -> int:
+    return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("RssFile"))
+
+
+def test_quantized_load_pages_out_float_weights_and_decodes_the_same(tiny_checkpoints, monkeypatch):
+    _, d = tiny_checkpoints["qwen3_moe-norm"]
+    paged = load_model(str(d), "int4").model  # float checkpoint quantized at load, its pages then released
+    monkeypatch.setattr(SafetensorsCheckpoint, "release_unused", lambda self, model: 0)
+    kept = load_model(str(d), "int4").model
+    assert torch.equal(decode(paged), decode(kept))  # re-faulted rows (embedding) read the same bytes
+
+
+def test_release_drops_resident_file_pages(tmp_path):
+    """A file mapped only here, every page touched, then released: its resident pages go (pages
+    another mapping also holds would stay: MADV_PAGEOUT skips shared pages)."""
+    from moemesh.weights.safetensors_io import write_safetensors
+
+    write_safetensors(tmp_path / "model.safetensors", [("w", torch.randn(2048, 1024))])  # 8 MiB
+    ck = SafetensorsCheckpoint(tmp_path)
+    assert float(ck.get("w").sum()) == float(ck.get("w").sum())  # touch every page
+    before = rss_file_kib()
+    advised = page_out_unused([f.mapping() for f in ck.files.values()], [])
+    if advised:  # a kernel without MADV_PAGEOUT advises nothing
+        assert rss_file_kib() <= before - 6 * 1024
