@@ -15,7 +15,7 @@ from ..errors import MoemeshError
 # project's; bench/lazy.py's LLAMA_PY default, and the --llama-python the README passes to decode.py).
 DEFAULT_LLAMA_PYTHON = "/work/llamacpp-venv/bin/python"
 # bench/lazy.py's synthetic Qwen3-30B-A3B store (its --work-dir default, 12 layers, vocab 32768, seed 0)
-SYNTH_STORE = "/work/bench-data/qwen3moe-synth-v1-L12-V32768-s0/store"
+SYNTH_STORE = "/work/bench-data/qwen3moe-synth-v2-L12-V32768-s0/store"
 MOEFIED_16x8 = "{work_dir}/smol-16-8"  # SmolLM2 split into 16 experts, top-8 (masked_quality's real-weight model)
 # the configs of the published bench/results/moefy_ppl.json (its meta.command)
 MOEFY_CONFIGS = ("16/8,16/12,16/14,16/15,32/16,32/24,32/28,16/16,16/8@1.0,16/4,16/16@0.001,16/14@0.001,"
@@ -126,6 +126,8 @@ SUITES: tuple[Suite, ...] = (
     Suite("decode_split", "decode_split.py", "uncapped decode step split: fused experts / other int4 matmuls / rest",
           ("--compile",), results=_res("decode_split.json", "decode_split.md"), minutes=2, in_all=False,
           note="needs the store `lazy` builds"),
+    Suite("page_out", "page_out.py", "RSS after a lazy load with and without paging out unused checkpoint pages",
+          results=_res("page_out.json", "page_out.md"), minutes=1, in_all=False, note="needs the store `lazy` builds"),
 )
 BY_NAME = MappingProxyType({s.name: s for s in SUITES})
 
