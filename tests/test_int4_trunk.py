@@ -94,3 +94,15 @@ def test_head_from_stored_int4_equals_quantizing_the_table():
     got, ref = int4_head((parts[".q4"], parts[".q4_scale"], parts[".q4_zero"])), QuantLinear.from_float_rows(table, "int4")
     assert got.out_features == ref.out_features == 9000 and not got.symmetric
     assert torch.equal(got.qweight, ref.qweight) and torch.equal(got.scales_and_zeros, ref.scales_and_zeros)
+
+
+def test_convert_cli_trunk_quant(tiny_checkpoints, tmp_path, capsys):
+    from moemesh.cli import main
+
+    _, d = tiny_checkpoints["mixtral"]
+    assert main(["convert", str(d), str(tmp_path / "s"), "--trunk-quant", "int4", "--quiet"]) == 0
+    assert any(n.endswith(".q4") for n in SafetensorsCheckpoint(tmp_path / "s").names())
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse refuses an unknown choice (exit 2, usage on stderr)
+        main(["convert", str(d), str(tmp_path / "t"), "--trunk-quant", "int3"])
+    assert not (tmp_path / "t").exists()
