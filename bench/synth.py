@@ -19,11 +19,13 @@ and the GGUF is streamed tensor by tensor with GGUFWriter.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,26 @@ def hf_config(layers: int, vocab: int) -> dict:
         "attention_bias": False, "use_sliding_window": False, "bos_token_id": 1, "eos_token_id": 2,
         "torch_dtype": "bfloat16",
     }
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, done: dict) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into. When the block finishes, DONE (``done``, read
+    then, plus the seconds taken) is written last and the directory renamed into place, replacing a
+    stale ``out``; on any error the temporary directory is removed: ``out`` never looks finished
+    when it is not. Shared by the synthetic stores, GGUFs and HF checkpoints."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    try:
+        yield tmp
+        (tmp / "DONE").write_text(json.dumps({"seconds": time.time() - t0, **done}))
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def model_dir(work_dir: Path, layers: int, vocab: int, seed: int) -> Path:
@@ -263,11 +285,9 @@ def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> 
 
     cfg = hf_config(layers, vocab)
     args = get_arch("qwen3_moe").args_from_config(cfg)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "store").mkdir(parents=True)
     t0 = time.time()
-    try:
+    with atomic_dir(out, {"synth_version": SYNTH_VERSION}) as tmp:
+        (tmp / "store").mkdir()
         trunk = trunk_tensors(cfg, seed)
         write_safetensors(tmp / "store" / "trunk.safetensors", trunk)
         trunk_by_name = dict(trunk)
@@ -346,12 +366,6 @@ def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> 
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        (tmp / "DONE").write_text(json.dumps({"seconds": time.time() - t0, "synth_version": SYNTH_VERSION}))
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

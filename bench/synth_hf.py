@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import synth  # noqa: E402
 import synth_hf_arch  # noqa: E402
 import synth_hf_size  # noqa: E402
 
@@ -125,12 +125,10 @@ def build_hf(model_dir: Path, log: Callable[[str], None] = print) -> Path:
     n_shards = layers + 1
     fname = lambda k: f"model-{k:05d}-of-{n_shards:05d}.safetensors"  # noqa: E731
 
-    tmp = model_dir / f".hf.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     t0 = time.time()
     weight_map, total = {}, 0
-    try:
+    done = {"hf_version": HF_VERSION, "store": str(store.root)}
+    with synth.atomic_dir(out, done) as tmp:
         # shard 1: embedding, final norm, head
         top = [n for n in trunk.names() if not n.startswith("model.layers.")]
         spec = [(n, trunk.entries[n][0], trunk.entries[n][1]) for n in top]
@@ -156,13 +154,7 @@ def build_hf(model_dir: Path, log: Callable[[str], None] = print) -> Path:
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-        (tmp / "DONE").write_text(json.dumps({"seconds": time.time() - t0, "hf_version": HF_VERSION,
-                                              "bytes": total, "store": str(store.root)}))
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        done["bytes"] = total  # DONE is written when the block ends
     return out
 
 

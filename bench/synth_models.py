@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import zlib
 from pathlib import Path
@@ -133,18 +132,9 @@ def build(work_dir: Path, key: str, layers: int | None = None, vocab: int | None
         if m.gguf_arch and not (out / "model.gguf").is_file():  # a store written before this arch had a GGUF
             add_gguf(out, m.config(layers, vocab), seed, m.gguf_arch, log)
         return out
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "store").mkdir(parents=True)
-    try:
-        t0 = time.time()
+    with synth.atomic_dir(out, {"synth_version": SYNTH_VERSION}) as tmp:
+        (tmp / "store").mkdir()
         write(tmp, m.config(layers, vocab), seed, m.gguf_arch, log)
-        (tmp / "DONE").write_text(json.dumps({"seconds": time.time() - t0, "synth_version": SYNTH_VERSION}))
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
