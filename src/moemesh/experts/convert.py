@@ -119,22 +119,18 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) 
     for n in source.ckpt.names():
         if n in expert_names:
             continue
-        if n == head:  # the float table stays (embedding rows, exact rescoring) + its int4 copy for the head
-            t = source.get(n)
-            out.append((n, t))
-            if int4_trunk.quantizable(t):
-                out += [(n + sfx, v) for sfx, v in int4_trunk.quantize(t).items()]
+        groups = source.int4_groups(n) if n in linears else None
+        if groups is not None:  # GGUF 4-bit groups: stored as read
+            out += [(n + sfx, v) for sfx, v in int4_trunk.from_groups(groups).items()]
             continue
-        if n in linears:
-            groups = source.int4_groups(n)
-            t = None if groups is not None else source.get(n)
-            if groups is not None or int4_trunk.quantizable(t):
-                parts = int4_trunk.from_groups(groups) if groups is not None else int4_trunk.quantize(t)
-                out += [(n + sfx, v) for sfx, v in parts.items()]
-                continue
+        t = source.get(n)
+        if n != head and (n not in linears or not int4_trunk.quantizable(t)):
             out.append((n, t))
-        else:
-            out.append((n, source.get(n)))
+            continue
+        if n == head:  # the float table stays (embedding rows, exact rescoring) beside its int4 copy
+            out.append((n, t))
+        if int4_trunk.quantizable(t):
+            out += [(n + sfx, v) for sfx, v in int4_trunk.quantize(t).items()]
     return out
 
 
