@@ -131,7 +131,7 @@ def moemesh_worker(cfg: dict) -> dict:
                      pred_total=prov.predicted_total, pred_right=prov.predicted_right)
         return s
 
-    routing = _count_routing(model) if cfg.get("routing") else None  # picks per MoE layer and expert
+    routing = _record_routing(model) if cfg.get("routing") else None  # router calls: [moe layer, experts...]
 
     cache = model.new_cache()
     cache.add_sequence(0)
@@ -193,26 +193,37 @@ def moemesh_worker(cfg: dict) -> dict:
     if logits:
         res["logits"] = logits
     if routing is not None:
-        res["routing_counts"] = routing
+        res["routing_trace"] = routing
+        res["routing_counts"] = routing_counts(routing, model.args.num_experts)
     return res
 
 
-def _count_routing(model) -> list[list[int]]:
-    """Hook every MoE router: counts[i][e] = how often the i-th MoE layer picked expert e
-    (bench/plan_check.py turns this into the hit rate of a frequency-ordered cache)."""
+def _record_routing(model) -> list[list[int]]:
+    """Hook every MoE router: one entry per router call and token, in order, ``[i, e1, ..., ek]`` for
+    the i-th MoE layer's picks (bench/plan_check.py replays it through the cache's policy)."""
     from moemesh.layers.moe import MoEBlock
 
     blocks = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
-    counts = [[0] * model.args.num_experts for _ in blocks]
+    trace: list[list[int]] = []
 
-    def hook(row):
+    def hook(i):
         def fn(_module, _inputs, out):
-            for e in out[0].flatten().tolist():  # out = (ids [T, A], weights [T, A])
-                row[e] += 1
+            for row in out[0].tolist():  # out = (ids [T, A], weights [T, A])
+                trace.append([i, *row])
         return fn
 
-    for block, row in zip(blocks, counts):
-        block.router.register_forward_hook(hook(row))
+    for i, block in enumerate(blocks):
+        block.router.register_forward_hook(hook(i))
+    return trace
+
+
+def routing_counts(trace: list[list[int]], num_experts: int) -> list[list[int]]:
+    """counts[i][e] = how often the i-th MoE layer picked expert e in the trace."""
+    layers = 1 + max((c[0] for c in trace), default=-1)
+    counts = [[0] * num_experts for _ in range(layers)]
+    for i, *experts in trace:
+        for e in experts:
+            counts[i][e] += 1
     return counts
 
 

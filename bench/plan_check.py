@@ -7,9 +7,10 @@
    of --caps percent of the expert bytes (page cache counted and dropped, --ram = cap - margin,
    lazy experts), rotating the order each repeat;
 4. predict each configuration with `moemesh plan`'s code (commands/plan.plan) from the probe, the
-   store and the recorded routing profile (the hit rate of a frequency-ordered cache of the
-   budget's size), once with the shipped IO_FACTOR and once with IO_FACTOR refit on the
-   --calibrate cap alone; report the errors. Writes bench/results/plan_check.{json,md}.
+   store and a hit rate: the recorded routing trace's timed steps replayed through the cache's
+   own policy at the budget's slots (benchkit/cache_sim.py; the warm-up steps fill it), once with
+   the shipped IO_FACTOR and once with IO_FACTOR refit on the --calibrate caps; report the
+   errors. Writes bench/results/plan_check.{json,md}.
 
     .venv/bin/python bench/plan_check.py [--layers 12] [--caps 25,50,100] [--repeats 3]
 """
@@ -33,6 +34,7 @@ import lazy  # noqa: E402
 import synth  # noqa: E402
 
 from moemesh.benchkit import perfmodel, probe as probe_mod  # noqa: E402
+from moemesh.benchkit.cache_sim import replay_hit_rate  # noqa: E402
 from moemesh.benchkit.results import write_results  # noqa: E402
 from moemesh.commands.plan import plan  # noqa: E402
 
@@ -66,6 +68,22 @@ def true_hit_rate(r: dict, lookups_per_token: int) -> float | None:
     return (r["hit_rate"] * lookups_per_token - r["prefetch_hits_per_token"]) / lookups_per_token
 
 
+def refit_io_factor(rows: dict[str, dict], calibrate: str) -> float | None:
+    """The IO_FACTOR k that best fits t = cpu + k * disk on the calibration caps: least squares of
+    the relative error (cpu + k d) / t - 1 over them, i.e. k = sum(d/t (1 - cpu/t)) / sum((d/t)^2)."""
+    names = [c for c in rows if c != "none"] if calibrate == "all" else [f"q{int(calibrate)}"]
+    num = den = 0.0
+    for c in names:
+        row = rows.get(c)
+        if not row or not row["measured_tokens_per_s"] or not row["plan"]["disk_floor_s"]:
+            continue
+        p, t = row["plan"], 1 / row["measured_tokens_per_s"]
+        cpu = max(p["memory_floor_s"], p["compute_floor_s"]) + p.get("overhead_s", 0.0)
+        num += p["disk_floor_s"] / t * (1 - cpu / t)
+        den += (p["disk_floor_s"] / t) ** 2
+    return num / den if den else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work-dir", default="/work/bench-data")
@@ -73,7 +91,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--caps", default="25,50,100", help="memory caps, percent of the expert bytes")
-    ap.add_argument("--calibrate", type=int, default=50, help="the cap IO_FACTOR is refit on")
+    ap.add_argument("--calibrate", default="all", help="the cap IO_FACTOR is refit on (a percent), or all caps")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=12, help="untimed steps first: the cache fills (cold misses)")
     ap.add_argument("--tokens", type=int, default=24)
@@ -108,17 +126,21 @@ def main() -> None:
     caps = [f"q{int(c)}" for c in args.caps.split(",") if c.strip()]
     configs = ["none", *caps]
     runs = measure(args, store, expert_bytes, configs)
-    ok_none = [r for r in runs["none"] if "routing_counts" in r]
+    ok_none = [r for r in runs["none"] if "routing_trace" in r]
     if not ok_none:
-        sys.exit("the uncapped run failed: no routing profile")
-    routing = ok_none[0]["routing_counts"]
+        sys.exit("the uncapped run failed: no routing trace")
+    routing, trace = ok_none[0]["routing_counts"], ok_none[0]["routing_trace"]
     lookups = len(st.moe_layers) * st.config["num_experts_per_tok"]
 
     rows = {}
     for c in configs:
         cap = None if c == "none" else int(expert_bytes * int(c[1:]) / 100)
         ram = 2**40 if cap is None else cap - args.margin_mib * MIB  # none: everything resident
-        p = plan(str(store), ram, 1, probe, routing=routing)["formats"]["int4"]
+        # the hit rate of the cache's own policy replaying the recorded stream's timed steps
+        slots = plan(str(store), ram, 1, probe)["formats"]["int4"]["cache_slots"]
+        h = replay_hit_rate(trace, slots, "lfu", skip_calls=args.warmup * len(st.moe_layers))
+        p = plan(str(store), ram, 1, probe, hit_rate=h)["formats"]["int4"]
+        p["profile_hit_rate"] = plan(str(store), ram, 1, probe, routing=routing)["formats"]["int4"]["hit_rate"]
         uni = plan(str(store), ram, 1, probe)["formats"]["int4"]
         ok = [r for r in runs[c] if "error" not in r]
         tps = [r["tokens_per_s"] for r in ok]
@@ -132,12 +154,7 @@ def main() -> None:
             "measured_bytes_read_per_token": statistics.median([r["bytes_read_per_token"] for r in ok]) if ok and "bytes_read_per_token" in ok[0] else None,
             "plan": p, "plan_uniform_tokens_per_s": uni.get("tokens_per_s"),
         }
-    # one constant: IO_FACTOR refit on the calibration cap, t = cpu + k * disk_floor
-    cal = rows.get(f"q{args.calibrate}")
-    k_fit = None
-    if cal and cal["measured_tokens_per_s"] and cal["plan"]["disk_floor_s"]:
-        cpu = max(cal["plan"]["memory_floor_s"], cal["plan"]["compute_floor_s"]) + cal["plan"].get("overhead_s", 0.0)
-        k_fit = (1 / cal["measured_tokens_per_s"] - cpu) / cal["plan"]["disk_floor_s"]
+    k_fit = refit_io_factor(rows, args.calibrate)
     none_tps = rows["none"]["measured_tokens_per_s"]
     for c, row in rows.items():
         p, m = row["plan"], row["measured_tokens_per_s"]
@@ -157,12 +174,13 @@ def main() -> None:
         "model": {"layers": args.layers, "vocab": args.vocab, "store": str(store), "expert_bytes": expert_bytes,
                   "blob_bytes": st.blob_size},
         "probe": probe, "io_factor_shipped": perfmodel.IO_FACTOR, "io_factor_refit": k_fit,
-        "calibration_cap": f"q{args.calibrate}", "routing_counts": routing, "rows": rows, "runs": runs,
+        "calibration_cap": "all caps" if args.calibrate == "all" else f"q{args.calibrate}", "routing_counts": routing, "routing_trace": trace, "rows": rows, "runs": runs,
         "settings": vars(args), "wall_s": time.time() - t_start,
     }
     for rr in runs.values():
         for r in rr:
             r.pop("routing_counts", None)
+            r.pop("routing_trace", None)
             r.pop("step_s", None)
     write_results(out.parent, out.name, result, markdown(result), sys.argv)
     print(markdown(result))
@@ -180,16 +198,19 @@ def markdown(r: dict) -> str:
         f"Model: {m['layers']} layers of Qwen3-30B-A3B's shapes, vocab {m['vocab']}, int4 experts "
         f"({m['blob_bytes'] / MIB:.2f} MiB each, {m['expert_bytes'] / 2**30:.2f} GiB). Teacher-forced pseudo-random "
         "token stream; fresh process per run; configurations rotate each repeat.", "",
-        f"Probe (`moemesh bench --quick`): disk best {disk / 1e9:.2f} GB/s, memory {pr['memory']['bytes_s'] / 1e9:.1f} GB/s, "
+        f"Probe (`moemesh bench --quick`): disk best {disk / 1e9:.2f} GB/s (the model's: median near one blob "
+        f"{perfmodel.disk_bandwidth(pr, m['blob_bytes']) / 1e9:.2f}), memory {pr['memory']['bytes_s'] / 1e9:.1f} GB/s, "
         f"int4 M=1 matmul {pr['matmul']['int4']['gflops']:.1f} GFLOP/s ({pr['threads']} threads). Machine: "
         f"{r['machine']['cores']} cores shared with other jobs (load {r['machine']['loadavg_before'][0]:.1f} before, "
         f"{r['machine']['loadavg_after'][0]:.1f} after): **timings are noisy**.", "",
         "Prediction = `max(memory, compute floor) + layers * eager overhead per layer (probe) + IO_FACTOR * disk floor`, disk floor = "
-        "`L * k * (1 - h) * blob / disk BW`, h = hit rate of a frequency-ordered cache of the budget's slots under the "
-        "routing profile recorded in the uncapped run (all steps; each cached pair misses once). "
-        f"Shipped IO_FACTOR {r['io_factor_shipped']}; refit on {r['calibration_cap']} alone: {_f(r['io_factor_refit'])}.", "",
+        "`L * k * (1 - h) * blob / disk BW`, h = the hit rate of the cache's own policy (LFU, the budget's slots) "
+        "replaying the routing trace recorded in the uncapped run (`benchkit/cache_sim.py`; warm-up steps fill the cache, "
+        "timed steps are counted); 'profile' is `moemesh plan --routing`'s estimate from the same run's counts. "
+        f"Shipped IO_FACTOR {r['io_factor_shipped']}; refit on {r['calibration_cap']} (least squares of the relative "
+        f"error): {_f(r['io_factor_refit'])}.", "",
         "| config | --ram MiB | measured tok/s (median; all) | plan tok/s | error | refit tok/s | error (refit) | "
-        "uniform-routing plan tok/s | I/O model alone: tok/s, error | hit rate plan / measured | slots plan / measured | "
+        "uniform-routing plan tok/s | I/O model alone: tok/s, error | hit rate replay / measured (profile) | slots plan / measured | "
         "trunk MiB plan / measured |",
         "|---|---:|---|---:|---:|---:|---:|---:|---|---|---|---|",
     ]
@@ -201,7 +222,7 @@ def markdown(r: dict) -> str:
             f"{_f(p['tokens_per_s'])} | {_f(row['error_shipped'], '{:+.0%}')} | {_f(row.get('predicted_refit_tokens_per_s'))} | "
             f"{_f(row.get('error_refit'), '{:+.0%}')} | {_f(row['plan_uniform_tokens_per_s'])} | "
             f"{_f(row.get('predicted_measured_cpu_tokens_per_s'))}, {_f(row.get('error_measured_cpu'), '{:+.0%}')} | "
-            f"{_f(p['hit_rate'])} / {_f(row['measured_true_hit_rate'])} | {p['cache_slots']} / {row['measured_slots'] or '-'} | "
+            f"{_f(p['hit_rate'])} / {_f(row['measured_true_hit_rate'])} ({_f(p.get('profile_hit_rate'))}) | {p['cache_slots']} / {row['measured_slots'] or '-'} | "
             f"{_f(p['trunk_ram_bytes'], '{:.0f}', 1 / MIB)} / {_f(row['measured_trunk_bytes'], '{:.0f}', 1 / MIB)} |")
     lines += ["", "Notes:",
               "- none: no cap, every expert resident (the prediction is the memory/compute floor alone).",

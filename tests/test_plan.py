@@ -136,6 +136,27 @@ def test_plan_cli_json_and_table(tmp_path, capsys):
     assert "Qwen3-30B-A3B" in out and "int4" in out and "tok/s @ 16 GiB" in out
 
 
+def test_plan_cli_routing_trace_replays_the_cache(tmp_path, capsys):
+    """--routing {"trace": ...}: the hit rate is the LFU cache's on the trace (after its first tenth),
+    so a trace that keeps picking the same experts predicts a full hit rate where uniform routing
+    predicts a low one; a bad trace is a clear error."""
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps(PROBE))
+    trace = [[layer, *range(8)] for _ in range(20) for layer in range(48)]  # every token: experts 0-7
+    routing = tmp_path / "routing.json"
+    routing.write_text(json.dumps({"trace": trace}))
+    argv = ["plan", "Qwen3-30B-A3B", "--ram", "8G", "--json", "--probe", str(probe)]
+    assert main(argv) == 0
+    uniform = json.loads(capsys.readouterr().out)["formats"]["int4"]
+    assert main(argv + ["--routing", str(routing)]) == 0
+    replay = json.loads(capsys.readouterr().out)["formats"]["int4"]
+    assert uniform["hit_rate"] < 0.5 and replay["hit_rate"] == 1.0 and replay["disk_floor_s"] == 0.0
+    assert replay["tokens_per_s"] > uniform["tokens_per_s"]
+    routing.write_text(json.dumps({"trace": [[0]]}))
+    assert main(argv + ["--routing", str(routing)]) == 2
+    assert "not a routing profile" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["plan", "no-such-model"], "not a file, a directory or a known model"),
     (["plan", "Qwen3-30B-A3B", "--ram", "lots"], "cannot read size"),

@@ -2,7 +2,8 @@
 
 MODEL is an HF checkpoint directory, a config.json, an expert store, a GGUF file or a well-known
 name (``moemesh plan --list``). Predictions use the machine probe that ``moemesh bench`` saves and
-the performance model in benchkit/perfmodel.py (uniform routing unless --hit-rate is given).
+the performance model in benchkit/perfmodel.py (uniform routing unless --hit-rate or --routing is
+given).
 """
 from __future__ import annotations
 
@@ -21,15 +22,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, default=1, help="predict for N mesh nodes of --ram each (default 1)")
     p.add_argument("--probe", help="machine probe JSON (default: the one `moemesh bench` saved)")
     p.add_argument("--hit-rate", type=float, help="expert cache hit rate to assume (default: uniform routing, C/N)")
-    p.add_argument("--routing", help="routing profile JSON ({\"counts\": [[picks per expert] per MoE layer]}) for the hit rate")
+    p.add_argument("--routing", help="routing JSON for the hit rate: {\"trace\": [[moe layer, experts...] per router "
+                   "call]} (replayed through the LFU cache) or {\"counts\": [[picks per expert] per MoE layer]}")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--list", action="store_true", help="list the well-known model names")
     p.set_defaults(func=run)
 
 
 def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rate: float | None = None,
-         routing: list[list[float]] | None = None) -> dict[str, Any]:
-    from ..benchkit.perfmodel import KV_RESERVE, RUNTIME_OVERHEAD, nodes_to_hold, predict, ram_to_hold_all
+         routing: list[list[float]] | None = None, trace: list[list[int]] | None = None) -> dict[str, Any]:
+    """trace: recorded router calls ``[moe layer, experts...]``, replayed through the expert cache's
+    LFU policy at each format's slot count for the hit rate (the first tenth warms the cache)."""
+    from ..benchkit.perfmodel import (KV_RESERVE, RUNTIME_OVERHEAD, cache_slots, nodes_to_hold, predict,
+                                      ram_to_hold_all)
     from ..benchkit.shapes import FORMATS, format_bytes, shape_from_config
     from ..benchkit.source import resolve
 
@@ -52,12 +57,25 @@ def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rat
                "expert_bytes": fb.expert, "experts_bytes": fb.experts, "active_bytes_per_token": fb.active,
                "ram_to_hold_all_bytes": ram_to_hold_all(fb), "nodes_to_hold_all": nodes_to_hold(fb, ram)}
         if probe is not None:
-            p = predict(shape, fmt, pooled, probe, hit_rate, routing)
+            h = hit_rate
+            if trace is not None and h is None:
+                h = trace_hit_rate(trace, cache_slots(shape, fb, pooled), shape.top_k)
+            p = predict(shape, fmt, pooled, probe, h, routing)
             row.update(tokens_per_s=p.tokens_per_s, fits=p.fits, cache_slots=p.slots, hit_rate=p.hit_rate,
                        disk_floor_s=p.disk_s, memory_floor_s=p.memory_s, compute_floor_s=p.compute_s,
                        overhead_s=p.overhead_s, why=p.why)
         out["formats"][fmt] = row
     return out
+
+
+def trace_hit_rate(trace: list[list[int]], slots: int, top_k: int, warmup: float = 0.1) -> float | None:
+    """The LFU cache's hit rate replaying ``trace`` after its first ``warmup`` fraction of calls; None
+    when the cache cannot hold one layer's picks (predict then reports that it does not fit)."""
+    from ..benchkit.cache_sim import replay_hit_rate
+
+    if slots < top_k:
+        return None
+    return replay_hit_rate(trace, slots, "lfu", skip_calls=int(len(trace) * warmup))
 
 
 def _gb(n: int | None) -> str:
@@ -94,12 +112,21 @@ def table(r: dict[str, Any], probe_note: str) -> str:
     return "\n".join(lines)
 
 
-def _routing(path: Path) -> list[list[float]]:
+def _routing(path: Path) -> tuple[list[list[float]] | None, list[list[int]] | None]:
+    """(counts, trace) from a routing JSON: {"counts": [[picks per expert] per MoE layer]} and/or
+    {"trace": [[moe layer, expert, ...] per router call]} (bench/lazy.py records both)."""
     try:
-        counts = json.loads(path.read_text())["counts"]
-        return [[float(c) for c in layer] for layer in counts]
+        data = json.loads(path.read_text())
+        counts = [[float(c) for c in layer] for layer in data["counts"]] if "counts" in data else None
+        trace = [[int(v) for v in call] for call in data["trace"]] if "trace" in data else None
+        if counts is None and trace is None:
+            raise KeyError("counts or trace")
+        if trace is not None and any(len(call) < 2 or min(call) < 0 for call in trace):
+            raise ValueError("each trace entry is [moe layer, expert, ...] with non-negative ids")
+        return counts, trace
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise MoemeshError(f"{path}: not a routing profile ({{\"counts\": [[...], ...]}}): {exc}") from None
+        raise MoemeshError(f"{path}: not a routing profile ({{\"counts\": [[...], ...]}} or "
+                           f"{{\"trace\": [[layer, expert, ...], ...]}}): {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     probe = probe_mod.load(probe_path)
     if args.probe and probe is None:
         raise MoemeshError(f"{probe_path}: not a machine probe saved by `moemesh bench`")
-    routing = _routing(Path(args.routing)) if args.routing else None
-    r = plan(args.model, ram, args.nodes, probe, args.hit_rate, routing)
+    routing, trace = _routing(Path(args.routing)) if args.routing else (None, None)
+    r = plan(args.model, ram, args.nodes, probe, args.hit_rate, None if trace else routing, trace)
     r["probe"] = str(probe_path) if probe else None
     if args.json:
         print(json.dumps(r, indent=1))
