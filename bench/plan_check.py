@@ -12,7 +12,7 @@
    the shipped IO_FACTOR and once with IO_FACTOR refit on the --calibrate caps; report the
    errors. Writes bench/results/plan_check.{json,md}.
 
-    .venv/bin/python bench/plan_check.py [--layers 12] [--caps 25,50,100] [--repeats 3]
+    .venv/bin/python bench/plan_check.py [--layers 12] [--caps 25,50,100] [--repeats 5] [--tokens 36]
 """
 from __future__ import annotations
 
@@ -92,9 +92,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--caps", default="25,50,100", help="memory caps, percent of the expert bytes")
     ap.add_argument("--calibrate", default="all", help="the cap IO_FACTOR is refit on (a percent), or all caps")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=12, help="untimed steps first: the cache fills (cold misses)")
-    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--tokens", type=int, default=36)
     ap.add_argument("--margin-mib", type=int, default=128)
     ap.add_argument("--load-headroom-mib", type=int, default=3072)
     ap.add_argument("--threads", type=int, default=2)
