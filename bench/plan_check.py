@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import cgroup  # noqa: E402
-import lazy  # noqa: E402
+import lazy_runs  # noqa: E402
 import synth  # noqa: E402
 
 from moemesh.benchkit import perfmodel, probe as probe_mod  # noqa: E402
@@ -42,7 +42,7 @@ MIB = 2**20
 
 
 def measure(args, store: Path, expert_bytes: int, configs: list[str]) -> dict[str, list[dict]]:
-    stream = lazy.token_stream(args.warmup + args.tokens, args.vocab, args.seed)
+    stream = lazy_runs.token_stream(args.warmup + args.tokens, args.vocab, args.seed)
     wargs = SimpleNamespace(load_headroom_mib=args.load_headroom_mib, omp_wait_policy="PASSIVE", llama_python=None)
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for rep in range(args.repeats):
@@ -53,7 +53,7 @@ def measure(args, store: Path, expert_bytes: int, configs: list[str]) -> dict[st
                    "io_threads": args.io_threads, "policy": "lfu", "prefetch": True,
                    "ram": None if cap is None else cap - args.margin_mib * MIB,
                    "routing": c == "none"}  # resident model only: the lazy lookahead calls routers too
-            r = lazy.run_worker("moemesh", cfg, cap, args.timeout, wargs, cap_after_load=True)
+            r = lazy_runs.run_worker("moemesh", cfg, cap, args.timeout, wargs, cap_after_load=True)
             r["config"], r["repeat"] = c, rep
             runs[c].append(r)
             msg = r.get("error") or f"{r['tokens_per_s']:.2f} tok/s"
