@@ -7,7 +7,14 @@
    Both matmuls are int4_kernel.h's block_tile / tail_rows, so every output row has the arithmetic of
    i4_matmul. y_e depends only on x and expert e's weights (not on n, on the other experts in the
    call, on the thread count or schedule): computing a layer's experts in one call or one at a time
-   gives the same bits, which keeps lazy (experts computed as their reads land) == resident. */
+   gives the same bits, which keeps lazy (experts computed as their reads land) == resident.
+
+   Work sharing is guided, not dynamic with chunks of one block: a thread then streams long runs of
+   consecutive blocks (an expert's blocks are contiguous in its blob) instead of every other 64 KB
+   block, which the hardware prefetchers follow far better. Measured on the 12-layer Qwen3-shaped
+   store's experts (8 random experts per layer, 2 threads, 8 alternating rounds): dynamic,1 ~16
+   GB/s median, guided ~24 GB/s (a plain 2-thread C read loop reaches 26-30 GB/s here). A thread
+   descheduled by other load still leaves the shrinking tail chunks to the other. */
 #include "int4_kernel.h"
 
 /* silu(g) * u over 16 lanes: g / (1 + exp(-g)) with a Cephes-style exp (range reduction by ln 2,
@@ -65,7 +72,7 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
     if (n * (gu_npad * d + dn_npad * inter) < SERIAL_MACS) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(guided)
         for (int64_t it = 0; it < n * nb1; it++) {
             const int64_t e = it / nb1, blk = it % nb1;
             if (blk == nf1)
@@ -85,7 +92,7 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
                 _mm512_storeu_ps(he + i, silu_mul16(_mm512_loadu_ps(he + i), _mm512_loadu_ps(he + inter + i)));
             quant_x(he, 0, 1, inter, a1 + e * inter, a2 + e * inter, adu + e * G2, asum + e * G2, asx + e * G2);
         }
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(guided)
         for (int64_t it = 0; it < n * nb2; it++) {
             const int64_t e = it / nb2, blk = it % nb2;
             const int8_t *e1 = a1 + e * inter, *e2 = a2 + e * inter;

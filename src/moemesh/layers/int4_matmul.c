@@ -30,8 +30,10 @@ int i4_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *qw
     if (m * n_pad * k < SERIAL_MACS || nblocks < 2) nthreads = 1;  /* waking a thread costs ~10 us */
 #if I4_STATIC
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-#else  /* dynamic: a thread descheduled by other load leaves its blocks to the other (same result) */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+#else  /* dynamic: a thread descheduled by other load leaves its blocks to the other (same result);
+          chunks of 4 blocks keep each thread's reads in long consecutive runs the prefetchers follow
+          (trunk shapes, 2 threads: 15.6 GB/s median with chunks of 1, 18.8 with 4) */
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
 #endif
     for (int64_t blk = 0; blk < nblocks; blk++) {
         if (blk == nfull) {
