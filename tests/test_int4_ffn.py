@@ -93,3 +93,49 @@ def test_fast_path_declines_unfusable_experts() -> None:
 def test_run_fused_refuses_mixed_shapes() -> None:
     with pytest.raises(ValueError, match="share their shapes"):
         run_fused(LIB, [expert(64, 32, 0), expert(64, 64, 1)], torch.randn(1, 64))
+
+
+def sym_expert(d: int, i: int, seed: int) -> GatedMLP:
+    """An expert with symmetric int4 (GGUF Q4_0's values): scales alone."""
+    g = torch.Generator().manual_seed(seed)
+
+    def lin(n: int, k: int) -> QuantLinear:
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        s = torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3
+        return QuantLinear.from_int4_groups(q, s, -8 * s, None)  # zero 0: symmetric
+
+    return GatedMLP(lin(2 * i, d), lin(d, i))
+
+
+@needs_lib
+@pytest.mark.parametrize("d,i,sym", [(2048, 768, False), (96, 160, False), (64, 32, True), (96, 160, True)])
+def test_one_call_mix_equals_fused_outputs_summed_in_order(d: int, i: int, sym: bool) -> None:
+    """mix_fused (experts + weighted sum in C) == sum_in_order over run_fused's rows, bit for bit,
+    including a D whose down rows are padded; moe_decode_table (sort by id, gather from the pointer
+    table, mix) == the Python path it replaced (sorted ids, run_fused, sum_in_order)."""
+    from moemesh.layers.int4_ops import expert_table
+    from moemesh.layers.mlp import mix_fused
+    from moemesh.layers.moe import sum_in_order
+
+    make = sym_expert if sym else expert
+    mlps = [make(d, i, s) for s in range(6)]
+    assert all(m.fused_int4() is not None for m in mlps) and mlps[0].gate_up.symmetric == sym
+    g = torch.Generator().manual_seed(i)
+    x = torch.randn(1, d, generator=g)
+    w = torch.rand(4, generator=g)
+    picked = [mlps[e] for e in (4, 1, 5, 0)]
+    want = sum_in_order(x, run_fused(LIB, picked, x), w)
+    assert torch.equal(mix_fused(LIB, picked, x, w), want)
+
+    table = expert_table(mlps)
+    e0 = mlps[0]
+    args = (table, e0.down.in_features, e0.gate_up.qweight.shape[0], e0.down.qweight.shape[0], sym)
+    ids = torch.tensor([[5, 0, 3, 1]])
+    weights = torch.rand(1, 4, generator=g)
+    order = sorted(range(4), key=ids[0].tolist().__getitem__)
+    ref = sum_in_order(x, run_fused(LIB, [mlps[ids[0, a]] for a in order], x), weights[0, order])
+    assert torch.equal(n4.moe_decode_table(LIB, x, ids, weights, *args), ref)
+    other = n4.moe_decode_table(LIB, x, torch.tensor([[5, 0, 3, 2]]), weights, *args)
+    assert not torch.equal(other, ref)  # the table lookup follows the ids
+    with pytest.raises(ValueError, match="outside"):
+        n4.moe_decode_table(LIB, x, torch.tensor([[5, 0, 3, 6]]), weights, *args)

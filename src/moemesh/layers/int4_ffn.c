@@ -115,3 +115,56 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
     return -1;
 #endif
 }
+
+/* out fp32 [d] = sum over the call's experts, in call order, of y_e[:d] * w[e] (y_e as
+   i4_experts_ffn computes it): per expert one product, then one addition, in order, exactly the
+   IEEE operations of layers/moe.sum_in_order (torch's y * w[:, None], then out.add_(row) per
+   expert), so the bits match it. The products are stored before they are added: no compiler
+   contracts them into an fma. 0, or -1. */
+int i4_experts_mix(const float *x, int64_t d, int64_t inter, int64_t n, const uint8_t *const *gu_q,
+                   const uint16_t *const *gu_sz, int64_t gu_npad, const uint8_t *const *dn_q,
+                   const uint16_t *const *dn_sz, int64_t dn_npad, int sym, const float *w, float *out, int nthreads) {
+    if (n <= 0 || d > dn_npad) return -1;
+    float *y = (float *)malloc(sizeof(float) * (size_t)(n * dn_npad));
+    if (!y) return -1;
+    int rc = i4_experts_ffn(x, d, inter, n, gu_q, gu_sz, gu_npad, dn_q, dn_sz, dn_npad, sym, y, nthreads);
+    if (rc == 0) {
+        for (int64_t e = 0; e < n; e++)
+            for (int64_t j = 0; j < d; j++) y[e * dn_npad + j] = y[e * dn_npad + j] * w[e];
+        for (int64_t j = 0; j < d; j++) out[j] = 0.f;
+        for (int64_t e = 0; e < n; e++)
+            for (int64_t j = 0; j < d; j++) out[j] = out[j] + y[e * dn_npad + j];
+    }
+    free(y);
+    return rc;
+}
+
+#define MIX_MAX 256  /* experts per token */
+
+/* The compiled graph's MoE layer for one token (layers/int4_ops.moe_decode): the router's picks
+   ids int64 [a] with weights fp32 [a], the layer's pointer table int64 [E, 4] (gate_up qweight,
+   gate_up scales, down qweight, down scales per expert). The picks are summed in expert-id order
+   (a stable sort, like Python's sorted), as the eager layer sums them. 0, -1 (bad shape), or -2
+   (an id outside [0, E)). */
+int i4_moe_decode(const float *x, int64_t d, int64_t inter, int64_t a, const int64_t *ids, const float *w,
+                  const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int sym, float *out,
+                  int nthreads) {
+    if (a <= 0 || a > MIX_MAX) return -1;
+    int64_t order[MIX_MAX];
+    for (int64_t i = 0; i < a; i++) {
+        if (ids[i] < 0 || ids[i] >= num_experts) return -2;
+        int64_t j = i;
+        for (; j > 0 && ids[order[j - 1]] > ids[i]; j--) order[j] = order[j - 1];  /* stable insertion */
+        order[j] = i;
+    }
+    const uint8_t *gq[MIX_MAX], *dq[MIX_MAX];
+    const uint16_t *gs[MIX_MAX], *ds[MIX_MAX];
+    float ws[MIX_MAX];
+    for (int64_t i = 0; i < a; i++) {
+        const int64_t *row = table + 4 * ids[order[i]];
+        gq[i] = (const uint8_t *)(uintptr_t)row[0], gs[i] = (const uint16_t *)(uintptr_t)row[1];
+        dq[i] = (const uint8_t *)(uintptr_t)row[2], ds[i] = (const uint16_t *)(uintptr_t)row[3];
+        ws[i] = w[order[i]];
+    }
+    return i4_experts_mix(x, d, inter, a, gq, gs, gu_npad, dq, ds, dn_npad, sym, ws, out, nthreads);
+}

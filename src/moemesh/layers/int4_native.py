@@ -37,6 +37,10 @@ def _load() -> ctypes.CDLL | None:
     lib.i4_matmul.restype = i32
     lib.i4_experts_ffn.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i32, p, i32]
     lib.i4_experts_ffn.restype = i32
+    lib.i4_experts_mix.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i32, p, p, i32]
+    lib.i4_experts_mix.restype = i32
+    lib.i4_moe_decode.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, i64, i32, p, i32]
+    lib.i4_moe_decode.restype = i32
     lib.i4_simd.restype = i32
     return lib if lib.i4_simd() else None
 
@@ -96,6 +100,44 @@ def experts_ffn_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[l
     if rc:
         raise ValueError(f"experts_ffn: kernel rejected D={d}, I={inter}, n={n}")
     return y
+
+
+def experts_mix_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[list[int]], w: torch.Tensor,
+                     gu_npad: int, dn_npad: int, sym: bool, d: int) -> torch.Tensor:
+    """One token through n experts (as ``experts_ffn_ptrs``) and their weighted sum in the given
+    order, in one call: x fp32 [1, D], w fp32 [n] -> [1, d]; the bits of layers/moe.sum_in_order
+    over the experts' outputs (int4_ffn.c ``i4_experts_mix``)."""
+    n = len(ptrs)
+    x = x.float().contiguous()
+    w = w.float().contiguous()
+    tables = torch.tensor(ptrs, dtype=torch.int64).t().contiguous()  # [4, n]
+    t0, row = tables.data_ptr(), 8 * n
+    out = torch.empty(1, d)
+    rc = lib.i4_experts_mix(x.data_ptr(), x.shape[1], inter, n, t0, t0 + row, gu_npad, t0 + 2 * row, t0 + 3 * row,
+                            dn_npad, int(sym), w.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"experts_mix: kernel rejected D={x.shape[1]}, I={inter}, n={n}, d={d}")
+    return out
+
+
+def moe_decode_table(lib: ctypes.CDLL, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                     table: torch.Tensor, inter: int, gu_npad: int, dn_npad: int, sym: bool) -> torch.Tensor:
+    """One token's MoE layer from the router's picks: x fp32 [1, D], ids int64 [1, A], weights
+    fp32 [1, A], table int64 [E, 4] (layers/int4_ops.expert_table) -> [1, D]; the picks summed in
+    expert-id order (int4_ffn.c ``i4_moe_decode``: sort, pointer gather, experts, weighted sum)."""
+    x = x.float().contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.float().contiguous()
+    table = table.contiguous()
+    out = torch.empty_like(x)
+    rc = lib.i4_moe_decode(x.data_ptr(), x.shape[1], inter, ids.shape[1], ids.data_ptr(), weights.data_ptr(),
+                           table.data_ptr(), table.shape[0], gu_npad, dn_npad, int(sym), out.data_ptr(),
+                           torch.get_num_threads())
+    if rc == -2:
+        raise ValueError(f"moe_decode: an expert id outside [0, {table.shape[0]}) in {ids.tolist()}")
+    if rc:
+        raise ValueError(f"moe_decode: kernel rejected D={x.shape[1]}, I={inter}, A={ids.shape[1]}")
+    return out
 
 
 def reference_int4_matmul(x: torch.Tensor, qweight_q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ import torch
 
 from . import int4_native
 from .mlp import GatedMLP
-from .moe import sum_in_order
 
 
 @torch.library.custom_op("moemesh::moe_decode", mutates_args=())
@@ -26,14 +25,9 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table:
     lib = int4_native.load_native()
     if lib is None:
         raise RuntimeError("moemesh::moe_decode: the C int4 kernel is not available")
-    idl = ids[0].tolist()
-    order = sorted(range(len(idl)), key=idl.__getitem__)  # expert-id order, as the eager path sums
-    rows = table[[idl[a] for a in order]].tolist()  # [A, 4] pointers
-    xc = x.float().contiguous()
-    d = x.shape[1]
-    y = int4_native.experts_ffn_ptrs(lib, xc, inter, rows, gu_npad, dn_npad, sym)  # [A, N_pad]
-    y = y if dn_npad == d else y[:, :d].contiguous()
-    return sum_in_order(xc, y, weights[0, order])
+    # one C call: picks sorted by expert id (as the eager path sums), pointers gathered from the
+    # table, the experts and their weighted sum (~0.1 ms of Python and small torch ops per layer before)
+    return int4_native.moe_decode_table(lib, x, ids, weights, table, inter, gu_npad, dn_npad, sym)
 
 
 @moe_decode.register_fake

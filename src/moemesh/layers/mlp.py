@@ -60,9 +60,7 @@ class GatedMLP(torch.nn.Module):
         return self.gate_up.nbytes() + self.down.nbytes()
 
 
-def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.Tensor:
-    """One token x [1, D] through every MLP of ``mlps`` (all fused_int4()) -> [n, D]; row e equals
-    mlps[e](x) bit for bit (the kernel computes each expert independently of the others)."""
+def _kernel_key(mlps: list[GatedMLP]) -> tuple:
     for m in mlps:
         if m._fusable is None:
             m.fused_int4()
@@ -72,7 +70,21 @@ def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.
     if any(m._kernel_key != key for m in mlps):
         raise ValueError("run_fused: the MLPs of one call must share their shapes and int4 format "
                          "(symmetric and asymmetric int4 cannot share one call)")
-    gu_q, dn_q, sym = key
+    return key
+
+
+def mix_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_e w[e] * mlps[e](x) for one token x [1, D], w [n], in one C call -> [1, D]: the bits of
+    moe.sum_in_order(x, run_fused(lib, mlps, x), w)."""
+    gu_q, dn_q, sym = _kernel_key(mlps)
+    return int4_native.experts_mix_ptrs(lib, x, mlps[0].down.in_features, [m._kernel_ptrs for m in mlps], w,
+                                        gu_q[0], dn_q[0], sym, mlps[0].down.out_features)
+
+
+def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.Tensor:
+    """One token x [1, D] through every MLP of ``mlps`` (all fused_int4()) -> [n, D]; row e equals
+    mlps[e](x) bit for bit (the kernel computes each expert independently of the others)."""
+    gu_q, dn_q, sym = _kernel_key(mlps)
     y = int4_native.experts_ffn_ptrs(lib, x, mlps[0].down.in_features, [m._kernel_ptrs for m in mlps],
                                      gu_q[0], dn_q[0], sym)  # [n, N_pad]
     d = mlps[0].down.out_features

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .mlp import GatedMLP, run_fused
+from .mlp import GatedMLP, mix_fused
 from .router import TopKRouter
 
 ExpertFn = Callable[[int], GatedMLP]
@@ -55,7 +55,7 @@ def mix_one_token(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exp
     lib = mlps[0].fused_int4() if isinstance(mlps[0], GatedMLP) else None
     if lib is None or len(set(idl)) != len(idl) or not all(isinstance(m, GatedMLP) and m.fused_int4() for m in mlps):
         return None
-    return sum_in_order(x, run_fused(lib, mlps, x), weights[0, order])
+    return mix_fused(lib, mlps, x, weights[0, order])  # == sum_in_order(x, run_fused(lib, mlps, x), ...)
 
 
 def sum_in_order(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
