@@ -43,7 +43,8 @@ MIB = 2**20
 
 def measure(args, store: Path, expert_bytes: int, configs: list[str]) -> dict[str, list[dict]]:
     stream = lazy_runs.token_stream(args.warmup + args.tokens, args.vocab, args.seed)
-    wargs = SimpleNamespace(load_headroom_mib=args.load_headroom_mib, omp_wait_policy="PASSIVE", llama_python=None)
+    wargs = SimpleNamespace(load_headroom_mib=args.load_headroom_mib, omp_wait_policy=args.omp_wait_policy,
+                            llama_python=None)
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for rep in range(args.repeats):
         order = configs[rep % len(configs):] + configs[: rep % len(configs)]
@@ -100,6 +101,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY of the probe and the decode runs ('' = the default: spinning threads, "
+                         "which collapse on an oversubscribed 2-core machine)")
     ap.add_argument("--probe", help="reuse this probe JSON instead of probing")
     ap.add_argument("--out", default=str(HERE / "results" / "plan_check"))
     args = ap.parse_args()
@@ -117,8 +121,11 @@ def main() -> None:
     expert_bytes = st.expert_bytes()
     probe_path = Path(args.probe) if args.probe else out.with_name(out.name + "_probe.json")
     if not args.probe:
+        # the probe runs under the decode runs' OpenMP wait policy: with PASSIVE every parallel region
+        # wakes sleeping threads, which is part of the per-layer overhead the probe measures
+        env = {**os.environ, **({"OMP_WAIT_POLICY": args.omp_wait_policy} if args.omp_wait_policy else {})}
         subprocess.run([sys.executable, "-m", "moemesh.cli", "bench", "--quick", "--out", str(probe_path),
-                        "--disk-dir", str(args.work_dir), "--threads", str(args.threads)], check=True)
+                        "--disk-dir", str(args.work_dir), "--threads", str(args.threads)], check=True, env=env)
     probe = probe_mod.load(probe_path)
     if probe is None:
         sys.exit(f"{probe_path}: no usable probe")
@@ -228,6 +235,7 @@ def markdown(r: dict) -> str:
               "- none: no cap, every expert resident (the prediction is the memory/compute floor alone).",
               "- qNN: cgroup-v1 limit of NN% of the expert bytes (page cache counted, dropped before each run), "
               f"moemesh --ram = cap - {r['settings']['margin_mib']} MiB, lazy experts (LFU, prefetch, O_DIRECT, xxh3-64 blob checksums).",
+              f"- OMP_WAIT_POLICY={r['settings'].get('omp_wait_policy', 'PASSIVE') or '(default)'} for the probe and every decode run.",
               "- 'I/O model alone' replaces the probe's compute/memory term by the measured uncapped time per token "
               "(a diagnostic: it separates the disk/hit-rate model from the compute rate, which load swings most).",
               "- measured hit rate excludes prefetched experts; 'uniform-routing plan' is what `moemesh plan` prints "
