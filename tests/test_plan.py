@@ -157,6 +157,25 @@ def test_plan_cli_routing_trace_replays_the_cache(tmp_path, capsys):
     assert "not a routing profile" in capsys.readouterr().err
 
 
+def test_plan_nodes_pay_the_stage_calls(tmp_path, capsys):
+    """--nodes N pools RAM (fewer misses) and adds (N - 1) x (transport + --rtt-ms) per token."""
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps(PROBE))
+    base = ["plan", "Qwen3-30B-A3B", "--ram", "64G", "--json", "--probe", str(probe)]  # holds it all
+    rows = {}
+    for extra in ([], ["--nodes", "3"], ["--nodes", "3", "--rtt-ms", "20"]):
+        assert main(base + extra) == 0
+        rows[" ".join(extra)] = json.loads(capsys.readouterr().out)["formats"]["int4"]
+    one, three, far = rows[""], rows["--nodes 3"], rows["--nodes 3 --rtt-ms 20"]
+    assert one["network_s"] == 0.0 and three["network_s"] == pytest.approx(2 * (perfmodel.MESH_HOP_S + 0.0005))
+    assert 1 / three["tokens_per_s"] == pytest.approx(1 / one["tokens_per_s"] + three["network_s"])
+    assert far["network_s"] == pytest.approx(2 * (perfmodel.MESH_HOP_S + 0.020)) and far["tokens_per_s"] < three["tokens_per_s"]
+    assert main(base + ["--nodes", "2"]) == 0 and "stage call" not in capsys.readouterr().out  # JSON: no note
+    assert main(base[:-3] + ["--probe", str(probe), "--nodes", "2"]) == 0
+    assert "1 stage call(s)" in capsys.readouterr().out
+    assert main(base + ["--rtt-ms", "-1"]) == 2 and "--rtt-ms" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["plan", "no-such-model"], "not a file, a directory or a known model"),
     (["plan", "Qwen3-30B-A3B", "--ram", "lots"], "cannot read size"),

@@ -34,6 +34,12 @@ KV_RESERVE = 64 * 2**20  # ExpertOptions.kv_reserve's default
 IO_FACTOR = 1.0
 
 
+# One pipeline-stage call between mesh nodes over hivemind, on loopback: bench/mesh.py's "transport
+# ms/call" (call wall time minus the stage's own compute) measured 3.9-5.7 ms (bench/results/mesh.md).
+# A token crosses N - 1 stage boundaries on N nodes; the network's round trip comes on top.
+MESH_HOP_S = 0.005
+
+
 @dataclass
 class Prediction:
     fits: bool  # False: the trunk plus one layer's active experts do not fit the RAM
@@ -124,6 +130,11 @@ def predict(shape: ModelShape, fmt: str, ram: int, probe: dict[str, Any], hit_ra
     disk_s = shape.moe_layers * shape.top_k * (1 - h) * fb.expert / disk_bandwidth(probe, fb.expert)
     t = cpu_s + io_factor * disk_s
     return Prediction(True, slots, h, disk_s, mem_s, compute_s, t, 1 / t, overhead_s=overhead_s)
+
+
+def mesh_seconds(nodes: int, rtt_s: float) -> float:
+    """Per token, the stage calls of a pipeline over `nodes` nodes: (N - 1) x (transport + round trip)."""
+    return max(0, nodes - 1) * (MESH_HOP_S + rtt_s)
 
 
 def nodes_to_hold(fb: FormatBytes, ram: int) -> int | None:

@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", help="checkpoint dir, config.json, expert store, .gguf, or a known model name")
     p.add_argument("--ram", help="RAM per node for the prediction, e.g. 16G (default: this machine's)")
     p.add_argument("--nodes", type=int, default=1, help="predict for N mesh nodes of --ram each (default 1)")
+    p.add_argument("--rtt-ms", type=float, default=0.5,
+                   help="network round trip between mesh nodes for --nodes > 1 (default 0.5: a LAN), added to each "
+                        "stage call's measured ~5 ms transport cost")
     p.add_argument("--probe", help="machine probe JSON (default: the one `moemesh bench` saved)")
     p.add_argument("--hit-rate", type=float, help="expert cache hit rate to assume (default: uniform routing, C/N)")
     p.add_argument("--routing", help="routing JSON for the hit rate: {\"trace\": [[moe layer, experts...] per router "
@@ -30,11 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rate: float | None = None,
-         routing: list[list[float]] | None = None, trace: list[list[int]] | None = None) -> dict[str, Any]:
+         routing: list[list[float]] | None = None, trace: list[list[int]] | None = None,
+         rtt_s: float = 0.0005) -> dict[str, Any]:
     """trace: recorded router calls ``[moe layer, experts...]``, replayed through the expert cache's
-    LFU policy at each format's slot count for the hit rate (the first tenth warms the cache)."""
-    from ..benchkit.perfmodel import (KV_RESERVE, RUNTIME_OVERHEAD, cache_slots, nodes_to_hold, predict,
-                                      ram_to_hold_all)
+    LFU policy at each format's slot count for the hit rate (the first tenth warms the cache).
+    nodes > 1: a pipeline by layer ranges; each token pays nodes - 1 stage calls (``mesh_seconds``)."""
+    from ..benchkit.perfmodel import (KV_RESERVE, RUNTIME_OVERHEAD, cache_slots, mesh_seconds, nodes_to_hold,
+                                      predict, ram_to_hold_all)
     from ..benchkit.shapes import FORMATS, format_bytes, shape_from_config
     from ..benchkit.source import resolve
 
@@ -61,9 +66,11 @@ def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rat
             if trace is not None and h is None:
                 h = trace_hit_rate(trace, cache_slots(shape, fb, pooled), shape.top_k)
             p = predict(shape, fmt, pooled, probe, h, routing)
-            row.update(tokens_per_s=p.tokens_per_s, fits=p.fits, cache_slots=p.slots, hit_rate=p.hit_rate,
+            net = mesh_seconds(nodes, rtt_s)
+            tps = None if p.seconds_per_token is None else 1 / (p.seconds_per_token + net)
+            row.update(tokens_per_s=tps, fits=p.fits, cache_slots=p.slots, hit_rate=p.hit_rate,
                        disk_floor_s=p.disk_s, memory_floor_s=p.memory_s, compute_floor_s=p.compute_s,
-                       overhead_s=p.overhead_s, why=p.why)
+                       overhead_s=p.overhead_s, network_s=net, why=p.why)
         out["formats"][fmt] = row
     return out
 
@@ -141,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         raise MoemeshError("plan needs a MODEL (a checkpoint dir, config.json, .gguf or one of: " + ", ".join(KNOWN) + ")")
     if args.nodes < 1:
         raise MoemeshError("--nodes must be at least 1")
+    if args.rtt_ms < 0:
+        raise MoemeshError("--rtt-ms must be 0 or more")
     if args.hit_rate is not None and not 0 <= args.hit_rate <= 1:
         raise MoemeshError("--hit-rate must be between 0 and 1")
     ram = parse_size(args.ram) if args.ram else probe_mod.total_ram()
@@ -149,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if args.probe and probe is None:
         raise MoemeshError(f"{probe_path}: not a machine probe saved by `moemesh bench`")
     routing, trace = _routing(Path(args.routing)) if args.routing else (None, None)
-    r = plan(args.model, ram, args.nodes, probe, args.hit_rate, None if trace else routing, trace)
+    r = plan(args.model, ram, args.nodes, probe, args.hit_rate, None if trace else routing, trace, args.rtt_ms / 1e3)
     r["probe"] = str(probe_path) if probe else None
     if args.json:
         print(json.dumps(r, indent=1))
@@ -163,5 +172,8 @@ def run(args: argparse.Namespace) -> int:
                 + (f"hit rate {args.hit_rate}" if args.hit_rate is not None else "routing profile " + args.routing
                    if args.routing else "uniform routing (worst case for the expert cache)")
                 + "; sizes are moemesh's: store = bf16 trunk + one blob per expert")
+        if args.nodes > 1:
+            note += (f"\nmesh: a pipeline over {args.nodes} nodes; each token pays {args.nodes - 1} stage call(s) of "
+                     f"~5 ms transport (hivemind on loopback, bench/results/mesh.md) + {args.rtt_ms:g} ms round trip")
     print(table(r, note))
     return 0
