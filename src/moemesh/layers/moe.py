@@ -60,7 +60,8 @@ def mix_one_token(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exp
 
 def sum_in_order(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum_e w[e] * y[e] for one token, one product and one addition per expert in the given
-    order: the float operations of the grouped loop (and of LazyExperts), so the bits match.
+    order: the float operations of the grouped loop (and of LazyExperts), so the bits match. The
+    reference of the one-call mix in C (mlp.mix_fused), compared bitwise in tests/test_int4_ffn.py.
     x [1, D] (shape/dtype of the result), y [A, D], w [A] -> [1, D]."""
     yw = y * w[:, None]  # [A, D]
     out = torch.zeros_like(x)
