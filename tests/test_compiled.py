@@ -216,3 +216,30 @@ def test_smollm2_engine_compiled_greedy_equals_eager(chat_ids):
     out = engine.generate([chat_ids], params)[0].output_ids
     assert engine.compiled.disabled is None
     assert out == eager
+
+
+def test_big_int4_linears_run_the_c_kernel_in_the_graph():
+    """An int4 linear of >= NATIVE_LINEAR_MIN_BYTES packed weights goes through moemesh::int4_linear in
+    the compiled step: the eager layer's bits for the same fp32 input, inside a compiled graph too;
+    smaller ones keep torch's kernel."""
+    from moemesh.engine.step_fn import LinearPlan, linear
+    from moemesh.layers import int4_native, int4_ops
+    from moemesh.layers.qlinear import QuantLinear
+
+    if int4_native.load_native() is None:
+        pytest.skip("no C int4 kernel here")
+    g = torch.Generator().manual_seed(3)
+    big = QuantLinear.from_float(torch.randn(4100, 1024, generator=g) * 0.03, torch.randn(4100, generator=g), "int4")
+    small = QuantLinear.from_float(torch.randn(256, 512, generator=g) * 0.03, None, "int4")
+    assert big.qweight.numel() >= int4_ops.NATIVE_LINEAR_MIN_BYTES > small.qweight.numel()
+    w: list[torch.Tensor] = []
+    pb, ps = LinearPlan(big, w), LinearPlan(small, w)
+    assert pb.native and not ps.native
+    x = torch.randn(1, 1024, generator=g)
+    with torch.inference_mode():
+        want = big(x)  # [1, 4100]: padded rows cut, bias added
+        assert torch.equal(linear(pb, w, x), want)
+        compiled = torch.compile(lambda xx, ww: linear(pb, ww, xx), fullgraph=True)
+        assert torch.equal(compiled(x, w), want)
+        xs = torch.randn(1, 512, generator=g)
+        assert (linear(ps, w, xs) - small(xs)).abs().max() < 0.05 * small(xs).abs().max()  # torch's bf16 kernel

@@ -29,10 +29,12 @@ enough to flip a greedy near-tie now and then (tests/test_compiled.py has the me
 MoE layers compile when their experts are resident int4 SwiGLUs the fused kernel reads (top-k
 softmax router, no shared expert): the router runs in the graph and the experts run as one opaque
 custom op, ``moemesh::moe_decode`` (layers/int4_ops.py), which returns the eager MoE layer's bits
-for the same input. Linears keep torch's int4 kernel: a Python custom op per linear
-(``moemesh::int4_mm``) cost SmolLM2's compiled decode ~40% (117 -> 70 tok/s, bench/decode.py,
-one noisy run), so it is not used here. Lazy or remote experts stay eager (``unsupported_reason``
-says why); DenseKVCache with fp32 buffers only; one sequence per step (batched steps stay eager).
+for the same input. Int4 linears of at least ``int4_ops.NATIVE_LINEAR_MIN_BYTES`` (2 MiB packed:
+the Qwen3-shaped attention, large output heads) run moemesh's C kernel as the custom op
+``moemesh::int4_linear`` on the fp32 input, as the eager layer does (its bits); smaller ones keep
+torch's kernel on a bf16 input (a custom op call costs ~8 us: more than these save). Lazy or
+remote experts stay eager (``unsupported_reason`` says why); DenseKVCache with fp32 buffers only;
+one sequence per step (batched steps stay eager).
 """
 from __future__ import annotations
 

@@ -64,7 +64,13 @@ class LinearPlan:
 
     def __init__(self, ql: QuantLinear, w: list[torch.Tensor]) -> None:
         self.mode, self.out_features, self.group_size = ql.mode, ql.out_features, ql.group_size
-        if ql.mode == "int4":  # torch's kernel in the graph: a symmetric layer's (scale, 0) pairs are built once here
+        # big int4 linears: moemesh's kernel as a custom op (the eager layer's bits for the same input);
+        # the others: torch's kernel, a symmetric layer's (scale, 0) pairs built once here
+        self.native = (ql.mode == "int4" and ql.native_int4() is not None
+                       and ql.qweight.numel() >= int4_ops.NATIVE_LINEAR_MIN_BYTES)
+        if self.native:
+            self.idx = (_add(w, ql.qweight), _add(w, ql.int4_scales()))
+        elif ql.mode == "int4":
             self.idx = (_add(w, ql.qweight), _add(w, ql.torch_scales_and_zeros()))
         else:
             tensors = {"int8": ("qweight", "_ones", "scales"), "bf16": ("weight",), "fp32": ("weight",)}[ql.mode]
@@ -134,6 +140,9 @@ def linear(p: LinearPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tenso
     bias = None if p.bias is None else w[p.bias]
     if p.mode == "fp32":
         return F.linear(x, w[p.idx[0]], bias)
+    if p.native:  # fp32 x straight into the C kernel, as QuantLinear.forward does
+        y = torch.ops.moemesh.int4_linear(x, w[p.idx[0]], w[p.idx[1]], p.out_features)
+        return y if bias is None else torch.add(y, bias)
     xb = x.to(torch.bfloat16)
     if p.mode == "int4":
         y = torch._weight_int4pack_mm_for_cpu(xb, w[p.idx[0]], p.group_size, w[p.idx[1]])[:, : p.out_features]
