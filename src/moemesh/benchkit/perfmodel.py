@@ -27,7 +27,8 @@ from .shapes import FormatBytes, ModelShape, format_bytes
 
 KV_RESERVE = 64 * 2**20  # ExpertOptions.kv_reserve's default
 # bench/plan_check.py's least-squares refit over its three caps, with the hit rate replayed from the
-# recorded routing trace (benchkit/cache_sim.py): 0.95 and 1.00 in two consecutive runs, so the disk
+# recorded routing trace (benchkit/cache_sim.py): 0.95 and 1.00 in the two runs it was set from,
+# then 0.87, 0.99, 0.84 and 1.20 in the check runs after it (bench/results/plan_check.md), so the disk
 # floor simply adds to the CPU time: the wasted prefetch reads (~1.2x the missed bytes) about cancel
 # the reads that prefetching hides behind compute. Earlier values, fit on one cap with a hit rate that
 # counted cold misses: 1.29, 1.47, 1.65 (best-of disk bandwidth), 1.3 (older runs of bench/lazy.py).
