@@ -34,7 +34,6 @@ import lazy_runs  # noqa: E402
 import synth  # noqa: E402
 
 from moemesh.benchkit import perfmodel, probe as probe_mod  # noqa: E402
-from moemesh.benchkit.cache_sim import replay_hit_rate  # noqa: E402
 from moemesh.benchkit.results import write_results  # noqa: E402
 from moemesh.commands.plan import plan  # noqa: E402
 
@@ -144,9 +143,8 @@ def main() -> None:
         cap = None if c == "none" else int(expert_bytes * int(c[1:]) / 100)
         ram = 2**40 if cap is None else cap - args.margin_mib * MIB  # none: everything resident
         # the hit rate of the cache's own policy replaying the recorded stream's timed steps
-        slots = plan(str(store), ram, 1, probe)["formats"]["int4"]["cache_slots"]
-        h = replay_hit_rate(trace, slots, "lfu", skip_calls=args.warmup * len(st.moe_layers))
-        p = plan(str(store), ram, 1, probe, hit_rate=h)["formats"]["int4"]
+        warm = args.warmup * len(st.moe_layers)
+        p = plan(str(store), ram, 1, probe, trace=trace, trace_warmup=warm)["formats"]["int4"]
         p["profile_hit_rate"] = plan(str(store), ram, 1, probe, routing=routing)["formats"]["int4"]["hit_rate"]
         uni = plan(str(store), ram, 1, probe)["formats"]["int4"]
         ok = [r for r in runs[c] if "error" not in r]
@@ -181,7 +179,8 @@ def main() -> None:
         "model": {"layers": args.layers, "vocab": args.vocab, "store": str(store), "expert_bytes": expert_bytes,
                   "blob_bytes": st.blob_size},
         "probe": probe, "io_factor_shipped": perfmodel.IO_FACTOR, "io_factor_refit": k_fit,
-        "calibration_cap": "all caps" if args.calibrate == "all" else f"q{args.calibrate}", "routing_counts": routing, "routing_trace": trace, "rows": rows, "runs": runs,
+        "calibration_cap": "all caps" if args.calibrate == "all" else f"q{args.calibrate}",
+        "routing_counts": routing, "routing_trace": trace, "rows": rows, "runs": runs,
         "settings": vars(args), "wall_s": time.time() - t_start,
     }
     for rr in runs.values():

@@ -29,9 +29,8 @@ def replay_hit_rate(trace: Sequence[Sequence[int]], slots: int, policy: str = "l
         keys = list(dict.fromkeys((layer, e) for e in experts))  # a token picks an expert once
         if len(keys) > slots:
             raise ValueError(f"a layer picks {len(keys)} experts but the cache has {slots} slots")
-        protect = set(keys)
+        protect, counted = set(keys), i >= skip_calls
         for key in keys:
-            counted = i >= skip_calls
             lookups += counted
             if key in cached:
                 hits += counted

@@ -34,9 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rate: float | None = None,
          routing: list[list[float]] | None = None, trace: list[list[int]] | None = None,
-         rtt_s: float = 0.0005) -> dict[str, Any]:
+         rtt_s: float = 0.0005, trace_warmup: int | None = None) -> dict[str, Any]:
     """trace: recorded router calls ``[moe layer, experts...]``, replayed through the expert cache's
-    LFU policy at each format's slot count for the hit rate (the first tenth warms the cache).
+    LFU policy at each format's slot count for the hit rate; its first ``trace_warmup`` calls (default:
+    a tenth) only warm the cache.
     nodes > 1: a pipeline by layer ranges; each token pays nodes - 1 stage calls (``mesh_seconds``)."""
     from ..benchkit.perfmodel import (KV_RESERVE, RUNTIME_OVERHEAD, cache_slots, mesh_seconds, nodes_to_hold,
                                       predict, ram_to_hold_all)
@@ -64,7 +65,8 @@ def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rat
         if probe is not None:
             h = hit_rate
             if trace is not None and h is None:
-                h = trace_hit_rate(trace, cache_slots(shape, fb, pooled), shape.top_k)
+                skip = len(trace) // 10 if trace_warmup is None else trace_warmup
+                h = trace_hit_rate(trace, cache_slots(shape, fb, pooled), shape.top_k, skip)
             p = predict(shape, fmt, pooled, probe, h, routing)
             net = mesh_seconds(nodes, rtt_s)
             tps = None if p.seconds_per_token is None else 1 / (p.seconds_per_token + net)
@@ -75,14 +77,14 @@ def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rat
     return out
 
 
-def trace_hit_rate(trace: list[list[int]], slots: int, top_k: int, warmup: float = 0.1) -> float | None:
-    """The LFU cache's hit rate replaying ``trace`` after its first ``warmup`` fraction of calls; None
-    when the cache cannot hold one layer's picks (predict then reports that it does not fit)."""
+def trace_hit_rate(trace: list[list[int]], slots: int, top_k: int, skip_calls: int) -> float | None:
+    """The LFU cache's hit rate replaying ``trace`` after its first ``skip_calls`` calls; None when
+    the cache cannot hold one layer's picks (predict then reports that it does not fit)."""
     from ..benchkit.cache_sim import replay_hit_rate
 
     if slots < top_k:
         return None
-    return replay_hit_rate(trace, slots, "lfu", skip_calls=int(len(trace) * warmup))
+    return replay_hit_rate(trace, slots, "lfu", skip_calls=skip_calls)
 
 
 def _gb(n: int | None) -> str:

@@ -82,6 +82,14 @@ def int4_matmul(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales
     return y
 
 
+def _pointer_arrays(ptrs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    """The kernel's four pointer arrays (gate_up qweight, gate_up scales, down qweight, down scales
+    of each expert) as rows of one int64 tensor [4, n] (ctypes arrays cost ~20x more per call):
+    the tensor (keep it alive through the call) and the address of each row."""
+    tables = torch.tensor(ptrs, dtype=torch.int64).t().contiguous()  # [4, n]
+    return tables, [tables.data_ptr() + 8 * len(ptrs) * r for r in range(4)]
+
+
 def experts_ffn_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[list[int]], gu_npad: int,
                      dn_npad: int, sym: bool = False) -> torch.Tensor:
     """One token through n int4 SwiGLU experts in one call (int4_ffn.c): x fp32 [1, D] -> fp32
@@ -91,11 +99,9 @@ def experts_ffn_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[l
     row and its format key); the buffers must stay alive during the call."""
     d, n = x.shape[1], len(ptrs)
     x = x.float().contiguous()
-    # the kernel's four pointer arrays as rows of one int64 tensor [4, n] (ctypes arrays cost ~20x more per call)
-    tables = torch.tensor(ptrs, dtype=torch.int64).t().contiguous()
-    t0, row = tables.data_ptr(), 8 * n
+    tables, (gq, gs, dq, ds) = _pointer_arrays(ptrs)
     y = torch.empty(n, dn_npad)
-    rc = lib.i4_experts_ffn(x.data_ptr(), d, inter, n, t0, t0 + row, gu_npad, t0 + 2 * row, t0 + 3 * row, dn_npad,
+    rc = lib.i4_experts_ffn(x.data_ptr(), d, inter, n, gq, gs, gu_npad, dq, ds, dn_npad,
                             int(sym), y.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"experts_ffn: kernel rejected D={d}, I={inter}, n={n}")
@@ -110,10 +116,9 @@ def experts_mix_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[l
     n = len(ptrs)
     x = x.float().contiguous()
     w = w.float().contiguous()
-    tables = torch.tensor(ptrs, dtype=torch.int64).t().contiguous()  # [4, n]
-    t0, row = tables.data_ptr(), 8 * n
+    tables, (gq, gs, dq, ds) = _pointer_arrays(ptrs)
     out = torch.empty(1, d)
-    rc = lib.i4_experts_mix(x.data_ptr(), x.shape[1], inter, n, t0, t0 + row, gu_npad, t0 + 2 * row, t0 + 3 * row,
+    rc = lib.i4_experts_mix(x.data_ptr(), x.shape[1], inter, n, gq, gs, gu_npad, dq, ds,
                             dn_npad, int(sym), w.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"experts_mix: kernel rejected D={x.shape[1]}, I={inter}, n={n}, d={d}")
