@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hugepages import HugePageArena, arena_size, move_quantized
 from ..layers.moe import MoEBlock
 from ..models import get_arch
 from ..models.transformer import Transformer
@@ -64,19 +65,28 @@ def lookaheads(model: Transformer, top: int | None = None) -> dict[int, Lookahea
     return out
 
 
+def resident_from_store(store: ExpertStore, num_experts: int, verify: bool) -> ResidentExperts:
+    """Every expert of the store read into one huge-page arena (hugepages.py: the fused kernels
+    stream them every token)."""
+    arena = HugePageArena(arena_size([store.blob_size] * (num_experts * len(store.moe_layers))))
+    return ResidentExperts({i: [store.read_expert(i, e, verify, into=arena.take(store.blob_size))
+                                for e in range(num_experts)] for i in store.moe_layers})
+
+
 def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tuple[Transformer, ExpertProvider, BudgetPlan | None]:
     spec = get_arch(store.config["model_type"])
     args = spec.args_from_config(store.config)
     source = SafetensorsSource(SafetensorsCheckpoint(store.root))
     builder = spec.make_builder(args, source, quant)
     if opts.ram is None and opts.slots is None:
-        provider = ResidentExperts({i: [store.read_expert(i, e, opts.verify) for e in range(args.num_experts)]
-                                    for i in store.moe_layers})
+        provider = resident_from_store(store, args.num_experts, opts.verify)
         model = builder.build(provider)
+        move_quantized(model.modules())  # the trunk's linears (before the file pages they came from go)
         source.ckpt.release_unused(model)
         return model, provider, None
     lazy = LazyExperts(cache=None)  # type: ignore[arg-type]  # the cache is sized after the trunk
     model = builder.build(lazy)
+    move_quantized(model.modules())
     source.ckpt.release_unused(model)  # trunk pages only the load read (float weights now quantized, tables)
     plan = None
     slots = opts.slots

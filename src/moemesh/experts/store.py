@@ -138,14 +138,20 @@ class ExpertStore:
             return ClampedSwiGLU(gate_up, down, self.expert_module["alpha"], self.expert_module["limit"])
         return GatedMLP(gate_up, down, self.act)
 
-    def read_expert(self, layer: int, expert: int, verify: bool = True) -> GatedMLP:
-        """Plain buffered read of one expert into its own memory (the resident path)."""
+    def read_expert(self, layer: int, expert: int, verify: bool = True, into: torch.Tensor | None = None) -> GatedMLP:
+        """Plain buffered read of one expert (the resident path) into ``into`` (uint8 [blob_size],
+        e.g. a piece of a HugePageArena), or into its own memory."""
+        buf = torch.empty(self.blob_size, dtype=torch.uint8) if into is None else into  # [blob_size]
+        view = memoryview(buf.numpy()).cast("B")
         with open(self.experts_path, "rb") as f:
             f.seek(self.offset(layer, expert))
-            data = bytearray(f.read(self.blob_size))
+            got = f.readinto(view)
+        if got != self.blob_size:
+            raise CheckpointError(f"{self.experts_path}: layer {layer} expert {expert} is cut short "
+                                  f"({got} of {self.blob_size} bytes): the store is truncated; reconvert the model")
         if verify:
-            self.verify(layer, expert, data)
-        return self.expert_from_buffer(torch.frombuffer(data, dtype=torch.uint8))
+            self.verify(layer, expert, view)
+        return self.expert_from_buffer(buf)
 
     def expert_bytes(self) -> int:
         return self.blob_size * sum(len(b) for b in self.blobs.values())
