@@ -15,7 +15,8 @@ from moemesh.engine.compiled import CompiledDecode, CompiledDecoder, StepPlan, u
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.layers.batch import BatchLayout
-from moemesh.layers.int4_native import load_native
+from moemesh.layers.int4_native import FMT_BLOCKS, load_native
+from moemesh.models.decode_weights import place_decode_weights
 
 
 def prefill(model, cache, ids: list[int], seq_id: int = 0) -> torch.Tensor:
@@ -136,10 +137,13 @@ def test_int4_moe_compiled_close_to_eager_and_moe_op_exact():
     ffn = model.layers[1].ffn
     x = torch.randn(1, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
     ids, w = ffn.router(x)
+    before = ffn(x)
+    assert place_decode_weights(model) > 0  # what load_model does: huge pages, block-major expert scales
     plan = StepPlan(model).layers[1].moe
+    assert plan.fmt & FMT_BLOCKS
     table = StepPlan(model).weights[plan.table]
-    via_op = torch.ops.moemesh.moe_decode(x, ids, w, table, plan.inter, plan.gu_npad, plan.dn_npad, plan.sym)
-    assert torch.equal(via_op, ffn(x))
+    via_op = torch.ops.moemesh.moe_decode(x, ids, w, table, plan.inter, plan.gu_npad, plan.dn_npad, plan.fmt)
+    assert torch.equal(via_op, ffn(x)) and torch.equal(via_op, before)
     le, lc, toks_e, toks_c = decode_both(model, CompiledDecoder(model), [5, 6, 7, 8, 9], 12)
     rel = ((le - lc).norm(dim=-1) / le.norm(dim=-1)).max().item()
     assert rel < 0.02, rel  # attention linears: torch's bf16-input int4 kernel in the graph, C kernel eager

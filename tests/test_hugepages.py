@@ -9,7 +9,8 @@ import torch
 from moemesh.experts.convert import convert
 from moemesh.hugepages import ALIGN, HUGE_PAGE, QUANTIZED_BUFFERS, HugePageArena, move_quantized
 from moemesh.layers.qlinear import QuantLinear
-from moemesh.models.loader import load_model, resident_expert_modules
+from moemesh.models.decode_weights import resident_expert_modules
+from moemesh.models.loader import load_model
 
 
 def storage(t: torch.Tensor) -> int:

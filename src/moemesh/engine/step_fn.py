@@ -67,7 +67,8 @@ class LinearPlan:
         # big int4 linears: moemesh's kernel as a custom op (the eager layer's bits for the same input);
         # the others: torch's kernel, a symmetric layer's (scale, 0) pairs built once here
         self.native = (ql.mode == "int4" and ql.native_int4() is not None
-                       and ql.qweight.numel() >= int4_ops.NATIVE_LINEAR_MIN_BYTES)
+                       and (ql.qweight.numel() >= int4_ops.NATIVE_LINEAR_MIN_BYTES or ql.scale_blocks))
+        self.fmt = ql.kernel_fmt() if ql.mode == "int4" else 0
         if self.native:
             self.idx = (_add(w, ql.qweight), _add(w, ql.int4_scales()))
         elif ql.mode == "int4":
@@ -87,7 +88,7 @@ class MoEPlan:
         self.table = _add(w, int4_ops.expert_table(experts))
         e = experts[0]
         self.inter, self.gu_npad, self.dn_npad = e.down.in_features, e.gate_up.qweight.shape[0], e.down.qweight.shape[0]
-        self.sym = e.gate_up.symmetric
+        self.fmt = e.gate_up.kernel_fmt()  # expert_table checked every expert has it
 
 
 class LayerPlan:
@@ -141,7 +142,7 @@ def linear(p: LinearPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tenso
     if p.mode == "fp32":
         return F.linear(x, w[p.idx[0]], bias)
     if p.native:  # fp32 x straight into the C kernel, as QuantLinear.forward does
-        y = torch.ops.moemesh.int4_linear(x, w[p.idx[0]], w[p.idx[1]], p.out_features)
+        y = torch.ops.moemesh.int4_linear(x, w[p.idx[0]], w[p.idx[1]], p.out_features, p.fmt)
         return y if bias is None else torch.add(y, bias)
     xb = x.to(torch.bfloat16)
     if p.mode == "int4":
@@ -195,7 +196,7 @@ def mlp(p: LayerPlan, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         weights, ids = torch.topk(probs, m.top_k, dim=-1)
         if m.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return torch.ops.moemesh.moe_decode(x, ids, weights, w[m.table], m.inter, m.gu_npad, m.dn_npad, m.sym)
+        return torch.ops.moemesh.moe_decode(x, ids, weights, w[m.table], m.inter, m.gu_npad, m.dn_npad, m.fmt)
     gate, up = linear(p.gate_up, w, x).chunk(2, dim=-1)  # [1, I] each
     return linear(p.down, w, ACTIVATIONS[p.act](gate) * up)
 

@@ -5,9 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hugepages import HugePageArena, arena_size, move_quantized
+from ..hugepages import HugePageArena, arena_size
 from ..layers.moe import MoEBlock
 from ..models import get_arch
+from ..models.decode_weights import place_decode_weights
 from ..models.transformer import Transformer
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource
@@ -81,12 +82,12 @@ def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tup
     if opts.ram is None and opts.slots is None:
         provider = resident_from_store(store, args.num_experts, opts.verify)
         model = builder.build(provider)
-        move_quantized(model.modules())  # the trunk's linears (before the file pages they came from go)
+        place_decode_weights(model, move_experts=False)  # experts already in their arena; before the trunk's file pages go
         source.ckpt.release_unused(model)
         return model, provider, None
     lazy = LazyExperts(cache=None)  # type: ignore[arg-type]  # the cache is sized after the trunk
     model = builder.build(lazy)
-    move_quantized(model.modules())
+    place_decode_weights(model)  # the trunk (lazy experts live in the cache's slots)
     source.ckpt.release_unused(model)  # trunk pages only the load read (float weights now quantized, tables)
     plan = None
     slots = opts.slots

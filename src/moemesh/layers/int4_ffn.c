@@ -42,11 +42,13 @@ static inline __m512 silu_mul16(__m512 g, __m512 u) {
 
 /* x fp32 [D]; expert e: gate_up qweight gu_q[e] [gu_npad, D/2], scales gu_sz[e] bf16 [D/32, gu_npad, 2]
    ([D/32, gu_npad] when sym: symmetric int4, see int4_kernel.h); down dn_q[e] [dn_npad, I/2],
-   dn_sz[e] [I/32, dn_npad(, 2)]. sym applies to every matrix of the call. y fp32 [n, dn_npad]. 0, or -1. */
+   dn_sz[e] [I/32, dn_npad(, 2)], or block-major with FMT_BLOCKS (int4_kernel.h). fmt (FMT_SYM, FMT_BLOCKS)
+   applies to every matrix of the call. y fp32 [n, dn_npad]. 0, or -1. */
 int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const uint8_t *const *gu_q,
                    const uint16_t *const *gu_sz, int64_t gu_npad, const uint8_t *const *dn_q,
-                   const uint16_t *const *dn_sz, int64_t dn_npad, int sym, float *y, int nthreads) {
+                   const uint16_t *const *dn_sz, int64_t dn_npad, int fmt, float *y, int nthreads) {
 #if I4_SIMD
+    const int sym = fmt & FMT_SYM;
     if (d % GS || inter % GS || gu_npad % 16 || dn_npad % 16 || gu_npad < 2 * inter || n <= 0) return -1;
     const int64_t G1 = d / GS, G2 = inter / GS;
     const int64_t nf1 = gu_npad / BLK, t1 = gu_npad % BLK, nb1 = nf1 + (t1 ? 1 : 0);
@@ -75,14 +77,16 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
 #pragma omp for schedule(guided)
         for (int64_t it = 0; it < n * nb1; it++) {
             const int64_t e = it / nb1, blk = it % nb1;
+            int64_t gs;
+            const uint16_t *szb = scale_block(gu_sz[e], fmt, blk, G1, gu_npad, &gs);
             if (blk == nf1)
-                tail_rows(gu_q[e] + nf1 * d * (BLK / 2), gu_sz[e], sym, gu_npad, nf1 * BLK, t1, d, 1, x1, x2, du, sumx, sx,
+                tail_rows(gu_q[e] + nf1 * d * (BLK / 2), szb, gs, sym, nf1 * BLK, t1, d, 1, x1, x2, du, sumx, sx,
                           h + e * gu_npad, gu_npad);
             else if (sym)
-                block_tile(gu_q[e] + blk * d * (BLK / 2), gu_sz[e], gu_npad, blk, G1, d, x1, x2, du, sumx, sx,
+                block_tile(gu_q[e] + blk * d * (BLK / 2), szb, gs, blk * BLK, G1, d, x1, x2, du, sumx, sx,
                            h + e * gu_npad, gu_npad, 1, 1, idx_a, idx_b);
             else
-                block_tile(gu_q[e] + blk * d * (BLK / 2), gu_sz[e], gu_npad, blk, G1, d, x1, x2, du, sumx, sx,
+                block_tile(gu_q[e] + blk * d * (BLK / 2), szb, gs, blk * BLK, G1, d, x1, x2, du, sumx, sx,
                            h + e * gu_npad, gu_npad, 1, 0, idx_a, idx_b);
         }
 #pragma omp for schedule(static)
@@ -96,14 +100,16 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
         for (int64_t it = 0; it < n * nb2; it++) {
             const int64_t e = it / nb2, blk = it % nb2;
             const int8_t *e1 = a1 + e * inter, *e2 = a2 + e * inter;
+            int64_t gs;
+            const uint16_t *szb = scale_block(dn_sz[e], fmt, blk, G2, dn_npad, &gs);
             if (blk == nf2)
-                tail_rows(dn_q[e] + nf2 * inter * (BLK / 2), dn_sz[e], sym, dn_npad, nf2 * BLK, t2, inter, 1, e1, e2,
+                tail_rows(dn_q[e] + nf2 * inter * (BLK / 2), szb, gs, sym, nf2 * BLK, t2, inter, 1, e1, e2,
                           adu + e * G2, asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad);
             else if (sym)
-                block_tile(dn_q[e] + blk * inter * (BLK / 2), dn_sz[e], dn_npad, blk, G2, inter, e1, e2, adu + e * G2,
+                block_tile(dn_q[e] + blk * inter * (BLK / 2), szb, gs, blk * BLK, G2, inter, e1, e2, adu + e * G2,
                            asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad, 1, 1, idx_a, idx_b);
             else
-                block_tile(dn_q[e] + blk * inter * (BLK / 2), dn_sz[e], dn_npad, blk, G2, inter, e1, e2, adu + e * G2,
+                block_tile(dn_q[e] + blk * inter * (BLK / 2), szb, gs, blk * BLK, G2, inter, e1, e2, adu + e * G2,
                            asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad, 1, 0, idx_a, idx_b);
         }
     }
@@ -111,7 +117,7 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
     return 0;
 #else
     (void)x, (void)d, (void)inter, (void)n, (void)gu_q, (void)gu_sz, (void)gu_npad, (void)dn_q, (void)dn_sz;
-    (void)dn_npad, (void)sym, (void)y, (void)nthreads;
+    (void)dn_npad, (void)fmt, (void)y, (void)nthreads;
     return -1;
 #endif
 }
@@ -123,11 +129,11 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
    contracts them into an fma. 0, or -1. */
 int i4_experts_mix(const float *x, int64_t d, int64_t inter, int64_t n, const uint8_t *const *gu_q,
                    const uint16_t *const *gu_sz, int64_t gu_npad, const uint8_t *const *dn_q,
-                   const uint16_t *const *dn_sz, int64_t dn_npad, int sym, const float *w, float *out, int nthreads) {
+                   const uint16_t *const *dn_sz, int64_t dn_npad, int fmt, const float *w, float *out, int nthreads) {
     if (n <= 0 || d > dn_npad) return -1;
     float *y = (float *)malloc(sizeof(float) * (size_t)(n * dn_npad));
     if (!y) return -1;
-    int rc = i4_experts_ffn(x, d, inter, n, gu_q, gu_sz, gu_npad, dn_q, dn_sz, dn_npad, sym, y, nthreads);
+    int rc = i4_experts_ffn(x, d, inter, n, gu_q, gu_sz, gu_npad, dn_q, dn_sz, dn_npad, fmt, y, nthreads);
     if (rc == 0) {
         for (int64_t e = 0; e < n; e++)
             for (int64_t j = 0; j < d; j++) y[e * dn_npad + j] = y[e * dn_npad + j] * w[e];
@@ -147,7 +153,7 @@ int i4_experts_mix(const float *x, int64_t d, int64_t inter, int64_t n, const ui
    (a stable sort, like Python's sorted), as the eager layer sums them. 0, -1 (bad shape), or -2
    (an id outside [0, E)). */
 int i4_moe_decode(const float *x, int64_t d, int64_t inter, int64_t a, const int64_t *ids, const float *w,
-                  const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int sym, float *out,
+                  const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int fmt, float *out,
                   int nthreads) {
     if (a <= 0 || a > MIX_MAX) return -1;
     int64_t order[MIX_MAX];
@@ -166,5 +172,5 @@ int i4_moe_decode(const float *x, int64_t d, int64_t inter, int64_t a, const int
         dq[i] = (const uint8_t *)(uintptr_t)row[2], ds[i] = (const uint16_t *)(uintptr_t)row[3];
         ws[i] = w[order[i]];
     }
-    return i4_experts_mix(x, d, inter, a, gq, gs, gu_npad, dq, ds, dn_npad, sym, ws, out, nthreads);
+    return i4_experts_mix(x, d, inter, a, gq, gs, gu_npad, dq, ds, dn_npad, fmt, ws, out, nthreads);
 }

@@ -9,6 +9,11 @@ Scales/zeros: bf16 [K/32, N_pad, 2] (scale, zero), or with ``sym`` (symmetric in
 values: the zero is 0) bf16 scales alone, [K/32, N_pad]: 18 instead of 20 bytes per 32 weights,
 and the zero fma is skipped (fma(0, sum x, acc) == acc, so sym and a zero-filled asymmetric copy
 give the same values). Group size 32 only.
+Scale layouts (``fmt`` bit FMT_BLOCKS): torch's [K/32, N_pad(, 2)], where one group's 64 scales of a
+block sit N_pad entries after the previous group's (a 3-10 KB stride: a second, scattered stream
+beside the weights), or block-major, each block's scales one contiguous run [K/32, width(, 2)],
+blocks in order (the tail block last, ``width`` = its rows); layers/int4_native.block_scales
+writes it. Same values, same arithmetic, other addresses: both layouts give the same bits.
 
 Activations: per (row, group of 32), t = x * 127 / amax is split into two int8 planes,
 x1 = round(t) and x2 = round(256 (t - x1)), so x ~ du * (256 x1 + x2), du = amax / 127 / 256
@@ -35,6 +40,8 @@ on that row of x and the weight.
 #endif
 
 #define GS 32   /* group size */
+#define FMT_SYM 1     /* fmt bit: symmetric int4 (scales alone) */
+#define FMT_BLOCKS 2  /* fmt bit: block-major scales */
 #define BLK 64  /* rows per packed block */
 #ifndef MT_MAX
 #define MT_MAX 2  /* rows of x per weight pass (1 or 2: accumulators must fit the 32 zmm) */
@@ -48,6 +55,18 @@ on that row of x and the weight.
 #ifndef PF_W
 #define PF_W 2048  /* weight prefetch distance, bytes (2 groups; may run past the block: harmless) */
 #endif
+
+/* Where weight block ``blk``'s scales start, and (*gstride) the entries from one group's to the next. */
+static inline const uint16_t *scale_block(const uint16_t *sz, int fmt, int64_t blk, int64_t G, int64_t n_pad,
+                                          int64_t *gstride) {
+    const int64_t sw = (fmt & FMT_SYM) ? 1 : 2, width = n_pad - blk * BLK < BLK ? n_pad - blk * BLK : BLK;
+    if (fmt & FMT_BLOCKS) {
+        *gstride = width;
+        return sz + blk * BLK * G * sw;
+    }
+    *gstride = n_pad;
+    return sz + blk * BLK * sw;
+}
 
 static inline float bf16f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -94,11 +113,12 @@ static inline void quant_x(const void *x, int x_bf16, int64_t m, int64_t k, int8
     }
 }
 
-/* One full 64-row block for MT rows of x (MT constant after inlining). Per (row, group):
+/* One full 64-row block (output rows row0..row0+63; its scales at szb, groups gstride entries
+   apart: scale_block) for MT rows of x (MT constant after inlining). Per (row, group):
    D = sum((q - 8) * (256 x1 + x2)) exactly (|D| < 2^24, so exact in fp32), then
    acc = fma(D, s * du, acc); acc = fma(z, sum x, acc). */
 static inline __attribute__((always_inline)) void block_tile(
-    const uint8_t *wb, const uint16_t *sz, int64_t n_pad, int64_t blk, int64_t G, int64_t k, const int8_t *x1,
+    const uint8_t *wb, const uint16_t *szb, int64_t gstride, int64_t row0, int64_t G, int64_t k, const int8_t *x1,
     const int8_t *x2, const float *du, const float *sumx, const int32_t *sx, float *y, int64_t n_out, const int MT,
     const int SYM, __m512i idx_a, __m512i idx_b) {
     __m512 acc[2][4];
@@ -109,9 +129,9 @@ static inline __attribute__((always_inline)) void block_tile(
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *wg = wb + g * GS * 32;
         const int64_t sw = SYM ? 1 : 2;  /* bf16 values per (group, row) */
-        const uint16_t *sg = sz + (g * n_pad + blk * BLK) * sw;
-        if (g + PF_S < G)  /* scales are strided by N_pad: hardware prefetchers miss them */
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(sg + PF_S * n_pad * sw + 16 * sw * r), _MM_HINT_T0);
+        const uint16_t *sg = szb + g * gstride * sw;
+        if (g + PF_S < G)  /* torch's layout strides the scales by N_pad: hardware prefetchers miss them */
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(sg + PF_S * gstride * sw + 16 * sw * r), _MM_HINT_T0);
         __m512i d1[2][4], d2[2][4];
         for (int mi = 0; mi < MT; mi++)
             for (int r = 0; r < 4; r++) {
@@ -158,11 +178,11 @@ static inline __attribute__((always_inline)) void block_tile(
     }
     /* acc r: rows 0-15, 16-31 (low nibbles), 32-47, 48-63 (high nibbles) */
     for (int mi = 0; mi < MT; mi++)
-        for (int r = 0; r < 4; r++) _mm512_storeu_ps(y + mi * n_out + blk * BLK + 16 * r, acc[mi][r]);
+        for (int r = 0; r < 4; r++) _mm512_storeu_ps(y + mi * n_out + row0 + 16 * r, acc[mi][r]);
 }
 
 /* Scalar path for the tail block (rows 2j, 2j+1 share byte j); same arithmetic per row. */
-static inline void tail_rows(const uint8_t *wt, const uint16_t *sz, int sym, int64_t n_pad, int64_t n0, int64_t tail,
+static inline void tail_rows(const uint8_t *wt, const uint16_t *szb, int64_t gstride, int sym, int64_t n0, int64_t tail,
                       int64_t k, int64_t m, const int8_t *x1, const int8_t *x2, const float *du, const float *sumx,
                       const int32_t *sx, float *y, int64_t n_out) {
     const int64_t G = k / GS, half = tail / 2;
@@ -176,7 +196,7 @@ static inline void tail_rows(const uint8_t *wt, const uint16_t *sz, int sym, int
                     int32_t q = (t & 1) ? byte >> 4 : byte & 15;
                     dot += q * (256 * (int32_t)x1[r * k + kk] + (int32_t)x2[r * k + kk]);
                 }
-                const uint16_t *p = sz + (g * n_pad + n0 + t) * (sym ? 1 : 2);
+                const uint16_t *p = szb + (g * gstride + t) * (sym ? 1 : 2);
                 acc = fmaf((float)dot, bf16f(p[0]) * du[r * G + g], acc);
                 if (!sym) acc = fmaf(bf16f(p[1]), sumx[r * G + g], acc);
             }

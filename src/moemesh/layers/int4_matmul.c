@@ -3,9 +3,10 @@
 
 int i4_simd(void) { return I4_SIMD; }
 
-/* y fp32 [M, n_pad] = x [M, K] @ W.T; sz: (scale, zero) pairs, or scales alone when sym.
-   Returns 0, or -1 (no SIMD build / bad shape / no memory). */
-int i4_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *qw, const uint16_t *sz, int sym,
+/* y fp32 [M, n_pad] = x [M, K] @ W.T; sz: (scale, zero) pairs, or scales alone when fmt & FMT_SYM, in
+   torch's or (fmt & FMT_BLOCKS) the block-major layout. Returns 0, or -1 (no SIMD build / bad shape /
+   no memory). */
+int i4_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *qw, const uint16_t *sz, int fmt,
               int64_t n_pad, float *y, int nthreads) {
 #if I4_SIMD
     if (k % GS || n_pad % 16 || m <= 0) return -1;
@@ -36,20 +37,23 @@ int i4_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *qw
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
 #endif
     for (int64_t blk = 0; blk < nblocks; blk++) {
+        int64_t gs;
+        const uint16_t *szb = scale_block(sz, fmt, blk, G, n_pad, &gs);
         if (blk == nfull) {
-            tail_rows(qw + nfull * k * (BLK / 2), sz, sym, n_pad, nfull * BLK, tail, k, m, x1, x2, du, sumx, sx, y, n_pad);
+            tail_rows(qw + nfull * k * (BLK / 2), szb, gs, fmt & FMT_SYM, nfull * BLK, tail, k, m, x1, x2, du, sumx, sx,
+                      y, n_pad);
             continue;
         }
         const uint8_t *wb = qw + blk * k * (BLK / 2);
         int64_t r = 0;
 #define I4_TILES(S)                                                                                              \
     for (; r + MT_MAX <= m; r += MT_MAX)                                                                         \
-        block_tile(wb, sz, n_pad, blk, G, k, x1 + r * k, x2 + r * k, du + r * G, sumx + r * G, sx + r * G,       \
+        block_tile(wb, szb, gs, blk * BLK, G, k, x1 + r * k, x2 + r * k, du + r * G, sumx + r * G, sx + r * G,   \
                    y + r * n_pad, n_pad, MT_MAX, S, idx_a, idx_b);                                               \
     for (; r < m; r++)                                                                                           \
-        block_tile(wb, sz, n_pad, blk, G, k, x1 + r * k, x2 + r * k, du + r * G, sumx + r * G, sx + r * G,       \
+        block_tile(wb, szb, gs, blk * BLK, G, k, x1 + r * k, x2 + r * k, du + r * G, sumx + r * G, sx + r * G,   \
                    y + r * n_pad, n_pad, 1, S, idx_a, idx_b);
-        if (sym) {  /* constant SYM per instantiation: the branch leaves the inner loops */
+        if (fmt & FMT_SYM) {  /* constant SYM per instantiation: the branch leaves the inner loops */
             I4_TILES(1)
         } else {
             I4_TILES(0)
@@ -59,7 +63,7 @@ int i4_matmul(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *qw
     free(x1), free(fs), free(sx);
     return 0;
 #else
-    (void)x, (void)x_bf16, (void)m, (void)k, (void)qw, (void)sz, (void)sym, (void)n_pad, (void)y, (void)nthreads;
+    (void)x, (void)x_bf16, (void)m, (void)k, (void)qw, (void)sz, (void)fmt, (void)n_pad, (void)y, (void)nthreads;
     return -1;
 #endif
 }

@@ -6,7 +6,7 @@ through Python (tens of microseconds): worth it once per layer, not per linear.
 
 Experts are named by a pointer table, int64 [E, 4] = data_ptr of (gate_up qweight, gate_up
 scales, down qweight, down scales) per expert (``expert_table``; scales are QuantLinear.int4_scales:
-(scale, zero) pairs, or scales alone when ``sym``, for every expert of the layer): a graph
+(scale, zero) pairs, or scales alone, in the layout ``fmt`` names, for every expert of the layer): a graph
 input like any weight. The tensors it points into belong to ResidentExperts, which keeps them
 alive and in place for the model's lifetime.
 """
@@ -20,19 +20,19 @@ from .mlp import GatedMLP
 
 @torch.library.custom_op("moemesh::moe_decode", mutates_args=())
 def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
-               gu_npad: int, dn_npad: int, sym: bool) -> torch.Tensor:
+               gu_npad: int, dn_npad: int, fmt: int) -> torch.Tensor:
     """x fp32 [1, D], ids int64 [1, A], weights fp32 [1, A], table int64 [E, 4] -> [1, D]."""
     lib = int4_native.load_native()
     if lib is None:
         raise RuntimeError("moemesh::moe_decode: the C int4 kernel is not available")
     # one C call: picks sorted by expert id (as the eager path sums), pointers gathered from the
     # table, the experts and their weighted sum (~0.1 ms of Python and small torch ops per layer before)
-    return int4_native.moe_decode_table(lib, x, ids, weights, table, inter, gu_npad, dn_npad, sym)
+    return int4_native.moe_decode_table(lib, x, ids, weights, table, inter, gu_npad, dn_npad, fmt)
 
 
 @moe_decode.register_fake
 def _moe_decode_fake(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
-                     gu_npad: int, dn_npad: int, sym: bool) -> torch.Tensor:
+                     gu_npad: int, dn_npad: int, fmt: int) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.float32)
 
 
@@ -45,18 +45,18 @@ NATIVE_LINEAR_MIN_BYTES = 2 * 2**20
 
 
 @torch.library.custom_op("moemesh::int4_linear", mutates_args=())
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out_features: int, fmt: int) -> torch.Tensor:
     """QuantLinear.forward's C-kernel path (few rows): x fp32 [M, K] -> [M, out_features], the same
     bits as the eager layer for the same x (one kernel, one arithmetic per row)."""
     lib = int4_native.load_native()
     if lib is None:
         raise RuntimeError("moemesh::int4_linear: the C int4 kernel is not available")
-    y = int4_native.int4_matmul(lib, x, qweight, scales)  # [M, N_pad]
+    y = int4_native.int4_matmul(lib, x, qweight, scales, fmt)  # [M, N_pad]
     return y if y.shape[1] == out_features else y[:, :out_features].contiguous()
 
 
 @int4_linear.register_fake
-def _int4_linear_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
+def _int4_linear_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out_features: int, fmt: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
 
@@ -65,7 +65,8 @@ def expert_table(experts: list[GatedMLP]) -> torch.Tensor | None:
     SwiGLU of one shape (what ``moe_decode`` computes)."""
     if not experts or any(not isinstance(e, GatedMLP) or e.fused_int4() is None for e in experts):
         return None
-    shape = lambda e: (e.gate_up.qweight.shape, e.down.qweight.shape, e.down.in_features, e.gate_up.symmetric)  # noqa: E731
+    shape = lambda e: (e.gate_up.qweight.shape, e.down.qweight.shape, e.down.in_features, e.gate_up.kernel_fmt(),  # noqa: E731
+                       e.down.kernel_fmt())
     if any(shape(e) != shape(experts[0]) for e in experts):
         return None
     return torch.tensor([[e.gate_up.qweight.data_ptr(), e.gate_up.int4_scales().data_ptr(),

@@ -24,7 +24,7 @@ class GatedMLP(torch.nn.Module):
         self.act_name = act
         self._fusable: bool | None = None  # int4 SwiGLU the fused kernel reads; decided on first use
         self._kernel_ptrs: list[int] = []  # data_ptr of (gate_up q, scales, down q, scales), set with _fusable
-        self._kernel_key: tuple | None = None  # (gate_up q shape, down q shape, symmetric) when fusable
+        self._kernel_key: tuple | None = None  # (gate_up q shape, down q shape, kernel fmt) when fusable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
@@ -48,13 +48,23 @@ class GatedMLP(torch.nn.Module):
             self._fusable = (self.act_name == "silu" and gu.bias is None and dn.bias is None
                              and gu.native_int4() is not None and dn.native_int4() is not None
                              and gu.out_features == 2 * dn.in_features
-                             and gu.symmetric == dn.symmetric
+                             and gu.kernel_fmt() == dn.kernel_fmt()
                              and all(t.is_contiguous() for t in (gu.qweight, gu.int4_scales(),
                                                                  dn.qweight, dn.int4_scales())))
             if self._fusable:  # expert buffers are never replaced (store views, slot views): pointers stay valid
                 self._kernel_ptrs = [t.data_ptr() for t in (gu.qweight, gu.int4_scales(), dn.qweight, dn.int4_scales())]
-                self._kernel_key = (gu.qweight.shape, dn.qweight.shape, gu.symmetric)
+                self._kernel_key = (gu.qweight.shape, dn.qweight.shape, gu.kernel_fmt())
         return int4_native.load_native() if self._fusable else None
+
+    def use_block_scales(self) -> None:
+        """Both linears' scales in the kernels' block-major layout, in place (QuantLinear.use_block_scales)."""
+        self.gate_up.use_block_scales()
+        self.down.use_block_scales()
+        self.forget_kernel_pointers()
+
+    def forget_kernel_pointers(self) -> None:
+        """Drop the cached pointers and format key: after the linears' buffers moved or changed layout."""
+        self._fusable, self._kernel_ptrs, self._kernel_key = None, [], None
 
     def nbytes(self) -> int:
         return self.gate_up.nbytes() + self.down.nbytes()
@@ -69,23 +79,23 @@ def _kernel_key(mlps: list[GatedMLP]) -> tuple:
         raise ValueError("run_fused: not a fusable int4 SwiGLU MLP")
     if any(m._kernel_key != key for m in mlps):
         raise ValueError("run_fused: the MLPs of one call must share their shapes and int4 format "
-                         "(symmetric and asymmetric int4 cannot share one call)")
+                         "(symmetric and asymmetric int4, block and torch scale layouts cannot share one call)")
     return key
 
 
 def mix_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum_e w[e] * mlps[e](x) for one token x [1, D], w [n], in one C call -> [1, D]: the bits of
     moe.sum_in_order(x, run_fused(lib, mlps, x), w)."""
-    gu_q, dn_q, sym = _kernel_key(mlps)
+    gu_q, dn_q, fmt = _kernel_key(mlps)
     return int4_native.experts_mix_ptrs(lib, x, mlps[0].down.in_features, [m._kernel_ptrs for m in mlps], w,
-                                        gu_q[0], dn_q[0], sym, mlps[0].down.out_features)
+                                        gu_q[0], dn_q[0], fmt, mlps[0].down.out_features)
 
 
 def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.Tensor:
     """One token x [1, D] through every MLP of ``mlps`` (all fused_int4()) -> [n, D]; row e equals
     mlps[e](x) bit for bit (the kernel computes each expert independently of the others)."""
-    gu_q, dn_q, sym = _kernel_key(mlps)
+    gu_q, dn_q, fmt = _kernel_key(mlps)
     y = int4_native.experts_ffn_ptrs(lib, x, mlps[0].down.in_features, [m._kernel_ptrs for m in mlps],
-                                     gu_q[0], dn_q[0], sym)  # [n, N_pad]
+                                     gu_q[0], dn_q[0], fmt)  # [n, N_pad]
     d = mlps[0].down.out_features
     return y if y.shape[1] == d else y[:, :d].contiguous()

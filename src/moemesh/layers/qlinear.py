@@ -96,6 +96,7 @@ class QuantLinear(torch.nn.Module):
         self.dequant_min_m = _dequant_min_m(mode)
         self._int4_layout: tuple[int, bool] | None = None  # (block_n, halves) once verified
         self.symmetric = False  # int4 with zero 0: ``scales`` [K/g, N_pad] instead of scales_and_zeros
+        self.scale_blocks = False  # int4 scales rewritten 1-D in the C kernels' block-major layout (use_block_scales)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     # ---------------------------------------------------------------- construction
@@ -213,14 +214,40 @@ class QuantLinear(torch.nn.Module):
 
     # ---------------------------------------------------------------- weights
     def int4_scales(self) -> torch.Tensor:
-        """The scale buffer the C kernel reads: ``scales`` (symmetric) or ``scales_and_zeros``."""
+        """The scale buffer the C kernel reads: ``scales`` (symmetric) or ``scales_and_zeros``, in the
+        layout ``kernel_fmt`` names."""
         return self.scales if self.symmetric else self.scales_and_zeros
+
+    def kernel_fmt(self) -> int:
+        """The C kernels' ``fmt`` for this layer's buffers (int4_native.FMT_SYM | FMT_BLOCKS)."""
+        return (int4_native.FMT_SYM if self.symmetric else 0) | (int4_native.FMT_BLOCKS if self.scale_blocks else 0)
+
+    def use_block_scales(self) -> bool:
+        """Rewrite the int4 scale buffer, in place (its memory stays where it is: a huge-page arena,
+        an expert's blob), into the C kernels' block-major layout (int4_native.block_scales), when
+        this layer runs the C kernel. Same values, same results; torch paths get torch's layout back
+        from ``torch_scales_and_zeros``. Call before anything caches the buffer (fused experts'
+        pointers, compiled plans). True if the layer now uses block scales."""
+        if self.scale_blocks or self.native_int4() is None:
+            return self.scale_blocks
+        name = "scales" if self.symmetric else "scales_and_zeros"
+        flat = self._buffers[name].view(-1)  # same storage
+        flat.copy_(int4_native.block_scales(self._buffers[name]))
+        self._buffers[name] = flat
+        self.scale_blocks = True
+        return True
+
+    def torch_int4_scales(self) -> torch.Tensor:
+        """int4_scales in torch's layout: [K/g, N_pad] (symmetric) or [K/g, N_pad, 2]."""
+        s = self.int4_scales()
+        if not self.scale_blocks:
+            return s
+        return int4_native.unblock_scales(s, self.in_features // self.group_size, self.qweight.shape[0], self.symmetric)
 
     def torch_scales_and_zeros(self) -> torch.Tensor:
         """bf16 [K/g, N_pad, 2] for torch's int4 kernel (built for a symmetric layer: zeros 0)."""
-        if not self.symmetric:
-            return self.scales_and_zeros
-        return torch.stack([self.scales, torch.zeros_like(self.scales)], -1)
+        s = self.torch_int4_scales()
+        return s if not self.symmetric else torch.stack([s, torch.zeros_like(s)], -1)
 
     def _int4_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized int4 weight [N_pad, K] in dtype, computed in fp32 like the kernel."""
@@ -262,7 +289,7 @@ class QuantLinear(torch.nn.Module):
         lib = self.native_int4() if self.mode == "int4" and m < self.dequant_min_m else None
         if lib is not None:
             # C kernel (int4_native.py): same packed buffers, two int8 activation planes, batch invariant
-            y = int4_native.int4_matmul(lib, x2, self.qweight, self.int4_scales())
+            y = int4_native.int4_matmul(lib, x2, self.qweight, self.int4_scales(), self.kernel_fmt())
             y = y[:, : self.out_features]  # [M, N]
             y = y.contiguous() if self.bias is None else torch.add(y, self.bias)
             return y.view(*lead, self.out_features)

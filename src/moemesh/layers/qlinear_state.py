@@ -30,6 +30,8 @@ def export_state(layer: QuantLinear) -> tuple[dict[str, Any], dict[str, torch.Te
     if layer.symmetric:  # the key is only present then, so older metas read the same
         meta["symmetric"] = True
     tensors = {name: getattr(layer, name).contiguous() for name in buffer_names(meta)}
+    if layer.scale_blocks:  # a runtime layout (QuantLinear.use_block_scales): stored in torch's
+        tensors["scales" if layer.symmetric else "scales_and_zeros"] = layer.torch_int4_scales()
     if layer.bias is not None:  # fp32 [O]; the key is only present then, so older metas read the same
         meta["bias"] = True
         tensors["bias"] = layer.bias.float().contiguous()

@@ -7,17 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..errors import CheckpointError
-from ..experts.provider import ExpertProvider, ResidentExperts
-from ..hugepages import move_quantized
-from ..layers.moe import MoEBlock
+from ..experts.provider import ExpertProvider
 from ..sysinfo import trim_heap
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource, WeightSource
 from . import get_arch
 from .args import ModelArgs
+from .decode_weights import place_decode_weights
 from .spec import ArchSpec
 from .transformer import Transformer
 
@@ -107,18 +104,11 @@ def load_model(
     config, source, tokenizer = open_source(path)
     spec, args = arch_and_args(path, config)
     model = spec.make_builder(args, source, quant).build(provider)
-    move_quantized([*model.modules(), *resident_expert_modules(model)])  # hugepages.py: the kernels stream them
+    place_decode_weights(model)  # huge pages, block-major scales (before the float pages below go)
     if isinstance(source, SafetensorsSource):
         source.ckpt.release_unused(model)  # the float pages of weights the build converted
     trim_heap()
     return LoadedModel(model, args, tokenizer, path, config, provider)
-
-
-def resident_expert_modules(model: Transformer) -> list[torch.nn.Module]:
-    """Every module of the experts the model's MoE layers hold in RAM (ResidentExperts)."""
-    blocks = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
-    providers = {id(b.provider): b.provider for b in blocks if isinstance(b.provider, ResidentExperts)}
-    return [m for p in providers.values() for experts in p.experts.values() for e in experts for m in e.modules()]
 
 
 def arch_and_args(path: Path, config: dict) -> tuple[ArchSpec, ModelArgs]:
