@@ -105,9 +105,11 @@ def memory_bandwidth(nbytes: int, seconds: float) -> dict[str, float]:
 
 def matmul_rate(fmt: str, shapes: list[tuple[int, int]], pool_bytes: int, seconds: float) -> dict[str, float]:
     """GFLOP/s of QuantLinear.forward at M=1 (one decode token) on weights streamed from DRAM:
-    calls cycle over a pool of distinct expert-shaped layers larger than the last-level cache."""
+    calls cycle over a pool of distinct expert-shaped layers larger than the last-level cache, held
+    as a loaded model holds them (huge pages, block-major int4 scales: models/decode_weights.py)."""
     import torch
 
+    from ..hugepages import move_quantized
     from ..layers.qlinear import QuantLinear
 
     g = torch.Generator().manual_seed(0)
@@ -115,6 +117,9 @@ def matmul_rate(fmt: str, shapes: list[tuple[int, int]], pool_bytes: int, second
     while sum(lay.nbytes() for lay in layers) < pool_bytes:
         k, n = shapes[len(layers) % len(shapes)]
         layers.append(QuantLinear.from_float(torch.randn(n, k, generator=g) * k ** -0.5, None, fmt))
+    move_quantized(layers)
+    for lay in layers:
+        lay.use_block_scales()
     xs = {k: torch.randn(1, k, generator=g) for k, _ in shapes}  # [1, K]
     flops = sum(2 * lay.in_features * lay.out_features for lay in layers)
 
@@ -131,9 +136,12 @@ def matmul_rate(fmt: str, shapes: list[tuple[int, int]], pool_bytes: int, second
 def fused_experts_rate(d: int, inter: int, top_k: int, pool_bytes: int, seconds: float) -> dict[str, float] | None:
     """GFLOP/s of one decode token's experts in one fused int4 call (mlp.run_fused, the path every
     int4 MoE layer decodes through), ``top_k`` distinct experts per call cycling over a pool larger
-    than the last-level cache; None without the C kernel."""
+    than the last-level cache, held as resident experts are (huge pages, block-major scales; the
+    lazy cache's slots keep torch's layout on 4 KiB pages, ~25% slower: capped runs are
+    disk-bound); None without the C kernel."""
     import torch
 
+    from ..hugepages import move_quantized
     from ..layers import int4_native
     from ..layers.mlp import GatedMLP, run_fused
     from ..layers.qlinear import QuantLinear
@@ -149,6 +157,9 @@ def fused_experts_rate(d: int, inter: int, top_k: int, pool_bytes: int, seconds:
     experts: list[GatedMLP] = []
     while sum(e.nbytes() for e in experts) < pool_bytes or len(experts) % top_k:
         experts.append(GatedMLP(lin(2 * inter, d), lin(d, inter)))
+    move_quantized([m for e in experts for m in e.modules()])
+    for e in experts:
+        e.use_block_scales()
     groups = [experts[i : i + top_k] for i in range(0, len(experts), top_k)]
     x = torch.randn(1, d, generator=g)  # [1, D]
     flops = 2 * 3 * d * inter * len(experts)
