@@ -56,6 +56,7 @@ def main() -> None:
     acc = {"experts": 0.0, "matmul": 0.0}
     n4.experts_ffn_ptrs = timed(n4.experts_ffn_ptrs, acc, "experts")
     n4.experts_mix_ptrs = timed(n4.experts_mix_ptrs, acc, "experts")  # eager: experts + their weighted sum
+    n4.moe_decode_table = timed(n4.moe_decode_table, acc, "experts")  # eager resident one-token path (and the compiled op)
     n4.int4_matmul = timed(n4.int4_matmul, acc, "matmul")
     root = synth.model_dir(Path(a.work_dir), a.layers, a.vocab, 0)
     lm = load_model(str(root / "store"), "int4")

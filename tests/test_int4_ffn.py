@@ -139,3 +139,25 @@ def test_one_call_mix_equals_fused_outputs_summed_in_order(d: int, i: int, sym: 
     assert not torch.equal(other, ref)  # the table lookup follows the ids
     with pytest.raises(ValueError, match="outside"):
         n4.moe_decode_table(LIB, x, torch.tensor([[5, 0, 3, 6]]), weights, *args)
+
+
+@needs_lib
+def test_resident_provider_decodes_one_token_through_the_pointer_table() -> None:
+    """ResidentExperts.run for one token takes the pointer-table C call (the compiled graph's op):
+    the grouped loop's bits; rebuilt after the experts' scales change layout."""
+    from moemesh.experts.provider import ResidentExperts
+
+    experts = {3: [expert(96, 160, s) for s in range(6)]}
+    prov = ResidentExperts(experts)
+    g = torch.Generator().manual_seed(7)
+    x, ids, w = torch.randn(1, 96, generator=g), torch.tensor([[4, 1, 5]]), torch.rand(1, 3, generator=g)
+    want = mix_grouped(x, ids, w, experts[3].__getitem__)
+    assert torch.equal(prov.run(3, x, ids, w), want)
+    assert prov._tables[3] is not None  # the table path ran
+    for e in experts[3]:
+        e.use_block_scales()
+    prov.forget_kernel_tables()
+    assert torch.equal(prov.run(3, x, ids, w), want) and prov._tables[3][-1] & n4.FMT_BLOCKS
+    two = torch.randn(2, 96, generator=g)  # more than one token: the grouped loop
+    assert torch.equal(prov.run(3, two, ids.repeat(2, 1), w.repeat(2, 1)),
+                       mix_grouped(two, ids.repeat(2, 1), w.repeat(2, 1), experts[3].__getitem__))

@@ -18,11 +18,14 @@ from ..layers.qlinear import QuantLinear
 from .transformer import Transformer
 
 
+def resident_providers(model: Transformer) -> list[ResidentExperts]:
+    blocks = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
+    return list({id(b.provider): b.provider for b in blocks if isinstance(b.provider, ResidentExperts)}.values())
+
+
 def resident_expert_modules(model: Transformer) -> list[torch.nn.Module]:
     """Every module of the experts the model's MoE layers hold in RAM (ResidentExperts)."""
-    blocks = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
-    providers = {id(b.provider): b.provider for b in blocks if isinstance(b.provider, ResidentExperts)}
-    return [m for p in providers.values() for experts in p.experts.values() for e in experts for m in e.modules()]
+    return [m for p in resident_providers(model) for experts in p.experts.values() for e in experts for m in e.modules()]
 
 
 def place_decode_weights(model: Transformer, move_experts: bool = True) -> int:
@@ -38,4 +41,6 @@ def place_decode_weights(model: Transformer, move_experts: bool = True) -> int:
     for m in trunk + experts:  # a fused MLP that already ran cached the old pointers and format
         if isinstance(m, GatedMLP):
             m.forget_kernel_pointers()
+    for p in resident_providers(model):  # and so did a provider's per-layer pointer tables
+        p.forget_kernel_tables()
     return n
