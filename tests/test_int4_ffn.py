@@ -161,3 +161,14 @@ def test_resident_provider_decodes_one_token_through_the_pointer_table() -> None
     two = torch.randn(2, 96, generator=g)  # more than one token: the grouped loop
     assert torch.equal(prov.run(3, two, ids.repeat(2, 1), w.repeat(2, 1)),
                        mix_grouped(two, ids.repeat(2, 1), w.repeat(2, 1), experts[3].__getitem__))
+
+
+def test_resident_provider_with_held_experts_keeps_the_grouped_loop() -> None:
+    """A mesh shard's provider holds a dict of some experts (no expert 0 here): no table, no lookup of 0."""
+    from moemesh.experts.provider import ResidentExperts
+
+    held = {3: {2: expert(64, 32, 2), 5: expert(64, 32, 5)}}
+    prov = ResidentExperts(held)
+    x, ids, w = torch.randn(1, 64), torch.tensor([[5, 2]]), torch.rand(1, 2)
+    assert torch.equal(prov.run(3, x, ids, w), mix_grouped(x, ids, w, held[3].__getitem__))
+    assert prov._tables[3] is None

@@ -52,12 +52,12 @@ class ResidentExperts(ExpertProvider):
         """(kernel library, pointer table, inter, gate_up N_pad, down N_pad, fmt) for a layer whose
         experts all run fused (layers/int4_ops.expert_table), else None; built on first use."""
         if layer not in self._tables:
-            experts = self.experts[layer]
+            experts = self.experts[layer]  # a list by expert id, or (mesh shards) a dict of the held ones
             table = expert_table(experts) if isinstance(experts, list) else None
             lib = experts[0].fused_int4() if table is not None else None
-            e = experts[0]
             self._tables[layer] = None if lib is None else (
-                lib, table, e.down.in_features, e.gate_up.qweight.shape[0], e.down.qweight.shape[0], e.gate_up.kernel_fmt())
+                lib, table, experts[0].down.in_features, experts[0].gate_up.qweight.shape[0],
+                experts[0].down.qweight.shape[0], experts[0].gate_up.kernel_fmt())
         return self._tables[layer]
 
     def forget_kernel_tables(self) -> None:
