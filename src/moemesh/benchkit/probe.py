@@ -109,17 +109,15 @@ def matmul_rate(fmt: str, shapes: list[tuple[int, int]], pool_bytes: int, second
     as a loaded model holds them (huge pages, block-major int4 scales: models/decode_weights.py)."""
     import torch
 
-    from ..hugepages import move_quantized
     from ..layers.qlinear import QuantLinear
+    from ..models.decode_weights import place_expert_weights
 
     g = torch.Generator().manual_seed(0)
     layers: list[QuantLinear] = []
     while sum(lay.nbytes() for lay in layers) < pool_bytes:
         k, n = shapes[len(layers) % len(shapes)]
         layers.append(QuantLinear.from_float(torch.randn(n, k, generator=g) * k ** -0.5, None, fmt))
-    move_quantized(layers)
-    for lay in layers:
-        lay.use_block_scales()
+    place_expert_weights(layers)
     xs = {k: torch.randn(1, k, generator=g) for k, _ in shapes}  # [1, K]
     flops = sum(2 * lay.in_features * lay.out_features for lay in layers)
 
@@ -141,10 +139,10 @@ def fused_experts_rate(d: int, inter: int, top_k: int, pool_bytes: int, seconds:
     disk-bound); None without the C kernel."""
     import torch
 
-    from ..hugepages import move_quantized
     from ..layers import int4_native
     from ..layers.mlp import GatedMLP, run_fused
     from ..layers.qlinear import QuantLinear
+    from ..models.decode_weights import place_expert_weights
 
     lib = int4_native.load_native()
     if lib is None:
@@ -157,9 +155,7 @@ def fused_experts_rate(d: int, inter: int, top_k: int, pool_bytes: int, seconds:
     experts: list[GatedMLP] = []
     while sum(e.nbytes() for e in experts) < pool_bytes or len(experts) % top_k:
         experts.append(GatedMLP(lin(2 * inter, d), lin(d, inter)))
-    move_quantized([m for e in experts for m in e.modules()])
-    for e in experts:
-        e.use_block_scales()
+    place_expert_weights([m for e in experts for m in e.modules()])  # (before anything caches a pointer)
     groups = [experts[i : i + top_k] for i in range(0, len(experts), top_k)]
     x = torch.randn(1, d, generator=g)  # [1, D]
     flops = 2 * 3 * d * inter * len(experts)

@@ -54,7 +54,7 @@ class ResidentExperts(ExpertProvider):
         if layer not in self._tables:
             experts = self.experts[layer]  # a list by expert id, or (mesh shards) a dict of the held ones
             table = expert_table(experts) if isinstance(experts, list) else None
-            lib = experts[0].fused_int4() if table is not None else None
+            lib = int4_native.load_native() if table is not None else None  # (expert_table checked fusability)
             self._tables[layer] = None if lib is None else (
                 lib, table, experts[0].down.in_features, experts[0].gate_up.qweight.shape[0],
                 experts[0].down.qweight.shape[0], experts[0].gate_up.kernel_fmt())

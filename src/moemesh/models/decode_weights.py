@@ -28,6 +28,13 @@ def resident_expert_modules(model: Transformer) -> list[torch.nn.Module]:
     return [m for p in resident_providers(model) for experts in p.experts.values() for e in experts for m in e.modules()]
 
 
+def place_expert_weights(modules: list[torch.nn.Module]) -> int:
+    """Huge pages and block scales for modules held like resident experts (benchkit/probe.py's
+    pools: the rates it measures are the resident decode's). Returns how many linears use block scales."""
+    move_quantized(modules)
+    return sum(m.use_block_scales() for m in modules if isinstance(m, QuantLinear))
+
+
 def place_decode_weights(model: Transformer, move_experts: bool = True) -> int:
     """Trunk (and, with ``move_experts``, resident experts: a store's are read into their arena
     directly) into huge pages; block scales for every resident expert and the big trunk linears.
