@@ -116,9 +116,9 @@ def compile_probe(cache_dir: str, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    from moemesh.batch import BatchLayout
     from moemesh.engine.compiled import CompiledDecoder
-    from moemesh.layers.batch import BatchLayout
-    from moemesh.models.loader import load_model
+    from moemesh.loading.loader import load_model
 
     model = load_model("smollm2", "auto").model
     cache = model.new_cache()
@@ -189,7 +189,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from moemesh.engine.engine import Engine
-    from moemesh.models.loader import load_model, resolve_model_path
+    from moemesh.loading.loader import load_model
+    from moemesh.loading.source import resolve_model_path
 
     gguf = resolve_model_path("smollm2")
     notes: list[str] = []

@@ -23,9 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import synth  # noqa: E402
-
 from moemesh.benchkit.results import write_results  # noqa: E402
-from moemesh.layers import int4_native as n4  # noqa: E402
+from moemesh.quant import int4_native as n4  # noqa: E402
 
 
 def timed(fn, acc: dict[str, float], key: str):
@@ -50,8 +49,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "decode_split"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from moemesh.layers.batch import BatchLayout
-    from moemesh.models.loader import load_model
+    from moemesh.batch import BatchLayout
+    from moemesh.loading.loader import load_model
 
     acc = {"experts": 0.0, "matmul": 0.0}
     n4.experts_ffn_ptrs = timed(n4.experts_ffn_ptrs, acc, "experts")

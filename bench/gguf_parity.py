@@ -101,8 +101,8 @@ def moemesh_logits(store: Path, tokens: list[int], quant: str) -> np.ndarray:
     """[T, V] logits of moemesh decoding ``tokens`` one at a time (all experts resident)."""
     import torch
 
-    from moemesh.layers.batch import BatchLayout
-    from moemesh.models.loader import load_model
+    from moemesh.batch import BatchLayout
+    from moemesh.loading.loader import load_model
 
     model = load_model(str(store), quant).model
     cache = model.new_cache()

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from moemesh.layers import int4_native as n4
-from moemesh.layers.qlinear import QuantLinear
+from moemesh.quant import int4_native as n4
+from moemesh.quant.qlinear import QuantLinear
 
 SHAPES = [("gate_up", 2048, 1536), ("down", 768, 2048)]  # (name, K in, N out): Qwen3-30B-A3B experts
 RESULTS = Path(__file__).parent / "results"
@@ -70,8 +70,8 @@ def decode_ab(store: str, threads: int, blocks: int, steps: int, prefill: int) -
     kernel switched per block, so load from other processes hits both arms alike."""
     import random
 
-    from moemesh.layers.batch import BatchLayout
-    from moemesh.models.loader import load_model
+    from moemesh.batch import BatchLayout
+    from moemesh.loading.loader import load_model
 
     torch.set_num_threads(threads)
     model = load_model(store, "int4").model

@@ -24,11 +24,11 @@ from types import MappingProxyType
 
 import torch
 
+from moemesh.batch import BatchLayout
 from moemesh.benchkit.results import cpu_model, write_results
 from moemesh.kvcache.base import KVCache
 from moemesh.kvcache.dense import DenseKVCache
 from moemesh.kvcache.turboquant import TurboQuantKVCache
-from moemesh.layers.batch import BatchLayout
 from moemesh.models import get_arch
 from moemesh.models.build import Builder
 
@@ -168,7 +168,7 @@ def main() -> None:
     if a.random_weights:
         model, a.quant = random_smollm2(), "random fp32"
     else:
-        from moemesh.models.loader import load_model
+        from moemesh.loading.loader import load_model
 
         model = load_model("smollm2", a.quant).model
     kinds = a.kv.split(",")

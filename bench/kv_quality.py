@@ -25,10 +25,10 @@ from types import MappingProxyType
 
 import torch
 
+from moemesh.benchkit.kv_quality import agreement, greedy, perplexity, teacher_forced
 from moemesh.benchkit.results import write_results
-from moemesh.kvcache.quality import agreement, greedy, perplexity, teacher_forced
 from moemesh.kvcache.quantizer import TurboQuantizer
-from moemesh.models.loader import load_model
+from moemesh.loading.loader import load_model
 
 ROOT = Path(__file__).parent
 TEXT = ROOT.parent / "tests" / "data" / "kv_eval_essay.txt"

@@ -65,7 +65,6 @@ import synth_hf_size  # noqa: E402
 import synth_models  # noqa: E402
 from lazy_report import markdown, plot  # noqa: E402
 from lazy_runs import config_summary, load_checks, run_config, token_stream  # noqa: E402
-
 from moemesh.benchkit.probe import disk_bandwidth  # noqa: E402  (O_DIRECT random reads, shared with the probe)
 
 RESULTS = HERE / "results"
@@ -139,7 +138,7 @@ def main() -> None:
                               log=lambda m: print(m, flush=True))
     gen_s = time.time() - t0
     store, gguf_path = root / "store", root / "model.gguf"
-    from moemesh.experts.store import ExpertStore
+    from moemesh.store.expert_store import ExpertStore
 
     st = ExpertStore(store)
     expert_bytes = st.expert_bytes()

@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from lazy_llama import proc_io  # noqa: E402  (stdlib only: shared by the three engines' workers)
+
 ENGINE = "transformers"
 LABEL = "transformers (fp32)"
 GIB = 2**30

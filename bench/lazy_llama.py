@@ -29,9 +29,8 @@ def proc_io() -> dict:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    import numpy as np
-
     import llama_cpp
+    import numpy as np
     from llama_cpp import Llama
 
     orig = llama_cpp.llama_cpp.llama_model_default_params

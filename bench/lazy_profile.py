@@ -104,7 +104,7 @@ def apply_fixes(provider, fixes: set[str]) -> None:
 
         cache.expert = expert
     if "add" in fixes:
-        from moemesh.layers.moe import group_by_expert
+        from moemesh.experts.mixing import group_by_expert
 
         def run(layer, x, ids, weights, _p=provider):
             if x.shape[0] != 1:
@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     root = synth.model_dir(Path(a.work_dir), a.layers, a.vocab, 0)
-    from moemesh.experts.store import ExpertStore
+    from moemesh.store.expert_store import ExpertStore
 
     cap = int(ExpertStore(root / "store").expert_bytes() * a.cap_pct / 100) if a.cap_pct else None
     if not a.child and cap:  # re-run self inside a cgroup (load headroom, then the cap)
@@ -161,9 +161,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from moemesh.experts.setup import ExpertOptions
-    from moemesh.layers.batch import BatchLayout
-    from moemesh.models.loader import load_model
+    from moemesh.batch import BatchLayout
+    from moemesh.loading.experts import ExpertOptions
+    from moemesh.loading.loader import load_model
 
     ram = cap - a.margin_mib * MIB if cap else 2**40
     lm = load_model(str(root / "store"), "int4", experts=ExpertOptions(ram=None if a.slots else ram, slots=a.slots,

@@ -26,10 +26,10 @@ def moemesh_worker(cfg: dict) -> dict:
     import torch
 
     torch.set_num_threads(cfg["threads"])
+    from moemesh.batch import BatchLayout
     from moemesh.errors import MoemeshError
-    from moemesh.experts.setup import ExpertOptions
-    from moemesh.layers.batch import BatchLayout
-    from moemesh.models.loader import load_model
+    from moemesh.loading.experts import ExpertOptions
+    from moemesh.loading.loader import load_model
 
     opts = ExpertOptions(ram=cfg.get("ram"), slots=cfg.get("slots"), io_threads=cfg["io_threads"], policy=cfg["policy"],
                          prefetch=cfg["prefetch"]) if (cfg.get("ram") or cfg.get("slots")) else None

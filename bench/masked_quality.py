@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moemesh.batch import BatchLayout
 from moemesh.benchkit.results import write_results
-from moemesh.layers.batch import BatchLayout
+from moemesh.loading.loader import load_model
 from moemesh.mesh.masked import mask_model, moe_blocks, shard_experts
-from moemesh.models.loader import load_model
 
 ROOT = Path(__file__).parent
 TEXT = ROOT.parent / "tests" / "data" / "kv_eval_essay.txt"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moemesh.benchkit.results import cpu_model, write_results
-from moemesh.layers.qlinear import NEVER, QuantLinear
+from moemesh.quant.qlinear import NEVER, QuantLinear
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 768), (768, 2048), (576, 49152)]  # (in K, out N)
 MAX_CALL_S = 0.5  # skip a cell whose predicted single call is slower than this (fp32-act kernels)
@@ -160,7 +160,7 @@ def main() -> None:
         md += markdown(part, threads) + "\n"
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["loadavg_after"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    md = (f"# Matmul GFLOP/s (median of interleaved repeats; noisy shared machine)\n\n"
+    md = ("# Matmul GFLOP/s (median of interleaved repeats; noisy shared machine)\n\n"
           + "; ".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n" + HOW + "\n" + md)
     print(md)
     if not a.no_write:

@@ -36,10 +36,10 @@ import torch
 from moemesh.benchkit.results import write_results
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
+from moemesh.loading.loader import load_model
 from moemesh.mesh.launcher import MeshProcess, StageProcess
 from moemesh.mesh.node import CallStats, MeshOptions
 from moemesh.mesh.stack import MeshStack, StackOptions
-from moemesh.models.loader import load_model
 
 RESULTS = Path(__file__).parent / "results"
 SECRET = "bench-secret"

@@ -10,11 +10,11 @@ import time
 
 import torch
 
-from moemesh.layers.batch import BatchLayout
+from moemesh.batch import BatchLayout
 from moemesh.layers.mla import MLAConfig, MultiHeadLatentAttention, latent_cache, naive_cache
 from moemesh.layers.norm import RMSNorm
-from moemesh.layers.qlinear import QuantLinear
 from moemesh.layers.rope import RotaryEmbedding
+from moemesh.quant.qlinear import QuantLinear
 
 
 def main() -> None:

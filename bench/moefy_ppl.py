@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from moemesh.batch import BatchLayout
 from moemesh.benchkit.results import write_results
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
-from moemesh.layers.batch import BatchLayout
-from moemesh.models.loader import load_model
+from moemesh.loading.loader import load_model
 from moemesh.moefy.pipeline import MoefyOptions, moefy
 
 ROOT = Path(__file__).resolve().parent.parent

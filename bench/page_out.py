@@ -17,13 +17,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import synth  # noqa: E402
-
 from moemesh.benchkit.results import write_results  # noqa: E402
 
 WORKER = """
 import json, sys
-from moemesh.experts.setup import ExpertOptions
-from moemesh.models.loader import load_model
+from moemesh.loading.experts import ExpertOptions
+from moemesh.loading.loader import load_model
 from moemesh.weights.safetensors_io import SafetensorsCheckpoint
 store, mode, ram, quant = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 if mode == "off":

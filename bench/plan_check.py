@@ -32,8 +32,8 @@ sys.path.insert(0, str(HERE))
 import cgroup  # noqa: E402
 import lazy_runs  # noqa: E402
 import synth  # noqa: E402
-
-from moemesh.benchkit import perfmodel, probe as probe_mod  # noqa: E402
+from moemesh.benchkit import perfmodel  # noqa: E402
+from moemesh.benchkit import probe as probe_mod
 from moemesh.benchkit.results import write_results  # noqa: E402
 from moemesh.commands.plan import plan  # noqa: E402
 
@@ -114,7 +114,7 @@ def main() -> None:
 
     root = synth.build(Path(args.work_dir), args.layers, args.vocab, args.seed, log=lambda m: print(m, flush=True))
     store = root / "store"
-    from moemesh.experts.store import ExpertStore
+    from moemesh.store.expert_store import ExpertStore
 
     st = ExpertStore(store)
     expert_bytes = st.expert_bytes()

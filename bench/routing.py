@@ -121,7 +121,7 @@ def load_or_record(a) -> dict:
         return json.loads(gzip.decompress(path.read_bytes()))
     import torch
 
-    from moemesh.models.loader import load_model
+    from moemesh.loading.loader import load_model
     from moemesh.moefy.data import routing_prompts
     from moemesh.moefy.trace import record
 

@@ -28,7 +28,7 @@ import torch
 from moemesh.benchkit.results import write_results
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
-from moemesh.models.loader import load_model
+from moemesh.loading.loader import load_model
 from moemesh.server.launcher import ServerProcess
 
 RESULTS = Path(__file__).parent / "results"

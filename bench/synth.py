@@ -113,7 +113,7 @@ def _gate_up(w: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def expert_linears_reference(w: dict) -> dict:
     """The two QuantLinears of one expert through the public constructor (slow: packs and verifies)."""
-    from moemesh.layers.qlinear import QuantLinear
+    from moemesh.quant.qlinear import QuantLinear
 
     out = {}
     for name, (q, d) in (("gate_up", _gate_up(w)), ("down", w["down"])):
@@ -138,13 +138,13 @@ class FastExperts:
     numpy in the layout the reference constructor detected, checked against it once per layer."""
 
     def __init__(self, reference: dict) -> None:
-        from moemesh.layers.qlinear_state import export_state
+        from moemesh.quant.qlinear_state import export_state
 
         self.meta = {name: export_state(layer)[0] for name, layer in reference.items()}
         self.layout = {name: m["int4_layout"] for name, m in self.meta.items()}
 
     def linears(self, w: dict) -> dict:
-        from moemesh.layers.qlinear_state import from_state
+        from moemesh.quant.qlinear_state import from_state
 
         out = {}
         for name, (q, d) in (("gate_up", _gate_up(w)), ("down", w["down"])):
@@ -164,7 +164,7 @@ class FastExperts:
         return out
 
     def check(self, w: dict) -> None:
-        from moemesh.layers.qlinear_state import export_state
+        from moemesh.quant.qlinear_state import export_state
 
         ref, fast = expert_linears_reference(w), self.linears(w)
         for name in ref:
@@ -276,11 +276,11 @@ def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> 
         return out
     import gguf
 
-    from moemesh.experts.checksum import DEFAULT as CHECKSUM
-    from moemesh.experts.checksum import checksum_fn
-    from moemesh.experts.convert import blob_layout, pack_blob
-    from moemesh.experts.store import ALIGN, FORMAT, VERSION
+    from moemesh.loading.convert import blob_layout, pack_blob
     from moemesh.models import get_arch
+    from moemesh.store.checksum import DEFAULT as CHECKSUM
+    from moemesh.store.checksum import checksum_fn
+    from moemesh.store.expert_store import ALIGN, FORMAT, VERSION
     from moemesh.weights.safetensors_io import write_safetensors
 
     cfg = hf_config(layers, vocab)

@@ -3,8 +3,8 @@ per-layer shapes with a configurable depth and vocabulary, and the llama.cpp arc
 is written as."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import synth
 

@@ -44,8 +44,8 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -107,7 +107,7 @@ def _write_shard(path: Path, spec: list[tuple[str, torch.dtype, list[int]]],
 
 def build_hf(model_dir: Path, log: Callable[[str], None] = print) -> Path:
     """Write (or reuse) MODEL_DIR/hf from MODEL_DIR/store; returns the directory."""
-    from moemesh.experts.store import ExpertStore
+    from moemesh.store.expert_store import ExpertStore
     from moemesh.weights.safetensors_io import SafetensorsFile
 
     model_dir = Path(model_dir)
@@ -170,9 +170,9 @@ def check(model_dir: Path, n_tokens: int = 4, threads: int = 2) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    from moemesh.experts.store import ExpertStore
-    from moemesh.layers.batch import BatchLayout
-    from moemesh.models.loader import load_model
+    from moemesh.batch import BatchLayout
+    from moemesh.loading.loader import load_model
+    from moemesh.store.expert_store import ExpertStore
 
     torch.set_num_threads(threads)
     model_dir = Path(model_dir)

@@ -20,8 +20,8 @@ ClampedSwiGLU both ``chunk(2)``), so gate is the first half of the rows.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 

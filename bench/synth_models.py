@@ -139,14 +139,13 @@ def build(work_dir: Path, key: str, layers: int | None = None, vocab: int | None
 
 
 def write(tmp: Path, cfg: dict, seed: int, gguf_arch: str | None, log=print) -> None:
-    from moemesh.experts.checksum import DEFAULT as CHECKSUM
-    from moemesh.experts.checksum import checksum_fn
-    from moemesh.experts.convert import blob_layout, pack_blob
-    from moemesh.experts.store import ALIGN, FORMAT, VERSION
-    from moemesh.models import get_arch
-    from moemesh.weights.safetensors_io import write_safetensors
-
     import synth_gguf
+    from moemesh.loading.convert import blob_layout, pack_blob
+    from moemesh.models import get_arch
+    from moemesh.store.checksum import DEFAULT as CHECKSUM
+    from moemesh.store.checksum import checksum_fn
+    from moemesh.store.expert_store import ALIGN, FORMAT, VERSION
+    from moemesh.weights.safetensors_io import write_safetensors
 
     spec = get_arch(cfg["model_type"])
     args = spec.args_from_config(cfg)
@@ -214,10 +213,10 @@ def add_gguf(root: Path, cfg: dict, seed: int, arch: str, log=print, name: str =
     """Write root/NAME for an existing store: the trunk from the store, the experts regenerated
     from the seed (the same weights the store's blobs hold). float_trunk: F32 trunk matrices
     instead of Q4_0 (bench/gguf_parity.py's exact-trunk check)."""
-    from moemesh.models import get_arch
     from safetensors.torch import load_file
 
     import synth_gguf
+    from moemesh.models import get_arch
 
     t0 = time.time()
     trunk_file = load_file(root / "store" / "trunk.safetensors")

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from moemesh.errors import CheckpointError, PromptTooLong, UnsupportedArchitecture
-from moemesh.models.loader import load_model
+from moemesh.loading.loader import load_model
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -8,10 +8,10 @@ import pytest
 
 from moemesh.benchkit.cache_sim import replay_hit_rate
 from moemesh.experts.cache import ExpertCache
-from moemesh.experts.convert import convert
 from moemesh.experts.io import BlobReader
 from moemesh.experts.policy import POLICIES
-from moemesh.experts.store import ExpertStore
+from moemesh.loading.convert import convert
+from moemesh.store.expert_store import ExpertStore
 
 
 @pytest.fixture(scope="module")

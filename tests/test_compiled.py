@@ -11,12 +11,13 @@ import warnings
 import pytest
 import torch
 
+from moemesh.batch import BatchLayout
 from moemesh.engine.compiled import CompiledDecode, CompiledDecoder, StepPlan, unsupported_reason
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
-from moemesh.layers.batch import BatchLayout
-from moemesh.layers.int4_native import FMT_BLOCKS, load_native
-from moemesh.models.decode_weights import place_decode_weights
+from moemesh.loading.placement import place_decode_weights
+from moemesh.models.build import make_builder
+from moemesh.quant.int4_native import FMT_BLOCKS, load_native
 
 
 def prefill(model, cache, ids: list[int], seq_id: int = 0) -> torch.Tensor:
@@ -56,7 +57,7 @@ def tiny_llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_llama):
-    from moemesh.models.loader import load_model
+    from moemesh.loading.loader import load_model
 
     return load_model(str(tiny_llama), "fp32").model
 
@@ -77,7 +78,7 @@ def test_tiny_llama_compiled_matches_eager_across_cache_growth(tiny_model):
 
 
 def test_tiny_llama_quantized_compiled_close_to_eager(tiny_llama):
-    from moemesh.models.loader import load_model
+    from moemesh.loading.loader import load_model
 
     model = load_model(str(tiny_llama), "int8").model  # bf16 activations into the int8 kernel
     le, lc, toks_e, toks_c = decode_both(model, CompiledDecoder(model), [5, 6, 7, 8, 9], 16)
@@ -105,9 +106,8 @@ def test_engine_compiled_generates_what_eager_generates(tiny_model):
 
 
 def test_fp32_moe_model_stays_eager_with_one_warning(tmp_path):
+    from moemesh.loading.loader import load_model
     from tiny import configs, make_checkpoint
-
-    from moemesh.models.loader import load_model
 
     make_checkpoint(configs()["qwen3_moe-norm"], tmp_path)
     model = load_model(str(tmp_path), "fp32").model
@@ -132,7 +132,7 @@ def test_int4_moe_compiled_close_to_eager_and_moe_op_exact():
 
     cfg, tensors = tiny_qwen3_moe(2)
     spec = get_arch("qwen3_moe")
-    model = spec.make_builder(spec.args_from_config(cfg), DictSource(tensors), "int4").build(None)
+    model = make_builder(spec, spec.args_from_config(cfg), DictSource(tensors), "int4").build(None)
     assert unsupported_reason(model) is None
     ffn = model.layers[1].ffn
     x = torch.randn(1, cfg["hidden_size"], generator=torch.Generator().manual_seed(0))
@@ -181,7 +181,7 @@ def test_not_used_for_other_caches(tiny_model):
 # ---------------------------------------------------------------- SmolLM2 (slow: real compile)
 @pytest.fixture(scope="module")
 def chat_ids():
-    from moemesh.models.loader import load_model
+    from moemesh.loading.loader import load_model
 
     tok = load_model("smollm2", "fp32").tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}])
@@ -198,7 +198,7 @@ SMOL_BOUNDS = {"auto": 0.05, "fp32": 1e-4}
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", list(SMOL_BOUNDS))
 def test_smollm2_compiled_matches_eager(quant, chat_ids):
-    from moemesh.models.loader import load_model
+    from moemesh.loading.loader import load_model
 
     model = load_model("smollm2", quant).model
     le, lc, toks_e, toks_c = decode_both(model, CompiledDecoder(model), chat_ids, 16)
@@ -209,7 +209,7 @@ def test_smollm2_compiled_matches_eager(quant, chat_ids):
 
 @pytest.mark.slow
 def test_smollm2_engine_compiled_greedy_equals_eager(chat_ids):
-    from moemesh.models.loader import load_model
+    from moemesh.loading.loader import load_model
 
     model = load_model("smollm2", "auto").model
     # 16 tokens: at token 19 this prompt has a near-tie (top-2 logits 16.498 vs 16.485 in eager,
@@ -227,8 +227,8 @@ def test_big_int4_linears_run_the_c_kernel_in_the_graph():
     the compiled step: the eager layer's bits for the same fp32 input, inside a compiled graph too;
     smaller ones keep torch's kernel."""
     from moemesh.engine.step_fn import LinearPlan, linear
-    from moemesh.layers import int4_native, int4_ops
-    from moemesh.layers.qlinear import QuantLinear
+    from moemesh.quant import int4_native, int4_ops
+    from moemesh.quant.qlinear import QuantLinear
 
     if int4_native.load_native() is None:
         pytest.skip("no C int4 kernel here")

@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moemesh.batch import BatchLayout
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.errors import UnsupportedArchitecture
-from moemesh.experts.convert import convert
-from moemesh.experts.setup import ExpertOptions
 from moemesh.kvcache.turboquant import TurboQuantKVCache
-from moemesh.layers.batch import BatchLayout
 from moemesh.layers.grouped_router import GroupedRouter
 from moemesh.layers.mla import MultiHeadLatentAttention, naive_cache
+from moemesh.loading.convert import convert
+from moemesh.loading.experts import ExpertOptions
+from moemesh.loading.loader import load_model
 from moemesh.models import deepseek_v2, deepseek_v3
-from moemesh.models.loader import load_model
 
 V = 160
 YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1)

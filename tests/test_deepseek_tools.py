@@ -6,7 +6,13 @@ import json
 import pytest
 
 from moemesh.server.deepseek_tools import (
-    CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, DeepSeekToolStream, make_tool_stream,
+    CALL_BEGIN,
+    CALL_END,
+    CALLS_BEGIN,
+    CALLS_END,
+    SEP,
+    DeepSeekToolStream,
+    make_tool_stream,
     parse_deepseek_tool_calls,
 )
 from moemesh.server.reasoning import split_reasoning

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from moemesh.experts.convert import convert
-from moemesh.experts.setup import ExpertOptions
-from moemesh.layers.batch import BatchLayout
-from moemesh.models.loader import load_model, open_source
+from moemesh.batch import BatchLayout
+from moemesh.loading.convert import convert
+from moemesh.loading.experts import ExpertOptions
+from moemesh.loading.loader import load_model
+from moemesh.loading.source import open_source
 
 PROMPT = list(range(3, 40))
 
@@ -91,8 +92,9 @@ def write_gguf(hf_dir: Path, path: Path, q4_experts: bool = False) -> None:
 @pytest.fixture(scope="module")
 def q4_model(tmp_path_factory):
     """A qwen3_moe whose widths are multiples of 32, so every expert tensor can be Q4_0."""
-    from tiny import make_checkpoint
     from transformers import Qwen3MoeConfig
+
+    from tiny import make_checkpoint
 
     root = tmp_path_factory.mktemp("gguf_moe")
     cfg = Qwen3MoeConfig(vocab_size=160, num_hidden_layers=2, max_position_embeddings=256, hidden_size=64,
@@ -124,7 +126,7 @@ def test_f32_gguf_matches_hf_checkpoint(tiny_checkpoints, tmp_path, name):
 
 
 def test_q4_gguf_converts_to_store_lazy_equals_resident(q4_model):
-    from moemesh.layers.qlinear_state import export_state
+    from moemesh.quant.qlinear_state import export_state
 
     gguf_path = q4_model / "q4.gguf"
     direct = load_model(str(gguf_path))  # Q4_0 experts straight into the int4 kernel
@@ -150,7 +152,7 @@ def test_q4_gguf_store_is_symmetric_and_planned_at_its_size(q4_model, tmp_path):
     GGUF (asymmetric: 20); plan's int4 row for the store uses the store's real blob size."""
     from moemesh.benchkit.shapes import blob_bytes, shape_from_config
     from moemesh.commands.plan import plan
-    from moemesh.experts.store import ExpertStore
+    from moemesh.store.expert_store import ExpertStore
 
     store = ExpertStore(convert(q4_model / "q4.gguf", tmp_path / "store", "int4", progress=False))
     assert all(store.linear_meta[lin].get("symmetric") for lin in ("gate_up", "down"))

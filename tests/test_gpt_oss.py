@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moemesh.batch import BatchLayout
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.kvcache.turboquant import TurboQuantKVCache
-from moemesh.layers.batch import BatchLayout
-from moemesh.models.loader import load_model
+from moemesh.loading.loader import load_model
 
 V = 160
 YARN = dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
@@ -202,9 +202,9 @@ def run_engine(model, greedy: bool) -> list[list[int]]:
 @pytest.mark.parametrize("quant", ["int4", "fp32"])
 def test_store_lazy_bit_identical_to_resident(ckpts, tmp_path, quant):
     """Biases and the clamped activation survive the store; lazy == resident bit for bit."""
-    from moemesh.experts.convert import convert
-    from moemesh.experts.setup import ExpertOptions
     from moemesh.layers.gpt_oss_moe import ClampedSwiGLU
+    from moemesh.loading.convert import convert
+    from moemesh.loading.experts import ExpertOptions
 
     _, d = ckpts["gqa3-custom"]
     store = convert(d, tmp_path / "store", quant, progress=False)
@@ -223,8 +223,8 @@ def test_store_lazy_bit_identical_to_resident(ckpts, tmp_path, quant):
 
 def test_lazy_engine_runs_bit_identical(ckpts, tmp_path):
     """Whole engine runs (batched decode, greedy and sampled) through the smallest lazy cache."""
-    from moemesh.experts.convert import convert
-    from moemesh.experts.setup import ExpertOptions
+    from moemesh.loading.convert import convert
+    from moemesh.loading.experts import ExpertOptions
 
     store = convert(ckpts["gqa3-custom"][1], tmp_path / "store", "int4", progress=False)
     resident = load_model(str(store))
@@ -237,7 +237,7 @@ def test_lazy_engine_runs_bit_identical(ckpts, tmp_path):
 def test_mxfp4_dequantize_bit_exact_vs_transformers():
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from moemesh.weights.mxfp4 import dequantize
+    from moemesh.quant.mxfp4 import dequantize
 
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (3, 5, 4, 16), generator=g, dtype=torch.uint8)  # [E, out, G, 16]
@@ -259,7 +259,7 @@ def write_mxfp4_checkpoint(hf, src, out):
 
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from moemesh.weights.mxfp4 import quantize
+    from moemesh.quant.mxfp4 import quantize
     from moemesh.weights.safetensors_io import SafetensorsCheckpoint, write_safetensors
 
     out.mkdir()
@@ -298,7 +298,7 @@ def test_mxfp4_checkpoint_matches_transformers(tmp_path):
     auto = load_model(str(tmp_path / "mxfp4"))
     assert auto.provider is None and auto.model.layers[0].ffn.provider.experts[0][0].gate_up.mode == "bf16"
     # a bf16 expert store of it holds the same values; int4 groups requantize them (error measured)
-    from moemesh.experts.convert import convert
+    from moemesh.loading.convert import convert
 
     store = convert(tmp_path / "mxfp4", tmp_path / "store-bf16", "bf16", progress=False)
     e_fp32 = load_model(str(tmp_path / "mxfp4"), "fp32").model.layers[1].ffn.provider.experts[1][2]

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemesh.experts.convert import convert
-from moemesh.hugepages import ALIGN, HUGE_PAGE, QUANTIZED_BUFFERS, HugePageArena, move_quantized
-from moemesh.layers.qlinear import QuantLinear
-from moemesh.models.decode_weights import resident_expert_modules
-from moemesh.models.loader import load_model
+from moemesh.loading.convert import convert
+from moemesh.loading.loader import load_model
+from moemesh.loading.placement import resident_expert_modules
+from moemesh.quant.hugepages import ALIGN, HUGE_PAGE, QUANTIZED_BUFFERS, HugePageArena, move_quantized
+from moemesh.quant.qlinear import QuantLinear
 
 
 def storage(t: torch.Tensor) -> int:

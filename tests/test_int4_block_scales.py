@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.layers import int4_native as n4
-from moemesh.layers.int4_ops import expert_table
+from moemesh.experts.mixing import expert_table
 from moemesh.layers.mlp import mix_fused, run_fused
-from moemesh.layers.qlinear import QuantLinear
-from moemesh.layers.qlinear_state import export_state
+from moemesh.quant import int4_native as n4
+from moemesh.quant.qlinear import QuantLinear
+from moemesh.quant.qlinear_state import export_state
 from test_int4_ffn import expert, sym_expert
 
 LIB = n4.load_native()

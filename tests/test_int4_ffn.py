@@ -1,4 +1,4 @@
-"""The fused one-token int4 SwiGLU kernel (layers/int4_ffn.c) beside its references.
+"""The fused one-token int4 SwiGLU kernel (quant/int4_ffn.c) beside its references.
 
 Fused == the unfused path (two int4 kernel calls and torch's silu) within 1e-6 relative (only the
 silu's exp differs by an ulp: measured 2e-8); one call over many experts == one call per expert bit for bit
@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.layers import int4_native as n4
+from moemesh.experts.mixing import accumulate, expert_rows, group_by_expert, mix_grouped, mix_reference
+from moemesh.experts.provider import ResidentExperts
 from moemesh.layers.mlp import GatedMLP, run_fused
-from moemesh.layers.moe import accumulate, group_by_expert, mix_grouped, mix_one_token, mix_reference
-from moemesh.layers.qlinear import QuantLinear
+from moemesh.quant import int4_native as n4
+from moemesh.quant.qlinear import QuantLinear
 
 LIB = n4.load_native()
 needs_lib = pytest.mark.skipif(LIB is None, reason="no C compiler or no AVX-512 VNNI/VBMI on this CPU")
@@ -63,15 +64,22 @@ def test_not_fused_when_it_cannot_be(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_lib
 def test_decode_fast_path_equals_grouped_loop_bitwise() -> None:
+    """One decode token: the resident one-call C path (pointer table) == the grouped loop (one fused
+    call for the token's experts, experts.mixing.expert_rows) == the loop written out per expert, bit
+    for bit; == the per-token reference within fp32 tolerance."""
     d, i, e, a = 96, 64, 10, 4
     experts = [expert(d, i, s) for s in range(e)]
+    prov = ResidentExperts({0: experts})
     gen = torch.Generator().manual_seed(3)
     for _ in range(5):
         x = torch.randn(1, d, generator=gen)
         ids = torch.randperm(e, generator=gen)[:a][None]  # [1, A], not sorted
         w = torch.softmax(torch.randn(1, a, generator=gen), -1)
-        fast = mix_one_token(x, ids, w, experts.__getitem__)
-        assert fast is not None
+        fast = prov.run(0, x, ids, w)
+        assert prov._tables[0] is not None  # the one-call path ran
+        groups = group_by_expert(ids)
+        rows = expert_rows([experts[g[0]] for g in groups], groups, x, w.reshape(-1))  # one fused call
+        assert torch.equal(torch.cat(rows), torch.cat([experts[ex](x) * w.reshape(-1)[s, None] for ex, _, s in groups]))
         assert torch.equal(mix_grouped(x, ids, w, experts.__getitem__), fast)
         loop = torch.zeros_like(x)  # the grouped loop, written out (what LazyExperts does per expert)
         for ex, token_idx, slots in group_by_expert(ids):
@@ -84,9 +92,11 @@ def test_decode_fast_path_equals_grouped_loop_bitwise() -> None:
 def test_fast_path_declines_unfusable_experts() -> None:
     experts = [expert(64, 32, s, mode="int8") for s in range(4)]
     x, ids, w = torch.randn(1, 64), torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.3]])
-    assert mix_one_token(x, ids, w, experts.__getitem__) is None
-    assert torch.allclose(mix_grouped(x, ids, w, experts.__getitem__), mix_reference(x, ids, w, experts.__getitem__),
-                          rtol=1e-5, atol=1e-6)
+    prov = ResidentExperts({0: experts})
+    got = prov.run(0, x, ids, w)
+    assert prov._tables[0] is None  # no pointer table for int8 experts: the grouped loop ran
+    assert torch.equal(got, mix_grouped(x, ids, w, experts.__getitem__))
+    assert torch.allclose(got, mix_reference(x, ids, w, experts.__getitem__), rtol=1e-5, atol=1e-6)
 
 
 @needs_lib
@@ -113,9 +123,8 @@ def test_one_call_mix_equals_fused_outputs_summed_in_order(d: int, i: int, sym: 
     """mix_fused (experts + weighted sum in C) == sum_in_order over run_fused's rows, bit for bit,
     including a D whose down rows are padded; moe_decode_table (sort by id, gather from the pointer
     table, mix) == the Python path it replaced (sorted ids, run_fused, sum_in_order)."""
-    from moemesh.layers.int4_ops import expert_table
+    from moemesh.experts.mixing import expert_table, sum_in_order
     from moemesh.layers.mlp import mix_fused
-    from moemesh.layers.moe import sum_in_order
 
     make = sym_expert if sym else expert
     mlps = [make(d, i, s) for s in range(6)]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.layers import int4_native as n4
-from moemesh.layers.int4_pack import unpack_int4
-from moemesh.layers.qlinear import QuantLinear
+from moemesh.quant import int4_native as n4
+from moemesh.quant.int4_pack import unpack_int4
+from moemesh.quant.qlinear import QuantLinear
 
 LIB = n4.load_native()
 needs_lib = pytest.mark.skipif(LIB is None, reason="no C compiler or no AVX-512 VNNI/VBMI on this CPU")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.layers import int4_native as n4
+from moemesh.experts.mixing import sum_in_order
 from moemesh.layers.mlp import GatedMLP, run_fused
-from moemesh.layers.moe import sum_in_order
-from moemesh.layers.qlinear import QuantLinear
-from moemesh.layers.qlinear_state import export_state, from_state
+from moemesh.quant import int4_native as n4
+from moemesh.quant.qlinear import QuantLinear
+from moemesh.quant.qlinear_state import export_state, from_state
 
 LIB = n4.load_native()
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.experts.convert import convert
-from moemesh.experts.setup import ExpertOptions
-from moemesh.layers.batch import BatchLayout
-from moemesh.layers.qlinear import QuantLinear
-from moemesh.models.loader import load_model
-from moemesh.weights import int4_trunk
+from moemesh.batch import BatchLayout
+from moemesh.loading.convert import convert
+from moemesh.loading.experts import ExpertOptions
+from moemesh.loading.loader import load_model
+from moemesh.quant import int4_trunk
+from moemesh.quant.qlinear import QuantLinear
+from moemesh.quant.qlinear_rows import from_float_rows
 from moemesh.weights.safetensors_io import SafetensorsCheckpoint
 from moemesh.weights.source import SafetensorsSource
 
@@ -91,7 +92,7 @@ def test_head_from_stored_int4_equals_quantizing_the_table():
 
     table = torch.randn(9000, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
     parts = int4_trunk.quantize(table, rows=4096)
-    got, ref = int4_head((parts[".q4"], parts[".q4_scale"], parts[".q4_zero"])), QuantLinear.from_float_rows(table, "int4")
+    got, ref = int4_head((parts[".q4"], parts[".q4_scale"], parts[".q4_zero"])), from_float_rows(table, "int4")
     assert got.out_features == ref.out_features == 9000 and not got.symmetric
     assert torch.equal(got.qweight, ref.qweight) and torch.equal(got.scales_and_zeros, ref.scales_and_zeros)
 

@@ -12,12 +12,12 @@ import pytest
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.errors import CheckpointError, MoemeshError
-from moemesh.experts import convert as convert_mod
 from moemesh.experts.budget import parse_size, plan_budget
-from moemesh.experts.convert import convert
 from moemesh.experts.policy import LRU, DecayedFrequency
-from moemesh.experts.setup import ExpertOptions
-from moemesh.models.loader import load_model
+from moemesh.loading import convert as convert_mod
+from moemesh.loading.convert import convert
+from moemesh.loading.experts import ExpertOptions
+from moemesh.loading.loader import load_model
 
 MOE = ["qwen3_moe-norm", "qwen3_moe-nonorm-dense1", "qwen2_moe", "mixtral", "olmoe-gqa-norm"]
 PROMPTS = [list(range(5, 30)), [7, 8, 9], [40, 41, 42, 43, 44, 45]]
@@ -54,7 +54,7 @@ def test_lazy_bit_identical_to_resident(stores, name):
 def test_lazy_logits_bit_identical(stores):
     import torch
 
-    from moemesh.layers.batch import BatchLayout
+    from moemesh.batch import BatchLayout
 
     ids = torch.tensor(PROMPTS[0])
     outs = []

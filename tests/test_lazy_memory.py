@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from moemesh.experts.budget import RUNTIME_OVERHEAD
-from moemesh.experts.convert import convert
-from moemesh.experts.store import ExpertStore
+from moemesh.loading.convert import convert
+from moemesh.store.expert_store import ExpertStore
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hivemind.p2p import PeerID
 
 from moemesh.mesh import remote
 from moemesh.mesh.membership import Membership

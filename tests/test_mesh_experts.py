@@ -11,12 +11,13 @@ import torch
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.errors import MoemeshError
+from moemesh.experts.provider import ResidentExperts
+from moemesh.loading.loader import load_model
 from moemesh.mesh.expert_server import ExpertServer
 from moemesh.mesh.expert_shards import auto_assign, describe, expert_capacity, parse_experts
 from moemesh.mesh.node import MeshOptions
 from moemesh.mesh.remote_experts import RemoteExperts, build_calls
 from moemesh.mesh.stack import MeshStack, StackOptions
-from moemesh.models.loader import load_model
 
 SECRET = "experts-secret"
 PROMPTS = [[1, 5, 9, 13, 2, 7], [3, 3, 8], [11, 4, 6, 10, 12]]
@@ -46,7 +47,7 @@ def greedy(model, prompts, n: int = 10) -> list[list[int]]:
 
 def logits(model, tokens: list[int]) -> torch.Tensor:
     """All positions' logits [T, V] of one sequence in one forward."""
-    from moemesh.layers.batch import BatchLayout
+    from moemesh.batch import BatchLayout
 
     cache = model.new_cache()
     cache.add_sequence(0)
@@ -84,7 +85,7 @@ def test_build_calls_split_and_regroup():
     x = torch.randn(300, 4096, generator=g)  # [T, D]: 300 rows do not fit one 3 MiB message
     ids = torch.randint(0, 6, (300, 2), generator=g)
     w = torch.rand(300, 2, generator=g)
-    from moemesh.layers.moe import group_by_expert
+    from moemesh.experts.mixing import group_by_expert
 
     groups = group_by_expert(ids)
     calls = build_calls(x, w.reshape(-1), groups, torch.float32)
@@ -99,7 +100,7 @@ def test_build_calls_split_and_regroup():
 
 
 def test_expert_server_rejects_bad_requests():
-    server = ExpertServer(None, {0: {0: torch.nn.Identity()}}, hidden_size=4)  # type: ignore[arg-type]
+    server = ExpertServer(None, ResidentExperts({0: {0: torch.nn.Identity()}}), {0: {0}}, hidden_size=4)  # type: ignore[arg-type]
     x, rows, w = torch.zeros(2, 4), torch.tensor([0, 1]), torch.ones(2)
     assert server.check({"layer": 0, "experts": [0], "counts": [2]}, [x, rows, w]) is None
     assert "holds no experts of layer 5" in server.check({"layer": 5, "experts": [0], "counts": [2]}, [x, rows, w])

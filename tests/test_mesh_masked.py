@@ -2,12 +2,12 @@
 import pytest
 import torch
 
+from moemesh.batch import BatchLayout
 from moemesh.errors import MoemeshError
-from moemesh.layers.batch import BatchLayout
 from moemesh.layers.gpt_oss_moe import LogitTopKRouter
 from moemesh.layers.router import TopKRouter
+from moemesh.loading.loader import load_model
 from moemesh.mesh.masked import MaskedRouter, mask_model, masked_reference, moe_blocks, shard_experts
-from moemesh.models.loader import load_model
 
 
 def test_shard_experts_balanced_and_complete():

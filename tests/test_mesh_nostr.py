@@ -15,7 +15,14 @@ from moemesh.mesh import discovery, nostr_relays
 from moemesh.mesh.invite import Invite, new_secret
 from moemesh.mesh.nostr_keys import load_or_create_keys
 from moemesh.mesh.nostr_listing import (
-    Listing, ListingContent, ListingError, build_event, make_content, mesh_id, parse_content, parse_listing,
+    Listing,
+    ListingContent,
+    ListingError,
+    build_event,
+    make_content,
+    mesh_id,
+    parse_content,
+    parse_listing,
     parse_listings,
 )
 from moemesh.mesh.nostr_publisher import ListingPublisher

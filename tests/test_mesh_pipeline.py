@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
+from moemesh.loading.loader import load_model
 from moemesh.mesh.node import MeshOptions
 from moemesh.mesh.stack import MeshStack, StackOptions
-from moemesh.models.loader import load_model
 
 SECRET = "test-secret"
 PROMPTS = [[1, 5, 9, 13, 2, 7], [3, 3, 8], [11, 4, 6, 10, 12]]

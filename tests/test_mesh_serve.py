@@ -32,7 +32,7 @@ def chat_moe(tmp_path_factory):
     """A 4-layer tiny qwen3_moe (8 experts, top-2) with SmolLM2's tokenizer and chat template."""
     from transformers import Qwen3MoeConfig
 
-    from moemesh.models.loader import load_model
+    from moemesh.loading.loader import load_model
     from tiny import make_checkpoint
 
     root = tmp_path_factory.mktemp("mesh-chat-moe")

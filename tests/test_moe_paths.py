@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from moemesh.experts.mixing import group_by_expert, mix_grouped, mix_reference
 from moemesh.experts.provider import ResidentExperts
 from moemesh.layers.mlp import GatedMLP
-from moemesh.layers.moe import group_by_expert, mix_grouped, mix_reference
-from moemesh.layers.qlinear import QuantLinear
 from moemesh.layers.router import TopKRouter
+from moemesh.quant.qlinear import QuantLinear
 
 
 def experts(n: int, d: int, i: int, seed: int = 0) -> list[GatedMLP]:

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from moemesh.errors import MoemeshError
+from moemesh.batch import BatchLayout
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
-from moemesh.experts.convert import convert
-from moemesh.experts.setup import ExpertOptions
-from moemesh.layers.batch import BatchLayout
-from moemesh.models.loader import load_model
+from moemesh.errors import MoemeshError
+from moemesh.loading.convert import convert
+from moemesh.loading.experts import ExpertOptions
+from moemesh.loading.loader import load_model
 from moemesh.moefy.cluster import balanced_kmeans, neuron_features
 from moemesh.moefy.pipeline import MoefyOptions, moefy
 from moemesh.moefy.router_fit import fit_router, routing_error, topk_mask

@@ -7,9 +7,9 @@ import mmap
 
 import torch
 
-from moemesh.layers.batch import BatchLayout
-from moemesh.models.loader import load_model
-from moemesh.weights.page_out import PAGE, kept_ranges, page_out_unused
+from moemesh.batch import BatchLayout
+from moemesh.loading.loader import load_model
+from moemesh.weights.page_out import PAGE, page_out_unused
 from moemesh.weights.safetensors_io import SafetensorsCheckpoint
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moemesh.batch import BatchLayout
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
-from moemesh.layers.batch import BatchLayout
-from moemesh.models.loader import load_model
+from moemesh.loading.loader import load_model
 from tiny import V, configs
 
 NAMES = list(configs())

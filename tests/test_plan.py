@@ -10,7 +10,7 @@ from moemesh.benchkit import perfmodel
 from moemesh.benchkit.known import KNOWN, PUBLISHED
 from moemesh.benchkit.shapes import Linear, blob_bytes, format_bytes, linear_bytes, shape_from_config
 from moemesh.cli import main
-from moemesh.layers.qlinear import QuantLinear
+from moemesh.quant.qlinear import QuantLinear
 
 # gpt-oss's model card counts active parameters without the embedding table; the others with it
 ACTIVE_KEY = {"gpt-oss-20b": "active_params_no_embedding", "gpt-oss-120b": "active_params_no_embedding"}
@@ -69,10 +69,10 @@ def test_tiny_checkpoints_params_and_bytes(tiny_checkpoints):
 
 def test_store_blob_and_trunk_match_a_converted_store(tiny_checkpoints, tmp_path):
     """Blob size equals the store's; the int4 trunk estimate equals the loaded model's bytes."""
-    from moemesh.experts.convert import convert
-    from moemesh.experts.setup import ExpertOptions, model_bytes
-    from moemesh.experts.store import ExpertStore
-    from moemesh.models.loader import load_model
+    from moemesh.loading.convert import convert
+    from moemesh.loading.experts import ExpertOptions, model_bytes
+    from moemesh.loading.loader import load_model
+    from moemesh.store.expert_store import ExpertStore
 
     for name in ("qwen3_moe-norm", "mixtral"):
         _, d = tiny_checkpoints[name]
@@ -236,9 +236,8 @@ def test_layer_overhead_runs_the_real_decode_code():
 def test_gguf_sized_like_its_checkpoint(tiny_checkpoints, tmp_path, name):
     """plan reads a MoE GGUF's header (qwen3moe, and Mixtral = llama + expert_count) into the same
     parameter counts as the HF checkpoint the GGUF was written from."""
-    from test_gguf_moe import write_gguf
-
     from moemesh.commands.plan import plan
+    from test_gguf_moe import write_gguf
 
     _, d = tiny_checkpoints[name]
     gguf = tmp_path / f"{name}.gguf"

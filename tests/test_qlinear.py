@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moemesh.layers.qlinear import NEVER, QuantLinear, quantize_model_linears
+from moemesh.quant.qlinear import NEVER, QuantLinear, quantize_model_linears
+from moemesh.quant.qlinear_rows import from_float_rows
 
 BF16_U = 2.0**-8  # relative rounding bound of bf16 (8 significant bits, round to nearest)
 
@@ -215,7 +216,7 @@ def test_from_float_rows_equals_from_float(mode):
     torch.manual_seed(1)
     w = torch.randn(300, 64)
     whole = QuantLinear.from_float(w, None, mode)
-    chunked = QuantLinear.from_float_rows(w.to(torch.bfloat16).float(), mode, rows=64)
+    chunked = from_float_rows(w.to(torch.bfloat16).float(), mode, rows=64)
     ref = QuantLinear.from_float(w.to(torch.bfloat16).float(), None, mode)
     x = torch.randn(5, 64)
     assert torch.equal(chunked(x), ref(x)) and chunked.out_features == whole.out_features

@@ -9,12 +9,12 @@ import json
 
 import openai
 import pytest
-from scripted_ckpt import SCALE, Scripted, make_checkpoint
 
 from moemesh.server import harmony
 from moemesh.server.chat_prompt import build_chat_prompt
 from moemesh.server.launcher import ServerProcess
 from moemesh.tokenizer.tokenizer import Tokenizer
+from scripted_ckpt import SCALE, Scripted, make_checkpoint
 
 MODEL = "gpt-oss-tiny"
 SPECIAL = ["<|startoftext|>", "<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>",

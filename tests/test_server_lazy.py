@@ -7,8 +7,8 @@ import urllib.request
 import pytest
 from transformers import Qwen3MoeConfig
 
-from moemesh.experts.convert import convert
-from moemesh.models.loader import load_model
+from moemesh.loading.convert import convert
+from moemesh.loading.loader import load_model
 from moemesh.server.launcher import ServerProcess
 from tiny import make_checkpoint
 

@@ -10,7 +10,8 @@ import openai
 import pytest
 
 from moemesh.cli import main
-from test_server_openai import LIMITS_CTX as CTX, shared_server
+from test_server_openai import LIMITS_CTX as CTX
+from test_server_openai import shared_server
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 

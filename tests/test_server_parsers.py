@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from moemesh.commands.serve import curl_example
 from moemesh.experts.budget import parse_size
-from moemesh.models.loader import resolve_model_path
+from moemesh.loading.source import resolve_model_path
 from moemesh.server.chat_prompt import build_chat_prompt
 from moemesh.server.errors import APIError, validation_error
 from moemesh.server.metrics import Metrics

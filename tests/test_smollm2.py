@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
+from moemesh.batch import BatchLayout
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
-from moemesh.layers.batch import BatchLayout
-from moemesh.models.loader import load_model, resolve_model_path
+from moemesh.loading.loader import load_model
+from moemesh.loading.source import resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_cli_answers_paris():
 def test_output_head_rescoring_is_exact_on_top_candidates(fp32_model, chat_ids):
     """The int4 head's top-16 logits are recomputed in fp32: they equal the fp32 head's."""
     from moemesh.layers.head import OutputHead
-    from moemesh.layers.qlinear import QuantLinear
+    from moemesh.quant.qlinear import QuantLinear
 
     table = fp32_model.model.embed  # [V, D] tied
     x = torch.randn(3, table.shape[1])

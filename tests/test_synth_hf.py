@@ -15,8 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import synth  # noqa: E402
 import synth_hf  # noqa: E402
-
-from moemesh.experts.store import ExpertStore  # noqa: E402
+from moemesh.store.expert_store import ExpertStore  # noqa: E402
 
 TINY = dict(hidden_size=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32)

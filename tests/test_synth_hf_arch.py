@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import synth  # noqa: E402
 import synth_hf  # noqa: E402
 import synth_models as sm  # noqa: E402
-
-from moemesh.experts.store import ExpertStore  # noqa: E402
+from moemesh.store.expert_store import ExpertStore  # noqa: E402
 from moemesh.weights.safetensors_io import SafetensorsCheckpoint  # noqa: E402
 
 TINY = {

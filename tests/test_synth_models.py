@@ -14,11 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import synth  # noqa: E402
 import synth_models as sm  # noqa: E402
-
-from moemesh.experts.setup import ExpertOptions  # noqa: E402
-from moemesh.experts.store import ExpertStore  # noqa: E402
-from moemesh.layers.batch import BatchLayout  # noqa: E402
-from moemesh.models.loader import load_model  # noqa: E402
+from moemesh.batch import BatchLayout  # noqa: E402
+from moemesh.loading.experts import ExpertOptions  # noqa: E402
+from moemesh.loading.loader import load_model  # noqa: E402
+from moemesh.store.expert_store import ExpertStore  # noqa: E402
 
 TINY = {
     "mixtral-8x7b": dict(hidden_size=128, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moemesh.batch import BatchLayout
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.kvcache.dense import DenseKVCache
@@ -12,8 +13,7 @@ from moemesh.kvcache.spec import parse_kv_spec
 from moemesh.kvcache.tq_attention import attend_codes
 from moemesh.kvcache.tq_native import encode, load_native
 from moemesh.kvcache.turboquant import TurboQuantKVCache
-from moemesh.layers.batch import BatchLayout
-from moemesh.models.loader import load_model
+from moemesh.loading.loader import load_model
 
 
 @pytest.fixture(autouse=True, scope="module")

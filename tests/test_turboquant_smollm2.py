@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemesh.kvcache.quality import agreement, greedy, perplexity, teacher_forced, token_nll
-from moemesh.models.loader import load_model
+from moemesh.benchkit.kv_quality import agreement, greedy, perplexity, teacher_forced, token_nll
+from moemesh.loading.loader import load_model
 
 TEXT = Path(__file__).parent / "data" / "kv_eval_essay.txt"
 

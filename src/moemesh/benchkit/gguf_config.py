@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, UnsupportedArchitecture
+from .stored import Stored
 
 # GGUF architecture -> HF model_type (llama with experts is Mixtral)
 GGUF_TYPES = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss",
@@ -14,7 +15,6 @@ GGUF_TYPES = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe"
 def gguf_config(path: Path) -> tuple[dict[str, Any], Any]:
     from gguf import GGUF_MAGIC, GGUFReader
 
-    from .source import Stored
 
     with open(path, "rb") as f:
         magic = f.read(4)

@@ -12,9 +12,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..errors import MoemeshError
 from .suites import DEFAULT_LLAMA_PYTHON, SUITES, Suite

@@ -62,12 +62,13 @@ def tiny_qwen3_moe(layers: int, seed: int = 0) -> tuple[dict[str, Any], dict[str
 
 def step_seconds(layers: int, steps: int, quant: str = "int4") -> float:
     """Median seconds of one single-token decode step of the tiny model at this depth."""
-    from ..layers.batch import BatchLayout
+    from ..batch import BatchLayout
     from ..models import get_arch
+    from ..models.build import make_builder
 
     cfg, tensors = tiny_qwen3_moe(layers)
     spec = get_arch("qwen3_moe")
-    model = spec.make_builder(spec.args_from_config(cfg), DictSource(tensors), quant).build(None)
+    model = make_builder(spec, spec.args_from_config(cfg), DictSource(tensors), quant).build(None)
     kv = model.new_cache()
     kv.add_sequence(0)
     lay = BatchLayout([0], [1])

@@ -15,8 +15,9 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MIB = 2**20
 PROBE_VERSION = 1
@@ -109,8 +110,8 @@ def matmul_rate(fmt: str, shapes: list[tuple[int, int]], pool_bytes: int, second
     as a loaded model holds them (huge pages, block-major int4 scales: models/decode_weights.py)."""
     import torch
 
-    from ..layers.qlinear import QuantLinear
-    from ..models.decode_weights import place_expert_weights
+    from ..loading.placement import place_expert_weights
+    from ..quant.qlinear import QuantLinear
 
     g = torch.Generator().manual_seed(0)
     layers: list[QuantLinear] = []
@@ -139,10 +140,10 @@ def fused_experts_rate(d: int, inter: int, top_k: int, pool_bytes: int, seconds:
     disk-bound); None without the C kernel."""
     import torch
 
-    from ..layers import int4_native
     from ..layers.mlp import GatedMLP, run_fused
-    from ..layers.qlinear import QuantLinear
-    from ..models.decode_weights import place_expert_weights
+    from ..loading.placement import place_expert_weights
+    from ..quant import int4_native
+    from ..quant.qlinear import QuantLinear
 
     lib = int4_native.load_native()
     if lib is None:

@@ -10,28 +10,14 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, MoemeshError
 from .known import KNOWN, lookup
+from .stored import Stored
 
 EXPERT_RE = re.compile(r"\.experts\.")  # routed experts in HF names (shared_expert(s) do not match)
-
-
-@dataclass
-class Stored:
-    """Exact figures from the files themselves (None for a built-in name or a bare config)."""
-
-    kind: str  # "hf-checkpoint" | "expert-store" | "gguf"
-    files: int
-    tensor_bytes: int  # sum of every tensor's data, as stored
-    expert_bytes: int  # routed experts' share of tensor_bytes
-    params: int  # elements over all tensors (GGUF: logical elements)
-    dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> bytes
-    blob_size: int | None = None  # expert store: one blob
-    quant: str | None = None  # expert store: the blobs' format (int4 | int8 | bf16)
 
 
 def resolve(model: str) -> tuple[str, dict[str, Any], Stored | None]:
@@ -105,7 +91,7 @@ def _safetensors(root: Path) -> Stored:
 
 
 def _store(root: Path) -> tuple[dict[str, Any], Stored]:
-    from ..experts.store import ExpertStore
+    from ..store.expert_store import ExpertStore
 
     store = ExpertStore(root)
     trunk = _safetensors_file(store.trunk_path)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..experts.convert import STORE_QUANTS, TRUNK_QUANTS, convert
-from ..experts.store import ExpertStore
+from ..loading.convert import STORE_QUANTS, TRUNK_QUANTS, convert
+from ..store.expert_store import ExpertStore
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

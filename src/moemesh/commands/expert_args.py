@@ -6,7 +6,7 @@ import argparse
 from ..errors import MoemeshError
 from ..experts.budget import parse_size
 from ..experts.policy import POLICIES
-from ..experts.setup import PREFETCH_THRESHOLD, ExpertOptions
+from ..loading.experts import PREFETCH_THRESHOLD, ExpertOptions
 
 
 def add_expert_args(p: argparse.ArgumentParser) -> None:

@@ -10,11 +10,11 @@ from ..engine.engine import Engine
 from ..engine.sampling_params import SamplingParams
 from ..errors import MoemeshError
 from ..kvcache.spec import KV_HELP, parse_kv_spec
+from ..loading.loader import load_model
 from ..models.build import QUANT_MODES
-from ..models.loader import load_model
 from ..sysinfo import peak_rss_bytes
-from .expert_args import add_expert_args, expert_options
 from ..tokenizer.detok import IncrementalDetokenizer
+from .expert_args import add_expert_args, expert_options
 
 QUANT_CHOICES = ("none",) + QUANT_MODES  # none = fp32 everywhere
 

@@ -39,8 +39,15 @@ def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rat
     LFU policy at each format's slot count for the hit rate; its first ``trace_warmup`` calls (default:
     a tenth) only warm the cache.
     nodes > 1: a pipeline by layer ranges; each token pays nodes - 1 stage calls (``mesh_seconds``)."""
-    from ..benchkit.perfmodel import (KV_RESERVE, RUNTIME_OVERHEAD, cache_slots, mesh_seconds, nodes_to_hold,
-                                      predict, ram_to_hold_all)
+    from ..benchkit.perfmodel import (
+        KV_RESERVE,
+        RUNTIME_OVERHEAD,
+        cache_slots,
+        mesh_seconds,
+        nodes_to_hold,
+        predict,
+        ram_to_hold_all,
+    )
     from ..benchkit.shapes import FORMATS, format_bytes, shape_from_config
     from ..benchkit.source import resolve
 

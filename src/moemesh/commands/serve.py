@@ -8,8 +8,8 @@ import socket
 import sys
 
 from ..errors import MoemeshError
-from ..models.build import QUANT_MODES
 from ..kvcache.spec import KV_HELP, parse_kv_spec
+from ..models.build import QUANT_MODES
 from .expert_args import add_expert_args, expert_options
 
 QUANT_CHOICES = ("none",) + QUANT_MODES

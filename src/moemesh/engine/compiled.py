@@ -47,8 +47,8 @@ from pathlib import Path
 
 import torch
 
+from ..batch import BatchLayout
 from ..kvcache.dense import DenseKVCache
-from ..layers.batch import BatchLayout
 from ..models.transformer import Transformer
 from .step_fn import StepPlan, make_step, unsupported_reason  # noqa: F401  (re-exported for callers and tests)
 

@@ -6,14 +6,14 @@ Sequences join and leave the running batch at every step; prompts are fed in chu
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from ..batch import BatchLayout
 from ..errors import PromptTooLong
 from ..kvcache.base import KVCache
-from ..layers.batch import BatchLayout
 from ..models.transformer import Transformer
 from .sampler import Sampler, make_generator
 from .sampling_params import SamplingParams

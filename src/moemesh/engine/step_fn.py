@@ -10,16 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..experts.mixing import expert_table
 from ..experts.provider import ResidentExperts
-from ..layers import int4_ops
 from ..layers.attention import Attention
 from ..layers.head import OutputHead
 from ..layers.mlp import ACTIVATIONS, GatedMLP
 from ..layers.moe import MoEBlock
-from ..layers.qlinear import QuantLinear
 from ..layers.rope import apply_rope
 from ..layers.router import TopKRouter
 from ..models.transformer import Transformer
+from ..quant import int4_ops
+from ..quant.qlinear import QuantLinear
 
 
 def unsupported_reason(model: Transformer) -> str | None:
@@ -46,7 +47,7 @@ def _moe_unsupported(ffn: MoEBlock) -> str | None:
         return "MoE layer with a shared expert or a non-softmax router"
     if not isinstance(ffn.provider, ResidentExperts) or ffn.provider.reference:
         return f"experts behind {type(ffn.provider).__name__} (only resident experts compile)"
-    if int4_ops.expert_table(ffn.provider.experts[ffn.layer]) is None:
+    if expert_table(ffn.provider.experts[ffn.layer]) is None:
         return "experts are not int4 SwiGLUs the fused C kernel reads"
     return None
 
@@ -85,7 +86,7 @@ class MoEPlan:
     def __init__(self, ffn: MoEBlock, w: list[torch.Tensor]) -> None:
         experts = ffn.provider.experts[ffn.layer]
         self.router, self.top_k, self.norm_topk = _add(w, ffn.router.weight), ffn.router.top_k, ffn.router.norm_topk_prob
-        self.table = _add(w, int4_ops.expert_table(experts))
+        self.table = _add(w, expert_table(experts))
         e = experts[0]
         self.inter, self.gu_npad, self.dn_npad = e.down.in_features, e.gate_up.qweight.shape[0], e.down.qweight.shape[0]
         self.fmt = e.gate_up.kernel_fmt()  # expert_table checked every expert has it

@@ -15,9 +15,9 @@ import torch
 
 from ..errors import MoemeshError
 from ..layers.mlp import GatedMLP
+from ..store.expert_store import ExpertStore
 from .io import BlobReader
 from .policy import EvictionPolicy, Key
-from .store import ExpertStore
 
 
 @dataclass

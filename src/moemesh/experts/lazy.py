@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.mlp import GatedMLP, run_fused
-from ..layers.moe import accumulate, group_by_expert
 from ..layers.router import TopKRouter
 from .cache import ExpertCache
-from .provider import ExpertProvider
+from .mixing import Group, GroupedProvider, expert_rows
 
 
 class Lookahead:
@@ -75,18 +73,7 @@ class RankGate:
         return [r / t if t else None for r, t in zip(self.right, self.total)]
 
 
-def weighted_outputs(mlps: list, groups: list, x: torch.Tensor, flat_w: torch.Tensor) -> list[torch.Tensor]:
-    """Each expert's output on its tokens times its routing weights, [n, D] per expert. One decode
-    token through several fusable int4 experts takes one fused kernel call (mlp.run_fused): each
-    row is the bits the expert gives alone, so the result does not depend on how the ready experts
-    were grouped (lazy == resident stays exact)."""
-    if x.shape[0] == 1 and len(mlps) > 1 and all(isinstance(m, GatedMLP) and m.fused_int4() is not None for m in mlps):
-        y = run_fused(mlps[0].fused_int4(), mlps, x)  # [n, D]
-        return [y[j : j + 1] * flat_w[slots, None] for j, (_, _, slots) in enumerate(groups)]
-    return [m(x[token_idx]) * flat_w[slots, None] for m, (_, token_idx, slots) in zip(mlps, groups)]
-
-
-class LazyExperts(ExpertProvider):
+class LazyExperts(GroupedProvider):
     def __init__(self, cache: ExpertCache, lookahead: dict[int, Lookahead] | None = None,
                  gate: RankGate | None = None) -> None:
         self.cache = cache
@@ -98,27 +85,23 @@ class LazyExperts(ExpertProvider):
         self.token_layers = 0  # (token, layer) visits; / MoE layers = tokens, for per-token figures
         self.layers_seen: set[int] = set()
 
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # x: [T, D], ids/weights: [T, A] -> [T, D]
-        groups = group_by_expert(ids)
+    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor) -> list[torch.Tensor]:
+        # x: [T, D]; groups in expert-id order -> each expert's weighted rows [n, D]
         self._score_prediction(layer, [e for e, _, _ in groups])
         self.token_layers += x.shape[0]
         self.layers_seen.add(layer)
-        out = torch.zeros_like(x)
-        flat_w = weights.reshape(-1)
+        ys: list[torch.Tensor] = []
         wave = self.cache.num_slots
-        for start in range(0, len(groups), wave):
+        for start in range(0, len(groups), wave):  # waves keep expert-id order: same sums as resident
             chunk = groups[start : start + wave]
             entries = self.cache.acquire([(layer, e) for e, _, _ in chunk])
             try:
                 if start == 0:
                     self._prefetch_next(layer, x, {e.key for e in entries})
-                ys = self._compute_as_ready(entries, chunk, x, flat_w)
-                for y, (_, token_idx, _) in zip(ys, chunk):  # expert-id order: same sums as resident
-                    accumulate(out, token_idx, y)
+                ys += self._compute_as_ready(entries, chunk, x, flat_w)
             finally:
                 self.cache.release(entries)
-        return out
+        return ys
 
     def _compute_as_ready(self, entries: list, chunk: list, x: torch.Tensor, flat_w: torch.Tensor) -> list[torch.Tensor]:
         """Each expert's weighted output [n, D], computed in the order their reads complete
@@ -128,7 +111,7 @@ class LazyExperts(ExpertProvider):
         pending = list(range(len(entries)))
         while pending:
             ready = [i for i in pending if entries[i].future is None or entries[i].future.done()] or pending[:1]
-            outs = weighted_outputs([self.cache.expert(entries[i]) for i in ready], [chunk[i] for i in ready], x, flat_w)
+            outs = expert_rows([self.cache.expert(entries[i]) for i in ready], [chunk[i] for i in ready], x, flat_w)
             for i, y in zip(ready, outs):
                 ys[i] = y
             pending = [i for i in pending if ys[i] is None]

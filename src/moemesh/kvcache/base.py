@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..layers.batch import BatchLayout
+from ..batch import BatchLayout
 
 
 class KVCache(ABC):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..layers.batch import BatchLayout
+from ..batch import BatchLayout
 from .base import KVCache, causal_mask
 from .sinks import attend_with_sinks, softmax_with_sinks
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..native import BASE_FLAGS, load_library
+from ..quant.native import BASE_FLAGS, load_library
 from .packing import BitLayout
 
 HERE = Path(__file__).parent

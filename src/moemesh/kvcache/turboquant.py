@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layers.batch import BatchLayout
+from ..batch import BatchLayout
 from .base import KVCache
 from .quantizer import NORM_DTYPE, TurboQuantizer
 from .tq_attention import CodedHistory, attend_codes, attend_dequant

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from ..batch import BatchLayout
 from ..kvcache.base import KVCache
-from .batch import BatchLayout
+from ..quant.qlinear import QuantLinear
 from .norm import RMSNorm
-from .qlinear import QuantLinear
 from .rope import apply_rope
 
 

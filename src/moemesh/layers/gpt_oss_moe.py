@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant.qlinear import QuantLinear
 from .mlp import GatedMLP
-from .qlinear import QuantLinear
 
 ACT_NAME = "gpt_oss_swiglu"
 

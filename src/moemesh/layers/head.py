@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .qlinear import QuantLinear
+from ..quant.qlinear import QuantLinear
 
 
 class OutputHead(torch.nn.Module):

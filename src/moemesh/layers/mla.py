@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batch import BatchLayout
 from ..kvcache.base import KVCache
-from .batch import BatchLayout
+from ..quant.qlinear import QuantLinear
 from .norm import RMSNorm
-from .qlinear import QuantLinear
 from .rope import apply_rope
 
 

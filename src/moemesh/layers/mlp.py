@@ -6,8 +6,8 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from . import int4_native
-from .qlinear import QuantLinear
+from ..quant import int4_native
+from ..quant.qlinear import QuantLinear
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 

@@ -2,7 +2,8 @@
 engine's model (the server, engine and scheduler are unchanged)."""
 from __future__ import annotations
 
-from ..models.loader import LoadedModel, resolve_model_path
+from ..loading.loader import LoadedModel
+from ..loading.source import resolve_model_path
 from ..server.errors import APIError
 from ..server.state import ServerConfig, ServerState
 from .stack import MeshStack

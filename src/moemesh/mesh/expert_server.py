@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from hivemind.p2p import P2PContext
 
+from ..experts.mixing import GroupedProvider
 from .node import MeshNode
 from .wire import DTYPES
 
@@ -25,8 +26,9 @@ RUN = "moemesh.experts.run"
 
 
 class ExpertServer:
-    def __init__(self, node: MeshNode, experts: dict[int, dict[int, torch.nn.Module]], hidden_size: int) -> None:
-        self.node, self.experts, self.hidden_size = node, experts, hidden_size
+    def __init__(self, node: MeshNode, local: GroupedProvider, held: dict[int, set[int]], hidden_size: int) -> None:
+        # local computes the experts (the same mixing code as one process); held: layer -> expert ids served
+        self.node, self.local, self.held, self.hidden_size = node, local, held, hidden_size
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="moemesh-experts")
         self.calls = 0
         self.rows = 0
@@ -38,11 +40,11 @@ class ExpertServer:
         """What is wrong with a request, or None."""
         layer = header.get("layer")
         experts, counts = header.get("experts"), header.get("counts")
-        if layer not in self.experts:
+        if layer not in self.held:
             return f"this node holds no experts of layer {layer}"
         if not isinstance(experts, list) or not isinstance(counts, list) or len(experts) != len(counts):
             return "experts and counts must be lists of one length"
-        missing = [e for e in experts if e not in self.experts[layer]]
+        missing = [e for e in experts if e not in self.held[layer]]
         if missing:
             return f"this node does not hold experts {missing} of layer {layer}"
         if len(tensors) != 3:
@@ -74,11 +76,13 @@ class ExpertServer:
     @torch.inference_mode()
     def compute(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor, rows: torch.Tensor,
                 w: torch.Tensor) -> torch.Tensor:
-        """[N, D]: each expert over its rows, times its weights (the same ops as mix_grouped)."""
+        """[N, D]: each expert over its rows, times its weights (the local provider's weighted_outputs:
+        the same code and bits as one process)."""
         x = x.float()  # [n, D]
-        out, offset = [], 0
+        groups, offset = [], 0
         for e, n in zip(experts, counts):
-            r = rows[offset : offset + n]
-            out.append(self.experts[layer][e](x[r]) * w[offset : offset + n, None])  # [n_e, D]
+            slots = torch.arange(offset, offset + n)  # this expert's entries of rows / w
+            groups.append((e, rows[offset : offset + n], slots))
             offset += n
-        return torch.cat(out) if out else x.new_zeros((0, x.shape[1]))
+        ys = self.local.weighted_outputs(layer, x, groups, w) if groups else []
+        return torch.cat(ys) if ys else x.new_zeros((0, x.shape[1]))

@@ -15,7 +15,7 @@ For a top-k-then-softmax router (gpt-oss ``LogitTopKRouter``) masking logits is 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -122,7 +122,7 @@ class MeshNode:
         future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop)
         try:
             return future.result(timeout + 1.0)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             future.cancel()
             raise MeshError(f"mesh operation timed out after {timeout:.1f}s") from None
 
@@ -192,7 +192,7 @@ class MeshNode:
         try:
             reply = await asyncio.wait_for(
                 self.p2p.call_protobuf_handler(peer, name, request, runtime_pb2.ExpertResponse), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise MeshError(f"{name} to {peer} timed out after {timeout:.1f}s") from None
         except MeshError:
             raise

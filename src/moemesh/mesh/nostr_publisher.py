@@ -13,7 +13,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from nostr_sdk import Keys
 

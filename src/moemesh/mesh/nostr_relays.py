@@ -107,7 +107,7 @@ async def fetch(client: Client, relays: list[RelayUrl], filt: Filter, timeout_s:
     try:
         # The SDK honours its own timeout; wait_for is the backstop so we can never hang.
         return await asyncio.wait_for(coro, timeout_s + 2.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("Nostr fetch did not finish in %.1f s", timeout_s)
         return []
 
@@ -117,7 +117,7 @@ async def send(client: Client, relays: list[RelayUrl], event: Event, timeout_s: 
     coro = client.send_event(event, SendEventTarget.to(relays), ok_timeout=timedelta(seconds=timeout_s))
     try:
         out = await asyncio.wait_for(coro, timeout_s + 2.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("Nostr publish did not finish in %.1f s", timeout_s)
         return []
     for url, msg in out.failed.items():

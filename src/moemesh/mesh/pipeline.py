@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.p2p import PeerID
 
+from ..batch import BatchLayout
 from ..errors import MoemeshError
 from ..kvcache.base import KVCache
-from ..layers.batch import BatchLayout
 from ..models.args import ModelArgs
 from . import remote
 from .membership import Membership, NodeRecord

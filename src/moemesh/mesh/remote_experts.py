@@ -5,7 +5,9 @@ experts' holders: ONE batched call per peer per layer (the distinct token rows, 
 expert takes, the routing weights), split only to stay under the message cap. The remote calls
 are issued first, the local experts computed while they travel, then we wait. Every expert's
 weighted rows are added into the output in expert-id order, the same additions in the same
-order as ``mix_grouped`` in one process, so with the fp32 wire the result is bit-identical.
+order (experts/mixing.GroupedProvider), so with the fp32 wire the result is bit-identical to one
+process. The experts this node holds are computed by a wrapped local provider of any kind
+(resident, or lazy under a RAM budget).
 
 Failover: experts are stateless, so a failed call (error, timeout, dial failure) marks that
 peer failed until it announces again, and the same rows go to another holder of those experts.
@@ -24,15 +26,13 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
-from ..experts.provider import ExpertProvider
-from ..layers.moe import accumulate, group_by_expert
+from ..experts.mixing import Group, GroupedProvider
 from .expert_server import RUN
 from .membership import NodeRecord
 from .node import MeshError, MeshNode
 from .wire import NAMES, SAFE_PAYLOAD_BYTES
 
 log = logging.getLogger("moemesh.mesh")
-Group = tuple[int, torch.Tensor, torch.Tensor]  # (expert, token_idx [n], slot_idx [n])
 
 
 @dataclass
@@ -72,11 +72,12 @@ def build_calls(x: torch.Tensor, flat_w: torch.Tensor, groups: list[Group], wire
     return calls
 
 
-class RemoteExperts(ExpertProvider):
-    def __init__(self, local: dict[int, dict[int, torch.nn.Module]], node: MeshNode,
+class RemoteExperts(GroupedProvider):
+    def __init__(self, local: GroupedProvider, held: dict[int, set[int]], node: MeshNode,
                  records: Callable[[], list[NodeRecord]], model_id: str, wire: torch.dtype = torch.float32,
                  refresh_s: float | None = None) -> None:
-        self.local, self.node, self._fetch, self.model_id, self.wire = local, node, records, model_id, wire
+        # local computes the experts this node holds (held: layer -> expert ids); the rest go to peers
+        self.local, self.held, self.node, self._fetch, self.model_id, self.wire = local, held, node, records, model_id, wire
         self.refresh_s = node.options.heartbeat if refresh_s is None else refresh_s
         self.failed: dict[str, float] = {}  # peer id -> DHT time it failed us
         self.failovers = 0
@@ -119,27 +120,22 @@ class RemoteExperts(ExpertProvider):
         return out
 
     # --- the provider call -------------------------------------------------------------------
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # x: [T, D], ids/weights: [T, A] -> [T, D]
-        groups = group_by_expert(ids)
-        flat_w = weights.reshape(-1)  # [T*A]
-        held = self.local.get(layer, {})
+    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor) -> list[torch.Tensor]:
+        # x: [T, D]; groups in expert-id order -> each expert's weighted rows [n, D]
+        held = self.held.get(layer, set())
+        mine = [g for g in groups if g[0] in held]
         away = [g for g in groups if g[0] not in held]
         pending, plan = None, {}
         if away:  # issue the remote calls first, compute ours while they travel
             plan = self._plan(layer, x, flat_w, away, set())
             pending = asyncio.run_coroutine_threadsafe(self._gather_layer(layer, plan), self.node.loop)
         ys: dict[int, torch.Tensor] = {}
-        for e, tok, slots in groups:
-            if e in held:
-                ys[e] = held[e](x[tok]) * flat_w[slots, None]  # [n, D], as mix_grouped
-                self.local_rows += int(tok.shape[0])
+        if mine:
+            ys.update(zip([g[0] for g in mine], self.local.weighted_outputs(layer, x, mine, flat_w)))
+            self.local_rows += sum(int(g[1].shape[0]) for g in mine)
         if pending is not None:
             ys.update(self._wait(layer, x, flat_w, away, plan, pending))
-        out = torch.zeros_like(x)
-        for e, tok, _ in groups:  # expert-id order: the same sums as one process
-            accumulate(out, tok, ys[e])
-        return out
+        return [ys[e] for e, _, _ in groups]
 
     def _plan(self, layer: int, x: torch.Tensor, flat_w: torch.Tensor, groups: list[Group],
               exclude: set[str]) -> dict[str, tuple[list[Group], list[ExpertCall]]]:

@@ -11,18 +11,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..batch import BatchLayout
 from ..errors import CheckpointError
+from ..experts.provider import ResidentExperts
 from ..kvcache.base import KVCache
 from ..kvcache.spec import make_cache
-from ..layers.batch import BatchLayout
 from ..layers.head import OutputHead
 from ..layers.norm import RMSNorm
 from ..layers.rope import make_rotary
+from ..loading.source import arch_and_args, open_source, resolve_model_path
 from ..models.args import ModelArgs
-from ..models.build import Builder
-from ..models.loader import arch_and_args, open_source, resolve_model_path
+from ..models.build import Builder, make_builder
 from ..models.transformer import DecoderLayer
-from ..experts.provider import ResidentExperts
 
 
 class StageLayers(torch.nn.Module):
@@ -108,14 +108,14 @@ def load_slice(name: str, layers: str | None, quant: str = "auto", with_ends: bo
     ``choose_experts`` (expert-shard mode) picks the expert ids to hold once the trunk is built
     (so ``auto`` sees the memory left); None holds every expert."""
     path = resolve_model_path(name)
-    from ..experts.store import is_store
+    from ..store.expert_store import is_store
 
     if path.is_dir() and is_store(path):
         raise CheckpointError(f"{path}: mesh stages do not load expert stores yet; pass the HF directory or GGUF")
     config, source, tokenizer = open_source(path)
     spec, args = arch_and_args(path, config)
     start, end = parse_layers(layers or ":", args.num_layers)
-    builder = spec.make_builder(args, source, quant)  # an architecture may bring its own (gpt_oss)
+    builder = make_builder(spec, args, source, quant)  # an architecture may bring its own (gpt_oss)
     experts: dict[int, dict[int, torch.nn.Module]] = {}
     provider = ResidentExperts(experts)  # filled below; the MoE blocks keep this reference
     stage = StageLayers(args, start, [builder.layer(i, provider) for i in range(start, end)])

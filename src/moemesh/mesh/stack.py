@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MoemeshError
+from ..experts.provider import ResidentExperts
 from ..models.args import ModelArgs
 from .expert_server import ExpertServer
 from .expert_shards import MEMORY_FRACTION, auto_assign, expert_capacity, parse_experts
@@ -30,6 +31,11 @@ def model_id(config: dict) -> str:
     """Nodes agree on a model by its config (paths differ between machines)."""
     canonical = json.dumps(config, sort_keys=True, default=str)
     return f"{config.get('model_type', '?')}/{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
+def held_ids(experts: dict[int, dict[int, torch.nn.Module]]) -> dict[int, set[int]]:
+    """layer -> the expert ids this node holds (its share)."""
+    return {layer: set(held) for layer, held in experts.items()}
 
 
 def free_memory() -> int:
@@ -96,7 +102,7 @@ class MeshStack:
         self.stage = StageServer(self.node, s.stage, o.kv)
         self.stage.start()
         if s.experts:
-            self.expert_server = ExpertServer(self.node, s.experts, s.args.hidden_size)
+            self.expert_server = ExpertServer(self.node, ResidentExperts(s.experts), held_ids(s.experts), s.args.hidden_size)
             self.expert_server.start()
         mid = model_id(s.config)
         record = NodeRecord(
@@ -142,7 +148,8 @@ class MeshStack:
         if self.options.masked:
             mask_model(s.stage, s.held)
             return
-        self.remote_experts = RemoteExperts(s.experts, self.node, self.live_nodes, mid, wire)
+        self.remote_experts = RemoteExperts(ResidentExperts(s.experts), held_ids(s.experts), self.node, self.live_nodes, mid,
+                                            wire)
         for block in moe_blocks(s.stage):
             block.provider = self.remote_experts
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import P2PContext
 
-from ..layers.batch import BatchLayout
+from ..batch import BatchLayout
 from .node import MeshNode
 from .slice import StageLayers
 from .wire import DTYPES

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedArchitecture
-from . import llama, mixtral, olmoe, qwen2_moe, qwen3_moe
-from . import gpt_oss
-from . import deepseek_v2, deepseek_v3
+from . import deepseek_v2, deepseek_v3, gpt_oss, llama, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .spec import ArchSpec
 
 ARCHITECTURES: dict[str, ArchSpec] = {

@@ -8,14 +8,15 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
-from ..experts.provider import ExpertProvider, ResidentExperts
+from ..experts.provider import ResidentExperts
 from ..layers.attention import Attention
 from ..layers.head import OutputHead
 from ..layers.mlp import GatedMLP
-from ..layers.moe import MoEBlock
+from ..layers.moe import ExpertProvider, MoEBlock
 from ..layers.norm import RMSNorm
-from ..layers.qlinear import QuantLinear
 from ..layers.router import TopKRouter
+from ..quant.qlinear import QuantLinear
+from ..quant.qlinear_rows import from_float_rows
 from ..weights.source import WeightSource
 from .args import ModelArgs
 from .spec import ArchSpec
@@ -27,8 +28,8 @@ QUANT_MODES = ("auto", "fp32", "bf16", "int8", "int4")
 def int4_head(stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> QuantLinear:
     """The head's int4 matmul from a store's packed table (packed, scale, zero), row chunk by row
     chunk: the same buffers as quantizing the float table at load."""
-    from ..layers.qlinear_rows import from_row_chunks
-    from ..weights.int4_trunk import groups
+    from ..quant.int4_trunk import groups
+    from ..quant.qlinear_rows import from_row_chunks
 
     packed, scale, zero = stored
 
@@ -36,6 +37,11 @@ def int4_head(stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> QuantL
         return QuantLinear.from_int4_groups(*groups(packed[a:b], scale[a:b], zero[a:b]), None)
 
     return from_row_chunks(packed.shape[0], chunk, "int4")
+
+
+def make_builder(spec: ArchSpec, args: ModelArgs, source: WeightSource, quant: str = "auto") -> "Builder":
+    """The architecture's own Builder subclass (spec.builder, e.g. gpt_oss) or the shared one."""
+    return (spec.builder or Builder)(spec, args, source, quant)
 
 
 class Builder:
@@ -105,7 +111,7 @@ class Builder:
 
     def build(self, provider: ExpertProvider | None = None) -> Transformer:
         """provider=None holds every expert in RAM (ResidentExperts)."""
-        a, s = self.args, self.spec
+        a = self.args
         if provider is None:
             provider = ResidentExperts({i: self.experts(i) for i in a.moe_layers})
         layers = [self.layer(i, provider) for i in range(a.num_layers)]
@@ -138,4 +144,4 @@ class Builder:
         stored = getattr(self.src, "int4_parts", lambda _: None)("model.embed_tokens.weight" if tied else name)
         if mode == "int4" and stored is not None:  # an int4 trunk's head (weights/int4_trunk.py): no float pass
             return OutputHead(table, int4_head(stored))
-        return OutputHead(table, QuantLinear.from_float_rows(table, mode))
+        return OutputHead(table, from_float_rows(table, mode))

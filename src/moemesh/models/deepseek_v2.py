@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UnsupportedArchitecture
-from ..experts.provider import ExpertProvider
 from ..layers.grouped_router import GroupedRouter, GroupedRouting
 from ..layers.mla import MLAConfig, MultiHeadLatentAttention
-from ..layers.moe import MoEBlock
+from ..layers.moe import ExpertProvider, MoEBlock
 from ..layers.norm import RMSNorm
 from .args import ModelArgs, common_args
 from .build import Builder

@@ -15,7 +15,6 @@ from ..layers.grouped_router import GroupedRouting
 from .deepseek_v2 import DeepseekArgs, DeepseekBuilder, deepseek_args
 from .spec import ArchSpec
 
-
 # transformers' DeepseekV3Config defaults, for keys a config.json leaves out
 DEFAULTS = dict(n_group=8, topk_group=4, routed_scaling_factor=2.5, first_k_dense_replace=3, n_shared_experts=1,
                 norm_topk_prob=True, rope_interleave=True)

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..experts.provider import ExpertProvider
 from ..layers.attention import Attention
 from ..layers.gpt_oss_moe import ClampedSwiGLU, LogitTopKRouter, deinterleave
-from ..layers.moe import MoEBlock
-from ..layers.qlinear import QuantLinear
+from ..layers.moe import ExpertProvider, MoEBlock
+from ..quant.qlinear import QuantLinear
 from .args import ModelArgs, common_args, num_experts_of
 from .build import Builder
 from .spec import ArchSpec
@@ -63,7 +62,7 @@ def expert_tensors(source, layer: int, expert: int) -> tuple[torch.Tensor, torch
         if source.has(base + name):
             return source.get(base + name)[expert].float()
         if source.has(base + name + "_blocks"):
-            from ..weights.mxfp4 import dequantize_expert
+            from ..quant.mxfp4 import dequantize_expert
 
             # MXFP4 blocks are stored [out, in/32, 16]; dequantized [out, in] -> transpose
             return dequantize_expert(source.get(base + name + "_blocks")[expert],

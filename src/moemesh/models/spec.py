@@ -1,8 +1,9 @@
 """ArchSpec: what distinguishes one HF model_type from another, for the shared builder."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .args import ModelArgs
 
@@ -13,12 +14,7 @@ class ArchSpec:
     args_from_config: Callable[[dict[str, Any]], ModelArgs]
     moe_prefix: str = "mlp"  # mixtral: "block_sparse_moe"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # mixtral: w1, w3, w2
-    builder: Any = None  # a models.build.Builder subclass when the shared Builder cannot build it
-
-    def make_builder(self, args: ModelArgs, source: Any, quant: str = "auto") -> Any:
-        from .build import Builder
-
-        return (self.builder or Builder)(self, args, source, quant)
+    builder: Any = None  # a models.build.Builder subclass when the shared Builder cannot build it (models.build.make_builder)
 
     def expert_tensor_names(self, layer: int, num_experts: int) -> list[str]:
         """HF tensor names holding one layer's experts (an expert store keeps them out of its trunk)."""

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from ..batch import BatchLayout
 from ..kvcache.base import KVCache
 from ..layers.attention import Attention
-from ..layers.batch import BatchLayout
+from ..layers.head import OutputHead
 from ..layers.mlp import GatedMLP
 from ..layers.moe import MoEBlock
 from ..layers.norm import RMSNorm
-from ..layers.head import OutputHead
 from ..layers.rope import make_rotary
 from .args import ModelArgs
 

@@ -1,11 +1,12 @@
 """Calibration tokens and the dense model's FFN inputs on them."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..layers.batch import BatchLayout
+from ..batch import BatchLayout
 from ..models.transformer import Transformer
 from .data import calib_chats, calib_prose
 

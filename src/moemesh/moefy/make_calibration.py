@@ -12,7 +12,7 @@ import json
 
 from ..engine.engine import Engine
 from ..engine.sampling_params import SamplingParams
-from ..models.loader import load_model
+from ..loading.loader import load_model
 from .data import DATA, calib_prompts
 
 

@@ -19,9 +19,9 @@ import torch
 from tqdm import tqdm
 
 from ..errors import MoemeshError
+from ..loading.source import open_source, resolve_model_path
 from ..models import get_arch
 from ..models.build import Builder
-from ..models.loader import open_source, resolve_model_path
 from .calibrate import calibration_sequences, collect_ffn_inputs
 from .cluster import balanced_kmeans, neuron_features
 from .router_fit import fit_router, routing_error, topk_mask

@@ -14,10 +14,9 @@ import torch
 
 from ..engine.engine import Engine
 from ..engine.sampling_params import SamplingParams
-from ..experts.provider import ExpertProvider
-from ..experts.setup import lookaheads
-from ..layers.moe import MoEBlock
-from ..models.loader import LoadedModel
+from ..layers.moe import ExpertProvider, MoEBlock
+from ..loading.experts import lookaheads
+from ..loading.loader import LoadedModel
 
 
 class TracingProvider(ExpertProvider):

@@ -17,9 +17,9 @@ from typing import Any
 
 from ..tokenizer.chat import ChatTemplateError
 from ..tokenizer.tokenizer import Tokenizer
+from . import deepseek_chat, harmony
 from .errors import APIError
 from .generation import ToolMode
-from . import deepseek_chat, harmony
 from .reasoning import THINK_CLOSE, THINK_OPEN
 from .tool_parser import TOOL_CLOSE, TOOL_OPEN
 

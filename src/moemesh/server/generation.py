@@ -14,12 +14,12 @@ from ..engine.sampling_params import SamplingParams
 from ..tokenizer.detok import IncrementalDetokenizer
 from ..tokenizer.tokenizer import Tokenizer
 from .admission import Slot
-from .engine_loop import EngineLoop, RequestHandle, TokenEvent
 from .deepseek_chat import writes_deepseek_tools
 from .deepseek_tools import DeepSeekToolStream
+from .engine_loop import EngineLoop, RequestHandle, TokenEvent
 from .errors import APIError
-from .metrics import Metrics
 from .harmony import HarmonyStream, is_harmony
+from .metrics import Metrics
 from .reasoning import ReasoningStream
 from .stop_strings import StopMatcher
 from .tool_parser import ToolCall, ToolCallDelta, ToolCallStream

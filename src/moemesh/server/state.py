@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.engine import Engine
-from ..experts.provider import ExpertProvider
-from ..experts.setup import ExpertOptions
-from ..models.loader import EMBEDDED, LoadedModel, load_model
+from ..layers.moe import ExpertProvider
+from ..loading.experts import ExpertOptions
+from ..loading.loader import LoadedModel, load_model
+from ..loading.source import EMBEDDED
 from ..tokenizer.tokenizer import Tokenizer
 from .admission import Admission
 from .engine_loop import EngineLoop

@@ -7,9 +7,10 @@ template holds ``{e}``, and the reader splits it into one zero-copy tensor per e
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -16,7 +16,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader
 
 from moemesh.errors import CheckpointError, UnsupportedArchitecture
-from moemesh.weights import gguf_quants
+from moemesh.quant import ggml_blocks as gguf_quants
 from moemesh.weights.gguf_archs import ARCHS, ArchSpec
 
 

@@ -5,7 +5,7 @@ from typing import Protocol
 
 import torch
 
-Int4Groups = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q uint8 [O, I], scale [O, I/g], min [O, I/g]
+from ..quant.int4_trunk import Int4Groups, dequantize, groups
 
 
 class WeightSource(Protocol):
@@ -30,16 +30,12 @@ class SafetensorsSource:
 
     def get(self, name: str) -> torch.Tensor:
         if not self.ckpt.has(name) and self.ckpt.has(name + ".q4"):
-            from .int4_trunk import dequantize
-
             return dequantize(*self.int4_parts(name))
         return self.ckpt.get(name)
 
     def int4_groups(self, name: str) -> Int4Groups | None:
         if not self.ckpt.has(name + ".q4"):
             return None
-        from .int4_trunk import groups
-
         return groups(*self.int4_parts(name))
 
     def int4_parts(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from ..experts.provider import ResidentExperts
-from ..hugepages import move_quantized
-from ..layers.int4_ops import NATIVE_LINEAR_MIN_BYTES
 from ..layers.mlp import GatedMLP
 from ..layers.moe import MoEBlock
-from ..layers.qlinear import QuantLinear
-from .transformer import Transformer
+from ..models.transformer import Transformer
+from ..quant.hugepages import move_quantized
+from ..quant.int4_ops import NATIVE_LINEAR_MIN_BYTES
+from ..quant.qlinear import QuantLinear
 
 
 def resident_providers(model: Transformer) -> list[ResidentExperts]:

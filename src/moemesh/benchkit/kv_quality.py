@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..layers.batch import BatchLayout
+from ..batch import BatchLayout
 from ..models.transformer import Transformer
 
 

@@ -16,16 +16,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..errors import CheckpointError, MoemeshError
-from ..layers.qlinear import QuantLinear
-from ..layers.qlinear_state import export_state
+from ..errors import MoemeshError
+from ..experts.lazy import LazyExperts
 from ..models import get_arch
-from ..models.loader import open_source
+from ..models.build import make_builder
 from ..models.spec import ArchSpec
+from ..quant.qlinear import QuantLinear
+from ..quant.qlinear_state import export_state
+from ..store.checksum import DEFAULT as CHECKSUM
+from ..store.checksum import checksum_fn
+from ..store.expert_store import ALIGN, FORMAT, PART_ALIGN, VERSION, dtype_name
 from ..weights.safetensors_io import write_safetensors
-from .checksum import DEFAULT as CHECKSUM
-from .checksum import checksum_fn
-from .store import ALIGN, FORMAT, PART_ALIGN, VERSION, dtype_name
+from .source import open_source
 
 STORE_QUANTS = ("int4", "int8", "bf16", "fp32")
 TRUNK_QUANTS = ("keep", "int4")  # the trunk's linears as the source has them, or int4 (weights/int4_trunk.py)
@@ -111,10 +113,10 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: boo
 def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) -> list[tuple[str, torch.Tensor]]:
     """Every non-expert tensor under its HF name; with trunk_quant int4 each linear weight as its
     three int4 tensors instead (GGUF 4-bit groups as read, float weights quantized like at load)."""
-    from ..weights import int4_trunk
+    from ..quant import int4_trunk
 
-    linears = int4_trunk.linear_names(spec, args, source) if trunk_quant == "int4" else set()
-    head = int4_trunk.head_table_name(source, args) if trunk_quant == "int4" else None
+    linears = linear_names(spec, args, source) if trunk_quant == "int4" else set()
+    head = head_table_name(source, args) if trunk_quant == "int4" else None
     out = []
     for n in source.ckpt.names():
         if n in expert_names:
@@ -175,3 +177,25 @@ def _write_store(src, tmp, config, spec, args, source, quant, progress, trunk_qu
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+def head_table_name(source, args) -> str:
+    """The table the output head scores against: lm_head.weight, or the embedding when tied."""
+    tied = args.tie_word_embeddings or not source.has("lm_head.weight")
+    return "model.embed_tokens.weight" if tied else "lm_head.weight"
+
+
+def linear_names(spec, args, source) -> set[str]:
+    """The HF names the builder turns into QuantLinears for this architecture (the trunk's linears):
+    recorded by building the trunk once (experts are not built: MoE layers get an empty provider)."""
+    builder = make_builder(spec, args, source, "int4")
+    names: set[str] = set()
+    build_linear = builder.linear
+
+    def recording(ns: list[str], bias_names: list[str] | None = None):
+        names.update(ns)
+        return build_linear(ns, bias_names)
+
+    builder.linear = recording
+    builder.build(LazyExperts(cache=None))  # type: ignore[arg-type]
+    return names

@@ -11,7 +11,7 @@ weight NAME [N, K] (K % 32 == 0) is stored as three tensors instead of NAME:
 
 i.e. exactly the values ``QuantLinear.from_float(w, None, "int4")`` computes at load (same
 ``int4_quantize``), so a store with an int4 trunk decodes like one quantized at load, bit for bit.
-Which weights are linears is taken from the model builder itself (``linear_names``): whatever goes
+Which weights are linears is taken from the model builder itself (``loading.convert.linear_names``): whatever goes
 through ``Builder.linear`` (attention, dense MLPs, shared experts), never norms or routers. The
 output head's table (lm_head, or the tied embedding) keeps its float tensor (embedding rows and the
 head's exact rescoring read it) and gains the three int4 tensors beside it: the head's int4 matmul
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.qlinear import int4_quantize
-from .source import Int4Groups
+from .qlinear import int4_quantize
 
 GROUP = 32
+Int4Groups = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q uint8 [O, I], scale [O, I/g], min [O, I/g]
 Q, SCALE, ZERO = ".q4", ".q4_scale", ".q4_zero"
 
 
@@ -68,27 +68,3 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 def quantizable(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.shape[1] % GROUP == 0 and t.is_floating_point()
-
-
-def head_table_name(source, args) -> str:
-    """The table the output head scores against: lm_head.weight, or the embedding when tied."""
-    tied = args.tie_word_embeddings or not source.has("lm_head.weight")
-    return "model.embed_tokens.weight" if tied else "lm_head.weight"
-
-
-def linear_names(spec, args, source) -> set[str]:
-    """The HF names the builder turns into QuantLinears for this architecture (the trunk's linears):
-    recorded by building the trunk once (experts are not built: MoE layers get an empty provider)."""
-    from ..experts.lazy import LazyExperts
-
-    builder = spec.make_builder(args, source, "int4")
-    names: set[str] = set()
-    build_linear = builder.linear
-
-    def recording(ns: list[str], bias_names: list[str] | None = None):
-        names.update(ns)
-        return build_linear(ns, bias_names)
-
-    builder.linear = recording
-    builder.build(LazyExperts(cache=None))  # type: ignore[arg-type]
-    return names

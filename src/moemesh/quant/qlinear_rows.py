@@ -40,3 +40,11 @@ def from_row_chunks(n: int, build: Callable[[int, int], QuantLinear], mode: str,
     if n <= rows:
         return build(0, n)
     return concat_rows([build(i, min(n, i + rows)) for i in range(0, n, rows)], mode)
+
+
+def from_float_rows(weight: torch.Tensor, mode: str, group_size: int = 32, rows: int = ROWS) -> QuantLinear:
+    """QuantLinear.from_float (no bias) over chunks of ``rows`` rows of a [N, K] weight in any float
+    dtype, so a vocab-sized table is never held whole in fp32 (151936 x 2048 would be 1.2 GB).
+    Quantization is per row, and ``rows`` is a multiple of the int4 packing block (64), so the
+    result equals from_float's."""
+    return from_row_chunks(weight.shape[0], lambda a, b: QuantLinear.from_float(weight[a:b].float(), None, mode, group_size), mode, rows)

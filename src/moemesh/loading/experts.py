@@ -5,21 +5,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hugepages import HugePageArena, arena_size
-from ..layers.moe import MoEBlock
+from ..experts.budget import BudgetPlan, plan_budget
+from ..experts.cache import ExpertCache
+from ..experts.io import BlobReader
+from ..experts.lazy import LazyExperts, Lookahead, RankGate
+from ..experts.policy import make_policy
+from ..experts.provider import ResidentExperts
+from ..layers.moe import ExpertProvider, MoEBlock
 from ..models import get_arch
-from ..models.decode_weights import place_decode_weights
+from ..models.build import make_builder
 from ..models.transformer import Transformer
+from ..quant.hugepages import HugePageArena, arena_size
+from ..store.expert_store import ExpertStore
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource
-from .budget import BudgetPlan, plan_budget
-from .cache import ExpertCache
-from .io import BlobReader
-from .lazy import LazyExperts, Lookahead, RankGate
-from .policy import make_policy
-from .provider import ExpertProvider, ResidentExperts
-from .store import ExpertStore
-
+from .placement import place_decode_weights
 
 # Measured (bench/lazy_profile.py --prefetch-threshold, docs in RankGate): 0.7 prefetched 6 of 8 ranks on the
 # Qwen3-shaped store at a quarter cap (4.6-4.8 vs 3.9-4.3 tok/s for all) and 27 of 28 on the moefied SmolLM2.
@@ -78,7 +78,7 @@ def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tup
     spec = get_arch(store.config["model_type"])
     args = spec.args_from_config(store.config)
     source = SafetensorsSource(SafetensorsCheckpoint(store.root))
-    builder = spec.make_builder(args, source, quant)
+    builder = make_builder(spec, args, source, quant)
     if opts.ram is None and opts.slots is None:
         provider = resident_from_store(store, args.num_experts, opts.verify)
         model = builder.build(provider)

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..layers.mlp import GatedMLP
-from ..layers.qlinear_state import from_state
+from ..quant.qlinear_state import from_state
 from .checksum import checksum_fn
 
 FORMAT = "moemesh-expert-store"

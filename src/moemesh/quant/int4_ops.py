@@ -1,11 +1,11 @@
 """The fused int4 expert kernel as a torch custom op, so a ``torch.compile`` graph
 (engine/compiled.py) can call it as one opaque node per MoE layer: ``moemesh::moe_decode`` (one
-token's routed experts through int4_ffn.c, summed like layers/moe.mix_one_token, so the compiled
+token's routed experts through int4_ffn.c, summed in expert-id order like experts/mixing's grouped loop, so the compiled
 MoE layer returns the eager one's bits for the same input). A custom op is called from the graph
 through Python (tens of microseconds): worth it once per layer, not per linear.
 
 Experts are named by a pointer table, int64 [E, 4] = data_ptr of (gate_up qweight, gate_up
-scales, down qweight, down scales) per expert (``expert_table``; scales are QuantLinear.int4_scales:
+scales, down qweight, down scales) per expert (``experts/mixing.expert_table``; scales are QuantLinear.int4_scales:
 (scale, zero) pairs, or scales alone, in the layout ``fmt`` names, for every expert of the layer): a graph
 input like any weight. The tensors it points into belong to ResidentExperts, which keeps them
 alive and in place for the model's lifetime.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from . import int4_native
-from .mlp import GatedMLP
 
 
 @torch.library.custom_op("moemesh::moe_decode", mutates_args=())
@@ -58,17 +57,3 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ou
 @int4_linear.register_fake
 def _int4_linear_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out_features: int, fmt: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
-
-
-def expert_table(experts: list[GatedMLP]) -> torch.Tensor | None:
-    """int64 [E, 4] pointer table of a layer's experts, or None unless every one is a fusable int4
-    SwiGLU of one shape (what ``moe_decode`` computes)."""
-    if not experts or any(not isinstance(e, GatedMLP) or e.fused_int4() is None for e in experts):
-        return None
-    shape = lambda e: (e.gate_up.qweight.shape, e.down.qweight.shape, e.down.in_features, e.gate_up.kernel_fmt(),  # noqa: E731
-                       e.down.kernel_fmt())
-    if any(shape(e) != shape(experts[0]) for e in experts):
-        return None
-    return torch.tensor([[e.gate_up.qweight.data_ptr(), e.gate_up.int4_scales().data_ptr(),
-                          e.down.qweight.data_ptr(), e.down.int4_scales().data_ptr()] for e in experts],
-                        dtype=torch.int64)

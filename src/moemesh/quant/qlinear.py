@@ -156,20 +156,6 @@ class QuantLinear(torch.nn.Module):
         layer.register_buffer("weight", (q.float() * expand(scale_f) + expand(minv_f)).to(torch.bfloat16))
         return layer
 
-    @classmethod
-    def from_float_rows(cls, weight: torch.Tensor, mode: str, group_size: int = 32, rows: int = 4096) -> QuantLinear:
-        """from_float (no bias) over chunks of ``rows`` rows of a [N, K] weight in any float dtype,
-        so a vocab-sized table is never held whole in fp32 (151936 x 2048 would be 1.2 GB).
-        Quantization is per row, and ``rows`` is a multiple of the int4 packing block (64), so
-        the result equals from_float's."""
-        from .qlinear_rows import concat_rows
-
-        n = weight.shape[0]
-        if n <= rows:
-            return cls.from_float(weight.float(), None, mode, group_size)
-        parts = [cls.from_float(weight[i : i + rows].float(), None, mode, group_size) for i in range(0, n, rows)]
-        return concat_rows(parts, mode)
-
     def _fall_back(self, mode: str, why: str) -> None:
         step = f"{self.mode} -> {mode} ({why})"
         self.fallback = step if self.fallback is None else f"{self.fallback}; {step}"

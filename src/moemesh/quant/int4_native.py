@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..native import BASE_FLAGS, load_library
+from .native import BASE_FLAGS, load_library
 
 HERE = Path(__file__).parent
 SOURCES = ("int4_kernel.h", "int4_matmul.c", "int4_ffn.c")
@@ -155,7 +155,7 @@ def experts_mix_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[l
 def moe_decode_table(lib: ctypes.CDLL, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                      table: torch.Tensor, inter: int, gu_npad: int, dn_npad: int, fmt: int) -> torch.Tensor:
     """One token's MoE layer from the router's picks: x fp32 [1, D], ids int64 [1, A], weights
-    fp32 [1, A], table int64 [E, 4] (layers/int4_ops.expert_table) -> [1, D]; the picks summed in
+    fp32 [1, A], table int64 [E, 4] (experts/mixing.expert_table) -> [1, D]; the picks summed in
     expert-id order (int4_ffn.c ``i4_moe_decode``: sort, pointer gather, experts, weighted sum)."""
     x = x.float().contiguous()
     ids = ids.to(torch.int64).contiguous()

@@ -1,0 +1,124 @@
+"""Mixing a layer's experts: the one home of "group rows by expert -> each expert over its rows ->
+add the weighted rows in expert-id order", shared by every provider (resident, lazy, remote, and the
+mesh's expert server), so they all give the same bits for the same experts.
+
+Shape legend: T tokens, D hidden, A active experts per token, n rows routed to one expert.
+
+``GroupedProvider.run`` is that loop; a provider only says how it gets each expert's weighted rows
+(``weighted_outputs``: held in RAM, read through the cache, or computed by a peer). ``expert_rows``
+is the shared per-expert computation, with one fused kernel call when one decode token goes through
+several fusable int4 experts (each row the bits the expert gives alone). ``mix_reference`` is the
+obvious per-token, per-slot loop kept beside it for tests; ``sum_in_order`` is the reference of the
+C kernels' one-call mix (``quant.int4_native.moe_decode_table``).
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from ..layers.mlp import GatedMLP, run_fused
+from ..layers.moe import ExpertProvider
+
+Group = tuple[int, torch.Tensor, torch.Tensor]  # (expert, token_idx [n], slot_idx [n] into the flat [T*A] picks)
+ExpertFn = Callable[[int], torch.nn.Module]
+
+
+def group_by_expert(ids: torch.Tensor) -> list[Group]:
+    """ids [T, A] -> [(expert, token_idx [n], slot_flat_idx [n])] sorted by expert id."""
+    flat = ids.reshape(-1)  # [T*A]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat).tolist()
+    groups, start, a = [], 0, ids.shape[1]
+    for expert, count in enumerate(counts):
+        if count:
+            slots = order[start : start + count]
+            groups.append((expert, slots // a, slots))
+            start += count
+    return groups
+
+
+def accumulate(out: torch.Tensor, token_idx: torch.Tensor, y: torch.Tensor) -> None:
+    """out[token_idx] += y. One decode token: a plain add (index_add_ opens an OpenMP region,
+    ~30x slower at this size); the same float additions, so the result is identical."""
+    if out.shape[0] == 1:
+        out.add_(y)
+    else:
+        out.index_add_(0, token_idx, y)
+
+
+def add_in_order(x: torch.Tensor, groups: list[Group], ys: list[torch.Tensor]) -> torch.Tensor:
+    """sum over experts, in the groups' (expert-id) order, of each expert's weighted rows -> [T, D]."""
+    out = torch.zeros_like(x)
+    for (_, token_idx, _), y in zip(groups, ys):
+        accumulate(out, token_idx, y)
+    return out
+
+
+def expert_rows(mlps: list[torch.nn.Module], groups: list[Group], x: torch.Tensor, flat_w: torch.Tensor) -> list[torch.Tensor]:
+    """Each expert's output on its tokens times its routing weights, [n, D] per expert. One decode
+    token through several fusable int4 experts takes one fused kernel call (mlp.run_fused): each row
+    is the bits the expert gives alone, so the result does not depend on how experts were grouped
+    into calls (lazy == resident stays exact)."""
+    if x.shape[0] == 1 and len(mlps) > 1 and all(isinstance(m, GatedMLP) and m.fused_int4() is not None for m in mlps):
+        y = run_fused(mlps[0].fused_int4(), mlps, x)  # [n, D]
+        return [y[j : j + 1] * flat_w[slots, None] for j, (_, _, slots) in enumerate(groups)]
+    return [m(x[token_idx]) * flat_w[slots, None] for m, (_, token_idx, slots) in zip(mlps, groups)]
+
+
+class GroupedProvider(ExpertProvider):
+    """An ExpertProvider that computes a layer as: group by expert -> ``weighted_outputs`` -> add in id order."""
+
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # x: [T, D], ids/weights: [T, A] -> [T, D]
+        groups = group_by_expert(ids)
+        return add_in_order(x, groups, self.weighted_outputs(layer, x, groups, weights.reshape(-1)))
+
+    @abstractmethod
+    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor) -> list[torch.Tensor]:
+        """For each group (expert, token_idx, slots), in order: expert(x[token_idx]) * flat_w[slots, None], [n, D]."""
+
+
+def mix_grouped(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: ExpertFn) -> torch.Tensor:
+    """The grouped loop over an expert lookup (what ResidentExperts computes): x [T, D], ids/weights [T, A] -> [T, D]."""
+    groups = group_by_expert(ids)
+    return add_in_order(x, groups, expert_rows([expert(e) for e, _, _ in groups], groups, x, weights.reshape(-1)))
+
+
+def mix_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: ExpertFn) -> torch.Tensor:
+    # x: [T, D], ids/weights: [T, A] -> [T, D]; one token and one slot at a time
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = int(ids[t, slot])
+            out[t] += weights[t, slot] * expert(e)(x[t : t + 1])[0]
+    return out
+
+
+def sum_in_order(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_e w[e] * y[e] for one token, one product and one addition per expert in the given order:
+    the float operations of the grouped loop, so the bits match. The reference of the one-call mix in
+    C (int4_native.moe_decode_table / mlp.mix_fused), compared bitwise in tests/test_int4_ffn.py.
+    x [1, D] (shape/dtype of the result), y [A, D], w [A] -> [1, D]."""
+    yw = y * w[:, None]  # [A, D]
+    out = torch.zeros_like(x)
+    for i in range(yw.shape[0]):
+        out.add_(yw[i])
+    return out
+
+
+def expert_table(experts: list[GatedMLP]) -> torch.Tensor | None:
+    """int64 [E, 4] pointer table of a layer's experts (data_ptr of gate_up qweight, gate_up scales,
+    down qweight, down scales), or None unless every one is a fusable int4 SwiGLU of one shape: the
+    input of the one-call decode (``int4_native.moe_decode_table``, the compiled graph's
+    ``moemesh::moe_decode``). The tensors stay owned by the provider, alive and in place."""
+    if not experts or any(not isinstance(e, GatedMLP) or e.fused_int4() is None for e in experts):
+        return None
+    shape = lambda e: (e.gate_up.qweight.shape, e.down.qweight.shape, e.down.in_features, e.gate_up.kernel_fmt(),  # noqa: E731
+                       e.down.kernel_fmt())
+    if any(shape(e) != shape(experts[0]) for e in experts):
+        return None
+    return torch.tensor([[e.gate_up.qweight.data_ptr(), e.gate_up.int4_scales().data_ptr(),
+                          e.down.qweight.data_ptr(), e.down.int4_scales().data_ptr()] for e in experts],
+                        dtype=torch.int64)

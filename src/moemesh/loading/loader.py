@@ -1,0 +1,84 @@
+"""load_model: a name, a GGUF file or an HF checkpoint directory -> a ready Transformer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..layers.moe import ExpertProvider
+from ..models.args import ModelArgs
+from ..models.build import make_builder
+from ..models.transformer import Transformer
+from ..sysinfo import trim_heap
+from ..weights.source import SafetensorsSource
+from .placement import place_decode_weights
+from .source import arch_and_args, open_source, resolve_model_path
+
+if TYPE_CHECKING:
+    from ..experts.budget import BudgetPlan
+    from ..tokenizer.tokenizer import Tokenizer
+    from .experts import ExpertOptions
+
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    args: ModelArgs
+    tokenizer: "Tokenizer | None"
+    path: Path
+    config: dict
+    provider: ExpertProvider | None = None
+    budget: "BudgetPlan | None" = None
+
+
+def load_model(
+    name: str, quant: str = "auto", provider: ExpertProvider | None = None, experts: "ExpertOptions | None" = None
+) -> LoadedModel:
+    """``experts`` chooses how an expert store's experts are held (resident, or lazy under a RAM
+    budget); an HF MoE directory asked to run lazily is converted into a store on first use."""
+    from ..store.expert_store import ExpertStore, is_store
+    from .experts import ExpertOptions, build_from_store
+
+    path = resolve_model_path(name)
+    opts = experts or ExpertOptions()
+    lazy = opts.ram is not None or opts.slots is not None
+    if path.is_dir() and not is_store(path) and lazy:
+        path = cached_store(path, "int4" if quant == "auto" else quant)
+    if path.is_dir() and is_store(path):
+        store = ExpertStore(path)
+        model, prov, budget = build_from_store(store, quant, opts)
+        trim_heap()
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from ..tokenizer.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(path)
+        return LoadedModel(model, model.args, tokenizer, path, store.config, prov, budget)
+    config, source, tokenizer = open_source(path)
+    spec, args = arch_and_args(path, config)
+    model = make_builder(spec, args, source, quant).build(provider)
+    place_decode_weights(model)  # huge pages, block-major scales (before the float pages below go)
+    if isinstance(source, SafetensorsSource):
+        source.ckpt.release_unused(model)  # the float pages of weights the build converted
+    trim_heap()
+    return LoadedModel(model, args, tokenizer, path, config, provider)
+
+
+def cached_store(src: Path, quant: str) -> Path:
+    """The store converted from ``src`` (made on first use) under ~/.cache/moemesh/stores."""
+    import hashlib
+    import os
+
+    from .convert import convert
+
+    stat = (src / "config.json").stat()
+    trunk = "int4" if quant == "int4" else "keep"  # an int4 run reads an int4 trunk: no float trunk mapped in
+    layout = f"trunk-{trunk}-v2"  # v2: the int4 trunk includes the head's table
+    key = hashlib.sha256(f"{src.resolve()}|{stat.st_mtime_ns}|{quant}|{layout}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "stores"
+    out = root / f"{src.name}-{quant}-{key}"
+    if not out.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        convert(src, out, quant, trunk_quant=trunk)
+    return out
