@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import synth_models as sm  # noqa: E402
+from moemesh.benchkit.suites import DEFAULT_LLAMA_PYTHON  # noqa: E402
 
-LLAMA_PY = "/work/llamacpp-venv/bin/python"
+LLAMA_PY = os.environ.get("MOEMESH_LLAMA_PYTHON") or DEFAULT_LLAMA_PYTHON  # `make peers` builds it
 # tiny widths, the real key sets (every width a multiple of Q4_0's 32)
 TINY = {
     "mixtral-8x7b": dict(hidden_size=128, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,

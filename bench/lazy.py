@@ -66,9 +66,10 @@ import synth_models  # noqa: E402
 from lazy_report import markdown, plot  # noqa: E402
 from lazy_runs import config_summary, load_checks, run_config, token_stream  # noqa: E402
 from moemesh.benchkit.probe import disk_bandwidth  # noqa: E402  (O_DIRECT random reads, shared with the probe)
+from moemesh.benchkit.suites import DEFAULT_LLAMA_PYTHON  # noqa: E402
 
 RESULTS = HERE / "results"
-LLAMA_PY = "/work/llamacpp-venv/bin/python"
+LLAMA_PY = os.environ.get("MOEMESH_LLAMA_PYTHON") or DEFAULT_LLAMA_PYTHON  # `make peers` builds it
 MIB = 2**20
 
 
