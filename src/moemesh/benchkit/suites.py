@@ -104,7 +104,7 @@ SUITES: tuple[Suite, ...] = (
           llama_flag="--llama-python"),
     _lazy("gpt-oss-120b", 6),
     _lazy("mixtral-8x7b", 15),
-    _lazy("deepseek-v3", 6),  # llama.cpp's deepseek2 GGUF: bench/synth_gguf_deepseek.py
+    _lazy("deepseek-v3", 6),  # llama.cpp's deepseek2 GGUF: benchkit/synth/gguf_deepseek.py
     Suite("plot_caps", "plot_caps.py", "plot: decode tok/s vs RAM cap per model, from the lazy results",
           results=_res("lazy_caps.png"), minutes=0.2),
     Suite("readme_table", "readme_table.py", "regenerate README.md's performance table from bench/results",
