@@ -20,6 +20,7 @@ from ..layers.moe import ExpertProvider, MoEBlock
 from ..layers.norm import RMSNorm
 from .args import ModelArgs, common_args
 from .build import Builder
+from .shape import Linear, ModelShape, base_shape, gated
 from .spec import ArchSpec
 
 LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps, not rms_norm_eps
@@ -130,4 +131,33 @@ class DeepseekBuilder(Builder):
         return MoEBlock(i, router, provider, shared)  # type: ignore[arg-type]  # same call as TopKRouter
 
 
-ARCH = ArchSpec("deepseek_v2", args_from_config, builder=DeepseekBuilder)
+def mla_shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
+    """Multi-head latent attention; dense MLPs before the first MoE layer; shared experts."""
+    assert isinstance(args, DeepseekArgs) and args.mla is not None and args.routing is not None
+    m, d, h = args.mla, args.hidden_size, args.num_heads
+    s = base_shape(args, name)
+    bias = args.attention_bias
+    attn = [Linear(m.kv_lora_rank + m.qk_rope_head_dim, d, bias), Linear(h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+            Linear(d, h * m.v_head_dim, bias)]
+    small = 2 * d + m.kv_lora_rank
+    if m.q_lora_rank:
+        attn += [Linear(int(m.q_lora_rank), d, bias), Linear(h * (m.qk_nope_head_dim + m.qk_rope_head_dim), int(m.q_lora_rank))]
+        small += int(m.q_lora_rank)
+    else:
+        attn.append(Linear(h * (m.qk_nope_head_dim + m.qk_rope_head_dim), d))
+    s.expert_linears = gated(d, args.moe_intermediate_size)
+    correction = args.num_experts if args.routing.scoring == "sigmoid" else 0  # e_score_correction_bias
+    for i in range(args.num_layers):
+        s.trunk_linears += attn
+        if args.is_moe_layer(i):
+            s.trunk_linears += gated(d, args.shared_expert_intermediate_size) if args.shared_expert_intermediate_size else []
+            s.small_params += args.num_experts * d + correction  # router (+ correction bias)
+        else:
+            s.trunk_linears += gated(d, args.intermediate_size)
+    s.small_params += args.num_layers * small + d
+    if cfg.get("num_nextn_predict_layers"):
+        s.notes.append(f"{cfg['num_nextn_predict_layers']} multi-token-prediction layer(s) not counted (decode does not use them)")
+    return s
+
+
+ARCH = ArchSpec("deepseek_v2", args_from_config, builder=DeepseekBuilder, shape=mla_shape)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..layers.grouped_router import GroupedRouting
-from .deepseek_v2 import DeepseekArgs, DeepseekBuilder, deepseek_args
+from .deepseek_v2 import DeepseekArgs, DeepseekBuilder, deepseek_args, mla_shape
 from .spec import ArchSpec
 
 # transformers' DeepseekV3Config defaults, for keys a config.json leaves out
@@ -33,4 +33,4 @@ def args_from_config(cfg: dict[str, Any]) -> DeepseekArgs:
     return deepseek_args(cfg, "deepseek_v3", routing, interleaved=bool(cfg.get("rope_interleave", True)))
 
 
-ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder)
+ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder, shape=mla_shape)

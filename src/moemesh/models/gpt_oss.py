@@ -25,6 +25,7 @@ from ..layers.moe import ExpertProvider, MoEBlock
 from ..quant.qlinear import QuantLinear
 from .args import ModelArgs, common_args, num_experts_of
 from .build import Builder
+from .shape import standard_shape
 from .spec import ArchSpec
 
 DEFAULT_ALPHA, DEFAULT_LIMIT = 1.702, 7.0
@@ -133,4 +134,5 @@ class GptOssSpec(ArchSpec):
         return {"kind": "clamped_swiglu", "alpha": args.swiglu_alpha, "limit": args.swiglu_limit}
 
 
-ARCH = GptOssSpec("gpt_oss", args_from_config, builder=GptOssBuilder)
+ARCH = GptOssSpec("gpt_oss", args_from_config, builder=GptOssBuilder,
+                  shape=lambda args, cfg, name: standard_shape(args, name, expert_bias=True, router_bias=True, sinks=True))
