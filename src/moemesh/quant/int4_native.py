@@ -1,11 +1,15 @@
-"""Optional C int4 matmul (int4_matmul.c) over torch's own int4 CPU packing, built on first use.
+"""Optional C int4 matmul (int4_matmul.c, int4_ffn.c) over torch's own int4 CPU packing, built on first use.
 
 torch's ``_weight_int4pack_mm_for_cpu`` dequantizes every weight to fp32 (two fmas per weight);
 the C kernel splits x per (row, group of 32) into two int8 planes (llama.cpp's Q8 plus a
-residual plane: ~16-bit activations) and takes exact integer dot products with AVX-512 VNNI, reading the same ``qweight`` and
-``scales_and_zeros`` buffers (no repack, no extra memory, nothing to redo per expert load).
-Only torch's AVX-512 packing (block 64, halves) and group 32 are supported; callers check
-``supports``. Built by moemesh/native.py (``cc -O3 -march=native``, cached per source, flags and CPU). No compiler, a failed build, a CPU without AVX-512 VNNI/VBMI: ``load_native()`` is None.
+residual plane: ~16-bit activations) and takes exact integer dot products, reading the same ``qweight``
+and ``scales_and_zeros`` buffers (no repack, no extra memory, nothing to redo per expert load).
+Three builds of the same sources, one arithmetic, the same bits (int4_kernel.h): ``avx512`` (VNNI +
+VBMI), ``avx2`` (+ FMA), ``scalar`` (plain C, any CPU); ``load_native`` picks the best one this CPU
+runs (``MOEMESH_INT4_ISA`` forces one). Both of torch's SIMD packings (64-row blocks, written on an
+AVX-512 CPU; 32-row blocks, on an AVX2 one) and group 32 are read; callers check ``supports``. Built by
+quant/native.py (``cc -O3 -march=native``, cached per source, flags and CPU). No compiler or a failed
+build: ``load_native()`` is None and callers keep torch's kernel.
 """
 from __future__ import annotations
 
@@ -13,26 +17,39 @@ import ctypes
 import math
 import os
 import subprocess
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from .native import BASE_FLAGS, load_library
+from .int4_pack import torch_layout
+from .native import BASE_FLAGS, cpu_flags, load_library
 
 HERE = Path(__file__).parent
-SOURCES = ("int4_kernel.h", "int4_matmul.c", "int4_ffn.c")
-FLAGS = BASE_FLAGS
-LAYOUT = (64, True)  # torch's AVX-512 int4 packing, the only one the kernel reads
+SOURCES = ("int4_kernel.h", "int4_scalar.h", "int4_avx2.h", "int4_avx512.h", "int4_matmul.c", "int4_ffn.c")
+# no fp contraction: the paths' bits depend on which products round before they are added (-std=c11
+# already means off for gcc; clang's default would fuse)
+FLAGS = (*BASE_FLAGS, "-ffp-contract=off")
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}  # build name -> I4_ISA / i4_isa()
+ISA_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512_vnni", "avx512vbmi"), "avx2": ("avx2", "fma"), "scalar": ()}
+LAYOUTS = {(64, True): 0, (32, True): 4}  # torch's AVX-512 / AVX2 int4 packing -> its fmt bit (FMT_B32)
 GROUP = 32
-BLOCK = 64  # rows per packed weight block
-FMT_SYM, FMT_BLOCKS = 1, 2  # the kernels' ``fmt`` bits (int4_kernel.h): symmetric, block-major scales
+BLOCK = 64  # rows per block-major scale block (and per AVX-512 weight block)
+FMT_SYM, FMT_BLOCKS, FMT_B32 = 1, 2, 4  # the kernels' ``fmt`` bits (int4_kernel.h): symmetric, block-major scales, 32-row weight blocks
+ISA_ENV = "MOEMESH_INT4_ISA"
 
 
-@lru_cache(maxsize=1)
-def _load() -> ctypes.CDLL | None:
+def cpu_isas() -> list[str]:
+    """The builds this CPU runs, best first (from /proc/cpuinfo's flags; plain C everywhere)."""
+    flags = set(cpu_flags().split())
+    return [isa for isa in ("avx512", "avx2", "scalar") if all(f in flags for f in ISA_FLAGS[isa])]
+
+
+@lru_cache(maxsize=None)
+def _load(isa: str) -> ctypes.CDLL | None:
     try:
-        lib = load_library("int4_matmul", HERE, SOURCES, list(FLAGS))
+        lib = load_library(f"int4_matmul_{isa}", HERE, SOURCES, [*FLAGS, f"-DI4_ISA={ISAS[isa]}"])
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -44,20 +61,44 @@ def _load() -> ctypes.CDLL | None:
     lib.i4_experts_mix.restype = i32
     lib.i4_moe_decode.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, i64, i32, p, i32]
     lib.i4_moe_decode.restype = i32
-    lib.i4_simd.restype = i32
-    return lib if lib.i4_simd() else None
+    lib.i4_isa.restype = i32
+    return lib if lib.i4_isa() == ISAS[isa] else None  # the compiler could not target it
+
+
+def load_variant(isa: str) -> ctypes.CDLL | None:
+    """The ``isa`` build of the kernels ("scalar", "avx2", "avx512"), or None when this CPU lacks it or
+    it cannot be built. Tests compare the builds on one machine."""
+    if isa not in ISAS:
+        raise ValueError(f"int4 kernel build {isa!r}: expected one of {sorted(ISAS)}")
+    return _load(isa) if isa in cpu_isas() else None
 
 
 def load_native() -> ctypes.CDLL | None:
-    """The kernel library, or None when disabled (MOEMESH_INT4_NATIVE=0) or unavailable."""
+    """The kernel library, or None when disabled (MOEMESH_INT4_NATIVE=0) or unavailable. The best build
+    for this CPU, or the one MOEMESH_INT4_ISA names (None, with a warning, if this CPU lacks it)."""
     if os.environ.get("MOEMESH_INT4_NATIVE", "1") == "0":
         return None
-    return _load()
+    isa = os.environ.get(ISA_ENV) or cpu_isas()[0]
+    lib = load_variant(isa)
+    if lib is None and isa not in cpu_isas():
+        _warn_missing(isa)
+    return lib
+
+
+@lru_cache(maxsize=None)
+def _warn_missing(isa: str) -> None:
+    warnings.warn(f"{ISA_ENV}={isa}: this CPU lacks it ({', '.join(cpu_isas())} available); "
+                  "using torch's int4 kernel", RuntimeWarning, stacklevel=3)
 
 
 def supports(layout: tuple[int, bool] | None, group_size: int, in_features: int) -> bool:
-    """Whether the kernel reads this packing: torch's AVX-512 layout, group 32."""
-    return layout == LAYOUT and group_size == GROUP and in_features % GROUP == 0
+    """Whether the kernels read this packing: torch's AVX-512 or AVX2 layout, group 32."""
+    return layout in LAYOUTS and group_size == GROUP and in_features % GROUP == 0
+
+
+def layout_fmt(layout: tuple[int, bool] | None) -> int:
+    """The ``fmt`` bit of a supported packing (FMT_B32 for torch's AVX2 32-row blocks, else 0)."""
+    return LAYOUTS.get(layout, 0) if layout is not None else 0
 
 
 def is_symmetric(scales: torch.Tensor) -> bool:
@@ -87,15 +128,16 @@ def unblock_scales(flat: torch.Tensor, g: int, n_pad: int, sym: bool) -> torch.T
 
 def int4_matmul(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 fmt: int | None = None) -> torch.Tensor:
-    """x fp32/bf16 [M, K] @ W.T -> fp32 [M, N_pad]; qweight uint8 [N_pad, K/2] (torch's AVX-512
-    int4 packing), scales bf16 [K/32, N_pad, 2] (scale, zero) or [K/32, N_pad] (symmetric); with
-    ``fmt`` & FMT_BLOCKS, 1-D in block_scales' layout (fmt None: torch's layout, sym from the rank)."""
+    """x fp32/bf16 [M, K] @ W.T -> fp32 [M, N_pad]; qweight uint8 [N_pad, K/2] (torch's AVX-512 int4
+    packing, or its AVX2 one with ``fmt`` & FMT_B32), scales bf16 [K/32, N_pad, 2] (scale, zero) or
+    [K/32, N_pad] (symmetric); with ``fmt`` & FMT_BLOCKS, 1-D in block_scales' layout (fmt None: torch's
+    scale layout, sym from the rank, the packing torch writes on this machine)."""
     m, k = x.shape
     n_pad = qweight.shape[0]
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()
     x = x.contiguous()
-    fmt = int(is_symmetric(scales)) if fmt is None else fmt
+    fmt = (int(is_symmetric(scales)) | layout_fmt(torch_layout())) if fmt is None else fmt
     want = (k // GROUP, n_pad, 2)[: 2 if fmt & FMT_SYM else 3]
     shape_ok = (scales.numel() == math.prod(want) and scales.dim() == 1 if fmt & FMT_BLOCKS
                 else tuple(scales.shape) == want)

@@ -2,6 +2,8 @@
 weights, tests, and the synthetic benchmark's packer checks)."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -34,3 +36,13 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int, block_n: int, halves: bool
         torch.bitwise_and(b, 15, out=dst[:, 0].t())
         torch.bitwise_right_shift(b, 4, out=dst[:, 1].t())
     return q
+
+
+@lru_cache(maxsize=1)
+def torch_layout() -> tuple[int, bool] | None:
+    """(block_n, halves) of what _convert_weight_to_int4pack_for_cpu writes on this machine ((64, True)
+    on an AVX-512 CPU, (32, True) on an AVX2 one), found by packing a probe; None if unrecognised."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))  # [N, K]
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    return next(((b, h) for b, h in ((64, True), (32, True), (32, False))
+                 if torch.equal(unpack_int4(packed, 128, 64, b, h), q.to(torch.uint8))), None)

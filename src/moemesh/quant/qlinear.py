@@ -19,10 +19,11 @@ alone instead of ``scales_and_zeros`` (18 instead of 20 bytes per 32 weights: 10
 read from disk per lazy expert and from memory per token). The C kernel reads it directly; torch's
 kernel gets (scale, 0) pairs built per call (fallback only).
 
-int4, group 32, torch's AVX-512 packing: by default the C kernel of int4_native.py instead (same
-buffers; x split into two int8 planes, exact VNNI integer dots, fp32 output: ~100x closer to the
-fp32 reference than the bf16 kernel and 1.3-1.9x faster, bench/results/int4_kernel.md); it is
-batch invariant too. ``MOEMESH_INT4_NATIVE=0`` (or no compiler / no AVX-512 VNNI) keeps torch's.
+int4, group 32, torch's AVX-512 or AVX2 packing: by default the C kernel of int4_native.py instead
+(same buffers; x split into two int8 planes, exact integer dots (AVX-512 VNNI, AVX2 or plain C, the
+same bits), fp32 output: ~100x closer to the fp32 reference than the bf16 kernel, and faster,
+bench/results/int4_kernel*.md); it is batch invariant too. ``MOEMESH_INT4_NATIVE=0`` (or no
+compiler) keeps torch's.
 
 Policy (bench/matmul.py; noisy shared 2-core machine): the int kernels always get bf16
 activations. From ``dequant_min_m`` rows on (prefill) the weight is instead dequantized to bf16
@@ -205,8 +206,9 @@ class QuantLinear(torch.nn.Module):
         return self.scales if self.symmetric else self.scales_and_zeros
 
     def kernel_fmt(self) -> int:
-        """The C kernels' ``fmt`` for this layer's buffers (int4_native.FMT_SYM | FMT_BLOCKS)."""
-        return (int4_native.FMT_SYM if self.symmetric else 0) | (int4_native.FMT_BLOCKS if self.scale_blocks else 0)
+        """The C kernels' ``fmt`` for this layer's buffers (int4_native.FMT_SYM | FMT_BLOCKS | FMT_B32)."""
+        return ((int4_native.FMT_SYM if self.symmetric else 0) | (int4_native.FMT_BLOCKS if self.scale_blocks else 0)
+                | int4_native.layout_fmt(self._int4_layout))
 
     def use_block_scales(self) -> bool:
         """Rewrite the int4 scale buffer, in place (its memory stays where it is: a huge-page arena,
