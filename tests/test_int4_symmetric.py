@@ -56,7 +56,7 @@ def test_symmetric_state_round_trip_and_old_metas() -> None:
     assert not from_state(meta_a, tensors_a).symmetric
 
 
-@pytest.mark.skipif(LIB is None, reason="C int4 kernel unavailable (no compiler or no AVX-512 VNNI)")
+@pytest.mark.skipif(LIB is None, reason="no C compiler (the C int4 kernel is not built)")
 def test_fused_experts_symmetric_equal_asymmetric() -> None:
     d, inter = 256, 96  # inter 96: gate_up 192 rows = three blocks; down 256 rows
     mlps = {}
