@@ -85,7 +85,6 @@ def load_native() -> ctypes.CDLL | None:
     return lib
 
 
-@lru_cache(maxsize=None)
 def _warn_missing(isa: str) -> None:
     warnings.warn(f"{ISA_ENV}={isa}: this CPU lacks it ({', '.join(cpu_isas())} available); "
                   "using torch's int4 kernel", RuntimeWarning, stacklevel=3)

@@ -46,3 +46,20 @@ def torch_layout() -> tuple[int, bool] | None:
     packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
     return next(((b, h) for b, h in ((64, True), (32, True), (32, False))
                  if torch.equal(unpack_int4(packed, 128, 64, b, h), q.to(torch.uint8))), None)
+
+
+def pack_int4(q: torch.Tensor, block_n: int, halves: bool) -> torch.Tensor:
+    """q uint8 [n, k] (0..15, n % 16 == 0) -> packed uint8 [n, k/2] in the layout ``unpack_int4`` reads:
+    what _convert_weight_to_int4pack_for_cpu writes on a machine whose packing is (block_n, halves).
+    For tests and for reading weights packed on another kind of machine."""
+    n, k = q.shape
+    nfull, half = n // block_n, block_n // 2
+    parts = []
+    if nfull:
+        b = q[: nfull * block_n].view(nfull, 2, half, k) if halves else \
+            q[: nfull * block_n].view(nfull, half, 2, k).transpose(1, 2)  # [nfull, 2, half, k]
+        parts.append((b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).reshape(-1))  # [nfull, k, half]
+    if n - nfull * block_n:
+        t = q[nfull * block_n:].view(-1, 2, k)  # [tail/2, 2, k]: pairs
+        parts.append((t[:, 0] | (t[:, 1] << 4)).t().reshape(-1))  # [k, tail/2]
+    return torch.cat(parts).view(n, k // 2)

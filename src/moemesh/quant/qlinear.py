@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import int4_native
-from .int4_pack import pad_rows, unpack_int4
+from .int4_pack import pad_rows, torch_layout, unpack_int4
 
 MODES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
@@ -295,13 +295,19 @@ class QuantLinear(torch.nn.Module):
             return y.view(*lead, self.out_features)
         if self.mode == "bf16":
             y = F.linear(xb, self.weight)
-        elif m >= self.dequant_min_m:
+        elif m >= self.dequant_min_m or not self._torch_reads_packing():
             y = F.linear(xb, self._int4_weight(torch.bfloat16))
         else:
             y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self.torch_scales_and_zeros())
         y = y[:, : self.out_features]  # [M, N]: drops int4 padding rows
         y = y.float() if bias is None else torch.add(y, bias)  # fp32, contiguous
         return y.view(*lead, self.out_features)
+
+    def _torch_reads_packing(self) -> bool:
+        """Whether torch's int4 kernel reads ``qweight``: packed on this kind of machine (or of unknown
+        layout, which only that kernel decodes). A store written on an AVX-512 machine read on an AVX2
+        one (or back) is not: torch's fallback then runs on the dequantized weight (slow, exact)."""
+        return self._int4_layout is None or self._int4_layout == torch_layout()
 
     def native_int4(self) -> ctypes.CDLL | None:
         """The C int4 kernel library when it is enabled (MOEMESH_INT4_NATIVE) and reads this
