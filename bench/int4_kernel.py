@@ -7,6 +7,10 @@ prefill-sized M rate. Writes bench/results/int4_kernel.{json,md}.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/int4_kernel.py [--threads 2] [--ms 1,2,4,8,64,256]
 
+``--bandwidth [--quick] [--isas avx2,scalar]`` instead measures GB/s of the fused experts call and the
+M=1 matmul on Qwen3-30B-A3B shapes against a plain read of the same bytes (the floor) and torch's
+kernel (bench/int4_bandwidth.py), writing bench/results/int4_kernel_bw[_quick].{json,md}.
+
 ``--decode STORE`` instead loads the bench/lazy.py synthetic model (all experts resident) once and
 times decode steps (and a prefill) in alternating blocks with the C kernel on and off
 (MOEMESH_INT4_NATIVE, read per call), writing bench/results/int4_kernel_decode.{json,md}.
@@ -122,6 +126,17 @@ def decode_ab(store: str, threads: int, blocks: int, steps: int, prefill: int) -
     print("\n".join(md))
 
 
+def bandwidth_main(threads: int, quick: bool, isas: list[str]) -> None:
+    from int4_bandwidth import bandwidth, markdown  # bench/ is the script's directory
+
+    res = bandwidth(threads, quick, isas)
+    stem = "int4_kernel_bw_quick" if quick else "int4_kernel_bw"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"{stem}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -132,13 +147,18 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--prefill", type=int, default=64)
+    ap.add_argument("--bandwidth", action="store_true", help="GB/s vs the read floor and torch (int4_bandwidth.py)")
+    ap.add_argument("--quick", action="store_true", help="with --bandwidth: a small pool, 5 rounds (~1 min)")
+    ap.add_argument("--isas", default="", help="with --bandwidth: kernel builds to time (default: this CPU's best)")
     args = ap.parse_args()
+    if args.bandwidth:
+        return bandwidth_main(args.threads, args.quick, [v for v in args.isas.split(",") if v] or n4.cpu_isas()[:1])
     if args.decode:
         return decode_ab(args.decode, args.threads, args.blocks, args.steps, args.prefill)
     torch.set_num_threads(args.threads)
     lib = n4.load_native()
     if lib is None:
-        raise SystemExit("native int4 kernel unavailable (no compiler or no AVX-512 VNNI/VBMI)")
+        raise SystemExit("native int4 kernel unavailable (no C compiler, or MOEMESH_INT4_NATIVE=0)")
     ms = [int(v) for v in args.ms.split(",")]
     methods = {
         "torch": lambda x, qw, sz: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), qw, 32, sz),

@@ -104,6 +104,7 @@ static inline __attribute__((always_inline)) void half64_avx2(const uint8_t *wb,
         const uint8_t *wg = wb + g * GS * 32;
         __m256i a1[4], a2[4];
         for (int r = 0; r < 4; r++) a1[r] = a2[r] = _mm256_setzero_si256();
+#pragma GCC unroll 2  /* fully unrolled, gcc sums the 64 products as a tree and spills them all */
         for (int st = 0; st < GS / 4; st++) {  /* 4 k per step */
             const __m256i r0 = _mm256_loadu_si256((const __m256i *)(wg + st * 128));
             const __m256i r1 = _mm256_loadu_si256((const __m256i *)(wg + st * 128 + 32));
@@ -156,6 +157,7 @@ static inline __attribute__((always_inline)) void tile32_avx2(const uint8_t *wb,
         const uint8_t *wg = wb + g * GS * 16;
         __m256i a1[4], a2[4];
         for (int r = 0; r < 4; r++) a1[r] = a2[r] = _mm256_setzero_si256();
+#pragma GCC unroll 2  /* fully unrolled, gcc sums the 64 products as a tree and spills them all */
         for (int st = 0; st < GS / 4; st++) {  /* 4 k per step */
             const __m256i r01 = _mm256_loadu_si256((const __m256i *)(wg + st * 64));       /* k0 | k1 */
             const __m256i r23 = _mm256_loadu_si256((const __m256i *)(wg + st * 64 + 32));  /* k2 | k3 */
