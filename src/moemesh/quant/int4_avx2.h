@@ -182,7 +182,9 @@ static inline __attribute__((always_inline)) void tile32_avx2(const uint8_t *wb,
             /* s16 lane c of each half: column c's (k0, k2) resp. (k1, k3) partial sums over the group */
             __m256i lo = _mm256_madd_epi16(_mm256_unpacklo_epi16(a2[r], a1[r]), k1_256);  /* cols 0-3 | 0-3 */
             __m256i hi = _mm256_madd_epi16(_mm256_unpackhi_epi16(a2[r], a1[r]), k1_256);  /* cols 4-7 | 4-7 */
-            __m256i d = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+            /* [lo.0 + lo.1 | hi.0 + hi.1]: two blends and one lane swap (vperm2i128 is 8 uops on Zen 1) */
+            __m256i d = _mm256_add_epi32(_mm256_blend_epi32(lo, hi, 0xF0),
+                                         _mm256_permute4x64_epi64(_mm256_blend_epi32(hi, lo, 0xF0), 0x4E));
             d = _mm256_add_epi32(d, off);
             __m256i v = SYM ? _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(sg + 8 * r)))
                             : _mm256_loadu_si256((const __m256i *)(sg + 16 * r));
