@@ -99,17 +99,8 @@ def summary(gbs: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float
             for a, v in gbs.items()}
 
 
-def bandwidth(threads: int, quick: bool, isas: list[str]) -> dict:
-    torch.set_num_threads(threads)
-    builds = {isa: n4.load_variant(isa) for isa in isas}
-    missing = [isa for isa, lib in builds.items() if lib is None]
-    if missing:
-        raise SystemExit(f"int4 kernel builds unavailable here: {missing} (this CPU runs {n4.cpu_isas()})")
-    rd = read_library()
-    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
-    pool_n, rounds, per_round = (24, 5, 4) if quick else (128, 15, 8)
-    t_start, load0 = time.time(), os.getloadavg()
-
+def fused_rates(builds: dict, rd: ctypes.CDLL, threads: int, pool_n: int, rounds: int, per_round: int,
+                gen: torch.Generator, rng: random.Random) -> dict[str, dict[str, list[float]]]:
     experts = [GatedMLP(random_linear(2 * I, D, gen), random_linear(D, I, gen)) for _ in range(pool_n)]
     torch_sz = {id(e): (e.gate_up.torch_scales_and_zeros(), e.down.torch_scales_and_zeros()) for e in experts}
     place_expert_weights([m for e in experts for m in e.modules()])
@@ -120,17 +111,19 @@ def bandwidth(threads: int, quick: bool, isas: list[str]) -> dict:
             **{f"kernel_{isa}": (lambda grp, lib=lib: run_fused(lib, grp, x)) for isa, lib in builds.items()},
             "torch": lambda grp: [torch_expert(e, torch_sz[id(e)], x) for e in grp]}
     with torch.inference_mode():
-        fused = run_rounds(arms, draws, rounds, lambda grp: sum(nb[id(e)] for e in grp))
-    del experts, torch_sz, draws
+        return run_rounds(arms, draws, rounds, lambda grp: sum(nb[id(e)] for e in grp))
 
-    layers = []
-    while sum(lay.qweight.numel() for lay in layers) < (64 if quick else 256) * 2**20:
+
+def matmul_rates(builds: dict, rd: ctypes.CDLL, threads: int, pool_bytes: int, rounds: int, gen: torch.Generator,
+                 rng: random.Random) -> tuple[dict[str, dict[str, list[float]]], int]:
+    layers: list[QuantLinear] = []
+    while sum(lay.qweight.numel() for lay in layers) < pool_bytes:
         k, n = MATMUL_SHAPES[len(layers) % len(MATMUL_SHAPES)]
         layers.append(random_linear(n, k, gen))
     sz_t = {id(lay): lay.torch_scales_and_zeros() for lay in layers}
     place_expert_weights(layers)
     xs = {k: torch.randn(1, k, generator=gen) for k, _ in MATMUL_SHAPES}
-    lb = {id(lay): sum(t.numel() * t.element_size() for t in buffers([lay])) for lay in layers}
+    total = sum(t.numel() * t.element_size() for t in buffers(layers))
     order = [rng.sample(layers, len(layers)) for _ in range(rounds + 1)]  # a pass over the pool per round
     readers = [reader(rd, buffers(o), threads) for o in order]
     arms = {"read": lambda r: readers[r](),
@@ -139,14 +132,27 @@ def bandwidth(threads: int, quick: bool, isas: list[str]) -> dict:
                for isa, lib in builds.items()},
             "torch": lambda r: [torch_linear(lay, sz_t[id(lay)], xs[lay.in_features].bfloat16()) for lay in order[r]]}
     with torch.inference_mode():
-        matmul = run_rounds(arms, [[r] for r in range(rounds + 1)], rounds, lambda r: sum(lb.values()))
+        return run_rounds(arms, [[r] for r in range(rounds + 1)], rounds, lambda r: total), total
+
+
+def bandwidth(threads: int, quick: bool, isas: list[str]) -> dict:
+    torch.set_num_threads(threads)
+    builds = {isa: n4.load_variant(isa) for isa in isas}
+    missing = [isa for isa, lib in builds.items() if lib is None]
+    if missing:
+        raise SystemExit(f"int4 kernel builds unavailable here: {missing} (this CPU runs {n4.cpu_isas()})")
+    rd = read_library()
+    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
+    pool_n, rounds, per_round = (24, 5, 4) if quick else (128, 15, 8)
+    t_start, load0 = time.time(), os.getloadavg()
+    fused = fused_rates(builds, rd, threads, pool_n, rounds, per_round, gen, rng)
+    matmul, pool_bytes = matmul_rates(builds, rd, threads, (64 if quick else 256) * 2**20, rounds, gen, rng)
     return {"meta": {"torch": torch.__version__, "cpu": cpu_name(), "cpu_isas": n4.cpu_isas(), "threads": threads,
                      "quick": quick, "pool_experts": pool_n, "rounds": rounds, "calls_per_round": per_round,
                      "packing": list(torch_layout()), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
                      "wall_s": round(time.time() - t_start, 1)},
             "fused_experts": {"gb_s": fused, "summary": summary(fused), "shape": [D, I, TOP_K]},
-            "matmul": {"gb_s": matmul, "summary": summary(matmul), "shapes": MATMUL_SHAPES,
-                       "pool_bytes": sum(lb.values())}}
+            "matmul": {"gb_s": matmul, "summary": summary(matmul), "shapes": MATMUL_SHAPES, "pool_bytes": pool_bytes}}
 
 
 def cpu_name() -> str:

@@ -18,7 +18,7 @@ import math
 import os
 import subprocess
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -46,7 +46,7 @@ def cpu_isas() -> list[str]:
     return [isa for isa in ("avx512", "avx2", "scalar") if all(f in flags for f in ISA_FLAGS[isa])]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(isa: str) -> ctypes.CDLL | None:
     try:
         lib = load_library(f"int4_matmul_{isa}", HERE, SOURCES, [*FLAGS, f"-DI4_ISA={ISAS[isa]}"])
