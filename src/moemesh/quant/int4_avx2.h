@@ -11,7 +11,13 @@
      k-rows k, k + 1; vpunpck{l,h}bw of two loads pairs k0 with k2 and k1 with k3 in each column, the
      activation bytes are shuffled to match, and the two 128-bit halves (k0 + k2, k1 + k3) are added in
      s32 after the group.
-   Included by int4_kernel.h for I4_ISA >= 1 (the AVX-512 build uses it for 32-row blocks). */
+   Included by int4_kernel.h for I4_ISA >= 1 (the AVX-512 build uses it for 32-row blocks).
+   Measured on this project's AVX2 machine (AMD EPYC, KVM "EPYC" model: 256-bit ops run as two 128-bit
+   uops, ymm vpmaddubsw 0.5 per cycle at ~2.45 GHz): the two planes' 8 multiplies per 128 weights bound a
+   step at 16 cycles, the bare instruction mix runs 19.6, the tiles 23-27 in L2 (both packings within a
+   few %); 5.3-5.7 GB of expert weights per CPU-second, torch's int4 kernel 2.0-2.4, a plain read 12-16
+   (bench/int4_kernel.py --bandwidth --quick under a load average of 17: per CPU-second, as wall-clock
+   rates meant little). So here decode is compute-bound: about half the read floor with 2 threads. */
 #ifndef INT4_AVX2_H
 #define INT4_AVX2_H
 
