@@ -19,7 +19,7 @@ static inline void bk_finish_scalar(const float *acc, int g16, float *out) {
 }
 
 #if !BK_AVX2
-static inline void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc, const float *du, const float *sx32,
+BK_INLINE void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc, const float *du, const float *sx32,
                           const float *sx16, const bk_traits t, float *acc) {
     int32_t D[16];
     for (int j = 0; j < 16; j++) {
@@ -44,12 +44,12 @@ static inline void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc,
         }
 }
 
-static inline void bk_finish(const float *acc, int g16, float *out) { bk_finish_scalar(acc, g16, out); }
+BK_INLINE void bk_finish(const float *acc, int g16, float *out) { bk_finish_scalar(acc, g16, out); }
 
 #else
 /* Integer dots of the chunk's 8 groups: lanes [g0a g1a g2a g3a | g0b g1b g2b g3b] (lo) and the same
    for groups 4-7 (hi), a/b = the group's first/second 16 weights. */
-static inline void bk_group_dots(const int16_t *q, const int16_t *X, int ng, __m256i *lo, __m256i *hi) {
+BK_INLINE void bk_group_dots(const int16_t *q, const int16_t *X, int ng, __m256i *lo, __m256i *hi) {
     __m256i d[8];
     for (int g = 0; g < 8; g++) {
         if (g < ng) {
@@ -66,7 +66,7 @@ static inline void bk_group_dots(const int16_t *q, const int16_t *X, int ng, __m
     *hi = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
 }
 
-static inline void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc, const float *du, const float *sx32,
+BK_INLINE void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc, const float *du, const float *sx32,
                           const float *sx16, const bk_traits t, float *acc) {
     __m256i lo, hi;
     bk_group_dots(q, X, sc->ng, &lo, &hi);
@@ -96,7 +96,7 @@ static inline void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc,
     }
 }
 
-static inline void bk_finish(const float *acc, int g16, float *out) {
+BK_INLINE void bk_finish(const float *acc, int g16, float *out) {
     __m256 v = _mm256_loadu_ps(acc);
     if (g16) v = _mm256_add_ps(v, _mm256_loadu_ps(acc + 8));
     *out = bk_reduce8_avx(v);

@@ -15,7 +15,7 @@ static inline float bk_e4m3_scaled(uint8_t b) {  /* e4m3 value * 2^-8, exact */
 }
 
 /* Block c of a row -> 128 floats (value * 2^-8) and the block's scale * 256. */
-static inline float bk_fp8_unpack(const uint8_t *row, int64_t c, float *w) {
+BK_INLINE float bk_fp8_unpack(const uint8_t *row, int64_t c, float *w) {
     const uint8_t *b = row + c * (4 + BK_FP8_BLOCK);
     float s;
     memcpy(&s, b, 4);
@@ -35,7 +35,7 @@ static inline float bk_fp8_unpack(const uint8_t *row, int64_t c, float *w) {
 }
 
 /* acc[8] += the block's contribution: x (128 floats) against w. */
-static inline void bk_fp8_dot(const float *w, float s256, const float *x, float *acc) {
+BK_INLINE void bk_fp8_dot(const float *w, float s256, const float *x, float *acc) {
 #if BK_AVX2
     __m256 p = _mm256_setzero_ps();
     for (int i = 0; i < BK_FP8_BLOCK; i += 8) p = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), p);

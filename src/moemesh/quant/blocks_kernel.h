@@ -66,7 +66,12 @@ typedef struct {
     float *sumx16;   /* [2 * G8] */
 } bk_xrow;
 
+#define BK_INLINE static inline __attribute__((always_inline))
+
 static inline float bk_f16(uint16_t h) {  /* IEEE half -> float, exact (F16C's conversion) */
+#if BK_AVX2
+    return _cvtsh_ss(h);
+#endif
     const uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
     uint32_t u;
     if (e == 0x1F) {
@@ -108,24 +113,39 @@ static inline void bk_quant_x(const float *x, int64_t k, bk_xrow a) {
     const int64_t G = k / BK_GS, G8 = (G + 7) / 8 * 8;
     for (int64_t g = 0; g < G; g++) {
         const float *xg = x + g * BK_GS;
-        float amax = 0.f;
-        for (int i = 0; i < BK_GS; i++) amax = fmaxf(amax, fabsf(xg[i]));
-        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
         int16_t *X = a.X + g * BK_GS;
-        for (int i = 0; i < BK_GS; i++) {
-            const int16_t v = (int16_t)lrintf(xg[i] * inv);  /* |v| <= 32767: x * inv rounds to <= 32767.0x */
 #if BK_AVX2
-            X[(i & 1) * 16 + i / 2] = v;
+        __m256 v[4];
+        __m256 mx = _mm256_setzero_ps();
+        const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(xg + 8 * i), mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], nosign));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+        const __m256i eo = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)), eo);
+        const __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);  /* [evens | odds] of 16 */
+        _mm256_storeu_si256((__m256i *)X, _mm256_permute2x128_si256(p01, p23, 0x20));
+        _mm256_storeu_si256((__m256i *)(X + 16), _mm256_permute2x128_si256(p01, p23, 0x31));
+        a.sumx16[2 * g] = bk_reduce8_avx(_mm256_add_ps(v[0], v[1]));
+        a.sumx16[2 * g + 1] = bk_reduce8_avx(_mm256_add_ps(v[2], v[3]));
 #else
-            X[i] = v;
-#endif
+        float amax = 0.f;
+        for (int i = 0; i < BK_GS; i++) {
+            const float ax = fabsf(xg[i]);
+            amax = ax > amax ? ax : amax;
         }
-        a.du[g] = amax / 32767.f;
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        for (int i = 0; i < BK_GS; i++) X[i] = (int16_t)lrintf(xg[i] * inv);  /* |.| <= 32767.0x: no overflow */
         for (int h = 0; h < 2; h++) {
             float t[8];
             for (int l = 0; l < 8; l++) t[l] = xg[16 * h + l] + xg[16 * h + l + 8];
             a.sumx16[2 * g + h] = bk_reduce8(t);
         }
+#endif
+        a.du[g] = amax / 32767.f;
         a.sumx32[g] = a.sumx16[2 * g] + a.sumx16[2 * g + 1];
     }
     for (int64_t g = G; g < G8; g++) a.du[g] = a.sumx32[g] = a.sumx16[2 * g] = a.sumx16[2 * g + 1] = 0.f;

@@ -37,10 +37,11 @@ int bk_prepare(int type, const float *x, int64_t m, int64_t k, bk_xbuf *b) {
     return 0;
 }
 
-void bk_tile(int type, const bk_xbuf *xb, int64_t m, int64_t k, const uint8_t *w, int64_t rs, int64_t n,
-                    const float *bias, float *y, int64_t m0, int64_t mm, int64_t n0, int64_t nn, float *acc) {
+/* The tile with ``type`` a constant (bk_tile instantiates it per type): no per-group dispatch. */
+BK_INLINE void bk_tile_t(const int type, const bk_xbuf *xb, int64_t m, int64_t k, const uint8_t *w, int64_t rs, int64_t n,
+                         const float *bias, float *y, int64_t m0, int64_t mm, int64_t n0, int64_t nn, float *acc) {
     const bk_traits t = BK_TRAITS[type];
-    memset(acc, 0, sizeof(float) * BK_ACC);
+    memset(acc, 0, sizeof(float) * (size_t)(mm * BK_NB * 16));
     if (type == BK_FP8) {
         const int64_t nb = (k + BK_FP8_BLOCK - 1) / BK_FP8_BLOCK, kp = nb * BK_FP8_BLOCK;
         float wf[BK_NB][BK_FP8_BLOCK], s[BK_NB];
@@ -75,6 +76,18 @@ void bk_tile(int type, const bk_xbuf *xb, int64_t m, int64_t k, const uint8_t *w
             }
             y[(m0 + i) * n + n0 + r] = bias ? v + bias[n0 + r] : v;
         }
+}
+
+void bk_tile(int type, const bk_xbuf *xb, int64_t m, int64_t k, const uint8_t *w, int64_t rs, int64_t n,
+             const float *bias, float *y, int64_t m0, int64_t mm, int64_t n0, int64_t nn, float *acc) {
+    switch (type) {
+#define BK_CASE(T) \
+    case T: bk_tile_t(T, xb, m, k, w, rs, n, bias, y, m0, mm, n0, nn, acc); break;
+        BK_CASE(BK_MXFP4) BK_CASE(BK_Q8_0) BK_CASE(BK_Q4_0) BK_CASE(BK_Q4_1) BK_CASE(BK_Q2_K) BK_CASE(BK_Q3_K)
+        BK_CASE(BK_Q4_K) BK_CASE(BK_Q5_K) BK_CASE(BK_Q6_K) BK_CASE(BK_IQ4_XS) BK_CASE(BK_FP8)
+#undef BK_CASE
+    default: break;
+    }
 }
 
 /* Returns 0, -1 (bad arguments) or -3 (no memory). rs: bytes from one weight row to the next. */

@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 SOURCES = ("blocks_kernel.h", "blocks_unpack.h", "blocks_dot.h", "blocks_unpack_avx2.h", "blocks_fp8.h", "blocks_tile.h",
            "blocks_matmul.c", "blocks_ffn.c")
 # no fma contraction: the scalar and the AVX2 builds must do the same roundings (blocks_kernel.h)
-FLAGS = (*BASE_FLAGS, "-ffp-contract=off")
+FLAGS = (*BASE_FLAGS, "-ffp-contract=off", "-fno-math-errno")
 TYPE_IDS = {"MXFP4": 0, "Q8_0": 1, "Q4_0": 2, "Q4_1": 3, "Q2_K": 4, "Q3_K": 5, "Q4_K": 6, "Q5_K": 7, "Q6_K": 8,
             "IQ4_XS": 9, "FP8_E4M3_B128": 10}
 ACT_IDS = {"silu": 0, "gpt_oss_swiglu": 1}

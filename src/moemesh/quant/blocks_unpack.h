@@ -39,7 +39,7 @@ static inline int bk_iq4xs_scale(const uint8_t *b, int j) {
 }
 
 /* One 32-block (MXFP4, Q8_0, Q4_0, Q4_1) into q[0..31], a[g], b[g]. */
-static inline void bk_unpack32(int type, const uint8_t *blk, int8_t *q, bk_scales *sc, int g) {
+BK_INLINE void bk_unpack32(int type, const uint8_t *blk, int8_t *q, bk_scales *sc, int g) {
     switch (type) {
     case BK_MXFP4:
         sc->a[g] = bk_e8m0_half(blk[0]);
@@ -60,7 +60,7 @@ static inline void bk_unpack32(int type, const uint8_t *blk, int8_t *q, bk_scale
 }
 
 /* One 256-weight super-block (K-quants, IQ4_XS) into q[0..255] and its scales. */
-static inline void bk_unpack256(int type, const uint8_t *b, int8_t *q, bk_scales *sc) {
+BK_INLINE void bk_unpack256(int type, const uint8_t *b, int8_t *q, bk_scales *sc) {
     switch (type) {
     case BK_Q2_K: {
         const float d = bk_f16(bk_rd16(b + 80)), dmin = bk_f16(bk_rd16(b + 82));
@@ -119,9 +119,8 @@ static inline void bk_unpack256(int type, const uint8_t *b, int8_t *q, bk_scales
 
 /* Chunk c of a weight row (raw bytes ``row``, K weights): codes q[0..255] and scales (zeros past the
    row's end). */
-static inline void bk_unpack_chunk(int type, const uint8_t *row, int64_t k, int64_t c, int8_t *q, bk_scales *sc) {
+BK_INLINE void bk_unpack_chunk(int type, const uint8_t *row, int64_t k, int64_t c, int8_t *q, bk_scales *sc) {
     const bk_traits t = BK_TRAITS[type];
-    memset(sc, 0, sizeof(*sc));
     if (t.block == 256) {
         sc->ng = 8;
         bk_unpack256(type, row + c * t.size, q, sc);
@@ -129,6 +128,7 @@ static inline void bk_unpack_chunk(int type, const uint8_t *row, int64_t k, int6
     }
     const int64_t g0 = c * 8, G = k / BK_GS;
     sc->ng = (int)(G - g0 < 8 ? G - g0 : 8);
+    if (sc->ng < 8) memset(sc->a, 0, sizeof(sc->a)), memset(sc->b, 0, sizeof(sc->b));
     for (int g = 0; g < sc->ng; g++) bk_unpack32(type, row + (g0 + g) * t.size, q + 32 * g, sc, g);
     memset(q + 32 * sc->ng, 0, (size_t)(32 * (8 - sc->ng)));
 }

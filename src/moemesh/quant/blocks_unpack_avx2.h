@@ -27,7 +27,7 @@ static inline __m256i bk_nibbles16(const uint8_t *p) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-static inline void bk_unpack_q4k_avx2(int type, const uint8_t *b, int16_t *w, bk_scales *sc) {
+BK_INLINE void bk_unpack_q4k_avx2(int type, const uint8_t *b, int16_t *w, bk_scales *sc) {
     const float d = bk_f16(bk_rd16(b)), dmin = bk_f16(bk_rd16(b + 2));
     for (int j = 0; j < 8; j++) {
         uint8_t s, m;
@@ -69,7 +69,7 @@ static inline void bk_unpack_q6k_avx2(const uint8_t *b, int16_t *w, bk_scales *s
     }
 }
 
-static inline void bk_unpack32_avx2(int type, const uint8_t *blk, int16_t *w, bk_scales *sc, int g) {
+BK_INLINE void bk_unpack32_avx2(int type, const uint8_t *blk, int16_t *w, bk_scales *sc, int g) {
     switch (type) {
     case BK_MXFP4: {
         const __m128i lut = _mm_loadu_si128((const __m128i *)BK_MXFP4_LUT);
@@ -102,13 +102,13 @@ static inline void bk_unpack_iq4xs_avx2(const uint8_t *b, int16_t *w, bk_scales 
 #endif
 
 /* Chunk c of a weight row into the dot's layout and its scales (zeros past the row's end). */
-static inline void bk_unpack(int type, const uint8_t *row, int64_t k, int64_t c, bk_wq *w, bk_scales *sc) {
+BK_INLINE void bk_unpack(int type, const uint8_t *row, int64_t k, int64_t c, bk_wq *w, bk_scales *sc) {
 #if BK_AVX2
     const bk_traits t = BK_TRAITS[type];
-    memset(sc, 0, sizeof(*sc));
     if (t.block == 32) {
         const int64_t g0 = c * 8, G = k / BK_GS;
         sc->ng = (int)(G - g0 < 8 ? G - g0 : 8);
+        if (sc->ng < 8) memset(sc->a, 0, sizeof(sc->a)), memset(sc->b, 0, sizeof(sc->b));
         for (int g = 0; g < sc->ng; g++) bk_unpack32_avx2(type, row + (g0 + g) * t.size, w + 32 * g, sc, g);
         return;
     }
