@@ -54,7 +54,7 @@ def load_native() -> ctypes.CDLL | None:
     return load_build(os.environ.get("MOEMESH_BLOCKS_SCALAR", "0") == "1")
 
 
-def _check(rc: int, what: str) -> None:
+def check_rc(rc: int, what: str) -> None:
     if rc == -3:
         raise MemoryError(f"{what}: out of memory")
     if rc:
@@ -71,7 +71,7 @@ def matmul(lib: ctypes.CDLL, qtype: str, x: torch.Tensor, raw: torch.Tensor, in_
         return y
     rc = lib.bk_matmul(TYPE_IDS[qtype], x.data_ptr(), m, in_features, raw.data_ptr(), raw.stride(0), n,
                        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
-    _check(rc, f"{qtype} matmul [{m}, {in_features}] x [{n}, {in_features}]")
+    check_rc(rc, f"{qtype} matmul [{m}, {in_features}] x [{n}, {in_features}]")
     return y
 
 
@@ -81,5 +81,5 @@ def activation(lib: ctypes.CDLL, act: str, h: torch.Tensor, alpha: float = 1.702
     h = h.float().contiguous()
     m, i = h.shape[0], h.shape[1] // 2
     out = torch.empty(m, i)
-    _check(lib.bk_act(ACT_IDS[act], alpha, limit, h.data_ptr(), m, i, out.data_ptr()), f"activation {act}")
+    check_rc(lib.bk_act(ACT_IDS[act], alpha, limit, h.data_ptr(), m, i, out.data_ptr()), f"activation {act}")
     return out
