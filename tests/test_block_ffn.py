@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from block_rows import random_rows
 from moemesh.experts.mixing import sum_in_order
 from moemesh.quant import blocks_native as bn
+from moemesh.quant.block_samples import random_rows
 from moemesh.quant.blocks import BlockLinear, concat_rows
 from moemesh.quant.blocks_ffn import activation, expert_forward, experts_mix, fusable
 

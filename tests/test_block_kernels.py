@@ -18,9 +18,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from block_rows import random_rows
 from moemesh.quant import blocks_native as bn
 from moemesh.quant import fp8
+from moemesh.quant.block_samples import random_rows
 from moemesh.quant.blocks import BlockLinear, block_size, supported_qtypes
 
 SIMD, SCALAR = bn.load_build(False), bn.load_build(True)

@@ -47,29 +47,13 @@ BK_INLINE void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc, con
 BK_INLINE void bk_finish(const float *acc, int g16, float *out) { bk_finish_scalar(acc, g16, out); }
 
 #else
-/* Integer dots of the chunk's 8 groups: lanes [g0a g1a g2a g3a | g0b g1b g2b g3b] (lo) and the same
-   for groups 4-7 (hi), a/b = the group's first/second 16 weights. */
-BK_INLINE void bk_group_dots(const int16_t *q, const int16_t *X, int ng, __m256i *lo, __m256i *hi) {
-    __m256i d[8];
-    for (int g = 0; g < 8; g++) {
-        if (g < ng) {
-            const __m256i e = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 32 * g)),
-                                                _mm256_loadu_si256((const __m256i *)(X + 32 * g)));
-            const __m256i o = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 32 * g + 16)),
-                                                _mm256_loadu_si256((const __m256i *)(X + 32 * g + 16)));
-            d[g] = _mm256_add_epi32(e, o);  /* lane l: values 4l..4l+3 */
-        } else {
-            d[g] = _mm256_setzero_si256();
-        }
-    }
-    *lo = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-    *hi = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
-}
-
-BK_INLINE void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc, const float *du, const float *sx32,
-                          const float *sx16, const bk_traits t, float *acc) {
-    __m256i lo, hi;
-    bk_group_dots(q, X, sc->ng, &lo, &hi);
+/* The fp32 update of one chunk from its 8 group dot vectors d[g] (int32 lanes l = values 4l..4l+3 of
+   group g, zero past ng): lanes [g0a g1a g2a g3a | g0b g1b g2b g3b] (lo) and the same for groups 4-7
+   (hi), a/b = a group's first/second 16 weights; then blocks_kernel.h's lane arithmetic. */
+BK_INLINE void bk_dot_d(const __m256i *d, const bk_scales *sc, const float *du, const float *sx32, const float *sx16,
+                        const bk_traits t, float *acc) {
+    const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+    const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
     if (!t.g16) {
         const __m128i s0 = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
         const __m128i s1 = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
@@ -94,6 +78,23 @@ BK_INLINE void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc, con
                                 _mm256_permutevar8x32_ps(_mm256_loadu_ps(sx16 + 8 * s), perm), a);
         _mm256_storeu_ps(acc + 8 * s, a);
     }
+}
+
+/* int16 weights [even 16 | odd 16] of a group against the activations' [even | odd]: int32 lanes. */
+BK_INLINE __m256i bk_madd_eo(__m256i e, __m256i o, const int16_t *X) {
+    return _mm256_add_epi32(_mm256_madd_epi16(e, _mm256_loadu_si256((const __m256i *)X)),
+                            _mm256_madd_epi16(o, _mm256_loadu_si256((const __m256i *)(X + 16))));
+}
+
+/* One chunk from the unpacked buffer q (bk_unpack). */
+BK_INLINE void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc, const float *du, const float *sx32,
+                      const float *sx16, const bk_traits t, float *acc) {
+    __m256i d[8];
+    for (int g = 0; g < 8; g++)
+        d[g] = g < sc->ng ? bk_madd_eo(_mm256_loadu_si256((const __m256i *)(q + 32 * g)),
+                                       _mm256_loadu_si256((const __m256i *)(q + 32 * g + 16)), X + 32 * g)
+                          : _mm256_setzero_si256();
+    bk_dot_d(d, sc, du, sx32, sx16, t, acc);
 }
 
 BK_INLINE void bk_finish(const float *acc, int g16, float *out) {

@@ -56,6 +56,15 @@ BK_INLINE void bk_tile_t(const int type, const bk_xbuf *xb, int64_t m, int64_t k
         bk_wq wq[BK_NB][BK_CHUNK];
         bk_scales sc[BK_NB];
         for (int64_t c = 0; c < nc; c++) {
+#if BK_AVX2
+            if (mm == 1) {  /* one activation row: unpack in registers, straight into the dot */
+                const float *du = xb->f + m0 * G8 + 8 * c, *sx32 = xb->f + (m + m0) * G8 + 8 * c;
+                for (int64_t r = 0; r < nn; r++)
+                    bk_dot_direct(type, w + (n0 + r) * rs, k, c, xb->X + m0 * k + c * BK_CHUNK, du, sx32,
+                                  xb->f + 2 * m * G8 + 2 * m0 * G8 + 16 * c, acc + r * 16);
+                continue;
+            }
+#endif
             for (int64_t r = 0; r < nn; r++) bk_unpack(type, w + (n0 + r) * rs, k, c, wq[r], &sc[r]);
             for (int64_t i = 0; i < mm; i++) {
                 const int64_t row = m0 + i;

@@ -38,99 +38,122 @@ static inline int bk_iq4xs_scale(const uint8_t *b, int j) {
     return (lo | (hi << 4)) - 32;
 }
 
-/* One 32-block (MXFP4, Q8_0, Q4_0, Q4_1) into q[0..31], a[g], b[g]. */
-BK_INLINE void bk_unpack32(int type, const uint8_t *blk, int8_t *q, bk_scales *sc, int g) {
+/* The scales of one 32-block (MXFP4, Q8_0, Q4_0, Q4_1): a[g] (and b[g] for Q4_1). */
+BK_INLINE void bk_scales32(const int type, const uint8_t *blk, bk_scales *sc, int g) {
+    if (type == BK_MXFP4) {
+        sc->a[g] = bk_e8m0_half(blk[0]);
+    } else {
+        sc->a[g] = bk_f16(bk_rd16(blk));
+        if (type == BK_Q4_1) sc->b[g] = bk_f16(bk_rd16(blk + 2));
+    }
+}
+
+/* One 32-block's codes in value order. */
+BK_INLINE void bk_codes32(const int type, const uint8_t *blk, int8_t *q) {
     switch (type) {
     case BK_MXFP4:
-        sc->a[g] = bk_e8m0_half(blk[0]);
         for (int i = 0; i < 16; i++) q[i] = BK_MXFP4_LUT[blk[1 + i] & 0xF], q[i + 16] = BK_MXFP4_LUT[blk[1 + i] >> 4];
         break;
     case BK_Q8_0:
-        sc->a[g] = bk_f16(bk_rd16(blk));
         for (int i = 0; i < 32; i++) q[i] = (int8_t)blk[2 + i];
         break;
     case BK_Q4_0:
-        sc->a[g] = bk_f16(bk_rd16(blk));
         for (int i = 0; i < 16; i++) q[i] = (int8_t)((blk[2 + i] & 0xF) - 8), q[i + 16] = (int8_t)((blk[2 + i] >> 4) - 8);
         break;
     default: /* BK_Q4_1 */
-        sc->a[g] = bk_f16(bk_rd16(blk)), sc->b[g] = bk_f16(bk_rd16(blk + 2));
         for (int i = 0; i < 16; i++) q[i] = (int8_t)(blk[4 + i] & 0xF), q[i + 16] = (int8_t)(blk[4 + i] >> 4);
     }
 }
 
-/* One 256-weight super-block (K-quants, IQ4_XS) into q[0..255] and its scales. */
-BK_INLINE void bk_unpack256(int type, const uint8_t *b, int8_t *q, bk_scales *sc) {
-    switch (type) {
-    case BK_Q2_K: {
+/* The scales of one 256-weight super-block (K-quants, IQ4_XS): a, b per 16 (G16 types) or per 32. */
+BK_INLINE void bk_scales256(const int type, const uint8_t *b, bk_scales *sc) {
+    if (type == BK_Q2_K) {
         const float d = bk_f16(bk_rd16(b + 80)), dmin = bk_f16(bk_rd16(b + 82));
         for (int j = 0; j < 16; j++) sc->a[j] = d * (float)(b[j] & 0xF), sc->b[j] = -(dmin * (float)(b[j] >> 4));
-        for (int i = 0; i < 256; i++) q[i] = (int8_t)((b[16 + (i / 128) * 32 + i % 32] >> (2 * ((i % 128) / 32))) & 3);
-        break;
-    }
-    case BK_Q3_K: {
+    } else if (type == BK_Q3_K) {
         const float d = bk_f16(bk_rd16(b + 108));
         for (int j = 0; j < 16; j++) sc->a[j] = d * (float)bk_q3_scale(b + 96, j);
-        for (int i = 0; i < 256; i++) {
-            const int lo = (b[32 + (i / 128) * 32 + i % 32] >> (2 * ((i % 128) / 32))) & 3;
-            const int hb = (b[i % 32] >> (i / 32)) & 1;
-            q[i] = (int8_t)(lo - (hb ? 0 : 4));
-        }
-        break;
-    }
-    case BK_Q4_K:
-    case BK_Q5_K: {
+    } else if (type == BK_Q4_K || type == BK_Q5_K) {
         const float d = bk_f16(bk_rd16(b)), dmin = bk_f16(bk_rd16(b + 2));
-        const uint8_t *qs = b + (type == BK_Q4_K ? 16 : 48);
         for (int j = 0; j < 8; j++) {
             uint8_t s, m;
             bk_k4_scale_min(b + 4, j, &s, &m);
             sc->a[j] = d * (float)s, sc->b[j] = -(dmin * (float)m);
         }
-        for (int i = 0; i < 256; i++) {
-            const int g = i / 32, l = i % 32;
-            int v = (qs[(g / 2) * 32 + l] >> (4 * (g & 1))) & 0xF;
-            if (type == BK_Q5_K) v |= ((b[16 + l] >> g) & 1) << 4;
-            q[i] = (int8_t)v;
-        }
-        break;
-    }
-    case BK_Q6_K: {
+    } else if (type == BK_Q6_K) {
         const float d = bk_f16(bk_rd16(b + 208));
         for (int j = 0; j < 16; j++) sc->a[j] = d * (float)(int8_t)b[192 + j];
-        for (int i = 0; i < 256; i++) {
-            const int h = i / 128, r = i % 128;
-            const int lo = (b[h * 64 + r % 64] >> (4 * (r / 64))) & 0xF;
-            const int hi = (b[128 + h * 32 + r % 32] >> (2 * (r / 32))) & 3;
-            q[i] = (int8_t)((lo | (hi << 4)) - 32);
-        }
-        break;
-    }
-    default: { /* BK_IQ4_XS */
+    } else { /* BK_IQ4_XS */
         const float d = bk_f16(bk_rd16(b));
         for (int j = 0; j < 8; j++) sc->a[j] = d * (float)bk_iq4xs_scale(b, j);
-        for (int i = 0; i < 256; i++) {
-            const int g = i / 32, l = i % 32;
-            q[i] = BK_IQ4_LUT[(b[8 + 16 * g + l % 16] >> (4 * (l / 16))) & 0xF];
-        }
-    }
     }
 }
 
-/* Chunk c of a weight row (raw bytes ``row``, K weights): codes q[0..255] and scales (zeros past the
-   row's end). */
-BK_INLINE void bk_unpack_chunk(int type, const uint8_t *row, int64_t k, int64_t c, int8_t *q, bk_scales *sc) {
+/* One 256-weight super-block's codes in value order. */
+BK_INLINE void bk_codes256(const int type, const uint8_t *b, int8_t *q) {
+    for (int i = 0; i < 256; i++) {
+        const int g = i / 32, l = i % 32, h = i / 128, r = i % 128;
+        int v;
+        switch (type) {
+        case BK_Q2_K:
+            v = (b[16 + h * 32 + l] >> (2 * (r / 32))) & 3;
+            break;
+        case BK_Q3_K:
+            v = ((b[32 + h * 32 + l] >> (2 * (r / 32))) & 3) - (((b[l] >> g) & 1) ? 0 : 4);
+            break;
+        case BK_Q4_K:
+        case BK_Q5_K:
+            v = (b[(type == BK_Q4_K ? 16 : 48) + (g / 2) * 32 + l] >> (4 * (g & 1))) & 0xF;
+            if (type == BK_Q5_K) v |= ((b[16 + l] >> g) & 1) << 4;
+            break;
+        case BK_Q6_K:
+            v = (((b[h * 64 + r % 64] >> (4 * (r / 64))) & 0xF) | (((b[128 + h * 32 + l] >> (2 * (r / 32))) & 3) << 4)) - 32;
+            break;
+        default: /* BK_IQ4_XS */
+            v = BK_IQ4_LUT[(b[8 + 16 * g + l % 16] >> (4 * (l / 16))) & 0xF];
+        }
+        q[i] = (int8_t)v;
+    }
+}
+
+/* The scales of chunk c (256 weights; 8 groups of 32, fewer at the end of a row of a 32-block type):
+   cb = the chunk's first byte; zeros past the row's end. */
+BK_INLINE void bk_chunk_scales(const int type, const uint8_t *cb, int ng, bk_scales *sc) {
     const bk_traits t = BK_TRAITS[type];
+    sc->ng = ng;
     if (t.block == 256) {
-        sc->ng = 8;
-        bk_unpack256(type, row + c * t.size, q, sc);
+        bk_scales256(type, cb, sc);
         return;
     }
-    const int64_t g0 = c * 8, G = k / BK_GS;
-    sc->ng = (int)(G - g0 < 8 ? G - g0 : 8);
-    if (sc->ng < 8) memset(sc->a, 0, sizeof(sc->a)), memset(sc->b, 0, sizeof(sc->b));
-    for (int g = 0; g < sc->ng; g++) bk_unpack32(type, row + (g0 + g) * t.size, q + 32 * g, sc, g);
-    memset(q + 32 * sc->ng, 0, (size_t)(32 * (8 - sc->ng)));
+    if (ng < 8) memset(sc->a, 0, sizeof(sc->a)), memset(sc->b, 0, sizeof(sc->b));
+    for (int g = 0; g < ng; g++) bk_scales32(type, cb + g * t.size, sc, g);
+}
+
+/* Groups of 32 in chunk c of a row of K weights. */
+static inline int bk_chunk_groups(const int type, int64_t k, int64_t c) {
+    if (BK_TRAITS[type].block == 256) return 8;
+    const int64_t left = k / BK_GS - c * 8;
+    return (int)(left < 8 ? left : 8);
+}
+
+/* The chunk's first byte in a row. */
+static inline const uint8_t *bk_chunk_ptr(const int type, const uint8_t *row, int64_t c) {
+    const bk_traits t = BK_TRAITS[type];
+    return row + c * (BK_CHUNK / t.block) * t.size;
+}
+
+/* Chunk c of a weight row (raw bytes ``row``, K weights): codes q[0..255] (zeros past the row's end)
+   and scales. */
+BK_INLINE void bk_unpack_chunk(const int type, const uint8_t *row, int64_t k, int64_t c, int8_t *q, bk_scales *sc) {
+    const int ng = bk_chunk_groups(type, k, c);
+    const uint8_t *cb = bk_chunk_ptr(type, row, c);
+    bk_chunk_scales(type, cb, ng, sc);
+    if (BK_TRAITS[type].block == 256) {
+        bk_codes256(type, cb, q);
+        return;
+    }
+    for (int g = 0; g < ng; g++) bk_codes32(type, cb + g * BK_TRAITS[type].size, q + 32 * g);
+    memset(q + 32 * ng, 0, (size_t)(32 * (8 - ng)));
 }
 
 #endif /* BLOCKS_UNPACK_H */
