@@ -46,6 +46,13 @@ BK_INLINE void bk_tile_t(const int type, const bk_xbuf *xb, int64_t m, int64_t k
         const int64_t nb = (k + BK_FP8_BLOCK - 1) / BK_FP8_BLOCK, kp = nb * BK_FP8_BLOCK;
         float wf[BK_NB][BK_FP8_BLOCK], s[BK_NB];
         for (int64_t c = 0; c < nb; c++) {
+#if BK_AVX2
+            if (mm == 1) {  /* one activation row: convert in registers, straight into the dot */
+                for (int64_t r = 0; r < nn; r++)
+                    bk_fp8_dot_direct(w + (n0 + r) * rs, c, xb->f + m0 * kp + c * BK_FP8_BLOCK, acc + r * 16);
+                continue;
+            }
+#endif
             for (int64_t r = 0; r < nn; r++) s[r] = bk_fp8_unpack(w + (n0 + r) * rs, c, wf[r]);
             for (int64_t i = 0; i < mm; i++)
                 for (int64_t r = 0; r < nn; r++)
