@@ -84,13 +84,11 @@ def experts_mix(x: torch.Tensor, experts: list[Expert], weights: torch.Tensor | 
         return ys if weights is None else sum_in_order(x.float(), ys, weights.float())
     gu, dn = experts[0]
     d, inter, n = gu.in_features, dn.in_features, len(experts)
-    ptrs = torch.tensor([[e[0].raw.data_ptr() for e in experts],
-                         [e[0].raw[inter:].data_ptr() for e in experts],
-                         [e[1].raw.data_ptr() for e in experts],
-                         *zip(*[(0 if e[0].bias is None else e[0].bias.data_ptr(),
-                                 0 if e[1].bias is None else e[1].bias.data_ptr()) for e in experts])],
-                        dtype=torch.int64)  # [5, A]: gate, up, down, gate_up bias, down bias
-    bias = ptrs[3:].t().contiguous()  # [A, 2]
+    up_off = inter * gu.raw.stride(0)  # the up rows follow the gate rows
+    ptrs = torch.tensor([[e[0].raw.data_ptr() for e in experts], [e[0].raw.data_ptr() + up_off for e in experts],
+                         [e[1].raw.data_ptr() for e in experts]], dtype=torch.int64)  # [3, A]: gate, up, down
+    bias = torch.tensor([[0 if lin.bias is None else lin.bias.data_ptr() for lin in e] for e in experts],
+                        dtype=torch.int64)  # [A, 2]: gate_up bias, down bias (0: none)
     xf = x.float().contiguous()
     w = None if weights is None else weights.float().contiguous()
     out = torch.empty(1 if w is not None else n, d)
