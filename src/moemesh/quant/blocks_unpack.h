@@ -65,8 +65,50 @@ BK_INLINE void bk_codes32(const int type, const uint8_t *blk, int8_t *q) {
     }
 }
 
+#if BK_AVX2
+/* 8 or 16 integer scales (bytes, widened with ``cvt``) times d into dst (and -(dmin * m) for mins): the
+   scalar path's products, 8 at a time. */
+BK_INLINE void bk_scale8(__m128i bytes8, float d, float *dst) {
+    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)), _mm256_set1_ps(d)));
+}
+BK_INLINE void bk_min8(__m128i bytes8, float dmin, float *dst) {
+    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)), _mm256_set1_ps(dmin));
+    _mm256_storeu_ps(dst, _mm256_xor_ps(v, _mm256_set1_ps(-0.f)));
+}
+#endif
+
 /* The scales of one 256-weight super-block (K-quants, IQ4_XS): a, b per 16 (G16 types) or per 32. */
 BK_INLINE void bk_scales256(const int type, const uint8_t *b, bk_scales *sc) {
+#if BK_AVX2
+    if (type == BK_Q4_K || type == BK_Q5_K) {  /* the 12 packed bytes -> 8 scales, 8 mins (ggml's utmp shuffle) */
+        uint32_t u[4];
+        memcpy(u, b + 4, 12);
+        u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+        const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+        u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+        u[2] = mins_lo;
+        u[0] &= 0x3f3f3f3f;
+        const __m128i v = _mm_loadu_si128((const __m128i *)u);
+        bk_scale8(v, bk_f16(bk_rd16(b)), sc->a);
+        bk_min8(_mm_srli_si128(v, 8), bk_f16(bk_rd16(b + 2)), sc->b);
+        return;
+    }
+    if (type == BK_Q6_K) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(b + 192));
+        const __m256 d = _mm256_set1_ps(bk_f16(bk_rd16(b + 208)));
+        _mm256_storeu_ps(sc->a, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d));
+        _mm256_storeu_ps(sc->a + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), d));
+        return;
+    }
+    if (type == BK_Q2_K) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)b), m4 = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        const float d = bk_f16(bk_rd16(b + 80)), dmin = bk_f16(bk_rd16(b + 82));
+        bk_scale8(lo, d, sc->a), bk_scale8(_mm_srli_si128(lo, 8), d, sc->a + 8);
+        bk_min8(hi, dmin, sc->b), bk_min8(_mm_srli_si128(hi, 8), dmin, sc->b + 8);
+        return;
+    }
+#endif
     if (type == BK_Q2_K) {
         const float d = bk_f16(bk_rd16(b + 80)), dmin = bk_f16(bk_rd16(b + 82));
         for (int j = 0; j < 16; j++) sc->a[j] = d * (float)(b[j] & 0xF), sc->b[j] = -(dmin * (float)(b[j] >> 4));
