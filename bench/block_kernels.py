@@ -44,6 +44,19 @@ def make_experts(qtype: str, d: int, i: int, count: int) -> list[tuple[BlockLine
     return [(BlockLinear(qtype, base[0].clone(), d), BlockLinear(qtype, base[1].clone(), i)) for _ in range(count)]
 
 
+def accuracy(lin: BlockLinear, m: int = 8) -> tuple[float, float]:
+    """Relative L2 error vs x @ W_dequant.T in fp32: the kernel's, and (for scale) that of single-plane
+    8-bit activations per 32 (llama.cpp's Q8 activations) on the same weights."""
+    w = lin.dequantize()
+    x = torch.randn(m, lin.in_features, generator=torch.Generator().manual_seed(0))
+    ref = x @ w.T
+    g = x.view(m, -1, 32)
+    s = (g.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
+    y8 = (torch.round(g / s) * s).view(m, -1) @ w.T
+    rel = lambda y: ((y - ref).norm() / ref.norm()).item()  # noqa: E731
+    return rel(lin(x)), rel(y8)
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -98,6 +111,7 @@ def main() -> None:
                 tt = min(timed(lambda: xm @ dense[0][0].T) for _ in range(passes))
                 row[f"prefill{m}_GMACs"] = m * 2 * i * d / t / 1e9
                 row[f"prefill{m}_torch_fp32_GMACs"] = m * 2 * i * d / tt / 1e9
+            row["rel_err"], row["rel_err_q8_act"] = accuracy(gu)
             sel = experts[:active]
             w = torch.softmax(torch.randn(active), 0)
             fused = min(timed(lambda: experts_mix(x, sel, w)) for _ in range(passes))
@@ -119,14 +133,16 @@ def main() -> None:
           "machine: indicative). GB/s = the expert's raw bytes / time per expert (gate_up + down, one token); "
           "read = a plain read loop over the same bytes (the floor); torch fp32 = x @ W.T on the dequantized "
           "weights (GB/s of fp32 weight). Prefill: GMAC/s for M rows through one gate_up. Mix: one token through "
-          "the model's active experts, fused C call vs the per-expert path.", "",
+          "the model's active experts, fused C call vs the per-expert path. rel err: ||y - ref|| / ||ref|| vs the "
+          "fp32 matmul on the dequantized weight (8 random rows), beside single-plane 8-bit activations' (Q8).", "",
           "| model | qtype | bytes/expert | kernel GB/s | read GB/s | kernel/read | torch fp32 GB/s | "
-          "prefill 64 GMAC/s (fp32) | mix us (per-expert) |", "|---|---|---|---|---|---|---|---|---|"]
+          "prefill 64 GMAC/s (fp32) | mix us (per-expert) | rel err (Q8 act) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['qtype']} | {r['expert_bytes'] / 2**20:.2f} MiB | {r['kernel_GBps']:.2f} | "
                   f"{r['read_GBps']:.2f} | {r['kernel_GBps'] / r['read_GBps']:.2f} | {r['torch_fp32_GBps']:.2f} | "
                   f"{r['prefill64_GMACs']:.1f} ({r['prefill64_torch_fp32_GMACs']:.1f}) | "
-                  f"{r['fused_mix_us']:.0f} ({r['per_expert_mix_us']:.0f}) |")
+                  f"{r['fused_mix_us']:.0f} ({r['per_expert_mix_us']:.0f}) | "
+                  f"{r['rel_err']:.1e} ({r['rel_err_q8_act']:.1e}) |")
     (RESULTS / "block_kernels.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
