@@ -55,7 +55,7 @@ def test_fused_equals_per_expert_path(gq, dq, d, i, bias, act, monkeypatch) -> N
         assert torch.equal(experts_mix(x, experts, w, act), mixed)
     finally:
         torch.set_num_threads(threads)
-    monkeypatch.setenv("MOEMESH_BLOCKS_SCALAR", "1")  # the portable build: the same bits
+    monkeypatch.setenv("MOEMESH_BLOCKS_NATIVE", "scalar")  # the portable build: the same bits
     assert torch.equal(experts_mix(x, experts, w, act), mixed)
     assert torch.equal(per_expert(x, experts, w, act)[1], mixed)
     # fp32 reference: dequantized weights and torch's activations

@@ -93,7 +93,7 @@ def test_block_linear_forward_uses_the_kernel(monkeypatch: pytest.MonkeyPatch) -
     lin, xs = case("Q4_K", 9, 512, 0)
     x = xs[:3].view(3, 1, 512)
     assert torch.equal(lin(x), bn.matmul(SIMD, "Q4_K", xs[:3], lin.raw, 512, lin.bias).view(3, 1, 9))
-    monkeypatch.setenv("MOEMESH_BLOCKS_SCALAR", "1")
+    monkeypatch.setenv("MOEMESH_BLOCKS_NATIVE", "scalar")
     assert torch.equal(lin(x).view(3, 9), bn.matmul(SCALAR, "Q4_K", xs[:3], lin.raw, 512, lin.bias))
     monkeypatch.setenv("MOEMESH_BLOCKS_NATIVE", "0")
     assert torch.equal(lin(x).view(3, 9), lin.reference_forward(xs[:3]))

@@ -78,14 +78,14 @@ class BlockLinear(torch.nn.Module):
         # x: [..., K] -> fp32 [..., N]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.qtype} linear wants [..., {self.in_features}] inputs, got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, self.in_features)  # [M, K]
         lib = blocks_native.load_native()
         if lib is None:
             y = self.reference_forward(x2)
         else:
             y = blocks_native.matmul(lib, self.qtype, x2, self.raw, self.in_features, self.bias)
-        return y.reshape(*lead, self.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference: dequantize() then an fp32 matmul (+ bias). x [M, K] -> fp32 [M, N]."""

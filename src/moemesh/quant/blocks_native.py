@@ -2,8 +2,8 @@
 
 Two builds of the same sources: the fast one (``-march=native``: AVX2 + FMA + F16C paths where the CPU
 has them) and the portable scalar one (``-DBK_SCALAR``), which must give the same bits (tests compare
-them). ``MOEMESH_BLOCKS_NATIVE=0`` turns the kernels off (BlockLinear then runs its torch reference);
-``MOEMESH_BLOCKS_SCALAR=1`` picks the scalar build. No compiler or a failed build: ``load_native()``
+them). ``MOEMESH_BLOCKS_NATIVE=0`` turns the kernels off (BlockLinear then runs its torch reference),
+``MOEMESH_BLOCKS_NATIVE=scalar`` picks the scalar build (read per call, one lookup). No compiler or a failed build: ``load_native()``
 is None.
 """
 from __future__ import annotations
@@ -49,9 +49,8 @@ def load_build(scalar: bool) -> ctypes.CDLL | None:
 
 def load_native() -> ctypes.CDLL | None:
     """The library BlockLinear uses, or None (disabled by MOEMESH_BLOCKS_NATIVE=0, or unavailable)."""
-    if os.environ.get("MOEMESH_BLOCKS_NATIVE", "1") == "0":
-        return None
-    return load_build(os.environ.get("MOEMESH_BLOCKS_SCALAR", "0") == "1")
+    mode = os.environ.get("MOEMESH_BLOCKS_NATIVE", "1")
+    return None if mode == "0" else load_build(mode == "scalar")
 
 
 def check_rc(rc: int, what: str) -> None:
@@ -64,14 +63,16 @@ def check_rc(rc: int, what: str) -> None:
 def matmul(lib: ctypes.CDLL, qtype: str, x: torch.Tensor, raw: torch.Tensor, in_features: int,
            bias: torch.Tensor | None) -> torch.Tensor:
     """x fp32 [M, K] @ W.T (+ bias) -> fp32 [M, N]; raw uint8 [N, row_bytes] (rows may be a strided view)."""
-    x = x.float().contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
     m, n = x.shape[0], raw.shape[0]
     y = torch.empty(m, n)
     if m == 0 or n == 0:
         return y
     rc = lib.bk_matmul(TYPE_IDS[qtype], x.data_ptr(), m, in_features, raw.data_ptr(), raw.stride(0), n,
                        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
-    check_rc(rc, f"{qtype} matmul [{m}, {in_features}] x [{n}, {in_features}]")
+    if rc:
+        check_rc(rc, f"{qtype} matmul [{m}, {in_features}] x [{n}, {in_features}]")
     return y
 
 
