@@ -100,3 +100,5 @@ def test_unfusable_experts_fall_back_to_the_per_expert_path() -> None:
         experts_mix(x, [a, b], torch.ones(3))
     with pytest.raises(ValueError, match="one token"):
         experts_mix(torch.randn(2, 64), [a], None)
+    assert torch.equal(experts_mix(x, [], torch.ones(0)), torch.zeros(1, 64))  # no expert picked: zeros
+    assert experts_mix(x, [], None).shape == (0, 64)

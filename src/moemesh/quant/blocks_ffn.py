@@ -78,6 +78,8 @@ def experts_mix(x: torch.Tensor, experts: list[Expert], weights: torch.Tensor | 
         raise ValueError(f"experts_mix takes one token [1, D], got {tuple(x.shape)}")
     if weights is not None and tuple(weights.shape) != (len(experts),):
         raise ValueError(f"experts_mix: {len(experts)} experts but weights {tuple(weights.shape)}")
+    if not experts:
+        return torch.zeros(1, x.shape[1]) if weights is not None else torch.zeros(0, x.shape[1])
     lib = blocks_native.load_native()
     if lib is None or not fusable(experts):
         ys = torch.cat([expert_forward(x, e, act, alpha, limit) for e in experts])  # [A, D]
