@@ -166,7 +166,7 @@ def test_q4_gguf_store_is_symmetric_and_planned_at_its_size(q4_model, tmp_path):
 
 def test_q4_gguf_experts_dequantize_exactly(q4_model):
     """Each expert slice of a 3-D Q4_0 tensor equals gguf-py's dequantization of that expert."""
-    from moemesh.weights.gguf_reader import open_gguf
+    from moemesh.loading.gguf_checkpoint import open_gguf
 
     ckpt = open_gguf(q4_model / "q4.gguf")
     raw = next(t for t in ckpt.reader.tensors if t.name == "blk.1.ffn_down_exps.weight")

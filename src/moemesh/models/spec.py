@@ -15,6 +15,7 @@ class ArchSpec:
     moe_prefix: str = "mlp"  # mixtral: "block_sparse_moe"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # mixtral: w1, w3, w2
     builder: Any = None  # a models.build.Builder subclass when the shared Builder cannot build it (models.build.make_builder)
+    gguf: Any = None  # its models.gguf.GGUFSpec when llama.cpp writes this family as a GGUF
 
     def expert_tensor_names(self, layer: int, num_experts: int) -> list[str]:
         """HF tensor names holding one layer's experts (an expert store keeps them out of its trunk)."""
