@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
 
-from . import fp8, mxfp4
+from . import blocks_native, fp8, mxfp4
 
 GGUF_QTYPES = ("MXFP4", "Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
 
@@ -79,7 +79,12 @@ class BlockLinear(torch.nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.qtype} linear wants [..., {self.in_features}] inputs, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        y = self.reference_forward(x.reshape(-1, self.in_features))
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        lib = blocks_native.load_native()
+        if lib is None:
+            y = self.reference_forward(x2)
+        else:
+            y = blocks_native.matmul(lib, self.qtype, x2, self.raw, self.in_features, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
