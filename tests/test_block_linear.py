@@ -33,7 +33,8 @@ def test_reference_forward_is_dequantize_then_fp32_matmul(qtype):
         ref = gguf_quants.dequantize(raw.numpy(), GGMLQuantizationType[qtype])
         assert np.array_equal(w.numpy(), ref)
     x = torch.randn(3, k)
-    torch.testing.assert_close(lin(x), x @ w.T + bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.reference_forward(x), x @ w.T + bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin(x), x @ w.T + bias, rtol=1e-3, atol=1e-3)  # the kernel: tests/test_block_kernels.py
     assert lin(x.view(3, 1, k)).shape == (3, 1, 7)
 
 
