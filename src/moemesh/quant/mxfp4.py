@@ -51,3 +51,29 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = (codes + 8 * (scaled < 0)).to(torch.uint8)  # sign bit
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return blocks.contiguous(), (exp + 127).to(torch.uint8)
+
+
+GGUF_BLOCK_BYTES = 1 + GROUP // 2  # GGUF's MXFP4 block: the e8m0 byte, then 16 bytes of nibbles
+
+
+def to_gguf(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Safetensors layout -> GGUF's, losslessly (same byte count): blocks uint8 [..., G, 16] (byte j =
+    values 2j low, 2j+1 high) and scales uint8 [..., G] -> raw uint8 [..., G * 17], each block the
+    scale byte then 16 bytes whose low nibbles are values 0..15 and high nibbles values 16..31."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape \
+            or blocks.shape[-1] != GROUP // 2:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} / scales {tuple(scales.shape)} "
+                         f"{scales.dtype}: want uint8 [..., G, 16] and [..., G]")
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2)  # [..., G, 32] in value order
+    out = torch.empty(*scales.shape, GGUF_BLOCK_BYTES, dtype=torch.uint8)  # [..., G, 17]
+    out[..., 0] = scales
+    out[..., 1:] = codes[..., :16] | (codes[..., 16:] << 4)
+    return out.flatten(-2)
+
+
+def from_gguf(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``to_gguf``: raw uint8 [..., G * 17] -> (blocks [..., G, 16], scales [..., G])."""
+    g = raw.shape[-1] // GGUF_BLOCK_BYTES
+    b = raw.reshape(*raw.shape[:-1], g, GGUF_BLOCK_BYTES)
+    codes = torch.cat([b[..., 1:] & 0x0F, b[..., 1:] >> 4], dim=-1)  # [..., G, 32] in value order
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), b[..., 0].contiguous()

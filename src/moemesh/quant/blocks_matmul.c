@@ -1,0 +1,115 @@
+/* y fp32 [M, N] = x fp32 [M, K] @ W.T (+ bias), W's rows in a block format (blocks_kernel.h).
+
+Work: tiles of BK_NB weight rows x BK_MB activation rows; per tile, chunk by chunk (256 weights; one
+128-block for FP8), each weight row's chunk is unpacked once and used for every activation row of
+the tile (prefill reuses decoded weights; decode, M = 1..8, is one pass over W). Threads share tiles
+(OpenMP, guided: long runs of consecutive rows for the prefetchers); every output element has the
+arithmetic of blocks_kernel.h whoever computes it, so results do not depend on M, N or threads. */
+#include "blocks_fp8.h"
+#include "blocks_tile.h"
+#include "blocks_unpack_avx2.h"
+
+int bk_simd(void) { return BK_AVX2; }
+
+void bk_xfree(bk_xbuf *b) {
+    free(b->X), free(b->f);
+    b->X = NULL, b->f = NULL;
+}
+
+int bk_prepare(int type, const float *x, int64_t m, int64_t k, bk_xbuf *b) {
+    b->X = NULL, b->f = NULL, b->G8 = 0;
+    if (type == BK_FP8) {
+        const int64_t kp = (k + BK_FP8_BLOCK - 1) / BK_FP8_BLOCK * BK_FP8_BLOCK;
+        b->f = (float *)calloc((size_t)(m * kp), sizeof(float));
+        if (!b->f) return -3;
+        for (int64_t r = 0; r < m; r++) memcpy(b->f + r * kp, x + r * k, sizeof(float) * (size_t)k);
+        return 0;
+    }
+    const int64_t G = k / BK_GS;
+    b->G8 = (G + 7) / 8 * 8;
+    b->X = (int16_t *)malloc(sizeof(int16_t) * (size_t)(m * k) + 64);
+    b->f = (float *)malloc(sizeof(float) * (size_t)(4 * m * b->G8));
+    if (!b->X || !b->f) return -3;
+    for (int64_t r = 0; r < m; r++) {
+        const bk_xrow a = {b->X + r * k, b->f + r * b->G8, b->f + (m + r) * b->G8, b->f + 2 * m * b->G8 + 2 * r * b->G8};
+        bk_quant_x(x + r * k, k, a);
+    }
+    return 0;
+}
+
+void bk_tile(int type, const bk_xbuf *xb, int64_t m, int64_t k, const uint8_t *w, int64_t rs, int64_t n,
+                    const float *bias, float *y, int64_t m0, int64_t mm, int64_t n0, int64_t nn, float *acc) {
+    const bk_traits t = BK_TRAITS[type];
+    memset(acc, 0, sizeof(float) * BK_ACC);
+    if (type == BK_FP8) {
+        const int64_t nb = (k + BK_FP8_BLOCK - 1) / BK_FP8_BLOCK, kp = nb * BK_FP8_BLOCK;
+        float wf[BK_NB][BK_FP8_BLOCK], s[BK_NB];
+        for (int64_t c = 0; c < nb; c++) {
+            for (int64_t r = 0; r < nn; r++) s[r] = bk_fp8_unpack(w + (n0 + r) * rs, c, wf[r]);
+            for (int64_t i = 0; i < mm; i++)
+                for (int64_t r = 0; r < nn; r++)
+                    bk_fp8_dot(wf[r], s[r], xb->f + (m0 + i) * kp + c * BK_FP8_BLOCK, acc + (i * BK_NB + r) * 16);
+        }
+    } else {
+        const int64_t G8 = xb->G8, nc = G8 / 8;
+        bk_wq wq[BK_NB][BK_CHUNK];
+        bk_scales sc[BK_NB];
+        for (int64_t c = 0; c < nc; c++) {
+            for (int64_t r = 0; r < nn; r++) bk_unpack(type, w + (n0 + r) * rs, k, c, wq[r], &sc[r]);
+            for (int64_t i = 0; i < mm; i++) {
+                const int64_t row = m0 + i;
+                const int16_t *X = xb->X + row * k + c * BK_CHUNK;
+                const float *du = xb->f + row * G8 + 8 * c, *sx32 = xb->f + (m + row) * G8 + 8 * c;
+                const float *sx16 = xb->f + 2 * m * G8 + 2 * row * G8 + 16 * c;
+                for (int64_t r = 0; r < nn; r++) bk_dot(wq[r], X, &sc[r], du, sx32, sx16, t, acc + (i * BK_NB + r) * 16);
+            }
+        }
+    }
+    for (int64_t i = 0; i < mm; i++)
+        for (int64_t r = 0; r < nn; r++) {
+            float v;
+            if (type == BK_FP8) {
+                v = bk_reduce8(acc + (i * BK_NB + r) * 16);
+            } else {
+                bk_finish(acc + (i * BK_NB + r) * 16, t.g16, &v);
+            }
+            y[(m0 + i) * n + n0 + r] = bias ? v + bias[n0 + r] : v;
+        }
+}
+
+/* Returns 0, -1 (bad arguments) or -3 (no memory). rs: bytes from one weight row to the next. */
+int bk_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t rs, int64_t n,
+              const float *bias, float *y, int nthreads) {
+    if (type < 0 || type >= BK_NTYPES || m <= 0 || n <= 0 || k <= 0) return -1;
+    const bk_traits t = BK_TRAITS[type];
+    if (type != BK_FP8 && k % t.block) return -1;
+    const int64_t row_bytes = (k + t.block - 1) / t.block * t.size;
+    if (rs < row_bytes) return -1;
+    bk_xbuf xb;
+    int rc = bk_prepare(type, x, m, k, &xb);
+    if (rc) {
+        bk_xfree(&xb);
+        return rc;
+    }
+    const int64_t ntiles = (n + BK_NB - 1) / BK_NB, nmb = (m + BK_MB - 1) / BK_MB;
+    if (m * n * k < BK_SERIAL || ntiles * nmb < 2) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *acc = (float *)malloc(sizeof(float) * BK_ACC);
+        if (!acc) {
+#pragma omp atomic write
+            rc = -3;
+        }
+#pragma omp for schedule(guided)
+        for (int64_t it = 0; it < nmb * ntiles; it++) {
+            if (!acc) continue;
+            const int64_t mb = it / ntiles, tile = it % ntiles;
+            const int64_t m0 = mb * BK_MB, n0 = tile * BK_NB;
+            bk_tile(type, &xb, m, k, w, rs, n, bias, y, m0, m - m0 < BK_MB ? m - m0 : BK_MB, n0,
+                    n - n0 < BK_NB ? n - n0 : BK_NB, acc);
+        }
+        free(acc);
+    }
+    bk_xfree(&xb);
+    return rc;
+}
