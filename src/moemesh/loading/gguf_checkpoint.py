@@ -145,3 +145,6 @@ class GGUFSource:
 
     def blocks(self, name: str) -> tuple[str, torch.Tensor, int] | None:
         return self.ckpt.tensor(name).block_rows()
+
+    def stored_type(self, name: str) -> str:
+        return self.ckpt.tensor(name).ggml_type

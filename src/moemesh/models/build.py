@@ -15,10 +15,12 @@ from ..layers.mlp import GatedMLP
 from ..layers.moe import ExpertProvider, MoEBlock
 from ..layers.norm import RMSNorm
 from ..layers.router import TopKRouter
+from ..quant.blocks import BlockLinear, supported_qtypes
 from ..quant.qlinear import QuantLinear
 from ..quant.qlinear_rows import from_float_rows
 from ..weights.source import WeightSource
 from .args import ModelArgs
+from .conversion import ConversionLog
 from .spec import ArchSpec
 from .transformer import DecoderLayer, Transformer
 
@@ -45,14 +47,17 @@ def make_builder(spec: ArchSpec, args: ModelArgs, source: WeightSource, quant: s
 
 
 class Builder:
-    """Turns HF-named tensors into layers. ``quant``: auto keeps each tensor as stored (GGUF 4-bit
-    blocks stay 4-bit, floats become fp32); fp32/bf16/int8/int4 convert every linear."""
+    """Turns HF-named tensors into layers. ``quant``: auto keeps each tensor as stored (GGUF Q4_0/Q4_1
+    go straight into the int4 kernel, other block formats (K-quants, Q8_0, MXFP4 ...) become
+    BlockLinears over their raw rows, floats become fp32); fp32/bf16/int8/int4 convert every linear,
+    and ``conversion`` measures what that costs against the stored values."""
 
     def __init__(self, spec: ArchSpec, args: ModelArgs, source: WeightSource, quant: str = "auto") -> None:
         if quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
         self.spec, self.args, self.src, self.quant = spec, args, source, quant
         self.native_int4 = False  # set once a stored 4-bit tensor went straight into the kernel
+        self.conversion = ConversionLog(quant)
 
     def tensor(self, name: str) -> torch.Tensor:
         if not self.src.has(name):
@@ -73,10 +78,33 @@ class Builder:
                 q, s, m = (torch.cat(parts) for parts in zip(*groups))
                 self.native_int4 = True
                 return QuantLinear.from_int4_groups(q, s, m, bias)
+        if self.quant == "auto" and (blocks := self.block_rows(names)) is not None:
+            qtype, raws, k = blocks
+            return BlockLinear(qtype, raws[0] if len(raws) == 1 else torch.cat(raws), k, bias)  # gate + up: one copy
         weights = [self.tensor(n) for n in names]
         w = weights[0] if len(weights) == 1 else torch.cat(weights)  # [O, I]
         mode = "fp32" if self.quant == "auto" else self.quant
-        return QuantLinear.from_float(w.float(), bias, mode)
+        layer = QuantLinear.from_float(w.float(), bias, mode)
+        self.conversion.record(self.stored_type(names[0]), w, layer)
+        return layer
+
+    def block_rows(self, names: list[str]) -> tuple[str, list[torch.Tensor], int] | None:
+        """(qtype, raw rows of each name, in_features) when every name is stored in one block format
+        BlockLinear computes (GGUF K-quants, Q8_0, MXFP4 ...), else None."""
+        get = getattr(self.src, "blocks", None)
+        if get is None or not all(self.src.has(n) for n in names):
+            return None
+        blocks = [get(n) for n in names]
+        if any(b is None for b in blocks) or len({(b[0], b[2]) for b in blocks}) != 1:
+            return None
+        if blocks[0][0] not in supported_qtypes():
+            return None
+        return blocks[0][0], [b[1] for b in blocks], blocks[0][2]
+
+    def stored_type(self, name: str) -> str:
+        """The stored format of a tensor, for the conversion report."""
+        get = getattr(self.src, "stored_type", None)
+        return get(name) if get is not None else str(self.tensor(name).dtype).removeprefix("torch.")
 
     def norm(self, name: str) -> RMSNorm:
         return RMSNorm(self.tensor(name), self.args.rms_norm_eps)

@@ -28,6 +28,7 @@ from ..errors import CheckpointError
 from ..layers.attention import Attention
 from ..layers.gpt_oss_moe import ClampedSwiGLU, LogitTopKRouter, deinterleave
 from ..layers.moe import ExpertProvider, MoEBlock
+from ..quant.blocks import BlockLinear, supported_qtypes
 from ..quant.qlinear import QuantLinear
 from .args import ModelArgs, common_args, num_experts_of
 from .build import Builder
@@ -113,10 +114,8 @@ class GptOssBuilder(Builder):
         )
 
     def experts(self, i: int) -> list[ClampedSwiGLU]:
-        mode = self.quant
-        if mode == "auto":  # MXFP4 values are exact in bf16: half of fp32's memory, nothing lost
-            mode = "bf16" if self.src.has(f"model.layers.{i}.mlp.experts.down_proj_blocks") else "fp32"
-        return [expert_module(self.args, *expert_linears(self.src, i, e, mode).values())
+        # auto: MXFP4 (safetensors or GGUF) and other block formats stay as stored (BlockLinear)
+        return [expert_module(self.args, *expert_linears(self.src, i, e, self.quant).values())
                 for e in range(self.args.num_experts)]
 
     def moe(self, i: int, provider: ExpertProvider) -> MoEBlock:
@@ -125,13 +124,43 @@ class GptOssBuilder(Builder):
         return MoEBlock(i, router, provider)  # type: ignore[arg-type]  # same call as TopKRouter
 
 
-def expert_linears(source, layer: int, expert: int, quant: str) -> dict[str, QuantLinear]:
+def block_expert(source, layer: int, expert: int) -> dict[str, BlockLinear] | None:
+    """One expert at its stored precision, or None when it is stored as floats: GGUF block rows
+    (gate and up rows concatenated into one gate_up), or the safetensors MXFP4 ``*_blocks`` /
+    ``*_scales`` (gate/up rows de-interleaved, bytes shuffled into GGUF's MXFP4 layout)."""
+    base = f"model.layers.{layer}.mlp.experts."
+    split = f"{base}{expert}."
+    get = getattr(source, "blocks", None)
+    if get is not None and source.has(split + "gate_proj.weight"):
+        rows = [get(f"{split}{p}_proj.weight") for p in ("gate", "up", "down")]
+        if any(r is None or r[0] not in supported_qtypes() for r in rows):
+            return None
+        (qt, gate, d), (_, up, _), (_, down, inter) = rows
+        bias = {p: source.get(f"{split}{p}_proj.bias").float() for p in ("gate", "up", "down")}
+        return {"gate_up": BlockLinear(qt, torch.cat([gate, up]), d, torch.cat([bias["gate"], bias["up"]])),
+                "down": BlockLinear(qt, down, inter, bias["down"])}
+    if not source.has(base + "gate_up_proj_blocks"):
+        return None
+    blocks, scales = (source.get(base + f"gate_up_proj_{k}")[expert] for k in ("blocks", "scales"))
+    gate_up_bias = deinterleave(source.get(base + "gate_up_proj_bias")[expert].float())
+    gate_up = BlockLinear.from_mxfp4_safetensors(torch.cat([blocks[0::2], blocks[1::2]]),
+                                                 torch.cat([scales[0::2], scales[1::2]]), gate_up_bias)
+    down = BlockLinear.from_mxfp4_safetensors(source.get(base + "down_proj_blocks")[expert],
+                                              source.get(base + "down_proj_scales")[expert],
+                                              source.get(base + "down_proj_bias")[expert].float())
+    return {"gate_up": gate_up, "down": down}
+
+
+def expert_linears(source, layer: int, expert: int, quant: str) -> dict[str, QuantLinear | BlockLinear]:
+    if quant == "auto" and (kept := block_expert(source, layer, expert)) is not None:
+        return kept
     gate_up, gate_up_bias, down, down_bias = expert_tensors(source, layer, expert)
-    return {"gate_up": QuantLinear.from_float(gate_up, gate_up_bias, quant),
-            "down": QuantLinear.from_float(down, down_bias, quant)}
+    mode = "fp32" if quant == "auto" else quant
+    return {"gate_up": QuantLinear.from_float(gate_up, gate_up_bias, mode),
+            "down": QuantLinear.from_float(down, down_bias, mode)}
 
 
-def expert_module(args: ModelArgs, gate_up: QuantLinear, down: QuantLinear) -> ClampedSwiGLU:
+def expert_module(args: ModelArgs, gate_up: QuantLinear | BlockLinear, down: QuantLinear | BlockLinear) -> ClampedSwiGLU:
     return ClampedSwiGLU(gate_up, down, args.swiglu_alpha, args.swiglu_limit)
 
 
