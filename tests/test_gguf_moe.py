@@ -129,7 +129,7 @@ def test_q4_gguf_converts_to_store_lazy_equals_resident(q4_model):
     from moemesh.quant.qlinear_state import export_state
 
     gguf_path = q4_model / "q4.gguf"
-    direct = load_model(str(gguf_path))  # Q4_0 experts straight into the int4 kernel
+    direct = load_model(str(gguf_path), "int4")  # Q4_0 experts straight into the int4 kernel (auto: BlockLinear)
     store = convert(gguf_path, q4_model / "store", "int4", progress=False)
     assert (store / "tokenizer.json").is_file()  # the GGUF's tokenizer survives conversion
     resident = load_model(str(store))

@@ -67,11 +67,16 @@ class Builder:
     def optional(self, name: str) -> torch.Tensor | None:
         return self.src.get(name) if self.src.has(name) else None
 
-    def linear(self, names: list[str], bias_names: list[str] | None = None) -> QuantLinear:
-        """One linear from the row-wise concatenation of ``names`` (fuses q/k/v, gate/up)."""
+    def linear(self, names: list[str], bias_names: list[str] | None = None, expert: bool = False) -> QuantLinear | BlockLinear:
+        """One linear from the row-wise concatenation of ``names`` (fuses q/k/v, gate/up). A routed
+        expert (``expert``) stored in any block format stays a BlockLinear under auto, Q4_0/Q4_1
+        included: the file's own rows, which lazy experts read straight from the file."""
         bias = None
         if bias_names:
             bias = torch.cat([self.tensor(b).float() for b in bias_names])
+        if self.quant == "auto" and expert and (blocks := self.block_rows(names)) is not None:
+            qtype, raws, k = blocks
+            return BlockLinear(qtype, raws[0] if len(raws) == 1 else torch.cat(raws), k, bias)
         if self.quant in ("auto", "int4"):
             groups = [self.src.int4_groups(n) if self.src.has(n) else None for n in names]
             if all(g is not None for g in groups):
@@ -109,8 +114,8 @@ class Builder:
     def norm(self, name: str) -> RMSNorm:
         return RMSNorm(self.tensor(name), self.args.rms_norm_eps)
 
-    def gated_mlp(self, gate: str, up: str, down: str) -> GatedMLP:
-        return GatedMLP(self.linear([gate, up]), self.linear([down]), self.args.hidden_act)
+    def gated_mlp(self, gate: str, up: str, down: str, expert: bool = False) -> GatedMLP:
+        return GatedMLP(self.linear([gate, up], expert=expert), self.linear([down], expert=expert), self.args.hidden_act)
 
     def attention(self, i: int) -> Attention:
         a, s = self.args, self.spec
@@ -126,7 +131,7 @@ class Builder:
         )
 
     def experts(self, i: int) -> list[GatedMLP]:
-        return [self.gated_mlp(*self.spec.expert(i, e)) for e in range(self.args.num_experts)]
+        return [self.gated_mlp(*self.spec.expert(i, e), expert=True) for e in range(self.args.num_experts)]
 
     def moe(self, i: int, provider: ExpertProvider) -> MoEBlock:
         a, s = self.args, self.spec
