@@ -85,12 +85,12 @@ def _finish(w: gguf.GGUFWriter) -> None:
     w.close()
 
 
-def write_gpt_oss(model, path: Path, expert_type: Q, seed: int = 0) -> None:
+def write_gpt_oss(model, path: Path, expert_type: Q, seed: int = 0, split_max_tensors: int = 0) -> None:
     """A transformers GptOssForCausalLM -> llama.cpp ``gpt-oss`` GGUF (F32 trunk, experts in
     ``expert_type``); the model's expert weights are replaced by the decoded GGUF values."""
     rng = np.random.default_rng(seed)
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "gpt-oss")
+    w = gguf.GGUFWriter(str(path), "gpt-oss", split_max_tensors=split_max_tensors)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -147,14 +147,14 @@ def write_gpt_oss(model, path: Path, expert_type: Q, seed: int = 0) -> None:
     _finish(w)
 
 
-def write_deepseek(model, path: Path, expert_type: Q, seed: int = 0) -> None:
+def write_deepseek(model, path: Path, expert_type: Q, seed: int = 0, split_max_tensors: int = 0) -> None:
     """A transformers DeepseekV2/V3ForCausalLM -> llama.cpp ``deepseek2`` GGUF (F32 trunk, kv_b split
     per head into attn_k_b / attn_v_b, experts stacked in ``expert_type``); the model's routed expert
     weights are replaced by the decoded GGUF values."""
     rng = np.random.default_rng(seed)
     cfg = model.config
     v3 = cfg.model_type == "deepseek_v3"
-    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w = gguf.GGUFWriter(str(path), "deepseek2", split_max_tensors=split_max_tensors)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)

@@ -24,8 +24,9 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_dir: Path, path: Path, q4_experts: bool = False) -> None:
-    """An HF qwen3_moe or mixtral checkpoint -> GGUF (F32 trunk; experts F32 or Q4_0)."""
+def write_gguf(hf_dir: Path, path: Path, q4_experts: bool = False, expert_type=None) -> None:
+    """An HF qwen3_moe or mixtral checkpoint -> GGUF (F32 trunk; experts F32, Q4_0, or ``expert_type``:
+    tests/gguf_write.encode, random valid blocks for the K-quants)."""
     config, source, _ = open_source(hf_dir)
     mixtral = config["model_type"] == "mixtral"
     arch = "llama" if mixtral else "qwen3moe"
@@ -78,7 +79,12 @@ def write_gguf(hf_dir: Path, path: Path, q4_experts: bool = False) -> None:
         for part, hf in zip(("gate", "up", "down"), hf_parts):
             arr = np.stack([source.get(f"model.layers.{layer}.{prefix}.experts.{e}.{hf}.weight").float().numpy()
                             for e in range(n_exp)])  # [E, out, in]
-            if q4_experts:
+            if expert_type is not None:
+                from gguf_write import encode
+
+                raw, _ = encode(arr, expert_type, np.random.default_rng(layer))
+                w.add_tensor(f"blk.{layer}.ffn_{part}_exps.weight", raw, raw_dtype=expert_type)
+            elif q4_experts:
                 w.add_tensor(f"blk.{layer}.ffn_{part}_exps.weight", gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q4_0),
                              raw_dtype=gguf.GGMLQuantizationType.Q4_0)
             else:

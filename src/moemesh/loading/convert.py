@@ -21,6 +21,7 @@ from ..experts.lazy import LazyExperts
 from ..models import get_arch
 from ..models.build import make_builder
 from ..models.spec import ArchSpec
+from ..quant.blocks import BlockLinear, supported_qtypes
 from ..quant.qlinear import QuantLinear
 from ..quant.qlinear_state import export_state
 from ..store.checksum import DEFAULT as CHECKSUM
@@ -29,7 +30,7 @@ from ..store.expert_store import ALIGN, FORMAT, PART_ALIGN, VERSION, dtype_name
 from ..weights.safetensors_io import write_safetensors
 from .source import open_source
 
-STORE_QUANTS = ("int4", "int8", "bf16", "fp32")
+STORE_QUANTS = ("auto", "int4", "int8", "bf16", "fp32")  # auto: as the file holds them (block rows, floats as fp32)
 TRUNK_QUANTS = ("keep", "int4")  # the trunk's linears as the source has them, or int4 (weights/int4_trunk.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
@@ -39,10 +40,16 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def expert_linears(spec: ArchSpec, source, layer: int, expert: int, quant: str) -> dict[str, QuantLinear]:
+def expert_linears(spec: ArchSpec, source, layer: int, expert: int, quant: str) -> dict[str, QuantLinear | BlockLinear]:
     if (own := spec.expert_linears(source, layer, expert, quant)) is not None:  # gpt_oss: fused tensors, biases
         return own
     names = spec.expert(layer, expert)
+    blocks = getattr(source, "blocks", None)
+    if quant == "auto" and blocks is not None:  # the file's block rows, as the resident build keeps them
+        rows = [blocks(n) for n in names]
+        if all(r is not None and r[0] in supported_qtypes() for r in rows) and rows[0][0] == rows[1][0]:
+            (qt, gate, k), (_, up, _), (dqt, down, inter) = rows
+            return {"gate_up": BlockLinear(qt, torch.cat([gate, up]), k), "down": BlockLinear(dqt, down, inter)}
     if quant == "int4":  # GGUF Q4_0/Q4_1 experts go into the store as they are, not requantized
         groups = [source.int4_groups(n) for n in names]
         if all(g is not None for g in groups):
@@ -51,8 +58,9 @@ def expert_linears(spec: ArchSpec, source, layer: int, expert: int, quant: str) 
                                                             torch.cat([gm, um]), None),
                     "down": QuantLinear.from_int4_groups(*down, None)}
     gate, up, down = (source.get(n).float() for n in names)
-    return {"gate_up": QuantLinear.from_float(torch.cat([gate, up]), None, quant),
-            "down": QuantLinear.from_float(down, None, quant)}
+    mode = "fp32" if quant == "auto" else quant
+    return {"gate_up": QuantLinear.from_float(torch.cat([gate, up]), None, mode),
+            "down": QuantLinear.from_float(down, None, mode)}
 
 
 def blob_layout(linears: dict[str, QuantLinear]) -> tuple[dict[str, Any], list[dict[str, Any]], int]:

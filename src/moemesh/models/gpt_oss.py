@@ -175,6 +175,14 @@ class GptOssSpec(ArchSpec):
     def expert_module(self, args: ModelArgs) -> dict[str, Any] | None:
         return {"kind": "clamped_swiglu", "alpha": args.swiglu_alpha, "limit": args.swiglu_limit}
 
+    def expert_layout(self, layer: int, expert: int, has: Any) -> list[tuple[list[str], list[str] | None]] | None:
+        base = f"model.layers.{layer}.mlp.experts.{expert}."
+        if not has(base + "gate_proj.weight"):
+            return None  # fused gate_up (interleaved rows; MXFP4 bytes in another layout): needs a store
+        name = lambda p, k: f"{base}{p}_proj.{k}"  # noqa: E731
+        return [([name("gate", "weight"), name("up", "weight")], [name("gate", "bias"), name("up", "bias")]),
+                ([name("down", "weight")], [name("down", "bias")])]
+
 
 def gguf_config(meta: Meta, shapes: Shapes) -> dict:
     config = base_config("gpt-oss", meta, shapes)

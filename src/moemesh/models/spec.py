@@ -31,6 +31,13 @@ class ArchSpec:
         """What the store needs to rebuild an expert that is not a plain GatedMLP (None: GatedMLP)."""
         return None
 
+    def expert_layout(self, layer: int, expert: int, has: Any) -> list[tuple[list[str], list[str] | None]] | None:
+        """One expert's linears as (weight names whose rows are concatenated, their bias names or None),
+        gate_up first, then down; None when the checkpoint holds them in a form that cannot be used in
+        place (lazy experts then need an expert store). ``has(name)``: whether the checkpoint has it."""
+        gate, up, down = self.expert(layer, expert)
+        return [([gate, up], None), ([down], None)]
+
     def attn(self, layer: int, name: str) -> str:
         return f"model.layers.{layer}.self_attn.{name}"
 

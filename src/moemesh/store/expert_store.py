@@ -30,7 +30,7 @@ from ..errors import CheckpointError
 from ..layers.mlp import GatedMLP
 from ..quant.qlinear_state import from_state
 from .checksum import checksum_fn
-from .expert_source import ALIGN, ExpertSource, Span
+from .expert_source import ExpertSource, Span
 
 FORMAT = "moemesh-expert-store"
 VERSION = 1

@@ -35,7 +35,7 @@ class _CheckedReader(GGUFReader):
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        super().__init__(path)
+        super().__init__(path, mode="c")  # private copy-on-write map: writable views, the file never changes
 
     @property
     def data(self) -> np.ndarray:
