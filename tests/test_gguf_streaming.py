@@ -201,3 +201,51 @@ def test_unknown_quant_type(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=r"bad\.gguf.*blk\.0\.ffn_down_exps\.weight.*unknown ggml type 97"):
         load_model(str(tmp_path / "bad.gguf"))
+
+
+# -- an HF directory's own safetensors --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lazy_from_hf_dir_equals_resident_and_store(tmp_path, dtype):
+    """Per-expert safetensors tensors read in place: fp32 as fp32, bf16 as bf16 (--quant auto keeps the
+    file's precision: a bf16 store of the same checkpoint holds the same bits)."""
+    d = hf_moe("qwen3_moe", tmp_path)
+    if dtype == "bfloat16":
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+        d = tmp_path / "bf16"
+    resident = load_model(str(d))
+    first = resident.model.layers[0].ffn.provider.experts[0][0]
+    assert first.down.mode == ("fp32" if dtype == "float32" else "bf16")
+    ids, start = prompt(1, 20), prompt(2, 6)
+    ref, ref_tokens = forward_all(resident.model, ids), decode(resident.model, start)
+    store = convert(d, tmp_path / "store", "fp32" if dtype == "float32" else "bf16", progress=False)
+    for slots in (2, 5):
+        for src in (d, store):
+            lazy = load_model(str(src), experts=ExpertOptions(slots=slots))
+            assert isinstance(lazy.provider.cache.source, FileExpertSource) == (src == d)
+            assert torch.equal(forward_all(lazy.model, ids), ref), (slots, src)
+            assert decode(lazy.model, start) == ref_tokens
+
+
+def test_gpt_oss_mxfp4_safetensors_lazy_through_a_store(tmp_path, monkeypatch):
+    """Fused MXFP4 gate_up (interleaved rows, blocks and scales apart) is not usable in place: --ram
+    converts once into an expert store that keeps the MXFP4 bytes (BlockLinear blobs), lazy == resident."""
+    from transformers import GptOssConfig
+
+    from test_gpt_oss import make_checkpoint, write_mxfp4_checkpoint
+
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))
+    cfg = GptOssConfig(vocab_size=160, max_position_embeddings=131072, num_hidden_layers=2, hidden_size=64,
+                       intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       sliding_window=4, num_local_experts=4, num_experts_per_tok=2)
+    hf = make_checkpoint(cfg, tmp_path / "fp32")
+    write_mxfp4_checkpoint(hf, tmp_path / "fp32", tmp_path / "mxfp4")
+    ids = prompt(1, 20)
+    ref = forward_all(load_model(str(tmp_path / "mxfp4")).model, ids)
+    lazy = load_model(str(tmp_path / "mxfp4"), experts=ExpertOptions(slots=3))
+    expert = lazy.provider.cache.source.read_expert(0, 1)
+    assert expert.gate_up.qtype == "MXFP4" and expert.gate_up.bias is not None
+    assert torch.equal(forward_all(lazy.model, ids), ref)

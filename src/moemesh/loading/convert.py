@@ -26,7 +26,8 @@ from ..quant.qlinear import QuantLinear
 from ..quant.qlinear_state import export_state
 from ..store.checksum import DEFAULT as CHECKSUM
 from ..store.checksum import checksum_fn
-from ..store.expert_store import ALIGN, FORMAT, PART_ALIGN, VERSION, dtype_name
+from ..store.expert_source import ALIGN
+from ..store.expert_store import FORMAT, PART_ALIGN, VERSION, dtype_name
 from ..weights.safetensors_io import write_safetensors
 from .source import open_source
 

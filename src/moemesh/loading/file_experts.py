@@ -18,9 +18,11 @@ from ..models.args import ModelArgs
 from ..models.spec import ArchSpec
 from ..quant.blocks import BlockLinear, row_bytes, supported_qtypes
 from ..quant.qlinear import QuantLinear
+from ..quant.qlinear_state import from_state
 from ..store.file_experts import FileExpertSource, Piece
 
-FLOAT_IN_PLACE = ("F32",)  # float formats computed from the file's bytes as they are (fp32 views)
+FLOAT_IN_PLACE = ("F32", "BF16")  # float formats computed from the file's bytes as they are (QuantLinear views)
+TORCH_FORMATS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,10 @@ def expert_linear(f: LinearFormat, weight: torch.Tensor, bias: torch.Tensor | No
     """A linear over the run's bytes (views, never a copy)."""
     b = None if bias is None else bias.view(torch.float32)  # [rows]
     if f.fmt in FLOAT_IN_PLACE:
-        return QuantLinear.from_float(weight.view(torch.float32).view(f.rows, f.in_features), b, "fp32")
+        dtype, mode = (torch.float32, "fp32") if f.fmt == "F32" else (torch.bfloat16, "bf16")
+        meta = {"mode": mode, "in_features": f.in_features, "out_features": f.rows, "group_size": 0,
+                "int4_layout": None, "bias": b is not None}
+        return from_state(meta, {"weight": weight.view(dtype).view(f.rows, f.in_features), "bias": b})
     return BlockLinear(f.fmt, weight.view(f.rows, row_bytes(f.fmt, f.in_features)), f.in_features, b)
 
 
@@ -108,3 +113,15 @@ def gguf_locator(ckpt) -> tuple[list[Path], Callable[[str], bool], Callable[[str
         return Located(info.file, info.offset, info.nbytes, info.type_name, info.shape)
 
     return list(ckpt.file.files), ckpt.tensors.__contains__, locate
+
+
+def safetensors_locator(ckpt) -> tuple[list[Path], Callable[[str], bool], Callable[[str], Located]]:
+    """(files, has, locate) over a weights.safetensors_io.SafetensorsCheckpoint (every shard)."""
+    files = [f.path for f in ckpt.files.values()]
+
+    def locate(name: str) -> Located:
+        f = ckpt.where[name]
+        dtype, shape, begin, end = f.entries[name]
+        return Located(f.path, f.data_start + begin, end - begin, TORCH_FORMATS.get(dtype, str(dtype)), tuple(shape))
+
+    return files, ckpt.has, locate

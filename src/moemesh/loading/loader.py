@@ -43,13 +43,11 @@ def load_model(
     path = resolve_model_path(name)
     opts = experts or ExpertOptions()
     lazy = opts.ram is not None or opts.slots is not None
-    if path.is_file() and lazy:
-        loaded = load_gguf_lazy(path, quant, opts)
+    if lazy and (path.is_file() or not is_store(path)):
+        loaded = load_file_lazy(path, quant, opts)  # experts read straight from the model's own files
         if loaded is not None:
             return loaded
         path = cached_store(path, quant)  # auto: the experts as the file holds them
-    if path.is_dir() and not is_store(path) and lazy:
-        path = cached_store(path, "int4" if quant == "auto" else quant)
     if path.is_dir() and is_store(path):
         store = ExpertStore(path)
         model, prov, budget = build_from_store(store, quant, opts)
@@ -70,15 +68,16 @@ def load_model(
     return LoadedModel(model, args, tokenizer, path, config, provider)
 
 
-def load_gguf_lazy(path: Path, quant: str, opts: "ExpertOptions") -> LoadedModel | None:
-    """A GGUF run with lazy experts read straight from the file (its stacked expert tensors), the
-    trunk from the same file; None when its experts cannot be computed in place (F16/BF16 experts, or
-    an explicit --quant conversion): the caller converts it into an expert store instead."""
+def load_file_lazy(path: Path, quant: str, opts: "ExpertOptions") -> LoadedModel | None:
+    """Lazy experts read straight from the model's own files (a GGUF's stacked expert tensors, an
+    HF directory's safetensors), the trunk from the same files; None when its experts cannot be
+    computed in place (F16 experts, fused gate_up tensors, or an explicit --quant conversion): the
+    caller converts it into an expert store instead."""
     import sys
 
     from ..weights.page_out import kept_ranges, page_out_unused
     from .experts import build_lazy
-    from .file_experts import file_expert_source, gguf_locator
+    from .file_experts import file_expert_source, gguf_locator, safetensors_locator
 
     config, source, tokenizer = open_source(path)
     spec, args = arch_and_args(path, config)
@@ -86,14 +85,19 @@ def load_gguf_lazy(path: Path, quant: str, opts: "ExpertOptions") -> LoadedModel
         return None
     why = f"--quant {quant} converts the experts" if quant != "auto" else ""
     experts = None
+    gguf = path.is_file()
     if not why:
-        experts, why = file_expert_source(spec, args, *gguf_locator(source.ckpt))
+        locator = gguf_locator(source.ckpt) if gguf else safetensors_locator(source.ckpt)
+        experts, why = file_expert_source(spec, args, *locator)
     if experts is None:
         print(f"moemesh: {path.name}: lazy experts need an expert store ({why}); converting once", file=sys.stderr)
         return None
-    mappings = source.ckpt.file.mappings()
-    model, prov, budget = build_lazy(make_builder(spec, args, source, quant), experts, opts,
-                                     lambda m: page_out_unused(mappings, kept_ranges(m)), embed_resident=True)
+    if gguf:
+        mappings = source.ckpt.file.mappings()
+        release = lambda m: page_out_unused(mappings, kept_ranges(m))  # noqa: E731
+    else:
+        release = source.ckpt.release_unused
+    model, prov, budget = build_lazy(make_builder(spec, args, source, quant), experts, opts, release, embed_resident=gguf)
     trim_heap()
     return LoadedModel(model, args, tokenizer, path, config, prov, budget)
 

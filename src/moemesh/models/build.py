@@ -5,6 +5,8 @@ weight exists once: as an mmap view when it is used as stored, or only in its co
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..errors import CheckpointError
@@ -77,6 +79,9 @@ class Builder:
         if self.quant == "auto" and expert and (blocks := self.block_rows(names)) is not None:
             qtype, raws, k = blocks
             return BlockLinear(qtype, raws[0] if len(raws) == 1 else torch.cat(raws), k, bias)
+        if self.quant == "auto" and expert and all(self.stored_type(n) in ("BF16", "bfloat16") for n in names):
+            w = torch.cat([self.tensor(n) for n in names]).to(torch.bfloat16)  # exact: bf16 values stay bf16
+            return QuantLinear.from_float(w, bias, "bf16")  # as a bf16 store or lazy bf16 experts hold them
         if self.quant in ("auto", "int4"):
             groups = [self.src.int4_groups(n) if self.src.has(n) else None for n in names]
             if all(g is not None for g in groups):
@@ -149,7 +154,10 @@ class Builder:
             provider = ResidentExperts({i: self.experts(i) for i in a.moe_layers})
         layers = [self.layer(i, provider) for i in range(a.num_layers)]
         embed = self.tensor("model.embed_tokens.weight")  # [V, D], as stored (an mmap view if float)
-        return Transformer(a, embed, layers, self.norm("model.norm.weight"), self.head(embed))
+        model = Transformer(a, embed, layers, self.norm("model.norm.weight"), self.head(embed))
+        if (note := self.conversion.report()) is not None:  # an explicit --quant conversion: say what it cost
+            print(f"moemesh: {note}", file=sys.stderr)
+        return model
 
     def layer(self, i: int, provider: ExpertProvider) -> DecoderLayer:
         """Decoder layer ``i`` (reads only that layer's tensors: mesh stages build a slice)."""
