@@ -51,7 +51,7 @@ def model_bytes(model: Transformer, embed_resident: bool = False) -> int:
     touched: not counted then, unless ``embed_resident`` (a table decoded at load, e.g. a GGUF's)."""
     seen, total = set(), 0
     tables = [] if model.lm_head.approx is not None else [model.lm_head.weight]
-    tables += [model.embed] if embed_resident else []
+    tables += [model.embed] if embed_resident and isinstance(model.embed, torch.Tensor) else []
     raws = [m.raw for m in model.modules() if isinstance(getattr(m, "raw", None), torch.Tensor)]
     for t in list(model.parameters()) + list(model.buffers()) + tables + raws:
         if t is not None and t.data_ptr() not in seen:

@@ -17,6 +17,7 @@ from ..layers.mlp import GatedMLP
 from ..layers.moe import ExpertProvider, MoEBlock
 from ..layers.norm import RMSNorm
 from ..layers.router import TopKRouter
+from ..quant.block_table import BlockTable
 from ..quant.blocks import BlockLinear, supported_qtypes
 from ..quant.qlinear import QuantLinear
 from ..quant.qlinear_rows import from_float_rows
@@ -27,6 +28,7 @@ from .spec import ArchSpec
 from .transformer import DecoderLayer, Transformer
 
 QUANT_MODES = ("auto", "fp32", "bf16", "int8", "int4")
+TENSOR_TABLES = ("Q8_0", "Q4_0", "Q4_1")  # embedding/head formats decoded whole, as before BlockTable
 
 
 def int4_head(stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> QuantLinear:
@@ -153,7 +155,7 @@ class Builder:
         if provider is None:
             provider = ResidentExperts({i: self.experts(i) for i in a.moe_layers})
         layers = [self.layer(i, provider) for i in range(a.num_layers)]
-        embed = self.tensor("model.embed_tokens.weight")  # [V, D], as stored (an mmap view if float)
+        embed = self.embedding()  # [V, D], as stored (an mmap view if float; block rows for K-quants ...)
         model = Transformer(a, embed, layers, self.norm("model.norm.weight"), self.head(embed))
         if (note := self.conversion.report()) is not None:  # an explicit --quant conversion: say what it cost
             print(f"moemesh: {note}", file=sys.stderr)
@@ -172,12 +174,26 @@ class Builder:
             self.norm(prefix + "post_attention_layernorm.weight"), ffn,
         )
 
-    def head(self, embed: torch.Tensor) -> OutputHead:
+    def embedding(self) -> torch.Tensor | BlockTable:
+        """The token table as stored: under auto a K-quant/MXFP4/IQ4 table stays block rows decoded per
+        lookup (BlockTable); float, Q8_0 and Q4_0/Q4_1 tables decode to a tensor as before (the
+        compiled decode step indexes a tensor)."""
+        name = "model.embed_tokens.weight"
+        if self.quant == "auto" and (blocks := self.block_rows([name])) is not None and blocks[0] not in TENSOR_TABLES:
+            return BlockTable(blocks[0], blocks[1][0], blocks[2])
+        return self.tensor(name)
+
+    def head(self, embed: torch.Tensor | BlockTable) -> OutputHead:
         """fp32 when exactness was asked for (fp32, or auto on float checkpoints); otherwise a
         quantized matmul whose top candidates are rescored from the stored table (tied: the
         embedding itself; untied float checkpoints: an mmap view, so no second copy)."""
         name = "lm_head.weight"
         tied = self.args.tie_word_embeddings or not self.src.has(name)
+        if self.quant == "auto" and not self.native_int4:  # a block-format head computes at its stored precision
+            rows = (embed.qtype, [embed.raw], embed.dim) if tied and isinstance(embed, BlockTable) else \
+                (None if tied else self.block_rows([name]))
+            if rows is not None and rows[0] not in TENSOR_TABLES:
+                return OutputHead(None, BlockLinear(rows[0], rows[1][0], rows[2]), rescore=0)
         table = embed if tied else self.tensor(name)
         mode = self.quant if self.quant != "auto" else ("int4" if self.native_int4 else "fp32")
         if mode == "fp32":
