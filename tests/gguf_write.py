@@ -19,25 +19,20 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-# byte offsets of the fp16 scale fields in one block (d, and dmin where the format has one)
-F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q2_K: (80, 82),
-              Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,)}
+from moemesh.benchkit.synth_blocks import F16_FIELDS
+from moemesh.benchkit.synth_blocks import random_blocks as synth_random_blocks
+
 QUANTIZED_BY_GGUF = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.MXFP4, Q.BF16)
 
 
 def random_blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator, std: float = 0.05) -> np.ndarray:
-    """uint8 [rows, row_bytes]: random valid blocks whose values have about ``std``."""
+    """uint8 [rows, row_bytes]: random valid blocks (benchkit/synth_blocks.py) whose values have about ``std``."""
     block, size = GGML_QUANT_SIZES[qtype]
     nb = rows * cols // block
-    raw = rng.integers(0, 256, (nb, size), dtype=np.uint8)
-
-    def set_scales(value: float) -> None:
-        for off in F16_FIELDS[qtype]:
-            raw[:, off:off + 2] = np.full(nb, value, np.float16).view(np.uint8).reshape(nb, 2)
-
-    set_scales(1.0)
+    raw = synth_random_blocks(qtype, rows, cols, rng, 1.0).reshape(nb, size)
     unit = gguf.quants.dequantize(raw.reshape(rows, -1), qtype).std()
-    set_scales(std / unit)  # values are linear in d (and dmin)
+    for off in F16_FIELDS[qtype]:  # values are linear in d (and dmin)
+        raw[:, off:off + 2] = np.full(nb, std / unit, np.float16).view(np.uint8).reshape(nb, 2)
     d = rng.uniform(0.5, 1.5, (nb, len(F16_FIELDS[qtype])))  # vary the scales per block too
     for j, off in enumerate(F16_FIELDS[qtype]):
         cur = raw[:, off:off + 2].copy().view(np.float16)[:, 0].astype(np.float32)
@@ -147,10 +142,12 @@ def write_gpt_oss(model, path: Path, expert_type: Q, seed: int = 0, split_max_te
     _finish(w)
 
 
-def write_deepseek(model, path: Path, expert_type: Q, seed: int = 0, split_max_tensors: int = 0) -> None:
-    """A transformers DeepseekV2/V3ForCausalLM -> llama.cpp ``deepseek2`` GGUF (F32 trunk, kv_b split
-    per head into attn_k_b / attn_v_b, experts stacked in ``expert_type``); the model's routed expert
-    weights are replaced by the decoded GGUF values."""
+def write_deepseek(model, path: Path, expert_type: Q, seed: int = 0, split_max_tensors: int = 0,
+                   trunk_type: Q = Q.F32) -> None:
+    """A transformers DeepseekV2/V3ForCausalLM -> llama.cpp ``deepseek2`` GGUF (kv_b split per head into
+    attn_k_b / attn_v_b, experts stacked in ``expert_type``; the trunk's matrices in ``trunk_type`` where
+    their rows are whole blocks, else F32, as a mixed llama.cpp quantization); the model's weights are
+    replaced by the decoded GGUF values."""
     rng = np.random.default_rng(seed)
     cfg = model.config
     v3 = cfg.model_type == "deepseek_v3"
@@ -207,10 +204,23 @@ def write_deepseek(model, path: Path, expert_type: Q, seed: int = 0, split_max_t
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
     h = cfg.num_attention_heads
+    params = dict(model.named_parameters())
+
+    def trunk(name: str, hf: str, arr: np.ndarray) -> None:
+        """Write one trunk tensor, in trunk_type where it fits, and give the model the decoded values."""
+        block = GGML_QUANT_SIZES[trunk_type][0]
+        if trunk_type == Q.F32 or arr.ndim != 2 or arr.shape[1] % block:
+            _add(w, name, arr, Q.F32)
+            return
+        raw, value = encode(arr, trunk_type, rng)
+        _add(w, name, raw, trunk_type)
+        with torch.no_grad():
+            params[hf].copy_(torch.from_numpy(value))
+
     for hf, t in sd.items():
         arr = t.float().numpy()
         if hf in top:
-            _add(w, top[hf], arr, Q.F32)
+            trunk(top[hf], hf, arr)
             continue
         _, _, i, rest = hf.split(".", 3)
         if ".experts." in rest:
@@ -220,7 +230,8 @@ def write_deepseek(model, path: Path, expert_type: Q, seed: int = 0, split_max_t
             _add(w, f"blk.{i}.attn_k_b.weight", np.ascontiguousarray(kv[:, :nope].transpose(0, 2, 1)), Q.F32)
             _add(w, f"blk.{i}.attn_v_b.weight", np.ascontiguousarray(kv[:, nope:]), Q.F32)
             continue
-        _add(w, f"blk.{i}.{layer[rest]}", arr, Q.F32)
+        trunk(f"blk.{i}.{layer[rest]}", hf, arr) if "norm" not in rest and "mlp.gate." not in rest else \
+            _add(w, f"blk.{i}.{layer[rest]}", arr, Q.F32)
     for i, dec in enumerate(model.model.layers):
         experts = getattr(dec.mlp, "experts", None)
         if experts is None:

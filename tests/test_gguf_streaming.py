@@ -58,7 +58,7 @@ CASES = {  # name -> (writer, expert type)
     "mixtral-Q4_0": ("mixtral", Q.Q4_0),
     "gpt_oss-MXFP4": ("gpt_oss", Q.MXFP4),
     "deepseek_v2-Q8_0": ("deepseek_v2", Q.Q8_0),
-    "deepseek_v3-Q4_K": ("deepseek_v3", Q.Q4_K),
+    "deepseek_v3-Q4_K": ("deepseek_v3", Q.Q4_K),  # its trunk's matrices Q4_K too where rows are 256-blocks
 }
 
 
@@ -71,7 +71,7 @@ def write_case(name: str, path, tmp_path, split: int = 0) -> None:
     else:
         wide = fmt.name.endswith("_K")
         write_deepseek(fresh("deepseek", kind == "deepseek_v3", 256 if wide else 64, 256 if wide else 32), path, fmt,
-                       split_max_tensors=split)
+                       split_max_tensors=split, trunk_type=fmt if wide else Q.F32)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -82,6 +82,9 @@ def test_lazy_from_gguf_equals_resident_and_store(tmp_path, name):
     args = resident.args
     first = resident.model.layers[args.moe_layers[0]].ffn.provider.experts[args.moe_layers[0]][0]
     assert type(first.down).__name__ == "BlockLinear" and first.down.qtype == CASES[name][1].name
+    if name == "deepseek_v3-Q4_K":  # a block-format trunk, table and head: kept as blocks on every path
+        assert type(resident.model.embed).__name__ == "BlockTable" and resident.model.lm_head.rescore == 0
+        assert type(resident.model.layers[0].attn.q_in).__name__ == "BlockLinear"
     ids, start = prompt(1, 20), prompt(2, 6)
     ref, ref_tokens = forward_all(resident.model, ids), decode(resident.model, start)
     store = convert(path, tmp_path / "store", "auto", progress=False)  # the same block rows, one blob per expert

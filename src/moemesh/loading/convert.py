@@ -29,6 +29,7 @@ from ..store.checksum import checksum_fn
 from ..store.expert_source import ALIGN
 from ..store.expert_store import FORMAT, PART_ALIGN, VERSION, dtype_name
 from ..weights.safetensors_io import write_safetensors
+from ..weights.source import BLOCKS
 from .source import open_source
 
 STORE_QUANTS = ("auto", "int4", "int8", "bf16", "fp32")  # auto: as the file holds them (block rows, floats as fp32)
@@ -119,9 +120,10 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: boo
     return out
 
 
-def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) -> list[tuple[str, torch.Tensor]]:
+def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str, quant: str = "int4") -> list[tuple[str, torch.Tensor]]:
     """Every non-expert tensor under its HF name; with trunk_quant int4 each linear weight as its
-    three int4 tensors instead (GGUF 4-bit groups as read, float weights quantized like at load)."""
+    three int4 tensors instead (GGUF 4-bit groups as read, float weights quantized like at load);
+    under --quant auto a GGUF's block-format tensors keep their rows (NAME.blocks.QTYPE)."""
     from ..quant import int4_trunk
 
     linears = linear_names(spec, args, source) if trunk_quant == "int4" else set()
@@ -129,6 +131,13 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) 
     out = []
     for n in source.ckpt.names():
         if n in expert_names:
+            continue
+        blocks = getattr(source, "blocks", lambda _: None)(n) if trunk_quant == "keep" and quant == "auto" else None
+        if blocks is not None and (groups := source.int4_groups(n)) is not None:  # Q4_0/Q4_1: the int4 kernel's
+            out += [(n + sfx, v) for sfx, v in int4_trunk.from_groups(groups).items()]  # groups, as a load gives
+            continue
+        if blocks is not None and blocks[0] in supported_qtypes():
+            out.append((f"{n}{BLOCKS}{blocks[0]}", blocks[1]))  # the GGUF's rows as they are (BlockLinear at load)
             continue
         groups = source.int4_groups(n) if n in linears else None
         if groups is not None:  # GGUF 4-bit groups: stored as read
@@ -147,7 +156,7 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) 
 
 def _write_store(src, tmp, config, spec, args, source, quant, progress, trunk_quant="keep") -> None:
     expert_names = {n for i in args.moe_layers for n in spec.expert_tensor_names(i, args.num_experts)}
-    trunk = trunk_tensors(spec, args, source, expert_names, trunk_quant)
+    trunk = trunk_tensors(spec, args, source, expert_names, trunk_quant, quant)
     write_safetensors(tmp / "trunk.safetensors", trunk)
     del trunk
     first = expert_linears(spec, source, args.moe_layers[0], 0, quant)
