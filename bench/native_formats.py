@@ -169,6 +169,50 @@ def prepare(work: Path, name: str, layers: int, experts: int, vocab: int, seed: 
     return SimpleNamespace(root=root, gguf=gguf_path, store=store, st=st, expert_bytes=st.expert_bytes())
 
 
+def read_rates(b: SimpleNamespace, top_k: int, rounds: int, seconds: float) -> dict:
+    """What the store's contiguous blobs buy over reading the GGUF in place, I/O alone: one MoE layer's
+    worth of random experts (``top_k`` at once, as a token's misses are issued) read into cache slots
+    with O_DIRECT, ``finish`` included (the store: one read + its xxh3 check; the file: three reads +
+    moving the up rows next to the gate rows), the two sources alternating ``rounds`` times."""
+    import mmap
+    import random
+
+    from moemesh.experts.io import BlobReader
+    from moemesh.loading.file_experts import file_expert_source, gguf_locator
+    from moemesh.loading.source import arch_and_args, open_source
+
+    config, source, _ = open_source(b.gguf)
+    spec, margs = arch_and_args(b.gguf, config)
+    direct, why = file_expert_source(spec, margs, *gguf_locator(source.ckpt))
+    if direct is None:
+        return {"error": why}
+    rng = random.Random(0)
+    keys = [(layer, e) for layer in direct.moe_layers for e in range(direct.num_experts)]
+    out: dict[str, list[float]] = {"gguf": [], "store": [], "store_unverified": []}
+    for _ in range(rounds):
+        for name, src, verify in (("gguf", direct, False), ("store", b.st, True), ("store_unverified", b.st, False)):
+            reader = BlobReader(src.files, 4, True)
+            mem = mmap.mmap(-1, top_k * src.slot_bytes)
+            view = memoryview(mem)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                futs = []
+                for i, (layer, e) in enumerate(rng.sample(keys, min(top_k, len(keys)))):
+                    slot = view[i * src.slot_bytes:(i + 1) * src.slot_bytes]
+                    futs.append(reader.submit_spans(src.spans(layer, e), slot,
+                                                    lambda v, lay=layer, ex=e, s=src, ver=verify: s.finish(lay, ex, v, ver)))
+                for f in futs:
+                    n += f.result()
+            out[name].append(n / (time.perf_counter() - t0))
+            reader.close()  # (the slots' mapping goes with its last view)
+    import statistics
+
+    return {k: {"bytes_s_median": statistics.median(v), "bytes_s_all": v} for k, v in out.items()} | {
+        "gguf_over_store": statistics.median(out["gguf"]) / statistics.median(out["store"]),
+        "gguf_over_store_unverified": statistics.median(out["gguf"]) / statistics.median(out["store_unverified"]),
+        "slot_bytes": {"gguf": direct.slot_bytes, "store": b.st.slot_bytes}}
+
+
 def worker_cfg(engine: str, b: SimpleNamespace, args, cap: int | None) -> dict:
     if engine == "llama.cpp":
         return {"model": str(b.gguf), "tokens": b.stream, "warmup": args.warmup, "threads": args.threads,
@@ -200,12 +244,14 @@ def main() -> None:
     ap.add_argument("--work-dir", default="/work/bench-data/native")
     ap.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--read-rounds", type=int, default=5, help="alternating rounds of the I/O-only comparison")
     ap.add_argument("--quick", action="store_true", help="1 layer, 8 experts, vocab 4096, 1 repeat, 4 tokens")
     ap.add_argument("--out", default=str(RESULTS / "native_formats"))
     args = ap.parse_args()
     if args.quick:
         args.layers, args.experts, args.vocab, args.repeats, args.tokens, args.warmup = 1, 8, 4096, 1, 4, 1
         args.cap_base_mib = args.cap_base_mib or 640
+        args.read_rounds = 3
         args.out = args.out + "_quick" if args.out == str(RESULTS / "native_formats") else args.out
     llama = Path(args.llama_python).is_file()
     notes = [] if llama else [f"llama.cpp skipped: no {args.llama_python} (install llama-cpp-python there to compare)"]
@@ -225,6 +271,14 @@ def main() -> None:
         models[name] = {"layers": len(b.st.moe_layers), "experts": b.st.num_experts, "expert_type": m["expert_type"],
                         "blob_bytes": b.st.blob_size, "expert_bytes": b.expert_bytes,
                         "gguf_bytes": b.gguf.stat().st_size}
+        if capped_ok:
+            cgroup.drop_caches()
+        models[name]["reads"] = read_rates(b, m["top_k"], args.read_rounds, 0.5 if args.quick else 2.0)
+        rr = models[name]["reads"]
+        if "error" not in rr:
+            print(f"{name}: O_DIRECT expert reads: GGUF in place {rr['gguf']['bytes_s_median'] / 1e9:.2f} GB/s, store "
+                  f"{rr['store']['bytes_s_median'] / 1e9:.2f} GB/s with its checksums ({rr['gguf_over_store']:.2f}x), "
+                  f"{rr['store_unverified']['bytes_s_median'] / 1e9:.2f} GB/s without", flush=True)
         for c in [x.strip() for x in args.configs.split(",") if x.strip()]:
             if c != "none" and not capped_ok:
                 continue
@@ -264,6 +318,13 @@ def markdown(r: dict) -> str:
         lines.append(f"- {name}: {m['layers']} layers x {m['experts']} {m['expert_type']} experts "
                      f"({m['blob_bytes'] / MIB:.2f} MiB each, {m['expert_bytes'] / 2**30:.2f} GiB), GGUF "
                      f"{m['gguf_bytes'] / 2**30:.2f} GiB")
+        rr = m.get("reads") or {}
+        if "gguf" in rr:
+            lines.append(f"  - I/O alone (a layer's top-k random experts at once, O_DIRECT, finish included, medians of "
+                         f"alternating rounds): GGUF in place {rr['gguf']['bytes_s_median'] / 1e9:.2f} GB/s, store "
+                         f"{rr['store']['bytes_s_median'] / 1e9:.2f} GB/s with its xxh3 checks ({rr['gguf_over_store']:.2f}x), "
+                         f"{rr['store_unverified']['bytes_s_median'] / 1e9:.2f} GB/s without "
+                         f"({rr['gguf_over_store_unverified']:.2f}x)")
     lines += ["", "| model, config | engine | tok/s (median) | runs | hit rate | MiB read/token | peak RSS MiB | errors |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
     for key, s in r["summary"].items():
