@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
 
-.PHONY: run test test-all venv clean
+.PHONY: run test test-all venv peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ test: venv
 
 test-all: venv
 	$(VENV)/bin/pytest -q -m ""
+
+# the benchmarks' peer: llama.cpp's Python binding, built from source once (~10 min on 2 cores) into a venv of
+# its own under the cache (never the project's venv, never CI); `moemesh bench` and bench/*.py find it there
+PEERS ?= $(HOME)/.cache/moemesh/peers
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+peers: $(PEERS)/llamacpp-venv/.installed
+
+$(PEERS)/llamacpp-venv/.installed:
+	$(PYTHON) -m venv $(PEERS)/llamacpp-venv
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PEERS)/llamacpp-venv/bin/pip install -q --no-cache-dir \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	touch $@
 
 clean:
 	rm -rf $(VENV)

@@ -22,8 +22,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import synth  # noqa: E402
 from moemesh.benchkit.results import write_results  # noqa: E402
+from moemesh.benchkit.synth import core as synth
 from moemesh.quant import int4_native as n4  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Does llama.cpp compute what moemesh computes on a synthetic GGUF? A tiny model of one of
-bench/synth_models.py's architectures (real key sets, small widths) is written as a store and
+benchkit/synth/models.py's architectures (real key sets, small widths) is written as a store and
 twice as a GGUF: Q4_0 trunk (the benchmark's file) and F32 trunk. A teacher-forced token stream
 is decoded one token at a time by llama.cpp (bench/lazy_llama.py in the llama-cpp-python venv)
 and by moemesh, and the logits are compared step by step:
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,9 +33,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import synth_models as sm  # noqa: E402
+from moemesh.benchkit.suites import DEFAULT_LLAMA_PYTHON  # noqa: E402
+from moemesh.benchkit.synth import models as sm
 
-LLAMA_PY = "/work/llamacpp-venv/bin/python"
+LLAMA_PY = os.environ.get("MOEMESH_LLAMA_PYTHON") or DEFAULT_LLAMA_PYTHON  # `make peers` builds it
 # tiny widths, the real key sets (every width a multiple of Q4_0's 32)
 TINY = {
     "mixtral-8x7b": dict(hidden_size=128, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,

@@ -1,6 +1,6 @@
 """Lazy experts vs llama.cpp on a Qwen3-30B-A3B-shaped model, with and without a memory cap.
 
-The model (bench/synth.py): Qwen3-30B-A3B's per-layer shapes (hidden 2048, 128 experts, top-8,
+The model (benchkit/synth/core.py): Qwen3-30B-A3B's per-layer shapes (hidden 2048, 128 experts, top-8,
 expert width 768, 32/4 heads of dim 128, norm_topk_prob), ``--layers`` deep (default 12), a
 ``--vocab``-token vocabulary (default 32768, see below), int4 experts; written once under
 ``--work-dir`` as a moemesh expert store and as a Q4_0 GGUF (architecture qwen3moe) with
@@ -30,13 +30,13 @@ cap (1.1 GB); 32768 keeps the head's share of a token's bytes near the real 48-l
     .venv/bin/python bench/lazy.py [--layers 12] [--configs none,q25,q50] [--repeats 3]
 
 ``--model mixtral-8x7b | gpt-oss-120b | deepseek-v3`` runs the same protocol on those models'
-per-layer shapes (bench/synth_models.py: GGUFs for llama.cpp as its llama, gpt-oss and deepseek2
+per-layer shapes (benchkit/synth/models.py: GGUFs for llama.cpp as its llama, gpt-oss and deepseek2
 architectures) and
 writes bench/results/lazy_MODEL.{json,md,png}; each config's row also carries `moemesh plan`'s
 prediction (int4, uniform routing) from the machine probe ``--probe``.
 
 ``--transformers`` adds transformers as a third engine on the same weights: an fp32 HF checkpoint
-written from the store in each architecture's published layout (bench/synth_hf.py), run by
+written from the store in each architecture's published layout (benchkit/synth/hf.py), run by
 bench/lazy_hf.py under the same protocol; see those files. fp32 experts are big (per MoE layer:
 Qwen3-30B-A3B 2.4 GB, Mixtral-8x7B 5.6 GB, gpt-oss-120b 12.7 GB, DeepSeek-V3 45 GB), so use a
 shallow model (``--layers 1`` or 2); the run is refused up front, sized from the config, when the
@@ -60,15 +60,16 @@ sys.path.insert(0, str(HERE))
 
 import cgroup  # noqa: E402
 import lazy_hf  # noqa: E402
-import synth_hf  # noqa: E402
-import synth_hf_size  # noqa: E402
-import synth_models  # noqa: E402
 from lazy_report import markdown, plot  # noqa: E402
 from lazy_runs import config_summary, load_checks, run_config, token_stream  # noqa: E402
 from moemesh.benchkit.probe import disk_bandwidth  # noqa: E402  (O_DIRECT random reads, shared with the probe)
+from moemesh.benchkit.suites import DEFAULT_LLAMA_PYTHON  # noqa: E402
+from moemesh.benchkit.synth import hf as synth_hf
+from moemesh.benchkit.synth import hf_size as synth_hf_size
+from moemesh.benchkit.synth import models as synth_models
 
 RESULTS = HERE / "results"
-LLAMA_PY = "/work/llamacpp-venv/bin/python"
+LLAMA_PY = os.environ.get("MOEMESH_LLAMA_PYTHON") or DEFAULT_LLAMA_PYTHON  # `make peers` builds it
 MIB = 2**20
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup (kill the worker, remove its cgroup)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(synth_models.MODELS), default="qwen3-30b-a3b",
-                    help="whose per-layer shapes the synthetic model has (bench/synth_models.py)")
+                    help="whose per-layer shapes the synthetic model has (benchkit/synth/models.py)")
     ap.add_argument("--work-dir", default="/work/bench-data")
     ap.add_argument("--layers", type=int, help="depth (default per model: qwen3 12, mixtral 7, gpt-oss 2, deepseek 1)")
     ap.add_argument("--vocab", type=int, help="vocabulary (default 32768; mixtral 32000, its real size)")
@@ -112,7 +113,7 @@ def main() -> None:
     ap.add_argument("--no-repack-oom-check", action="store_true", help="skip the one llama.cpp run with repacking under the smallest cap")
     ap.add_argument("--out", help="results path without suffix (default bench/results/lazy for qwen3, lazy_MODEL otherwise)")
     ap.add_argument("--transformers", action="store_true",
-                    help="also run transformers (fp32 HF checkpoint of the same weights, bench/synth_hf.py: per layer "
+                    help="also run transformers (fp32 HF checkpoint of the same weights, benchkit/synth/hf.py: per layer "
                          "~2.4 GB qwen3, 5.6 GB mixtral, 12.7 GB gpt-oss, 45 GB deepseek; use --layers 1-2) in every config")
     args = ap.parse_args()
     spec = synth_models.MODELS[args.model]

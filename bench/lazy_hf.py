@@ -2,7 +2,7 @@
 a time with ``model(input_ids=[[tok]], past_key_values=..., use_cache=True)`` under
 ``torch.inference_mode()`` and print one JSON line ``RESULT {...}``, like bench/lazy_llama.py.
 Runs in the project's venv, started by bench/lazy.py as a subprocess, possibly inside a memory
-cgroup; the model is bench/synth_hf.py's HF checkpoint of the same synthetic weights (fp32).
+cgroup; the model is benchkit/synth/hf.py's HF checkpoint of the same synthetic weights (fp32).
 
     .venv/bin/python bench/lazy_hf.py '{"model": HF_DIR, "tokens": [...], "warmup": 3, "threads": 2}'
 
@@ -88,9 +88,8 @@ def worker(cfg: dict) -> dict:
 
 # --------------------------------------------------------------------------- bench/lazy.py's side
 def prepare(root: Path, log=print) -> tuple[Path, dict]:
-    """Build (once) ROOT/hf from ROOT/store and its check (bench/synth_hf.py); returns (dir, info)."""
-    import synth_hf
-
+    """Build (once) ROOT/hf from ROOT/store and its check (benchkit/synth/hf.py); returns (dir, info)."""
+    from moemesh.benchkit.synth import hf as synth_hf
     t0 = time.time()
     path, check = synth_hf.ensure(root, log)
     info = {"hf_dir": str(path), "hf_bytes": synth_hf.dir_bytes(path), "check": check, "prepare_s": time.time() - t0}
@@ -165,7 +164,7 @@ def notes(r: dict) -> list[str]:
     t = r.get(ENGINE) or {}
     ck = t.get("check") or {}
     out = [f"- transformers {ck.get('transformers', '?')}: `AutoModelForCausalLM.from_pretrained(dtype=float32)` of "
-           f"bench/synth_hf.py's HF checkpoint of the same weights ({t.get('hf_bytes', 0) / GIB:.2f} GiB: trunk bf16 as "
+           f"benchkit/synth/hf.py's HF checkpoint of the same weights ({t.get('hf_bytes', 0) / GIB:.2f} GiB: trunk bf16 as "
            "stored, upcast to fp32 at load; experts dequantized from the store's int4 blobs to fp32, exactly the values "
            f"moemesh and llama.cpp use), experts implementation `{ck.get('experts_implementation')}`, "
            f"{r['settings']['threads']} threads and the same OMP_WAIT_POLICY, one token per step with past_key_values under torch.inference_mode(). "

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import cgroup  # noqa: E402
-import synth  # noqa: E402
+from moemesh.benchkit.synth import core as synth
 
 MIB = 2**20
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lazy_hf
-import synth_models
+from moemesh.benchkit.synth import models as synth_models
 
 MIB = 2**20
 
@@ -30,7 +30,7 @@ def markdown(r: dict) -> str:
                  f"vocab {m['vocab']} (the real 151936 would dominate a {m['layers']}-layer model and its caps)")
     else:
         shape = (f"{name}'s shapes ({m['moe_layers']} MoE; {m['experts_per_layer']} experts, top-{m['top_k']}, hidden "
-                 f"{m['hidden']}; see bench/synth_models.py), vocab {m['vocab']}")
+                 f"{m['hidden']}; see benchkit/synth/models.py), vocab {m['vocab']}")
     gguf = (f"GGUF Q4_0 {m['gguf_bytes'] / 2**30:.2f} GiB, bit-identical expert weights" if m.get("gguf_bytes")
             else "no GGUF: llama.cpp not run")
     lines = [
@@ -137,7 +137,7 @@ def markdown(r: dict) -> str:
     if r.get(lazy_hf.ENGINE):
         lines += lazy_hf.notes(r)
     if not has_llama:  # the notes above describe both engines; only moemesh ran
-        lines.append("- only moemesh ran (no GGUF of this architecture is written: see bench/synth_models.py); the "
+        lines.append("- only moemesh ran (no GGUF of this architecture is written: see benchkit/synth/models.py); the "
                      "llama.cpp parts of these notes do not apply.")
     if any(row.get("plan") for row in r["summary"].values()):
         lines.append("- plan: `moemesh plan STORE --ram RAM --probe PROBE`'s int4 prediction (commands/plan.plan) with the "

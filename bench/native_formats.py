@@ -242,7 +242,10 @@ def main() -> None:
     ap.add_argument("--omp-wait-policy", default="PASSIVE")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--work-dir", default="/work/bench-data/native")
-    ap.add_argument("--llama-python", default="/work/llamacpp-venv/bin/python")
+    from moemesh.benchkit.suites import DEFAULT_LLAMA_PYTHON
+
+    ap.add_argument("--llama-python", default=os.environ.get("MOEMESH_LLAMA_PYTHON") or DEFAULT_LLAMA_PYTHON,
+                    help="llama-cpp-python's interpreter (`make peers` builds it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--read-rounds", type=int, default=5, help="alternating rounds of the I/O-only comparison")
     ap.add_argument("--quick", action="store_true", help="1 layer, 8 experts, vocab 4096, 1 repeat, 4 tokens")

@@ -16,8 +16,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import synth  # noqa: E402
 from moemesh.benchkit.results import write_results  # noqa: E402
+from moemesh.benchkit.synth import core as synth
 
 WORKER = """
 import json, sys

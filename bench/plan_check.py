@@ -1,7 +1,7 @@
 """Check `moemesh plan`'s predicted tokens/s against measured decode runs, in one command.
 
 1. probe the machine (`moemesh bench --quick`, scratch file on the disk that holds the model);
-2. build (or reuse) the synthetic Qwen3-30B-A3B-shaped int4 store of bench/synth.py;
+2. build (or reuse) the synthetic Qwen3-30B-A3B-shaped int4 store of benchkit/synth/core.py;
 3. decode a fixed teacher-forced token stream with moemesh: no cap (every expert resident; its
    routers are hooked to record which experts the stream picks), then under cgroup-v1 memory caps
    of --caps percent of the expert bytes (page cache counted and dropped, --ram = cap - margin,
@@ -31,10 +31,10 @@ sys.path.insert(0, str(HERE))
 
 import cgroup  # noqa: E402
 import lazy_runs  # noqa: E402
-import synth  # noqa: E402
 from moemesh.benchkit import perfmodel  # noqa: E402
 from moemesh.benchkit import probe as probe_mod
 from moemesh.benchkit.results import write_results  # noqa: E402
+from moemesh.benchkit.synth import core as synth
 from moemesh.commands.plan import plan  # noqa: E402
 
 MIB = 2**20

@@ -1,4 +1,4 @@
-"""bench/synth_gguf_deepseek.py: the DeepSeek-V3 synthetic GGUF (llama.cpp's ``deepseek2``) holds
+"""benchkit/synth/gguf_deepseek.py: the DeepSeek-V3 synthetic GGUF (llama.cpp's ``deepseek2``) holds
 the store's weights in the converter's layout and the keys llama.cpp reads. The llama.cpp run
 itself (bench/gguf_parity.py) is slow and needs llama-cpp-python's venv: skipped without it."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import gguf_parity  # noqa: E402
-import synth  # noqa: E402
-import synth_models as sm  # noqa: E402
+from moemesh.benchkit.synth import core as synth
+from moemesh.benchkit.synth import models as sm
 
 LLAMA_PY = Path(gguf_parity.LLAMA_PY)
 

@@ -1,21 +1,17 @@
-"""bench/synth_hf.py: the HF checkpoint written from a synthetic Qwen3-MoE store holds exactly the
+"""benchkit/synth/hf.py: the HF checkpoint written from a synthetic Qwen3-MoE store holds exactly the
 store's expert weights (gate/up split in the order the store packs them) and transformers computes
 what moemesh computes with an fp32 trunk. Tiny widths, the real key set."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import synth  # noqa: E402
-import synth_hf  # noqa: E402
-from moemesh.store.expert_store import ExpertStore  # noqa: E402
+from moemesh.benchkit.synth import core as synth
+from moemesh.benchkit.synth import hf as synth_hf
+from moemesh.store.expert_store import ExpertStore
 
 TINY = dict(hidden_size=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32)

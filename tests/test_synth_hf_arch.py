@@ -1,4 +1,4 @@
-"""bench/synth_hf.py on Mixtral, gpt-oss and DeepSeek-V3 stores: the checkpoint has the published
+"""benchkit/synth/hf.py on Mixtral, gpt-oss and DeepSeek-V3 stores: the checkpoint has the published
 expert names and layout, holds exactly the store's expert weights (checked against the generator's
 own int4 values, so a gate/up swap or a wrong interleave shows), and transformers computes what
 moemesh computes with an fp32 trunk. Tiny widths, the real key sets; the clamp of gpt-oss's SwiGLU
@@ -10,20 +10,17 @@ tokens (measured ~3e-5: fp32 summation order; a gate/up swap or a changed routin
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import synth  # noqa: E402
-import synth_hf  # noqa: E402
-import synth_models as sm  # noqa: E402
-from moemesh.store.expert_store import ExpertStore  # noqa: E402
-from moemesh.weights.safetensors_io import SafetensorsCheckpoint  # noqa: E402
+from moemesh.benchkit.synth import core as synth
+from moemesh.benchkit.synth import hf as synth_hf
+from moemesh.benchkit.synth import models as sm
+from moemesh.store.expert_store import ExpertStore
+from moemesh.weights.safetensors_io import SafetensorsCheckpoint
 
 TINY = {
     "mixtral-8x7b": dict(hidden_size=128, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32),

@@ -1,23 +1,20 @@
-"""bench/synth_models.py: synthetic stores of every benchmarked architecture load in moemesh,
+"""benchkit/synth/models.py: synthetic stores of every benchmarked architecture load in moemesh,
 lazy experts compute exactly what resident ones do, and the Mixtral GGUF holds the same weights
 (experts bit-identical, q/k rows in llama.cpp's order). Tiny widths, the real key sets."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import synth  # noqa: E402
-import synth_models as sm  # noqa: E402
-from moemesh.batch import BatchLayout  # noqa: E402
-from moemesh.loading.experts import ExpertOptions  # noqa: E402
-from moemesh.loading.loader import load_model  # noqa: E402
-from moemesh.store.expert_store import ExpertStore  # noqa: E402
+from moemesh.batch import BatchLayout
+from moemesh.benchkit.synth import core as synth
+from moemesh.benchkit.synth import models as sm
+from moemesh.loading.experts import ExpertOptions
+from moemesh.loading.loader import load_model
+from moemesh.store.expert_store import ExpertStore
 
 TINY = {
     "mixtral-8x7b": dict(hidden_size=128, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32),

@@ -9,16 +9,20 @@ class BatchLayout:
     """Tokens of several sequences laid end to end on one axis (T = sum(query_lens)).
 
     Invariant: sequence i owns tokens [offsets[i], offsets[i] + query_lens[i]) and those tokens
-    continue its KV cache (they are appended after the cache's current length).
+    continue its KV cache: they are written after the cache's current length, or, with ``starts``,
+    at positions [starts[i], starts[i] + query_lens[i]) of a sequence whose length ``end`` has not
+    advanced yet (layer-major prefill feeds one layer's chunks before the next layer's: caches that
+    support it say so with ``KVCache.supports_starts``).
     """
 
     seq_ids: list[int]
     query_lens: list[int]
+    starts: list[int] | None = None
     offsets: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        if len(self.seq_ids) != len(self.query_lens):
-            raise ValueError("seq_ids and query_lens differ in length")
+        if len(self.seq_ids) != len(self.query_lens) or (self.starts is not None and len(self.starts) != len(self.seq_ids)):
+            raise ValueError("seq_ids, query_lens (and starts) differ in length")
         offsets, total = [], 0
         for n in self.query_lens:
             offsets.append(total)

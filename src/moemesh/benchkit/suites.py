@@ -6,14 +6,17 @@ A suite is a bench/ script run as a subprocess of this interpreter, from the che
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 
 from ..errors import MoemeshError
 
-# Where the benchmarks find llama-cpp-python: a venv of its own (built from source, outside the
-# project's; bench/lazy.py's LLAMA_PY default, and the --llama-python the README passes to decode.py).
-DEFAULT_LLAMA_PYTHON = "/work/llamacpp-venv/bin/python"
+# Where the benchmarks find llama-cpp-python: a venv of its own, built from source once by `make peers`
+# under the cache (MOEMESH_PEERS, default ~/.cache/moemesh/peers); MOEMESH_LLAMA_PYTHON overrides it.
+DEFAULT_LLAMA_PYTHON = str(Path(os.environ.get("MOEMESH_PEERS", Path.home() / ".cache" / "moemesh" / "peers"))
+                           / "llamacpp-venv" / "bin" / "python")
 # bench/lazy.py's synthetic Qwen3-30B-A3B store (its --work-dir default, 12 layers, vocab 32768, seed 0)
 SYNTH_STORE = "/work/bench-data/qwen3moe-synth-v2-L12-V32768-s0/store"
 MOEFIED_16x8 = "{work_dir}/smol-16-8"  # SmolLM2 split into 16 experts, top-8 (masked_quality's real-weight model)
@@ -101,7 +104,7 @@ SUITES: tuple[Suite, ...] = (
           llama_flag="--llama-python"),
     _lazy("gpt-oss-120b", 6),
     _lazy("mixtral-8x7b", 15),
-    _lazy("deepseek-v3", 6),  # llama.cpp's deepseek2 GGUF: bench/synth_gguf_deepseek.py
+    _lazy("deepseek-v3", 6),  # llama.cpp's deepseek2 GGUF: benchkit/synth/gguf_deepseek.py
     Suite("native_formats", "native_formats.py", "GGUFs read in place (gpt-oss-120b MXFP4, Qwen3-30B-A3B Q4_K per-layer "
           "shapes) vs the same experts in a store vs llama.cpp, no cap and 25% cap",
           results=_res("native_formats.json", "native_formats.md"), llama_cpp=True, root=True, minutes=25,

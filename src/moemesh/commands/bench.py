@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip suites whose requirements (llama.cpp, root) are missing instead of refusing to start")
     r.add_argument("--bench-dir", help="the bench/ directory (default: the source checkout's)")
     r.add_argument("--llama-python", help="Python with llama-cpp-python (default: $MOEMESH_LLAMA_PYTHON or "
-                                          "/work/llamacpp-venv/bin/python)")
+                                          "~/.cache/moemesh/peers/llamacpp-venv/bin/python, built by `make peers`)")
     r.add_argument("--work-dir", help="where prerequisites are made once (default: ~/.cache/moemesh/bench)")
     r.set_defaults(func=run_suites)
 

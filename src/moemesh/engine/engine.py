@@ -1,7 +1,10 @@
 """Engine: continuous batching over one model. ``step()`` = schedule -> forward -> sample -> finish.
 
 Sequences join and leave the running batch at every step; prompts are fed in chunks of at most
-``max_prefill_tokens`` so one long prompt never stalls the running decodes for long.
+``max_prefill_tokens`` so one long prompt never stalls the running decodes for long. When experts are
+streamed from disk (a lazy provider), a prompt longer than one chunk is prefilled layer-major instead
+(engine/layer_prefill.py: each expert read once per prompt): one layer per step, with the other
+sequences' decode steps in between.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from ..batch import BatchLayout
 from ..errors import PromptTooLong
 from ..kvcache.base import KVCache
 from ..models.transformer import Transformer
+from .layer_prefill import LayerMajorPrefill, eligible
 from .sampler import Sampler, make_generator
 from .sampling_params import SamplingParams
 from .sequence import Sequence, Status
@@ -37,7 +41,12 @@ class Engine:
         context_length: int | None = None,
         cache: KVCache | None = None,
         compiled: bool = False,
+        prefill: str = "auto",
     ) -> None:
+        """prefill: "chunked", "layer" (layer-major for prompts longer than one chunk, where the cache
+        allows) or "auto" (layer-major when experts are streamed from disk)."""
+        if prefill not in ("auto", "chunked", "layer"):
+            raise ValueError(f"prefill must be auto, chunked or layer, got {prefill!r}")
         self.model = model
         # opt-in: one sequence decoding one token runs as one compiled graph (engine/compiled.py)
         self.compiled = None
@@ -54,6 +63,10 @@ class Engine:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._next_id = 0
+        layer_ok = self.cache.supports_starts if prefill == "layer" else eligible(model, self.cache)
+        self.layer_major = prefill != "chunked" and layer_ok
+        self.job: LayerMajorPrefill | None = None
+        self._job_seq: Sequence | None = None
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         params.validate()
@@ -87,6 +100,11 @@ class Engine:
         seqs = self._schedule()
         if not seqs:
             return []
+        outputs = self._layer_major_step(seqs)  # the job's sequence sits out the rest of this step
+        busy = {id(o.seq) for o in outputs}
+        seqs = [s for s in seqs if id(s) not in busy and s is not self._job_seq and s.status is Status.RUNNING]
+        if not seqs:
+            return outputs
         budget = self.max_prefill_tokens
         chunks = []
         for seq in seqs:
@@ -118,6 +136,29 @@ class Engine:
                 seq.decode_seconds += elapsed
         done = {id(o.seq) for o in outputs}
         outputs += [StepOutput(s, None, False) for s in seqs if id(s) not in done]
+        return outputs
+
+    def _layer_major_step(self, seqs: list[Sequence]) -> list[StepOutput]:
+        """Start a layer-major job for a long prompt (one at a time) and advance it one layer;
+        when its last layer is done, sample its first token."""
+        if self.job is None and self.layer_major:
+            seq = next((s for s in seqs if len(s.prompt_ids) - s.num_computed > self.max_prefill_tokens), None)
+            if seq is not None:
+                self.job = LayerMajorPrefill(self.model, self.cache, seq.seq_id, seq.prompt_ids[seq.num_computed:],
+                                             seq.num_computed, self.max_prefill_tokens)
+                self._job_seq = seq
+        if self.job is None or self._job_seq is None:
+            return []
+        seq, t0 = self._job_seq, time.perf_counter()
+        self.job.step()
+        if not self.job.done:
+            seq.prefill_seconds += time.perf_counter() - t0
+            return [StepOutput(seq, None, False)]
+        logits = self.job.finish()  # [1, V]
+        seq.num_computed = len(seq.prompt_ids)
+        self.job, self._job_seq = None, None
+        outputs = self._sample([seq], [0], logits)
+        seq.prefill_seconds += time.perf_counter() - t0
         return outputs
 
     def _sample(self, seqs: list[Sequence], ready: list[int], logits: torch.Tensor) -> list[StepOutput]:
@@ -156,6 +197,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        if seq is self._job_seq:  # aborted mid layer-major prefill
+            self.job, self._job_seq = None, None
         if seq in self.running:
             self.running.remove(seq)
             self.cache.free_sequence(seq.seq_id)

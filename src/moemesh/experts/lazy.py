@@ -74,6 +74,8 @@ class RankGate:
 
 
 class LazyExperts(GroupedProvider):
+    streams_experts = True
+
     def __init__(self, cache: ExpertCache, lookahead: dict[int, Lookahead] | None = None,
                  gate: RankGate | None = None) -> None:
         self.cache = cache
@@ -85,7 +87,8 @@ class LazyExperts(GroupedProvider):
         self.token_layers = 0  # (token, layer) visits; / MoE layers = tokens, for per-token figures
         self.layers_seen: set[int] = set()
 
-    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor) -> list[torch.Tensor]:
+    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor, *,
+                         rows: int | None = None) -> list[torch.Tensor]:
         # x: [T, D]; groups in expert-id order -> each expert's weighted rows [n, D]
         self._score_prediction(layer, [e for e, _, _ in groups])
         self.token_layers += x.shape[0]
@@ -98,12 +101,13 @@ class LazyExperts(GroupedProvider):
             try:
                 if start == 0:
                     self._prefetch_next(layer, x, {e.key for e in entries})
-                ys += self._compute_as_ready(entries, chunk, x, flat_w)
+                ys += self._compute_as_ready(entries, chunk, x, flat_w, rows)
             finally:
                 self.cache.release(entries)
         return ys
 
-    def _compute_as_ready(self, entries: list, chunk: list, x: torch.Tensor, flat_w: torch.Tensor) -> list[torch.Tensor]:
+    def _compute_as_ready(self, entries: list, chunk: list, x: torch.Tensor, flat_w: torch.Tensor,
+                          rows: int | None) -> list[torch.Tensor]:
         """Each expert's weighted output [n, D], computed in the order their reads complete
         (cached experts first, while the misses are still on their way); only the waiting falls
         back to expert-id order, which is also the order the reads were issued in."""
@@ -111,7 +115,7 @@ class LazyExperts(GroupedProvider):
         pending = list(range(len(entries)))
         while pending:
             ready = [i for i in pending if entries[i].future is None or entries[i].future.done()] or pending[:1]
-            outs = expert_rows([self.cache.expert(entries[i]) for i in ready], [chunk[i] for i in ready], x, flat_w)
+            outs = expert_rows([self.cache.expert(entries[i]) for i in ready], [chunk[i] for i in ready], x, flat_w, rows)
             for i, y in zip(ready, outs):
                 ys[i] = y
             pending = [i for i in pending if ys[i] is None]

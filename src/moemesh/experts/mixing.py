@@ -56,28 +56,47 @@ def add_in_order(x: torch.Tensor, groups: list[Group], ys: list[torch.Tensor]) -
     return out
 
 
-def expert_rows(mlps: list[torch.nn.Module], groups: list[Group], x: torch.Tensor, flat_w: torch.Tensor) -> list[torch.Tensor]:
+def expert_rows(mlps: list[torch.nn.Module], groups: list[Group], x: torch.Tensor, flat_w: torch.Tensor,
+                rows: int | None = None) -> list[torch.Tensor]:
     """Each expert's output on its tokens times its routing weights, [n, D] per expert. One decode
     token through several fusable int4 experts takes one fused kernel call (mlp.run_fused): each row
     is the bits the expert gives alone, so the result does not depend on how experts were grouped
-    into calls (lazy == resident stays exact)."""
+    into calls (lazy == resident stays exact). ``rows``: each expert runs over its tokens of each
+    block of ``rows`` consecutive tokens separately (the calls a chunked pass makes)."""
     if x.shape[0] == 1 and len(mlps) > 1 and all(isinstance(m, GatedMLP) and m.fused_int4() is not None for m in mlps):
         y = run_fused(mlps[0].fused_int4(), mlps, x)  # [n, D]
         return [y[j : j + 1] * flat_w[slots, None] for j, (_, _, slots) in enumerate(groups)]
-    return [m(x[token_idx]) * flat_w[slots, None] for m, (_, token_idx, slots) in zip(mlps, groups)]
+    return [per_block(m, x, token_idx, rows) * flat_w[slots, None] for m, (_, token_idx, slots) in zip(mlps, groups)]
+
+
+def per_block(mlp: torch.nn.Module, x: torch.Tensor, token_idx: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """mlp(x[token_idx]) [n, D], one call per block of ``rows`` consecutive tokens (token_idx ascending)."""
+    if rows is None:
+        return mlp(x[token_idx])
+    block = token_idx // rows  # [n]
+    cuts = (torch.nonzero(block[1:] != block[:-1]).flatten() + 1).tolist()
+    if not cuts:
+        return mlp(x[token_idx])
+    return torch.cat([mlp(x[part]) for part in torch.tensor_split(token_idx, cuts)])
 
 
 class GroupedProvider(ExpertProvider):
     """An ExpertProvider that computes a layer as: group by expert -> ``weighted_outputs`` -> add in id order."""
 
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+            rows: int | None = None) -> torch.Tensor:
         # x: [T, D], ids/weights: [T, A] -> [T, D]
         groups = group_by_expert(ids)
-        return add_in_order(x, groups, self.weighted_outputs(layer, x, groups, weights.reshape(-1)))
+        flat_w = weights.reshape(-1)
+        ys = self.weighted_outputs(layer, x, groups, flat_w) if rows is None else \
+            self.weighted_outputs(layer, x, groups, flat_w, rows=rows)
+        return add_in_order(x, groups, ys)
 
     @abstractmethod
-    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor) -> list[torch.Tensor]:
-        """For each group (expert, token_idx, slots), in order: expert(x[token_idx]) * flat_w[slots, None], [n, D]."""
+    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor, *,
+                         rows: int | None = None) -> list[torch.Tensor]:
+        """For each group (expert, token_idx, slots), in order: expert(x[token_idx]) * flat_w[slots, None],
+        [n, D]; with ``rows``, each expert's tokens in blocks of ``rows`` (expert_rows)."""
 
 
 def mix_grouped(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: ExpertFn) -> torch.Tensor:

@@ -20,7 +20,8 @@ class ResidentExperts(GroupedProvider):
         self.reference = reference  # use the per-token loop (tests, debugging)
         self._tables: dict[int, tuple | None] = {}  # layer -> (pointer table, moe_decode_table's shape args) or None
 
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+            rows: int | None = None) -> torch.Tensor:
         if self.reference:
             return mix_reference(x, ids, weights, self.experts[layer].__getitem__)
         if x.shape[0] == 1:
@@ -29,11 +30,12 @@ class ResidentExperts(GroupedProvider):
                 # one C call from the router's picks (sort by id, pointer gather, experts, sum in order):
                 # the grouped loop's bits without its ~0.12 ms of Python per layer
                 return int4_native.moe_decode_table(table[0], x, ids, weights, *table[1:])
-        return super().run(layer, x, ids, weights)
+        return super().run(layer, x, ids, weights, rows)
 
-    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor) -> list[torch.Tensor]:
+    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor, *,
+                         rows: int | None = None) -> list[torch.Tensor]:
         held = self.experts[layer]
-        return expert_rows([held[e] for e, _, _ in groups], groups, x, flat_w)
+        return expert_rows([held[e] for e, _, _ in groups], groups, x, flat_w, rows)
 
     def holds(self, layer: int, expert: int) -> bool:
         held = self.experts.get(layer)

@@ -14,8 +14,12 @@ class KVCache(ABC):
 
     Protocol for one forward pass: ``begin(batch)``, then ``attend(layer, ...)`` once per layer
     (it appends that layer's new k/v after the sequence's current length and attends causally
-    over everything up to them), then ``end(batch)`` advances each sequence's length.
+    over everything up to them), then ``end(batch)`` advances each sequence's length. A cache with
+    ``supports_starts`` also honours ``batch.starts`` (write and attend at explicit positions before
+    ``end``), which layer-major prefill needs.
     """
+
+    supports_starts: bool = False
 
     @abstractmethod
     def add_sequence(self, seq_id: int) -> None: ...

@@ -24,6 +24,8 @@ class _Seq:
 
 
 class DenseKVCache(KVCache):
+    supports_starts = True
+
     def __init__(
         self,
         num_layers: int,
@@ -57,8 +59,9 @@ class DenseKVCache(KVCache):
         return self.seqs[seq_id].length
 
     def begin(self, batch: BatchLayout) -> None:
-        for sid, n in zip(batch.seq_ids, batch.query_lens):
-            self._reserve(self.seqs[sid], self.seqs[sid].length + n)
+        for i, (sid, n) in enumerate(zip(batch.seq_ids, batch.query_lens)):
+            seq = self.seqs[sid]
+            self._reserve(seq, max(seq.length, batch.starts[i] if batch.starts is not None else 0) + n)
 
     def _reserve(self, seq: _Seq, needed: int) -> None:
         cap = seq.keys[0].shape[1] if seq.keys else 0
@@ -69,17 +72,18 @@ class DenseKVCache(KVCache):
         for store, dim in stores:
             for layer in range(self.num_layers):
                 buf = torch.empty((self.num_kv_heads, new_cap, dim), dtype=self.dtype)
-                if cap:
-                    buf[:, : seq.length] = store[layer][:, : seq.length]
+                if cap:  # the whole old buffer: positions written ahead of ``length`` (batch.starts) too
+                    buf[:, :cap] = store[layer]
                     store[layer] = buf
                 else:
                     store.append(buf)
 
     def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None):
         out = q.new_empty(q.shape[0], q.shape[1], self.value_dim)  # [T, Hq, Dv]
-        for sid, off, n in zip(batch.seq_ids, batch.offsets, batch.query_lens):
+        for i, (sid, off, n) in enumerate(zip(batch.seq_ids, batch.offsets, batch.query_lens)):
             seq = self.seqs[sid]
-            start, end = seq.length, seq.length + n
+            start = seq.length if batch.starts is None else batch.starts[i]
+            end = start + n
             keys = seq.keys[layer]
             keys[:, start:end] = k[off : off + n].transpose(0, 1)
             if self.values_in_keys:

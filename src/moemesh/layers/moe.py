@@ -22,9 +22,17 @@ class ExpertProvider(ABC):
     so they agree with each other bit for bit); every expert of a layer is read at most once per call.
     """
 
+    # True when experts are read from disk as they are used (a RAM-budgeted cache): a long prompt
+    # should then visit each expert once per layer (the engine's layer-major prefill), not once per chunk
+    streams_experts: bool = False
+
     @abstractmethod
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x: [T, D], ids: [T, A] int64, weights: [T, A] fp32 -> [T, D]."""
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+            rows: int | None = None) -> torch.Tensor:
+        """x: [T, D], ids: [T, A] int64, weights: [T, A] fp32 -> [T, D]. ``rows``: compute each expert
+        over its tokens in blocks of ``rows`` consecutive tokens, as a chunked pass would (layer-major
+        prefill: the same kernel calls as chunked prefill, so the same bits whatever a kernel's batch
+        behaviour), while still loading each expert once."""
 
     def stats(self) -> dict:
         return {}
@@ -49,13 +57,21 @@ class MoEBlock(torch.nn.Module):
         # qwen2_moe: sigmoid(x @ g.T) scales the shared expert; g: [1, D]
         self.shared_gate = None if shared_gate is None else torch.nn.Parameter(shared_gate.float(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, D] -> [T, D]
-        ids, weights = self.router(x)
-        out = self.provider.run(self.layer, x, ids, weights)
-        if self.shared is not None:
-            shared = self.shared(x)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(torch.nn.functional.linear(x, self.shared_gate)) * shared
-            out = out + shared
-        return out
+    def forward(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        # x: [T, D] -> [T, D]. rows: route and run the shared expert in blocks of ``rows`` tokens, and
+        # let the provider compute experts in the same blocks (layer-major prefill == chunked prefill)
+        if rows is None or x.shape[0] <= rows:
+            ids, weights = self.router(x)
+            return self._add_shared(x, self.provider.run(self.layer, x, ids, weights))
+        picks = [self.router(x[a : a + rows]) for a in range(0, x.shape[0], rows)]
+        ids, weights = torch.cat([p[0] for p in picks]), torch.cat([p[1] for p in picks])  # [T, A]
+        out = self.provider.run(self.layer, x, ids, weights, rows=rows)  # each routed expert loaded once
+        return torch.cat([self._add_shared(x[a : a + rows], out[a : a + rows]) for a in range(0, x.shape[0], rows)])
+
+    def _add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.shared is None:
+            return out
+        shared = self.shared(x)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(torch.nn.functional.linear(x, self.shared_gate)) * shared
+        return out + shared

@@ -13,8 +13,9 @@ import dataclasses
 from typing import Any
 
 from ..layers.grouped_router import GroupedRouting
-from .deepseek_v2 import GGUF as V2_GGUF
-from .deepseek_v2 import SIGMOID, DeepseekArgs, DeepseekBuilder, deepseek_args, gguf_config
+from .deepseek_gguf import GGUF as V2_GGUF
+from .deepseek_gguf import SIGMOID, gguf_config
+from .deepseek_v2 import DeepseekArgs, DeepseekBuilder, deepseek_args, mla_shape
 from .spec import ArchSpec
 
 # transformers' DeepseekV3Config defaults, for keys a config.json leaves out
@@ -37,4 +38,4 @@ def args_from_config(cfg: dict[str, Any]) -> DeepseekArgs:
 
 GGUF = dataclasses.replace(V2_GGUF, model_type="deepseek_v3", config=lambda meta, shapes: gguf_config(meta, shapes, v3=True),
                            matches=lambda meta: meta(f"{V2_GGUF.arch}.expert_gating_func", 1) == SIGMOID)
-ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder, gguf=GGUF)
+ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder, shape=mla_shape, gguf=GGUF)

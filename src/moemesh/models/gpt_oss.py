@@ -33,6 +33,7 @@ from ..quant.qlinear import QuantLinear
 from .args import ModelArgs, common_args, num_experts_of
 from .build import Builder
 from .gguf import ATTN, EXPERTS, GGUFSpec, Meta, Shapes, base_config, moe_config, need
+from .shape import standard_shape
 from .spec import ArchSpec
 
 DEFAULT_ALPHA, DEFAULT_LIMIT = 1.702, 7.0
@@ -218,4 +219,5 @@ GGUF_BLOCK = MappingProxyType({
     **{k: f"mlp.{v}" for k, v in EXPERTS.items()},
 })
 GGUF = GGUFSpec("gpt-oss", "gpt_oss", GGUF_BLOCK, gguf_config)
-ARCH = GptOssSpec("gpt_oss", args_from_config, builder=GptOssBuilder, gguf=GGUF)
+ARCH = GptOssSpec("gpt_oss", args_from_config, builder=GptOssBuilder, gguf=GGUF,
+                  shape=lambda args, cfg, name: standard_shape(args, name, expert_bias=True, router_bias=True, sinks=True))

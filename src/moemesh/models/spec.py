@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .args import ModelArgs
+from .shape import ModelShape, standard_shape
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,9 @@ class ArchSpec:
     args_from_config: Callable[[dict[str, Any]], ModelArgs]
     moe_prefix: str = "mlp"  # mixtral: "block_sparse_moe"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # mixtral: w1, w3, w2
+    # the model's linears and small tensors for `plan` (args, config, display name): most families are
+    # standard_shape with their particulars; MLA families bring their own
+    shape: Callable[[ModelArgs, dict[str, Any], str], ModelShape] = lambda args, cfg, name: standard_shape(args, name)
     builder: Any = None  # a models.build.Builder subclass when the shared Builder cannot build it (models.build.make_builder)
     gguf: Any = None  # its models.gguf.GGUFSpec when llama.cpp writes this family as a GGUF
 

@@ -21,8 +21,23 @@ class DecoderLayer(torch.nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache, batch: BatchLayout) -> torch.Tensor:
         # x: [T, D] residual stream (fp32)
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, batch)
-        return x + self.ffn(self.ffn_norm(x))
+        return self.ffn_block(self.attention_block(x, cos, sin, cache, batch))
+
+    def attention_block(self, x, cos, sin, cache: KVCache, batch: BatchLayout) -> torch.Tensor:
+        """x + attention(norm(x)): [T, D] -> [T, D] (layer-major prefill runs it chunk by chunk)."""
+        return x + self.attn(self.attn_norm(x), cos, sin, cache, batch)
+
+    def ffn_block(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """x + ffn(norm(x)): [T, D] -> [T, D]. Layer-major prefill runs it over a whole prompt with
+        ``rows`` = its chunk: every call but the routed experts' loads is made per block of ``rows``
+        tokens, as chunked prefill makes it (fp32 GEMMs' row results depend on the row count)."""
+        if rows is None or x.shape[0] <= rows:
+            return x + self.ffn(self.ffn_norm(x))
+        blocks = range(0, x.shape[0], rows)
+        h = torch.cat([self.ffn_norm(x[a : a + rows]) for a in blocks])  # [T, D]
+        if isinstance(self.ffn, MoEBlock):
+            return x + self.ffn(h, rows=rows)
+        return x + torch.cat([self.ffn(h[a : a + rows]) for a in blocks])
 
 
 class Transformer(torch.nn.Module):

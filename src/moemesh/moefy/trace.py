@@ -26,7 +26,8 @@ class TracingProvider(ExpertProvider):
         self.inner, self.predictors, self.first_layer = inner, predictors, first_layer
         self.steps: list[dict[str, Any]] = []
 
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+            rows: int | None = None) -> torch.Tensor:
         # x: [T, D], ids: [T, A]
         if layer == self.first_layer:
             self.steps.append({"ids": [], "pred": []})
@@ -38,7 +39,7 @@ class TracingProvider(ExpertProvider):
         else:
             pred, _ = look.router(x * look.ratio)  # [T, A], per token
             step["pred"].append(pred.tolist())
-        return self.inner.run(layer, x, ids, weights)
+        return self.inner.run(layer, x, ids, weights, rows)
 
     def stats(self) -> dict:
         return self.inner.stats()

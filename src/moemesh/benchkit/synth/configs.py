@@ -1,4 +1,4 @@
-"""The HF configs of the synthetic benchmark models (bench/synth_models.py): each real model's
+"""The HF configs of the synthetic benchmark models (benchkit/synth/models.py): each real model's
 per-layer shapes with a configurable depth and vocabulary, and the llama.cpp architecture its GGUF
 is written as."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import synth
+from . import core as synth
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""The GGUF side of bench/synth_models.py: a Mixtral-shaped model as llama.cpp's ``llama``
+"""The GGUF side of benchkit/synth/models.py: a Mixtral-shaped model as llama.cpp's ``llama``
 architecture, a gpt-oss-shaped one as its ``gpt-oss`` architecture (DeepSeek-V3 as ``deepseek2``:
-bench/synth_gguf_deepseek.py), all with stacked Q4_0
+benchkit/synth/gguf_deepseek.py), all with stacked Q4_0
 experts (``blk.N.ffn_{gate,up,down}_exps``; gpt-oss also their fp32 biases). The real gpt-oss
 GGUFs hold MXFP4 experts, which cannot represent our int4 weights; llama.cpp takes any type there.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import synth
+from . import core as synth
 
 NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
          "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
@@ -126,12 +126,8 @@ def open_writer(path: Path, arch: str, cfg: dict, trunk: list[tuple[str, torch.T
     (for each MoE layer: expert_parts(arch), weights [E, N, K/32*18] Q4_0 bytes) and closes."""
     import gguf
 
-    if arch == "deepseek2":
-        import synth_gguf_deepseek
-
-        return synth_gguf_deepseek.open_writer(path, cfg, trunk, moe_layers, float_trunk)
     if (arch, cfg["model_type"]) not in (("llama", "mixtral"), ("gpt-oss", "gpt_oss")):
-        raise ValueError(f"synthetic GGUF: mixtral as 'llama', gpt_oss as 'gpt-oss' or deepseek_v3 as 'deepseek2' "
+        raise ValueError(f"synthetic GGUF: mixtral as 'llama' or gpt_oss as 'gpt-oss' (deepseek2: gguf_deepseek) "
                          f"(got {arch}, {cfg['model_type']})")
     q4 = gguf.GGMLQuantizationType.Q4_0
     w = gguf.GGUFWriter(path, arch)

@@ -1,5 +1,5 @@
 """How each benchmarked architecture's published HF checkpoints lay out one MoE layer's experts,
-for bench/synth_hf.py: the shard header entries, the tensors streamed into them, and the way back
+for benchkit/synth/hf.py: the shard header entries, the tensors streamed into them, and the way back
 (from a checkpoint file or a loaded transformers model) to the store's terms.
 
 The store's terms, per expert, fp32, in moemesh's orientation: ``gate_proj`` [I, D], ``up_proj``

@@ -1,4 +1,4 @@
-"""An HF checkpoint (safetensors) of a synthetic bench/synth_models.py model, written from its expert
+"""An HF checkpoint (safetensors) of a synthetic benchkit/synth/models.py model, written from its expert
 store, so transformers runs the same weights as moemesh and llama.cpp. Every architecture there:
 Qwen3MoeForCausalLM, MixtralForCausalLM, GptOssForCausalLM, DeepseekV3ForCausalLM.
 
@@ -18,18 +18,18 @@ as stored), and gate_up's rows split into gate (first half) and up, the order in
 packs them and moemesh's experts consume them (``gate, up = gate_up(x).chunk(2)``). fp32 holds
 every expert weight ``(q - 8) * d`` exactly (bf16 would not), i.e. the very values moemesh's int4
 kernel and llama.cpp's Q4_0 use. The expert names and layout are those of each architecture's
-published checkpoints (bench/synth_hf_arch.py): per-expert tensors for Qwen3 / DeepSeek-V3
+published checkpoints (benchkit/synth/hf_arch.py): per-expert tensors for Qwen3 / DeepSeek-V3
 (``mlp.experts.E.gate_proj.weight``) and Mixtral (``block_sparse_moe.experts.E.w1``), fused and
 gate/up-interleaved ``mlp.experts.gate_up_proj`` [E, D, 2I] + biases for gpt-oss.
 
 Every shard is streamed: its header is computed from the shapes, then tensors are written one at
 a time (one expert dequantized at a time; gpt-oss's fused tensors one expert slice at a time), so
 peak memory is about one expert, not one layer. Sizes (fp32 experts per MoE layer): Qwen3-30B-A3B
-2.4 GB, Mixtral-8x7B 5.6 GB, gpt-oss-120b 12.7 GB, DeepSeek-V3 45 GB; bench/synth_hf_size.py
+2.4 GB, Mixtral-8x7B 5.6 GB, gpt-oss-120b 12.7 GB, DeepSeek-V3 45 GB; benchkit/synth/hf_size.py
 refuses, before writing, a checkpoint the disk or transformers' RAM cannot hold (DeepSeek-V3 at
 any depth on a 24 GB machine).
 
-    .venv/bin/python bench/synth_hf.py [--model mixtral-8x7b] --layers 2 [--check]
+    .venv/bin/python benchkit/synth/hf.py [--model mixtral-8x7b] --layers 2 [--check]
 
 ``--check`` loads the directory with transformers and compares (1) one expert per MoE layer with
 the store's dequantized weights (must be equal, biases included) and (2) transformers' logits for
@@ -49,12 +49,9 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import synth  # noqa: E402
-import synth_hf_arch  # noqa: E402
-import synth_hf_size  # noqa: E402
+from . import core as synth
+from . import hf_arch as synth_hf_arch
+from . import hf_size as synth_hf_size
 
 HF_VERSION = 1  # bump when the written layout changes (invalidates cached hf/ directories)
 ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -256,13 +253,12 @@ def _write_check(model_dir: Path) -> dict:
 if __name__ == "__main__":
     import argparse
 
-    import synth_models
-
+    from . import models as synth_models
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(synth_models.MODELS), default="qwen3-30b-a3b")
     ap.add_argument("--work-dir", default="/work/bench-data")
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, help="default: the model's (bench/synth_models.py)")
+    ap.add_argument("--vocab", type=int, help="default: the model's (benchkit/synth/models.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="(re)run the transformers check, print it")
     ap.add_argument("--check-dir", help=argparse.SUPPRESS)  # ensure()'s subprocess: check MODEL_DIR, write check.json

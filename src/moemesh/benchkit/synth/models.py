@@ -2,7 +2,7 @@
 and DeepSeek-V3, written as a moemesh expert store (and, where llama.cpp's layout is simple, as a
 Q4_0 GGUF with bit-identical expert weights). Depth and vocabulary are parameters.
 
-Qwen3-30B-A3B is bench/synth.py's model, built by it unchanged (its cached data stays valid).
+Qwen3-30B-A3B is benchkit/synth/core.py's model, built by it unchanged (its cached data stays valid).
 The others share its expert format (every weight ``(q - 8) * d``: a Q4_0 block and the int4
 group-32 kernel format at once) and its trunk recipe (random bf16, quantized at load), with each
 architecture's own HF config keys and tensor names so ``get_arch`` builds them:
@@ -20,10 +20,10 @@ architecture's own HF config keys and tensor names so ``get_arch`` builds them:
   top 4). Every layer is MoE (first_k_dense_replace 0: a dense layer would be an 18432-wide MLP
   the benchmark does not study). GGUF: arch ``deepseek2`` as convert_hf_to_gguf.py writes V3
   (kv_b split into per-head k_b/v_b, MLA and YaRN keys, sigmoid group routing; see
-  bench/synth_gguf_deepseek.py). With one MoE layer moemesh's prefetch has no next layer to
+  benchkit/synth/gguf_deepseek.py). With one MoE layer moemesh's prefetch has no next layer to
   predict, so it never prefetches.
 
-    .venv/bin/python bench/synth_models.py --model gpt-oss-120b [--layers 2] [--vocab 32768]
+    .venv/bin/python benchkit/synth/models.py --model gpt-oss-120b [--layers 2] [--vocab 32768]
 """
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import synth
+from . import core as synth
 
 SYNTH_VERSION = 1  # bump when the generated weights or layout of the non-qwen3 models change
 
 
-from synth_configs import MODELS, TITLES, SynthModel  # noqa: E402,F401  (re-exported: bench scripts use them from here)
+from .configs import MODELS, TITLES, SynthModel  # noqa: E402,F401  (re-exported: bench scripts use them from here)
 
 
 def model_dir(work_dir: Path, key: str, layers: int, vocab: int, seed: int) -> Path:
@@ -139,7 +139,6 @@ def build(work_dir: Path, key: str, layers: int | None = None, vocab: int | None
 
 
 def write(tmp: Path, cfg: dict, seed: int, gguf_arch: str | None, log=print) -> None:
-    import synth_gguf
     from moemesh.loading.convert import blob_layout, pack_blob
     from moemesh.models import get_arch
     from moemesh.store.checksum import DEFAULT as CHECKSUM
@@ -148,13 +147,15 @@ def write(tmp: Path, cfg: dict, seed: int, gguf_arch: str | None, log=print) -> 
     from moemesh.store.expert_store import FORMAT, VERSION
     from moemesh.weights.safetensors_io import write_safetensors
 
+    from . import gguf_writer as synth_gguf
+
     spec = get_arch(cfg["model_type"])
     args = spec.args_from_config(cfg)
     t0 = time.time()
     trunk = [(name, trunk_tensor(seed, j, shape, kind)) for j, (name, shape, kind) in enumerate(trunk_spec(cfg))]
     write_safetensors(tmp / "store" / "trunk.safetensors", trunk)
     log(f"  trunk written ({time.time() - t0:.0f} s)")
-    gw = synth_gguf.open_writer(tmp / "model.gguf", gguf_arch, cfg, trunk, args.moe_layers) if gguf_arch else None
+    gw = open_gguf_writer(tmp / "model.gguf", gguf_arch, cfg, trunk, args.moe_layers) if gguf_arch else None
     del trunk
     d, inter, bias = expert_dims(cfg)
     first = synth.expert_linears_reference(expert_weights(seed, args.moe_layers[0], 0, d, inter, bias))
@@ -216,8 +217,9 @@ def add_gguf(root: Path, cfg: dict, seed: int, arch: str, log=print, name: str =
     instead of Q4_0 (bench/gguf_parity.py's exact-trunk check)."""
     from safetensors.torch import load_file
 
-    import synth_gguf
     from moemesh.models import get_arch
+
+    from . import gguf_writer as synth_gguf
 
     t0 = time.time()
     trunk_file = load_file(root / "store" / "trunk.safetensors")
@@ -225,7 +227,7 @@ def add_gguf(root: Path, cfg: dict, seed: int, arch: str, log=print, name: str =
     layers = get_arch(cfg["model_type"]).args_from_config(cfg)
     tmp = root / f".{name}.partial-{os.getpid()}"
     try:
-        gw = synth_gguf.open_writer(tmp, arch, cfg, trunk, layers.moe_layers, float_trunk)
+        gw = open_gguf_writer(tmp, arch, cfg, trunk, layers.moe_layers, float_trunk)
         del trunk, trunk_file
         d, inter, bias = expert_dims(cfg)
         for i in layers.moe_layers:
@@ -255,3 +257,12 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     print(build(Path(a.work_dir), a.model, a.layers, a.vocab, a.seed, log=lambda s: print(s, flush=True)))
+
+
+def open_gguf_writer(path: Path, arch: str, cfg: dict, trunk: list, moe_layers: list[int], float_trunk: bool = False):
+    """The synthetic GGUF writer of llama.cpp architecture ``arch`` (deepseek2 has its own module)."""
+    from . import gguf_deepseek, gguf_writer
+
+    if arch == "deepseek2":
+        return gguf_deepseek.open_writer(path, cfg, trunk, moe_layers, float_trunk)
+    return gguf_writer.open_writer(path, arch, cfg, trunk, moe_layers, float_trunk)

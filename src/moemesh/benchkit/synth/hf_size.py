@@ -1,4 +1,4 @@
-"""Will bench/synth_hf.py's fp32 HF checkpoint of a synthetic model fit here? Sized from the HF
+"""Will benchkit/synth/hf.py's fp32 HF checkpoint of a synthetic model fit here? Sized from the HF
 config alone, before anything is written: on disk the trunk in bf16 plus every expert in fp32,
 in RAM (transformers, ``dtype=float32``) everything in fp32.
 

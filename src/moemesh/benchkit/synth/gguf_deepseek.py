@@ -1,4 +1,4 @@
-"""The GGUF side of bench/synth_models.py for DeepSeek-V3: llama.cpp's ``deepseek2`` architecture,
+"""The GGUF side of benchkit/synth/models.py for DeepSeek-V3: llama.cpp's ``deepseek2`` architecture,
 written as convert_hf_to_gguf.py's DeepseekV2Model writes a real DeepSeek-V3 checkpoint.
 
 * MLA with weight absorption: ``kv_b_proj`` [H (N + V), L] is split per head into
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import synth
+from . import core as synth
 
 ATTN = {"q_a_proj.weight": "attn_q_a.weight", "q_a_layernorm.weight": "attn_q_a_norm.weight",
         "q_b_proj.weight": "attn_q_b.weight", "kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
@@ -139,8 +139,7 @@ def open_writer(path: Path, cfg: dict, trunk: list[tuple[str, torch.Tensor]], mo
     stacks (gate, up, down) and closes. ``trunk``: the store's tensors in trunk_spec order."""
     import gguf
 
-    import synth_gguf
-
+    from . import gguf_writer as synth_gguf
     if cfg["model_type"] != "deepseek_v3":
         raise ValueError(f"deepseek2 GGUF: a deepseek_v3 config (got {cfg['model_type']})")
     if cfg["first_k_dense_replace"] != 0 or moe_layers != list(range(cfg["num_hidden_layers"])):
