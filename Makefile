@@ -31,8 +31,8 @@ $(MOE_DIR): | $(VENV)/.installed   # a directory: made once, atomically (moefy r
 # one answer from the MoE on the command line, then the OpenAI/Anthropic server with lazy experts
 # under a RAM budget (live cache statistics at /metrics: moemesh_expert_*); Ctrl-C stops it
 run: venv $(MOE_DIR)
-	$(VENV)/bin/moemesh generate $(MOE_DIR) --chat --prompt "$(PROMPT)" -n 64 --ram $(RAM)
-	$(VENV)/bin/moemesh serve $(MOE_DIR) --port $(PORT) --ram $(RAM)
+	$(VENV)/bin/moemesh generate $(MOE_DIR) --chat --prompt "$(PROMPT)" -n 64 --ram $(RAM) --quant int4
+	$(VENV)/bin/moemesh serve $(MOE_DIR) --port $(PORT) --ram $(RAM) --quant int4
 
 test: venv
 	$(VENV)/bin/pytest -q

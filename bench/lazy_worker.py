@@ -35,7 +35,7 @@ def moemesh_worker(cfg: dict) -> dict:
                          prefetch=cfg["prefetch"]) if (cfg.get("ram") or cfg.get("slots")) else None
     t0 = time.perf_counter()
     try:
-        loaded = load_model(cfg["store"], "int4", experts=opts)
+        loaded = load_model(cfg["store"], cfg.get("quant", "int4"), experts=opts)
     except MoemeshError as exc:
         return {"engine": "moemesh", "error": str(exc)}
     load_s = time.perf_counter() - t0

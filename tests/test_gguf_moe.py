@@ -24,8 +24,9 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_dir: Path, path: Path, q4_experts: bool = False) -> None:
-    """An HF qwen3_moe or mixtral checkpoint -> GGUF (F32 trunk; experts F32 or Q4_0)."""
+def write_gguf(hf_dir: Path, path: Path, q4_experts: bool = False, expert_type=None) -> None:
+    """An HF qwen3_moe or mixtral checkpoint -> GGUF (F32 trunk; experts F32, Q4_0, or ``expert_type``:
+    tests/gguf_write.encode, random valid blocks for the K-quants)."""
     config, source, _ = open_source(hf_dir)
     mixtral = config["model_type"] == "mixtral"
     arch = "llama" if mixtral else "qwen3moe"
@@ -78,7 +79,12 @@ def write_gguf(hf_dir: Path, path: Path, q4_experts: bool = False) -> None:
         for part, hf in zip(("gate", "up", "down"), hf_parts):
             arr = np.stack([source.get(f"model.layers.{layer}.{prefix}.experts.{e}.{hf}.weight").float().numpy()
                             for e in range(n_exp)])  # [E, out, in]
-            if q4_experts:
+            if expert_type is not None:
+                from gguf_write import encode
+
+                raw, _ = encode(arr, expert_type, np.random.default_rng(layer))
+                w.add_tensor(f"blk.{layer}.ffn_{part}_exps.weight", raw, raw_dtype=expert_type)
+            elif q4_experts:
                 w.add_tensor(f"blk.{layer}.ffn_{part}_exps.weight", gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q4_0),
                              raw_dtype=gguf.GGMLQuantizationType.Q4_0)
             else:
@@ -129,7 +135,7 @@ def test_q4_gguf_converts_to_store_lazy_equals_resident(q4_model):
     from moemesh.quant.qlinear_state import export_state
 
     gguf_path = q4_model / "q4.gguf"
-    direct = load_model(str(gguf_path))  # Q4_0 experts straight into the int4 kernel
+    direct = load_model(str(gguf_path), "int4")  # Q4_0 experts straight into the int4 kernel (auto: BlockLinear)
     store = convert(gguf_path, q4_model / "store", "int4", progress=False)
     assert (store / "tokenizer.json").is_file()  # the GGUF's tokenizer survives conversion
     resident = load_model(str(store))
@@ -166,7 +172,7 @@ def test_q4_gguf_store_is_symmetric_and_planned_at_its_size(q4_model, tmp_path):
 
 def test_q4_gguf_experts_dequantize_exactly(q4_model):
     """Each expert slice of a 3-D Q4_0 tensor equals gguf-py's dequantization of that expert."""
-    from moemesh.weights.gguf_reader import open_gguf
+    from moemesh.loading.gguf_checkpoint import open_gguf
 
     ckpt = open_gguf(q4_model / "q4.gguf")
     raw = next(t for t in ckpt.reader.tensors if t.name == "blk.1.ffn_down_exps.weight")

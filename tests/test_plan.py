@@ -129,7 +129,7 @@ def test_plan_cli_json_and_table(tmp_path, capsys):
     assert main(["plan", "DeepSeek-V3", "--ram", "64G", "--nodes", "2", "--json", "--probe", str(probe)]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["total_params"] == pytest.approx(671e9, rel=0.01) and r["active_params"] == pytest.approx(37e9, rel=0.03)
-    assert set(r["formats"]) == {"bf16", "int8", "int4"}
+    assert set(r["formats"]) == {"bf16", "int8", "int4", "FP8"}  # + the published checkpoint's own format
     assert all(f["tokens_per_s"] is not None and f["nodes_to_hold_all"] >= 6 for f in r["formats"].values())
     assert main(["plan", "qwen/qwen3-30b-a3b", "--ram", "16G", "--probe", str(probe)]) == 0
     out = capsys.readouterr().out
@@ -245,3 +245,41 @@ def test_gguf_sized_like_its_checkpoint(tiny_checkpoints, tmp_path, name):
     from_hf, from_gguf = plan(str(d), 2**30, 1, PROBE), plan(str(gguf), 2**30, 1, PROBE)
     for key in ("total_params", "active_params", "layers", "moe_layers", "experts", "top_k", "vocab_size"):
         assert from_gguf[key] == from_hf[key], (name, key)
+
+
+def test_plan_native_rows_use_true_block_sizes():
+    """MXFP4 for gpt-oss-120b (built in): 17 bytes per 32 weights, the published ~61 GB of experts;
+    K-quants at GGML_QUANT_SIZES; rows that are not whole 256-blocks fall back to Q8_0 as llama.cpp does."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from moemesh.benchkit.shapes import NATIVE
+    from moemesh.commands.plan import plan
+
+    for name, (block, size) in NATIVE.items():
+        if name != "FP8":
+            assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == (block, size), name
+    assert linear_bytes(Linear(768, 2048), "Q4_K") == 768 * 2048 // 256 * 144
+    assert linear_bytes(Linear(2880, 2880, bias=True), "Q4_K") == 2880 * 2880 // 32 * 34 + 4 * 2880  # 2880 % 256: Q8_0
+    assert linear_bytes(Linear(7168, 2048), "FP8") == 7168 * 2048 // 128 * 132
+    r = plan("gpt-oss-120b", 16 * 2**30, 1, None)
+    mx = r["formats"]["MXFP4"]
+    assert mx["expert_bytes"] < r["formats"]["int4"]["expert_bytes"]
+    experts = mx["experts_bytes"]
+    assert experts == pytest.approx(36 * 128 * ((5760 + 2880) * 2880 * 17 / 32 + 4 * (5760 + 2880)), rel=0.01)
+    assert 59e9 < experts < 62e9  # the published checkpoint's MXFP4 experts: ~60.8 GB
+
+
+def test_plan_reads_native_format_from_gguf_header(tmp_path):
+    """plan FILE.gguf: a row for the experts' own type, its per-expert size read from the header."""
+    from gguf import GGMLQuantizationType as Q
+
+    from gguf_write import write_deepseek
+    from moemesh.commands.plan import plan
+    from test_gguf_families import fresh
+
+    write_deepseek(fresh("deepseek", True, 256, 256), tmp_path / "m.gguf", Q.Q4_K)
+    r = plan(str(tmp_path / "m.gguf"), 2**30, 1, None)
+    assert r["stored"]["native"] == ["Q4_K"] and "Q4_K" in r["formats"]
+    per_expert = 3 * 256 * 256 // 256 * 144  # gate, up, down of 256 x 256
+    assert r["stored"]["native_expert_bytes"] == per_expert
+    assert per_expert < r["formats"]["Q4_K"]["expert_bytes"] <= per_expert + 4 * 4096

@@ -68,7 +68,7 @@ def test_gpt_oss_blobs_hold_biases(tmp_path):
 
 
 def test_mixtral_gguf_same_weights(tmp_path):
-    from moemesh.weights.gguf_reader import open_gguf
+    from moemesh.loading.gguf_checkpoint import open_gguf
 
     root, cfg = tiny_model(tmp_path, "mixtral-8x7b")
     g = open_gguf(root / "model.gguf")

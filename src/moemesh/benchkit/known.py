@@ -39,6 +39,12 @@ KNOWN: dict[str, dict[str, Any]] = {
                         attention_bias=False),
 }
 
+# The formats the published files hold the routed experts in (moemesh plan adds a row for each): the
+# official gpt-oss checkpoints' MXFP4, DeepSeek-V3's FP8 (e4m3, 128x128 block scales), and the GGUF
+# types llama.cpp users most often pick for the others.
+NATIVE_FORMATS = {"gpt-oss-20b": ["MXFP4"], "gpt-oss-120b": ["MXFP4"], "DeepSeek-V3": ["FP8"],
+                  "Qwen3-30B-A3B": ["Q4_K", "Q8_0"], "Qwen3-235B-A22B": ["Q4_K", "Q2_K"], "Mixtral-8x7B": ["Q4_K"]}
+
 # The parameter counts the model cards publish (billions), for the tests and the docs.
 PUBLISHED = {
     "Qwen3-30B-A3B": (30.5, 3.3), "Qwen3-235B-A22B": (235.0, 22.0), "gpt-oss-20b": (20.9, 3.6),

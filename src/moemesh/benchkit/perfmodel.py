@@ -96,11 +96,22 @@ def profile_hit_rate(counts: list[list[float]], slots: int) -> float:
     return 1.0 if total == 0 else sum(max(0.0, c - 1) for c in flat[:slots]) / total
 
 
+def matmul_rates(probe: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The probe's M=1 rates for ``fmt``; a native block format the probe did not measure takes the
+    nearest measured one (the K-quants Q4_K's, the others MXFP4's; probes made before the block
+    kernels: int8's, a stand-in of about the same bytes per weight)."""
+    m = probe["matmul"]
+    for name in (fmt, "Q4_K" if fmt.endswith("_K") else "MXFP4", "int8"):
+        if name in m:
+            return m[name]
+    return m["int8"]
+
+
 def compute_seconds(shape: ModelShape, fmt: str, probe: dict[str, Any]) -> float:
     """2 FLOPs per active weight at the probe's rates: the routed experts at the fused-expert rate
     when the probe measured it (int4: one C call per layer, ~1.5x the per-linear rate here), the
     trunk and head at the per-linear M=1 rate."""
-    rates = probe["matmul"][fmt]
+    rates = matmul_rates(probe, fmt)
     fused = (rates.get("fused_experts") or {}).get("gflops")
     if not fused:
         return 2 * shape.active_matmul_params / (rates["gflops"] * 1e9)

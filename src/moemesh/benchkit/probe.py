@@ -132,6 +132,46 @@ def matmul_rate(fmt: str, shapes: list[tuple[int, int]], pool_bytes: int, second
             "pool_bytes": sum(lay.nbytes() for lay in layers), "shapes": [list(x) for x in shapes]}
 
 
+def block_rate(qtype: str, shapes: list[tuple[int, int]], pool_bytes: int, seconds: float) -> dict[str, float] | None:
+    """GFLOP/s of a BlockLinear (quant/blocks.py: a GGUF/MXFP4 linear computed from its blocks) at M=1
+    over a pool of expert-shaped layers larger than the last-level cache; None when its kernels are
+    unavailable. The bytes are random with every block's fp16 scale set to 1/1024: rates do not depend
+    on the values, and no scale is a NaN or a denormal."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType
+
+    from ..quant import blocks_native
+    from ..quant.blocks import BlockLinear, block_size, row_bytes
+
+    if blocks_native.load_native() is None:
+        return None
+    rng = np.random.default_rng(0)
+    block, size = block_size(qtype)
+    scale_at = {"Q4_K": (0, 2), "MXFP4": ()}[qtype]
+    layers: list[BlockLinear] = []
+    while sum(lay.nbytes() for lay in layers) < pool_bytes:
+        k, n = shapes[len(layers) % len(shapes)]
+        raw = rng.integers(0, 256, (n * k // block, size), dtype=np.uint8)
+        if qtype == "MXFP4":
+            raw[:, 0] = 120  # e8m0 exponent 2^-7
+        for off in scale_at:
+            raw[:, off:off + 2] = np.array([1 / 1024], np.float16).view(np.uint8)
+        layers.append(BlockLinear(qtype, torch.from_numpy(raw.reshape(n, row_bytes(qtype, k))), k))
+    assert GGMLQuantizationType[qtype]  # a GGUF type name
+    xs = {k: torch.randn(1, k) for k, _ in shapes}  # [1, K]
+    flops = sum(2 * lay.in_features * lay.out_features for lay in layers)
+
+    def sweep() -> None:
+        for lay in layers:
+            lay(xs[lay.in_features])
+
+    with torch.inference_mode():
+        s = _samples(sweep, seconds)
+    return {"gflops": flops / min(s) / 1e9, "gflops_median": flops / statistics.median(s) / 1e9,
+            "pool_bytes": sum(lay.nbytes() for lay in layers), "shapes": [list(x) for x in shapes]}
+
+
 def fused_experts_rate(d: int, inter: int, top_k: int, pool_bytes: int, seconds: float) -> dict[str, float] | None:
     """GFLOP/s of one decode token's experts in one fused int4 call (mlp.run_fused, the path every
     int4 MoE layer decodes through), ``top_k`` distinct experts per call cycling over a pool larger
@@ -202,6 +242,11 @@ def run_probe(disk_dir: Path | None = None, disk_file: Path | None = None, threa
     for fmt in ("int4", "int8", "bf16"):
         matmul[fmt] = matmul_rate(fmt, shapes, 96 * MIB, 2.0 * scale)
         log(f"{fmt} matmul (M=1, weights from DRAM): {matmul[fmt]['gflops']:.1f} GFLOP/s")
+    for qtype in ("Q4_K", "MXFP4"):  # the block kernels (plan's native rows; the other types take the nearest)
+        rate = block_rate(qtype, shapes, 96 * MIB, 1.0 * scale)
+        if rate is not None:
+            matmul[qtype] = rate
+            log(f"{qtype} matmul (M=1, block kernel, weights from DRAM): {rate['gflops']:.1f} GFLOP/s")
     fused = fused_experts_rate(2048, 768, 8, 96 * MIB, 2.0 * scale)  # Qwen3-30B-A3B's experts, top-8
     if fused is not None:
         matmul["int4"]["fused_experts"] = fused

@@ -19,7 +19,12 @@ from typing import Any
 from ..errors import UnsupportedArchitecture
 from ..models.shape import Linear, ModelShape
 
-FORMATS = ("bf16", "int8", "int4")
+FORMATS = ("bf16", "int8", "int4")  # what moemesh converts to (QuantLinear)
+# formats computed as stored (quant.blocks.BlockLinear): (weights per block, bytes per block), GGML_QUANT_SIZES
+# for the GGUF types, 132 per 128 for FP8 e4m3 with its 128x128 block scales (quant/fp8.py)
+NATIVE = {"MXFP4": (32, 17), "Q8_0": (32, 34), "Q6_K": (256, 210), "Q5_K": (256, 176), "Q4_K": (256, 144),
+          "Q3_K": (256, 110), "Q2_K": (256, 84), "IQ4_XS": (256, 136), "Q4_0": (32, 18), "FP8": (128, 132)}
+DECODED_TABLES = ("Q8_0", "Q4_0")  # embedding/head tables decoded whole to fp32 (models/build.py TENSOR_TABLES)
 INT4_GROUP, INT4_N_MULTIPLE, INT8_K_MULTIPLE = 32, 16, 16  # as layers/qlinear.py
 PART_ALIGN, BLOB_ALIGN = 64, 4096  # as experts/store.py
 
@@ -29,10 +34,19 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
+def native_fits(lin: Linear, fmt: str) -> bool:
+    """A native block format needs rows that are whole blocks (FP8 pads its last block)."""
+    return fmt == "FP8" or lin.n_in % NATIVE[fmt][0] == 0
+
+
 def stored_mode(lin: Linear, fmt: str) -> str:
-    """What QuantLinear.from_float stores for a requested format (int4 -> int8 -> bf16 fallbacks)."""
+    """What QuantLinear.from_float stores for a requested format (int4 -> int8 -> bf16 fallbacks); a
+    native format keeps its blocks, or Q8_0 where a row is not whole blocks (llama.cpp's quantizer
+    falls back likewise, e.g. gpt-oss's 2880-wide rows have no K-quant)."""
+    if fmt in NATIVE:
+        return fmt if native_fits(lin, fmt) else ("Q8_0" if lin.n_in % NATIVE["Q8_0"][0] == 0 else "bf16")
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise ValueError(f"format must be one of {FORMATS + tuple(NATIVE)}, got {fmt!r}")
     if fmt == "int4" and lin.n_in % INT4_GROUP == 0:
         return "int4"
     if fmt in ("int4", "int8") and lin.n_in % INT8_K_MULTIPLE == 0:
@@ -45,6 +59,9 @@ def linear_parts(lin: Linear, fmt: str) -> list[int]:
     n, k = lin.n_out, lin.n_in
     bias = [4 * n] if lin.bias else []
     mode = stored_mode(lin, fmt)
+    if mode in NATIVE:
+        block, size = NATIVE[mode]
+        return [n * -(-k // block) * size] + bias
     if mode == "int4":
         n_pad = _round_up(n, INT4_N_MULTIPLE)
         return [n_pad * k // 2, (k // INT4_GROUP) * n_pad * 2 * 2] + bias  # packed nibbles, bf16 scale+zero
@@ -59,7 +76,7 @@ def linear_bytes(lin: Linear, fmt: str) -> int:
 
 def resident_linear_bytes(lin: Linear, fmt: str) -> int:
     """linear_bytes plus the int8 kernel's bf16 ones vector (a non-persistent buffer, not in blobs)."""
-    return linear_bytes(lin, fmt) + (2 * lin.n_out if stored_mode(lin, fmt) == "int8" else 0)
+    return linear_bytes(lin, fmt) + (2 * lin.n_out if fmt not in NATIVE and stored_mode(lin, fmt) == "int8" else 0)
 
 
 def blob_bytes(shape: ModelShape, fmt: str) -> int:
@@ -83,10 +100,20 @@ class FormatBytes:
 
 
 def format_bytes(shape: ModelShape, fmt: str) -> FormatBytes:
+    """A native format: the model as a GGUF of that type read in place (trunk, head and table in it too;
+    Q8_0/Q4_0 tables are decoded to fp32 at load); the others: moemesh's expert store."""
     blob = shape.stored_blobs.get(fmt) or blob_bytes(shape, fmt)
     n_blobs = shape.moe_layers * shape.num_experts
     trunk_disk = 2 * shape.trunk_params
     head = resident_linear_bytes(shape.head, fmt)
+    if fmt in NATIVE:
+        table = Linear(shape.vocab_size, shape.hidden_size)
+        trunk_disk = (sum(linear_bytes(lin, fmt) for lin in shape.trunk_linears) + 4 * shape.small_params
+                      + linear_bytes(table, fmt) + (0 if shape.tied else linear_bytes(shape.head, fmt)))
+        if stored_mode(table, fmt) in DECODED_TABLES:  # the table decoded to fp32 (and an untied head too)
+            head = 4 * shape.vocab_size * shape.hidden_size * (1 if shape.tied else 2)
+        else:  # the head computes over its block rows; the table's rows are decoded per lookup
+            head = linear_bytes(table if shape.tied else shape.head, fmt)
     trunk_ram = sum(resident_linear_bytes(lin, fmt) for lin in shape.trunk_linears) + 4 * shape.small_params + head
     active = trunk_ram + shape.moe_layers * shape.top_k * blob + 2 * shape.hidden_size  # + one embedding row
     return FormatBytes(fmt, trunk_disk + n_blobs * blob, trunk_disk, trunk_ram, blob, n_blobs * blob, active)

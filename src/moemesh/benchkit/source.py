@@ -87,6 +87,9 @@ def _safetensors(root: Path) -> Stored:
             st.dtypes[info["dtype"]] = st.dtypes.get(info["dtype"], 0) + end - begin
             if EXPERT_RE.search(name):
                 st.expert_bytes += end - begin
+                fmt = "MXFP4" if name.endswith("_blocks") else "FP8" if info["dtype"].startswith("F8_") else None
+                if fmt and fmt not in st.native:
+                    st.native.append(fmt)
     return st
 
 

@@ -16,3 +16,5 @@ class Stored:
     dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> bytes
     blob_size: int | None = None  # expert store: one blob
     quant: str | None = None  # expert store: the blobs' format (int4 | int8 | bf16)
+    native: list[str] = field(default_factory=list)  # formats the files hold the experts in (MXFP4, Q4_K, FP8 ...)
+    native_expert_bytes: int | None = None  # GGUF: one expert's bytes as the file holds it (mean over layers)

@@ -105,6 +105,10 @@ SUITES: tuple[Suite, ...] = (
     _lazy("gpt-oss-120b", 6),
     _lazy("mixtral-8x7b", 15),
     _lazy("deepseek-v3", 6),  # llama.cpp's deepseek2 GGUF: benchkit/synth/gguf_deepseek.py
+    Suite("native_formats", "native_formats.py", "GGUFs read in place (gpt-oss-120b MXFP4, Qwen3-30B-A3B Q4_K per-layer "
+          "shapes) vs the same experts in a store vs llama.cpp, no cap and 25% cap",
+          results=_res("native_formats.json", "native_formats.md"), llama_cpp=True, root=True, minutes=25,
+          llama_flag="--llama-python", note="first run writes the two GGUFs (~4.8 GB) and their stores in /work/bench-data"),
     Suite("plot_caps", "plot_caps.py", "plot: decode tok/s vs RAM cap per model, from the lazy results",
           results=_res("lazy_caps.png"), minutes=0.2),
     Suite("readme_table", "readme_table.py", "regenerate README.md's performance table from bench/results",

@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hit-rate", type=float, help="expert cache hit rate to assume (default: uniform routing, C/N)")
     p.add_argument("--routing", help="routing JSON for the hit rate: {\"trace\": [[moe layer, experts...] per router "
                    "call]} (replayed through the LFU cache) or {\"counts\": [[picks per expert] per MoE layer]}")
+    p.add_argument("--formats", help="more native rows, e.g. Q2_K,IQ4_XS (the file's own and the model's published "
+                   "formats are always shown)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--list", action="store_true", help="list the well-known model names")
     p.set_defaults(func=run)
@@ -34,11 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rate: float | None = None,
          routing: list[list[float]] | None = None, trace: list[list[int]] | None = None,
-         rtt_s: float = 0.0005, trace_warmup: int | None = None) -> dict[str, Any]:
+         rtt_s: float = 0.0005, trace_warmup: int | None = None, extra_formats: list[str] | None = None) -> dict[str, Any]:
     """trace: recorded router calls ``[moe layer, experts...]``, replayed through the expert cache's
     LFU policy at each format's slot count for the hit rate; its first ``trace_warmup`` calls (default:
     a tenth) only warm the cache.
     nodes > 1: a pipeline by layer ranges; each token pays nodes - 1 stage calls (``mesh_seconds``)."""
+    from ..benchkit.known import NATIVE_FORMATS
     from ..benchkit.perfmodel import (
         KV_RESERVE,
         RUNTIME_OVERHEAD,
@@ -48,13 +51,22 @@ def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rat
         predict,
         ram_to_hold_all,
     )
-    from ..benchkit.shapes import FORMATS, format_bytes, shape_from_config
+    from ..benchkit.shapes import FORMATS, NATIVE, format_bytes, shape_from_config
     from ..benchkit.source import resolve
+    from ..store.expert_source import ALIGN, round_up
 
     name, cfg, stored = resolve(model)
     shape = shape_from_config(cfg, name)
     if stored is not None and stored.blob_size and stored.quant:  # an expert store: its blobs as written
         shape.stored_blobs[stored.quant] = stored.blob_size
+    native = list(stored.native if stored is not None else []) or list(NATIVE_FORMATS.get(name, []))
+    for f in extra_formats or []:
+        if f not in NATIVE:
+            raise MoemeshError(f"--formats: {f!r} is not one of {', '.join(NATIVE)}")
+        native += [f] if f not in native else []
+    if stored is not None and stored.native and stored.native_expert_bytes:  # read in place: a slot holds one
+        # expert's bytes plus the alignment slack of its three pieces (store/file_experts.py)
+        shape.stored_blobs[stored.native[0]] = round_up(stored.native_expert_bytes) + 3 * ALIGN
     # N nodes split the model by layer ranges: their RAM adds up, each pays its own runtime
     pooled = nodes * ram - (nodes - 1) * (KV_RESERVE + RUNTIME_OVERHEAD)
     out: dict[str, Any] = {
@@ -64,7 +76,7 @@ def plan(model: str, ram: int, nodes: int, probe: dict[str, Any] | None, hit_rat
         "top_k": shape.top_k, "vocab_size": shape.vocab_size, "ram_bytes": ram, "nodes": nodes,
         "notes": shape.notes, "stored": None if stored is None else vars(stored), "formats": {},
     }
-    for fmt in FORMATS:
+    for fmt in FORMATS + tuple(native):
         fb = format_bytes(shape, fmt)
         row = {"disk_bytes": fb.disk, "trunk_disk_bytes": fb.trunk_disk, "trunk_ram_bytes": fb.trunk_ram,
                "expert_bytes": fb.expert, "experts_bytes": fb.experts, "active_bytes_per_token": fb.active,
@@ -167,7 +179,9 @@ def run(args: argparse.Namespace) -> int:
     if args.probe and probe is None:
         raise MoemeshError(f"{probe_path}: not a machine probe saved by `moemesh bench`")
     routing, trace = _routing(Path(args.routing)) if args.routing else (None, None)
-    r = plan(args.model, ram, args.nodes, probe, args.hit_rate, None if trace else routing, trace, args.rtt_ms / 1e3)
+    extra = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
+    r = plan(args.model, ram, args.nodes, probe, args.hit_rate, None if trace else routing, trace, args.rtt_ms / 1e3,
+             extra_formats=extra)
     r["probe"] = str(probe_path) if probe else None
     if args.json:
         print(json.dumps(r, indent=1))
@@ -180,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{probe['memory']['bytes_s'] / 1e9:.1f} GB/s, int4 {probe['matmul']['int4']['gflops']:.0f} GFLOP/s), "
                 + (f"hit rate {args.hit_rate}" if args.hit_rate is not None else "routing profile " + args.routing
                    if args.routing else "uniform routing (worst case for the expert cache)")
-                + "; sizes are moemesh's: store = bf16 trunk + one blob per expert")
+                + "; sizes are moemesh's: bf16/int8/int4 = an expert store (bf16 trunk + one blob per expert); "
+                  "MXFP4, Q*_K, FP8 ... = the file read in place (experts at their stored precision)")
         if args.nodes > 1:
             note += (f"\nmesh: a pipeline over {args.nodes} nodes; each token pays {args.nodes - 1} stage call(s) of "
                      f"~5 ms transport (hivemind on loopback, bench/results/mesh.md) + {args.rtt_ms:g} ms round trip")

@@ -35,8 +35,12 @@ def unsupported_reason(model: Transformer) -> str | None:
             return f"layer {i} feed-forward is {type(ffn).__name__} (dense GatedMLP or resident int4 MoE layers compile)"
         if not isinstance(layer.attn, Attention):
             return f"layer {i} attention is {type(layer.attn).__name__}"
-    if not isinstance(model.lm_head, OutputHead):
-        return f"output head is {type(model.lm_head).__name__}"
+    if not isinstance(model.lm_head, OutputHead) or model.lm_head.weight is None:
+        return f"output head is {type(model.lm_head).__name__}" + ("" if model.lm_head.weight is not None else " over block rows")
+    if not isinstance(model.embed, torch.Tensor):
+        return "the embedding table is kept in a block format (rows decoded per lookup)"
+    if any(m.__class__.__name__ == "BlockLinear" for m in model.modules()):
+        return "block-format linears (K-quants, MXFP4 ...) are not in the compiled step"
     if getattr(model.rope, "attention_factor", 1.0) != 1.0:  # YaRN scales cos/sin; the step function does not
         return "scaled RoPE with an attention factor (YaRN) is not in the compiled step"
     return None

@@ -1,8 +1,9 @@
-"""ExpertCache: a fixed pool of blob-sized slots in one anonymous mapping, keyed by (layer, expert).
+"""ExpertCache: a fixed pool of slots in one anonymous mapping, keyed by (layer, expert).
 
-Memory is bounded by construction (num_slots * blob_size, page-aligned for O_DIRECT) and only
+Memory is bounded by construction (num_slots * slot size, page-aligned for O_DIRECT) and only
 becomes resident as slots are first written. Entries being read or pinned by the running layer
-are never evicted; the eviction policy picks among the rest.
+are never evicted; the eviction policy picks among the rest. Where the experts come from is the
+ExpertSource's business (store/expert_source.py: an expert store, or the model's own file).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from ..errors import MoemeshError
 from ..layers.mlp import GatedMLP
-from ..store.expert_store import ExpertStore
+from ..store.expert_source import ExpertSource
 from .io import BlobReader
 from .policy import EvictionPolicy, Key
 
@@ -41,20 +42,20 @@ class CacheStats:
 
 
 class ExpertCache:
-    def __init__(self, store: ExpertStore, num_slots: int, policy: EvictionPolicy, reader: BlobReader,
+    def __init__(self, source: ExpertSource, num_slots: int, policy: EvictionPolicy, reader: BlobReader,
                  verify: bool = True) -> None:
         if num_slots < 1:
             raise MoemeshError("expert cache needs at least one slot")
-        self.store, self.policy, self.reader, self.verify = store, policy, reader, verify
+        self.source, self.policy, self.reader, self.verify = source, policy, reader, verify
+        self.store = source  # older name
         self.num_slots = num_slots
-        self.blob_size = store.blob_size
+        self.blob_size = source.slot_bytes
         self._mem = mmap.mmap(-1, num_slots * self.blob_size)  # page-aligned, lazily backed
         self._view = memoryview(self._mem)
-        self._tensor = torch.frombuffer(self._mem, dtype=torch.uint8)  # [slots * blob]
-        # each slot's expert is built once as views over the slot: a read into the slot is all it
-        # takes to turn it into another expert (every blob has the same layout)
-        self.slot_experts = [store.expert_from_buffer(self._tensor[i * self.blob_size : (i + 1) * self.blob_size])
-                             for i in range(num_slots)]
+        self._tensor = torch.frombuffer(self._mem, dtype=torch.uint8)  # [slots * slot bytes]
+        # with a fixed layout (an expert store) each slot's expert is built once as views over the
+        # slot: a read into the slot is all it takes to turn it into another expert
+        self.slot_experts: list[GatedMLP | None] = [None] * num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.entries: dict[Key, Entry] = {}
         self.stats = CacheStats()
@@ -90,8 +91,8 @@ class ExpertCache:
         if slot is None:
             return None
         layer, expert = key
-        check = (lambda data: self.store.verify(layer, expert, data)) if self.verify else None
-        future = self.reader.submit(self.store.offset(layer, expert), self.slot_view(slot), check)
+        finish = lambda data: self.source.finish(layer, expert, data, self.verify)  # noqa: E731
+        future = self.reader.submit_spans(self.source.spans(layer, expert), self.slot_view(slot), finish)
         entry = Entry(key, slot, future)
         self.entries[key] = entry
         self.policy.insert(key)
@@ -149,8 +150,18 @@ class ExpertCache:
             finally:
                 self.stats.stall_seconds += time.perf_counter() - t0
             entry.future = None
-            entry.expert = self.slot_experts[entry.slot]
+            entry.expert = self._slot_expert(entry)
         return entry.expert
+
+    def _slot_expert(self, entry: Entry) -> GatedMLP:
+        slot = entry.slot
+        if self.source.fixed_layout and self.slot_experts[slot] is not None:
+            return self.slot_experts[slot]  # type: ignore[return-value]
+        buf = self._tensor[slot * self.blob_size : (slot + 1) * self.blob_size]
+        module = self.source.expert_at(slot, buf, *entry.key)
+        if self.source.fixed_layout:
+            self.slot_experts[slot] = module
+        return module
 
     def release(self, entries: list[Entry]) -> None:
         for entry in entries:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.qlinear import QuantLinear
-
 
 class OutputHead(torch.nn.Module):
     """logits = x @ W.T.
@@ -16,7 +14,8 @@ class OutputHead(torch.nn.Module):
     not among the approximate top ``rescore`` — the rest of the distribution stays approximate.
     """
 
-    def __init__(self, weight: torch.Tensor, approx: QuantLinear | None = None, rescore: int = 16) -> None:
+    def __init__(self, weight: torch.Tensor | None, approx: torch.nn.Module | None = None, rescore: int = 16) -> None:
+        """rescore 0: ``approx`` is the head itself (a BlockLinear over the file's own rows), no table."""
         super().__init__()
         self.weight = weight  # [V, D] as stored (shared with the embedding when tied: no copy)
         self.approx = approx
@@ -27,6 +26,8 @@ class OutputHead(torch.nn.Module):
         if self.approx is None:
             return F.linear(x, self.weight)  # weight is fp32 here (see Builder.head)
         logits = self.approx(x)  # [B, V]
+        if self.rescore == 0:
+            return logits
         top = logits.topk(self.rescore, dim=-1).indices  # [B, R]
         exact = torch.einsum("bd,brd->br", x, self.weight[top].float())  # [B, R]
         return logits.scatter_(-1, top, exact)

@@ -46,6 +46,7 @@ class GatedMLP(torch.nn.Module):
         if self._fusable is None:
             gu, dn = self.gate_up, self.down
             self._fusable = (self.act_name == "silu" and gu.bias is None and dn.bias is None
+                             and isinstance(gu, QuantLinear) and isinstance(dn, QuantLinear)
                              and gu.native_int4() is not None and dn.native_int4() is not None
                              and gu.out_features == 2 * dn.in_features
                              and gu.kernel_fmt() == dn.kernel_fmt()

@@ -21,15 +21,18 @@ from ..experts.lazy import LazyExperts
 from ..models import get_arch
 from ..models.build import make_builder
 from ..models.spec import ArchSpec
+from ..quant.blocks import BlockLinear, supported_qtypes
 from ..quant.qlinear import QuantLinear
 from ..quant.qlinear_state import export_state
 from ..store.checksum import DEFAULT as CHECKSUM
 from ..store.checksum import checksum_fn
-from ..store.expert_store import ALIGN, FORMAT, PART_ALIGN, VERSION, dtype_name
+from ..store.expert_source import ALIGN
+from ..store.expert_store import FORMAT, PART_ALIGN, VERSION, dtype_name
 from ..weights.safetensors_io import write_safetensors
+from ..weights.source import BLOCKS
 from .source import open_source
 
-STORE_QUANTS = ("int4", "int8", "bf16", "fp32")
+STORE_QUANTS = ("auto", "int4", "int8", "bf16", "fp32")  # auto: as the file holds them (block rows, floats as fp32)
 TRUNK_QUANTS = ("keep", "int4")  # the trunk's linears as the source has them, or int4 (weights/int4_trunk.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
@@ -39,10 +42,16 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def expert_linears(spec: ArchSpec, source, layer: int, expert: int, quant: str) -> dict[str, QuantLinear]:
+def expert_linears(spec: ArchSpec, source, layer: int, expert: int, quant: str) -> dict[str, QuantLinear | BlockLinear]:
     if (own := spec.expert_linears(source, layer, expert, quant)) is not None:  # gpt_oss: fused tensors, biases
         return own
     names = spec.expert(layer, expert)
+    blocks = getattr(source, "blocks", None)
+    if quant == "auto" and blocks is not None:  # the file's block rows, as the resident build keeps them
+        rows = [blocks(n) for n in names]
+        if all(r is not None and r[0] in supported_qtypes() for r in rows) and rows[0][0] == rows[1][0]:
+            (qt, gate, k), (_, up, _), (dqt, down, inter) = rows
+            return {"gate_up": BlockLinear(qt, torch.cat([gate, up]), k), "down": BlockLinear(dqt, down, inter)}
     if quant == "int4":  # GGUF Q4_0/Q4_1 experts go into the store as they are, not requantized
         groups = [source.int4_groups(n) for n in names]
         if all(g is not None for g in groups):
@@ -51,8 +60,9 @@ def expert_linears(spec: ArchSpec, source, layer: int, expert: int, quant: str) 
                                                             torch.cat([gm, um]), None),
                     "down": QuantLinear.from_int4_groups(*down, None)}
     gate, up, down = (source.get(n).float() for n in names)
-    return {"gate_up": QuantLinear.from_float(torch.cat([gate, up]), None, quant),
-            "down": QuantLinear.from_float(down, None, quant)}
+    mode = "fp32" if quant == "auto" else quant
+    return {"gate_up": QuantLinear.from_float(torch.cat([gate, up]), None, mode),
+            "down": QuantLinear.from_float(down, None, mode)}
 
 
 def blob_layout(linears: dict[str, QuantLinear]) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
@@ -110,9 +120,10 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: boo
     return out
 
 
-def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) -> list[tuple[str, torch.Tensor]]:
+def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str, quant: str = "int4") -> list[tuple[str, torch.Tensor]]:
     """Every non-expert tensor under its HF name; with trunk_quant int4 each linear weight as its
-    three int4 tensors instead (GGUF 4-bit groups as read, float weights quantized like at load)."""
+    three int4 tensors instead (GGUF 4-bit groups as read, float weights quantized like at load);
+    under --quant auto a GGUF's block-format tensors keep their rows (NAME.blocks.QTYPE)."""
     from ..quant import int4_trunk
 
     linears = linear_names(spec, args, source) if trunk_quant == "int4" else set()
@@ -120,6 +131,13 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) 
     out = []
     for n in source.ckpt.names():
         if n in expert_names:
+            continue
+        blocks = getattr(source, "blocks", lambda _: None)(n) if trunk_quant == "keep" and quant == "auto" else None
+        if blocks is not None and (groups := source.int4_groups(n)) is not None:  # Q4_0/Q4_1: the int4 kernel's
+            out += [(n + sfx, v) for sfx, v in int4_trunk.from_groups(groups).items()]  # groups, as a load gives
+            continue
+        if blocks is not None and blocks[0] in supported_qtypes():
+            out.append((f"{n}{BLOCKS}{blocks[0]}", blocks[1]))  # the GGUF's rows as they are (BlockLinear at load)
             continue
         groups = source.int4_groups(n) if n in linears else None
         if groups is not None:  # GGUF 4-bit groups: stored as read
@@ -138,7 +156,7 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) 
 
 def _write_store(src, tmp, config, spec, args, source, quant, progress, trunk_quant="keep") -> None:
     expert_names = {n for i in args.moe_layers for n in spec.expert_tensor_names(i, args.num_experts)}
-    trunk = trunk_tensors(spec, args, source, expert_names, trunk_quant)
+    trunk = trunk_tensors(spec, args, source, expert_names, trunk_quant, quant)
     write_safetensors(tmp / "trunk.safetensors", trunk)
     del trunk
     first = expert_linears(spec, source, args.moe_layers[0], 0, quant)

@@ -1,6 +1,8 @@
-"""Build a model over an expert store: experts resident (read once) or lazy under a --ram budget."""
+"""Build a model whose experts are resident (read once) or lazy under a --ram budget, read from an
+ExpertSource: an expert store, or the model's own file (loading/file_experts.py)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,7 @@ from ..models import get_arch
 from ..models.build import make_builder
 from ..models.transformer import Transformer
 from ..quant.hugepages import HugePageArena, arena_size
+from ..store.expert_source import ExpertSource
 from ..store.expert_store import ExpertStore
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource
@@ -41,13 +44,16 @@ class ExpertOptions:
     slots: int | None = None  # exact slot count (tests, benchmarks); overrides the budget
 
 
-def model_bytes(model: Transformer) -> int:
+def model_bytes(model: Transformer, embed_resident: bool = False) -> int:
     """Bytes of the trunk that stay resident while decoding (experts behind a provider are not
-    modules). The embedding table (and a head's exact table when a quantized head scores every
-    row) is an mmap view of which only a few rows per token are touched: not counted then."""
+    modules), BlockLinears' raw rows included. The embedding table (and a head's exact table when
+    a quantized head scores every row) is an mmap view of which only a few rows per token are
+    touched: not counted then, unless ``embed_resident`` (a table decoded at load, e.g. a GGUF's)."""
     seen, total = set(), 0
     tables = [] if model.lm_head.approx is not None else [model.lm_head.weight]
-    for t in list(model.parameters()) + list(model.buffers()) + tables:
+    tables += [model.embed] if embed_resident and isinstance(model.embed, torch.Tensor) else []
+    raws = [m.raw for m in model.modules() if isinstance(getattr(m, "raw", None), torch.Tensor)]
+    for t in list(model.parameters()) + list(model.buffers()) + tables + raws:
         if t is not None and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
@@ -85,18 +91,27 @@ def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tup
         place_decode_weights(model, move_experts=False)  # experts already in their arena; before the trunk's file pages go
         source.ckpt.release_unused(model)
         return model, provider, None
+    return build_lazy(builder, store, opts, source.ckpt.release_unused)
+
+
+def build_lazy(builder, experts: ExpertSource, opts: ExpertOptions, release: Callable[[Transformer], object],
+               embed_resident: bool = False) -> tuple[Transformer, LazyExperts, BudgetPlan | None]:
+    """The trunk from ``builder``; the experts read on demand from ``experts`` into a cache sized by
+    ``opts`` (its slots, or what --ram leaves after the trunk). ``release(model)`` gives back the
+    trunk's file pages that only the load read."""
+    args = builder.args
     lazy = LazyExperts(cache=None)  # type: ignore[arg-type]  # the cache is sized after the trunk
     model = builder.build(lazy)
     place_decode_weights(model)  # the trunk (lazy experts live in the cache's slots)
-    source.ckpt.release_unused(model)  # trunk pages only the load read (float weights now quantized, tables)
+    release(model)  # trunk pages only the load read (float weights now quantized, tables)
     plan = None
     slots = opts.slots
     if slots is None:
-        plan = plan_budget(opts.ram, model_bytes(model), opts.kv_reserve, store.blob_size, args.top_k)
+        plan = plan_budget(opts.ram, model_bytes(model, embed_resident), opts.kv_reserve, experts.slot_bytes, args.top_k)
         slots = plan.slots
-    slots = min(slots, args.num_experts * len(store.moe_layers))
-    reader = BlobReader(store.experts_path, opts.io_threads, opts.direct)
-    lazy.cache = ExpertCache(store, slots, make_policy(opts.policy), reader, opts.verify)
+    slots = min(slots, args.num_experts * len(experts.moe_layers))
+    reader = BlobReader(experts.files, opts.io_threads, opts.direct)
+    lazy.cache = ExpertCache(experts, slots, make_policy(opts.policy), reader, opts.verify)
     if opts.prefetch:
         lazy.lookahead = lookaheads(model, opts.prefetch_top)
         lazy.gate = RankGate(opts.prefetch_threshold)

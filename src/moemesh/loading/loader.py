@@ -43,8 +43,11 @@ def load_model(
     path = resolve_model_path(name)
     opts = experts or ExpertOptions()
     lazy = opts.ram is not None or opts.slots is not None
-    if path.is_dir() and not is_store(path) and lazy:
-        path = cached_store(path, "int4" if quant == "auto" else quant)
+    if lazy and (path.is_file() or not is_store(path)):
+        loaded = load_file_lazy(path, quant, opts)  # experts read straight from the model's own files
+        if loaded is not None:
+            return loaded
+        path = cached_store(path, quant)  # auto: the experts as the file holds them
     if path.is_dir() and is_store(path):
         store = ExpertStore(path)
         model, prov, budget = build_from_store(store, quant, opts)
@@ -65,6 +68,40 @@ def load_model(
     return LoadedModel(model, args, tokenizer, path, config, provider)
 
 
+def load_file_lazy(path: Path, quant: str, opts: "ExpertOptions") -> LoadedModel | None:
+    """Lazy experts read straight from the model's own files (a GGUF's stacked expert tensors, an
+    HF directory's safetensors), the trunk from the same files; None when its experts cannot be
+    computed in place (F16 experts, fused gate_up tensors, or an explicit --quant conversion): the
+    caller converts it into an expert store instead."""
+    import sys
+
+    from ..weights.page_out import kept_ranges, page_out_unused
+    from .experts import build_lazy
+    from .file_experts import file_expert_source, gguf_locator, safetensors_locator
+
+    config, source, tokenizer = open_source(path)
+    spec, args = arch_and_args(path, config)
+    if not args.moe_layers:
+        return None
+    why = f"--quant {quant} converts the experts" if quant != "auto" else ""
+    experts = None
+    gguf = path.is_file()
+    if not why:
+        locator = gguf_locator(source.ckpt) if gguf else safetensors_locator(source.ckpt)
+        experts, why = file_expert_source(spec, args, *locator)
+    if experts is None:
+        print(f"moemesh: {path.name}: lazy experts need an expert store ({why}); converting once", file=sys.stderr)
+        return None
+    if gguf:
+        mappings = source.ckpt.file.mappings()
+        release = lambda m: page_out_unused(mappings, kept_ranges(m))  # noqa: E731
+    else:
+        release = source.ckpt.release_unused
+    model, prov, budget = build_lazy(make_builder(spec, args, source, quant), experts, opts, release, embed_resident=gguf)
+    trim_heap()
+    return LoadedModel(model, args, tokenizer, path, config, prov, budget)
+
+
 def cached_store(src: Path, quant: str) -> Path:
     """The store converted from ``src`` (made on first use) under ~/.cache/moemesh/stores."""
     import hashlib
@@ -72,7 +109,7 @@ def cached_store(src: Path, quant: str) -> Path:
 
     from .convert import convert
 
-    stat = (src / "config.json").stat()
+    stat = (src if src.is_file() else src / "config.json").stat()
     trunk = "int4" if quant == "int4" else "keep"  # an int4 run reads an int4 trunk: no float trunk mapped in
     layout = f"trunk-{trunk}-v2"  # v2: the int4 trunk includes the head's table
     key = hashlib.sha256(f"{src.resolve()}|{stat.st_mtime_ns}|{quant}|{layout}".encode()).hexdigest()[:16]

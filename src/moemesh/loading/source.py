@@ -37,11 +37,10 @@ def open_source(path: Path) -> tuple[dict, WeightSource, "Tokenizer | None"]:
     """(HF-style config dict, weight source, tokenizer or None) for a GGUF file or an HF dir."""
     if path.is_file():
         from ..tokenizer.tokenizer import Tokenizer
-        from ..weights.gguf_reader import open_gguf
-        from ..weights.gguf_source import GGUFSource
+        from .gguf_checkpoint import GGUFSource, open_gguf
 
         ckpt = open_gguf(path)
-        return ckpt.config, GGUFSource(ckpt), Tokenizer.from_gguf(ckpt)
+        return ckpt.config, GGUFSource(ckpt), Tokenizer.from_gguf(ckpt.file)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")

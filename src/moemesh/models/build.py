@@ -5,6 +5,8 @@ weight exists once: as an mmap view when it is used as stored, or only in its co
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..errors import CheckpointError
@@ -15,14 +17,18 @@ from ..layers.mlp import GatedMLP
 from ..layers.moe import ExpertProvider, MoEBlock
 from ..layers.norm import RMSNorm
 from ..layers.router import TopKRouter
+from ..quant.block_table import BlockTable
+from ..quant.blocks import BlockLinear, supported_qtypes
 from ..quant.qlinear import QuantLinear
 from ..quant.qlinear_rows import from_float_rows
 from ..weights.source import WeightSource
 from .args import ModelArgs
+from .conversion import ConversionLog
 from .spec import ArchSpec
 from .transformer import DecoderLayer, Transformer
 
 QUANT_MODES = ("auto", "fp32", "bf16", "int8", "int4")
+TENSOR_TABLES = ("Q8_0", "Q4_0", "Q4_1")  # embedding/head formats decoded whole, as before BlockTable
 
 
 def int4_head(stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> QuantLinear:
@@ -45,14 +51,17 @@ def make_builder(spec: ArchSpec, args: ModelArgs, source: WeightSource, quant: s
 
 
 class Builder:
-    """Turns HF-named tensors into layers. ``quant``: auto keeps each tensor as stored (GGUF 4-bit
-    blocks stay 4-bit, floats become fp32); fp32/bf16/int8/int4 convert every linear."""
+    """Turns HF-named tensors into layers. ``quant``: auto keeps each tensor as stored (GGUF Q4_0/Q4_1
+    go straight into the int4 kernel, other block formats (K-quants, Q8_0, MXFP4 ...) become
+    BlockLinears over their raw rows, floats become fp32); fp32/bf16/int8/int4 convert every linear,
+    and ``conversion`` measures what that costs against the stored values."""
 
     def __init__(self, spec: ArchSpec, args: ModelArgs, source: WeightSource, quant: str = "auto") -> None:
         if quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
         self.spec, self.args, self.src, self.quant = spec, args, source, quant
         self.native_int4 = False  # set once a stored 4-bit tensor went straight into the kernel
+        self.conversion = ConversionLog(quant)
 
     def tensor(self, name: str) -> torch.Tensor:
         if not self.src.has(name):
@@ -62,27 +71,58 @@ class Builder:
     def optional(self, name: str) -> torch.Tensor | None:
         return self.src.get(name) if self.src.has(name) else None
 
-    def linear(self, names: list[str], bias_names: list[str] | None = None) -> QuantLinear:
-        """One linear from the row-wise concatenation of ``names`` (fuses q/k/v, gate/up)."""
+    def linear(self, names: list[str], bias_names: list[str] | None = None, expert: bool = False) -> QuantLinear | BlockLinear:
+        """One linear from the row-wise concatenation of ``names`` (fuses q/k/v, gate/up). A routed
+        expert (``expert``) stored in any block format stays a BlockLinear under auto, Q4_0/Q4_1
+        included: the file's own rows, which lazy experts read straight from the file."""
         bias = None
         if bias_names:
             bias = torch.cat([self.tensor(b).float() for b in bias_names])
+        if self.quant == "auto" and expert and (blocks := self.block_rows(names)) is not None:
+            qtype, raws, k = blocks
+            return BlockLinear(qtype, raws[0] if len(raws) == 1 else torch.cat(raws), k, bias)
+        if self.quant == "auto" and expert and all(self.stored_type(n) in ("BF16", "bfloat16") for n in names):
+            w = torch.cat([self.tensor(n) for n in names]).to(torch.bfloat16)  # exact: bf16 values stay bf16
+            return QuantLinear.from_float(w, bias, "bf16")  # as a bf16 store or lazy bf16 experts hold them
         if self.quant in ("auto", "int4"):
             groups = [self.src.int4_groups(n) if self.src.has(n) else None for n in names]
             if all(g is not None for g in groups):
                 q, s, m = (torch.cat(parts) for parts in zip(*groups))
                 self.native_int4 = True
                 return QuantLinear.from_int4_groups(q, s, m, bias)
+        if self.quant == "auto" and (blocks := self.block_rows(names)) is not None:
+            qtype, raws, k = blocks
+            return BlockLinear(qtype, raws[0] if len(raws) == 1 else torch.cat(raws), k, bias)  # gate + up: one copy
         weights = [self.tensor(n) for n in names]
         w = weights[0] if len(weights) == 1 else torch.cat(weights)  # [O, I]
         mode = "fp32" if self.quant == "auto" else self.quant
-        return QuantLinear.from_float(w.float(), bias, mode)
+        layer = QuantLinear.from_float(w.float(), bias, mode)
+        self.conversion.record(self.stored_type(names[0]), w, layer)
+        return layer
+
+    def block_rows(self, names: list[str]) -> tuple[str, list[torch.Tensor], int] | None:
+        """(qtype, raw rows of each name, in_features) when every name is stored in one block format
+        BlockLinear computes (GGUF K-quants, Q8_0, MXFP4 ...), else None."""
+        get = getattr(self.src, "blocks", None)
+        if get is None or not all(self.src.has(n) for n in names):
+            return None
+        blocks = [get(n) for n in names]
+        if any(b is None for b in blocks) or len({(b[0], b[2]) for b in blocks}) != 1:
+            return None
+        if blocks[0][0] not in supported_qtypes():
+            return None
+        return blocks[0][0], [b[1] for b in blocks], blocks[0][2]
+
+    def stored_type(self, name: str) -> str:
+        """The stored format of a tensor, for the conversion report."""
+        get = getattr(self.src, "stored_type", None)
+        return get(name) if get is not None else str(self.tensor(name).dtype).removeprefix("torch.")
 
     def norm(self, name: str) -> RMSNorm:
         return RMSNorm(self.tensor(name), self.args.rms_norm_eps)
 
-    def gated_mlp(self, gate: str, up: str, down: str) -> GatedMLP:
-        return GatedMLP(self.linear([gate, up]), self.linear([down]), self.args.hidden_act)
+    def gated_mlp(self, gate: str, up: str, down: str, expert: bool = False) -> GatedMLP:
+        return GatedMLP(self.linear([gate, up], expert=expert), self.linear([down], expert=expert), self.args.hidden_act)
 
     def attention(self, i: int) -> Attention:
         a, s = self.args, self.spec
@@ -98,7 +138,7 @@ class Builder:
         )
 
     def experts(self, i: int) -> list[GatedMLP]:
-        return [self.gated_mlp(*self.spec.expert(i, e)) for e in range(self.args.num_experts)]
+        return [self.gated_mlp(*self.spec.expert(i, e), expert=True) for e in range(self.args.num_experts)]
 
     def moe(self, i: int, provider: ExpertProvider) -> MoEBlock:
         a, s = self.args, self.spec
@@ -115,8 +155,11 @@ class Builder:
         if provider is None:
             provider = ResidentExperts({i: self.experts(i) for i in a.moe_layers})
         layers = [self.layer(i, provider) for i in range(a.num_layers)]
-        embed = self.tensor("model.embed_tokens.weight")  # [V, D], as stored (an mmap view if float)
-        return Transformer(a, embed, layers, self.norm("model.norm.weight"), self.head(embed))
+        embed = self.embedding()  # [V, D], as stored (an mmap view if float; block rows for K-quants ...)
+        model = Transformer(a, embed, layers, self.norm("model.norm.weight"), self.head(embed))
+        if (note := self.conversion.report()) is not None:  # an explicit --quant conversion: say what it cost
+            print(f"moemesh: {note}", file=sys.stderr)
+        return model
 
     def layer(self, i: int, provider: ExpertProvider) -> DecoderLayer:
         """Decoder layer ``i`` (reads only that layer's tensors: mesh stages build a slice)."""
@@ -131,12 +174,26 @@ class Builder:
             self.norm(prefix + "post_attention_layernorm.weight"), ffn,
         )
 
-    def head(self, embed: torch.Tensor) -> OutputHead:
+    def embedding(self) -> torch.Tensor | BlockTable:
+        """The token table as stored: under auto a K-quant/MXFP4/IQ4 table stays block rows decoded per
+        lookup (BlockTable); float, Q8_0 and Q4_0/Q4_1 tables decode to a tensor as before (the
+        compiled decode step indexes a tensor)."""
+        name = "model.embed_tokens.weight"
+        if self.quant == "auto" and (blocks := self.block_rows([name])) is not None and blocks[0] not in TENSOR_TABLES:
+            return BlockTable(blocks[0], blocks[1][0], blocks[2])
+        return self.tensor(name)
+
+    def head(self, embed: torch.Tensor | BlockTable) -> OutputHead:
         """fp32 when exactness was asked for (fp32, or auto on float checkpoints); otherwise a
         quantized matmul whose top candidates are rescored from the stored table (tied: the
         embedding itself; untied float checkpoints: an mmap view, so no second copy)."""
         name = "lm_head.weight"
         tied = self.args.tie_word_embeddings or not self.src.has(name)
+        if self.quant == "auto" and not self.native_int4:  # a block-format head computes at its stored precision
+            rows = (embed.qtype, [embed.raw], embed.dim) if tied and isinstance(embed, BlockTable) else \
+                (None if tied else self.block_rows([name]))
+            if rows is not None and rows[0] not in TENSOR_TABLES:
+                return OutputHead(None, BlockLinear(rows[0], rows[1][0], rows[2]), rescore=0)
         table = embed if tied else self.tensor(name)
         mode = self.quant if self.quant != "auto" else ("int4" if self.native_int4 else "fp32")
         if mode == "fp32":

@@ -7,6 +7,8 @@ Checkpoints written by transformers 5 name experts per expert (``mlp.experts.E.g
 as the original DeepSeek checkpoints do, so the shared per-expert naming applies. Layer i has an
 MoE FFN when i >= first_k_dense_replace and i % moe_layer_freq == 0 (DeepSeek's rule;
 transformers 5.23 ignores moe_layer_freq, which is 1 in every released config).
+
+Both read from llama.cpp's ``deepseek2`` GGUF: models/deepseek_gguf.py.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..layers.moe import ExpertProvider, MoEBlock
 from ..layers.norm import RMSNorm
 from .args import ModelArgs, common_args
 from .build import Builder
+from .deepseek_gguf import GGUF
 from .shape import Linear, ModelShape, base_shape, gated
 from .spec import ArchSpec
 
@@ -160,4 +163,4 @@ def mla_shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
     return s
 
 
-ARCH = ArchSpec("deepseek_v2", args_from_config, builder=DeepseekBuilder, shape=mla_shape)
+ARCH = ArchSpec("deepseek_v2", args_from_config, builder=DeepseekBuilder, shape=mla_shape, gguf=GGUF)

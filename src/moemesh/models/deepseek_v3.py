@@ -9,9 +9,12 @@ interleaved unless ``rope_interleave`` is false. The multi-token-prediction laye
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..layers.grouped_router import GroupedRouting
+from .deepseek_gguf import GGUF as V2_GGUF
+from .deepseek_gguf import SIGMOID, gguf_config
 from .deepseek_v2 import DeepseekArgs, DeepseekBuilder, deepseek_args, mla_shape
 from .spec import ArchSpec
 
@@ -33,4 +36,6 @@ def args_from_config(cfg: dict[str, Any]) -> DeepseekArgs:
     return deepseek_args(cfg, "deepseek_v3", routing, interleaved=bool(cfg.get("rope_interleave", True)))
 
 
-ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder, shape=mla_shape)
+GGUF = dataclasses.replace(V2_GGUF, model_type="deepseek_v3", config=lambda meta, shapes: gguf_config(meta, shapes, v3=True),
+                           matches=lambda meta: meta(f"{V2_GGUF.arch}.expert_gating_func", 1) == SIGMOID)
+ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder, shape=mla_shape, gguf=GGUF)

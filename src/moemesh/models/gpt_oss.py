@@ -9,11 +9,17 @@ Checkpoint layout (transformers 5 ``save_pretrained``): per layer the experts ar
 ``gate_up_proj_bias`` [E, 2I], ``down_proj`` [E, I, D] with ``down_proj_bias`` [E, D]; the
 router is ``mlp.router.weight/bias``; sinks are ``self_attn.sinks`` [Hq]. The published
 checkpoints store the expert matrices as MXFP4 instead (``*_blocks`` + ``*_scales``), read
-through weights/mxfp4.py. One expert for a provider is its (gate, up, down) slice with biases.
+through quant/mxfp4.py. One expert for a provider is its (gate, up, down) slice with biases.
+
+Its GGUF (llama.cpp's ``gpt-oss``) splits gate_up into ``ffn_gate_exps`` / ``ffn_up_exps`` [E, I, D]
+(+ ``.bias`` [E, I]) and ``ffn_down_exps`` [E, D, I], MXFP4 in the published files; read here as
+per-expert ``mlp.experts.E.{gate,up,down}_proj.{weight,bias}``. Sinks are ``attn_sinks.weight``, the
+router ``ffn_gate_inp``; sliding layers alternate (llama.cpp's pattern 2: even layers slide).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -22,9 +28,11 @@ from ..errors import CheckpointError
 from ..layers.attention import Attention
 from ..layers.gpt_oss_moe import ClampedSwiGLU, LogitTopKRouter, deinterleave
 from ..layers.moe import ExpertProvider, MoEBlock
+from ..quant.blocks import BlockLinear, supported_qtypes
 from ..quant.qlinear import QuantLinear
 from .args import ModelArgs, common_args, num_experts_of
 from .build import Builder
+from .gguf import ATTN, EXPERTS, GGUFSpec, Meta, Shapes, base_config, moe_config, need
 from .shape import standard_shape
 from .spec import ArchSpec
 
@@ -58,6 +66,11 @@ def expert_tensors(source, layer: int, expert: int) -> tuple[torch.Tensor, torch
     """One expert in our orientation, fp32: gate_up [2I, D] as [gate; up], its bias [2I],
     down [D, I], its bias [D]. Reads float or MXFP4 (``*_blocks``/``*_scales``) checkpoints."""
     base = f"model.layers.{layer}.mlp.experts."
+    split = f"{base}{expert}."
+    if source.has(split + "gate_proj.weight"):  # GGUF: gate, up and down per expert, [out, in]
+        w = {n: source.get(f"{split}{n}_proj.weight").float() for n in ("gate", "up", "down")}
+        b = {n: source.get(f"{split}{n}_proj.bias").float() for n in ("gate", "up", "down")}
+        return torch.cat([w["gate"], w["up"]]), torch.cat([b["gate"], b["up"]]), w["down"], b["down"]
 
     def matrix(name: str) -> torch.Tensor:  # [in, out] as transformers holds it
         if source.has(base + name):
@@ -81,10 +94,12 @@ def expert_tensors(source, layer: int, expert: int) -> tuple[torch.Tensor, torch
     return gate_up, gate_up_bias, down, bias("down_proj_bias")
 
 
-def expert_names(layer: int) -> list[str]:
+def expert_names(layer: int, num_experts: int) -> list[str]:
+    """Every name a layer's experts may have: fused (float or MXFP4) or split per expert (GGUF)."""
     base = f"model.layers.{layer}.mlp.experts."
     mats = [f"{m}{s}" for m in ("gate_up_proj", "down_proj") for s in ("", "_blocks", "_scales")]
-    return [base + n for n in mats + ["gate_up_proj_bias", "down_proj_bias"]]
+    split = [f"{e}.{p}_proj.{k}" for e in range(num_experts) for p in ("gate", "up", "down") for k in ("weight", "bias")]
+    return [base + n for n in mats + ["gate_up_proj_bias", "down_proj_bias"] + split]
 
 
 class GptOssBuilder(Builder):
@@ -100,10 +115,8 @@ class GptOssBuilder(Builder):
         )
 
     def experts(self, i: int) -> list[ClampedSwiGLU]:
-        mode = self.quant
-        if mode == "auto":  # MXFP4 values are exact in bf16: half of fp32's memory, nothing lost
-            mode = "bf16" if self.src.has(f"model.layers.{i}.mlp.experts.down_proj_blocks") else "fp32"
-        return [expert_module(self.args, *expert_linears(self.src, i, e, mode).values())
+        # auto: MXFP4 (safetensors or GGUF) and other block formats stay as stored (BlockLinear)
+        return [expert_module(self.args, *expert_linears(self.src, i, e, self.quant).values())
                 for e in range(self.args.num_experts)]
 
     def moe(self, i: int, provider: ExpertProvider) -> MoEBlock:
@@ -112,20 +125,50 @@ class GptOssBuilder(Builder):
         return MoEBlock(i, router, provider)  # type: ignore[arg-type]  # same call as TopKRouter
 
 
-def expert_linears(source, layer: int, expert: int, quant: str) -> dict[str, QuantLinear]:
+def block_expert(source, layer: int, expert: int) -> dict[str, BlockLinear] | None:
+    """One expert at its stored precision, or None when it is stored as floats: GGUF block rows
+    (gate and up rows concatenated into one gate_up), or the safetensors MXFP4 ``*_blocks`` /
+    ``*_scales`` (gate/up rows de-interleaved, bytes shuffled into GGUF's MXFP4 layout)."""
+    base = f"model.layers.{layer}.mlp.experts."
+    split = f"{base}{expert}."
+    get = getattr(source, "blocks", None)
+    if get is not None and source.has(split + "gate_proj.weight"):
+        rows = [get(f"{split}{p}_proj.weight") for p in ("gate", "up", "down")]
+        if any(r is None or r[0] not in supported_qtypes() for r in rows):
+            return None
+        (qt, gate, d), (_, up, _), (_, down, inter) = rows
+        bias = {p: source.get(f"{split}{p}_proj.bias").float() for p in ("gate", "up", "down")}
+        return {"gate_up": BlockLinear(qt, torch.cat([gate, up]), d, torch.cat([bias["gate"], bias["up"]])),
+                "down": BlockLinear(qt, down, inter, bias["down"])}
+    if not source.has(base + "gate_up_proj_blocks"):
+        return None
+    blocks, scales = (source.get(base + f"gate_up_proj_{k}")[expert] for k in ("blocks", "scales"))
+    gate_up_bias = deinterleave(source.get(base + "gate_up_proj_bias")[expert].float())
+    gate_up = BlockLinear.from_mxfp4_safetensors(torch.cat([blocks[0::2], blocks[1::2]]),
+                                                 torch.cat([scales[0::2], scales[1::2]]), gate_up_bias)
+    down = BlockLinear.from_mxfp4_safetensors(source.get(base + "down_proj_blocks")[expert],
+                                              source.get(base + "down_proj_scales")[expert],
+                                              source.get(base + "down_proj_bias")[expert].float())
+    return {"gate_up": gate_up, "down": down}
+
+
+def expert_linears(source, layer: int, expert: int, quant: str) -> dict[str, QuantLinear | BlockLinear]:
+    if quant == "auto" and (kept := block_expert(source, layer, expert)) is not None:
+        return kept
     gate_up, gate_up_bias, down, down_bias = expert_tensors(source, layer, expert)
-    return {"gate_up": QuantLinear.from_float(gate_up, gate_up_bias, quant),
-            "down": QuantLinear.from_float(down, down_bias, quant)}
+    mode = "fp32" if quant == "auto" else quant
+    return {"gate_up": QuantLinear.from_float(gate_up, gate_up_bias, mode),
+            "down": QuantLinear.from_float(down, down_bias, mode)}
 
 
-def expert_module(args: ModelArgs, gate_up: QuantLinear, down: QuantLinear) -> ClampedSwiGLU:
+def expert_module(args: ModelArgs, gate_up: QuantLinear | BlockLinear, down: QuantLinear | BlockLinear) -> ClampedSwiGLU:
     return ClampedSwiGLU(gate_up, down, args.swiglu_alpha, args.swiglu_limit)
 
 
 @dataclass(frozen=True)
 class GptOssSpec(ArchSpec):
     def expert_tensor_names(self, layer: int, num_experts: int) -> list[str]:
-        return expert_names(layer)
+        return expert_names(layer, num_experts)
 
     def expert_linears(self, source: Any, layer: int, expert: int, quant: str) -> dict[str, Any]:
         return expert_linears(source, layer, expert, quant)
@@ -133,6 +176,48 @@ class GptOssSpec(ArchSpec):
     def expert_module(self, args: ModelArgs) -> dict[str, Any] | None:
         return {"kind": "clamped_swiglu", "alpha": args.swiglu_alpha, "limit": args.swiglu_limit}
 
+    def expert_layout(self, layer: int, expert: int, has: Any) -> list[tuple[list[str], list[str] | None]] | None:
+        base = f"model.layers.{layer}.mlp.experts.{expert}."
+        if not has(base + "gate_proj.weight"):
+            return None  # fused gate_up (interleaved rows; MXFP4 bytes in another layout): needs a store
+        name = lambda p, k: f"{base}{p}_proj.{k}"  # noqa: E731
+        return [([name("gate", "weight"), name("up", "weight")], [name("gate", "bias"), name("up", "bias")]),
+                ([name("down", "weight")], [name("down", "bias")])]
 
-ARCH = GptOssSpec("gpt_oss", args_from_config, builder=GptOssBuilder,
+
+def gguf_config(meta: Meta, shapes: Shapes) -> dict:
+    config = base_config("gpt-oss", meta, shapes)
+    moe = moe_config("gpt-oss", meta, shapes, "experts.0.gate_proj.weight")
+    n = config["num_hidden_layers"]
+    pattern = meta("gpt-oss.attention.sliding_window_pattern", 2)
+    if isinstance(pattern, list):
+        sliding = [bool(p) for p in pattern]
+    else:  # llama.cpp's set_swa_pattern: layer i slides unless it is the last of each group of ``pattern``
+        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n)]
+    rope = {"rope_type": "default", "rope_theta": config["rope_theta"]}
+    if meta("gpt-oss.rope.scaling.type", None) == "yarn":
+        # OpenAI's reference (and transformers' gpt-oss config) do not truncate the YaRN ramp
+        rope = {"rope_type": "yarn", "rope_theta": config["rope_theta"], "truncate": False,
+                "factor": float(need(meta, "gpt-oss.rope.scaling.factor")),
+                "original_max_position_embeddings": int(need(meta, "gpt-oss.rope.scaling.original_context_length")),
+                "beta_fast": float(meta("gpt-oss.rope.scaling.yarn_beta_fast", 32.0)),
+                "beta_slow": float(meta("gpt-oss.rope.scaling.yarn_beta_slow", 1.0))}
+    config.update(architectures=["GptOssForCausalLM"], num_local_experts=moe["num_experts"],
+                  num_experts_per_tok=moe["num_experts_per_tok"], intermediate_size=moe["moe_intermediate_size"],
+                  sliding_window=int(need(meta, "gpt-oss.attention.sliding_window")),
+                  layer_types=["sliding_attention" if s else "full_attention" for s in sliding[:n]],
+                  attention_bias=True, rope_parameters=rope, rope_scaling=None,
+                  swiglu_limit=DEFAULT_LIMIT)  # llama.cpp's SWIGLU_OAI_MOE: alpha 1.702, limit 7 (no metadata key)
+    return config
+
+
+GGUF_BLOCK = MappingProxyType({
+    **{k: v for k, v in ATTN.items() if not k.startswith("ffn_")},
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_sinks.weight": "self_attn.sinks",
+    "ffn_gate_inp": "mlp.router",
+    **{k: f"mlp.{v}" for k, v in EXPERTS.items()},
+})
+GGUF = GGUFSpec("gpt-oss", "gpt_oss", GGUF_BLOCK, gguf_config)
+ARCH = GptOssSpec("gpt_oss", args_from_config, builder=GptOssBuilder, gguf=GGUF,
                   shape=lambda args, cfg, name: standard_shape(args, name, expert_bias=True, router_bias=True, sinks=True))

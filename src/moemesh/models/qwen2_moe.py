@@ -1,9 +1,11 @@
-"""qwen2_moe: q/k/v biases and a shared expert scaled by sigmoid(x @ g)."""
+"""qwen2_moe: q/k/v biases and a shared expert scaled by sigmoid(x @ g); its GGUF (``qwen2moe``)."""
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from .args import ModelArgs, common_args, num_experts_of
+from .gguf import ATTN, EXPERTS, GGUFSpec, Meta, Shapes, base_config, moe_config
 from .qwen3_moe import moe_layers
 from .spec import ArchSpec
 
@@ -27,4 +29,25 @@ def args_from_config(cfg: dict[str, Any]) -> ModelArgs:
     )
 
 
-ARCH = ArchSpec("qwen2_moe", args_from_config)
+def gguf_config(meta: Meta, shapes: Shapes) -> dict:
+    config = base_config("qwen2moe", meta, shapes)
+    config.update(moe_config("qwen2moe", meta, shapes, "experts.0.gate_proj.weight"))
+    shared = next((s for n, s in shapes.items() if n.endswith("shared_expert.gate_proj.weight")), None)
+    config.update(architectures=["Qwen2MoeForCausalLM"], decoder_sparse_step=1, mlp_only_layers=[],
+                  qkv_bias=config["attention_bias"], norm_topk_prob=bool(meta("qwen2moe.expert_weights_norm", False)),
+                  shared_expert_intermediate_size=int(meta("qwen2moe.expert_shared_feed_forward_length", 0)
+                                                      or (shared[0] if shared else 0)))
+    return config
+
+
+GGUF_BLOCK = MappingProxyType({
+    **ATTN,
+    "ffn_gate_inp": "mlp.gate",
+    **{k: f"mlp.{v}" for k, v in EXPERTS.items()},
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+})
+GGUF = GGUFSpec("qwen2moe", "qwen2_moe", GGUF_BLOCK, gguf_config)
+ARCH = ArchSpec("qwen2_moe", args_from_config, gguf=GGUF)

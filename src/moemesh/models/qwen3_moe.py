@@ -1,9 +1,11 @@
-"""qwen3_moe: per-head q/k RMSNorm, softmax-then-top-k router with ``norm_topk_prob``."""
+"""qwen3_moe: per-head q/k RMSNorm, softmax-then-top-k router with ``norm_topk_prob``; its GGUF (``qwen3moe``)."""
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from .args import ModelArgs, common_args, num_experts_of
+from .gguf import ATTN, EXPERTS, GGUFSpec, Meta, Shapes, base_config, moe_config
 from .spec import ArchSpec
 
 
@@ -31,4 +33,21 @@ def args_from_config(cfg: dict[str, Any]) -> ModelArgs:
     )
 
 
-ARCH = ArchSpec("qwen3_moe", args_from_config)
+def gguf_config(meta: Meta, shapes: Shapes) -> dict:
+    config = base_config("qwen3moe", meta, shapes)
+    config.update(moe_config("qwen3moe", meta, shapes, "experts.0.gate_proj.weight"))
+    config.update(architectures=["Qwen3MoeForCausalLM"], decoder_sparse_step=1, mlp_only_layers=[],
+                  norm_topk_prob=bool(meta("qwen3moe.expert_weights_norm", True)))  # llama.cpp normalizes for qwen3moe
+    return config
+
+
+GGUF_BLOCK = MappingProxyType({
+    **ATTN,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",
+    **{k: f"mlp.{v}" for k, v in EXPERTS.items()},
+})
+# llama.cpp's converter keeps HF's rotary row order for qwen3moe (NEOX rope): no permutation
+GGUF = GGUFSpec("qwen3moe", "qwen3_moe", GGUF_BLOCK, gguf_config)
+ARCH = ArchSpec("qwen3_moe", args_from_config, gguf=GGUF)

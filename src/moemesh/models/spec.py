@@ -19,6 +19,7 @@ class ArchSpec:
     # standard_shape with their particulars; MLA families bring their own
     shape: Callable[[ModelArgs, dict[str, Any], str], ModelShape] = lambda args, cfg, name: standard_shape(args, name)
     builder: Any = None  # a models.build.Builder subclass when the shared Builder cannot build it (models.build.make_builder)
+    gguf: Any = None  # its models.gguf.GGUFSpec when llama.cpp writes this family as a GGUF
 
     def expert_tensor_names(self, layer: int, num_experts: int) -> list[str]:
         """HF tensor names holding one layer's experts (an expert store keeps them out of its trunk)."""
@@ -33,6 +34,13 @@ class ArchSpec:
     def expert_module(self, args: ModelArgs) -> dict[str, Any] | None:
         """What the store needs to rebuild an expert that is not a plain GatedMLP (None: GatedMLP)."""
         return None
+
+    def expert_layout(self, layer: int, expert: int, has: Any) -> list[tuple[list[str], list[str] | None]] | None:
+        """One expert's linears as (weight names whose rows are concatenated, their bias names or None),
+        gate_up first, then down; None when the checkpoint holds them in a form that cannot be used in
+        place (lazy experts then need an expert store). ``has(name)``: whether the checkpoint has it."""
+        gate, up, down = self.expert(layer, expert)
+        return [([gate, up], None), ([down], None)]
 
     def attn(self, layer: int, name: str) -> str:
         return f"model.layers.{layer}.self_attn.{name}"

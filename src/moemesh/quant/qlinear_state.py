@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .blocks import BlockLinear
 from .qlinear import NEVER, QuantLinear
 
 BUFFERS = {"int4": ("qweight", "scales_and_zeros"), "int8": ("qweight", "scales"), "bf16": ("weight",), "fp32": ("weight",)}
@@ -17,11 +18,22 @@ SYMMETRIC_INT4 = ("qweight", "scales")  # int4 with zero 0 (meta "symmetric": tr
 
 def buffer_names(meta: dict[str, Any]) -> tuple[str, ...]:
     """The tensors a layer of this meta is made of."""
+    if meta["mode"] == "block":
+        return ("raw",)
     return SYMMETRIC_INT4 if meta["mode"] == "int4" and meta.get("symmetric") else BUFFERS[meta["mode"]]
 
 
-def export_state(layer: QuantLinear) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(meta, tensors): meta is JSON-able; tensors are the buffers the kernel reads."""
+def export_state(layer: QuantLinear | BlockLinear) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(meta, tensors): meta is JSON-able; tensors are the buffers the kernel reads (a BlockLinear:
+    its raw block rows as the file holds them, meta mode "block" with its qtype)."""
+    if isinstance(layer, BlockLinear):
+        meta: dict[str, Any] = {"mode": "block", "qtype": layer.qtype, "in_features": layer.in_features,
+                                "out_features": layer.out_features}
+        tensors = {"raw": layer.raw.contiguous()}
+        if layer.bias is not None:
+            meta["bias"] = True
+            tensors["bias"] = layer.bias.float().contiguous()
+        return meta, tensors
     meta = {
         "mode": layer.mode, "in_features": layer.in_features, "out_features": layer.out_features,
         "group_size": layer.group_size,
@@ -38,9 +50,11 @@ def export_state(layer: QuantLinear) -> tuple[dict[str, Any], dict[str, torch.Te
     return meta, tensors
 
 
-def from_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantLinear:
+def from_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantLinear | BlockLinear:
     """Inverse of export_state; the tensors are used as given (views are fine)."""
     mode = meta["mode"]
+    if mode == "block":
+        return BlockLinear(meta["qtype"], tensors["raw"], meta["in_features"], tensors["bias"] if meta.get("bias") else None)
     layer = QuantLinear(meta["in_features"], meta["out_features"], mode, None)
     if meta.get("bias"):
         layer.register_buffer("bias", tensors["bias"])

@@ -14,6 +14,8 @@ more fp32 part (``"bias": true`` in its meta); stores without them read as befor
 
 Every blob of a store has the same layout (``parts``), so one read of ``blob_size`` bytes at a
 4096-aligned offset fetches one expert, and the expert is built as tensor views over that buffer.
+The store is an ExpertSource (store/expert_source.py) for the lazy cache: one span per expert, the
+checksum checked as it lands, each slot's expert built once (a read turns it into another expert).
 """
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ from ..errors import CheckpointError
 from ..layers.mlp import GatedMLP
 from ..quant.qlinear_state import from_state
 from .checksum import checksum_fn
+from .expert_source import ExpertSource, Span
 
 FORMAT = "moemesh-expert-store"
 VERSION = 1
-ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffers aligned to the logical block size
 PART_ALIGN = 64  # every tensor inside a blob starts 64-byte aligned (the int8 kernel's loads)
 DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -52,7 +54,7 @@ class Part:
     nbytes: int
 
 
-class ExpertStore:
+class ExpertStore(ExpertSource):
     """An opened, validated store. ``expert_from_buffer`` turns blob bytes into a GatedMLP."""
 
     def __init__(self, root: str | Path) -> None:
@@ -92,6 +94,19 @@ class ExpertStore:
         self.experts_path = self.root / m["experts_file"]
         self.trunk_path = self.root / m["trunk_file"]
         self._check_sizes()
+        self.files = [self.experts_path]
+        self.slot_bytes = self.blob_size
+        self.fixed_layout = True  # every blob has one layout: a slot's expert is built once
+
+    def spans(self, layer: int, expert: int) -> list[Span]:
+        return [Span(0, self.offset(layer, expert), 0, self.blob_size, self.blob_size)]
+
+    def finish(self, layer: int, expert: int, slot: memoryview, verify: bool) -> None:
+        if verify:
+            self.verify(layer, expert, slot)
+
+    def expert_at(self, slot_index: int, slot: torch.Tensor, layer: int, expert: int) -> GatedMLP:
+        return self.expert_from_buffer(slot)
 
     def _check_sizes(self) -> None:
         if not self.experts_path.is_file():

@@ -160,11 +160,12 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, ckpt_or_path: _HasMetadata | str | os.PathLike[str]) -> Tokenizer:
-        """Build from a GGUF checkpoint's tokenizer.ggml.* metadata (a GGUFCheckpoint or a path)."""
+        """Build from a GGUF checkpoint's tokenizer.ggml.* metadata (anything with ``metadata(key,
+        default)``, e.g. a weights.gguf_reader.GGUFFile, or a path)."""
         if isinstance(ckpt_or_path, (str, os.PathLike)):
-            from moemesh.weights.gguf_reader import open_gguf  # lazy: weights pull in torch
+            from moemesh.weights.gguf_reader import open_gguf_file  # lazy: weights pull in torch
 
-            ckpt_or_path = open_gguf(ckpt_or_path)
+            ckpt_or_path = open_gguf_file(ckpt_or_path)
         meta = ckpt_or_path
         where = str(getattr(meta, "path", "GGUF"))
         backend, _ = _gguf_backend(meta, where)

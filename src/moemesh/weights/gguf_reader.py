@@ -1,27 +1,33 @@
-"""Open a GGUF checkpoint: HF-style config, HF tensor names, lazy (memory-mapped) dequantization.
+"""Open a GGUF checkpoint, architecture-agnostic: metadata, and every tensor by its GGUF name with
+its type, shape and exact byte range in its file, as a zero-copy view of a memory map.
 
-The file is mapped, never read whole: a tensor's bytes are touched only when it is dequantized.
-Architecture specifics (tensor names, config keys, rotary row order) live in gguf_archs.py;
-add an `ArchSpec` to `ARCHS` there to support another architecture.
+A split checkpoint (``NAME-00001-of-00003.gguf`` ...) opens as one: metadata from the first shard,
+tensors from all of them. Every tensor's byte range is checked against its file before anything
+reads it: a truncated file, a tensor whose bytes run into the next one (its type and shape claim
+more bytes than the file gives it), an unknown ggml type or a missing shard is a CheckpointError
+naming the file and the tensor. Which HF tensor a GGUF name is, and the config, are the model
+families' business (models/gguf.py); this module knows nothing about architectures.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader
 
-from moemesh.errors import CheckpointError, UnsupportedArchitecture
-from moemesh.quant import ggml_blocks as gguf_quants
-from moemesh.weights.gguf_archs import ARCHS, ArchSpec
+from ..errors import CheckpointError
+
+SPLIT_RE = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 
 
 class _CheckedReader(GGUFReader):
-    """GGUFReader that checks every tensor's byte range before building views into the map.
+    """GGUFReader that checks every tensor's type and byte range before building views into the map.
 
     It also parses through a plain-ndarray view of the memmap: same memory, no copy, but it
     skips np.memmap's per-slice bookkeeping, which makes the metadata parse ~3x faster.
@@ -29,7 +35,7 @@ class _CheckedReader(GGUFReader):
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        super().__init__(path)
+        super().__init__(path, mode="c")  # private copy-on-write map: writable views, the file never changes
 
     @property
     def data(self) -> np.ndarray:
@@ -42,6 +48,7 @@ class _CheckedReader(GGUFReader):
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         file_size = len(self._plain)
+        ranges = []
         for field in fields:
             _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
             name = bytes(name_data).decode("utf-8", errors="replace")
@@ -65,105 +72,65 @@ class _CheckedReader(GGUFReader):
                     f"{self._path}: tensor {name!r} needs bytes {begin}..{end} but the file has only "
                     f"{file_size} bytes (truncated download?)"
                 )
+            ranges.append((begin, end, name, ggml_type.name))
+        ranges.sort()
+        for (b0, e0, n0, t0), (b1, _, n1, _) in zip(ranges, ranges[1:]):
+            if e0 > b1:  # the header's type and shape claim more bytes than lie before the next tensor
+                raise CheckpointError(
+                    f"{self._path}: tensor {n0!r} ({t0}) needs bytes {b0}..{e0} but tensor {n1!r} starts at "
+                    f"{b1}: its byte size disagrees with its type and shape (corrupt header?)"
+                )
         super()._build_tensors(start_offs, fields)
 
 
-class GGUFTensor:
-    """One tensor of a GGUF file, in HF name and orientation; decoded only on request."""
+@dataclass(frozen=True)
+class TensorInfo:
+    """One GGUF tensor (or one expert of a stacked 3-D one): where its bytes are and what they are.
 
-    def __init__(self, path: Path, name: str, raw: Any, row_perm: np.ndarray | None, index: int | None = None) -> None:
-        """``index``: one expert (outermost slice) of a 3-D expert tensor, still a view of the map."""
-        self.name = name  # HF name
-        self.gguf_name: str = raw.name if index is None else f"{raw.name}[{index}]"
-        self._path = path
-        self._data = raw.data if index is None else raw.data[index]  # view into the memory map
-        self._type: GGMLQuantizationType = raw.tensor_type
-        self._row_perm = row_perm
-        shape = tuple(int(d) for d in reversed(raw.shape.tolist()))  # HF [out, in] ([E, out, in] for experts)
-        self.shape: tuple[int, ...] = shape if index is None else shape[1:]
-        self.ggml_type: str = self._type.name
-        self.nbytes: int = int(raw.n_bytes) if index is None else int(raw.n_bytes) // shape[0]
+    ``shape`` is in numpy order (GGUF dims reversed): a weight is [out, in], stacked experts
+    [E, out, in]. ``data`` views the memory map: typed elements for float/int types, uint8
+    [..., row_bytes] for block formats. ``offset`` is absolute in ``file``.
+    """
 
-    def __repr__(self) -> str:
-        return f"GGUFTensor({self.name!r}, gguf={self.gguf_name!r}, shape={list(self.shape)}, type={self.ggml_type})"
+    name: str
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+    data: Any  # np.ndarray view of the map
 
-    def _rows(self, a: np.ndarray) -> torch.Tensor:
-        # rows in HF order; np.take along 0 copies, from_numpy does not
-        return torch.from_numpy(a if self._row_perm is None else np.take(a, self._row_perm, axis=0))
+    @property
+    def type_name(self) -> str:
+        return self.ggml_type.name
 
-    def dequantize(self) -> torch.Tensor:
-        """float32 tensor of `shape`, values as in the HF checkpoint (q/k rows un-permuted)."""
-        try:
-            out = gguf_quants.dequantize(self._data, self._type, self.shape)
-        except NotImplementedError:
-            raise CheckpointError(
-                f"{self._path}: tensor {self.gguf_name!r} uses ggml type {self.ggml_type}, which we cannot decode"
-            ) from None
-        return self._rows(out)
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (the last dimension) in this type."""
+        block, type_size = GGML_QUANT_SIZES[self.ggml_type]
+        return self.shape[-1] // block * type_size
 
-    def int4_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(q uint8 [out, in] 0..15, scale f32 [out, in//32], minv f32 [out, in//32]) for Q4_0/Q4_1, else None.
-
-        dequantize() == q * scale + minv, each scale/minv repeated over its group of 32 along `in`.
-        """
-        if not gguf_quants.is_int4(self._type):
-            return None
-        q, scale, minv = gguf_quants.int4_groups(self._data, self._type, self.shape)
-        return self._rows(q), self._rows(scale), self._rows(minv)
+    def index(self, i: int) -> TensorInfo:
+        """Slice ``i`` of the outermost dimension (one expert of a stacked tensor): still a view."""
+        if not 0 <= i < self.shape[0]:
+            raise CheckpointError(f"{self.file}: tensor {self.name!r} has no index {i} (shape {list(self.shape)})")
+        step = self.nbytes // self.shape[0]
+        return TensorInfo(f"{self.name}[{i}]", self.ggml_type, self.shape[1:], self.file, self.offset + i * step,
+                          step, self.data[i])
 
 
-class GGUFCheckpoint:
-    """A memory-mapped GGUF file with an HF-equivalent `config` and HF-named `tensors`."""
-
-    def __init__(self, path: Path, reader: GGUFReader, spec: ArchSpec) -> None:
-        self.path = path
-        self.architecture = spec.name
-        self.reader = reader  # the gguf package's reader (raw tensors in GGUF order and names)
-        named: dict[str, tuple[Any, int | None]] = {}  # HF name -> (raw tensor, expert index)
-        for raw in reader.tensors:
-            hf_name = spec.hf_tensor_name(raw.name)
-            if hf_name is None:
-                raise CheckpointError(f"{path}: tensor {raw.name!r} is not part of a {spec.name} model")
-            if "{e}" in hf_name:  # [E, out, in] experts -> one tensor per expert
-                if len(raw.shape) != 3:
-                    raise CheckpointError(f"{path}: expert tensor {raw.name!r} is not 3-D (shape {raw.shape.tolist()})")
-                for e in range(int(raw.shape[-1])):
-                    named[hf_name.format(e=e)] = (raw, e)
-            else:
-                named[hf_name] = (raw, None)
-        shapes = {}
-        for n, (r, index) in named.items():
-            shape = tuple(int(d) for d in reversed(r.shape.tolist()))
-            shapes[n] = shape if index is None else shape[1:]
-        try:
-            self.config: dict = spec.build_config(self.metadata, shapes)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        self.tensors: dict[str, GGUFTensor] = {
-            n: GGUFTensor(path, n, r, spec.row_permutation(n, shapes[n], self.config), index)
-            for n, (r, index) in named.items()
-        }
-
-    def __repr__(self) -> str:
-        return f"GGUFCheckpoint({str(self.path)!r}, arch={self.architecture!r}, tensors={len(self.tensors)})"
-
-    def metadata(self, key: str, default: Any = None) -> Any:
-        """A metadata value as Python (str, number, bool or list), or `default` when absent."""
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
-
-    def metadata_keys(self) -> list[str]:
-        return [k for k in self.reader.fields if not k.startswith("GGUF.")]
-
-    def names(self) -> list[str]:
-        """HF names of every tensor (each expert of a 3-D expert tensor on its own)."""
-        return list(self.tensors)
-
-    def tensor(self, name: str) -> GGUFTensor:
-        """The tensor with this HF name; CheckpointError naming file and tensor when absent."""
-        if name not in self.tensors:
-            raise CheckpointError(f"{self.path}: checkpoint lacks tensor {name!r}")
-        return self.tensors[name]
+def split_paths(path: Path) -> list[Path]:
+    """Every shard of a split GGUF (``-00001-of-0000N``) in order, or [path] for a single file.
+    A missing shard is a CheckpointError naming it."""
+    m = SPLIT_RE.fullmatch(path.name)
+    if m is None:
+        return [path]
+    n = int(m.group(3))
+    paths = [path.with_name(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    for p in paths:
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing shard {paths.index(p) + 1} of {n} of the split GGUF {paths[0].name}")
+    return paths
 
 
 def _read(path: Path) -> GGUFReader:
@@ -182,15 +149,64 @@ def _read(path: Path) -> GGUFReader:
         raise CheckpointError(f"{path}: unreadable GGUF header (truncated or corrupt file?): {e}") from None
 
 
-def open_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
-    """Map a GGUF file; raises CheckpointError (bad file) or UnsupportedArchitecture."""
-    path = Path(path)
-    reader = _read(path)
-    field = reader.fields.get("general.architecture")
-    arch = field.contents() if field is not None else None
-    spec = ARCHS.get(arch)
-    if spec is None:
-        raise UnsupportedArchitecture(
-            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
-        )
-    return GGUFCheckpoint(path, reader, spec)
+class GGUFFile:
+    """A memory-mapped GGUF checkpoint (one file or every shard of a split one)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.files = split_paths(self.path)
+        self.readers = [_read(p) for p in self.files]
+        self.reader = self.readers[0]  # the gguf package's reader of the first shard (metadata lives there)
+        self.tensors: dict[str, TensorInfo] = {}
+        for p, r in zip(self.files, self.readers):
+            if len(self.files) > 1 and self._split_no(r) not in (None, self.files.index(p)):
+                raise CheckpointError(f"{p}: shard number {self._split_no(r)} does not match its file name")
+            for t in r.tensors:
+                if t.name in self.tensors:
+                    raise CheckpointError(f"{p}: tensor {t.name!r} appears in two shards")
+                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                self.tensors[t.name] = TensorInfo(t.name, t.tensor_type, shape, p, int(t.data_offset), int(t.n_bytes), t.data)
+        want = self.metadata("split.tensors.count")
+        if want is not None and int(want) != len(self.tensors):
+            raise CheckpointError(f"{self.path}: the split GGUF declares {want} tensors but its shards hold {len(self.tensors)}")
+
+    @staticmethod
+    def _split_no(reader: GGUFReader) -> int | None:
+        f = reader.fields.get("split.no")
+        return None if f is None else int(f.contents())
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({str(self.path)!r}, arch={self.architecture!r}, tensors={len(self.tensors)}, files={len(self.files)})"
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata("general.architecture")
+
+    def metadata(self, key: str, default: Any = None) -> Any:
+        """A metadata value as Python (str, number, bool or list), or ``default`` when absent."""
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def metadata_keys(self) -> list[str]:
+        return [k for k in self.reader.fields if not k.startswith("GGUF.")]
+
+    def tensor(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: checkpoint lacks tensor {name!r}")
+        return self.tensors[name]
+
+    def mappings(self) -> list[mmap.mmap]:
+        """The memory maps under every shard's tensors (for paging out what a built model does not use)."""
+        out = []
+        for r in self.readers:
+            base = r.data
+            while isinstance(base, np.ndarray):
+                base = base.base
+            if isinstance(base, mmap.mmap):
+                out.append(base)
+        return out
+
+
+def open_gguf_file(path: str | os.PathLike[str]) -> GGUFFile:
+    """Map a GGUF file (every shard of a split one); CheckpointError naming file and tensor on a bad one."""
+    return GGUFFile(path)

@@ -20,15 +20,18 @@ PAGE = mmap.PAGESIZE
 
 def kept_ranges(model: torch.nn.Module) -> list[tuple[int, int]]:
     """[start, end) addresses of the storages the model keeps viewing: parameters and buffers (a
-    float head that scores every row keeps its table too)."""
+    float head that scores every row keeps its table too), and the raw rows of block-format
+    linears (quant.blocks.BlockLinear keeps them as a plain ``raw`` attribute, often a map view)."""
     tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    tensors += [m.raw for m in model.modules() if isinstance(getattr(m, "raw", None), torch.Tensor)]
     head = getattr(model, "lm_head", None)
     if head is not None and getattr(head, "approx", 1) is None:
         tensors.append(head.weight)
     out = []
-    for t in tensors:
-        s = t.untyped_storage()
-        out.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
+    for t in tensors:  # the tensor's own bytes (a view of a whole-file map must not keep the whole file)
+        start = t.data_ptr()
+        out.append((start, start + t.numel() * t.element_size()) if t.is_contiguous() else
+                   (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()))
     return out
 
 

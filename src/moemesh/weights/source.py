@@ -18,20 +18,45 @@ class WeightSource(Protocol):
         """Exact 4-bit groups (w = q * scale + min, 32 columns a group) when stored that way."""
 
 
+BLOCKS = ".blocks."  # an expert store's trunk tensor kept in its GGUF block format: NAME.blocks.QTYPE, uint8 rows
+
+
 class SafetensorsSource:
-    """Adapts a SafetensorsCheckpoint: float tensors, and an expert store's int4 trunk linears
-    (NAME.q4 / .q4_scale / .q4_zero, weights/int4_trunk.py) as exact 4-bit groups."""
+    """Adapts a SafetensorsCheckpoint: float tensors, an expert store's int4 trunk linears
+    (NAME.q4 / .q4_scale / .q4_zero, weights/int4_trunk.py) as exact 4-bit groups, and a store's
+    block-format trunk tensors (NAME.blocks.QTYPE: the raw rows a GGUF held) as ``blocks``."""
 
     def __init__(self, ckpt) -> None:
         self.ckpt = ckpt
+        self._blocks = {n.split(BLOCKS)[0]: n for n in ckpt.names() if BLOCKS in n}  # NAME -> its stored name
 
     def has(self, name: str) -> bool:
-        return self.ckpt.has(name) or self.ckpt.has(name + ".q4")
+        return self.ckpt.has(name) or self.ckpt.has(name + ".q4") or name in self._blocks
 
     def get(self, name: str) -> torch.Tensor:
         if not self.ckpt.has(name) and self.ckpt.has(name + ".q4"):
             return dequantize(*self.int4_parts(name))
+        if not self.ckpt.has(name) and name in self._blocks:
+            from ..quant.blocks import BlockLinear
+
+            return BlockLinear(*self.blocks(name)).dequantize()  # type: ignore[misc]
         return self.ckpt.get(name)
+
+    def blocks(self, name: str) -> tuple[str, torch.Tensor, int] | None:
+        """(qtype, raw uint8 [N, row_bytes] (an mmap view), in_features) of a block-format trunk tensor."""
+        stored = self._blocks.get(name)
+        if stored is None:
+            return None
+        from ..quant.blocks import block_size
+
+        qtype = stored.split(BLOCKS)[1]
+        raw = self.ckpt.get(stored)
+        block, size = block_size(qtype)
+        return qtype, raw, raw.shape[1] // size * block
+
+    def stored_type(self, name: str) -> str:
+        stored = self._blocks.get(name)
+        return stored.split(BLOCKS)[1] if stored else str(self.get(name).dtype).removeprefix("torch.")
 
     def int4_groups(self, name: str) -> Int4Groups | None:
         if not self.ckpt.has(name + ".q4"):

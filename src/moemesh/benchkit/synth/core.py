@@ -280,7 +280,8 @@ def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> 
     from moemesh.models import get_arch
     from moemesh.store.checksum import DEFAULT as CHECKSUM
     from moemesh.store.checksum import checksum_fn
-    from moemesh.store.expert_store import ALIGN, FORMAT, VERSION
+    from moemesh.store.expert_source import ALIGN
+    from moemesh.store.expert_store import FORMAT, VERSION
     from moemesh.weights.safetensors_io import write_safetensors
 
     cfg = hf_config(layers, vocab)

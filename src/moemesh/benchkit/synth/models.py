@@ -143,7 +143,8 @@ def write(tmp: Path, cfg: dict, seed: int, gguf_arch: str | None, log=print) -> 
     from moemesh.models import get_arch
     from moemesh.store.checksum import DEFAULT as CHECKSUM
     from moemesh.store.checksum import checksum_fn
-    from moemesh.store.expert_store import ALIGN, FORMAT, VERSION
+    from moemesh.store.expert_source import ALIGN
+    from moemesh.store.expert_store import FORMAT, VERSION
     from moemesh.weights.safetensors_io import write_safetensors
 
     from . import gguf_writer as synth_gguf
