@@ -38,8 +38,8 @@ from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.loading.loader import load_model
 from moemesh.mesh.launcher import MeshProcess, StageProcess
-from moemesh.mesh.node import CallStats, MeshOptions
 from moemesh.mesh.stack import MeshStack, StackOptions
+from moemesh.mesh.transport.node import CallStats, MeshOptions
 
 RESULTS = Path(__file__).parent / "results"
 SECRET = "bench-secret"
@@ -87,7 +87,7 @@ def expert_model(root: Path) -> Path:
 
 def expert_shards(model: Path, tokens: int, shard_counts: list[int]) -> list[dict]:
     """Bytes per decoded token crossing the network in expert-shard mode, n nodes of 1/n experts."""
-    from moemesh.mesh.masked import shard_experts
+    from moemesh.mesh.shards.masked import shard_experts
 
     rows = []
     e, k, layers, d = (EXPERT_SHAPE[x] for x in ("num_experts", "num_experts_per_tok", "num_hidden_layers", "hidden_size"))

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.mesh import remote
-from moemesh.mesh.membership import Membership
-from moemesh.mesh.node import MeshError, MeshNode, MeshOptions
+from moemesh.mesh.pipeline import remote
+from moemesh.mesh.pipeline.stage import FORWARD
 from moemesh.mesh.stack import MeshStack, StackOptions
-from moemesh.mesh.stage import FORWARD
-from moemesh.mesh.wire import WireError, decode_tensor, encode_tensor
+from moemesh.mesh.transport.membership import Membership
+from moemesh.mesh.transport.node import MeshError, MeshNode, MeshOptions
+from moemesh.mesh.transport.wire import WireError, decode_tensor, encode_tensor
 
 
 def opts(secret: str, peers=()) -> MeshOptions:

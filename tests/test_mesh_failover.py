@@ -15,8 +15,8 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.errors import MoemeshError
 from moemesh.loading.loader import load_model
 from moemesh.mesh.launcher import StageProcess
-from moemesh.mesh.node import MeshOptions
 from moemesh.mesh.stack import MeshStack, StackOptions
+from moemesh.mesh.transport.node import MeshOptions
 from test_mesh_pipeline import four_layer_models  # noqa: F401  (fixture)
 
 SECRET = "failover-secret"

@@ -6,8 +6,8 @@ import pytest
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.loading.loader import load_model
-from moemesh.mesh.node import MeshOptions
 from moemesh.mesh.stack import MeshStack, StackOptions
+from moemesh.mesh.transport.node import MeshOptions
 
 SECRET = "test-secret"
 PROMPTS = [[1, 5, 9, 13, 2, 7], [3, 3, 8], [11, 4, 6, 10, 12]]

@@ -17,7 +17,7 @@ import urllib.request
 import openai
 import pytest
 
-from moemesh.mesh.invite import Invite
+from moemesh.mesh.discovery.invite import Invite
 from moemesh.mesh.launcher import MeshProcess
 from moemesh.server.launcher import ServerProcess
 

@@ -91,11 +91,11 @@ def _add_status(group: argparse._SubParsersAction) -> None:
 
 
 def mesh_options(args: argparse.Namespace, port: int = 0, test_delay_ms: float = 0.0):
-    from ..mesh.node import MeshOptions
+    from ..mesh.transport.node import MeshOptions
 
     name, secret, peers = args.mesh_name, args.secret, list(args.peer)
     if args.join:
-        from ..mesh.invite import Invite
+        from ..mesh.discovery.invite import Invite
 
         try:
             invite = Invite.decode(args.join)
@@ -165,7 +165,7 @@ def _addrs(stack) -> list[str]:
 
 
 def _start(options):
-    from ..mesh.slice import parse_layers  # noqa: F401  (checks --layers before the daemon starts)
+    from ..mesh.pipeline.slice import parse_layers  # noqa: F401  (checks --layers before the daemon starts)
     from ..mesh.stack import MeshStack
 
     stack = MeshStack(options)
@@ -179,7 +179,7 @@ def _start(options):
 
 
 def _announce(stack) -> None:
-    from ..mesh.expert_shards import describe
+    from ..mesh.shards.assign import describe
 
     addrs = _addrs(stack)
     s, a = stack.slice.stage, stack.slice.args
@@ -192,8 +192,8 @@ def _announce(stack) -> None:
     for a in addrs:
         print(f"moemesh: mesh address {a}", flush=True)
     try:
-        from ..mesh.invite import Invite
-        from ..mesh.node_state import write_node_state
+        from ..mesh.discovery.invite import Invite
+        from ..mesh.discovery.node_state import write_node_state
 
         o = stack.options.mesh
         write_node_state(Invite(o.mesh_name, o.secret, addrs))
@@ -242,8 +242,8 @@ def _serve_api(args: argparse.Namespace, options, list_mesh: bool = False) -> in
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from ..mesh.membership import Membership
-    from ..mesh.node import MeshNode
+    from ..mesh.transport.membership import Membership
+    from ..mesh.transport.node import MeshNode
 
     options = mesh_options(args)
     if not options.initial_peers:
@@ -261,7 +261,7 @@ def run_status(args: argparse.Namespace) -> int:
         extra = f" ({membership.rejected} record(s) not signed with this mesh's secret)" if membership.rejected else ""
         print(f"no live nodes{extra}")
         return 0
-    from ..mesh.expert_shards import describe
+    from ..mesh.shards.assign import describe
 
     print(f"{'peer':<54} {'layers':>9} {'experts':>10} {'load':>5} {'free GiB':>9}  http")
     for r in records:

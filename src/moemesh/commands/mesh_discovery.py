@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from ..errors import MoemeshError
-from ..mesh import nostr_relays
-from ..mesh.discovery import auto_join, discover, invite_for, rank
-from ..mesh.invite import Invite, new_secret
-from ..mesh.node_state import read_node_state
-from ..mesh.nostr_publisher import start_mesh_listing
+from ..mesh.discovery import nostr_relays
+from ..mesh.discovery.invite import Invite, new_secret
+from ..mesh.discovery.join import auto_join, discover, invite_for, rank
+from ..mesh.discovery.node_state import read_node_state
+from ..mesh.discovery.nostr_publisher import start_mesh_listing
 
 __all__ = ["add_subcommands", "auto_discover", "auto_join", "list_mesh"]
 

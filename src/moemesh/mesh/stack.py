@@ -18,13 +18,13 @@ import torch
 from ..errors import MoemeshError
 from ..experts.provider import ResidentExperts
 from ..models.args import ModelArgs
-from .expert_server import ExpertServer
-from .expert_shards import MEMORY_FRACTION, auto_assign, expert_capacity, parse_experts
-from .membership import Membership, NodeRecord
-from .node import MeshNode, MeshOptions
-from .pipeline import PipelineModel
-from .slice import LoadedSlice, load_slice
-from .stage import StageServer
+from .pipeline.model import PipelineModel
+from .pipeline.slice import LoadedSlice, load_slice
+from .pipeline.stage import StageServer
+from .shards.assign import MEMORY_FRACTION, auto_assign, expert_capacity, parse_experts
+from .shards.expert_server import ExpertServer
+from .transport.membership import Membership, NodeRecord
+from .transport.node import MeshNode, MeshOptions
 
 
 def model_id(config: dict) -> str:
@@ -140,8 +140,8 @@ class MeshStack:
 
     def _wire_experts(self, mid: str, wire: torch.dtype) -> None:
         """Point every MoE block at our experts: masked routers, or RemoteExperts for the rest."""
-        from .masked import mask_model, moe_blocks
-        from .remote_experts import RemoteExperts
+        from .shards.masked import mask_model, moe_blocks
+        from .shards.remote_experts import RemoteExperts
 
         s = self.slice
         assert s is not None and s.held is not None and self.membership is not None

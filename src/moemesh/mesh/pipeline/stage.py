@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import P2PContext
 
-from ..batch import BatchLayout
-from .node import MeshNode
+from ...batch import BatchLayout
+from ..transport.node import MeshNode
+from ..transport.wire import DTYPES
 from .slice import StageLayers
-from .wire import DTYPES
 
 FORWARD = "moemesh.stage.forward"
 CLOSE = "moemesh.stage.close"

@@ -26,11 +26,11 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
-from ..experts.mixing import Group, GroupedProvider
+from ...experts.mixing import Group, GroupedProvider
+from ..transport.membership import NodeRecord
+from ..transport.node import MeshError, MeshNode
+from ..transport.wire import NAMES, SAFE_PAYLOAD_BYTES
 from .expert_server import RUN
-from .membership import NodeRecord
-from .node import MeshError, MeshNode
-from .wire import NAMES, SAFE_PAYLOAD_BYTES
 
 log = logging.getLogger("moemesh.mesh")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from .membership import NodeRecord
+from ..transport.membership import NodeRecord
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..batch import BatchLayout
-from ..errors import CheckpointError
-from ..experts.provider import ResidentExperts
-from ..kvcache.base import KVCache
-from ..kvcache.spec import make_cache
-from ..layers.head import OutputHead
-from ..layers.norm import RMSNorm
-from ..layers.rope import make_rotary
-from ..loading.source import arch_and_args, open_source, resolve_model_path
-from ..models.args import ModelArgs
-from ..models.build import Builder, make_builder
-from ..models.transformer import DecoderLayer
+from ...batch import BatchLayout
+from ...errors import CheckpointError
+from ...experts.provider import ResidentExperts
+from ...kvcache.base import KVCache
+from ...kvcache.spec import make_cache
+from ...layers.head import OutputHead
+from ...layers.norm import RMSNorm
+from ...layers.rope import make_rotary
+from ...loading.source import arch_and_args, open_source, resolve_model_path
+from ...models.args import ModelArgs
+from ...models.build import Builder, make_builder
+from ...models.transformer import DecoderLayer
 
 
 class StageLayers(torch.nn.Module):
@@ -108,7 +108,7 @@ def load_slice(name: str, layers: str | None, quant: str = "auto", with_ends: bo
     ``choose_experts`` (expert-shard mode) picks the expert ids to hold once the trunk is built
     (so ``auto`` sees the memory left); None holds every expert."""
     path = resolve_model_path(name)
-    from ..store.expert_store import is_store
+    from ...store.expert_store import is_store
 
     if path.is_dir() and is_store(path):
         raise CheckpointError(f"{path}: mesh stages do not load expert stores yet; pass the HF directory or GGUF")

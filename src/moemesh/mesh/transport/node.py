@@ -23,7 +23,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from ..errors import MoemeshError
+from ...errors import MoemeshError
 from . import auth
 from .wire import pack_request, pack_response, unpack
 

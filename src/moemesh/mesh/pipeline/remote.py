@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import PeerID
 
-from .node import MeshError, MeshNode
+from ..transport.node import MeshError, MeshNode
+from ..transport.wire import NAMES, SAFE_PAYLOAD_BYTES
 from .stage import CLOSE, FORWARD
-from .wire import NAMES, SAFE_PAYLOAD_BYTES
 
 
 @dataclass

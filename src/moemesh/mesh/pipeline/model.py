@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.p2p import PeerID
 
-from ..batch import BatchLayout
-from ..errors import MoemeshError
-from ..kvcache.base import KVCache
-from ..models.args import ModelArgs
+from ...batch import BatchLayout
+from ...errors import MoemeshError
+from ...kvcache.base import KVCache
+from ...models.args import ModelArgs
+from ..transport.membership import Membership, NodeRecord
+from ..transport.node import MeshError, MeshNode
 from . import remote
-from .membership import Membership, NodeRecord
-from .node import MeshError, MeshNode
 from .route import NoRoute, Segment, plan_route, replicas
 from .slice import Ends, StageLayers
 
