@@ -48,7 +48,14 @@ def _add_serve(group: argparse._SubParsersAction) -> None:
         description="Load layers A:B, serve them to mesh members, announce them; unless --no-api, also serve "
         "the OpenAI/Anthropic API, running the other layers on peers (pipeline).")
     p.add_argument("model", help="checkpoint directory, .gguf file, or 'smollm2'")
-    p.add_argument("--layers", default=None, metavar="A:B", help="layer range this node holds (default: all)")
+    p.add_argument("--layers", default=None, metavar="A:B|auto",
+                   help="layer range this node offers (default: all); auto: no fixed range, the API node's plan "
+                   "splits the layers among such nodes by their --ram budgets and moves a dead node's layers to "
+                   "the survivors")
+    p.add_argument("--ram", default=None, metavar="SIZE",
+                   help="whole-process budget, e.g. 8G: experts streamed from this node's own expert store (an HF MoE "
+                   "directory is converted once) into a cache of the rest; the node holds every layer's trunk, so a "
+                   "plan can give it any layers or experts (elastic)")
     p.add_argument("--port", type=int, default=0, help="P2P port (default 0: any free one)")
     p.add_argument("--no-api", action="store_true", help="stage only: no HTTP API, no embedding/head loaded")
     p.add_argument("--http-host", default="127.0.0.1", help="HTTP API address (default 127.0.0.1)")
@@ -123,18 +130,17 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.masked and args.experts is None:
         raise MoemeshError("--masked is an option of expert-shard mode: give --experts too")
-    expert_ram = None
-    if args.expert_ram is not None:
-        from ..experts.budget import parse_size
+    from ..experts.budget import parse_size
 
-        expert_ram = parse_size(args.expert_ram)
+    expert_ram = parse_size(args.expert_ram) if args.expert_ram is not None else None
+    ram = parse_size(args.ram) if args.ram is not None else None
     joined = False
     if args.auto:
         from .mesh_discovery import auto_discover
 
         joined = auto_discover(args)
     options = StackOptions(args.model, args.layers, args.quant, args.kv, api=not args.no_api, wire=args.wire,
-                           experts=args.experts, expert_ram=expert_ram, masked=args.masked,
+                           experts=args.experts, expert_ram=expert_ram, masked=args.masked, ram=ram,
                            mesh=mesh_options(args, args.port, args.test_delay_ms))
     list_mesh = bool(args.nostr_relay or args.publish) and not joined
     if args.no_api:
@@ -182,13 +188,20 @@ def _announce(stack) -> None:
     from ..mesh.shards.assign import describe
 
     addrs = _addrs(stack)
-    s, a = stack.slice.stage, stack.slice.args
+    sl, a, rec = stack.slice, stack.slice.args, stack.membership.record
+    share = "auto (a plan decides)" if rec.share is None else f"{rec.share[0]}:{rec.share[1]}"
     experts = ""
     if stack.options.experts is not None:
-        experts = f", experts {describe(stack.slice.held, a.num_experts)} of {a.num_experts}"
-        experts += " (masked)" if stack.options.masked else ""
-    print(f"moemesh: mesh node {stack.node.peer_id.to_base58()} serving layers {s.start}:{s.end} of "
-          f"{a.num_layers}{experts}", flush=True)
+        held = "auto (a plan decides)" if rec.experts is None else describe(rec.experts, a.num_experts)
+        experts = f", experts {held} of {a.num_experts}" + (" (masked)" if stack.options.masked else "")
+    budget = ""
+    if sl.budget is not None:
+        b = sl.budget
+        budget = (f"; --ram {b.ram / 2**20:.0f} MiB: trunk {b.trunk / 2**20:.0f} MiB, expert cache "
+                  f"{b.expert_cache / 2**20:.0f} MiB ({b.slots} experts)")
+    kind = "elastic" if sl.elastic else "fixed"
+    print(f"moemesh: mesh node {stack.node.peer_id.to_base58()} ({kind}) serving layers {share} of "
+          f"{a.num_layers}{experts}{budget}; model {stack.model_id}", flush=True)
     for a in addrs:
         print(f"moemesh: mesh address {a}", flush=True)
     try:
@@ -261,11 +274,26 @@ def run_status(args: argparse.Namespace) -> int:
         extra = f" ({membership.rejected} record(s) not signed with this mesh's secret)" if membership.rejected else ""
         print(f"no live nodes{extra}")
         return 0
+    print(status_table(records))
+    return 0
+
+
+def status_table(records: list) -> str:
+    """One row per node: share, what it serves now, budget, hit rate, tok/s, links (ms to each peer)."""
     from ..mesh.shards.assign import describe
 
-    print(f"{'peer':<54} {'layers':>9} {'experts':>10} {'load':>5} {'free GiB':>9}  http")
+    short = {r.peer_id: r.peer_id[-6:] for r in records}
+    lines = [f"{'node':<8} {'model':<28} {'share':>7} {'serving':>12} {'experts':>10} {'budget':>9} {'hit':>6} "
+             f"{'tok/s':>7} {'load':>4}  links ms / http"]
     for r in records:
-        experts = describe(r.experts)  # records do not carry the expert count: ranges, or "all" for None
-        print(f"{r.peer_id:<54} {r.layers[0]:>4}:{r.layers[1]:<4} {experts[:10]:>10} {r.load:>5.0f} "
-              f"{r.free_memory / 2**30:>9.1f}  {r.http or '-'}")
-    return 0
+        st = r.status or {}
+        share = "auto" if r.share is None else f"{r.share[0]}:{r.share[1]}"
+        serving = ",".join(f"{a}:{b}" for a, b in st.get("serving", [])) or "-"
+        experts = st.get("experts") or (describe(r.experts) if r.experts is not None else "-")
+        budget = f"{st['budget']['ram'] / 2**30:.1f}G" if st.get("budget") else "-"
+        hit = f"{st['hit_rate']:.3f}" if st.get("hit_rate") is not None else "-"
+        links = " ".join(f"{short.get(p, p[-6:])}={ms}" for p, ms in sorted(st.get("links_ms", {}).items()))
+        lines.append(f"{short[r.peer_id]:<8} {r.model[:28]:<28} {share:>7} {serving[:12]:>12} {experts[:10]:>10} "
+                     f"{budget:>9} {hit:>6} {st.get('tok_s', 0):>7} {r.load:>4.0f}  {links or '-'}"
+                     f"{'  ' + r.http if r.http else ''}")
+    return "\n".join(lines)
