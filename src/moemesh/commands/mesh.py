@@ -68,6 +68,7 @@ def _add_serve(group: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--test-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # TEST ONLY: fake latency
+    p.add_argument("--expert-slots", type=int, default=None, help=argparse.SUPPRESS)  # TEST ONLY: cache slots, no budget
     p.add_argument("--experts", default=None, metavar="auto|A:B|LIST",
                    help="expert-shard mode: hold every layer's trunk but only these experts (e.g. 0:64 or 0,5,9:12; "
                    "auto: the experts the live nodes hold least, as many as fit in memory); rows routed to other "
@@ -141,6 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
         joined = auto_discover(args)
     options = StackOptions(args.model, args.layers, args.quant, args.kv, api=not args.no_api, wire=args.wire,
                            experts=args.experts, expert_ram=expert_ram, masked=args.masked, ram=ram,
+                           expert_slots=args.expert_slots,
                            mesh=mesh_options(args, args.port, args.test_delay_ms))
     list_mesh = bool(args.nostr_relay or args.publish) and not joined
     if args.no_api:
