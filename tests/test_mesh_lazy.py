@@ -5,6 +5,7 @@ cache) and as expert shards (``--experts auto``: weighted rendezvous); and each 
 experts of its own share."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -74,7 +75,7 @@ def cached(stack: MeshStack) -> set[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
-def test_three_lazy_stages_match_one_process(stores, arch):
+def test_three_lazy_stages_match_one_process(stores, arch, capsys):
     single = load_model(str(stores[arch])).model
     expected, ref_logits = greedy(single), logits(single, list(range(3, 40)))
     stacks = start_mesh(stores[arch], layers="auto")
@@ -96,6 +97,7 @@ def test_three_lazy_stages_match_one_process(stores, arch):
             assert stack.slice.provider.stats()["misses"] > 0
         assert b.stage.rows > 0 and c.stage.rows > 0
         assert head.node.stats.peers[plan[2].peer].messages_received > 0  # the last hop answered us directly
+        check_status(head, stacks, bounds, order, capsys)
     finally:
         for s in stacks:
             s.stop()
@@ -125,3 +127,30 @@ def test_three_lazy_expert_shards_match_one_process(stores, arch):
     finally:
         for s in stacks:
             s.stop()
+
+
+def check_status(head: MeshStack, stacks: list[MeshStack], bounds, order, capsys) -> None:
+    """`moemesh mesh status`: each node's share, what it serves, its hit rate, tok/s and link latency."""
+    from moemesh.cli import main
+    from moemesh.commands.mesh import status_table
+
+    ids = [s.node.peer_id.to_base58() for s in order]
+    deadline = time.monotonic() + 15
+    while True:  # records are refreshed every heartbeat (1 s) and pings probe the links
+        records = {r.peer_id: r for r in head.live_nodes()}
+        ok = all(records[i].status.get("serving") and records[i].status.get("links_ms") for i in ids)
+        if ok or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for i, (lo, hi) in zip(ids, bounds):
+        st = records[i].status
+        assert records[i].share is None and records[i].elastic  # --layers auto
+        assert [lo, hi] in st["serving"], st
+        assert 0.0 <= st["hit_rate"] <= 1.0 and st["tok_s"] >= 0
+        assert set(st["links_ms"]) == set(ids) - {i}, st  # a ping round trip to each other node
+    table = status_table(list(records.values()))
+    assert all(i[-6:] in table for i in ids) and "auto" in table
+    addr = head.addrs()[0] + "/p2p/" + ids[0]
+    assert main(["mesh", "status", "--peer", addr, "--secret", SECRET, "--mesh-name", "lazy", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {r["peer_id"] for r in listed} >= set(ids) and all("hit_rate" in r["status"] for r in listed)
