@@ -1,10 +1,15 @@
-"""Mesh pipeline benchmark on loopback: per-token overhead of 2 and 3 stages, and decode speed
-with added per-hop latency.
+"""Mesh benchmarks. ``--part pipeline`` (loopback): per-token overhead of 2 and 3 stages, and decode
+speed with added per-hop latency. ``--part experts``: bytes per token of expert shards. ``--part
+capped`` (bench/mesh_capped.py): three nodes in their own network namespaces (tc netem delay per
+hop) and memory cgroups vs one node under the same cap, on a model ~3x the cap. ``--part wire``
+(bench/mesh_wire.py): what a bf16 wire does to the logits. ``--quick``: small sizes, to check that
+everything runs (not for publishing).
 
-Topology: this process is the API node (embedding, head, its own layers); stage nodes are child
-processes (``moemesh mesh serve --no-api``). The API node calls each remote stage in turn (hub
-and spoke): with 2 stages one round trip per token, with 3 stages two. "Per-hop latency d" is a
-TEST-ONLY delay of d ms before every stage call (MeshOptions.test_delay_ms), i.e. d per round trip.
+Pipeline topology: this process is the API node (embedding, head, its own layers); stage nodes are
+child processes (``moemesh mesh serve --no-api``). Stages are chained: the API node sends a step
+to the first remote stage, each stage passes its output to the next, the last one answers the API
+node: with 2 stages 2 one-way hops per token, with 3 stages 3 (hub and spoke would be 4).
+"Per-hop latency d" is a TEST-ONLY delay of d ms on every link message (MeshOptions.test_delay_ms).
 
 Expert shards (``--part experts``): every node holds the trunk and 1/n of the experts; the API
 node (this process) sends each MoE layer's rows routed elsewhere to their holders. We count the
@@ -19,6 +24,9 @@ process, and overhead = mesh ms/token - single-process ms/token (single process 
 same run, interleaved). Writes bench/results/mesh.{json,md}.
 
     .venv/bin/python bench/mesh.py [--model smollm2] [--tokens 32] [--rounds 3] [--part all|pipeline|experts]
+    .venv/bin/python bench/mesh.py --part capped [--capped-layers 12] [--cap-mib N] [--delays 0,5,20]  # root
+    .venv/bin/python bench/mesh.py --part wire [--wire-models smollm2,~/.cache/moemesh/smollm2-moe-16x15]
+    .venv/bin/python bench/mesh.py --quick --part capped   # a few minutes: checks it runs
 """
 from __future__ import annotations
 
@@ -144,7 +152,8 @@ def markdown(results: dict) -> str:
     if results.get("configs"):
         lines += [f"# Mesh pipeline on loopback: {results['model']} ({results['num_layers']} layers)", "",
                   f"{results['machine']}; {results['tokens']} greedy decode tokens, median of {results['rounds']} "
-                  "rounds; added latency is per stage round trip (test-only delay in the transport).", "",
+                  "rounds; added latency is per hop (test-only delay on every link message; chained stages: "
+                  "2 hops per token with 2 stages, 3 with 3).", "",
                   "| config | added latency ms | single ms/tok | mesh ms/tok | overhead ms/tok | mesh tok/s | "
                   "min single / mesh ms | transport ms/call | load avg |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -178,6 +187,14 @@ def markdown(results: dict) -> str:
                   "in expert-id order exactly as one process does. A 48-layer model of this shape (Qwen3-30B-A3B) "
                   "moves 48 x the per-MoE-layer figure per token.", "",
                   f"Command: `.venv/bin/python bench/mesh.py --part experts --tokens {ex['tokens']}`"]
+    if results.get("capped"):
+        import mesh_capped
+
+        lines += mesh_capped.markdown(results["capped"])
+    if results.get("wire"):
+        import mesh_wire
+
+        lines += mesh_wire.markdown(results["wire"])
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +204,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--delays", default="0,5,20,30")
-    ap.add_argument("--part", choices=("all", "pipeline", "experts"), default="all")
+    ap.add_argument("--part", choices=("all", "pipeline", "experts", "capped", "wire"), default="all")
+    ap.add_argument("--quick", action="store_true", help="small sizes: checks that the part runs")
+    ap.add_argument("--capped-layers", type=int, default=12, help="capped: depth of the Qwen3-30B-A3B-shaped model")
+    ap.add_argument("--capped-vocab", type=int, default=32768)
+    ap.add_argument("--cap-mib", type=int, default=None, help="capped: per-node cap (default: model bytes / 3)")
+    ap.add_argument("--warmup", type=int, default=8, help="capped: untimed tokens first")
+    ap.add_argument("--wire-models", default="smollm2", help="wire: comma-separated models (real weights)")
     ap.add_argument("--shards", default="2,3", help="expert-shard node counts")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/moemesh/bench"),
                     help="where the expert-shard model is made once")
@@ -195,6 +218,8 @@ def main() -> None:
     torch.set_num_threads(1)
     RESULTS.mkdir(exist_ok=True)
     old = json.loads((RESULTS / "mesh.json").read_text()) if (RESULTS / "mesh.json").exists() else {}
+    if args.part in ("capped", "wire"):
+        return other_part(args, old)
     if args.part == "experts":
         model = expert_model(Path(args.work))
         old["expert_shards"] = {"model": "random qwen3_moe, hidden 2048, 128 experts, top-8, 2 layers",
@@ -250,6 +275,32 @@ def main() -> None:
     elif "expert_shards" in old:
         results["expert_shards"] = old["expert_shards"]
     write_results(RESULTS, "mesh", results, markdown(results), sys.argv)
+
+
+def other_part(args, old: dict) -> None:
+    """--part capped / wire: their results go into mesh.json beside the others (kept)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    if args.part == "wire":
+        import mesh_wire
+
+        models = args.wire_models.split(",")
+        old["wire"] = [row for m in models for row in mesh_wire.wire_effect(os.path.expanduser(m),
+                                                                            8 if args.quick else 48)]
+    else:
+        import mesh_capped
+        from moemesh.benchkit.synth import core as synth
+
+        layers, vocab = (4, 4096) if args.quick else (args.capped_layers, args.capped_vocab)
+        store = synth.build(Path(args.work), layers, vocab) / "store"
+        model_bytes = sum(f.stat().st_size for f in store.iterdir() if f.suffix in (".bin", ".safetensors"))
+        cap = args.cap_mib * 2**20 if args.cap_mib else model_bytes // 3
+        cap = max(cap, 600 * 2**20 if args.quick else cap)  # quick: the smallest budget that loads
+        tokens, warmup = (6, 2) if args.quick else (args.tokens, args.warmup)
+        delays = [0.0, 5.0] if args.quick else [float(d) for d in args.delays.split(",")]
+        res = mesh_capped.run_capped(str(store), cap, tokens, warmup, delays, threads=1)
+        res.update(model=f"synthetic Qwen3-30B-A3B shapes, {layers} layers, vocab {vocab}", model_bytes=model_bytes)
+        old["capped"] = res
+    write_results(RESULTS, "mesh_quick" if args.quick else "mesh", old, markdown(old), sys.argv)
 
 
 if __name__ == "__main__":

@@ -72,12 +72,13 @@ class NodeStatus:
                                 "slots": s.budget.slots}
         if isinstance(s.provider, LazyExperts):
             st = s.provider.stats()
-            status["hit_rate"] = st["hit_rate"]
-            status["cache_bytes"] = st["cache_bytes"]
+            status.update(hit_rate=st["hit_rate"], hits=st["hits"], misses=st["misses"], cache_bytes=st["cache_bytes"],
+                          bytes_read=st["bytes_read"])
         if self.remote_experts is not None and s.args.moe_layers:
             layer = s.args.moe_layers[0]
             mine = [e for e in range(s.args.num_experts) if self.remote_experts.owns(layer, e, fetch=False)]
             status["experts"] = describe(mine, s.args.num_experts)
+        status["bytes_sent"], status["bytes_received"] = self.node.stats.bytes_sent, self.node.stats.bytes_received
         status["links_ms"] = {p: round(1000 * st.rtt_s, 2) for p, st in self.node.stats.peers.items()
                               if st.rtt_s is not None}
         record.status = status

@@ -6,9 +6,11 @@ the hops still ahead: ``[[peer, a, b], ...]``, this node first. The node runs la
 sends the result on to the next hop, or, at the last hop, straight back to the origin on the link
 the origin opened to it: N hops per token for N stages instead of a round trip per stage.
 
-``forward``: {step, origin, sessions, lens, starts, hops, wire}, [x [T, D] (wire dtype), positions [T]]
+``forward``: {step, origin, sessions, lens, starts, hops, wire, compute_s (of the hops before)},
+[x [T, D] (wire dtype), positions [T]]
 ``close``: {sessions} from the origin frees them (sessions idle past ``session_ttl`` are freed too)
-replies to the origin: ``result`` {step, rows, compute_s}, [y [T, D]] or ``error`` {step, failed, error}
+replies to the origin: ``result`` {step, rows, compute_s (every hop's)}, [y [T, D]] or ``error``
+{step, failed, error}
 (``failed``: the peer we could not reach, or null when this node itself refused the step).
 
 A session is created by its first step (start must be 0) and bound to its layer range; later steps
@@ -145,13 +147,14 @@ class StageServer:
         self.calls, self.rows, self.compute_s = self.calls + 1, self.rows + int(x.shape[0]), self.compute_s + compute
         self.served[(a, b)] = time.monotonic()
         y = y.to(wire)
+        compute += float(header.get("compute_s", 0.0))  # the hops before us too: transport = wall - this
         if len(hops) == 1:
             return self._reply(origin, {"kind": "result", "step": step, "rows": int(y.shape[0]), "compute_s": compute},
                                [y])
         nxt = hops[1][0]
         try:
             link = await self._link_to(nxt)
-            link.send(dict(header, hops=[list(h) for h in hops[1:]]), [y, positions])
+            link.send(dict(header, hops=[list(h) for h in hops[1:]], compute_s=compute), [y, positions])
         except Exception as exc:
             self._reply(origin, {"kind": "error", "step": step, "failed": nxt, "error": f"next hop {nxt}: {exc}"}, [])
 

@@ -31,8 +31,8 @@ OnClose = Callable[["Link", BaseException], None]
 
 class Link:
     def __init__(self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, outgoing: bool,
-                 stats: CallStats, delay_s: float = 0.0) -> None:
-        self.peer, self.outgoing, self.stats, self.delay_s = peer, outgoing, stats, delay_s
+                 stats: CallStats, delay_ms: Callable[[], float] = lambda: 0.0) -> None:
+        self.peer, self.outgoing, self.stats, self.delay_ms = peer, outgoing, stats, delay_ms
         self.peer_b58 = peer.to_base58()
         self._reader, self._writer = reader, writer
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -59,8 +59,9 @@ class Link:
         try:
             while True:
                 queued, msg = await self._queue.get()
-                if self.delay_s:  # TEST ONLY: one hop of latency per message
-                    await asyncio.sleep(max(0.0, queued + self.delay_s - time.monotonic()))
+                delay = self.delay_ms() / 1000
+                if delay:  # TEST ONLY: one hop of latency per message (read each time: benchmarks change it)
+                    await asyncio.sleep(max(0.0, queued + delay - time.monotonic()))
                 data = msg.SerializeToString()
                 await _send(self._writer, data)
                 self.stats.sent(self.peer_b58, len(data), message=True)

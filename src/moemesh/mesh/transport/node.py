@@ -164,7 +164,7 @@ class MeshNode:
                 writer.close()  # not a member: the opener reads an ended stream
                 return
             link = Link(info.peer_id, reader, writer, outgoing=False, stats=self.stats,
-                        delay_s=self.options.test_delay_ms / 1000)
+                        delay_ms=lambda: self.options.test_delay_ms)
             on_message, on_close = on_open(link)
             link.start(on_message, on_close)
 
@@ -182,7 +182,7 @@ class MeshNode:
             raise MeshError(f"opening {name} to {peer} timed out after {timeout:.1f}s") from None
         except Exception as exc:
             raise MeshError(f"opening {name} to {peer} failed: {' '.join(str(exc).split())}") from None
-        link = Link(peer, reader, writer, outgoing=True, stats=self.stats, delay_s=self.options.test_delay_ms / 1000)
+        link = Link(peer, reader, writer, outgoing=True, stats=self.stats, delay_ms=lambda: self.options.test_delay_ms)
         return link.start(on_message, on_close)
 
     async def ping(self, peer: PeerID, timeout: float) -> float:
