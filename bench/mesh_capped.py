@@ -85,46 +85,40 @@ def role_single(cfg: dict) -> dict:
 def role_api(cfg: dict) -> dict:
     import torch
 
-    from moemesh.benchkit.netns import Namespaces
-    from moemesh.benchkit.runner import apply_cap_to_self
     from moemesh.mesh.stack import MeshStack, StackOptions
     from moemesh.mesh.transport.node import MeshOptions
 
     torch.set_num_threads(cfg["threads"])
     opts = MeshOptions(mesh_name="capped", secret=SECRET, host=cfg["host"], initial_peers=cfg["peers"],
-                       heartbeat=2.0, call_timeout=120.0)
+                       heartbeat=2.0, call_timeout=120.0, test_delay_ms=cfg["delay"] if cfg["test_delay"] else 0.0)
     stack = MeshStack(StackOptions(cfg["store"], layers="auto", quant="int4", ram=cfg["cap"], mesh=opts)).start()
-    capped = apply_cap_to_self(cfg["cap"]) if cfg["cgroups"] else None
     try:
         deadline = time.monotonic() + 120
         while len(stack.live_nodes()) < cfg["nodes"]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the other nodes did not show up")
             time.sleep(0.5)
+        # /sys/fs/cgroup is not visible inside `ip netns exec`: the driver lowers our cap, then says go
+        print("LOADED", flush=True)
+        while not Path(cfg["go_file"]).exists():
+            time.sleep(0.2)
         plan = stack.pipeline.new_plan(force=True)
-        rows = []
-        ns = Namespaces(cfg["nodes"], cfg["prefix"]) if cfg["netns"] else None
-        for delay in cfg["delays"]:
-            if ns is not None:
-                ns.set_delay(delay)
-            before = _snapshot(stack)
-            times = decode(stack.pipeline, cfg["stream"], cfg["warmup"])
-            after = _snapshot(stack)
-            n = len(times)
-            wire = sum(after["nodes"][p]["bytes_sent"] - before["nodes"][p]["bytes_sent"] for p in after["nodes"]
-                       if p in before["nodes"])
-            hit = {p[-6:]: (a["hits"] - before["nodes"][p]["hits"]) / max(1, a["hits"] + a["misses"]
-                                                                          - before["nodes"][p]["hits"]
-                                                                          - before["nodes"][p]["misses"])
-                   for p, a in after["nodes"].items() if p in before["nodes"] and "hits" in a}
-            rows.append({"delay_ms": delay, "tok_s": n / sum(times), "ms_per_token": 1000 * statistics.median(times),
-                         "wire_bytes_per_token": wire / n, "hit_rate": hit, "tokens": n,
-                         "failovers": stack.pipeline.failovers})
-            print(json.dumps(rows[-1]), flush=True)
-        if ns is not None:
-            ns.set_delay(0)
+        before = _snapshot(stack)
+        times = decode(stack.pipeline, cfg["stream"], cfg["warmup"])
+        after = _snapshot(stack)
+        n = len(times)
+        wire = sum(a["bytes_sent"] - before["nodes"][p]["bytes_sent"] for p, a in after["nodes"].items()
+                   if p in before["nodes"])
+        hit = {}
+        for p, a in after["nodes"].items():
+            b = before["nodes"].get(p)
+            if b is not None and "hits" in a:
+                hit[p[-6:]] = (a["hits"] - b["hits"]) / max(1, a["hits"] + a["misses"] - b["hits"] - b["misses"])
+        rows = [{"delay_ms": cfg["delay"], "tok_s": n / sum(times), "ms_per_token": 1000 * statistics.median(times),
+                 "wire_bytes_per_token": wire / n, "hit_rate": hit, "tokens": n, "failovers": stack.pipeline.failovers}]
+        print(json.dumps(rows[-1]), flush=True)
         return {"plan": [[s.start, s.end, s.peer[-6:] if s.peer else "api"] for s in plan], "rows": rows,
-                "cap": capped, "budget": stack.slice.budget.__dict__}
+                "budget": stack.slice.budget.__dict__}
     finally:
         stack.stop()
 
@@ -157,8 +151,8 @@ class _Plain:
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-    def set_limit(self, limit: int) -> None:
-        pass
+    def set_limit(self, limit: int) -> bool:
+        return True
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -198,10 +192,11 @@ def run_capped(store: str, cap: int, tokens: int, warmup: int, delays: list[floa
     why = available()
     netns = why is None
     vocab = json.loads((Path(store) / "manifest.json").read_text())["config"]["vocab_size"]
-    stream = token_stream(warmup + tokens, vocab)
     logdir = Path(tempfile.mkdtemp(prefix="mesh-capped-"))
-    out: dict = {"cap_bytes": cap, "netns": netns, "why_not_netns": why, "tokens": tokens, "warmup": warmup}
-    base = {"store": store, "cap": cap, "stream": stream, "warmup": warmup, "threads": threads}
+    out: dict = {"cap_bytes": cap, "netns": netns, "why_not_netns": why, "tokens": tokens, "warmup": warmup,
+                 "logs": str(logdir)}
+    base = {"store": store, "cap": cap, "stream": token_stream(warmup + tokens, vocab), "warmup": warmup,
+            "threads": threads}
     if netns:
         drop_caches()
     single = _role("single", base, [], cap, headroom, logdir / "single.log", netns)
@@ -211,46 +206,76 @@ def run_capped(store: str, cap: int, tokens: int, warmup: int, delays: list[floa
         single.stop()
     print("single:", json.dumps(out["single"]), flush=True)
     ns = Namespaces(3) if netns else None
-    procs = []
+    out["mesh"] = {"rows": [], "usage": []}
     try:
         if ns is not None:
             ns.__enter__()
-            drop_caches()
-        host = (lambda i: ns.addr(i)) if ns is not None else (lambda i: "127.0.0.1")
-        prefix = (lambda i: ns.exec_prefix(i)) if ns is not None else (lambda i: [])
-        peers: list[str] = []
+            out["delay_method"] = "netem" if ns.netem() else "test-delay (this kernel has no sch_netem)"
+        else:
+            out["delay_method"] = "test-delay"
+        for delay in delays:  # a fresh mesh per delay: every configuration starts from cold caches
+            res = _one_mesh(store, cap, headroom, delay, base, ns, logdir, threads, timeout)
+            out["mesh"]["rows"] += res["rows"]
+            out["mesh"]["plan"], out["mesh"]["budget"] = res["plan"], res["budget"]
+            out["mesh"]["usage"].append(res.get("usage"))
+    finally:
+        if ns is not None:
+            ns.__exit__(None, None, None)
+    zero = next((r for r in out["mesh"]["rows"] if r["delay_ms"] == 0), None)
+    for row in out["mesh"]["rows"]:
+        row["speedup_vs_single"] = row["tok_s"] / out["single"]["tok_s"]
+        row["hops_per_token"] = len([s for s in out["mesh"]["plan"] if s[2] != "api"]) + 1
+        if zero is not None:
+            row["added_ms_per_token"] = row["ms_per_token"] - zero["ms_per_token"]
+    return out
+
+
+def _one_mesh(store: str, cap: int, headroom: int, delay: float, base: dict, ns, logdir: Path, threads: int,
+              timeout: float) -> dict:
+    """Two stage nodes and the API role, each in its namespace and cgroup (when ``ns``), at ``delay``
+    ms per hop (netem, or the transport's test delay where the kernel lacks netem)."""
+    from moemesh.benchkit.netns import CgroupProcess
+    from moemesh.benchkit.runner import drop_caches
+
+    netem = ns is not None and ns.netem()
+    if ns is not None:
+        ns.set_delay(delay if netem else 0)
+        drop_caches()
+    test_delay = [] if netem else ["--test-delay-ms", str(delay)]
+    host = (lambda i: ns.addr(i)) if ns is not None else (lambda i: "127.0.0.1")
+    prefix = (lambda i: ns.exec_prefix(i)) if ns is not None else (lambda i: [])
+    procs, peers = [], []
+    tag = f"d{delay:g}"
+    try:
         for i in (1, 2):
             cmd = [*prefix(i), sys.executable, "-m", "moemesh.cli", "mesh", "serve", store, "--layers", "auto",
                    "--ram", str(cap), "--quant", "int4", "--no-api", "--host", host(i), "--port", str(4000 + i),
                    "--threads", str(threads), "--heartbeat", "2", "--call-timeout", "120", "--secret", SECRET,
-                   "--mesh-name", "capped", *[a for p in peers for a in ("--peer", p)]]
-            if netns:
-                from moemesh.benchkit.netns import CgroupProcess
-
-                p = CgroupProcess(cmd, cap + headroom, f"mesh-node{i}", logdir / f"node{i}.log")
-            else:
-                p = _Plain(cmd, logdir / f"node{i}.log")
+                   "--mesh-name", "capped", *test_delay, *[a for p in peers for a in ("--peer", p)]]
+            log = logdir / f"node{i}-{tag}.log"
+            p = CgroupProcess(cmd, cap + headroom, f"mesh-node{i}", log) if ns is not None else _Plain(cmd, log)
             procs.append(p)
             peers.append(_wait(p, ADDR, 600).group(1))
-            p.set_limit(cap)  # loaded: from here on the node lives within its cap
-        api_cfg = {**base, "host": host(0), "peers": peers, "nodes": 3, "delays": delays if netns else [0.0],
-                   "netns": netns, "cgroups": netns, "prefix": "mm"}
-        api = _role("api", api_cfg, prefix(0), cap, headroom, logdir / "api.log", netns)
+            if not p.set_limit(cap):  # loaded: from here on the node lives within its cap
+                raise RuntimeError(f"node {i} uses more than the cap after loading: {p.usage()}")
+        go = logdir / f"go-{tag}"
+        api_cfg = {**base, "host": host(0), "peers": peers, "nodes": 3, "delay": delay, "test_delay": not netem,
+                   "go_file": str(go)}
+        api = _role("api", api_cfg, prefix(0), cap, headroom, logdir / f"api-{tag}.log", ns is not None)
         procs.append(api)
-        out["mesh"] = _result(api, timeout)
+        _wait(api, re.compile("^LOADED$", re.M), 600)
+        if not api.set_limit(cap):
+            raise RuntimeError(f"the API node uses more than the cap after loading: {api.usage()}")
+        for p in procs if ns is not None else []:
+            p.reset_peak()
+        go.touch()
+        res = _result(api, timeout)
+        if ns is not None:  # peak memory of each node while decoding, against its cap
+            res["usage"] = {f"node{i}": p.usage() for i, p in enumerate(procs)}
+        return res
     finally:
         for p in procs:
             p.stop()
-        if ns is not None:
-            ns.__exit__(None, None, None)
-    for row in out["mesh"]["rows"]:
-        row["speedup_vs_single"] = row["tok_s"] / out["single"]["tok_s"]
-    zero = next((r for r in out["mesh"]["rows"] if r["delay_ms"] == 0), None)
-    for row in out["mesh"]["rows"]:
-        if zero is not None:
-            row["added_ms_per_token"] = row["ms_per_token"] - zero["ms_per_token"]
-            row["hops_per_token"] = len([s for s in out["mesh"]["plan"] if s[2] != "api"]) + 1
-    return out
 
 
 def markdown(res: dict) -> list[str]:

@@ -77,6 +77,17 @@ class Namespaces:
             _run("ip", "netns", "exec", ns, "ip", "link", "set", inner, "up")
             _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
 
+    def netem(self) -> bool:
+        """Whether this kernel has tc's netem (some VMs lack sch_netem)."""
+        if not hasattr(self, "_netem"):
+            try:
+                self.set_delay(1)
+                self.set_delay(0)
+                self._netem = True
+            except RuntimeError:
+                self._netem = False
+        return self._netem
+
     def set_delay(self, ms: float) -> None:
         """netem on every node's egress: ``ms`` per hop (0 removes it)."""
         for i in range(self.n):
@@ -110,8 +121,20 @@ class CgroupProcess:
                                           *cmd], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env)
 
-    def set_limit(self, limit_bytes: int) -> None:
-        (self.cg / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
+    def set_limit(self, limit_bytes: int, tries: int = 50) -> bool:
+        """Lower or raise the limit; the kernel reclaims page cache to fit (EBUSY while it cannot:
+        retried). False when the process's memory stays above it."""
+        import errno
+
+        for _ in range(tries):
+            try:
+                (self.cg / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
+                return True
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                time.sleep(0.1)
+        return False
 
     def usage(self) -> dict:
         def read(name: str) -> int | None:

@@ -104,6 +104,11 @@ class Link:
     def close(self) -> None:
         self._close(ConnectionError("closed by us"))
 
+    async def aclose(self) -> None:
+        """Close and wait until its reader and writer tasks are gone (node shutdown)."""
+        self.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
 
 async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
     """hivemind's framing: a message marker, then the length-prefixed protobuf."""

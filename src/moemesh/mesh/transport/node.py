@@ -68,6 +68,7 @@ class MeshNode:
         self.peer_id: PeerID | None = None
         self._proven: dict[bytes, asyncio.Future] = {}  # peers we proved ourselves to (and they to us)
         self._tasks: set[asyncio.Task] = set()  # background tasks, cancelled on stop
+        self._links: set[Link] = set()  # open links, closed on stop
         self.stats = CallStats()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -101,6 +102,7 @@ class MeshNode:
         self._thread.join(5)
 
     async def _stop(self) -> None:
+        await asyncio.gather(*(link.aclose() for link in list(self._links)), return_exceptions=True)
         tasks = list(self._tasks)
         for task in tasks:  # heartbeats, session GC, pending closes
             task.cancel()
@@ -166,7 +168,8 @@ class MeshNode:
             link = Link(info.peer_id, reader, writer, outgoing=False, stats=self.stats,
                         delay_ms=lambda: self.options.test_delay_ms)
             on_message, on_close = on_open(link)
-            link.start(on_message, on_close)
+            self._links.add(link)
+            link.start(on_message, self._untrack(on_close))
 
         assert self.p2p is not None
         await self.p2p.add_binary_stream_handler(name, accept)
@@ -183,7 +186,15 @@ class MeshNode:
         except Exception as exc:
             raise MeshError(f"opening {name} to {peer} failed: {' '.join(str(exc).split())}") from None
         link = Link(peer, reader, writer, outgoing=True, stats=self.stats, delay_ms=lambda: self.options.test_delay_ms)
-        return link.start(on_message, on_close)
+        self._links.add(link)
+        return link.start(on_message, self._untrack(on_close))
+
+    def _untrack(self, on_close: OnClose) -> OnClose:
+        def closed(link: Link, exc: BaseException) -> None:
+            self._links.discard(link)
+            on_close(link, exc)
+
+        return closed
 
     async def ping(self, peer: PeerID, timeout: float) -> float:
         """Round trip of an empty members-only call, in seconds (recorded per peer); MeshError on failure."""
