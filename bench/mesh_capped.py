@@ -128,7 +128,7 @@ def _snapshot(stack) -> dict:
     time.sleep(2 * stack.node.options.heartbeat + 0.5)
     nodes = {r.peer_id: dict(r.status) for r in stack.live_nodes()}
     me = stack.node.peer_id.to_base58()
-    h, m, b = cache_counts(stack.slice.provider)
+    h, m, b = cache_counts(stack.slice.lazy_experts)
     nodes[me] = {"hits": h, "misses": m, "bytes_read": b, "bytes_sent": stack.node.stats.bytes_sent}
     return {"nodes": nodes}
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from hivemind.p2p import PeerID
 
-from ..experts.lazy import LazyExperts
 from .pipeline.slice import LoadedSlice
 from .pipeline.stage import StageServer
 from .shards.assign import describe
@@ -70,8 +69,8 @@ class NodeStatus:
         if s.budget is not None:
             status["budget"] = {"ram": s.budget.ram, "trunk": s.budget.trunk, "expert_cache": s.budget.expert_cache,
                                 "slots": s.budget.slots}
-        if isinstance(s.provider, LazyExperts):
-            st = s.provider.stats()
+        if s.lazy_experts is not None:
+            st = s.lazy_experts.stats()
             status.update(hit_rate=st["hit_rate"], hits=st["hits"], misses=st["misses"], cache_bytes=st["cache_bytes"],
                           bytes_read=st["bytes_read"])
         if self.remote_experts is not None and s.args.moe_layers:

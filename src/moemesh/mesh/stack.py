@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MoemeshError
-from ..experts.lazy import LazyExperts
 from ..loading.experts import ExpertOptions
 from ..loading.identity import identify
 from ..models.args import ModelArgs
@@ -111,8 +110,8 @@ class MeshStack:
         wire = {"fp32": torch.float32, "bf16": torch.bfloat16}[o.wire]
         if o.experts is not None:
             self._wire_experts(record, wire)
-        elif isinstance(s.provider, LazyExperts):  # cache only the layers plans give us
-            s.provider.prefetch_filter = lambda layer, _e: self.status.runs_layer(layer)  # type: ignore[union-attr]
+        elif s.lazy_experts is not None:  # cache only the layers plans give us
+            s.lazy_experts.prefetch_filter = lambda layer, _e: self.status.runs_layer(layer)  # type: ignore[union-attr]
         if o.api:
             assert s.ends is not None
             share = tuple(record.share) if record.share is not None else None
@@ -133,8 +132,8 @@ class MeshStack:
             share = None if o.layers == "auto" else list(parse_layers(o.layers or ":", s.args.num_layers))
             experts = s.held
         capacity = s.budget.expert_cache if s.budget is not None else free_memory()
-        if s.budget is None and isinstance(s.provider, LazyExperts):  # a slot count (tests)
-            capacity = s.provider.cache.nbytes()
+        if s.budget is None and s.lazy_experts is not None:  # a slot count (tests)
+            capacity = s.lazy_experts.cache.nbytes()
         return NodeRecord(
             peer_id=self.node.peer_id.to_base58(), model=self.model_id, layers=layers, num_layers=s.args.num_layers,
             addrs=self.addrs(), experts=experts, free_memory=free_memory(), http=o.http, share=share,
@@ -172,8 +171,8 @@ class MeshStack:
         self.remote_experts = RemoteExperts(s.provider, me, self.node, self.live_nodes, self.model_id, wire)
         for block in moe_blocks(s.stage):
             block.provider = self.remote_experts
-        if isinstance(s.provider, LazyExperts):  # cache only our share of the experts
-            s.provider.prefetch_filter = self.remote_experts.owns
+        if s.lazy_experts is not None:  # cache only our share of the experts
+            s.lazy_experts.prefetch_filter = self.remote_experts.owns
         self.status.remote_experts = self.remote_experts  # type: ignore[union-attr]
 
     def addrs(self) -> list[str]:

@@ -26,11 +26,13 @@ import torch
 from ...batch import BatchLayout
 from ...errors import CheckpointError
 from ...experts.budget import BudgetPlan
+from ...experts.lazy import LazyExperts
 from ...experts.mixing import GroupedProvider
 from ...experts.provider import ResidentExperts
 from ...kvcache.base import KVCache
 from ...kvcache.spec import make_cache
 from ...layers.head import OutputHead
+from ...layers.moe import MoEBlock
 from ...layers.norm import RMSNorm
 from ...layers.rope import make_rotary
 from ...loading.experts import ExpertOptions
@@ -43,6 +45,7 @@ from ...store.expert_store import ExpertStore, is_store
 from ...weights.safetensors_io import SafetensorsCheckpoint
 from ...weights.source import SafetensorsSource
 from .range_cache import RangeCache
+from .serial import SerialExperts
 
 
 class StageLayers(torch.nn.Module):
@@ -106,8 +109,9 @@ class LoadedSlice:
     experts: dict[int, dict[int, torch.nn.Module]] = field(default_factory=dict)  # fixed shards' held modules
 
     @property
-    def lazy(self) -> bool:
-        return self.budget is not None or (self.provider is not None and not isinstance(self.provider, ResidentExperts))
+    def lazy_experts(self) -> LazyExperts | None:
+        """The expert cache behind ``provider`` (elastic nodes with --ram), for stats and prefetch filters."""
+        return self.provider.lazy if isinstance(self.provider, SerialExperts) else None
 
 
 # (args, config, bytes of one expert id over the slice's MoE layers) -> expert ids to hold
@@ -183,7 +187,10 @@ def _load_elastic(name: str, layers: str | None, quant: str, experts: ExpertOpti
     m, args = loaded.model, loaded.args
     start, end = (0, args.num_layers) if layers in (None, "auto") else parse_layers(layers, args.num_layers)
     stage = StageLayers(args, dict(enumerate(m.layers)), start, end)
-    provider = loaded.provider if isinstance(loaded.provider, GroupedProvider) else None
+    provider = SerialExperts(loaded.provider) if isinstance(loaded.provider, GroupedProvider) else None
+    for layer in m.layers:  # every thread of the node (engine, stage and expert servers) through one lock
+        if isinstance(layer.ffn, MoEBlock):
+            layer.ffn.provider = provider
     return LoadedSlice(args, stage, Ends(m.embed, m.norm, m.lm_head), loaded.tokenizer, loaded.config, loaded.path,
                        provider, None, elastic=True, budget=loaded.budget)
 
