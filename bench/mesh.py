@@ -149,22 +149,29 @@ def expert_shards(model: Path, tokens: int, shard_counts: list[int]) -> list[dic
 
 def markdown(results: dict) -> str:
     lines = []
+    chained = results.get("protocol") == "chained"  # rows measured since stages are chained (issue 23)
     if results.get("configs"):
         lines += [f"# Mesh pipeline on loopback: {results['model']} ({results['num_layers']} layers)", "",
                   f"{results['machine']}; {results['tokens']} greedy decode tokens, median of {results['rounds']} "
-                  "rounds; added latency is per hop (test-only delay on every link message; chained stages: "
-                  "2 hops per token with 2 stages, 3 with 3).", "",
-                  "| config | added latency ms | single ms/tok | mesh ms/tok | overhead ms/tok | mesh tok/s | "
-                  "min single / mesh ms | transport ms/call | load avg |",
+                  + ("rounds; added latency is per hop (test-only delay on every link message; chained stages: "
+                     "2 hops per token with 2 stages, 3 with 3)." if chained else
+                     "rounds; MEASURED BEFORE CHAINING (issue 23): hub and spoke, one unary call per remote stage "
+                     "per token, added latency per stage round trip (test-only delay before each call)."), "",
+                  f"| config | added latency ms per {'hop' if chained else 'round trip'} | single ms/tok | mesh ms/tok | "
+                  f"overhead ms/tok | mesh tok/s | min single / mesh ms | transport ms/{'step' if chained else 'call'} | "
+                  "load avg |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in results["configs"]:
             lines.append(f"| {r['config']} | {r['delay_ms']:g} | {r['single_ms_per_token']} | {r['mesh_ms_per_token']} | "
                          f"{r['overhead_ms_per_token']} | {r['mesh_tokens_per_s']} | {r['single_min_ms']} / "
                          f"{r['mesh_min_ms']} | {r['transport_ms_per_call']} | {r['load_avg_1m']} |")
-        lines += ["", "transport ms/call = stage call wall time minus the compute time the stage reports (delay "
-                  "included): the number that does not depend on how busy the CPU is. On a heavily shared machine "
-                  "(load avg above) 'mesh faster than single' is a scheduling artefact: two processes that take turns "
-                  "sleeping get CPU sooner than one always-runnable process; compare transport ms/call, not totals.",
+        transport = ("transport ms/step = a chained step's wall time minus the compute every stage of the chain "
+                     "reports" if chained else "transport ms/call = stage call wall time minus the compute time the "
+                     "stage reports")
+        lines += ["", transport + " (delays included): the number that does not depend on how busy the CPU is. On a "
+                  "heavily shared machine (load avg above) 'mesh faster than single' is a scheduling artefact: two "
+                  "processes that take turns sleeping get CPU sooner than one always-runnable process; compare "
+                  "transport times, not totals.",
                   "", "Command: `.venv/bin/python bench/mesh.py --part pipeline` "
                   f"(--tokens {results['tokens']} --rounds {results['rounds']})"]
     ex = results.get("expert_shards")
@@ -220,53 +227,57 @@ def main() -> None:
     old = json.loads((RESULTS / "mesh.json").read_text()) if (RESULTS / "mesh.json").exists() else {}
     if args.part in ("capped", "wire"):
         return other_part(args, old)
+    if args.quick:
+        args.tokens, args.rounds, args.delays, args.shards = 8, 1, "0,20", "3"
     if args.part == "experts":
         model = expert_model(Path(args.work))
         old["expert_shards"] = {"model": "random qwen3_moe, hidden 2048, 128 experts, top-8, 2 layers",
                                 "tokens": args.tokens,
                                 "rows": expert_shards(model, args.tokens, [int(x) for x in args.shards.split(",")])}
-        write_results(RESULTS, "mesh", old, markdown(old), sys.argv)  # the pipeline rows kept
+        write_results(RESULTS, "mesh_quick" if args.quick else "mesh", old, markdown(old), sys.argv)  # the pipeline rows kept
         return
     single = load_model(args.model).model
     n = single.args.num_layers
     cuts2, cuts3 = [0, n // 2, n], [0, n // 3, 2 * n // 3, n]
     results: dict = {"model": args.model, "num_layers": n, "tokens": args.tokens, "rounds": args.rounds,
+                     "protocol": "chained",
                      "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread per process",
                      "configs": []}
 
     def run(label: str, cuts: list[int], delays: list[float]) -> None:
-        head = MeshStack(StackOptions(args.model, f"{cuts[0]}:{cuts[1]}", mesh=MeshOptions(
-            mesh_name="bench", secret=SECRET, heartbeat=2.0))).start()
-        stages = [StageProcess(args.model, f"{a}:{b}", SECRET, head.addrs(), "--threads", "1", "--heartbeat", "2",
-                               mesh_name="bench").launch() for a, b in zip(cuts[1:-1], cuts[2:])]
-        try:
-            for s in stages:
-                s.wait_ready(120)
-            while len(head.live_nodes()) < len(cuts) - 1:
-                time.sleep(0.2)
-            for d in delays:
-                head.node.options.test_delay_ms = d
+        for d in delays:  # fresh nodes per delay: every node delays its own messages (d per hop)
+            head = MeshStack(StackOptions(args.model, f"{cuts[0]}:{cuts[1]}", mesh=MeshOptions(
+                mesh_name="bench", secret=SECRET, heartbeat=2.0, test_delay_ms=d))).start()
+            stages = [StageProcess(args.model, f"{a}:{b}", SECRET, head.addrs(), "--threads", "1", "--heartbeat", "2",
+                                   "--test-delay-ms", str(d), mesh_name="bench").launch()
+                      for a, b in zip(cuts[1:-1], cuts[2:])]
+            try:
+                for s in stages:
+                    s.wait_ready(120)
+                while len(head.live_nodes()) < len(cuts) - 1:
+                    time.sleep(0.2)
+                head.pipeline.new_plan(force=True)
                 head.node.stats = CallStats()
                 singles, meshes = interleaved(single, head.pipeline, args.tokens, args.rounds)
                 st = head.node.stats
-                transport = 1000 * (st.wall_s - st.remote_compute_s) / max(1, st.calls)
+                transport = 1000 * (st.wall_s - st.remote_compute_s) / max(1, st.calls)  # per chained step
                 base, mesh = statistics.median(singles), statistics.median(meshes)
                 row = {"config": label, "stages": len(cuts) - 1, "delay_ms": d, "single_ms_per_token": round(base, 2),
                        "mesh_ms_per_token": round(mesh, 2), "overhead_ms_per_token": round(mesh - base, 2),
                        "mesh_tokens_per_s": round(1000 / mesh, 1), "single_tokens_per_s": round(1000 / base, 1),
                        "single_min_ms": round(min(singles), 2), "mesh_min_ms": round(min(meshes), 2),
                        "load_avg_1m": round(os.getloadavg()[0], 1),
-                       "transport_ms_per_call": round(transport, 2), "calls_per_token": len(cuts) - 2}
+                       "transport_ms_per_call": round(transport, 2), "hops_per_token": len(cuts) - 1}
                 print(json.dumps(row), flush=True)
                 results["configs"].append(row)
-        finally:
-            for s in stages:
-                s.stop()
-            head.stop()
+            finally:
+                for s in stages:
+                    s.stop()
+                head.stop()
 
     delays = [float(d) for d in args.delays.split(",")]
     run("2 stages", cuts2, delays)
-    run("3 stages", cuts3, [0.0])
+    run("3 stages", cuts3, delays)  # chained: 3 hops per token (hub and spoke would be 4)
     if args.part == "all":
         model = expert_model(Path(args.work))
         results["expert_shards"] = {"model": "random qwen3_moe, hidden 2048, 128 experts, top-8, 2 layers",
@@ -274,7 +285,8 @@ def main() -> None:
                                     "rows": expert_shards(model, args.tokens, [int(x) for x in args.shards.split(",")])}
     elif "expert_shards" in old:
         results["expert_shards"] = old["expert_shards"]
-    write_results(RESULTS, "mesh", results, markdown(results), sys.argv)
+    results.update({k: old[k] for k in ("capped", "wire") if k in old})  # the other parts' results kept
+    write_results(RESULTS, "mesh_quick" if args.quick else "mesh", results, markdown(results), sys.argv)
 
 
 def other_part(args, old: dict) -> None:

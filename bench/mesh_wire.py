@@ -10,6 +10,7 @@ many of the greedy tokens equal one process's. The fp32 wire is the control (0, 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 TEXT = ("The history of the city begins with a small settlement on the river. Over the centuries, merchants "
         "built warehouses along the banks, and the town grew into a center of trade. Today it is known for its "
@@ -67,7 +68,7 @@ def wire_effect(model: str, greedy_tokens: int = 48) -> list[dict]:
             kl = (p.exp() * (p - q)).sum(-1)  # [T]
             greedy = _greedy(head.pipeline, ids[:24], greedy_tokens)
             same = next((i for i, (a, b) in enumerate(zip(greedy, ref_greedy)) if a != b), len(greedy))
-            rows.append({"model": model, "wire": wire, "positions": len(ids), "stages": [list(c) for c in
+            rows.append({"model": Path(model).name, "wire": wire, "positions": len(ids), "stages": [list(c) for c in
                          zip(cuts, cuts[1:])], "max_abs_logit_diff": float((got - ref).abs().max()),
                          "mean_kl_nats": float(kl.mean()), "max_kl_nats": float(kl.max()),
                          "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
@@ -91,4 +92,6 @@ def markdown(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['model']} | {r['wire']} | {r['wire_bytes_per_row']} | {r['max_abs_logit_diff']:.4g} | "
                      f"{r['mean_kl_nats']:.3g} | {r['max_kl_nats']:.3g} | {100 * r['top1_agreement']:.1f}% | "
                      f"{r['greedy_same_prefix']} of {r['greedy_tokens']} |")
-    return lines
+    models = ",".join(dict.fromkeys(r["model"] for r in rows))
+    return lines + ["", f"Command: `.venv/bin/python bench/mesh.py --part wire --wire-models {models}` (model paths "
+                    "shortened to their names)"]

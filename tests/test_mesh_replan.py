@@ -69,7 +69,9 @@ def test_kill9_replans_onto_survivors_then_rejoins(stores, mode):  # noqa: F811
         victim.kill9()
         t0 = time.monotonic()
         engine.step()  # this step meets the dead node: re-plan onto the survivors, replay, go on
-        assert time.monotonic() - t0 < FAILOVER_BOUND
+        elapsed = time.monotonic() - t0
+        print(f"failover ({mode[0]}): the step that met the dead node took {elapsed:.2f} s")
+        assert elapsed < FAILOVER_BOUND
         failovers = head.pipeline.failovers if kw.get("layers") else head.remote_experts.failovers
         assert failovers >= 1
         if kw.get("layers"):
