@@ -253,7 +253,7 @@ def main() -> None:
                       for a, b in zip(cuts[1:-1], cuts[2:])]
             try:
                 for s in stages:
-                    s.wait_ready(120)
+                    s.wait_ready(300)
                 while len(head.live_nodes()) < len(cuts) - 1:
                     time.sleep(0.2)
                 head.pipeline.new_plan(force=True)

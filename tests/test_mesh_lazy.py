@@ -132,7 +132,7 @@ def test_three_lazy_expert_shards_match_one_process(stores, arch):
 def check_status(head: MeshStack, stacks: list[MeshStack], bounds, order, capsys) -> None:
     """`moemesh mesh status`: each node's share, what it serves, its hit rate, tok/s and link latency."""
     from moemesh.cli import main
-    from moemesh.commands.mesh import status_table
+    from moemesh.commands.mesh_status import status_table
 
     ids = [s.node.peer_id.to_base58() for s in order]
     deadline = time.monotonic() + 15
