@@ -1,6 +1,6 @@
 """Masked-mode quality: what restricting every router to one shard's experts costs.
 
-Masked mode (src/moemesh/mesh/masked.py) lets each node of an expert-sharded mesh answer a
+Masked mode (src/moemesh/mesh/shards/masked.py) lets each node of an expert-sharded mesh answer a
 request alone, using only its own experts: zero cross-node traffic. For n = 2, 3, 4 contiguous
 shards and every shard i, teacher-force the same token stream through the exact model and the
 model masked to shard i, and compare next-token distributions at every position:
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from moemesh.batch import BatchLayout
 from moemesh.benchkit.results import write_results
 from moemesh.loading.loader import load_model
-from moemesh.mesh.masked import mask_model, moe_blocks, shard_experts
+from moemesh.mesh.shards.masked import mask_model, moe_blocks, shard_experts
 
 ROOT = Path(__file__).parent
 TEXT = ROOT.parent / "tests" / "data" / "kv_eval_essay.txt"

@@ -1,10 +1,15 @@
-"""Mesh pipeline benchmark on loopback: per-token overhead of 2 and 3 stages, and decode speed
-with added per-hop latency.
+"""Mesh benchmarks. ``--part pipeline`` (loopback): per-token overhead of 2 and 3 stages, and decode
+speed with added per-hop latency. ``--part experts``: bytes per token of expert shards. ``--part
+capped`` (bench/mesh_capped.py): three nodes in their own network namespaces (tc netem delay per
+hop) and memory cgroups vs one node under the same cap, on a model ~3x the cap. ``--part wire``
+(bench/mesh_wire.py): what a bf16 wire does to the logits. ``--quick``: small sizes, to check that
+everything runs (not for publishing).
 
-Topology: this process is the API node (embedding, head, its own layers); stage nodes are child
-processes (``moemesh mesh serve --no-api``). The API node calls each remote stage in turn (hub
-and spoke): with 2 stages one round trip per token, with 3 stages two. "Per-hop latency d" is a
-TEST-ONLY delay of d ms before every stage call (MeshOptions.test_delay_ms), i.e. d per round trip.
+Pipeline topology: this process is the API node (embedding, head, its own layers); stage nodes are
+child processes (``moemesh mesh serve --no-api``). Stages are chained: the API node sends a step
+to the first remote stage, each stage passes its output to the next, the last one answers the API
+node: with 2 stages 2 one-way hops per token, with 3 stages 3 (hub and spoke would be 4).
+"Per-hop latency d" is a TEST-ONLY delay of d ms on every link message (MeshOptions.test_delay_ms).
 
 Expert shards (``--part experts``): every node holds the trunk and 1/n of the experts; the API
 node (this process) sends each MoE layer's rows routed elsewhere to their holders. We count the
@@ -19,6 +24,9 @@ process, and overhead = mesh ms/token - single-process ms/token (single process 
 same run, interleaved). Writes bench/results/mesh.{json,md}.
 
     .venv/bin/python bench/mesh.py [--model smollm2] [--tokens 32] [--rounds 3] [--part all|pipeline|experts]
+    .venv/bin/python bench/mesh.py --part capped [--capped-layers 12] [--cap-mib N] [--delays 0,5,20]  # root
+    .venv/bin/python bench/mesh.py --part wire [--wire-models smollm2,~/.cache/moemesh/smollm2-moe-16x15]
+    .venv/bin/python bench/mesh.py --quick --part capped   # a few minutes: checks it runs
 """
 from __future__ import annotations
 
@@ -38,8 +46,8 @@ from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.loading.loader import load_model
 from moemesh.mesh.launcher import MeshProcess, StageProcess
-from moemesh.mesh.node import CallStats, MeshOptions
 from moemesh.mesh.stack import MeshStack, StackOptions
+from moemesh.mesh.transport.node import CallStats, MeshOptions
 
 RESULTS = Path(__file__).parent / "results"
 SECRET = "bench-secret"
@@ -87,7 +95,7 @@ def expert_model(root: Path) -> Path:
 
 def expert_shards(model: Path, tokens: int, shard_counts: list[int]) -> list[dict]:
     """Bytes per decoded token crossing the network in expert-shard mode, n nodes of 1/n experts."""
-    from moemesh.mesh.masked import shard_experts
+    from moemesh.mesh.shards.masked import shard_experts
 
     rows = []
     e, k, layers, d = (EXPERT_SHAPE[x] for x in ("num_experts", "num_experts_per_tok", "num_hidden_layers", "hidden_size"))
@@ -141,21 +149,29 @@ def expert_shards(model: Path, tokens: int, shard_counts: list[int]) -> list[dic
 
 def markdown(results: dict) -> str:
     lines = []
+    chained = results.get("protocol") == "chained"  # rows measured since stages are chained (issue 23)
     if results.get("configs"):
         lines += [f"# Mesh pipeline on loopback: {results['model']} ({results['num_layers']} layers)", "",
                   f"{results['machine']}; {results['tokens']} greedy decode tokens, median of {results['rounds']} "
-                  "rounds; added latency is per stage round trip (test-only delay in the transport).", "",
-                  "| config | added latency ms | single ms/tok | mesh ms/tok | overhead ms/tok | mesh tok/s | "
-                  "min single / mesh ms | transport ms/call | load avg |",
+                  + ("rounds; added latency is per hop (test-only delay on every link message; chained stages: "
+                     "2 hops per token with 2 stages, 3 with 3)." if chained else
+                     "rounds; MEASURED BEFORE CHAINING (issue 23): hub and spoke, one unary call per remote stage "
+                     "per token, added latency per stage round trip (test-only delay before each call)."), "",
+                  f"| config | added latency ms per {'hop' if chained else 'round trip'} | single ms/tok | mesh ms/tok | "
+                  f"overhead ms/tok | mesh tok/s | min single / mesh ms | transport ms/{'step' if chained else 'call'} | "
+                  "load avg |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in results["configs"]:
             lines.append(f"| {r['config']} | {r['delay_ms']:g} | {r['single_ms_per_token']} | {r['mesh_ms_per_token']} | "
                          f"{r['overhead_ms_per_token']} | {r['mesh_tokens_per_s']} | {r['single_min_ms']} / "
                          f"{r['mesh_min_ms']} | {r['transport_ms_per_call']} | {r['load_avg_1m']} |")
-        lines += ["", "transport ms/call = stage call wall time minus the compute time the stage reports (delay "
-                  "included): the number that does not depend on how busy the CPU is. On a heavily shared machine "
-                  "(load avg above) 'mesh faster than single' is a scheduling artefact: two processes that take turns "
-                  "sleeping get CPU sooner than one always-runnable process; compare transport ms/call, not totals.",
+        transport = ("transport ms/step = a chained step's wall time minus the compute every stage of the chain "
+                     "reports" if chained else "transport ms/call = stage call wall time minus the compute time the "
+                     "stage reports")
+        lines += ["", transport + " (delays included): the number that does not depend on how busy the CPU is. On a "
+                  "heavily shared machine (load avg above) 'mesh faster than single' is a scheduling artefact: two "
+                  "processes that take turns sleeping get CPU sooner than one always-runnable process; compare "
+                  "transport times, not totals.",
                   "", "Command: `.venv/bin/python bench/mesh.py --part pipeline` "
                   f"(--tokens {results['tokens']} --rounds {results['rounds']})"]
     ex = results.get("expert_shards")
@@ -178,6 +194,14 @@ def markdown(results: dict) -> str:
                   "in expert-id order exactly as one process does. A 48-layer model of this shape (Qwen3-30B-A3B) "
                   "moves 48 x the per-MoE-layer figure per token.", "",
                   f"Command: `.venv/bin/python bench/mesh.py --part experts --tokens {ex['tokens']}`"]
+    if results.get("capped"):
+        import mesh_capped
+
+        lines += mesh_capped.markdown(results["capped"])
+    if results.get("wire"):
+        import mesh_wire
+
+        lines += mesh_wire.markdown(results["wire"])
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +211,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--delays", default="0,5,20,30")
-    ap.add_argument("--part", choices=("all", "pipeline", "experts"), default="all")
+    ap.add_argument("--part", choices=("all", "pipeline", "experts", "capped", "wire"), default="all")
+    ap.add_argument("--quick", action="store_true", help="small sizes: checks that the part runs")
+    ap.add_argument("--capped-layers", type=int, default=12, help="capped: depth of the Qwen3-30B-A3B-shaped model")
+    ap.add_argument("--capped-vocab", type=int, default=32768)
+    ap.add_argument("--cap-mib", type=int, default=None, help="capped: per-node cap (default: model bytes / 3)")
+    ap.add_argument("--warmup", type=int, default=8, help="capped: untimed tokens first")
+    ap.add_argument("--wire-models", default="smollm2", help="wire: comma-separated models (real weights)")
     ap.add_argument("--shards", default="2,3", help="expert-shard node counts")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/moemesh/bench"),
                     help="where the expert-shard model is made once")
@@ -195,53 +225,59 @@ def main() -> None:
     torch.set_num_threads(1)
     RESULTS.mkdir(exist_ok=True)
     old = json.loads((RESULTS / "mesh.json").read_text()) if (RESULTS / "mesh.json").exists() else {}
+    if args.part in ("capped", "wire"):
+        return other_part(args, old)
+    if args.quick:
+        args.tokens, args.rounds, args.delays, args.shards = 8, 1, "0,20", "3"
     if args.part == "experts":
         model = expert_model(Path(args.work))
         old["expert_shards"] = {"model": "random qwen3_moe, hidden 2048, 128 experts, top-8, 2 layers",
                                 "tokens": args.tokens,
                                 "rows": expert_shards(model, args.tokens, [int(x) for x in args.shards.split(",")])}
-        write_results(RESULTS, "mesh", old, markdown(old), sys.argv)  # the pipeline rows kept
+        write_results(RESULTS, "mesh_quick" if args.quick else "mesh", old, markdown(old), sys.argv)  # the pipeline rows kept
         return
     single = load_model(args.model).model
     n = single.args.num_layers
     cuts2, cuts3 = [0, n // 2, n], [0, n // 3, 2 * n // 3, n]
     results: dict = {"model": args.model, "num_layers": n, "tokens": args.tokens, "rounds": args.rounds,
+                     "protocol": "chained",
                      "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread per process",
                      "configs": []}
 
     def run(label: str, cuts: list[int], delays: list[float]) -> None:
-        head = MeshStack(StackOptions(args.model, f"{cuts[0]}:{cuts[1]}", mesh=MeshOptions(
-            mesh_name="bench", secret=SECRET, heartbeat=2.0))).start()
-        stages = [StageProcess(args.model, f"{a}:{b}", SECRET, head.addrs(), "--threads", "1", "--heartbeat", "2",
-                               mesh_name="bench").launch() for a, b in zip(cuts[1:-1], cuts[2:])]
-        try:
-            for s in stages:
-                s.wait_ready(120)
-            while len(head.live_nodes()) < len(cuts) - 1:
-                time.sleep(0.2)
-            for d in delays:
-                head.node.options.test_delay_ms = d
+        for d in delays:  # fresh nodes per delay: every node delays its own messages (d per hop)
+            head = MeshStack(StackOptions(args.model, f"{cuts[0]}:{cuts[1]}", mesh=MeshOptions(
+                mesh_name="bench", secret=SECRET, heartbeat=2.0, test_delay_ms=d))).start()
+            stages = [StageProcess(args.model, f"{a}:{b}", SECRET, head.addrs(), "--threads", "1", "--heartbeat", "2",
+                                   "--test-delay-ms", str(d), mesh_name="bench").launch()
+                      for a, b in zip(cuts[1:-1], cuts[2:])]
+            try:
+                for s in stages:
+                    s.wait_ready(300)
+                while len(head.live_nodes()) < len(cuts) - 1:
+                    time.sleep(0.2)
+                head.pipeline.new_plan(force=True)
                 head.node.stats = CallStats()
                 singles, meshes = interleaved(single, head.pipeline, args.tokens, args.rounds)
                 st = head.node.stats
-                transport = 1000 * (st.wall_s - st.remote_compute_s) / max(1, st.calls)
+                transport = 1000 * (st.wall_s - st.remote_compute_s) / max(1, st.calls)  # per chained step
                 base, mesh = statistics.median(singles), statistics.median(meshes)
                 row = {"config": label, "stages": len(cuts) - 1, "delay_ms": d, "single_ms_per_token": round(base, 2),
                        "mesh_ms_per_token": round(mesh, 2), "overhead_ms_per_token": round(mesh - base, 2),
                        "mesh_tokens_per_s": round(1000 / mesh, 1), "single_tokens_per_s": round(1000 / base, 1),
                        "single_min_ms": round(min(singles), 2), "mesh_min_ms": round(min(meshes), 2),
                        "load_avg_1m": round(os.getloadavg()[0], 1),
-                       "transport_ms_per_call": round(transport, 2), "calls_per_token": len(cuts) - 2}
+                       "transport_ms_per_call": round(transport, 2), "hops_per_token": len(cuts) - 1}
                 print(json.dumps(row), flush=True)
                 results["configs"].append(row)
-        finally:
-            for s in stages:
-                s.stop()
-            head.stop()
+            finally:
+                for s in stages:
+                    s.stop()
+                head.stop()
 
     delays = [float(d) for d in args.delays.split(",")]
     run("2 stages", cuts2, delays)
-    run("3 stages", cuts3, [0.0])
+    run("3 stages", cuts3, delays)  # chained: 3 hops per token (hub and spoke would be 4)
     if args.part == "all":
         model = expert_model(Path(args.work))
         results["expert_shards"] = {"model": "random qwen3_moe, hidden 2048, 128 experts, top-8, 2 layers",
@@ -249,7 +285,34 @@ def main() -> None:
                                     "rows": expert_shards(model, args.tokens, [int(x) for x in args.shards.split(",")])}
     elif "expert_shards" in old:
         results["expert_shards"] = old["expert_shards"]
-    write_results(RESULTS, "mesh", results, markdown(results), sys.argv)
+    results.update({k: old[k] for k in ("capped", "wire") if k in old})  # the other parts' results kept
+    write_results(RESULTS, "mesh_quick" if args.quick else "mesh", results, markdown(results), sys.argv)
+
+
+def other_part(args, old: dict) -> None:
+    """--part capped / wire: their results go into mesh.json beside the others (kept)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    if args.part == "wire":
+        import mesh_wire
+
+        models = args.wire_models.split(",")
+        old["wire"] = [row for m in models for row in mesh_wire.wire_effect(os.path.expanduser(m),
+                                                                            8 if args.quick else 48)]
+    else:
+        import mesh_capped
+        from moemesh.benchkit.synth import core as synth
+
+        layers, vocab = (4, 4096) if args.quick else (args.capped_layers, args.capped_vocab)
+        store = synth.build(Path(args.work), layers, vocab) / "store"
+        model_bytes = sum(f.stat().st_size for f in store.iterdir() if f.suffix in (".bin", ".safetensors"))
+        cap = args.cap_mib * 2**20 if args.cap_mib else model_bytes // 3
+        cap = max(cap, 600 * 2**20 if args.quick else cap)  # quick: the smallest budget that loads
+        tokens, warmup = (6, 2) if args.quick else (args.tokens, args.warmup)
+        delays = [0.0, 5.0] if args.quick else [float(d) for d in args.delays.split(",")]
+        res = mesh_capped.run_capped(str(store), cap, tokens, warmup, delays, threads=1)
+        res.update(model=f"synthetic Qwen3-30B-A3B shapes, {layers} layers, vocab {vocab}", model_bytes=model_bytes)
+        old["capped"] = res
+    write_results(RESULTS, "mesh_quick" if args.quick else "mesh", old, markdown(old), sys.argv)
 
 
 if __name__ == "__main__":

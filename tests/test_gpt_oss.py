@@ -348,7 +348,7 @@ def test_published_20b_config_reads_like_transformers():
 
 def test_mesh_stage_slices_compose_to_the_whole_model(ckpts):
     """Two pipeline stages (layers 0:2 with the ends, 2:3) give the whole model's logits."""
-    from moemesh.mesh.slice import load_slice
+    from moemesh.mesh.pipeline.slice import load_slice
 
     _, d = ckpts["gqa-alt"]
     ids = prompt(6, 15)

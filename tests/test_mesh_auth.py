@@ -1,15 +1,18 @@
 """Mesh membership: a node without the mesh secret is refused by every handler and sees no records."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
+from hivemind.p2p import P2P
 
-from moemesh.mesh import remote
-from moemesh.mesh.membership import Membership
-from moemesh.mesh.node import MeshError, MeshNode, MeshOptions
+from moemesh.mesh.pipeline.chain import ChainClient
+from moemesh.mesh.pipeline.stage import LINK
 from moemesh.mesh.stack import MeshStack, StackOptions
-from moemesh.mesh.stage import FORWARD
-from moemesh.mesh.wire import WireError, decode_tensor, encode_tensor
+from moemesh.mesh.transport.membership import Membership
+from moemesh.mesh.transport.node import PING, MeshError, MeshNode, MeshOptions
+from moemesh.mesh.transport.wire import WireError, decode_tensor, encode_tensor, pack_request
 
 
 def opts(secret: str, peers=()) -> MeshOptions:
@@ -34,18 +37,28 @@ def test_node_without_secret_is_refused(tiny_checkpoints):
         target = stage.node.peer_id
         intruder = MeshNode(opts("wrong", stage.addrs())).start()
         nodes.append(intruder)
-        call = remote.StageCall(["s"], [1], [0], torch.zeros(1, 48), torch.zeros(1, dtype=torch.long))
+        x, pos = torch.zeros(1, 48), torch.zeros(1, dtype=torch.long)
+        hops = [(target.to_base58(), 1, 2)]
         with pytest.raises(MeshError, match="wrong secret|not a member"):  # handshake fails both ways
-            intruder.run(remote.forward(intruder, target, call), 20)
-        # skipping the handshake does not help: the handler checks the caller's peer id
+            intruder.run(ChainClient(intruder).run(hops, ["s"], [1], [0], x, pos, 10), 20)
+        # skipping the handshake does not help: every handler checks the caller's peer id
         with pytest.raises(MeshError, match="not a member"):
-            intruder.run(intruder._raw_call(target, FORWARD, {"sessions": ["s"], "lens": [1], "starts": [0]},
-                                            [call.x, call.positions], 10), 20)
+            intruder.run(intruder._raw_call(target, PING, {}, [], 10), 20)
+        header = {"kind": "forward", "step": 1, "origin": intruder.peer_id.to_base58(), "sessions": ["s"],
+                  "lens": [1], "starts": [0], "hops": [list(h) for h in hops], "wire": "fp32"}
+
+        async def sneak() -> bytes:  # a raw link: the stage closes it without reading a byte
+            _, reader, writer = await intruder.p2p.call_binary_stream_handler(target, LINK)
+            writer.write(P2P.MESSAGE_MARKER)
+            await P2P.send_raw_data(pack_request(header, [x, pos]).SerializeToString(), writer)
+            return await asyncio.wait_for(reader.read(), 10)
+
+        assert intruder.run(sneak(), 20) == b""
         assert intruder.run(Membership(intruder, None).live_nodes(), 20) == []  # records are MAC'd
         assert stage.stage.rows == 0
         member = MeshNode(opts("right", stage.addrs())).start()
         nodes.append(member)
-        y = member.run(remote.forward(member, target, call), 20)
+        y = member.run(ChainClient(member).run(hops, ["s"], [1], [0], x, pos, 10), 20)
         assert y.shape == (1, 48) and stage.stage.rows == 1
         assert [r.layers for r in member.run(Membership(member, None).live_nodes(), 20)] == [(1, 2)]
     finally:

@@ -13,11 +13,11 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.errors import MoemeshError
 from moemesh.experts.provider import ResidentExperts
 from moemesh.loading.loader import load_model
-from moemesh.mesh.expert_server import ExpertServer
-from moemesh.mesh.expert_shards import auto_assign, describe, expert_capacity, parse_experts
-from moemesh.mesh.node import MeshOptions
-from moemesh.mesh.remote_experts import RemoteExperts, build_calls
+from moemesh.mesh.shards.assign import auto_assign, describe, expert_capacity, parse_experts
+from moemesh.mesh.shards.expert_server import ExpertServer
+from moemesh.mesh.shards.remote_experts import RemoteExperts, build_calls
 from moemesh.mesh.stack import MeshStack, StackOptions
+from moemesh.mesh.transport.node import MeshOptions
 
 SECRET = "experts-secret"
 PROMPTS = [[1, 5, 9, 13, 2, 7], [3, 3, 8], [11, 4, 6, 10, 12]]
@@ -203,7 +203,7 @@ def test_hung_holder_times_out_and_fails_over(moe_models):
 
 def test_masked_mode_needs_no_other_node(moe_models):
     """--masked: routers limited to our experts, so a lone node answers; same as mask_model."""
-    from moemesh.mesh.masked import mask_model
+    from moemesh.mesh.shards.masked import mask_model
 
     path = str(moe_models["qwen3_moe-norm"])
     ref = load_model(path, "fp32").model

@@ -15,8 +15,8 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.errors import MoemeshError
 from moemesh.loading.loader import load_model
 from moemesh.mesh.launcher import StageProcess
-from moemesh.mesh.node import MeshOptions
 from moemesh.mesh.stack import MeshStack, StackOptions
+from moemesh.mesh.transport.node import MeshOptions
 from test_mesh_pipeline import four_layer_models  # noqa: F401  (fixture)
 
 SECRET = "failover-secret"
@@ -42,7 +42,7 @@ def test_killed_stage_fails_over_to_replica_then_errors_cleanly(four_layer_model
         seq = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=n))
         while len(seq.output_ids) < 8:
             engine.step()
-        used = head.pipeline.plan and engine.cache.remote[seq.seq_id][1].peer
+        used = engine.cache.route_peers(seq.seq_id)[1]
         victim = next(s for s in stages if s.peer_id == used)
         victim.kill9()
         t0 = time.monotonic()
@@ -50,7 +50,7 @@ def test_killed_stage_fails_over_to_replica_then_errors_cleanly(four_layer_model
         failover_s = time.monotonic() - t0
         assert head.pipeline.failovers == 1
         assert failover_s < FAILOVER_BOUND
-        assert engine.cache.remote[seq.seq_id][1].peer != used
+        assert engine.cache.route_peers(seq.seq_id)[1] not in (used, None)
         while len(seq.output_ids) < 16:
             engine.step()
         assert seq.output_ids == expected[0].output_ids[:16]  # same tokens as one process

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from moemesh.errors import MoemeshError
-from moemesh.mesh.invite import PREFIX, Invite, new_secret
+from moemesh.mesh.discovery.invite import PREFIX, Invite, new_secret
 
 ADDRS = ["/ip4/127.0.0.1/tcp/40123/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"]
 
@@ -67,7 +67,7 @@ def test_bad_input_messages(text, match):
 
 def _forge(obj) -> str:
     """A correctly checksummed invite around an arbitrary payload (to test field validation)."""
-    from moemesh.mesh.invite import _b64encode, _checksum
+    from moemesh.mesh.discovery.invite import _b64encode, _checksum
 
     payload = _b64encode(json.dumps(obj).encode())
     return f"{PREFIX}{payload}.{_checksum(payload)}"
@@ -90,7 +90,7 @@ def test_bad_fields(obj, match):
 
 
 def test_non_json_payload():
-    from moemesh.mesh.invite import _checksum
+    from moemesh.mesh.discovery.invite import _checksum
 
     payload = base64.urlsafe_b64encode(b"\xff\xfe not json").decode().rstrip("=")
     with pytest.raises(ValueError, match="base64 JSON"):

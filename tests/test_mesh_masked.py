@@ -7,7 +7,7 @@ from moemesh.errors import MoemeshError
 from moemesh.layers.gpt_oss_moe import LogitTopKRouter
 from moemesh.layers.router import TopKRouter
 from moemesh.loading.loader import load_model
-from moemesh.mesh.masked import MaskedRouter, mask_model, masked_reference, moe_blocks, shard_experts
+from moemesh.mesh.shards.masked import MaskedRouter, mask_model, masked_reference, moe_blocks, shard_experts
 
 
 def test_shard_experts_balanced_and_complete():

@@ -11,10 +11,11 @@ import pytest
 from nostr_sdk import Event, Keys
 
 from moemesh.errors import MoemeshError
-from moemesh.mesh import discovery, nostr_relays
-from moemesh.mesh.invite import Invite, new_secret
-from moemesh.mesh.nostr_keys import load_or_create_keys
-from moemesh.mesh.nostr_listing import (
+from moemesh.mesh.discovery import join as discovery  # listings: fetch, rank, auto_join
+from moemesh.mesh.discovery import nostr_relays
+from moemesh.mesh.discovery.invite import Invite, new_secret
+from moemesh.mesh.discovery.nostr_keys import load_or_create_keys
+from moemesh.mesh.discovery.nostr_listing import (
     Listing,
     ListingContent,
     ListingError,
@@ -25,7 +26,7 @@ from moemesh.mesh.nostr_listing import (
     parse_listing,
     parse_listings,
 )
-from moemesh.mesh.nostr_publisher import ListingPublisher
+from moemesh.mesh.discovery.nostr_publisher import ListingPublisher
 
 FAST = nostr_relays.RetryPolicy(attempts=3, connect_timeout_s=0.5, base_delay_s=0.1, max_delay_s=0.4)
 GIB = 2**30
@@ -108,7 +109,7 @@ def test_tampered_event_is_rejected(caplog):
     forged = Event.from_json(json.dumps(d))
     with pytest.raises(ListingError, match="signature"):
         parse_listing(forged)
-    with caplog.at_level(logging.INFO, logger="moemesh.mesh.nostr_listing"):
+    with caplog.at_level(logging.INFO, logger="moemesh.mesh.discovery.nostr_listing"):
         assert parse_listings([forged, ev]) and len(parse_listings([forged])) == 0
     assert "tampered" in caplog.text
 
@@ -290,7 +291,7 @@ def test_cli_discover_and_invite(relay_url, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOEMESH_HOME", str(tmp_path))
     with pytest.raises(MoemeshError, match="no mesh node state"):
         _cli(["invite"])
-    from moemesh.mesh.node_state import write_node_state
+    from moemesh.mesh.discovery.node_state import write_node_state
 
     p = write_node_state(Invite("st", "sec", ["/ip4/127.0.0.1/tcp/6"]))
     assert stat.S_IMODE(p.stat().st_mode) == 0o600

@@ -6,8 +6,8 @@ import pytest
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.loading.loader import load_model
-from moemesh.mesh.node import MeshOptions
 from moemesh.mesh.stack import MeshStack, StackOptions
+from moemesh.mesh.transport.node import MeshOptions
 
 SECRET = "test-secret"
 PROMPTS = [[1, 5, 9, 13, 2, 7], [3, 3, 8], [11, 4, 6, 10, 12]]
@@ -63,3 +63,37 @@ def test_two_stage_pipeline_matches_one_process(four_layer_models, arch):
         for stack in (head, tail):
             if stack is not None:
                 stack.stop()
+
+
+def test_bf16_wire_halves_the_bytes_and_stays_close(four_layer_models):
+    """--wire bf16: the activations between stages in bf16 (half the bytes); not exact, close."""
+    import torch
+
+    from moemesh.batch import BatchLayout
+
+    path = str(four_layer_models["llama"])
+    ids = list(range(3, 60))
+
+    def logits(model) -> torch.Tensor:
+        cache = model.new_cache()
+        cache.add_sequence(0)
+        return model(torch.tensor(ids), torch.arange(len(ids)), cache, BatchLayout([0], [len(ids)]), all_logits=True)
+
+    ref = logits(load_model(path, "fp32").model)
+    got, sent = {}, {}
+    for wire in ("fp32", "bf16"):
+        tail = MeshStack(StackOptions(path, "2:4", "fp32", api=False, wire=wire, mesh=mesh_options())).start()
+        head = None
+        try:
+            head = MeshStack(StackOptions(path, "0:2", "fp32", wire=wire, mesh=mesh_options(tail.addrs()))).start()
+            before = head.node.stats.bytes_sent
+            got[wire] = logits(head.pipeline)
+            sent[wire] = head.node.stats.bytes_sent - before
+        finally:
+            for stack in (head, tail):
+                if stack is not None:
+                    stack.stop()
+    assert torch.equal(got["fp32"], ref)
+    diff = (got["bf16"] - ref).abs().max().item()
+    assert 0 < diff < 0.05 * ref.abs().max().item(), diff  # rounded, not garbage
+    assert sent["bf16"] < 0.6 * sent["fp32"]  # the rows dominate the message

@@ -17,7 +17,7 @@ import urllib.request
 import openai
 import pytest
 
-from moemesh.mesh.invite import Invite
+from moemesh.mesh.discovery.invite import Invite
 from moemesh.mesh.launcher import MeshProcess
 from moemesh.server.launcher import ServerProcess
 
@@ -112,6 +112,13 @@ def test_openai_stream_through_pipeline_matches_one_process(chat_moe):
         single_text, single_n = stream(single.base_url)
         assert mesh_n == single_n > 0
         assert mesh_text == single_text and mesh_text
+        with urllib.request.urlopen(f"{mesh_url}/metrics", timeout=10) as r:  # per-peer calls and bytes
+            metrics = r.read().decode()
+        peer = f'peer="{stage.peer_id}"'
+        for name in ("moemesh_mesh_peer_calls_total", "moemesh_mesh_peer_bytes_sent_total",
+                     "moemesh_mesh_peer_bytes_received_total", "moemesh_mesh_peer_call_seconds_total"):
+            line = next(m for m in metrics.splitlines() if m.startswith(name + "{") and peer in m)
+            assert float(line.rsplit(" ", 1)[1]) > 0, line
     finally:
         for p in (api, stage, single):
             if p is not None:

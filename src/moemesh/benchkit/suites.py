@@ -89,6 +89,13 @@ SUITES: tuple[Suite, ...] = (
           ("--rounds", "3", "--max-tokens", "64"), _res("serve.json", "serve.md"), minutes=5),
     Suite("mesh", "mesh.py", "mesh on loopback: pipeline stages per-hop cost, expert-shard bytes per token",
           results=_res("mesh.json", "mesh.md"), minutes=15),
+    Suite("mesh_capped", "mesh.py", "3 capped nodes (netns, netem, memory cgroups) vs 1, model ~3x a node's cap",
+          ("--part", "capped", "--delays", "0,5,20", "--tokens", "32"), _res("mesh.json", "mesh.md"), root=True,
+          minutes=60, note="first run builds the 12-layer synthetic Qwen3 (+10-20 min); netem falls back to the "
+          "transport's test delay where the kernel lacks sch_netem"),
+    Suite("mesh_wire", "mesh.py", "bf16 wire between stages: logits vs one process (real weights)",
+          ("--part", "wire", "--wire-models", f"smollm2,{MOEFIED_16x8}"), _res("mesh.json", "mesh.md"), minutes=10,
+          setup=Setup(MOEFIED_16x8, ("moefy", "smollm2", MOEFIED_16x8, "--experts", "16", "--top-k", "8"))),
     Suite("decode", "decode.py", "SmolLM2 decode/prefill: moemesh eager/compiled int4, fp32 vs llama.cpp, transformers",
           ("--llama-python", "{llama_python}", "--rounds", "9"), _res("decode.json", "decode.md"), llama_cpp=True,
           minutes=15),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import signal
 import sys
@@ -48,7 +47,14 @@ def _add_serve(group: argparse._SubParsersAction) -> None:
         description="Load layers A:B, serve them to mesh members, announce them; unless --no-api, also serve "
         "the OpenAI/Anthropic API, running the other layers on peers (pipeline).")
     p.add_argument("model", help="checkpoint directory, .gguf file, or 'smollm2'")
-    p.add_argument("--layers", default=None, metavar="A:B", help="layer range this node holds (default: all)")
+    p.add_argument("--layers", default=None, metavar="A:B|auto",
+                   help="layer range this node offers (default: all); auto: no fixed range, the API node's plan "
+                   "splits the layers among such nodes by their --ram budgets and moves a dead node's layers to "
+                   "the survivors")
+    p.add_argument("--ram", default=None, metavar="SIZE",
+                   help="whole-process budget, e.g. 8G: experts streamed from this node's own expert store (an HF MoE "
+                   "directory is converted once) into a cache of the rest; the node holds every layer's trunk, so a "
+                   "plan can give it any layers or experts (elastic)")
     p.add_argument("--port", type=int, default=0, help="P2P port (default 0: any free one)")
     p.add_argument("--no-api", action="store_true", help="stage only: no HTTP API, no embedding/head loaded")
     p.add_argument("--http-host", default="127.0.0.1", help="HTTP API address (default 127.0.0.1)")
@@ -61,6 +67,7 @@ def _add_serve(group: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--test-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # TEST ONLY: fake latency
+    p.add_argument("--expert-slots", type=int, default=None, help=argparse.SUPPRESS)  # TEST ONLY: cache slots, no budget
     p.add_argument("--experts", default=None, metavar="auto|A:B|LIST",
                    help="expert-shard mode: hold every layer's trunk but only these experts (e.g. 0:64 or 0,5,9:12; "
                    "auto: the experts the live nodes hold least, as many as fit in memory); rows routed to other "
@@ -91,11 +98,11 @@ def _add_status(group: argparse._SubParsersAction) -> None:
 
 
 def mesh_options(args: argparse.Namespace, port: int = 0, test_delay_ms: float = 0.0):
-    from ..mesh.node import MeshOptions
+    from ..mesh.transport.node import MeshOptions
 
     name, secret, peers = args.mesh_name, args.secret, list(args.peer)
     if args.join:
-        from ..mesh.invite import Invite
+        from ..mesh.discovery.invite import Invite
 
         try:
             invite = Invite.decode(args.join)
@@ -123,18 +130,18 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.masked and args.experts is None:
         raise MoemeshError("--masked is an option of expert-shard mode: give --experts too")
-    expert_ram = None
-    if args.expert_ram is not None:
-        from ..experts.budget import parse_size
+    from ..experts.budget import parse_size
 
-        expert_ram = parse_size(args.expert_ram)
+    expert_ram = parse_size(args.expert_ram) if args.expert_ram is not None else None
+    ram = parse_size(args.ram) if args.ram is not None else None
     joined = False
     if args.auto:
         from .mesh_discovery import auto_discover
 
         joined = auto_discover(args)
     options = StackOptions(args.model, args.layers, args.quant, args.kv, api=not args.no_api, wire=args.wire,
-                           experts=args.experts, expert_ram=expert_ram, masked=args.masked,
+                           experts=args.experts, expert_ram=expert_ram, masked=args.masked, ram=ram,
+                           expert_slots=args.expert_slots,
                            mesh=mesh_options(args, args.port, args.test_delay_ms))
     list_mesh = bool(args.nostr_relay or args.publish) and not joined
     if args.no_api:
@@ -165,7 +172,7 @@ def _addrs(stack) -> list[str]:
 
 
 def _start(options):
-    from ..mesh.slice import parse_layers  # noqa: F401  (checks --layers before the daemon starts)
+    from ..mesh.pipeline.slice import parse_layers  # noqa: F401  (checks --layers before the daemon starts)
     from ..mesh.stack import MeshStack
 
     stack = MeshStack(options)
@@ -179,21 +186,28 @@ def _start(options):
 
 
 def _announce(stack) -> None:
-    from ..mesh.expert_shards import describe
+    from ..mesh.shards.assign import describe
 
     addrs = _addrs(stack)
-    s, a = stack.slice.stage, stack.slice.args
+    sl, a, rec = stack.slice, stack.slice.args, stack.membership.record
+    share = "auto (a plan decides)" if rec.share is None else f"{rec.share[0]}:{rec.share[1]}"
     experts = ""
     if stack.options.experts is not None:
-        experts = f", experts {describe(stack.slice.held, a.num_experts)} of {a.num_experts}"
-        experts += " (masked)" if stack.options.masked else ""
-    print(f"moemesh: mesh node {stack.node.peer_id.to_base58()} serving layers {s.start}:{s.end} of "
-          f"{a.num_layers}{experts}", flush=True)
+        held = "auto (a plan decides)" if rec.experts is None else describe(rec.experts, a.num_experts)
+        experts = f", experts {held} of {a.num_experts}" + (" (masked)" if stack.options.masked else "")
+    budget = ""
+    if sl.budget is not None:
+        b = sl.budget
+        budget = (f"; --ram {b.ram / 2**20:.0f} MiB: trunk {b.trunk / 2**20:.0f} MiB, expert cache "
+                  f"{b.expert_cache / 2**20:.0f} MiB ({b.slots} experts)")
+    kind = "elastic" if sl.elastic else "fixed"
+    print(f"moemesh: mesh node {stack.node.peer_id.to_base58()} ({kind}) serving layers {share} of "
+          f"{a.num_layers}{experts}{budget}; model {stack.model_id}", flush=True)
     for a in addrs:
         print(f"moemesh: mesh address {a}", flush=True)
     try:
-        from ..mesh.invite import Invite
-        from ..mesh.node_state import write_node_state
+        from ..mesh.discovery.invite import Invite
+        from ..mesh.discovery.node_state import write_node_state
 
         o = stack.options.mesh
         write_node_state(Invite(o.mesh_name, o.secret, addrs))
@@ -242,30 +256,9 @@ def _serve_api(args: argparse.Namespace, options, list_mesh: bool = False) -> in
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from ..mesh.membership import Membership
-    from ..mesh.node import MeshNode
+    from .mesh_status import show_status
 
     options = mesh_options(args)
     if not options.initial_peers:
         raise MoemeshError("mesh status needs a node to ask: --peer MULTIADDR or --join INVITE")
-    node = MeshNode(options).start()
-    membership = Membership(node, None)
-    try:
-        records = node.run(membership.live_nodes(), 15.0)
-    finally:
-        node.stop()
-    if args.json:
-        print(json.dumps([r.__dict__ | {"layers": list(r.layers)} for r in records], indent=2))
-        return 0
-    if not records:
-        extra = f" ({membership.rejected} record(s) not signed with this mesh's secret)" if membership.rejected else ""
-        print(f"no live nodes{extra}")
-        return 0
-    from ..mesh.expert_shards import describe
-
-    print(f"{'peer':<54} {'layers':>9} {'experts':>10} {'load':>5} {'free GiB':>9}  http")
-    for r in records:
-        experts = describe(r.experts)  # records do not carry the expert count: ranges, or "all" for None
-        print(f"{r.peer_id:<54} {r.layers[0]:>4}:{r.layers[1]:<4} {experts[:10]:>10} {r.load:>5.0f} "
-              f"{r.free_memory / 2**30:>9.1f}  {r.http or '-'}")
-    return 0
+    return show_status(options, args.json)

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from ..errors import MoemeshError
-from ..mesh import nostr_relays
-from ..mesh.discovery import auto_join, discover, invite_for, rank
-from ..mesh.invite import Invite, new_secret
-from ..mesh.node_state import read_node_state
-from ..mesh.nostr_publisher import start_mesh_listing
+from ..mesh.discovery import nostr_relays
+from ..mesh.discovery.invite import Invite, new_secret
+from ..mesh.discovery.join import auto_join, discover, invite_for, rank
+from ..mesh.discovery.node_state import read_node_state
+from ..mesh.discovery.nostr_publisher import start_mesh_listing
 
 __all__ = ["add_subcommands", "auto_discover", "auto_join", "list_mesh"]
 
@@ -125,6 +125,18 @@ def run_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_key(args: argparse.Namespace) -> str:
+    """What --auto matches listings by: the model's identity (config + tensor index + how it runs,
+    loading/identity.py), so two folders with one model meet and two models in one folder name do
+    not; the bare name only when the model cannot be read here (the node then fails to load it)."""
+    from ..loading.identity import identify
+
+    try:
+        return identify(args.model, getattr(args, "quant", "auto"), getattr(args, "ram", None) is not None)
+    except (MoemeshError, OSError, ValueError):
+        return _model_name(args.model)
+
+
 def _model_name(model: str) -> str:
     """The name a listing advertises and --auto looks for: the checkpoint's last path component."""
     return Path(model.rstrip("/")).name or model
@@ -139,7 +151,7 @@ def auto_discover(args: argparse.Namespace) -> bool:
     if args.join or args.peer:
         raise MoemeshError("--auto finds the mesh itself: leave out --join and --peer")
     known = {args.mesh_name: args.secret} if args.mesh_name and args.secret else None
-    invite = auto_join(_relays(args), model=_model_name(args.model), timeout_s=5.0, known_secrets=known)
+    invite = auto_join(_relays(args), model=model_key(args), timeout_s=5.0, known_secrets=known)
     if invite is not None:
         print(f"moemesh: joining mesh {invite.mesh_name!r} found on Nostr ({len(invite.addrs)} address(es))",
               flush=True)
@@ -163,7 +175,7 @@ def list_mesh(args: argparse.Namespace, stack, addrs: list[str]):
         except MoemeshError:
             return 1
 
-    listing = start_mesh_listing(_relays(args), invite, args.publish, [_model_name(args.model)],
+    listing = start_mesh_listing(_relays(args), invite, args.publish, [stack.model_id, _model_name(args.model)],
                                  node_count_fn=nodes, interval_s=args.listing_interval)
     print(f"moemesh: listing mesh {o.mesh_name!r} on {len(listing.relays)} Nostr relay(s)"
           f"{' with its secret (open)' if args.publish else ' (no secret)'}", flush=True)

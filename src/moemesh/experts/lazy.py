@@ -7,6 +7,8 @@ experts than the cache has slots) keep that order.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..layers.router import TopKRouter
@@ -86,6 +88,9 @@ class LazyExperts(GroupedProvider):
         self.predicted_right = 0
         self.token_layers = 0  # (token, layer) visits; / MoE layers = tokens, for per-token figures
         self.layers_seen: set[int] = set()
+        # (layer, expert) -> whether to prefetch it; None: every prediction. A mesh node caches only
+        # its own share, so it skips experts another node will compute (and layers it does not run)
+        self.prefetch_filter: Callable[[int, int], bool] | None = None
 
     def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor, *,
                          rows: int | None = None) -> list[torch.Tensor]:
@@ -129,6 +134,8 @@ class LazyExperts(GroupedProvider):
         self.predicted[look.next_layer] = ranked
         chosen = sorted(e for e, r in ranked.items()
                         if (look.top is None or r < look.top) and (self.gate is None or self.gate.open(r)))
+        if self.prefetch_filter is not None:
+            chosen = [e for e in chosen if self.prefetch_filter(look.next_layer, e)]
         self.cache.prefetch([(look.next_layer, e) for e in chosen], protect)
 
     def _score_prediction(self, layer: int, actual: list[int]) -> None:

@@ -1,6 +1,6 @@
 """ResidentExperts: every expert of every MoE layer held in RAM (in whatever QuantLinear format).
 
-Lazy (disk + RAM-budgeted cache, experts/lazy.py) and remote (mesh peers, mesh/remote_experts.py)
+Lazy (disk + RAM-budgeted cache, experts/lazy.py) and remote (mesh peers, mesh/shards/remote_experts.py)
 providers plug in behind the same ``run`` call (the contract: layers/moe.ExpertProvider).
 """
 from __future__ import annotations

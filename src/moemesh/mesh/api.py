@@ -6,6 +6,7 @@ from ..loading.loader import LoadedModel
 from ..loading.source import resolve_model_path
 from ..server.errors import APIError
 from ..server.state import ServerConfig, ServerState
+from . import peer_metrics
 from .stack import MeshStack
 
 
@@ -21,3 +22,9 @@ class MeshServerState(ServerState):
             raise APIError(500, f"{self.config.model}: no tokenizer found; the API needs one (or use --no-api)")
         path = resolve_model_path(self.config.model)
         return LoadedModel(pipeline, s.args, s.tokenizer, path, s.config)  # type: ignore[arg-type]
+
+    def extra_metrics(self) -> str:
+        pipeline, rx = self.stack.pipeline, self.stack.remote_experts
+        failovers = (pipeline.failovers if pipeline is not None else 0) + (rx.failovers if rx is not None else 0)
+        name = self.model_name.replace("\\", "\\\\").replace('"', '\\"')
+        return peer_metrics.render(self.stack.node.stats, f'model_name="{name}"', failovers)

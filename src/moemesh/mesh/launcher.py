@@ -58,8 +58,9 @@ class MeshProcess:
                 except (urllib.error.URLError, OSError):
                     pass
             time.sleep(0.1)
+        out = self.output()  # before stop() removes the log
         self.stop()
-        raise RuntimeError(f"mesh API not ready after {timeout}s:\n{self.output()}")
+        raise RuntimeError(f"mesh API not ready after {timeout}s:\n{out}")
 
     def launch(self) -> "MeshProcess":
         with open(self._log, "w") as log:
@@ -82,8 +83,9 @@ class MeshProcess:
                 self.addr = m.group(1)
                 return self
             time.sleep(0.05)
+        out = self.output()  # before stop() removes the log
         self.stop()
-        raise RuntimeError(f"stage not ready after {timeout}s:\n{self.output()}")
+        raise RuntimeError(f"stage not ready after {timeout}s:\n{out}")
 
     @property
     def peer_id(self) -> str:

@@ -136,6 +136,10 @@ class ServerState:
                 stats.append({})
         return stats
 
+    def extra_metrics(self) -> str:
+        """More Prometheus lines for /metrics (the mesh API node: per-peer calls, latency, bytes)."""
+        return ""
+
     def shutdown(self) -> None:
         if self.engine_loop is not None:
             self.engine_loop.shutdown()

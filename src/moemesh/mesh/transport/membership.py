@@ -11,7 +11,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import msgpack
 from hivemind.utils.timed_storage import get_dht_time
@@ -34,6 +34,11 @@ class NodeRecord:
     load: float = 0.0  # running sequences
     http: str | None = None  # http://host:port when it serves the API
     time: float = 0.0  # announce time (DHT clock)
+    share: list[int] | None = None  # [start, end): the layer range it offers; None: any a plan gives it
+    elastic: bool = False  # built every layer and can compute every expert: a plan may give it any share
+    capacity: int = 0  # bytes of its expert cache (or of free memory): plans split work in proportion
+    mode: str = "stages"  # "stages" (pipeline) or "experts" (expert shards)
+    status: dict = field(default_factory=dict)  # what `mesh status` shows: budget, hit rate, tok/s, links
 
     def to_value(self, key: bytes) -> dict:
         payload = msgpack.packb(asdict(self) | {"layers": list(self.layers)})
@@ -48,7 +53,8 @@ class NodeRecord:
         try:
             d = msgpack.unpackb(value["record"], raw=False)
             d["layers"] = (int(d["layers"][0]), int(d["layers"][1]))
-            return cls(**d)
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in d.items() if k in known})  # fields of newer versions ignored
         except Exception:
             return None
 

@@ -9,9 +9,11 @@ order (experts/mixing.GroupedProvider), so with the fp32 wire the result is bit-
 process. The experts this node holds are computed by a wrapped local provider of any kind
 (resident, or lazy under a RAM budget).
 
-Failover: experts are stateless, so a failed call (error, timeout, dial failure) marks that
-peer failed until it announces again, and the same rows go to another holder of those experts.
-No other holder -> MeshError naming the layer and experts. Every wait is bounded.
+Who computes which expert: owners.py (our share here, declared holders, then the elastic nodes by
+weighted rendezvous). Failover: experts are stateless, so a failed call (error, timeout, dial
+failure) marks that peer failed until it announces again, and its rows are re-planned: another
+holder, or the elastic survivors (this node included) take its share over. No one left -> MeshError
+naming the layer and experts. Every wait is bounded.
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
-from ..experts.mixing import Group, GroupedProvider
+from ...errors import MoemeshError
+from ...experts.mixing import Group, GroupedProvider
+from ..transport.membership import NodeRecord
+from ..transport.node import MeshError, MeshNode
+from ..transport.wire import NAMES, SAFE_PAYLOAD_BYTES
 from .expert_server import RUN
-from .membership import NodeRecord
-from .node import MeshError, MeshNode
-from .wire import NAMES, SAFE_PAYLOAD_BYTES
+from .owners import Holder, assign, holders
 
 log = logging.getLogger("moemesh.mesh")
 
@@ -73,11 +77,10 @@ def build_calls(x: torch.Tensor, flat_w: torch.Tensor, groups: list[Group], wire
 
 
 class RemoteExperts(GroupedProvider):
-    def __init__(self, local: GroupedProvider, held: dict[int, set[int]], node: MeshNode,
-                 records: Callable[[], list[NodeRecord]], model_id: str, wire: torch.dtype = torch.float32,
-                 refresh_s: float | None = None) -> None:
-        # local computes the experts this node holds (held: layer -> expert ids); the rest go to peers
-        self.local, self.held, self.node, self._fetch, self.model_id, self.wire = local, held, node, records, model_id, wire
+    def __init__(self, local: GroupedProvider, me: Holder, node: MeshNode, records: Callable[[], list[NodeRecord]],
+                 model_id: str, wire: torch.dtype = torch.float32, refresh_s: float | None = None) -> None:
+        # local computes the experts assigned to this node (me: its share, owners.py); the rest go to peers
+        self.local, self.me, self.node, self._fetch, self.model_id, self.wire = local, me, node, records, model_id, wire
         self.refresh_s = node.options.heartbeat if refresh_s is None else refresh_s
         self.failed: dict[str, float] = {}  # peer id -> DHT time it failed us
         self.failovers = 0
@@ -86,65 +89,80 @@ class RemoteExperts(GroupedProvider):
         self._records: list[NodeRecord] = []
         self._fetched_at = -1e9
 
-    # --- who holds what ----------------------------------------------------------------------
-    def _live(self, force: bool = False) -> list[NodeRecord]:
-        if force or time.monotonic() - self._fetched_at > self.refresh_s:
+    # --- who computes what -------------------------------------------------------------------
+    def _live(self, force: bool = False, fetch: bool = True) -> list[NodeRecord]:
+        if fetch and (force or time.monotonic() - self._fetched_at > self.refresh_s):
             self._records, self._fetched_at = self._fetch(), time.monotonic()
         return [r for r in self._records if r.time > self.failed.get(r.peer_id, -1.0)]
 
-    def holders(self, layer: int, expert: int, exclude: set[str] = frozenset()) -> list[NodeRecord]:
-        me = self.node.peer_id.to_base58() if self.node.peer_id is not None else ""
-        return [r for r in self._live() if r.model == self.model_id and r.peer_id != me and r.peer_id not in exclude
-                and r.layers[0] <= layer < r.layers[1] and (r.experts is None or expert in r.experts)]
+    def assign(self, layer: int, experts: list[int], exclude: set[str] = frozenset(),
+               fetch: bool = True) -> dict[str, list[int]]:
+        """peer -> experts (``self.me.peer`` for ours); MeshError when some expert has no live holder.
+        ``fetch=False``: from the listing already fetched (on the mesh loop, which must not wait on itself)."""
+        for force in (False, True) if fetch else (False,):  # a holder may have joined since the last refresh
+            others = [h for h in holders(self._live(force, fetch), self.model_id, layer, exclude)
+                      if h.peer != self.me.peer]
+            try:
+                return assign(layer, experts, self.me, others)
+            except MoemeshError as exc:
+                error = exc
+        raise MeshError(f"{error}" + (f" (failed: {len(exclude)} node(s))" if exclude else ""))
 
-    def assign(self, layer: int, experts: list[int], exclude: set[str] = frozenset()) -> dict[str, list[int]]:
-        """peer -> experts, fewest peers first (greedy: the peer holding most of what is left)."""
-        by_expert = {e: self.holders(layer, e, exclude) for e in experts}
-        if any(not h for h in by_expert.values()):  # maybe a holder joined since the last refresh
-            self._live(force=True)
-            by_expert = {e: self.holders(layer, e, exclude) for e in experts}
-        missing = [e for e, h in by_expert.items() if not h]
-        if missing:
-            raise MeshError(f"layer {layer}: no live node holds experts {missing}"
-                            + (f" (failed: {len(exclude)} node(s))" if exclude else ""))
-        load = {r.peer_id: r.load for h in by_expert.values() for r in h}
-        left, out = set(experts), {}
-        while left:
-            cover: dict[str, list[int]] = {}
-            for e in left:
-                for r in by_expert[e]:
-                    cover.setdefault(r.peer_id, []).append(e)
-            peer = max(cover, key=lambda p: (len(cover[p]), -load[p], p))
-            out[peer] = sorted(cover[peer])
-            left -= set(cover[peer])
-        return out
+    def owns(self, layer: int, expert: int, fetch: bool = True) -> bool:
+        """Whether this node computes ``expert`` of ``layer`` under the current plan (prefetch filter)."""
+        try:
+            return self.me.peer in self.assign(layer, [expert], fetch=fetch)
+        except MeshError:
+            return False
 
     # --- the provider call -------------------------------------------------------------------
     def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor) -> list[torch.Tensor]:
         # x: [T, D]; groups in expert-id order -> each expert's weighted rows [n, D]
-        held = self.held.get(layer, set())
-        mine = [g for g in groups if g[0] in held]
-        away = [g for g in groups if g[0] not in held]
-        pending, plan = None, {}
-        if away:  # issue the remote calls first, compute ours while they travel
-            plan = self._plan(layer, x, flat_w, away, set())
-            pending = asyncio.run_coroutine_threadsafe(self._gather_layer(layer, plan), self.node.loop)
-        ys: dict[int, torch.Tensor] = {}
-        if mine:
-            ys.update(zip([g[0] for g in mine], self.local.weighted_outputs(layer, x, mine, flat_w)))
-            self.local_rows += sum(int(g[1].shape[0]) for g in mine)
-        if pending is not None:
-            ys.update(self._wait(layer, x, flat_w, away, plan, pending))
-        return [ys[e] for e, _, _ in groups]
-
-    def _plan(self, layer: int, x: torch.Tensor, flat_w: torch.Tensor, groups: list[Group],
-              exclude: set[str]) -> dict[str, tuple[list[Group], list[ExpertCall]]]:
         by_id = {g[0]: g for g in groups}
-        plan = {}
-        for peer, experts in self.assign(layer, [g[0] for g in groups], exclude).items():
-            mine = [by_id[e] for e in experts]
-            plan[peer] = (mine, build_calls(x, flat_w, mine, self.wire))
-        return plan
+        ys: dict[int, torch.Tensor] = {}
+        tried: set[str] = set()
+        assigned = self.assign(layer, list(by_id))
+        while True:
+            mine = [by_id[e] for e in assigned.pop(self.me.peer, [])]
+            plan = {peer: ([by_id[e] for e in es], build_calls(x, flat_w, [by_id[e] for e in es], self.wire))
+                    for peer, es in assigned.items()}
+            pending = None
+            if plan:  # issue the remote calls first, compute ours while they travel
+                pending = asyncio.run_coroutine_threadsafe(self._gather_layer(layer, plan), self.node.loop)
+            if mine:
+                ys.update(zip([g[0] for g in mine], self.local.weighted_outputs(layer, x, mine, flat_w)))
+                self.local_rows += sum(int(g[1].shape[0]) for g in mine)
+            retry = self._collect(layer, plan, pending, ys, tried) if pending is not None else []
+            if not retry:
+                return [ys[e] for e, _, _ in groups]
+            try:
+                assigned = self.assign(layer, sorted(retry), tried)
+            except MeshError as exc:
+                raise MeshError(f"{exc}: node(s) {sorted(tried)} failed and no other live node holds them") from None
+            self.failovers += 1
+
+    def _collect(self, layer: int, plan: dict, pending: concurrent.futures.Future, ys: dict[int, torch.Tensor],
+                 tried: set[str]) -> list[int]:
+        """Unpack the replies into ``ys``; mark failed peers -> the experts to send elsewhere."""
+        timeout = self._timeout(plan)
+        try:
+            results = pending.result(timeout)
+        except concurrent.futures.TimeoutError:
+            pending.cancel()
+            results = {p: MeshError(f"no answer in {timeout:.1f}s") for p in plan}
+        retry: list[int] = []
+        for peer, result in results.items():
+            mine, calls = plan[peer]
+            if isinstance(result, BaseException):
+                log.warning("mesh: experts %s of layer %d at %s failed (%s); re-planning",
+                            [g[0] for g in mine], layer, peer, result)
+                self.failed[peer] = get_dht_time()
+                tried.add(peer)
+                retry += [g[0] for g in mine]
+                continue
+            self._unpack(ys, calls, result)
+            self.remote_rows += sum(int(g[1].shape[0]) for g in mine)
+        return retry
 
     def _timeout(self, plan: dict) -> float:
         o = self.node.options
@@ -162,48 +180,12 @@ class RemoteExperts(GroupedProvider):
             t0 = time.perf_counter()
             out, tensors = await self.node.call(pid, RUN, header, [c.x, c.rows, c.weights],
                                                 o.call_timeout + o.per_row_timeout * n)
-            self.node.stats.add(time.perf_counter() - t0, float(out.get("compute_s", 0.0)))
+            self.node.stats.add(time.perf_counter() - t0, float(out.get("compute_s", 0.0)), peer=peer)
             if out.get("rows") != n or len(tensors) != 1 or tuple(tensors[0].shape) != (n, c.x.shape[1]):
                 raise MeshError(f"experts at {peer} answered an incomplete reply")
             return tensors[0]
 
         return list(await asyncio.gather(*(one(c) for c in calls)))
-
-    def _wait(self, layer: int, x: torch.Tensor, flat_w: torch.Tensor, groups: list[Group], plan: dict,
-              pending: concurrent.futures.Future) -> dict[int, torch.Tensor]:
-        timeout = self._timeout(plan)
-        try:
-            results = pending.result(timeout)
-        except concurrent.futures.TimeoutError:
-            pending.cancel()
-            results = {p: MeshError(f"no answer in {timeout:.1f}s") for p in plan}
-        ys: dict[int, torch.Tensor] = {}
-        tried: set[str] = set()
-        while True:
-            retry: list[Group] = []
-            for peer, result in results.items():
-                mine, calls = plan[peer]
-                if isinstance(result, BaseException):
-                    log.warning("mesh: experts %s of layer %d at %s failed (%s); trying another holder",
-                                [g[0] for g in mine], layer, peer, result)
-                    self.failed[peer] = get_dht_time()
-                    tried.add(peer)
-                    retry += mine
-                    continue
-                self._unpack(ys, calls, result)
-                self.remote_rows += sum(int(g[1].shape[0]) for g in mine)
-            if not retry:
-                return ys
-            retry.sort(key=lambda g: g[0])
-            try:
-                plan = self._plan(layer, x, flat_w, retry, tried)
-            except MeshError as exc:
-                raise MeshError(f"{exc}: node(s) {sorted(tried)} failed and no other live node holds them") from None
-            self.failovers += 1
-            try:
-                results = self.node.run(self._gather_layer(layer, plan), self._timeout(plan))
-            except MeshError as exc:  # the whole retry timed out: every peer of it failed
-                results = {p: exc for p in plan}
 
     async def _gather_layer(self, layer: int, plan: dict) -> dict[str, list[torch.Tensor] | BaseException]:
         peers = list(plan)

@@ -7,7 +7,9 @@ torch threads and a model is unsafe, and one loop keeps one daemon per node.
 
 Every outgoing call goes through ``call``: membership proven first, an ``asyncio.wait_for`` on
 every await (hivemind has no timeouts), an optional test-only delay per call (benchmarks of
-per-hop latency), and replies checked for completeness (a dying peer can answer empty).
+per-hop latency), and replies checked for completeness (a dying peer can answer empty). Long-lived
+streams (``open_link`` / ``add_link_handler``, transport/link.py) carry pipeline steps; ``ping``
+measures a link's latency and tells a hung peer from a slow one.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,13 +26,16 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from ..errors import MoemeshError
+from ...errors import MoemeshError
 from . import auth
+from .link import Link, OnClose, OnMessage
+from .stats import CallStats, PeerStats  # noqa: F401  (PeerStats: re-exported)
 from .wire import pack_request, pack_response, unpack
 
 log = logging.getLogger("moemesh.mesh")
 T = TypeVar("T")
 Handler = Callable[[dict, list, P2PContext], Awaitable[tuple[dict, list]]]
+PING = "moemesh.node.ping"
 
 
 class MeshError(MoemeshError):
@@ -49,20 +55,6 @@ class MeshOptions:
     test_delay_ms: float = 0.0  # TEST ONLY: sleep this long before every outgoing call (fake latency)
 
 
-@dataclass
-class CallStats:
-    """Stage calls made: wall time vs the callee's reported compute time (the rest is transport)."""
-
-    calls: int = 0
-    wall_s: float = 0.0
-    remote_compute_s: float = 0.0
-    bytes_sent: int = 0  # serialized messages (header + tensors) of every call, handshakes included
-    bytes_received: int = 0
-
-    def add(self, wall: float, compute: float) -> None:
-        self.calls, self.wall_s, self.remote_compute_s = self.calls + 1, self.wall_s + wall, self.remote_compute_s + compute
-
-
 class MeshNode:
     def __init__(self, options: MeshOptions) -> None:
         if not options.secret:
@@ -76,6 +68,7 @@ class MeshNode:
         self.peer_id: PeerID | None = None
         self._proven: dict[bytes, asyncio.Future] = {}  # peers we proved ourselves to (and they to us)
         self._tasks: set[asyncio.Task] = set()  # background tasks, cancelled on stop
+        self._links: set[Link] = set()  # open links, closed on stop
         self.stats = CallStats()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -96,6 +89,7 @@ class MeshNode:
                                         ensure_bootstrap_success=bool(o.initial_peers))
         await self.add_handler(auth.HELLO, self._on_hello, members_only=False)
         await self.add_handler(auth.PROVE, self._on_prove, members_only=False)
+        await self.add_handler(PING, self._on_ping)
 
     def stop(self) -> None:
         if not self._thread.is_alive():
@@ -108,6 +102,7 @@ class MeshNode:
         self._thread.join(5)
 
     async def _stop(self) -> None:
+        await asyncio.gather(*(link.aclose() for link in list(self._links)), return_exceptions=True)
         tasks = list(self._tasks)
         for task in tasks:  # heartbeats, session GC, pending closes
             task.cancel()
@@ -160,6 +155,55 @@ class MeshNode:
         nonce, mac = self.allowlist.on_hello(ctx.local_id.to_bytes(), ctx.remote_id.to_bytes(), header.get("nonce", b""))
         return {"nonce": nonce, "proof": mac}, []
 
+    async def _on_ping(self, header: dict, tensors: list, ctx: P2PContext) -> tuple[dict, list]:
+        return {"ok": True}, []
+
+    async def add_link_handler(self, name: str, on_open: Callable[[Link], tuple[OnMessage, OnClose]]) -> None:
+        """Accept links named ``name`` from members: ``on_open(link)`` -> (on_message, on_close)."""
+
+        async def accept(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if not self.allowlist.allows(info.peer_id.to_bytes()):
+                writer.close()  # not a member: the opener reads an ended stream
+                return
+            link = Link(info.peer_id, reader, writer, outgoing=False, stats=self.stats,
+                        delay_ms=lambda: self.options.test_delay_ms)
+            on_message, on_close = on_open(link)
+            self._links.add(link)
+            link.start(on_message, self._untrack(on_close))
+
+        assert self.p2p is not None
+        await self.p2p.add_binary_stream_handler(name, accept)
+
+    async def open_link(self, peer: PeerID, name: str, on_message: OnMessage, on_close: OnClose,
+                        timeout: float) -> Link:
+        """A link to ``peer``'s handler ``name`` (handshake first); MeshError if it cannot be opened."""
+        assert self.p2p is not None
+        await self.ensure_member(peer, timeout)
+        try:
+            _, reader, writer = await asyncio.wait_for(self.p2p.call_binary_stream_handler(peer, name), timeout)
+        except TimeoutError:
+            raise MeshError(f"opening {name} to {peer} timed out after {timeout:.1f}s") from None
+        except Exception as exc:
+            raise MeshError(f"opening {name} to {peer} failed: {' '.join(str(exc).split())}") from None
+        link = Link(peer, reader, writer, outgoing=True, stats=self.stats, delay_ms=lambda: self.options.test_delay_ms)
+        self._links.add(link)
+        return link.start(on_message, self._untrack(on_close))
+
+    def _untrack(self, on_close: OnClose) -> OnClose:
+        def closed(link: Link, exc: BaseException) -> None:
+            self._links.discard(link)
+            on_close(link, exc)
+
+        return closed
+
+    async def ping(self, peer: PeerID, timeout: float) -> float:
+        """Round trip of an empty members-only call, in seconds (recorded per peer); MeshError on failure."""
+        t0 = time.perf_counter()
+        await self.call(peer, PING, {}, [], timeout)
+        rtt = time.perf_counter() - t0
+        self.stats.peer(peer.to_base58()).rtt_s = rtt
+        return rtt
+
     async def _on_prove(self, header: dict, tensors: list, ctx: P2PContext) -> tuple[dict, list]:
         self.allowlist.on_prove(ctx.local_id.to_bytes(), ctx.remote_id.to_bytes(), header.get("proof", b""))
         return {"ok": True}, []
@@ -188,7 +232,7 @@ class MeshNode:
     async def _raw_call(self, peer: PeerID, name: str, header: dict, tensors: list, timeout: float):
         assert self.p2p is not None
         request = pack_request(header, tensors)
-        self.stats.bytes_sent += request.ByteSize()
+        self.stats.sent(peer.to_base58(), request.ByteSize())
         try:
             reply = await asyncio.wait_for(
                 self.p2p.call_protobuf_handler(peer, name, request, runtime_pb2.ExpertResponse), timeout)
@@ -198,7 +242,7 @@ class MeshNode:
             raise
         except Exception as exc:
             raise MeshError(f"{name} to {peer} failed: {' '.join(str(exc).split())}") from None
-        self.stats.bytes_received += reply.ByteSize()
+        self.stats.received(peer.to_base58(), reply.ByteSize())
         return unpack(reply)
 
     async def call(self, peer: PeerID, name: str, header: dict, tensors: list, timeout: float) -> tuple[dict, list]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..errors import MoemeshError
+from ...errors import MoemeshError
 
 AUTO = "auto"
 MEMORY_FRACTION = 0.8  # of free memory that ``auto`` gives to experts (the rest: KV, activations, OS)

@@ -20,10 +20,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import MoemeshError
-from ..layers.gpt_oss_moe import LogitTopKRouter
-from ..layers.moe import MoEBlock
-from ..layers.router import TopKRouter
+from ...errors import MoemeshError
+from ...layers.gpt_oss_moe import LogitTopKRouter
+from ...layers.moe import MoEBlock
+from ...layers.router import TopKRouter
 
 MODES = ("logits", "probs")
 

@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from hivemind.p2p import P2PContext
 
-from ..experts.mixing import GroupedProvider
-from .node import MeshNode
-from .wire import DTYPES
+from ...experts.mixing import GroupedProvider
+from ..transport.node import MeshNode
+from ..transport.wire import DTYPES
 
 RUN = "moemesh.experts.run"
 
