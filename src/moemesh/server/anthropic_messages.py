@@ -10,9 +10,10 @@ from fastapi import APIRouter, Request
 
 from .anthropic_convert import chat_messages, chat_tool_choice, chat_tools
 from .anthropic_schemas import CountTokensRequest, MessagesRequest
-from .chat_prompt import PromptPlan, build_chat_prompt
+from .chat_prompt import PromptPlan
 from .generation import Generation, GenerationRequest, Outcome
-from .sampling import check_prompt_fits, make_params
+from .prompting import chat_prompt_ids
+from .sampling import make_params
 from .sse import run_or_disconnect, sse, sse_response
 from .state import ServerState
 from .tool_parser import TOOL_CLOSE, TOOL_OPEN
@@ -103,20 +104,20 @@ async def stream_message(gen: Generation, msg_id: str, model: str) -> AsyncItera
 def messages_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    def plan_of(body: CountTokensRequest) -> tuple[PromptPlan, list[int]]:
+    async def plan_of(body: CountTokensRequest, check_fits: bool) -> tuple[PromptPlan, list[int]]:
+        state.check_model(body.model)
         tokenizer = state.ready_tokenizer()
-        plan = build_chat_prompt(tokenizer, chat_messages(body), chat_tools(body), chat_tool_choice(body.tool_choice))
-        return plan, tokenizer.encode(plan.text)
+        return await chat_prompt_ids(state, tokenizer, chat_messages(body), chat_tools(body),
+                                     chat_tool_choice(body.tool_choice), check_fits=check_fits)
 
     @router.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
-        _, ids = plan_of(body)
+        _, ids = await plan_of(body, check_fits=False)
         return {"input_tokens": len(ids)}
 
     @router.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request) -> Any:
-        plan, prompt_ids = plan_of(body)
-        check_prompt_fits(len(prompt_ids), state.context_length, "messages")
+        plan, prompt_ids = await plan_of(body, check_fits=True)
         params = make_params(
             prompt_len=len(prompt_ids), context_length=state.context_length, max_tokens=body.max_tokens,
             max_tokens_field="max_tokens", temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,

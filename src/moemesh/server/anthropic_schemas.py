@@ -5,18 +5,19 @@ of any it cannot use.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from .limits import MAX_CONTENT_PARTS, MAX_INT32, MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS, MAX_TOOLS
+from .schema_base import StrictBody as _Body
 
-class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+Blocks = Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)]
 
 
 class AnthropicMessage(_Body):
     role: Literal["user", "assistant"]
-    content: str | list[dict[str, Any]]
+    content: str | Blocks
 
 
 class AnthropicTool(_Body):
@@ -32,19 +33,19 @@ class AnthropicToolChoice(_Body):
 
 
 class CountTokensRequest(_Body):
-    model: str | None = None
-    messages: list[AnthropicMessage] = Field(min_length=1)
-    system: str | list[dict[str, Any]] | None = None
-    tools: list[AnthropicTool] | None = None
+    model: str | None = None  # one of the served names (404 otherwise); absent: the one model
+    messages: list[AnthropicMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    system: str | Blocks | None = None
+    tools: list[AnthropicTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: AnthropicToolChoice | None = None
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: int
-    stop_sequences: list[str] | None = None
+    max_tokens: int = Field(ge=1)  # capped at what the context window leaves
+    stop_sequences: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] | None = Field(None, max_length=MAX_STOP)
     stream: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None  # accepted; whether a model thinks is up to its template

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 
 from .anthropic_messages import messages_router
 from .auth import ApiKeyMiddleware
+from .body_limit import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .openai_chat import chat_router
 from .openai_completions import completions_router
@@ -43,5 +44,6 @@ def build_app(state: ServerState, on_loaded: Callable[[ServerState], None] | Non
 
     for router in (service_router(state), chat_router(state), completions_router(state), messages_router(state)):
         app.include_router(router)
-    app.add_middleware(ApiKeyMiddleware, api_key=state.config.api_key)
+    app.add_middleware(BodyLimitMiddleware, limit=state.body_limit)
+    app.add_middleware(ApiKeyMiddleware, api_key=state.config.api_key)  # outermost: no key, no body read
     return app

@@ -188,8 +188,16 @@ def _forced_prefill(tokenizer: Tokenizer, mode: ToolMode) -> str:
                               if mode.name else '{"name": "')
 
 
+# what the server itself passes to the template; chat_template_kwargs may not set them
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt")
+
+
 def build_chat_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None,
                       tool_choice: str | dict | None, template_kwargs: dict | None = None) -> PromptPlan:
+    for key in RESERVED_TEMPLATE_KWARGS:
+        if key in (template_kwargs or {}):
+            raise APIError(400, f"chat_template_kwargs may not set {key!r}: the server sets it from the request",
+                           param=f"chat_template_kwargs.{key}")
     mode = tool_mode_for(tools, tool_choice)
     offered = tools if mode is not None else None  # tool_choice none: the model never sees them
     text = None if tokenizer.chat_template else _render_builtin(tokenizer, messages, offered, template_kwargs or {})
