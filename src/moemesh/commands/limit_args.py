@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MoemeshError
-from ..server.limits import ConnectionLimits
+from ..server.common.limits import ConnectionLimits
 
 _DEFAULT = ConnectionLimits()
 

@@ -217,8 +217,8 @@ def _serve_api(args: argparse.Namespace, options, list_mesh: bool = False) -> in
 
     from ..mesh.api import MeshServerState
     from ..server.app import build_app
-    from ..server.protocol import http_server
-    from ..server.state import ServerConfig
+    from ..server.common.protocol import http_server
+    from ..server.core.state import ServerConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(model=args.model, host=args.http_host, port=port, api_key=args.api_key, kv=options.kv,

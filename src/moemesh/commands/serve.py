@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..server.app import build_app
-    from ..server.protocol import http_server
-    from ..server.state import ServerConfig, ServerState
+    from ..server.common.protocol import http_server
+    from ..server.core.state import ServerConfig, ServerState
 
     if args.threads:
         torch.set_num_threads(args.threads)  # here, on the main thread, before the engine thread exists

@@ -10,18 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from ..engine.engine import Engine
-from ..layers.moe import ExpertProvider
-from ..loading.experts import ExpertOptions
-from ..loading.loader import LoadedModel, load_model
-from ..loading.source import EMBEDDED
-from ..tokenizer.tokenizer import Tokenizer
+from ...engine.engine import Engine
+from ...layers.moe import ExpertProvider
+from ...loading.experts import ExpertOptions
+from ...loading.loader import LoadedModel, load_model
+from ...loading.source import EMBEDDED
+from ...tokenizer.formats.harmony import is_harmony, stop_token_ids
+from ...tokenizer.tokenizer import Tokenizer
+from ..common.errors import APIError
+from ..common.limits import ConnectionLimits
 from .admission import Admission
 from .engine_loop import EngineLoop
-from .errors import APIError
 from .generation import Generation, GenerationRequest
-from .harmony import is_harmony, stop_token_ids
-from .limits import ConnectionLimits
 from .metrics import Metrics
 
 log = logging.getLogger("moemesh.server")

@@ -13,6 +13,8 @@ from starlette.responses import StreamingResponse
 from .generation import Generation, Outcome
 
 DONE = "data: [DONE]\n\n"
+# the OpenAPI content of a streamed answer (``stream: true``), beside its JSON one
+SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events (stream: true)"}}}
 
 
 def sse(data: Any, event: str | None = None) -> str:

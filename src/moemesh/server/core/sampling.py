@@ -1,8 +1,8 @@
 """Request fields -> validated SamplingParams, and the context-window check (never truncate)."""
 from __future__ import annotations
 
-from ..engine.sampling_params import SamplingParams
-from .errors import APIError
+from ...engine.sampling_params import SamplingParams
+from ..common.errors import APIError
 
 
 def check_prompt_fits(prompt_len: int, context_length: int, param: str) -> None:

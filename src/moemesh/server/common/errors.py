@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from ...tokenizer.formats.chat_prompt import PromptError
+
 log = logging.getLogger("moemesh.server")
 
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -130,13 +132,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(request.url.path, exc)
 
+    @app.exception_handler(PromptError)
+    async def _prompt(request: Request, exc: PromptError) -> JSONResponse:
+        return error_response(request.url.path, APIError(400, str(exc), param=exc.param))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(request.url.path, validation_error(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(request.url.path, APIError(exc.status_code, str(exc.detail)))
+        return error_response(request.url.path, APIError(exc.status_code, str(exc.detail), headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

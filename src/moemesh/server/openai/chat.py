@@ -9,14 +9,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from .errors import APIError
-from .generation import Delta, Generation, GenerationRequest, Outcome, TokenLogprob
-from .openai_schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
-from .prompting import chat_prompt_ids
-from .sampling import make_params
-from .sse import DONE, run_or_disconnect, sse, sse_response
-from .state import ServerState
-from .tool_parser import ToolCallDelta
+from ...tokenizer.formats.tool_parser import ToolCallDelta
+from ..common.errors import APIError
+from ..common.openapi import GENERATION_ERRORS, error_responses
+from ..core.generation import Delta, Generation, GenerationRequest, Outcome, TokenLogprob
+from ..core.prompting import chat_prompt_ids
+from ..core.sampling import make_params
+from ..core.sse import DONE, SSE, run_or_disconnect, sse, sse_response
+from ..core.state import ServerState
+from .responses import ChatCompletion
+from .schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
 
 
 @dataclass
@@ -118,7 +120,8 @@ def _tool_choice(body: ChatCompletionRequest) -> str | dict | None:
 def chat_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", response_model=None, responses={
+        200: {"model": ChatCompletion, "content": SSE}, **error_responses(*GENERATION_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         state.check_model(body.model)
         tokenizer = state.ready_tokenizer()

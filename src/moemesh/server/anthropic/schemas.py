@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .limits import MAX_CONTENT_PARTS, MAX_INT32, MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS, MAX_TOOLS
-from .schema_base import StrictBody as _Body
+from ..common.limits import MAX_CONTENT_PARTS, MAX_INT32, MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS, MAX_TOOLS
+from ..common.schema_base import StrictBody as _Body
 
 Blocks = Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)]
 

@@ -10,9 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from ..engine.sampling_params import MAX_LOGPROBS
-from .limits import MAX_CONTENT_PARTS, MAX_INT32, MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS, MAX_TOOLS
-from .schema_base import StrictBody as _Body
+from ...engine.sampling_params import MAX_LOGPROBS
+from ..common.limits import MAX_CONTENT_PARTS, MAX_INT32, MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS, MAX_TOOLS
+from ..common.schema_base import StrictBody as _Body
 
 MAX_LEGACY_LOGPROBS = 5  # the legacy completions API's cap
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..tokenizer.tokenizer import Tokenizer
-from .chat_prompt import PromptPlan, build_chat_prompt
-from .errors import APIError
+from ...tokenizer.formats.chat_prompt import PromptPlan, build_chat_prompt
+from ...tokenizer.tokenizer import Tokenizer
+from ..common.errors import APIError
 from .sampling import check_prompt_fits
 from .state import ServerState
 

@@ -8,15 +8,17 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ..tokenizer.tokenizer import Tokenizer
-from .errors import APIError
-from .generation import Generation, GenerationRequest, Outcome, TokenLogprob
-from .openai_chat import ResponseMeta, reject_unsupported, usage
-from .openai_schemas import CompletionRequest
-from .prompting import text_prompt_ids
-from .sampling import check_prompt_fits, make_params
-from .sse import DONE, run_or_disconnect, sse, sse_response
-from .state import ServerState
+from ...tokenizer.tokenizer import Tokenizer
+from ..common.errors import APIError
+from ..common.openapi import GENERATION_ERRORS, error_responses
+from ..core.generation import Generation, GenerationRequest, Outcome, TokenLogprob
+from ..core.prompting import text_prompt_ids
+from ..core.sampling import check_prompt_fits, make_params
+from ..core.sse import DONE, SSE, run_or_disconnect, sse, sse_response
+from ..core.state import ServerState
+from .chat import ResponseMeta, reject_unsupported, usage
+from .responses import Completion
+from .schemas import CompletionRequest
 
 
 async def prompt_ids_of(prompt: str | list, tokenizer: Tokenizer, state: ServerState) -> tuple[list[int], str]:
@@ -86,7 +88,8 @@ def completion_response(outcome: Outcome, meta: ResponseMeta, echo: str, logprob
 def completions_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", response_model=None, responses={
+        200: {"model": Completion, "content": SSE}, **error_responses(*GENERATION_ERRORS)})
     async def completions(body: CompletionRequest, request: Request) -> Any:
         state.check_model(body.model)
         tokenizer = state.ready_tokenizer()
