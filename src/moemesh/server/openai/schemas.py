@@ -13,6 +13,7 @@ from pydantic import Field
 from ...engine.sampling_params import MAX_LOGPROBS
 from ..common.limits import MAX_CONTENT_PARTS, MAX_INT32, MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS, MAX_TOOLS
 from ..common.schema_base import StrictBody as _Body
+from ..core.sampling import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
 MAX_LEGACY_LOGPROBS = 5  # the legacy completions API's cap
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
@@ -79,7 +80,8 @@ class SamplingFields(_Body):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # HF's penalty divides and multiplies logits: far from 1 it overflows them (the sampler then fails)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
