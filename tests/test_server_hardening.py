@@ -215,3 +215,41 @@ def test_many_slow_connections_are_capped_and_released(limits):
     # past the cap: 503 at once; within it: held only until the header timeout, then 408
     assert answers.count(503) >= 2 * LIMITS_CONNECTIONS and set(answers) == {408, 503}, answers
     assert health_seconds(limits) < 5
+
+
+# -- API keys --------------------------------------------------------------------------------------
+def test_api_key_is_compared_in_constant_time_as_bytes(monkeypatch):
+    import asyncio
+    import hmac
+
+    from moemesh.server.common import auth
+
+    compared = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def status(header: bytes) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "path": "/v1/models", "headers": [(b"authorization", b"Bearer " + header)]}
+        asyncio.run(auth.ApiKeyMiddleware(app, api_key="clé-secrète")(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status("clé-secrète".encode()) == 200  # a non-ASCII key, sent as UTF-8 bytes
+    assert status(b"cle-secrete") == 401 and status(b"") == 401
+    assert compared and all(isinstance(a, bytes) and isinstance(b, bytes) for a, b in compared)
