@@ -89,7 +89,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dic
 
 def stream_once(port: int, i: int, max_tokens: int, start: threading.Barrier, out: list) -> None:
     """One streaming chat request over a fresh HTTP connection; records content-chunk times."""
-    body = json.dumps({"model": "m", "messages": messages(i), "max_tokens": max_tokens, "temperature": 0,
+    body = json.dumps({"messages": messages(i), "max_tokens": max_tokens, "temperature": 0,
                        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     start.wait()

@@ -33,8 +33,8 @@ class Scripted:
 
 def prompt_ids(tokenizer, body: dict[str, Any]) -> list[int]:
     """The prompt the server runs for ``body``: validated and rendered as openai_chat.py does."""
-    from moemesh.server.chat_prompt import build_chat_prompt
-    from moemesh.server.openai_schemas import ChatCompletionRequest, NamedToolChoice
+    from moemesh.server.openai.schemas import ChatCompletionRequest, NamedToolChoice
+    from moemesh.tokenizer.formats.chat_prompt import build_chat_prompt
 
     req = ChatCompletionRequest.model_validate({"model": "m", **body})
     choice = req.tool_choice

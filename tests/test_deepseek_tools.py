@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from moemesh.server.deepseek_tools import (
+from moemesh.tokenizer.formats.deepseek_tools import (
     CALL_BEGIN,
     CALL_END,
     CALLS_BEGIN,
@@ -15,8 +15,8 @@ from moemesh.server.deepseek_tools import (
     make_tool_stream,
     parse_deepseek_tool_calls,
 )
-from moemesh.server.reasoning import split_reasoning
-from moemesh.server.tool_parser import ToolCallStream
+from moemesh.tokenizer.formats.reasoning import split_reasoning
+from moemesh.tokenizer.formats.tool_parser import ToolCallStream
 
 V3 = (f"Let me check.\n\n{CALLS_BEGIN}{CALL_BEGIN}function{SEP}get_weather\n```json\n"
       f'{{"city": "Paris", "unit": "c"}}\n```{CALL_END}\n{CALL_BEGIN}function{SEP}get_time\n```json\n'

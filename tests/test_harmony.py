@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from moemesh.server.harmony import HarmonyStream, parse, render, render_tools
+from moemesh.tokenizer.formats.harmony import HarmonyStream, parse, render, render_tools
 
 WEATHER = {"type": "function", "function": {
     "name": "get_current_weather", "description": "Gets the current weather in the provided location.",
@@ -107,7 +107,7 @@ class ScriptedLoop:
         self.ids = ids
 
     def submit(self, handle) -> None:
-        from moemesh.server.engine_loop import TokenEvent
+        from moemesh.server.core.engine_loop import TokenEvent
 
         for i, t in enumerate(self.ids):
             last = i == len(self.ids) - 1
@@ -122,8 +122,8 @@ def generate(script: str, tool_mode=None):
     import re
 
     from moemesh.engine.sampling_params import SamplingParams
-    from moemesh.server.generation import Generation, GenerationRequest
-    from moemesh.server.metrics import Metrics
+    from moemesh.server.core.generation import Generation, GenerationRequest
+    from moemesh.server.core.metrics import Metrics
 
     pieces = [p for p in re.split(r"(<\|\w+\|>|\s)", script) if p]  # special tokens and words
     tok = PieceTokenizer(pieces)
@@ -147,7 +147,7 @@ def test_generation_splits_harmony_channels():
 
 
 def test_generation_reports_harmony_tool_calls():
-    from moemesh.server.generation import ToolMode
+    from moemesh.server.core.generation import ToolMode
 
     out = generate(CALL + "<|call|>", ToolMode("auto", frozenset({"get_current_weather"})))
     assert out.reasoning == "Need the weather." and out.content == ""

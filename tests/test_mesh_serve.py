@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -48,7 +49,7 @@ def chat_moe(tmp_path_factory):
 
 
 def chat(url: str, max_tokens: int = 8) -> dict:
-    body = json.dumps({"model": "m", "max_tokens": max_tokens, "temperature": 0, "messages": HELLO}).encode()
+    body = json.dumps({"max_tokens": max_tokens, "temperature": 0, "messages": HELLO}).encode()
     req = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.load(r)
@@ -100,7 +101,7 @@ def test_openai_stream_through_pipeline_matches_one_process(chat_moe):
         def stream(url: str) -> tuple[str, int]:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
             text, usage = [], 0
-            for chunk in client.chat.completions.create(model="m", messages=HELLO, max_tokens=12, temperature=0,
+            for chunk in client.chat.completions.create(model=Path(chat_moe).name, messages=HELLO, max_tokens=12, temperature=0,
                                                         stream=True, stream_options={"include_usage": True}):
                 if chunk.choices and chunk.choices[0].delta.content:
                     text.append(chunk.choices[0].delta.content)

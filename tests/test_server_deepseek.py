@@ -10,10 +10,10 @@ import json
 import openai
 import pytest
 
-from moemesh.server import deepseek_chat
-from moemesh.server.chat_prompt import build_chat_prompt
-from moemesh.server.deepseek_tools import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
 from moemesh.server.launcher import ServerProcess
+from moemesh.tokenizer.formats import deepseek_chat
+from moemesh.tokenizer.formats.chat_prompt import build_chat_prompt
+from moemesh.tokenizer.formats.deepseek_tools import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
 from moemesh.tokenizer.tokenizer import Tokenizer
 from scripted_ckpt import SCALE, Scripted, make_checkpoint
 

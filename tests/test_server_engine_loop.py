@@ -10,7 +10,7 @@ import torch
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.loading.loader import load_model
-from moemesh.server.engine_loop import EngineLoop, RequestHandle, TokenEvent
+from moemesh.server.core.engine_loop import EngineLoop, RequestHandle, TokenEvent
 
 POISON = 0  # a token id no chat prompt here contains: its presence makes the batch step fail
 

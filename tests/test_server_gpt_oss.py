@@ -10,9 +10,9 @@ import json
 import openai
 import pytest
 
-from moemesh.server import harmony
-from moemesh.server.chat_prompt import build_chat_prompt
 from moemesh.server.launcher import ServerProcess
+from moemesh.tokenizer.formats import harmony
+from moemesh.tokenizer.formats.chat_prompt import build_chat_prompt
 from moemesh.tokenizer.tokenizer import Tokenizer
 from scripted_ckpt import SCALE, Scripted, make_checkpoint
 

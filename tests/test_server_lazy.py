@@ -31,7 +31,7 @@ def moe_store(tmp_path_factory):
 def test_lazy_moe_served_with_cache_metrics(moe_store):
     server = ServerProcess(str(moe_store), "--ram", "600M", "--threads", "1").start()
     try:
-        body = json.dumps({"model": "m", "max_tokens": 12, "temperature": 0,
+        body = json.dumps({"model": moe_store.name, "max_tokens": 12, "temperature": 0,
                            "messages": [{"role": "user", "content": "Hello there"}]}).encode()
         req = urllib.request.Request(server.base_url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -54,7 +54,7 @@ def test_serve_with_turboquant_kv_answers():
     server = ServerProcess("smollm2", "--kv", "turboquant:3.5", "--threads", "1").start()
     try:
         def ask(question: str) -> str:
-            body = json.dumps({"model": "m", "max_tokens": 24, "temperature": 0,
+            body = json.dumps({"model": "smollm2", "max_tokens": 24, "temperature": 0,
                                "messages": [{"role": "user", "content": question}]}).encode()
             req = urllib.request.Request(server.base_url + "/v1/chat/completions", body,
                                          {"Content-Type": "application/json"})

@@ -26,11 +26,16 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 # Server configurations of the whole server test suite. One thread each: this machine's two cores
 # are shared, and an oversubscribed OpenMP pool stalls. "main" uses the default prefill chunk (512
 # rows): the int kernels are row-invariant, so a sequence's output does not depend on what it is
-# batched with (the eight-streams test). "limits" is tiny on purpose.
+# batched with (the eight-streams test). "limits" is tiny on purpose, with short read timeouts and
+# few connections (test_server_hardening), and answers to the name "gpt-4o" too (the migration snippet).
 LIMITS_CTX = 128
+LIMITS_TIMEOUT = 1.0
+LIMITS_CONNECTIONS = 16
 SERVERS = {
     "main": ("smollm2", "--api-key", KEY, "--threads", "1"),
-    "limits": ("smollm2", "--queue-size", "1", "--max-batch", "1", "--ctx", str(LIMITS_CTX), "--threads", "1"),
+    "limits": ("smollm2", "--queue-size", "1", "--max-batch", "1", "--ctx", str(LIMITS_CTX), "--threads", "1",
+               "--served-model-name", "smollm2", "gpt-4o", "--header-timeout", str(LIMITS_TIMEOUT),
+               "--body-timeout", str(LIMITS_TIMEOUT), "--max-connections", str(LIMITS_CONNECTIONS)),
 }
 _RUNNING = pytest.StashKey[dict]()
 

@@ -12,14 +12,14 @@ from pydantic import ValidationError
 from moemesh.commands.serve import curl_example
 from moemesh.experts.budget import parse_size
 from moemesh.loading.source import resolve_model_path
-from moemesh.server.chat_prompt import build_chat_prompt
-from moemesh.server.errors import APIError, validation_error
-from moemesh.server.metrics import Metrics
-from moemesh.server.openai_schemas import ChatCompletionRequest
-from moemesh.server.reasoning import ReasoningStream, split_reasoning
-from moemesh.server.stop_strings import StopMatcher
-from moemesh.server.tool_parser import ToolCallStream, parse_tool_calls
+from moemesh.server.common.errors import validation_error
+from moemesh.server.core.metrics import Metrics
+from moemesh.server.core.stop_strings import StopMatcher
+from moemesh.server.openai.schemas import ChatCompletionRequest
 from moemesh.tokenizer.chat import ChatTemplate
+from moemesh.tokenizer.formats.chat_prompt import PromptError, build_chat_prompt
+from moemesh.tokenizer.formats.reasoning import ReasoningStream, split_reasoning
+from moemesh.tokenizer.formats.tool_parser import ToolCallStream, parse_tool_calls
 from moemesh.tokenizer.tokenizer import Tokenizer
 
 CHUNK_SIZES = (1, 2, 3, 5, 8, 1000)
@@ -142,10 +142,10 @@ def test_tool_choice_is_enforced(smol_tok):
     assert required.text.endswith('<tool_call>\n{"name": "') and required.tool_mode.name is None
     single = build_chat_prompt(smol_tok, ASK, TOOLS[:1], "required")
     assert single.prefill.endswith('{"name": "get_weather", "arguments": ')
-    with pytest.raises(APIError, match="not among the tools") as e:
+    with pytest.raises(PromptError, match="not among the tools") as e:
         build_chat_prompt(smol_tok, ASK, TOOLS, {"name": "nope"})
     assert e.value.param == "tool_choice"
-    with pytest.raises(APIError, match="needs tools"):
+    with pytest.raises(PromptError, match="needs tools"):
         build_chat_prompt(smol_tok, ASK, None, "required")
 
 
@@ -161,7 +161,7 @@ def test_history_with_tool_calls_results_and_reasoning(smol_tok):
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<|im_start|>user\n<tool_response>\n18C, sunny\n</tool_response><|im_end|>" in text
     assert "And\ntomorrow?" in text and "I should call it." not in text  # old reasoning is not replayed
-    with pytest.raises(APIError) as e:
+    with pytest.raises(PromptError) as e:
         build_chat_prompt(smol_tok, [{"role": "user", "content": [{"type": "image_url"}]}], None, None)
     assert e.value.param == "messages[0].content[0].type"
 

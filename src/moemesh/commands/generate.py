@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     )
     stops = tok.eos_token_ids if tok is not None else frozenset(loaded.args.eos_token_ids)
     if tok is not None:
-        from ..server import harmony
+        from ..tokenizer.formats import harmony
 
         if harmony.is_harmony(tok):  # gpt-oss: <|end|> closes the analysis, not the turn
             stops = harmony.stop_token_ids(tok)

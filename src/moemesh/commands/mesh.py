@@ -14,6 +14,7 @@ import threading
 
 from ..errors import MoemeshError
 from ..models.build import QUANT_MODES
+from .limit_args import add_limit_args, connection_limits
 
 SECRET_ENV = "MOEMESH_MESH_SECRET"
 
@@ -66,6 +67,7 @@ def _add_serve(group: argparse._SubParsersAction) -> None:
                    help="activations between stages: fp32 (exact, default) or bf16 (half the bytes)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    add_limit_args(p)
     p.add_argument("--test-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # TEST ONLY: fake latency
     p.add_argument("--expert-slots", type=int, default=None, help=argparse.SUPPRESS)  # TEST ONLY: cache slots, no budget
     p.add_argument("--experts", default=None, metavar="auto|A:B|LIST",
@@ -218,6 +220,7 @@ def _announce(stack) -> None:
 def _serve_api(args: argparse.Namespace, options, list_mesh: bool = False) -> int:
     from .serve import _listen
 
+    limits = connection_limits(args)  # checked before the mesh starts
     sock = _listen(args.http_host, args.http_port)
     port = sock.getsockname()[1]
     options.http = f"http://{args.http_host}:{port}"
@@ -226,15 +229,14 @@ def _serve_api(args: argparse.Namespace, options, list_mesh: bool = False) -> in
 
     import logging
 
-    import uvicorn
-
     from ..mesh.api import MeshServerState
     from ..server.app import build_app
-    from ..server.state import ServerConfig
+    from ..server.common.protocol import http_server
+    from ..server.core.state import ServerConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(model=args.model, host=args.http_host, port=port, api_key=args.api_key, kv=options.kv,
-                          max_batch=args.max_batch, quant=options.quant, threads=args.threads)
+                          max_batch=args.max_batch, quant=options.quant, threads=args.threads, limits=limits)
     state = MeshServerState(config, stack)
 
     def on_loaded(st) -> None:
@@ -245,7 +247,7 @@ def _serve_api(args: argparse.Namespace, options, list_mesh: bool = False) -> in
 
     app = build_app(state, on_loaded)
     print(f"moemesh: listening on http://{args.http_host}:{port}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3))
+    server = http_server(app, limits)
     try:
         server.run(sockets=[sock])
     finally:

@@ -11,6 +11,7 @@ from ..errors import MoemeshError
 from ..kvcache.spec import KV_HELP, parse_kv_spec
 from ..models.build import QUANT_MODES
 from .expert_args import add_expert_args, expert_options
+from .limit_args import add_limit_args, connection_limits
 
 QUANT_CHOICES = ("none",) + QUANT_MODES
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
                    help="weights at run time: auto keeps them as stored (GGUF 4-bit stays 4-bit)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--served-model-name", default=None, help="model name reported by the API (default: from MODEL)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name reported by the API (default: from MODEL); more names are aliases that "
+                   "requests may use too. Other names get HTTP 404 model_not_found")
+    p.add_argument("--accept-any-model", action="store_true",
+                   help="answer requests whatever model name they give (for clients whose model name cannot be set)")
+    add_limit_args(p)
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--kv", default="dense", help=KV_HELP)
     add_expert_args(p)
@@ -80,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ctx is not None and args.ctx < 2:
         raise MoemeshError(f"--ctx must be >= 2, got {args.ctx}")
     experts = expert_options(args)  # checks --ram before anything slow
+    limits = connection_limits(args)
+    names = args.served_model_name or []
     try:
         kv = str(parse_kv_spec(args.kv))
     except ValueError as e:
@@ -88,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
 
     import torch
-    import uvicorn
 
     from ..server.app import build_app
-    from ..server.state import ServerConfig, ServerState
+    from ..server.common.protocol import http_server
+    from ..server.core.state import ServerConfig, ServerState
 
     if args.threads:
         torch.set_num_threads(args.threads)  # here, on the main thread, before the engine thread exists
@@ -99,9 +107,11 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(model=args.model, host=args.host, port=port, api_key=args.api_key, experts=experts, kv=kv,
                           max_batch=args.max_batch,
                           max_prefill_tokens=args.max_prefill_tokens, queue_size=args.queue_size, ctx=args.ctx,
-                          quant=args.quant, threads=args.threads, served_model_name=args.served_model_name)
+                          quant=args.quant, threads=args.threads, limits=limits,
+                          served_model_name=names[0] if names else None, model_aliases=tuple(names[1:]),
+                          accept_any_model=args.accept_any_model)
     state = ServerState(config)
-    server: uvicorn.Server | None = None
+    server = None
 
     def on_loaded(st: ServerState) -> None:
         if st.status == "ready":
@@ -116,7 +126,6 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(state, on_loaded)
     print(f"moemesh: listening on http://{args.host}:{port} (loading {args.model}; /health answers 503 "
           "until it is ready)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
-                                           timeout_graceful_shutdown=3))
+    server = http_server(app, limits, log_level=args.log_level, access_log=args.log_level == "debug")
     server.run(sockets=[sock])
     return 2 if state.status == "failed" else 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..loading.loader import LoadedModel
 from ..loading.source import resolve_model_path
-from ..server.errors import APIError
-from ..server.state import ServerConfig, ServerState
+from ..server.common.errors import APIError
+from ..server.core.state import ServerConfig, ServerState
 from . import peer_metrics
 from .stack import MeshStack
 

@@ -1,18 +1,29 @@
 """``moemesh serve``: OpenAI- and Anthropic-compatible HTTP API over the continuous-batching engine.
 
-Threads: uvicorn's event loop serves HTTP; one engine thread (engine_loop) owns the Engine and
-loops ``step()``; a loader thread loads the model after the HTTP server is up (/health: 503, then
-200). A request: route (validate with pydantic, render the chat template, check the context) ->
-admission (429 past --queue-size) -> Generation (submit to the engine thread, read its tokens
-from an asyncio queue) -> detokenize -> stop strings -> <think> -> <tool_call> -> deltas that
-the route renders as OpenAI or Anthropic JSON / SSE. A client that leaves aborts its sequence.
+Threads: uvicorn's event loop serves HTTP; one engine thread (core/engine_loop) owns the Engine and
+loops ``step()``; prompt threads render chat templates and tokenize (core/prompting); a loader
+thread loads the model after the HTTP server is up (/health: 503, then 200). A request: connection
+deadlines and size limits (common/protocol, common/body_limit) -> API key (common/auth) -> route
+(validate with pydantic, model name, cheap length check, render + tokenize off the loop, exact
+context check) -> admission (429 past --queue-size) -> Generation (submit to the engine thread,
+read its tokens from an asyncio queue) -> detokenize -> stop strings -> reasoning -> tool calls ->
+deltas that the route renders as OpenAI or Anthropic JSON / SSE. A client that leaves aborts its
+sequence.
 
-Modules: app (routes, lifespan), state (config, model, engine thread), engine_loop (the engine
-thread, failure isolation), generation (tokens -> deltas), admission, auth, errors, metrics,
-sse, sampling (fields -> SamplingParams), chat_prompt (messages + tools + tool_choice -> prompt),
-harmony / deepseek_chat / deepseek_tools (gpt-oss's and DeepSeek's formats: render, parse),
-stop_strings / reasoning / tool_parser / holdback (streaming text parsers), openai_schemas /
-openai_chat / openai_completions, anthropic_schemas / anthropic_convert / anthropic_messages,
-service_routes (/health, /metrics, /v1/models, /tokenize, /detokenize), launcher (run the
-server as a child process: tests, benchmarks).
+Packages, one per concern:
+
+- ``common/``: HTTP plumbing every API surface shares (connection deadlines, limits, errors, auth,
+  the strict request-body base, the OpenAPI document).
+- ``core/``: one request through the engine, whatever API it came in by (state, engine thread,
+  admission, generation, prompting, sampling fields, stop strings, SSE, metrics).
+- ``openai/``: OpenAI's chat and completions APIs, /v1/models, vLLM's /tokenize and /detokenize.
+- ``anthropic/``: Anthropic's Messages API.
+- A new API surface (OpenAI's Responses API, Ollama's) is a sibling package with its schemas,
+  responses and routes, built on ``core`` and registered in ``app.py``; constrained output
+  (grammars, JSON schema) belongs below the server, next to the sampler, fed by ``core/generation``.
+
+The chat, tool-call and reasoning formats (templates, Harmony, DeepSeek, Hermes, ``<think>``) live
+in ``moemesh.tokenizer.formats``, below the engine, so the CLI and the models can use them too.
+Modules at this level: app (the ASGI app), service (/health, /metrics), launcher (run the server as
+a child process: tests, benchmarks).
 """

@@ -1,25 +1,32 @@
 """What the server holds: its settings, the model once loaded, the engine thread, metrics."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from ..engine.engine import Engine
-from ..layers.moe import ExpertProvider
-from ..loading.experts import ExpertOptions
-from ..loading.loader import LoadedModel, load_model
-from ..loading.source import EMBEDDED
-from ..tokenizer.tokenizer import Tokenizer
+from ...engine.engine import Engine
+from ...layers.moe import ExpertProvider
+from ...loading.experts import ExpertOptions
+from ...loading.loader import LoadedModel, load_model
+from ...loading.source import EMBEDDED
+from ...tokenizer.formats.harmony import is_harmony, stop_token_ids
+from ...tokenizer.tokenizer import Tokenizer
+from ..common.errors import APIError
+from ..common.limits import ConnectionLimits
 from .admission import Admission
 from .engine_loop import EngineLoop
-from .errors import APIError
 from .generation import Generation, GenerationRequest
-from .harmony import is_harmony, stop_token_ids
 from .metrics import Metrics
 
 log = logging.getLogger("moemesh.server")
+T = TypeVar("T")
+PROMPT_THREADS = 2  # templating + tokenizing off the event loop, at most this many prompts at once
 
 
 @dataclass
@@ -37,12 +44,22 @@ class ServerConfig:
     quant: str = "auto"
     threads: int | None = None
     served_model_name: str | None = None
+    model_aliases: tuple[str, ...] = ()  # more names requests may use (--served-model-name NAME ALIAS...)
+    accept_any_model: bool = False  # serve whatever model name a request gives (--accept-any-model)
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     @property
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
         return self.model if self.model in EMBEDDED else Path(self.model).name
+
+    def accepted_names(self) -> frozenset[str]:
+        """The names a request may give in ``model``: the served name and aliases, and the model
+        argument as given, as its basename, and (for a file) its basename without the suffix."""
+        path = Path(self.model)
+        return frozenset({self.model_name, *self.model_aliases, self.model, self.model.rstrip("/"), path.name,
+                          path.stem if path.suffix == ".gguf" else path.name})
 
 
 class ServerState:
@@ -61,7 +78,10 @@ class ServerState:
         self._tokenizer: Tokenizer | None = None
         self.engine_loop: EngineLoop | None = None
         self.context_length = 0
+        self.max_token_chars = 0  # characters in the vocabulary's longest token (the cheap length check)
         self.providers: list[ExpertProvider] = []
+        self._accepted_names = config.accepted_names()
+        self._prompt_pool = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="moemesh-prompt")
 
     def load(self) -> None:
         """Blocking: load the model and start the engine thread (run off the event loop)."""
@@ -76,6 +96,7 @@ class ServerState:
             if loaded.tokenizer is None:
                 raise APIError(500, f"{loaded.path}: no tokenizer found; the server needs one")
             self.context_length = self.config.ctx or loaded.args.max_position_embeddings
+            self.max_token_chars = max(map(len, loaded.tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
             tok = loaded.tokenizer  # Harmony's turn ends on <|return|> / <|call|>, not on <|end|>
             stops = stop_token_ids(tok) if is_harmony(tok) else frozenset(tok.eos_token_ids)
             engine = Engine(loaded.model, stop_token_ids=stops,
@@ -96,6 +117,24 @@ class ServerState:
     def _load_model(self, quant: str) -> LoadedModel:
         """The model the engine runs; ``moemesh mesh serve`` overrides this with a pipeline model."""
         return load_model(self.config.model, quant, experts=self.config.experts)
+
+    def check_model(self, name: str | None) -> None:
+        """404 ``model_not_found`` for a model this server does not serve (as OpenAI and vLLM do)."""
+        if name is None or self.config.accept_any_model or name in self._accepted_names:
+            return
+        self.metrics.rejected[404] += 1
+        raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r} "
+                       "(start it with --served-model-name NAME ALIAS... to accept other names)",
+                       param="model", code="model_not_found")
+
+    def body_limit(self) -> int:
+        """Bytes a request body may have (413 beyond): room for a full-context prompt by default."""
+        return self.config.limits.body_limit(self.context_length or self.config.ctx or 0)
+
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """Run CPU-heavy request work (templating, tokenizing) on the prompt threads, so that a huge
+        prompt never stalls the event loop (/health, streams of other requests)."""
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, work)
 
     def ready_tokenizer(self) -> Tokenizer:
         """The tokenizer, or a 503 while the model is loading (or failed to)."""
@@ -143,6 +182,7 @@ class ServerState:
     def shutdown(self) -> None:
         if self.engine_loop is not None:
             self.engine_loop.shutdown()
+        self._prompt_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _providers(loaded: LoadedModel) -> list[ExpertProvider]:

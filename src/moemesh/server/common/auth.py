@@ -33,7 +33,8 @@ class ApiKeyMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = presented_key(headers)
-        if key is None or not hmac.compare_digest(key.encode(), self.api_key.encode()):
+        # constant time; the header's own bytes (it was decoded as latin-1) against the key's UTF-8
+        if key is None or not hmac.compare_digest(key.encode("latin-1"), self.api_key.encode("utf-8")):
             message = "missing API key" if key is None else "invalid API key"
             err = APIError(401, f"{message}: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                            code="invalid_api_key", type="invalid_request_error")

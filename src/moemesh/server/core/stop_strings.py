@@ -1,7 +1,7 @@
 """Stop strings over streamed text: emit only what cannot be the start of a stop string."""
 from __future__ import annotations
 
-from .holdback import partial_suffix_len
+from ...tokenizer.formats.holdback import partial_suffix_len
 
 
 class StopMatcher:

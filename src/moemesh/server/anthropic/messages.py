@@ -8,14 +8,17 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from .anthropic_convert import chat_messages, chat_tool_choice, chat_tools
-from .anthropic_schemas import CountTokensRequest, MessagesRequest
-from .chat_prompt import PromptPlan, build_chat_prompt
-from .generation import Generation, GenerationRequest, Outcome
-from .sampling import check_prompt_fits, make_params
-from .sse import run_or_disconnect, sse, sse_response
-from .state import ServerState
-from .tool_parser import TOOL_CLOSE, TOOL_OPEN
+from ...tokenizer.formats.chat_prompt import PromptPlan
+from ...tokenizer.formats.tool_parser import TOOL_CLOSE, TOOL_OPEN
+from ..common.openapi import BODY_ERRORS, GENERATION_ERRORS, error_responses
+from ..core.generation import Generation, GenerationRequest, Outcome
+from ..core.prompting import chat_prompt_ids
+from ..core.sampling import make_params
+from ..core.sse import SSE, run_or_disconnect, sse, sse_response
+from ..core.state import ServerState
+from .convert import chat_messages, chat_tool_choice, chat_tools
+from .responses import Message, TokenCount
+from .schemas import CountTokensRequest, MessagesRequest
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -103,20 +106,22 @@ async def stream_message(gen: Generation, msg_id: str, model: str) -> AsyncItera
 def messages_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    def plan_of(body: CountTokensRequest) -> tuple[PromptPlan, list[int]]:
+    async def plan_of(body: CountTokensRequest, check_fits: bool) -> tuple[PromptPlan, list[int]]:
+        state.check_model(body.model)
         tokenizer = state.ready_tokenizer()
-        plan = build_chat_prompt(tokenizer, chat_messages(body), chat_tools(body), chat_tool_choice(body.tool_choice))
-        return plan, tokenizer.encode(plan.text)
+        return await chat_prompt_ids(state, tokenizer, chat_messages(body), chat_tools(body),
+                                     chat_tool_choice(body.tool_choice), check_fits=check_fits)
 
-    @router.post("/v1/messages/count_tokens")
+    @router.post("/v1/messages/count_tokens", response_model=None, responses={
+        200: {"model": TokenCount}, **error_responses(*BODY_ERRORS, anthropic=True)})
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
-        _, ids = plan_of(body)
+        _, ids = await plan_of(body, check_fits=False)
         return {"input_tokens": len(ids)}
 
-    @router.post("/v1/messages")
+    @router.post("/v1/messages", response_model=None, responses={
+        200: {"model": Message, "content": SSE}, **error_responses(*GENERATION_ERRORS, anthropic=True)})
     async def messages(body: MessagesRequest, request: Request) -> Any:
-        plan, prompt_ids = plan_of(body)
-        check_prompt_fits(len(prompt_ids), state.context_length, "messages")
+        plan, prompt_ids = await plan_of(body, check_fits=True)
         params = make_params(
             prompt_len=len(prompt_ids), context_length=state.context_length, max_tokens=body.max_tokens,
             max_tokens_field="max_tokens", temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,

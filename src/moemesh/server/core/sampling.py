@@ -1,8 +1,11 @@
 """Request fields -> validated SamplingParams, and the context-window check (never truncate)."""
 from __future__ import annotations
 
-from ..engine.sampling_params import SamplingParams
-from .errors import APIError
+from ...engine.sampling_params import SamplingParams
+from ..common.errors import APIError
+
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding (vLLM's rule): dividing by it overflows
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 def check_prompt_fits(prompt_len: int, context_length: int, param: str) -> None:
@@ -26,7 +29,7 @@ def make_params(*, prompt_len: int, context_length: int, max_tokens: int | None,
     Capping is safe to do silently: a generation that reaches the context ends with finish_reason length.
     """
     params = SamplingParams(
-        temperature=1.0 if temperature is None else temperature,
+        temperature=1.0 if temperature is None else (0.0 if 0 <= temperature < GREEDY_BELOW else temperature),
         top_p=1.0 if top_p is None else top_p,
         top_k=0 if top_k is None or top_k == -1 else top_k,  # -1 = off, as vLLM spells it
         min_p=min_p or 0.0,

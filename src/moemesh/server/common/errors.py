@@ -1,6 +1,7 @@
 """API errors and the handlers that answer them in OpenAI's or Anthropic's error shape."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import traceback
@@ -11,27 +12,36 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from ...tokenizer.formats.chat_prompt import PromptError
+
 log = logging.getLogger("moemesh.server")
 
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
-                    429: "rate_limit_error", 503: "overloaded_error"}
+                    404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
+                    422: "invalid_request_error", 429: "rate_limit_error", 431: "request_too_large",
+                    503: "overloaded_error"}
 _OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
                  503: "service_unavailable"}
 
 
-class APIError(Exception):
-    """An HTTP error with a message for the client; ``param`` names the offending field."""
+class APIError(HTTPException):
+    """An HTTP error with a message for the client; ``param`` names the offending field.
+
+    An HTTPException, so that one raised while FastAPI reads the body (the body-size limit) is
+    passed on to its handler rather than rewritten as "error parsing the body"."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(status, message, headers)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type or (_OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"))
         self.headers = headers
+
+    def __str__(self) -> str:
+        return self.message
 
     def openai_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -45,9 +55,20 @@ def is_anthropic_path(path: str) -> bool:
     return path.startswith("/v1/messages")
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote what the client sent, and that
+    text may not even be valid Unicode (a lone surrogate), which must not fail the error itself."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def error_body(path: str, err: APIError) -> dict[str, Any]:
+    return err.anthropic_body() if is_anthropic_path(path) else err.openai_body()
+
+
 def error_response(path: str, err: APIError) -> JSONResponse:
-    body = err.anthropic_body() if is_anthropic_path(path) else err.openai_body()
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+    return ErrorJSONResponse(error_body(path, err), status_code=err.status, headers=err.headers)
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
@@ -73,12 +94,32 @@ def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _json_kind(value: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _most_telling(errors: list[Any]) -> dict[str, Any]:
+    """The error to report: the first field's, and of a union's variants ('str', 'list[str]') the
+    one that says more than "wrong type" (a too-long list, a bad item) when there is one."""
+    field = _field_path(tuple(errors[0].get("loc", ())))
+    same = [e for e in errors if _field_path(tuple(e.get("loc", ()))) == field]
+    telling = [e for e in same if not str(e.get("type", "")).endswith("_type")]
+    return (telling or same)[0]
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    first = _most_telling(list(errors)) if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}")
     param = _loc_to_param(_field_path(tuple(first.get("loc", ()))))
+    if param is None and first.get("type") == "missing":  # no body at all
+        return APIError(400, "the request has no body; send a JSON object (Content-Type: application/json)")
+    if param is None and first.get("type") in ("model_type", "model_attributes_type", "dict_type"):
+        if isinstance(first.get("input"), bytes):  # FastAPI parses only a JSON content type
+            return APIError(400, "the request body must be JSON, sent with Content-Type: application/json")
+        return APIError(400, f"the request body must be a JSON object, not {_json_kind(first.get('input'))}")
     if first.get("type") == "missing":
         message = f"missing required field {param!r}"
     else:
@@ -91,13 +132,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(request.url.path, exc)
 
+    @app.exception_handler(PromptError)
+    async def _prompt(request: Request, exc: PromptError) -> JSONResponse:
+        return error_response(request.url.path, APIError(400, str(exc), param=exc.param))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(request.url.path, validation_error(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(request.url.path, APIError(exc.status_code, str(exc.detail)))
+        return error_response(request.url.path, APIError(exc.status_code, str(exc.detail), headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .anthropic_schemas import AnthropicToolChoice, CountTokensRequest
-from .errors import APIError
+from ..common.errors import APIError
+from .schemas import AnthropicToolChoice, CountTokensRequest
 
 
 def _text(value: Any, where: str) -> str:

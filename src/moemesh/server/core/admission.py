@@ -1,7 +1,7 @@
 """Admission control: at most ``limit`` requests waiting or running; the rest get a 429."""
 from __future__ import annotations
 
-from .errors import APIError
+from ..common.errors import APIError
 
 
 class Slot:

@@ -9,14 +9,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from .chat_prompt import build_chat_prompt
-from .errors import APIError
-from .generation import Delta, Generation, GenerationRequest, Outcome, TokenLogprob
-from .openai_schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
-from .sampling import check_prompt_fits, make_params
-from .sse import DONE, run_or_disconnect, sse, sse_response
-from .state import ServerState
-from .tool_parser import ToolCallDelta
+from ...tokenizer.formats.tool_parser import ToolCallDelta
+from ..common.errors import APIError
+from ..common.openapi import GENERATION_ERRORS, error_responses
+from ..core.generation import Delta, Generation, GenerationRequest, Outcome, TokenLogprob
+from ..core.prompting import chat_prompt_ids
+from ..core.sampling import make_params
+from ..core.sse import DONE, SSE, run_or_disconnect, sse, sse_response
+from ..core.state import ServerState
+from .responses import ChatCompletion
+from .schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
 
 
 @dataclass
@@ -118,8 +120,10 @@ def _tool_choice(body: ChatCompletionRequest) -> str | dict | None:
 def chat_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", response_model=None, responses={
+        200: {"model": ChatCompletion, "content": SSE}, **error_responses(*GENERATION_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        state.check_model(body.model)
         tokenizer = state.ready_tokenizer()
         reject_unsupported(body)
         if body.response_format is not None and body.response_format.type != "text":
@@ -129,9 +133,8 @@ def chat_router(state: ServerState) -> APIRouter:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        plan = build_chat_prompt(tokenizer, messages, tools, _tool_choice(body), body.chat_template_kwargs)
-        prompt_ids = tokenizer.encode(plan.text)
-        check_prompt_fits(len(prompt_ids), state.context_length, "messages")
+        plan, prompt_ids = await chat_prompt_ids(state, tokenizer, messages, tools, _tool_choice(body),
+                                                 body.chat_template_kwargs)
         use_new = body.max_completion_tokens is not None
         params = make_params(
             prompt_len=len(prompt_ids), context_length=state.context_length,

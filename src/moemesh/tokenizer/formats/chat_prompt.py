@@ -15,11 +15,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..tokenizer.chat import ChatTemplateError
-from ..tokenizer.tokenizer import Tokenizer
+from ...errors import MoemeshError
+from ..chat import ChatTemplateError
+from ..tokenizer import Tokenizer
 from . import deepseek_chat, harmony
-from .errors import APIError
-from .generation import ToolMode
 from .reasoning import THINK_CLOSE, THINK_OPEN
 from .tool_parser import TOOL_CLOSE, TOOL_OPEN
 
@@ -36,6 +35,28 @@ For each function call, return a json object with function name and arguments wi
 <tool_call>
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
+
+
+class PromptError(MoemeshError):
+    """The conversation cannot be rendered as asked; ``param`` names the request field at fault
+    (the server answers it as HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ToolMode:
+    """How tool calls are read from the output: offered (auto), or forced (required, named)."""
+
+    kind: str  # auto | required | named
+    names: frozenset[str]  # the tools offered
+    name: str | None = None  # the one tool a named choice demands
+
+    @property
+    def forced(self) -> bool:
+        return self.kind in ("required", "named")
 
 
 @dataclass(frozen=True)
@@ -71,7 +92,7 @@ def content_text(content: Any, where: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, f"{where}[{j}]: only text content parts are supported (got type {kind!r})",
+            raise PromptError(f"{where}[{j}]: only text content parts are supported (got type {kind!r})",
                            param=f"{where}[{j}].type")
         texts.append(part["text"])
     return "\n".join(texts)
@@ -142,7 +163,7 @@ def tool_mode_for(tools: list[dict] | None, choice: str | dict | None) -> ToolMo
     """tool_choice ('none' | 'auto' | 'required' | {'name': X}) -> ToolMode, or None for no tools."""
     if not tools:
         if choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+            raise PromptError("tool_choice needs tools", param="tool_choice")
         return None
     names = frozenset(t["function"]["name"] for t in tools)
     if choice is None or choice == "auto":
@@ -154,7 +175,7 @@ def tool_mode_for(tools: list[dict] | None, choice: str | dict | None) -> ToolMo
     if isinstance(choice, dict) and choice.get("name") in names:
         return ToolMode("named", names, choice["name"])
     wanted = choice.get("name") if isinstance(choice, dict) else choice
-    raise APIError(400, f"tool_choice names {wanted!r}, which is not among the tools ({', '.join(sorted(names))})",
+    raise PromptError(f"tool_choice names {wanted!r}, which is not among the tools ({', '.join(sorted(names))})",
                    param="tool_choice")
 
 
@@ -169,7 +190,7 @@ def _render_builtin(tokenizer: Tokenizer, messages: list[dict], tools: list[dict
     if harmony.uses_builtin_harmony(tokenizer):
         effort = template_kwargs.get("reasoning_effort", "medium")
         if effort not in ("low", "medium", "high"):
-            raise APIError(400, f"reasoning_effort must be low, medium or high (got {effort!r})",
+            raise PromptError(f"reasoning_effort must be low, medium or high (got {effort!r})",
                            param="chat_template_kwargs.reasoning_effort")
         return harmony.render(shaped, tools, reasoning_effort=effort)
     if deepseek_chat.uses_deepseek(tokenizer):
@@ -188,8 +209,16 @@ def _forced_prefill(tokenizer: Tokenizer, mode: ToolMode) -> str:
                               if mode.name else '{"name": "')
 
 
+# what the server itself passes to the template; chat_template_kwargs may not set them
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt")
+
+
 def build_chat_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None,
                       tool_choice: str | dict | None, template_kwargs: dict | None = None) -> PromptPlan:
+    for key in RESERVED_TEMPLATE_KWARGS:
+        if key in (template_kwargs or {}):
+            raise PromptError(f"chat_template_kwargs may not set {key!r}: the server sets it from the request",
+                           param=f"chat_template_kwargs.{key}")
     mode = tool_mode_for(tools, tool_choice)
     offered = tools if mode is not None else None  # tool_choice none: the model never sees them
     text = None if tokenizer.chat_template else _render_builtin(tokenizer, messages, offered, template_kwargs or {})
@@ -202,7 +231,7 @@ def build_chat_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[di
             text = tokenizer.apply_chat_template(shaped, add_generation_prompt=True,
                                                  tools=offered if caps.tools else None, **(template_kwargs or {}))
         except ChatTemplateError as exc:
-            raise APIError(400, str(exc), param="messages") from None
+            raise PromptError(str(exc), param="messages") from None
     start_in_reasoning = text.rstrip().endswith(THINK_OPEN)
     prefill = _forced_prefill(tokenizer, mode) if mode is not None and mode.forced else ""
     if prefill and start_in_reasoning:  # the template opened <think>: a forced call comes after it

@@ -22,10 +22,10 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from ..engine.engine import Engine, StepOutput
-from ..engine.sampling_params import SamplingParams
-from ..engine.sequence import Sequence
-from ..errors import PromptTooLong
+from ...engine.engine import Engine, StepOutput
+from ...engine.sampling_params import SamplingParams
+from ...engine.sequence import Sequence
+from ...errors import PromptTooLong
 
 log = logging.getLogger("moemesh.server")
 

@@ -8,26 +8,29 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ..tokenizer.tokenizer import Tokenizer
-from .errors import APIError
-from .generation import Generation, GenerationRequest, Outcome, TokenLogprob
-from .openai_chat import ResponseMeta, reject_unsupported, usage
-from .openai_schemas import CompletionRequest
-from .sampling import check_prompt_fits, make_params
-from .sse import DONE, run_or_disconnect, sse, sse_response
-from .state import ServerState
+from ...tokenizer.tokenizer import Tokenizer
+from ..common.errors import APIError
+from ..common.openapi import GENERATION_ERRORS, error_responses
+from ..core.generation import Generation, GenerationRequest, Outcome, TokenLogprob
+from ..core.prompting import text_prompt_ids
+from ..core.sampling import check_prompt_fits, make_params
+from ..core.sse import DONE, SSE, run_or_disconnect, sse, sse_response
+from ..core.state import ServerState
+from .chat import ResponseMeta, reject_unsupported, usage
+from .responses import Completion
+from .schemas import CompletionRequest
 
-MAX_LEGACY_LOGPROBS = 5  # the legacy API's cap
 
-
-def prompt_ids_of(prompt: str | list, tokenizer: Tokenizer) -> tuple[list[int], str]:
+async def prompt_ids_of(prompt: str | list, tokenizer: Tokenizer, state: ServerState) -> tuple[list[int], str]:
     """(token ids, prompt text) of the one prompt; a batch of prompts is refused."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise APIError(400, f"prompt holds {len(prompt)} prompts; send one request per prompt", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_special_tokens=True), prompt
+        return await text_prompt_ids(state, tokenizer, prompt), prompt
+    if len(prompt) >= state.context_length:  # before decoding it for echo
+        check_prompt_fits(len(prompt), state.context_length, "prompt")
     vocab = tokenizer.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
@@ -85,17 +88,17 @@ def completion_response(outcome: Outcome, meta: ResponseMeta, echo: str, logprob
 def completions_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", response_model=None, responses={
+        200: {"model": Completion, "content": SSE}, **error_responses(*GENERATION_ERRORS)})
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        state.check_model(body.model)
         tokenizer = state.ready_tokenizer()
         reject_unsupported(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if body.best_of not in (None, 1):
             raise APIError(400, "best_of must be 1", param="best_of")
-        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LEGACY_LOGPROBS:
-            raise APIError(400, f"logprobs must be in 0..{MAX_LEGACY_LOGPROBS}, got {body.logprobs}", param="logprobs")
-        prompt_ids, prompt_text = prompt_ids_of(body.prompt, tokenizer)
+        prompt_ids, prompt_text = await prompt_ids_of(body.prompt, tokenizer, state)
         check_prompt_fits(len(prompt_ids), state.context_length, "prompt")
         params = make_params(
             prompt_len=len(prompt_ids), context_length=state.context_length, max_tokens=body.max_tokens,

@@ -10,32 +10,22 @@ import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..engine.sampling_params import SamplingParams
-from ..tokenizer.detok import IncrementalDetokenizer
-from ..tokenizer.tokenizer import Tokenizer
+from ...engine.sampling_params import SamplingParams
+from ...tokenizer.detok import IncrementalDetokenizer
+from ...tokenizer.formats.chat_prompt import ToolMode
+from ...tokenizer.formats.deepseek_chat import writes_deepseek_tools
+from ...tokenizer.formats.deepseek_tools import DeepSeekToolStream
+from ...tokenizer.formats.harmony import HarmonyStream, is_harmony
+from ...tokenizer.formats.reasoning import ReasoningStream
+from ...tokenizer.formats.tool_parser import ToolCall, ToolCallDelta, ToolCallStream
+from ...tokenizer.tokenizer import Tokenizer
+from ..common.errors import APIError
 from .admission import Slot
-from .deepseek_chat import writes_deepseek_tools
-from .deepseek_tools import DeepSeekToolStream
 from .engine_loop import EngineLoop, RequestHandle, TokenEvent
-from .errors import APIError
-from .harmony import HarmonyStream, is_harmony
 from .metrics import Metrics
-from .reasoning import ReasoningStream
 from .stop_strings import StopMatcher
-from .tool_parser import ToolCall, ToolCallDelta, ToolCallStream
 
 log = logging.getLogger("moemesh.server")
-
-
-@dataclass(frozen=True)
-class ToolMode:
-    kind: str  # auto | required | named
-    names: frozenset[str]  # the tools offered
-    name: str | None = None  # the one tool a named choice demands
-
-    @property
-    def forced(self) -> bool:
-        return self.kind in ("required", "named")
 
 
 @dataclass

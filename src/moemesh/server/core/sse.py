@@ -13,6 +13,12 @@ from starlette.responses import StreamingResponse
 from .generation import Generation, Outcome
 
 DONE = "data: [DONE]\n\n"
+# the OpenAPI content of a streamed answer (``stream: true``) beside its JSON one: before OpenAPI 3.2,
+# the schema of an event stream describes one event (its data: a JSON chunk, or OpenAI's [DONE])
+SSE_EVENT = {"type": "object", "required": ["data"], "description": "one server-sent event (stream: true)",
+             "properties": {"event": {"type": "string"}, "data": {"type": "string", "contentMediaType": "application/json"},
+                            "id": {"type": "string"}, "retry": {"type": "integer"}}}
+SSE = {"text/event-stream": {"schema": SSE_EVENT}}
 
 
 def sse(data: Any, event: str | None = None) -> str:
