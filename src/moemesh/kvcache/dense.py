@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from ..batch import BatchLayout
 from .base import KVCache, causal_mask
-from .sinks import attend_with_sinks, softmax_with_sinks
+from .decode_attention import decode_attention
+from .decode_view import OneTokenView
+from .sinks import attend_with_sinks
 
 
 @dataclass
@@ -87,8 +89,9 @@ class DenseKVCache(KVCache):
             else:
                 values = seq.values[layer]
                 values[:, start:end] = v[off : off + n].transpose(0, 1)
-            if n == 1 and (window is None or end <= window):
-                out[off] = decode_attention(q[off], keys[:, :end], values[:, :end], scale, sinks)
+            if n == 1:  # a decode token: the visible keys are one run, no mask
+                lo = 0 if window is None else max(0, end - window)
+                out[off] = decode_attention(q[off], keys[:, lo:end], values[:, lo:end], scale, sinks)
                 continue
             lo = 0 if window is None else max(0, end - n - window + 1)  # keys no query can see
             mask = causal_mask(n, start, window)
@@ -111,14 +114,13 @@ class DenseKVCache(KVCache):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.seqs.values() for t in s.keys + s.values)
 
+    def decode_buffers(self, seq_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        if self.dtype != torch.float32:
+            return None
+        seq = self.seqs[seq_id]
+        self._reserve(seq, seq.length + 1)
+        return seq.keys, seq.values
 
-def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, sinks: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One query token over all its keys, GQA without repeating K/V (fewer ops than SDPA's math
-    path for this case). q: [Hq, Dh], keys: [Hkv, L, Dh], values: [Hkv, L, Dv] -> [Hq, Dv]."""
-    hkv, _, dh = keys.shape
-    qg = q.view(hkv, -1, dh)  # [Hkv, G, Dh]
-    scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(scale)  # [Hkv, G, L]
-    probs = torch.softmax(scores, dim=-1) if sinks is None else softmax_with_sinks(scores, sinks, 1)
-    return torch.bmm(probs, values).view(-1, values.shape[-1])
+    def decode_view(self, keys: list[torch.Tensor], values: list[torch.Tensor], pos: torch.Tensor) -> KVCache:
+        return OneTokenView(keys, values, pos, self.value_dim, self.values_in_keys)
+
