@@ -84,12 +84,13 @@ class CompiledDecoder:
     Compiles lazily on the first step; ``compile_seconds`` records that first call. Options
     (defaults are the fastest measured on SmolLM2, 2 threads): ``cpp_wrapper`` (C++ graph
     launcher), ``freezing`` / ``max_autotune`` (Inductor; no gain measured), ``skip_guards`` (see
-    ``step``), ``cache_dir`` as in ``use_cache_dir``.
+    ``step``), ``cache_dir`` as in ``use_cache_dir``; ``backend="eager"`` traces with Dynamo only and
+    runs the traced graph op by op (seconds: tests that every layer type traces, whole graph).
     """
 
     def __init__(self, model: Transformer, cache_dir: str | os.PathLike | None = None,
                  cpp_wrapper: bool = True, freezing: bool = False, max_autotune: bool = False,
-                 inductor_options: dict | None = None, skip_guards: bool = True) -> None:
+                 inductor_options: dict | None = None, skip_guards: bool = True, backend: str = "inductor") -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"compiled decode unsupported: {reason}")
@@ -99,6 +100,7 @@ class CompiledDecoder:
         if max_autotune:
             self.options["max_autotune"] = True
         self.options.update(inductor_options or {})
+        self.backend = backend
         self.skip_guards = skip_guards
         self.compile_seconds: float | None = None
         self._fn = None
@@ -112,7 +114,8 @@ class CompiledDecoder:
             # object, so decoders of different models never share or evict each other's graphs
             step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__,
                                       step.__defaults__, step.__closure__)
-            self._fn = torch.compile(step, fullgraph=True, dynamic=False, options=self.options)
+            options = self.options if self.backend == "inductor" else None
+            self._fn = torch.compile(step, fullgraph=True, dynamic=False, backend=self.backend, options=options)
         return self._fn
 
     @torch.inference_mode()
