@@ -21,18 +21,21 @@ from tiny import configs as tiny_configs
 from tiny import make_checkpoint as tiny_checkpoint
 
 NATIVE = load_native() is not None
-# (id, config source, config name, quant); MoE models in int4: their experts' graph op is the C kernel's
+# widths the int4 C kernel takes (multiples of its group of 32), so MoE experts get their graph op
+KERNEL = dict(hidden_size=64, moe_intermediate_size=32)
+# (id, config source, config name, quant, config overrides); MoE models in int4: their experts' graph
+# op is the C kernel's
 ARCHS = [
-    ("llama-fp32", "tiny", "llama-gqa", "fp32"),
-    ("llama-int8", "tiny", "llama-mha-tied", "int8"),
-    ("llama-int4", "tiny", "llama-gqa", "int4"),
-    ("qwen3_moe", "tiny", "qwen3_moe-norm", "int4"),
-    ("qwen2_moe-shared", "tiny", "qwen2_moe", "int4"),
-    ("mixtral", "tiny", "mixtral", "int4"),
-    ("olmoe-qknorm-full", "tiny", "olmoe", "int4"),
-    ("deepseek_v3-mla", "deepseek", "v3-qlora-group-yarn", "int4"),
-    ("deepseek_v2-mla-bias", "deepseek", "v2-group-yarn-bias", "int4"),
-    ("gpt_oss-sinks", "gpt_oss", "gqa-alt", "int4"),
+    ("llama-fp32", "tiny", "llama-gqa", "fp32", {}),
+    ("llama-int8", "tiny", "llama-mha-tied", "int8", {}),
+    ("llama-int4", "tiny", "llama-gqa", "int4", {}),
+    ("qwen3_moe-qknorm-head", "tiny", "qwen3_moe-norm", "int4", KERNEL),
+    ("qwen2_moe-shared", "tiny", "qwen2_moe", "int4", dict(KERNEL, shared_expert_intermediate_size=32)),
+    ("mixtral", "tiny", "mixtral", "int4", dict(hidden_size=64, intermediate_size=32)),
+    ("olmoe-qknorm-full", "tiny", "olmoe", "int4", dict(hidden_size=64, intermediate_size=32)),
+    ("deepseek_v3-mla", "deepseek", "v3-qlora-group-yarn", "int4", dict(moe_intermediate_size=32)),
+    ("deepseek_v2-mla-bias", "deepseek", "v2-group-yarn-bias", "int4", dict(moe_intermediate_size=32)),
+    ("gpt_oss-sinks", "gpt_oss", "gqa-alt", "int4", {}),
 ]
 SOURCES = {"tiny": (tiny_configs, tiny_checkpoint), "deepseek": (test_deepseek.configs, test_deepseek.make_checkpoint),
            "gpt_oss": (test_gpt_oss.configs, test_gpt_oss.make_checkpoint)}
@@ -40,9 +43,12 @@ SOURCES = {"tiny": (tiny_configs, tiny_checkpoint), "deepseek": (test_deepseek.c
 
 @pytest.mark.parametrize("arch", ARCHS, ids=[a[0] for a in ARCHS])
 def test_every_architecture_traces_as_one_graph_and_decodes_like_eager(arch, tmp_path):
-    _, source, name, quant = arch
+    _, source, name, quant, overrides = arch
     make_configs, make_checkpoint = SOURCES[source]
-    make_checkpoint(make_configs()[name], tmp_path)
+    config = make_configs()[name]
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    make_checkpoint(config, tmp_path)
     model = load_model(str(tmp_path), quant).model
     moe = any(hasattr(layer.ffn, "provider") for layer in model.layers)
     reason = unsupported_reason(model)
