@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import BatchLayout
+from ..quant import decode_kernels
 from .base import KVCache, causal_mask
 from .decode_attention import decode_attention
 from .decode_view import OneTokenView
@@ -79,21 +80,25 @@ class DenseKVCache(KVCache):
 
     def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None):
         out = q.new_empty(q.shape[0], q.shape[1], self.value_dim)  # [T, Hq, Dv]
+        # a decode token (a query of one) runs as one C call: write its k/v, attend (the reference:
+        # decode_attention below, used where the kernels do not run)
+        lib = decode_kernels.load() if self.dtype == torch.float32 and decode_kernels.usable(q, k) else None
         for sid, off, n in zip(batch.seq_ids, batch.offsets, batch.query_lens):
             seq = self.seqs[sid]
             start, end = seq.length, seq.length + n
             keys = seq.keys[layer]
+            values = keys[..., : self.value_dim] if self.values_in_keys else seq.values[layer]  # a view: nothing stored twice
+            lo = 0 if window is None else max(0, end - n - window + 1)  # keys no query can see
+            if n == 1 and lib is not None:
+                decode_kernels.attend_one(lib, q[off], k[off], None if self.values_in_keys else v[off], keys, values,
+                                          start, lo, scale, sinks, out[off])
+                continue
             keys[:, start:end] = k[off : off + n].transpose(0, 1)
-            if self.values_in_keys:
-                values = keys[..., : self.value_dim]  # a view: nothing stored twice
-            else:
-                values = seq.values[layer]
+            if not self.values_in_keys:
                 values[:, start:end] = v[off : off + n].transpose(0, 1)
             if n == 1:  # a decode token: the visible keys are one run, no mask
-                lo = 0 if window is None else max(0, end - window)
                 out[off] = decode_attention(q[off], keys[:, lo:end], values[:, lo:end], scale, sinks)
                 continue
-            lo = 0 if window is None else max(0, end - n - window + 1)  # keys no query can see
             mask = causal_mask(n, start, window)
             if mask is not None:
                 mask = mask[:, lo:]

@@ -1,0 +1,102 @@
+"""The fp32 steps between a forward pass's matmuls as C calls (decode_kernels.c), built on first use.
+
+A decode token of a small model is dispatch-bound: each torch op on a [1, D] tensor costs a few
+microseconds (``F.rms_norm`` on CPU is several), and a layer has dozens of them. Each function here
+is one ctypes call (~1 us) doing what several torch ops did, on fp32 contiguous rows:
+
+* ``rms_norm``: rows -> x * w / sqrt(mean(x^2) + eps) (the reference: ``F.rms_norm``; same values
+  up to summation order, 16 partial sums);
+* ``rope_``: the rotate-half rotary embedding in place (bit for bit ``layers.rope.apply_rope``: the
+  library is built with -ffp-contract=off, so products and sums round as torch's do);
+* ``attend_one``: one query token appends its k/v to a sequence's cache buffers and attends over the
+  visible run, sinks optional (the reference: ``kvcache.decode_attention.decode_attention``).
+
+Every row (and head) is computed on its own, so results do not depend on what else is in the batch.
+``MOEMESH_DECODE_NATIVE=0``, no compiler, or a failed build: ``load()`` is None and callers run the
+torch reference. Inside a compiled graph callers use torch ops (Inductor fuses them itself).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .native import BASE_FLAGS, load_library
+
+HERE = Path(__file__).parent
+SOURCES = ("decode_kernels.c",)
+FLAGS = (*BASE_FLAGS, "-ffp-contract=off")  # no fused multiply-adds: torch's rounding of a*b + c*d
+ENV = "MOEMESH_DECODE_NATIVE"
+
+
+@lru_cache(maxsize=1)
+def _load() -> ctypes.CDLL | None:
+    try:
+        lib = load_library("decode_kernels", HERE, SOURCES, list(FLAGS))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.dk_rms_norm.argtypes = [p, i64, i64, i64, p, f32, p, i64]
+    lib.dk_rms_norm.restype = None
+    lib.dk_rope.argtypes = [p, i64, i64, i64, i64, i64, p, p]
+    lib.dk_rope.restype = None
+    lib.dk_attend_one.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i64, i64, i64, i64, i64, i64, i64, f32, p, p, i32]
+    lib.dk_attend_one.restype = i32
+    return lib if lib.dk_simd() == 1 else None
+
+
+def load() -> ctypes.CDLL | None:
+    """The library, or None when disabled (MOEMESH_DECODE_NATIVE=0) or unavailable."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    return _load()
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels read these tensors as they are: fp32, on the CPU, not inside a graph."""
+    return not torch.compiler.is_compiling() and all(t.dtype == torch.float32 and t.device.type == "cpu"
+                                                     for t in tensors)
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x fp32 [..., D] (rows contiguous in D), weight fp32 [D] -> a new [..., D]."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)  # a view when rows are evenly strided
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x.shape, dtype=torch.float32)
+    lib.dk_rms_norm(x2.data_ptr(), x2.shape[0], d, x2.stride(0), weight.data_ptr(), eps, y.data_ptr(), d)
+    return y
+
+
+def rope_(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x fp32 [T, H, Dh] (Dh contiguous) rotated in place by cos/sin [T, 1, Dh] (contiguous); returns x."""
+    t, h, dh = x.shape
+    lib.dk_rope(x.data_ptr(), t, h, dh, x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr())
+    return x
+
+
+def attend_one(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+               keys: torch.Tensor, values: torch.Tensor, pos: int, lo: int, scale: float,
+               sinks: torch.Tensor | None, out: torch.Tensor) -> None:
+    """One decode token: write k [Hkv, Dh] and v [Hkv, Dv] (None: already written, or values live in
+    the keys) at row ``pos`` of keys [Hkv, cap, Dh] / values [Hkv, cap, >= Dv], then attend q [Hq, Dh]
+    over rows [lo, pos] -> out [Hq, Dv] (contiguous). ``values`` may be a view of the keys' first Dv
+    coordinates (MLA). sinks: fp32 [Hq] or None."""
+    q = q.contiguous()  # (no-ops for the rows the attention layers pass)
+    k = k if k is None or k.stride(-1) == 1 else k.contiguous()
+    v = v if v is None or v.stride(-1) == 1 else v.contiguous()
+    hq, dh = q.shape
+    hkv, cap, _ = keys.shape
+    dv = out.shape[1]
+    rc = lib.dk_attend_one(
+        q.data_ptr(), hq, None if k is None else k.data_ptr(), 0 if k is None else k.stride(0),
+        None if v is None else v.data_ptr(), 0 if v is None else v.stride(0), keys.data_ptr(), values.data_ptr(),
+        hkv, cap, dh, dv, values.stride(1), pos, lo, pos + 1, scale, None if sinks is None else sinks.data_ptr(),
+        out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"attend_one: bad shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}, pos {pos}, lo {lo}")
