@@ -79,20 +79,22 @@ class DenseKVCache(KVCache):
                     store.append(buf)
 
     def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None):
-        out = q.new_empty(q.shape[0], q.shape[1], self.value_dim)  # [T, Hq, Dv]
         # a decode token (a query of one) runs as one C call: write its k/v, attend (the reference:
         # decode_attention below, used where the kernels do not run)
         lib = decode_kernels.load() if self.dtype == torch.float32 and decode_kernels.usable(q, k) else None
+        if lib is not None and len(batch.query_lens) == 1 and batch.query_lens[0] == 1:  # the common decode step
+            return self._attend_one(lib, layer, self.seqs[batch.seq_ids[0]], q, k, v, scale, window, sinks)
+        out = q.new_empty(q.shape[0], q.shape[1], self.value_dim)  # [T, Hq, Dv]
         for sid, off, n in zip(batch.seq_ids, batch.offsets, batch.query_lens):
             seq = self.seqs[sid]
             start, end = seq.length, seq.length + n
-            keys = seq.keys[layer]
-            values = keys[..., : self.value_dim] if self.values_in_keys else seq.values[layer]  # a view: nothing stored twice
             lo = 0 if window is None else max(0, end - n - window + 1)  # keys no query can see
             if n == 1 and lib is not None:
-                decode_kernels.attend_one(lib, q[off], k[off], None if self.values_in_keys else v[off], keys, values,
-                                          start, lo, scale, sinks, out[off])
+                out[off] = self._attend_one(lib, layer, seq, q[off], k[off], None if v is None else v[off],
+                                            scale, window, sinks)[0]
                 continue
+            keys = seq.keys[layer]
+            values = keys[..., : self.value_dim] if self.values_in_keys else seq.values[layer]  # a view: nothing stored twice
             keys[:, start:end] = k[off : off + n].transpose(0, 1)
             if not self.values_in_keys:
                 values[:, start:end] = v[off : off + n].transpose(0, 1)
@@ -111,6 +113,14 @@ class DenseKVCache(KVCache):
                 )  # [Hq, n, Dv]
             out[off : off + n] = o.transpose(0, 1)
         return out
+
+    def _attend_one(self, lib, layer: int, seq: _Seq, q, k, v, scale, window, sinks) -> torch.Tensor:
+        """One query token of ``seq`` in one C call (quant/decode_kernels.attend_one) -> [1, Hq, Dv]."""
+        keys = seq.keys[layer]
+        values = keys if self.values_in_keys else seq.values[layer]
+        lo = 0 if window is None else max(0, seq.length + 1 - window)
+        return decode_kernels.attend_one(lib, q, k, None if self.values_in_keys else v, keys, values, self.value_dim,
+                                         seq.length, lo, scale, sinks)
 
     def end(self, batch: BatchLayout) -> None:
         for sid, n in zip(batch.seq_ids, batch.query_lens):

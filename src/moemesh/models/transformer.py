@@ -58,7 +58,7 @@ class Transformer(torch.nn.Module):
         cache.begin(batch)
         x = self.hidden_states(tokens, positions, cache, batch)  # [T, D]
         cache.end(batch)
-        if not all_logits:
+        if not all_logits and x.shape[0] != len(batch.seq_ids):  # (decode steps: every token is a last one)
             x = x[batch.last_token_indices()]  # [B, D]
         return self.logits(x)
 

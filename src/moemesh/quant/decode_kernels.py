@@ -34,7 +34,11 @@ ENV = "MOEMESH_DECODE_NATIVE"
 
 
 @lru_cache(maxsize=1)
-def _load() -> ctypes.CDLL | None:
+def load() -> ctypes.CDLL | None:
+    """The library, or None when disabled (MOEMESH_DECODE_NATIVE=0, read once: an environment lookup
+    costs ~2 us and the callers run dozens of times per token) or unavailable."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
     try:
         lib = load_library("decode_kernels", HERE, SOURCES, list(FLAGS))
     except (OSError, subprocess.SubprocessError):
@@ -49,28 +53,21 @@ def _load() -> ctypes.CDLL | None:
     return lib if lib.dk_simd() == 1 else None
 
 
-def load() -> ctypes.CDLL | None:
-    """The library, or None when disabled (MOEMESH_DECODE_NATIVE=0) or unavailable."""
-    if os.environ.get(ENV, "1") == "0":
-        return None
-    return _load()
-
-
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels read these tensors as they are: fp32, on the CPU, not inside a graph."""
-    return not torch.compiler.is_compiling() and all(t.dtype == torch.float32 and t.device.type == "cpu"
-                                                     for t in tensors)
+    """Whether the kernels read these tensors as they are: fp32 (CPU tensors: moemesh runs on the
+    CPU), not inside a graph."""
+    return not torch.compiler.is_compiling() and all(t.dtype == torch.float32 for t in tensors)
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x fp32 [..., D] (rows contiguous in D), weight fp32 [D] -> a new [..., D]."""
     d = x.shape[-1]
-    x2 = x.reshape(-1, d)  # a view when rows are evenly strided
+    x2 = x if x.dim() == 2 else x.reshape(-1, d)  # a view when rows are evenly strided
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty(x.shape, dtype=torch.float32)
+    y = torch.empty(x2.shape[0], d)  # (ints, not a shape tuple or a dtype: cheaper to parse)
     lib.dk_rms_norm(x2.data_ptr(), x2.shape[0], d, x2.stride(0), weight.data_ptr(), eps, y.data_ptr(), d)
-    return y
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 def rope_(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -81,22 +78,23 @@ def rope_(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def attend_one(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-               keys: torch.Tensor, values: torch.Tensor, pos: int, lo: int, scale: float,
-               sinks: torch.Tensor | None, out: torch.Tensor) -> None:
-    """One decode token: write k [Hkv, Dh] and v [Hkv, Dv] (None: already written, or values live in
-    the keys) at row ``pos`` of keys [Hkv, cap, Dh] / values [Hkv, cap, >= Dv], then attend q [Hq, Dh]
-    over rows [lo, pos] -> out [Hq, Dv] (contiguous). ``values`` may be a view of the keys' first Dv
-    coordinates (MLA). sinks: fp32 [Hq] or None."""
+               keys: torch.Tensor, values: torch.Tensor, dv: int, pos: int, lo: int, scale: float,
+               sinks: torch.Tensor | None) -> torch.Tensor:
+    """One decode token: write k [(1,) Hkv, Dh] and v [(1,) Hkv, Dv] (None: nothing to write: values
+    live in the keys) at row ``pos`` of keys [Hkv, cap, Dh] / values [Hkv, cap, >= Dv] (``values`` may
+    be the keys themselves: MLA's values are the keys' first Dv coordinates), then attend q [(1,) Hq, Dh]
+    over rows [lo, pos] -> [1, Hq, Dv]. sinks: fp32 [Hq] or None."""
     q = q.contiguous()  # (no-ops for the rows the attention layers pass)
     k = k if k is None or k.stride(-1) == 1 else k.contiguous()
     v = v if v is None or v.stride(-1) == 1 else v.contiguous()
-    hq, dh = q.shape
+    hq, dh = q.shape[-2:]
     hkv, cap, _ = keys.shape
-    dv = out.shape[1]
+    out = torch.empty(1, hq, dv)
     rc = lib.dk_attend_one(
-        q.data_ptr(), hq, None if k is None else k.data_ptr(), 0 if k is None else k.stride(0),
-        None if v is None else v.data_ptr(), 0 if v is None else v.stride(0), keys.data_ptr(), values.data_ptr(),
+        q.data_ptr(), hq, None if k is None else k.data_ptr(), 0 if k is None else k.stride(-2),
+        None if v is None else v.data_ptr(), 0 if v is None else v.stride(-2), keys.data_ptr(), values.data_ptr(),
         hkv, cap, dh, dv, values.stride(1), pos, lo, pos + 1, scale, None if sinks is None else sinks.data_ptr(),
         out.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"attend_one: bad shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}, pos {pos}, lo {lo}")
+    return out

@@ -268,8 +268,9 @@ class QuantLinear(torch.nn.Module):
         # x: [..., K] -> [..., N] fp32
         if torch.compiler.is_compiling():
             return self._graph_forward(x)
+        flat = x.dim() == 2  # the usual [M, K]: no reshapes (a decode step pays ~3 us per tensor op)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        x2 = x if flat else x.reshape(-1, self.in_features)  # [M, K]
         m = x2.shape[0]
         if m == 0 or self.mode == "fp32":
             w = self.weight if self.mode == "fp32" else self.dequantized_weight()
@@ -277,10 +278,12 @@ class QuantLinear(torch.nn.Module):
         lib = self.native_int4() if self.mode == "int4" and m < self.dequant_min_m else None
         if lib is not None:
             # C kernel (int4_native.py): same packed buffers, two int8 activation planes, batch invariant
-            y = int4_native.int4_matmul(lib, x2, self.qweight, self.int4_scales(), self.kernel_fmt())
-            y = y[:, : self.out_features]  # [M, N]
-            y = y.contiguous() if self.bias is None else torch.add(y, self.bias)
-            return y.view(*lead, self.out_features)
+            y = int4_native.int4_matmul(lib, x2, self.qweight, self.int4_scales(), self.kernel_fmt())  # [M, N_pad]
+            if y.shape[1] != self.out_features:
+                y = y[:, : self.out_features].contiguous()  # [M, N]
+            if self.bias is not None:
+                y = torch.add(y, self.bias)
+            return y if flat else y.view(*lead, self.out_features)
         xb = x2.to(torch.bfloat16)  # [M, K]; a fresh (so aligned) tensor unless x was bf16
         if xb.data_ptr() == x2.data_ptr() or not xb.is_contiguous() or xb.data_ptr() % 64:
             xb = xb.clone(memory_format=torch.contiguous_format)  # int8 kernel: aligned loads
