@@ -97,3 +97,16 @@ def test_reference_is_the_softmax_formula():
     kr, vr = keys.repeat_interleave(3, 0), values.repeat_interleave(3, 0)  # [6, L, *]
     p = torch.softmax(torch.einsum("hd,hld->hl", q, kr) * 0.3, -1)
     assert torch.allclose(decode_attention(q, keys, values, 0.3), torch.einsum("hl,hlv->hv", p, vr), atol=1e-6)
+
+
+@needs_lib
+@pytest.mark.parametrize("t,h,k,n", [(1, 128, 128, 512), (3, 4, 40, 24), (5, 2, 512, 128)])
+def test_per_head_int8_products_match_the_reference(t, h, k, n):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(h, n, k, generator=g)
+    q8, s8 = dk.quantize_rows_i8(w)
+    assert rel(q8.float() * s8[..., None], w) < 0.01  # int8 per row: ~0.3% of the weights' norm
+    x = torch.randn(t, 2 * h, k, generator=g)[:, ::2]  # strided heads, as a view of a bigger tensor
+    got = dk.heads_i8(LIB, x, q8, s8)
+    assert rel(got, dk.heads_i8_reference(x, q8, s8)) < 1e-6
+    assert torch.equal(dk.heads_i8(LIB, x[1:2], q8, s8), got[1:2])  # a token's bits do not depend on the batch

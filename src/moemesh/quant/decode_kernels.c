@@ -9,6 +9,7 @@
  * dk_rope         rotate-half rotary embedding in place on [T, H, Dh] (HF checkpoints' convention)
  * dk_attend_one   one query token: append its k/v to a sequence's cache buffers at `pos`, attend over
  *                 the visible run [lo, pos] (GQA without repeating K/V; optional per-head sink logits)
+ * dk_heads_i8     per-head matrix-vector products with int8 weights (MLA's absorbed per-head matrices)
  */
 #include <math.h>
 #include <stdint.h>
@@ -151,4 +152,36 @@ int dk_attend_one(const float *q, int64_t hq, const float *k_new, int64_t ks, co
         if (scores != stack) free(scores);
     }
     return bad ? -2 : 0;
+}
+
+/* sum of x[i] * (float)q[i] in LANES partial sums */
+static inline float dk_dot_i8(const float *x, const int8_t *q, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += x[i + l] * (float)q[i + l];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += x[i] * (float)q[i];
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s + tail;
+}
+
+/* y[t, h, j] = s[h, j] * sum_i x[t, h, i] * w[h, j, i]: H independent [N, K] int8 matrices (per-row
+ * fp32 scales), each applied to its own K-vector of every token. x [T, H, K] at strides (xt, xh), K
+ * contiguous; w [H, N, K], s [H, N] contiguous; y [T, H, N] contiguous. Heads outer, tokens inner:
+ * a head's matrix is read from memory once per call, whatever T is. */
+void dk_heads_i8(const float *x, int64_t t, int64_t h, int64_t k, int64_t xt, int64_t xh, const int8_t *w,
+                 const float *s, int64_t n, float *y, int nthreads) {
+    int nt = (h * n * k >= (1 << 18) && nthreads > 1) ? nthreads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t hh = 0; hh < h; hh++) {
+        const int8_t *wh = w + hh * n * k;
+        const float *sh = s + hh * n;
+        for (int64_t tt = 0; tt < t; tt++) {
+            const float *xv = x + tt * xt + hh * xh;
+            float *yv = y + (tt * h + hh) * n;
+            for (int64_t j = 0; j < n; j++) yv[j] = sh[j] * dk_dot_i8(xv, wh + j * k, k);
+        }
+    }
 }

@@ -9,7 +9,9 @@ is one ctypes call (~1 us) doing what several torch ops did, on fp32 contiguous 
 * ``rope_``: the rotate-half rotary embedding in place (bit for bit ``layers.rope.apply_rope``: the
   library is built with -ffp-contract=off, so products and sums round as torch's do);
 * ``attend_one``: one query token appends its k/v to a sequence's cache buffers and attends over the
-  visible run, sinks optional (the reference: ``kvcache.decode_attention.decode_attention``).
+  visible run, sinks optional (the reference: ``kvcache.decode_attention.decode_attention``);
+* ``heads_i8``: H per-head matrix-vector products with int8 weights and per-row scales (MLA's absorbed
+  matrices; the reference: ``heads_i8_reference``, an einsum over the same int8 values).
 
 Every row (and head) is computed on its own, so results do not depend on what else is in the batch.
 ``MOEMESH_DECODE_NATIVE=0``, no compiler, or a failed build: ``load()`` is None and callers run the
@@ -50,6 +52,8 @@ def load() -> ctypes.CDLL | None:
     lib.dk_rope.restype = None
     lib.dk_attend_one.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i64, i64, i64, i64, i64, i64, i64, f32, p, p, i32]
     lib.dk_attend_one.restype = i32
+    lib.dk_heads_i8.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, p, i32]
+    lib.dk_heads_i8.restype = None
     return lib if lib.dk_simd() == 1 else None
 
 
@@ -98,3 +102,28 @@ def attend_one(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor | None, v: tor
     if rc:
         raise ValueError(f"attend_one: bad shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}, pos {pos}, lo {lo}")
     return out
+
+
+def quantize_rows_i8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: w fp32 [..., N, K] -> (q int8 [..., N, K], s fp32 [..., N]), w ~ q * s[..., None]."""
+    s = (w.abs().amax(-1) / 127.0).clamp_min(1e-12)
+    return torch.round(w / s[..., None]).clamp(-127, 127).to(torch.int8).contiguous(), s.float().contiguous()
+
+
+def heads_i8(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """y[t, h, j] = s[h, j] * sum_i x[t, h, i] q[h, j, i]: x fp32 [T, H, K] (K contiguous), q int8 [H, N, K],
+    s fp32 [H, N] -> [T, H, N]."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t, h, k = x.shape
+    n = q.shape[1]
+    y = torch.empty(t, h, n)
+    lib.dk_heads_i8(x.data_ptr(), t, h, k, x.stride(0), x.stride(1), q.data_ptr(), s.data_ptr(), n, y.data_ptr(),
+                    torch.get_num_threads())
+    return y
+
+
+def heads_i8_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``heads_i8`` in torch (one einsum over the int8 values, then the scales): the reference, and the
+    form compiled graphs trace."""
+    return torch.einsum("thk,hnk->thn", x, q.float()) * s
