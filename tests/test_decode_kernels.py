@@ -110,3 +110,31 @@ def test_per_head_int8_products_match_the_reference(t, h, k, n):
     got = dk.heads_i8(LIB, x, q8, s8)
     assert rel(got, dk.heads_i8_reference(x, q8, s8)) < 1e-6
     assert torch.equal(dk.heads_i8(LIB, x[1:2], q8, s8), got[1:2])  # a token's bits do not depend on the batch
+
+
+@needs_lib
+def test_greedy_step_equals_the_samplers_reference(monkeypatch):
+    """The sampler's one-pass greedy path (argmax + its log-probability in C) against its own torch path:
+    the same tokens (ties to the lowest id, as torch.argmax), log-probabilities within float rounding."""
+    from moemesh.engine.sampler import Sampler
+    from moemesh.engine.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 49152, generator=g) * 4
+    logits[1, 7] = logits[1, 9000] = logits[1].max() + 1  # a tie: the lower id wins
+    logits[2, 30] = float("-inf")
+    params = [SamplingParams(temperature=0.0)] * 4
+    args = (params, [[1]] * 4, [[2]] * 4, [None] * 4)
+    fast = Sampler().sample(logits, *args)
+    monkeypatch.setattr(dk, "load", lambda: None)
+    ref = Sampler().sample(logits, *args)
+    assert fast.token_ids == ref.token_ids and fast.token_ids[1] == 7
+    # torch's float log_softmax carries up to ~2e-5 of rounding at this vocabulary; the C pass sums in double
+    exact = (logits.double() - logits.double().logsumexp(-1, keepdim=True)).gather(1, torch.tensor(fast.token_ids)[:, None])
+    assert fast.logprobs == pytest.approx(exact[:, 0].tolist(), abs=1e-6)
+    assert fast.logprobs == pytest.approx(ref.logprobs, abs=5e-5)
+    assert fast.top_logprobs is ref.top_logprobs is None
+    monkeypatch.undo()
+    # a row asking for logprobs, a penalty or sampling takes the full path
+    mixed = [SamplingParams(temperature=0.0, logprobs=2)] + params[1:]
+    assert Sampler().sample(logits, mixed, *args[1:]).top_logprobs is not None

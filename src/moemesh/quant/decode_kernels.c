@@ -10,6 +10,7 @@
  * dk_attend_one   one query token: append its k/v to a sequence's cache buffers at `pos`, attend over
  *                 the visible run [lo, pos] (GQA without repeating K/V; optional per-head sink logits)
  * dk_heads_i8     per-head matrix-vector products with int8 weights (MLA's absorbed per-head matrices)
+ * dk_greedy       a row's argmax (first of equal maxima; a NaN wins, as torch.argmax) and its log-probability
  */
 #include <math.h>
 #include <stdint.h>
@@ -183,5 +184,31 @@ void dk_heads_i8(const float *x, int64_t t, int64_t h, int64_t k, int64_t xt, in
             float *yv = y + (tt * h + hh) * n;
             for (int64_t j = 0; j < n; j++) yv[j] = sh[j] * dk_dot_i8(xv, wh + j * k, k);
         }
+    }
+}
+
+/* rows of logits x [rows, v] (row stride sx): idx[r] = argmax, logp[r] = log_softmax(x[r])[idx[r]],
+ * computed as torch's log_softmax does: (x - max) - log(sum(exp(x - max))). */
+void dk_greedy(const float *x, int64_t rows, int64_t v, int64_t sx, int64_t *idx, float *logp) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * sx;
+        float m = xr[0];
+        int64_t best = 0;
+        for (int64_t i = 1; i < v && m == m; i++) {
+            float a = xr[i];
+            if (a > m || a != a) {
+                m = a;
+                best = i;
+            }
+        }
+        double acc[LANES] = {0}; /* double: a float sum of 10^5 terms would carry ~1e-6 of rounding */
+        int64_t i = 0;
+        for (; i + LANES <= v; i += LANES)
+            for (int l = 0; l < LANES; l++) acc[l] += dk_exp(xr[i + l] - m);
+        double sum = 0.0;
+        for (; i < v; i++) sum += dk_exp(xr[i] - m);
+        for (int l = 0; l < LANES; l++) sum += acc[l];
+        idx[r] = best;
+        logp[r] = (xr[best] - m) - (float)log(sum);
     }
 }

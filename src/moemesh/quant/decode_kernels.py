@@ -10,6 +10,8 @@ is one ctypes call (~1 us) doing what several torch ops did, on fp32 contiguous 
   library is built with -ffp-contract=off, so products and sums round as torch's do);
 * ``attend_one``: one query token appends its k/v to a sequence's cache buffers and attends over the
   visible run, sinks optional (the reference: ``kvcache.decode_attention.decode_attention``);
+* ``greedy``: each row's argmax and its log-probability in one pass, for a sampler step that needs
+  nothing else (the reference: ``argmax`` and ``log_softmax`` over the row);
 * ``heads_i8``: H per-head matrix-vector products with int8 weights and per-row scales (MLA's absorbed
   matrices; the reference: ``heads_i8_reference``, an einsum over the same int8 values).
 
@@ -54,6 +56,8 @@ def load() -> ctypes.CDLL | None:
     lib.dk_attend_one.restype = i32
     lib.dk_heads_i8.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, p, i32]
     lib.dk_heads_i8.restype = None
+    lib.dk_greedy.argtypes = [p, i64, i64, i64, p, p]
+    lib.dk_greedy.restype = None
     return lib if lib.dk_simd() == 1 else None
 
 
@@ -127,3 +131,13 @@ def heads_i8_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> tor
     """``heads_i8`` in torch (one einsum over the int8 values, then the scales): the reference, and the
     form compiled graphs trace."""
     return torch.einsum("thk,hnk->thn", x, q.float()) * s
+
+
+def greedy(lib: ctypes.CDLL, logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    """logits fp32 [B, V] (V contiguous) -> (argmax per row, its log_softmax value per row)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    b, v = logits.shape
+    idx, logp = torch.empty(b, dtype=torch.int64), torch.empty(b)
+    lib.dk_greedy(logits.data_ptr(), b, v, logits.stride(0), idx.data_ptr(), logp.data_ptr())
+    return idx.tolist(), logp.tolist()
