@@ -82,8 +82,7 @@ def moemesh_worker(cfg: dict) -> dict:
     layout = BatchLayout([0], [1])
     decoder = None
     if cfg.get("compiled"):  # `generate --compile`: one torch.compile graph per step (compiles in the warm-up steps)
-        from moemesh.engine.compiled import CompiledDecoder
-        from moemesh.engine.step_fn import unsupported_reason
+        from moemesh.engine.compiled import CompiledDecoder, unsupported_reason
 
         why = unsupported_reason(model)
         if why:

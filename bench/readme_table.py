@@ -67,19 +67,34 @@ def lazy_rows(name: str, label: str) -> list[str]:
 
 
 def decode_rows() -> list[str]:
+    """bench/decode.py: per model, moemesh's default path vs llama.cpp (decode, with prefill in the row's
+    label); results written before it covered every model hold SmolLM2's engines only ("engines")."""
     path = RESULTS / "decode.json"
     if not path.is_file():
         return []
     d = json.loads(path.read_text())
-    peer = d["engines"].get("llama.cpp", {}).get("decode_tok_s_median")
     cmd = d["command"].removeprefix("cd /work/main && ")
+    cmd = cmd if cmd.startswith(".venv/") else f".venv/bin/python {cmd}"
     rows = []
-    for name, e in d["engines"].items():
-        if not name.startswith("moemesh"):
+    if "engines" in d:  # the SmolLM2-only format
+        peer = d["engines"].get("llama.cpp", {}).get("decode_tok_s_median")
+        for name, e in d["engines"].items():
+            if not name.startswith("moemesh"):
+                continue
+            ours = e["decode_tok_s_median"]
+            rows.append(f"| SmolLM2-135M decode, {name.removeprefix('moemesh ')} | {ours:.1f} | {peer:.1f} | llama.cpp | "
+                        f"{ours / peer:.2f}x | - | {machine(d.get('machine', {}))} | `{cmd}` |")
+        return rows
+    for r in d["rows"].values():
+        ours, peer = r["moemesh"], r.get("llama.cpp", {})
+        if not ours.get("decode_tok_s_median"):
             continue
-        ours = e["decode_tok_s_median"]
-        rows.append(f"| SmolLM2-135M decode, {name.removeprefix('moemesh ')} | {ours:.1f} | {peer:.1f} | llama.cpp | "
-                    f"{ours / peer:.2f}x | - | {machine(d.get('machine', {}))} | `{cmd}` |")
+        layers = f" ({r['layers']} layers)" if "shapes" in r["title"] else ""
+        for what, key in (("decode", "decode_tok_s_median"), ("prefill", "prefill_tok_s_median")):
+            p = peer.get(key)
+            rows.append(f"| {r['title']}{layers}, {what}, default path | {ours[key]:.1f} | {'-' if p is None else f'{p:.1f}'} | "
+                        f"llama.cpp | {'-' if not p else f'{ours[key] / p:.2f}x'} | - | {machine(d.get('machine', {}))} | "
+                        f"`{cmd}` |")
     return rows
 
 

@@ -73,7 +73,7 @@ def test_dry_run_prints_the_documented_command(capsys):
     assert main(["bench", "run", "kv", "decode", "--dry-run", "--llama-python", NOPE, "--", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert f"{sys.executable} bench/kv.py --threads 1 --steps 24 --steps 2" in out
-    assert f"bench/decode.py --llama-python {NOPE} --rounds 9 --steps 2" in out
+    assert f"bench/decode.py --rounds 3 --llama-python {NOPE} --steps 2" in out
     assert "cannot run here: llama.cpp: no Python at" in out  # reported, not refused, in a dry run
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moemesh.batch import BatchLayout
-from moemesh.engine.compiled import CompiledDecode, CompiledDecoder, StepPlan, unsupported_reason
+from moemesh.engine.compiled import CompiledDecode, CompiledDecoder, unsupported_reason
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.loading.placement import place_decode_weights
@@ -139,10 +139,9 @@ def test_int4_moe_compiled_close_to_eager_and_moe_op_exact():
     ids, w = ffn.router(x)
     before = ffn(x)
     assert place_decode_weights(model) > 0  # what load_model does: huge pages, block-major expert scales
-    plan = StepPlan(model).layers[1].moe
-    assert plan.fmt & FMT_BLOCKS
-    table = StepPlan(model).weights[plan.table]
-    via_op = torch.ops.moemesh.moe_decode(x, ids, w, table, plan.inter, plan.gu_npad, plan.dn_npad, plan.fmt)
+    op = ffn.provider.decode_op(ffn.layer)  # what the MoE block calls inside the graph
+    assert op.fmt & FMT_BLOCKS
+    via_op = op(x, ids, w)  # torch.ops.moemesh.moe_decode over the layer's pointer table
     assert torch.equal(via_op, ffn(x)) and torch.equal(via_op, before)
     le, lc, toks_e, toks_c = decode_both(model, CompiledDecoder(model), [5, 6, 7, 8, 9], 12)
     rel = ((le - lc).norm(dim=-1) / le.norm(dim=-1)).max().item()
@@ -226,7 +225,6 @@ def test_big_int4_linears_run_the_c_kernel_in_the_graph():
     """An int4 linear of >= NATIVE_LINEAR_MIN_BYTES packed weights goes through moemesh::int4_linear in
     the compiled step: the eager layer's bits for the same fp32 input, inside a compiled graph too;
     smaller ones keep torch's kernel."""
-    from moemesh.engine.step_fn import LinearPlan, linear
     from moemesh.quant import int4_native, int4_ops
     from moemesh.quant.qlinear import QuantLinear
 
@@ -236,14 +234,13 @@ def test_big_int4_linears_run_the_c_kernel_in_the_graph():
     big = QuantLinear.from_float(torch.randn(4100, 1024, generator=g) * 0.03, torch.randn(4100, generator=g), "int4")
     small = QuantLinear.from_float(torch.randn(256, 512, generator=g) * 0.03, None, "int4")
     assert big.qweight.numel() >= int4_ops.NATIVE_LINEAR_MIN_BYTES > small.qweight.numel()
-    w: list[torch.Tensor] = []
-    pb, ps = LinearPlan(big, w), LinearPlan(small, w)
-    assert pb.native and not ps.native
+    assert big.prepare_graph() is None and small.prepare_graph() is None
+    assert big._graph_native and not small._graph_native
     x = torch.randn(1, 1024, generator=g)
     with torch.inference_mode():
         want = big(x)  # [1, 4100]: padded rows cut, bias added
-        assert torch.equal(linear(pb, w, x), want)
-        compiled = torch.compile(lambda xx, ww: linear(pb, ww, xx), fullgraph=True)
-        assert torch.equal(compiled(x, w), want)
+        assert torch.equal(big._graph_forward(x), want)
+        assert torch.equal(torch.compile(big, fullgraph=True)(x), want)
         xs = torch.randn(1, 512, generator=g)
-        assert (linear(ps, w, xs) - small(xs)).abs().max() < 0.05 * small(xs).abs().max()  # torch's bf16 kernel
+        in_graph = torch.compile(small, fullgraph=True)(xs)
+        assert (in_graph - small(xs)).abs().max() < 0.05 * small(xs).abs().max()  # torch's bf16 kernel

@@ -1,20 +1,20 @@
 """Compiled decode: one sequence, one token, the whole model step as one ``torch.compile`` graph.
 
-Eager ``Transformer.forward`` stays the reference and the fallback; this module only adds a
-faster path for the case the engine hits most (a single running sequence decoding one token,
-no prefill pending). The step function is written functionally over references to the model's
-own tensors (no weight is copied) and mirrors, op for op, what the eager layers compute:
+The graph is traced from the model's own module code (``Transformer.hidden_states`` and ``logits``, as
+gpt-fast compiles its model's forward): there is no second forward to keep in step. What a graph needs
+from the model comes through the seams:
 
-* residual stream, RMSNorm, RoPE, attention and the KV cache stay fp32; activations are cast
-  to bf16 only at the int4/int8/bf16 matmul inputs (as ``QuantLinear.forward`` does for M=1);
-* each layer's K/V are the sequence's own ``DenseKVCache`` buffers, passed in as graph inputs
-  (never captured), so capacity growth (the cache doubles) needs no recompile: the capacity is
-  a dynamic dimension and the current length is read inside the graph from ``pos`` (an
-  unbacked int), so one graph serves every length;
-* the new k/v are written at ``length`` (``index_copy_`` into the input buffer, in place) and
-  attention runs over ``[:length + 1]``, the real length, not a padded one with a mask;
-* the output head keeps its semantics: approximate (quantized) logits with the top
-  ``rescore`` candidates recomputed exactly.
+* the KV cache gives its one-token form (``KVCache.decode_buffers`` / ``decode_view``): each layer's
+  K/V buffers are graph inputs (never captured), so capacity growth (the cache doubles) needs no
+  recompile (the capacity is a dynamic dimension), and the sequence's length is ``pos`` ([1] int64),
+  read inside the graph as an unbacked int, so one graph serves every length and every sequence; the
+  new k/v are written at ``length`` in place and attention runs over the real length, no mask;
+* every module with a graph form to prepare says so (``prepare_graph``: QuantLinear picks its kernel
+  in the graph, MoEBlock asks its ExpertProvider for ``decode_op``); one that has none declines the
+  model with a reason (lazy or remote experts today), and decoding stays eager;
+* C kernels run as custom ops (quant/int4_ops.py): ``moemesh::moe_decode`` (a layer's routed experts,
+  the eager MoE layer's bits) and ``moemesh::int4_linear`` (int4 linears of >= 2 MiB packed; smaller
+  ones run torch's kernel on a bf16 input: a custom op call costs ~8 us, more than they save).
 
 Compiled artifacts (Inductor's FX graph cache, AOT autograd cache, the generated C++) live in
 ``TORCHINDUCTOR_CACHE_DIR``; when that is unset it is pointed at ``~/.cache/moemesh/inductor``
@@ -25,16 +25,6 @@ Numerics: fp32 models match eager to ~1e-6 relative; with int4/int8/bf16 weights
 rounding of matmul inputs turns last-bit fp32 differences (Inductor's fused RMSNorm vs
 F.rms_norm) into ~1% relative logit differences, well inside each path's distance to fp32, but
 enough to flip a greedy near-tie now and then (tests/test_compiled.py has the measurements).
-
-MoE layers compile when their experts are resident int4 SwiGLUs the fused kernel reads (top-k
-softmax router, no shared expert): the router runs in the graph and the experts run as one opaque
-custom op, ``moemesh::moe_decode`` (layers/int4_ops.py), which returns the eager MoE layer's bits
-for the same input. Int4 linears of at least ``int4_ops.NATIVE_LINEAR_MIN_BYTES`` (2 MiB packed:
-the Qwen3-shaped attention, large output heads) run moemesh's C kernel as the custom op
-``moemesh::int4_linear`` on the fp32 input, as the eager layer does (its bits); smaller ones keep
-torch's kernel on a bf16 input (a custom op call costs ~8 us: more than these save). Lazy or
-remote experts stay eager (``unsupported_reason`` says why); DenseKVCache with fp32 buffers only;
-one sequence per step (batched steps stay eager).
 """
 from __future__ import annotations
 
@@ -48,9 +38,8 @@ from pathlib import Path
 import torch
 
 from ..batch import BatchLayout
-from ..kvcache.dense import DenseKVCache
+from ..kvcache.base import KVCache
 from ..models.transformer import Transformer
-from .step_fn import StepPlan, make_step, unsupported_reason  # noqa: F401  (re-exported for callers and tests)
 
 CACHE_ENV = "MOEMESH_COMPILE_CACHE"
 
@@ -89,29 +78,29 @@ def _stance() -> str:
 
 class CompiledDecoder:
     """``step(token, cache, seq_id)``: the compiled equivalent of
-    ``model(tensor([token]), tensor([len]), cache, BatchLayout([seq_id], [1]))`` for a DenseKVCache.
+    ``model(tensor([token]), tensor([len]), cache, BatchLayout([seq_id], [1]))`` for a cache with a
+    one-token form (``KVCache.decode_buffers``).
 
     Compiles lazily on the first step; ``compile_seconds`` records that first call. Options
     (defaults are the fastest measured on SmolLM2, 2 threads): ``cpp_wrapper`` (C++ graph
-    launcher), ``freezing`` / ``max_autotune`` (Inductor; no gain measured), ``attn_impl``
-    ("bmm": two batched GEMMs + a fused softmax, best at long contexts; "sdpa": one fused CPU
-    attention kernel, same speed; "fused": Inductor-generated reductions, slower past a few
-    hundred tokens), ``skip_guards`` (see ``step``), ``cache_dir`` as in ``use_cache_dir``.
+    launcher), ``freezing`` / ``max_autotune`` (Inductor; no gain measured), ``skip_guards`` (see
+    ``step``), ``cache_dir`` as in ``use_cache_dir``; ``backend="eager"`` traces with Dynamo only and
+    runs the traced graph op by op (seconds: tests that every layer type traces, whole graph).
     """
 
     def __init__(self, model: Transformer, cache_dir: str | os.PathLike | None = None,
                  cpp_wrapper: bool = True, freezing: bool = False, max_autotune: bool = False,
-                 attn_impl: str = "bmm", inductor_options: dict | None = None, skip_guards: bool = True) -> None:
+                 inductor_options: dict | None = None, skip_guards: bool = True, backend: str = "inductor") -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"compiled decode unsupported: {reason}")
         self.model = model
-        self.plan = StepPlan(model, attn_impl)
         self.cache_dir = cache_dir
         self.options = {"cpp_wrapper": cpp_wrapper, "freezing": freezing}
         if max_autotune:
             self.options["max_autotune"] = True
         self.options.update(inductor_options or {})
+        self.backend = backend
         self.skip_guards = skip_guards
         self.compile_seconds: float | None = None
         self._fn = None
@@ -120,33 +109,38 @@ class CompiledDecoder:
     def _compiled(self):
         if self._fn is None:
             use_cache_dir(self.cache_dir)
-            step = make_step(self.plan)
+            step = make_step(self.model)
             # a code object of its own: Dynamo keys its cache (and recompile limit) per code
             # object, so decoders of different models never share or evict each other's graphs
             step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__,
                                       step.__defaults__, step.__closure__)
-            self._fn = torch.compile(step, fullgraph=True, dynamic=False, options=self.options)
+            options = self.options if self.backend == "inductor" else None
+            self._fn = torch.compile(step, fullgraph=True, dynamic=False, backend=self.backend, options=options)
         return self._fn
 
     @torch.inference_mode()
-    def step(self, token: int, cache: DenseKVCache, seq_id: int) -> torch.Tensor:
-        """Decode one token of ``seq_id``: returns logits [1, V] and advances the cache by one."""
+    def step(self, token: int, cache: KVCache, seq_id: int) -> torch.Tensor | None:
+        """Decode one token of ``seq_id``: returns logits [1, V] and advances the cache by one; None
+        (nothing done) when the cache has no one-token form (``KVCache.decode_buffers``)."""
         batch = BatchLayout([seq_id], [1])
-        seq = cache.seqs[seq_id]
-        pos = torch.tensor([seq.length], dtype=torch.long)
+        pos = torch.tensor([cache.length(seq_id)], dtype=torch.long)
         cache.begin(batch)  # grows the buffers if needed (by doubling)
-        fresh = self._marked is None or self._marked() is not seq.keys[0]
+        buffers = cache.decode_buffers(seq_id)
+        if buffers is None:
+            return None
+        keys, values = buffers
+        fresh = self._marked is None or self._marked() is not keys[0]
         if fresh:  # new buffers (another sequence, or grown): their capacity is a dynamic dim
-            for t in (*seq.keys, *seq.values):
+            for t in (*keys, *values):
                 torch._dynamo.mark_dynamic(t, 1)
-            self._marked = weakref.ref(seq.keys[0])
+            self._marked = weakref.ref(keys[0])
         tok = torch.tensor([token], dtype=torch.long)
         fn = self._compiled()
-        args = (tok, pos, seq.keys, seq.values, self.plan.weights)
+        args = (tok, pos, keys, values, cache)
         if self.skip_guards and not fresh and self.compile_seconds is not None and _stance() == "default":
-            # Same weights list, same buffers as the last call, which passed every guard; only
-            # pos and token differ, and they are values inside the graph, not guarded. Skipping
-            # the guards (~300 tensors' checks) saves ~0.3 ms per token. New buffers (above) are
+            # Same model, same buffers as the last call, which passed every guard; only pos and
+            # token differ, and they are values inside the graph, not guarded. Skipping the
+            # guards (~300 tensors' checks) saves ~0.3 ms per token. New buffers (above) are
             # always checked in full, so a graph never runs on inputs it was not built for.
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 logits = fn(*args)
@@ -162,7 +156,7 @@ class CompiledDecoder:
 
 class CompiledDecode:
     """The engine's opt-in hook: ``maybe_step`` runs the compiled step when exactly one sequence is
-    decoding one token on a DenseKVCache, and returns None (the engine then runs eagerly) in every
+    decoding one token on a cache with a one-token form (the dense fp32 cache), and returns None (the engine then runs eagerly) in every
     other case, or when the model cannot compile (one warning) or compiling fails (one warning,
     then eager for good). Compiles lazily, on the first eligible step."""
 
@@ -173,6 +167,12 @@ class CompiledDecode:
         self.disabled: str | None = None  # why we gave up, once we have
         self.warned_cache = False
 
+    def _warn_cache(self, cache) -> None:
+        if not self.warned_cache:
+            self.warned_cache = True
+            warnings.warn(f"compiled decode needs a KV cache with a one-token form (the dense fp32 KV cache), not "
+                          f"{type(cache).__name__}; decoding eagerly", RuntimeWarning, stacklevel=3)
+
     def _give_up(self, why: str) -> None:
         self.disabled = why
         warnings.warn(f"compiled decode disabled, decoding eagerly: {why}", RuntimeWarning, stacklevel=3)
@@ -181,11 +181,8 @@ class CompiledDecode:
                    cache) -> torch.Tensor | None:
         if self.disabled or len(seq_ids) != 1 or in_prefill[0] or len(token_chunks[0]) != 1:
             return None
-        if not (type(cache) is DenseKVCache and cache.dtype == torch.float32):
-            if not self.warned_cache:
-                self.warned_cache = True
-                warnings.warn(f"compiled decode needs the dense fp32 KV cache, not {type(cache).__name__}; "
-                              "decoding eagerly", RuntimeWarning, stacklevel=2)
+        if not isinstance(cache, KVCache) or type(cache).decode_buffers is KVCache.decode_buffers:
+            self._warn_cache(cache)
             return None
         if self.decoder is None:
             reason = unsupported_reason(self.model)
@@ -194,7 +191,40 @@ class CompiledDecode:
                 return None
             self.decoder = CompiledDecoder(self.model, **self.options)
         try:
-            return self.decoder.step(token_chunks[0][0], cache, seq_ids[0])
+            logits = self.decoder.step(token_chunks[0][0], cache, seq_ids[0])
+            if logits is None:
+                self._warn_cache(cache)
+            return logits
         except Exception as exc:  # noqa: BLE001 - any compiler failure: eager is always correct
             self._give_up(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
             return None
+
+
+def unsupported_reason(model: Transformer) -> str | None:
+    """Prepare every module of ``model`` that has a graph form to prepare (``prepare_graph``: kernels
+    picked, the experts' graph ops asked for) and return why the model cannot be traced, or None."""
+    if not isinstance(model.embed, torch.Tensor):
+        return "the embedding table is kept in a block format (rows decoded per lookup)"
+    if getattr(model.lm_head, "weight", True) is None:
+        return "the output head is computed over block-format rows"
+    for name, module in model.named_modules():
+        prepare = getattr(module, "prepare_graph", None)
+        why = prepare() if prepare is not None else None
+        if why:
+            return f"{name}: {why}"
+    return None
+
+
+def make_step(model: Transformer):
+    """The decode step over ``model``'s own module code: step(token, pos, keys, values, cache) -> logits
+    [1, V]. token, pos: [1] int64 (pos = the sequence's cache length); keys/values: the cache's
+    ``decode_buffers`` (written at pos in every layer); cache: the KVCache that made them (its
+    ``decode_view`` is built inside the graph)."""
+    one = BatchLayout([0], [1])  # the view ignores sequence ids: one layout for every sequence
+
+    def decode_step(token: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                    cache: KVCache) -> torch.Tensor:
+        view = cache.decode_view(keys, values, pos)
+        return model.logits(model.hidden_states(token, pos, view, one))
+
+    return decode_step

@@ -5,11 +5,29 @@ providers plug in behind the same ``run`` call (the contract: layers/moe.ExpertP
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..layers.mlp import GatedMLP
-from ..quant import int4_native
+from ..quant import int4_native, int4_ops  # noqa: F401  (int4_ops registers moemesh::moe_decode)
 from .mixing import Group, GroupedProvider, expert_rows, expert_table, mix_reference
+
+
+@dataclass(frozen=True)
+class TableDecode:
+    """A layer's resident int4 SwiGLU experts as one graph op: ``moemesh::moe_decode`` over the layer's
+    pointer table (mixing.expert_table), the C call ``ResidentExperts.run`` makes for one decode token,
+    so a compiled graph gets the eager MoE layer's bits. x [1, D], ids int64 [1, A], weights [1, A] -> [1, D]."""
+
+    table: torch.Tensor  # int64 [E, 4]
+    inter: int
+    gu_npad: int
+    dn_npad: int
+    fmt: int
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return torch.ops.moemesh.moe_decode(x, ids, weights, self.table, self.inter, self.gu_npad, self.dn_npad, self.fmt)
 
 
 class ResidentExperts(GroupedProvider):
@@ -52,6 +70,16 @@ class ResidentExperts(GroupedProvider):
                 lib, table, experts[0].down.in_features, experts[0].gate_up.qweight.shape[0],
                 experts[0].down.qweight.shape[0], experts[0].gate_up.kernel_fmt())
         return self._tables[layer]
+
+    def decode_op(self, layer: int) -> TableDecode | str:
+        """The one-call decode as a graph op when every expert of ``layer`` is a fusable int4 SwiGLU
+        (and not ``reference``); otherwise why not (the grouped loop has no graph form)."""
+        if self.reference:
+            return "resident experts in reference mode (the per-token loop) have no graph form"
+        table = self._decode_table(layer)
+        if table is None:
+            return "resident experts that are not int4 SwiGLUs the fused C kernel reads have no graph form"
+        return TableDecode(*table[1:])
 
     def forget_kernel_tables(self) -> None:
         """Drop the pointer tables: after the experts' buffers moved or changed layout."""

@@ -58,6 +58,20 @@ class KVCache(ABC):
         """Bytes held by the cache's buffers."""
         return 0
 
+    # ---------------------------------------------------------------- one-token decode in a compiled graph
+    def decode_buffers(self, seq_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """For a compiled decode step of ``seq_id`` (one token): the per-layer key and value buffers the
+        step writes and reads, with room for the new token (grown if needed), as ``decode_view`` takes
+        them; or None when this cache has no such form (the step then runs eagerly). Call ``begin``
+        first and ``end`` after the step, as for any forward pass."""
+        return None
+
+    def decode_view(self, keys: list[torch.Tensor], values: list[torch.Tensor], pos: torch.Tensor) -> KVCache:
+        """A KVCache over ``decode_buffers``' tensors for one token at position ``pos`` ([1] int64, the
+        sequence's length), built inside the traced step: its ``attend`` is what the model's attention
+        layers call there."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-token view")
+
 
 def causal_mask(n: int, start: int, window: int | None) -> torch.Tensor | None:
     """Bool mask [n, start + n]: query i (absolute position start + i) sees keys j <= start + i

@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import BatchLayout
+from ..quant import decode_kernels
 from .base import KVCache, causal_mask
-from .sinks import attend_with_sinks, softmax_with_sinks
+from .decode_attention import decode_attention
+from .decode_view import OneTokenView
+from .sinks import attend_with_sinks
 
 
 @dataclass
@@ -79,22 +82,29 @@ class DenseKVCache(KVCache):
                     store.append(buf)
 
     def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None):
+        # a decode token (a query of one) runs as one C call: write its k/v, attend (the reference:
+        # decode_attention below, used where the kernels do not run)
+        lib = decode_kernels.load() if self.dtype == torch.float32 and decode_kernels.usable(q, k) else None
+        if lib is not None and batch.starts is None and len(batch.query_lens) == 1 and batch.query_lens[0] == 1:  # the common decode step
+            return self._attend_one(lib, layer, self.seqs[batch.seq_ids[0]], q, k, v, scale, window, sinks)
         out = q.new_empty(q.shape[0], q.shape[1], self.value_dim)  # [T, Hq, Dv]
         for i, (sid, off, n) in enumerate(zip(batch.seq_ids, batch.offsets, batch.query_lens)):
             seq = self.seqs[sid]
             start = seq.length if batch.starts is None else batch.starts[i]
             end = start + n
-            keys = seq.keys[layer]
-            keys[:, start:end] = k[off : off + n].transpose(0, 1)
-            if self.values_in_keys:
-                values = keys[..., : self.value_dim]  # a view: nothing stored twice
-            else:
-                values = seq.values[layer]
-                values[:, start:end] = v[off : off + n].transpose(0, 1)
-            if n == 1 and (window is None or end <= window):
-                out[off] = decode_attention(q[off], keys[:, :end], values[:, :end], scale, sinks)
-                continue
             lo = 0 if window is None else max(0, end - n - window + 1)  # keys no query can see
+            if n == 1 and lib is not None and batch.starts is None:  # explicit starts: layer-major prefill
+                out[off] = self._attend_one(lib, layer, seq, q[off], k[off], None if v is None else v[off],
+                                            scale, window, sinks)[0]
+                continue
+            keys = seq.keys[layer]
+            values = keys[..., : self.value_dim] if self.values_in_keys else seq.values[layer]  # a view: nothing stored twice
+            keys[:, start:end] = k[off : off + n].transpose(0, 1)
+            if not self.values_in_keys:
+                values[:, start:end] = v[off : off + n].transpose(0, 1)
+            if n == 1:  # a decode token: the visible keys are one run, no mask
+                out[off] = decode_attention(q[off], keys[:, lo:end], values[:, lo:end], scale, sinks)
+                continue
             mask = causal_mask(n, start, window)
             if mask is not None:
                 mask = mask[:, lo:]
@@ -108,6 +118,14 @@ class DenseKVCache(KVCache):
             out[off : off + n] = o.transpose(0, 1)
         return out
 
+    def _attend_one(self, lib, layer: int, seq: _Seq, q, k, v, scale, window, sinks) -> torch.Tensor:
+        """One query token of ``seq`` in one C call (quant/decode_kernels.attend_one) -> [1, Hq, Dv]."""
+        keys = seq.keys[layer]
+        values = keys if self.values_in_keys else seq.values[layer]
+        lo = 0 if window is None else max(0, seq.length + 1 - window)
+        return decode_kernels.attend_one(lib, q, k, None if self.values_in_keys else v, keys, values, self.value_dim,
+                                         seq.length, lo, scale, sinks)
+
     def end(self, batch: BatchLayout) -> None:
         for sid, n in zip(batch.seq_ids, batch.query_lens):
             self.seqs[sid].length += n
@@ -115,14 +133,13 @@ class DenseKVCache(KVCache):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.seqs.values() for t in s.keys + s.values)
 
+    def decode_buffers(self, seq_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        if self.dtype != torch.float32:
+            return None
+        seq = self.seqs[seq_id]
+        self._reserve(seq, seq.length + 1)
+        return seq.keys, seq.values
 
-def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, sinks: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One query token over all its keys, GQA without repeating K/V (fewer ops than SDPA's math
-    path for this case). q: [Hq, Dh], keys: [Hkv, L, Dh], values: [Hkv, L, Dv] -> [Hq, Dv]."""
-    hkv, _, dh = keys.shape
-    qg = q.view(hkv, -1, dh)  # [Hkv, G, Dh]
-    scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(scale)  # [Hkv, G, L]
-    probs = torch.softmax(scores, dim=-1) if sinks is None else softmax_with_sinks(scores, sinks, 1)
-    return torch.bmm(probs, values).view(-1, values.shape[-1])
+    def decode_view(self, keys: list[torch.Tensor], values: list[torch.Tensor], pos: torch.Tensor) -> KVCache:
+        return OneTokenView(keys, values, pos, self.value_dim, self.values_in_keys)
+

@@ -7,7 +7,7 @@ from ..batch import BatchLayout
 from ..kvcache.base import KVCache
 from ..quant.qlinear import QuantLinear
 from .norm import RMSNorm
-from .rope import apply_rope
+from .rope import apply_rope_
 
 
 class Attention(torch.nn.Module):
@@ -52,7 +52,7 @@ class Attention(torch.nn.Module):
         q, k, v = q.view(t, hq, dh), k.view(t, hkv, dh), v.reshape(t, hkv, dh)
         if self.qk_norm == "head":  # qwen3_moe: norm per head
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_(q, cos, sin), apply_rope_(k, cos, sin)  # q, k: views of the qkv output or fresh
         if self.sinks is None:
             out = cache.attend(self.layer, q, k, v, batch, self.scale, self.window)  # [T, Hq, Dh]
         else:

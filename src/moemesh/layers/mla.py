@@ -13,6 +13,11 @@ layer (``values_in_keys``), not H (N + R + V).
 
 ``absorb=False`` is the reference: decompress K/V per head through kv_b_proj and run ordinary
 attention over H KV heads (a cache built by ``naive_cache``); tests check the two agree.
+
+A decode token reads both absorbed matrices whole (2 H N L weights: DeepSeek-V3's are 67 MB per layer
+in fp32, a quarter of its attention bytes). With ``absorbed_int8`` (models whose trunk is quantized)
+they are held as int8 with one fp32 scale per row (17 MB; relative error ~0.2%, far below the int4
+trunk's) and applied by one C call per matrix (quant/decode_kernels.heads_i8).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 
 from ..batch import BatchLayout
 from ..kvcache.base import KVCache
+from ..quant import decode_kernels
 from ..quant.qlinear import QuantLinear
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -83,6 +89,7 @@ class MultiHeadLatentAttention(torch.nn.Module):
         kv_b: torch.Tensor,
         o_proj: QuantLinear,
         absorb: bool = True,
+        absorbed_int8: bool = False,
     ) -> None:
         """q_in: q_proj [H (N + R), D] without a q LoRA, else q_a_proj [q_lora, D] (then
         q_a_norm and q_b [H (N + R), q_lora]); kv_a: [L + R, D]; kv_b: [H (N + V), L] float."""
@@ -91,11 +98,34 @@ class MultiHeadLatentAttention(torch.nn.Module):
         self.q_in, self.q_a_norm, self.q_b = q_in, q_a_norm, q_b
         self.kv_a, self.kv_a_norm, self.o_proj = kv_a, kv_a_norm, o_proj
         w = kv_b.float().view(num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-        # kv_b split per head into its key and value halves, each contiguous for the batched matmuls
-        self.w_uk = torch.nn.Parameter(w[:, : cfg.qk_nope_head_dim].contiguous(), requires_grad=False)  # [H, N, L]
-        self.w_uv = torch.nn.Parameter(w[:, cfg.qk_nope_head_dim :].contiguous(), requires_grad=False)  # [H, V, L]
+        uk, uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]  # kv_b's key and value halves per head
+        self.w_uk = self.w_uv = None
+        if absorbed_int8:  # rows = the outputs of each per-head product: [H, L, N] for q -> latent, [H, V, L] back
+            for name, rows in (("uk", uk.transpose(1, 2)), ("uv", uv)):
+                q8, s8 = decode_kernels.quantize_rows_i8(rows)
+                self.register_buffer(f"{name}_q", q8)
+                self.register_buffer(f"{name}_s", s8)
+        else:  # each contiguous for the batched matmuls
+            self.w_uk = torch.nn.Parameter(uk.contiguous(), requires_grad=False)  # [H, N, L]
+            self.w_uv = torch.nn.Parameter(uv.contiguous(), requires_grad=False)  # [H, V, L]
         self.scale = cfg.softmax_scale
         self.absorb = absorb
+
+    def uk(self) -> torch.Tensor:
+        """kv_b's key half [H, N, L] fp32 (dequantized from int8 when held so)."""
+        return self.w_uk if self.w_uk is not None else (self.uk_q.float() * self.uk_s[..., None]).transpose(1, 2)
+
+    def uv(self) -> torch.Tensor:
+        """kv_b's value half [H, V, L] fp32 (dequantized from int8 when held so)."""
+        return self.w_uv if self.w_uv is not None else self.uv_q.float() * self.uv_s[..., None]
+
+    def _per_head(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x [T, H, K] through the held int8 matrices ``name`` ("uk" [H, L, N] or "uv" [H, V, L]) -> [T, H, rows]."""
+        q8, s8 = getattr(self, f"{name}_q"), getattr(self, f"{name}_s")
+        lib = None if torch.compiler.is_compiling() else decode_kernels.load()
+        if lib is not None and decode_kernels.usable(x):
+            return decode_kernels.heads_i8(lib, x, q8, s8)
+        return decode_kernels.heads_i8_reference(x, q8, s8)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, batch: BatchLayout
@@ -109,14 +139,20 @@ class MultiHeadLatentAttention(torch.nn.Module):
         rope = apply_rope_pairs if c.interleaved_rope else apply_rope
         q_pe, k_pe = rope(q_pe, cos, sin), rope(k_pe.unsqueeze(1), cos, sin)  # [T, H, R], [T, 1, R]
         if self.absorb:
-            q_lat = torch.einsum("thn,hnl->thl", q_nope, self.w_uk)  # [T, H, L]
+            if self.w_uk is None:
+                q_lat = self._per_head(q_nope, "uk")  # [T, H, L]
+            else:
+                q_lat = torch.einsum("thn,hnl->thl", q_nope, self.w_uk)  # [T, H, L]
             query = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, L + R]
             key = torch.cat([latent.unsqueeze(1), k_pe], dim=-1)  # [T, 1, L + R]
             out_lat = cache.attend(self.layer, query, key, None, batch, self.scale)  # [T, H, L]
-            out = torch.einsum("thl,hvl->thv", out_lat, self.w_uv)  # [T, H, V]
+            if self.w_uv is None:
+                out = self._per_head(out_lat, "uv")  # [T, H, V]
+            else:
+                out = torch.einsum("thl,hvl->thv", out_lat, self.w_uv)  # [T, H, V]
         else:
-            k_nope = torch.einsum("tl,hnl->thn", latent, self.w_uk)  # [T, H, N]: kv_b_proj's key rows
-            v = torch.einsum("tl,hvl->thv", latent, self.w_uv)  # [T, H, V]: its value rows
+            k_nope = torch.einsum("tl,hnl->thn", latent, self.uk())  # [T, H, N]: kv_b_proj's key rows
+            v = torch.einsum("tl,hvl->thv", latent, self.uv())  # [T, H, V]: its value rows
             key = torch.cat([k_nope, k_pe.expand(t, h, c.qk_rope_head_dim)], dim=-1)  # [T, H, N + R]
             query = torch.cat([q_nope, q_pe], dim=-1)
             out = cache.attend(self.layer, query, key, v, batch, self.scale)  # [T, H, V]

@@ -25,13 +25,17 @@ class GatedMLP(torch.nn.Module):
         self._fusable: bool | None = None  # int4 SwiGLU the fused kernel reads; decided on first use
         self._kernel_ptrs: list[int] = []  # data_ptr of (gate_up q, scales, down q, scales), set with _fusable
         self._kernel_key: tuple | None = None  # (gate_up q shape, down q shape, kernel fmt) when fusable
+        self._kernel_table: torch.Tensor | None = None  # int64 [4, 1]: _kernel_ptrs as the kernel's pointer rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
-        if x.dim() == 2 and x.shape[0] == 1:
+        if x.dim() == 2 and x.shape[0] == 1 and not torch.compiler.is_compiling():
             lib = self.fused_int4()
             if lib is not None:  # one token: one C call (int4_ffn.c), same bits as run_fused over a layer
-                return run_fused(lib, [self], x)
+                gu_q, dn_q, fmt = self._kernel_key
+                y = int4_native.experts_ffn_table(lib, x, self.down.in_features, self._kernel_table, gu_q[0], dn_q[0], fmt)
+                d = self.down.out_features
+                return y if y.shape[1] == d else y[:, :d].contiguous()
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
         return self.down(ACTIVATIONS[self.act_name](gate) * up)
 
@@ -55,6 +59,7 @@ class GatedMLP(torch.nn.Module):
             if self._fusable:  # expert buffers are never replaced (store views, slot views): pointers stay valid
                 self._kernel_ptrs = [t.data_ptr() for t in (gu.qweight, gu.int4_scales(), dn.qweight, dn.int4_scales())]
                 self._kernel_key = (gu.qweight.shape, dn.qweight.shape, gu.kernel_fmt())
+                self._kernel_table = torch.tensor(self._kernel_ptrs, dtype=torch.int64)[:, None]  # [4, 1]
         return int4_native.load_native() if self._fusable else None
 
     def use_block_scales(self) -> None:
@@ -65,7 +70,7 @@ class GatedMLP(torch.nn.Module):
 
     def forget_kernel_pointers(self) -> None:
         """Drop the cached pointers and format key: after the linears' buffers moved or changed layout."""
-        self._fusable, self._kernel_ptrs, self._kernel_key = None, [], None
+        self._fusable, self._kernel_ptrs, self._kernel_key, self._kernel_table = None, [], None, None
 
     def nbytes(self) -> int:
         return self.gate_up.nbytes() + self.down.nbytes()

@@ -7,6 +7,7 @@ The block routes and hands the picks to its provider; it never touches an expert
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +38,13 @@ class ExpertProvider(ABC):
     def stats(self) -> dict:
         return {}
 
+    def decode_op(self, layer: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | str:
+        """``run(layer, ...)`` for one decode token as something a compiled graph can call: a function of
+        (x [1, D], ids [1, A], weights [1, A]) -> [1, D] made of graph ops (e.g. one custom op over the
+        layer's weights) with ``run``'s result; or, when this provider's experts cannot run inside a
+        graph, a sentence saying why (the compiled decode step then declines the model: decoding stays eager)."""
+        return f"experts behind {type(self).__name__} have no graph form (they run eagerly)"
+
 
 class MoEBlock(torch.nn.Module):
     """Router -> expert provider -> (+ gated shared expert). Never touches expert weights itself."""
@@ -57,12 +65,23 @@ class MoEBlock(torch.nn.Module):
         # qwen2_moe: sigmoid(x @ g.T) scales the shared expert; g: [1, D]
         self.shared_gate = None if shared_gate is None else torch.nn.Parameter(shared_gate.float(), requires_grad=False)
 
+    def prepare_graph(self) -> str | None:
+        """Before a compiled decode step traces this block: ask the provider for its graph form
+        (``ExpertProvider.decode_op``). Returns why the block cannot run in a graph, or None."""
+        op = self.provider.decode_op(self.layer)
+        self._graph_experts = None if isinstance(op, str) else op
+        return op if isinstance(op, str) else None
+
     def forward(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         # x: [T, D] -> [T, D]. rows: route and run the shared expert in blocks of ``rows`` tokens, and
         # let the provider compute experts in the same blocks (layer-major prefill == chunked prefill)
         if rows is None or x.shape[0] <= rows:
             ids, weights = self.router(x)
-            return self._add_shared(x, self.provider.run(self.layer, x, ids, weights))
+            if torch.compiler.is_compiling():  # one decode token in a compiled step (prepare_graph ran first)
+                out = self._graph_experts(x, ids, weights)
+            else:
+                out = self.provider.run(self.layer, x, ids, weights)
+            return self._add_shared(x, out)
         picks = [self.router(x[a : a + rows]) for a in range(0, x.shape[0], rows)]
         ids, weights = torch.cat([p[0] for p in picks]), torch.cat([p[1] for p in picks])  # [T, A]
         out = self.provider.run(self.layer, x, ids, weights, rows=rows)  # each routed expert loaded once

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..quant import decode_kernels
+
 
 class RotaryEmbedding:
     """Computes cos/sin for arbitrary positions; every sequence in a batch brings its own."""
@@ -32,6 +34,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` written into x (x: [T, H, D] with D contiguous, a tensor nothing else reads
+    after): one C call where it runs (the same bits), else the reference."""
+    lib = None if torch.compiler.is_compiling() else decode_kernels.load()
+    if lib is not None and x.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() \
+            and decode_kernels.usable(x, cos, sin):
+        return decode_kernels.rope_(lib, x, cos, sin)
+    return apply_rope(x, cos, sin)
 
 
 def make_rotary(head_dim: int, theta: float, rope_scaling: dict | None, max_position_embeddings: int) -> RotaryEmbedding:

@@ -121,6 +121,7 @@ class DeepseekBuilder(Builder):
             RMSNorm(self.tensor(s.attn(i, "kv_a_layernorm.weight")), LORA_NORM_EPS),
             self.tensor(s.attn(i, "kv_b_proj.weight")).float(),  # absorbed into q and the output
             self.linear([s.attn(i, "o_proj.weight")], bias("o_proj")),
+            absorbed_int8=q_in.mode in ("int4", "int8"),  # a quantized trunk: the absorbed matrices int8 too
         )
 
     def moe(self, i: int, provider: ExpertProvider) -> MoEBlock:

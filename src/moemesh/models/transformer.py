@@ -70,14 +70,26 @@ class Transformer(torch.nn.Module):
     ) -> torch.Tensor:
         """tokens, positions: [T] -> logits [T, V] if all_logits else [B, V] (last token of each
         sequence). Appends the tokens to each sequence's KV cache."""
+        cache.begin(batch)
+        x = self.hidden_states(tokens, positions, cache, batch)  # [T, D]
+        cache.end(batch)
+        if not all_logits and x.shape[0] != len(batch.seq_ids):  # (decode steps: every token is a last one)
+            x = x[batch.last_token_indices()]  # [B, D]
+        return self.logits(x)
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                      batch: BatchLayout) -> torch.Tensor:
+        """Embedding and every layer: tokens, positions [T] -> the last layer's residual stream [T, D].
+        Between cache.begin and cache.end; the compiled decode step (engine/compiled.py) traces this
+        code itself over a one-token view of the cache."""
         x = self.embed[tokens].float()  # [T, D]
         cos, sin = self.rope.cos_sin(positions)
-        cache.begin(batch)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, batch)
-        cache.end(batch)
-        if not all_logits:
-            x = x[batch.last_token_indices()]  # [B, D]
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head: x [B, D] -> [B, V]."""
         return self.lm_head(self.norm(x))
 
     def new_cache(self, kv: str = "dense") -> KVCache:

@@ -74,6 +74,10 @@ class BlockLinear(torch.nn.Module):
         return f"{self.qtype}, in_features={self.in_features}, out_features={self.out_features}, " \
                f"bias={self.bias is not None}"
 
+    def prepare_graph(self) -> str:
+        """Block-format linears have no graph op: a model holding one decodes eagerly."""
+        return f"{self.qtype} block-format linear (K-quants, MXFP4 ...) is not in the compiled step"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> fp32 [..., N]
         if x.shape[-1] != self.in_features:

@@ -231,3 +231,21 @@ def reference_int4_matmul(x: torch.Tensor, qweight_q: torch.Tensor, scales_and_z
     dots = torch.einsum("mgk,ngk->mng", xx, qc).float()  # [M, N, G] exact integers (< 2^24)
     s, z = scales_and_zeros.float().permute(2, 1, 0)  # [N, G]
     return (dots * (s[None] * du[:, None]) + z[None] * sumx[:, None]).sum(-1)  # [M, N]
+
+
+def experts_ffn_table(lib: ctypes.CDLL, x: torch.Tensor, inter: int, table: torch.Tensor, gu_npad: int, dn_npad: int,
+                      fmt: int) -> torch.Tensor:
+    """``experts_ffn_ptrs`` over a pointer table built once by the caller (``_pointer_arrays``' layout:
+    int64 [4, n], rows gate_up qweight, gate_up scales, down qweight, down scales): a dense FFN's
+    decode token pays one C call and no per-call table (~10 us of torch.tensor on a small model's
+    layer). x fp32 [1, D] contiguous -> [n, N_pad]."""
+    n = table.shape[1]
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    y = torch.empty(n, dn_npad)
+    base, row = table.data_ptr(), 8 * n
+    rc = lib.i4_experts_ffn(x.data_ptr(), x.shape[1], inter, n, base, base + row, gu_npad, base + 2 * row,
+                            base + 3 * row, dn_npad, fmt, y.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"experts_ffn: kernel rejected D={x.shape[1]}, I={inter}, n={n}")
+    return y

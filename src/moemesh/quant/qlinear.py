@@ -41,7 +41,7 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
-from . import int4_native
+from . import int4_native, int4_ops
 from .int4_pack import pad_rows, torch_layout, unpack_int4
 
 MODES = ("fp32", "bf16", "int8", "int4")
@@ -268,8 +268,11 @@ class QuantLinear(torch.nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N] fp32
+        if torch.compiler.is_compiling():
+            return self._graph_forward(x)
+        flat = x.dim() == 2  # the usual [M, K]: no reshapes (a decode step pays ~3 us per tensor op)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        x2 = x if flat else x.reshape(-1, self.in_features)  # [M, K]
         m = x2.shape[0]
         if m == 0 or self.mode == "fp32":
             w = self.weight if self.mode == "fp32" else self.dequantized_weight()
@@ -277,10 +280,12 @@ class QuantLinear(torch.nn.Module):
         lib = self.native_int4() if self.mode == "int4" and m < self.dequant_min_m else None
         if lib is not None:
             # C kernel (int4_native.py): same packed buffers, two int8 activation planes, batch invariant
-            y = int4_native.int4_matmul(lib, x2, self.qweight, self.int4_scales(), self.kernel_fmt())
-            y = y[:, : self.out_features]  # [M, N]
-            y = y.contiguous() if self.bias is None else torch.add(y, self.bias)
-            return y.view(*lead, self.out_features)
+            y = int4_native.int4_matmul(lib, x2, self.qweight, self.int4_scales(), self.kernel_fmt())  # [M, N_pad]
+            if y.shape[1] != self.out_features:
+                y = y[:, : self.out_features].contiguous()  # [M, N]
+            if self.bias is not None:
+                y = torch.add(y, self.bias)
+            return y if flat else y.view(*lead, self.out_features)
         xb = x2.to(torch.bfloat16)  # [M, K]; a fresh (so aligned) tensor unless x was bf16
         if xb.data_ptr() == x2.data_ptr() or not xb.is_contiguous() or xb.data_ptr() % 64:
             xb = xb.clone(memory_format=torch.contiguous_format)  # int8 kernel: aligned loads
@@ -308,6 +313,46 @@ class QuantLinear(torch.nn.Module):
         layout, which only that kernel decodes). A store written on an AVX-512 machine read on an AVX2
         one (or back) is not: torch's fallback then runs on the dequantized weight (slow, exact)."""
         return self._int4_layout is None or self._int4_layout == torch_layout()
+
+    # ---------------------------------------------------------------- in a compiled graph
+    def prepare_graph(self) -> str | None:
+        """Before a compiled decode step traces this layer (engine/compiled.py): pick its kernel in the
+        graph and build what that kernel reads. int4 linears of >= ``int4_ops.NATIVE_LINEAR_MIN_BYTES``
+        packed (or with block-major scales, which only the C kernel reads) call moemesh's C kernel as
+        the graph op ``moemesh::int4_linear`` (the eager layer's bits for the same input); smaller ones
+        torch's kernel on a bf16 input (a Python custom op costs ~8 us a call: more than these save),
+        which for a symmetric layer needs (scale, 0) pairs, built once here. Returns None (every mode
+        runs in a graph)."""
+        if self.mode == "int4":
+            self._graph_native = self.native_int4() is not None and (
+                self.qweight.numel() >= int4_ops.NATIVE_LINEAR_MIN_BYTES or self.scale_blocks)
+            self._graph_sz = None if self._graph_native else self.torch_scales_and_zeros()
+        return None
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` inside a compiled graph, for a few rows (M < dequant_min_m): the same kernels as
+        graph ops (``prepare_graph`` ran first). x: [..., K] -> [..., N] fp32."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        bias = self.bias
+        if self.mode == "fp32":
+            return F.linear(x2, self.weight, bias).view(*lead, self.out_features)
+        if self.mode == "int4" and self._graph_native:  # fp32 x straight into the C kernel, as eager
+            y = torch.ops.moemesh.int4_linear(x2, self.qweight, self.int4_scales(), self.out_features, self.kernel_fmt())
+            y = y if bias is None else torch.add(y, bias)
+            return y.view(*lead, self.out_features)
+        xb = x2.to(torch.bfloat16)  # a fresh allocation in the graph: aligned for the int8 kernel
+        if self.mode == "int4":
+            y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self._graph_sz)
+            y = y[:, : self.out_features]
+        elif self.mode == "int8":
+            y = torch._weight_int8pack_mm(xb, self.qweight, self._ones)
+            y = torch.mul(y, self.scales) if bias is None else torch.addcmul(bias, y, self.scales)
+            return y.view(*lead, self.out_features)
+        else:  # bf16
+            y = F.linear(xb, self.weight)
+        y = y.float() if bias is None else torch.add(y, bias)
+        return y.view(*lead, self.out_features)
 
     def native_int4(self) -> ctypes.CDLL | None:
         """The C int4 kernel library when it is enabled (MOEMESH_INT4_NATIVE) and reads this

@@ -1,0 +1,214 @@
+/* The small fp32 steps of a forward pass between the matmuls, one C call each instead of several torch
+ * ops on tiny tensors (a decode token of a small model pays ~5 us of dispatch per op and has dozens
+ * per layer). Plain C that the compiler vectorizes (-O3 -march=native); built by quant/native.py with
+ * -ffp-contract=off so a*b + c*d rounds like torch's separate products and sum (the rotary embedding
+ * is then bit for bit torch's). Each row or head is computed independently of the others (no
+ * dependence on how many rows a call has: batched == alone).
+ *
+ * dk_rms_norm     rows of x -> x * w / sqrt(mean(x^2) + eps)
+ * dk_rope         rotate-half rotary embedding in place on [T, H, Dh] (HF checkpoints' convention)
+ * dk_attend_one   one query token: append its k/v to a sequence's cache buffers at `pos`, attend over
+ *                 the visible run [lo, pos] (GQA without repeating K/V; optional per-head sink logits)
+ * dk_heads_i8     per-head matrix-vector products with int8 weights (MLA's absorbed per-head matrices)
+ * dk_greedy       a row's argmax (first of equal maxima; a NaN wins, as torch.argmax) and its log-probability
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* exp for the softmax, Cephes' expf (range reduction by ln 2, degree-6 polynomial; < 2 ulp on
+ * [-87, 88]), written so the loops over it vectorize. exp(-inf) = 0 via the clamp: callers pass
+ * s - max, never above 0. */
+static inline float dk_exp(float x) {
+    x = x < -87.33654f ? -87.33654f : x;
+    x = x > 88.37626f ? 88.37626f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two;
+    memcpy(&two, &bits, sizeof two);
+    return p * two;
+}
+
+int dk_simd(void) { return 1; }
+
+#define LANES 16 /* partial sums per reduction: two AVX registers, so the loops vectorize */
+
+/* sum of a[i] * b[i], in LANES partial sums (a fixed order: the same bits for the same inputs) */
+static inline float dk_dot(const float *a, const float *b, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += a[i + l] * b[i + l];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s + tail;
+}
+
+void dk_rms_norm(const float *x, int64_t rows, int64_t dim, int64_t sx, const float *w, float eps,
+                 float *y, int64_t sy) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * sx;
+        float *yr = y + r * sy;
+        float inv = 1.0f / sqrtf(dk_dot(xr, xr, dim) / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++) yr[i] = (xr[i] * inv) * w[i];
+    }
+}
+
+/* x [T, H, Dh] at strides (st, sh) (elements; Dh contiguous), cos/sin [T, Dh] contiguous (cat(f, f)):
+ * x = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[half:], x[:half]). */
+void dk_rope(float *x, int64_t t, int64_t h, int64_t dh, int64_t st, int64_t sh, const float *cos_,
+             const float *sin_) {
+    int64_t half = dh / 2;
+    for (int64_t i = 0; i < t; i++) {
+        const float *c = cos_ + i * dh, *s = sin_ + i * dh;
+        for (int64_t j = 0; j < h; j++) {
+            float *v = x + i * st + j * sh;
+            for (int64_t d = 0; d < half; d++) {
+                float a = v[d], b = v[d + half];
+                float lo = a * c[d] + (-b) * s[d];
+                float hi = b * c[d + half] + a * s[d + half];
+                v[d] = lo;
+                v[d + half] = hi;
+            }
+        }
+    }
+}
+
+/* One KV head's group of G query heads over keys [lo, end): scores, softmax (with sinks), values. */
+static void attend_group(const float *q, int64_t g, int64_t dh, const float *keys, const float *values,
+                         int64_t v_stride, int64_t dv, int64_t lo, int64_t end, float scale,
+                         const float *sinks, float *out, float *scores) {
+    int64_t n = end - lo;
+    for (int64_t j = 0; j < n; j++) {  /* each key row read once for the whole group */
+        const float *k = keys + (lo + j) * dh;
+        for (int64_t a = 0; a < g; a++) scores[a * n + j] = dk_dot(q + a * dh, k, dh) * scale;
+    }
+    for (int64_t a = 0; a < g; a++) {
+        float *s = scores + a * n;
+        float m = sinks ? sinks[a] : -INFINITY;
+        for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            s[j] = dk_exp(s[j] - m);
+            sum += s[j];
+        }
+        if (sinks) sum += dk_exp(sinks[a] - m);
+        float inv = 1.0f / sum;
+        for (int64_t j = 0; j < n; j++) s[j] *= inv;
+        memset(out + a * dv, 0, sizeof(float) * (size_t)dv);
+    }
+    for (int64_t j = 0; j < n; j++) {  /* each value row read once for the whole group */
+        const float *v = values + (lo + j) * v_stride;
+        for (int64_t a = 0; a < g; a++) {
+            float p = scores[a * n + j];
+            float *o = out + a * dv;
+            for (int64_t d = 0; d < dv; d++) o[d] += p * v[d];
+        }
+    }
+}
+
+/* q [Hq, Dh] contiguous; k_new [Hkv, Dh] / v_new [Hkv, Dv] (head strides ks / vs; NULL: nothing to write);
+ * keys [Hkv, cap, Dh], values [Hkv, cap, v_stride] contiguous buffers (values may point into keys:
+ * MLA's values-in-keys, v_stride = Dh); the new token goes to row `pos`; attention over rows
+ * [lo, end); sinks [Hq] or NULL; out [Hq, Dv] contiguous. Returns 0, or -1 on a bad shape. */
+int dk_attend_one(const float *q, int64_t hq, const float *k_new, int64_t ks, const float *v_new, int64_t vs,
+                  float *keys, float *values, int64_t hkv, int64_t cap, int64_t dh, int64_t dv, int64_t v_stride,
+                  int64_t pos, int64_t lo, int64_t end, float scale, const float *sinks, float *out,
+                  int nthreads) {
+    if (hkv <= 0 || hq % hkv || pos < 0 || pos >= cap || lo < 0 || lo >= end || end > cap || dv > v_stride)
+        return -1;
+    int64_t g = hq / hkv, n = end - lo;
+    for (int64_t h = 0; h < hkv; h++) {
+        if (k_new) memcpy(keys + (h * cap + pos) * dh, k_new + h * ks, sizeof(float) * (size_t)dh);
+        if (v_new) memcpy(values + (h * cap + pos) * v_stride, v_new + h * vs, sizeof(float) * (size_t)dv);
+    }
+    /* threads only when each has real work (a region costs a few microseconds) */
+    int nt = (n * hkv * (dh + dv) >= (1 << 16) && nthreads > 1) ? (int)(nthreads < hkv ? nthreads : hkv) : 1;
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t h = 0; h < hkv; h++) {
+        float stack[2048];
+        float *scores = g * n <= 2048 ? stack : (float *)malloc(sizeof(float) * (size_t)(g * n));
+        if (!scores) {
+            bad = 1;
+            continue;
+        }
+        attend_group(q + h * g * dh, g, dh, keys + h * cap * dh, values + h * cap * v_stride, v_stride, dv, lo,
+                     end, scale, sinks ? sinks + h * g : NULL, out + h * g * dv, scores);
+        if (scores != stack) free(scores);
+    }
+    return bad ? -2 : 0;
+}
+
+/* sum of x[i] * (float)q[i] in LANES partial sums */
+static inline float dk_dot_i8(const float *x, const int8_t *q, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += x[i + l] * (float)q[i + l];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += x[i] * (float)q[i];
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s + tail;
+}
+
+/* y[t, h, j] = s[h, j] * sum_i x[t, h, i] * w[h, j, i]: H independent [N, K] int8 matrices (per-row
+ * fp32 scales), each applied to its own K-vector of every token. x [T, H, K] at strides (xt, xh), K
+ * contiguous; w [H, N, K], s [H, N] contiguous; y [T, H, N] contiguous. Heads outer, tokens inner:
+ * a head's matrix is read from memory once per call, whatever T is. */
+void dk_heads_i8(const float *x, int64_t t, int64_t h, int64_t k, int64_t xt, int64_t xh, const int8_t *w,
+                 const float *s, int64_t n, float *y, int nthreads) {
+    int nt = (h * n * k >= (1 << 18) && nthreads > 1) ? nthreads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t hh = 0; hh < h; hh++) {
+        const int8_t *wh = w + hh * n * k;
+        const float *sh = s + hh * n;
+        for (int64_t tt = 0; tt < t; tt++) {
+            const float *xv = x + tt * xt + hh * xh;
+            float *yv = y + (tt * h + hh) * n;
+            for (int64_t j = 0; j < n; j++) yv[j] = sh[j] * dk_dot_i8(xv, wh + j * k, k);
+        }
+    }
+}
+
+/* rows of logits x [rows, v] (row stride sx): idx[r] = argmax, logp[r] = log_softmax(x[r])[idx[r]],
+ * computed as torch's log_softmax does: (x - max) - log(sum(exp(x - max))). */
+void dk_greedy(const float *x, int64_t rows, int64_t v, int64_t sx, int64_t *idx, float *logp) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * sx;
+        float m = xr[0];
+        int64_t best = 0;
+        for (int64_t i = 1; i < v && m == m; i++) {
+            float a = xr[i];
+            if (a > m || a != a) {
+                m = a;
+                best = i;
+            }
+        }
+        double acc[LANES] = {0}; /* double: a float sum of 10^5 terms would carry ~1e-6 of rounding */
+        int64_t i = 0;
+        for (; i + LANES <= v; i += LANES)
+            for (int l = 0; l < LANES; l++) acc[l] += dk_exp(xr[i + l] - m);
+        double sum = 0.0;
+        for (; i < v; i++) sum += dk_exp(xr[i] - m);
+        for (int l = 0; l < LANES; l++) sum += acc[l];
+        idx[r] = best;
+        logp[r] = (xr[best] - m) - (float)log(sum);
+    }
+}
