@@ -1,0 +1,86 @@
+"""How the engine uses a PrefixCache (kvcache/prefix_cache.py).
+
+* Admission: a sequence's prompt is looked up; the cached blocks (and, for TurboQuant, the exact
+  window saved with the last one) are copied into its fresh KV state and its prefill starts after
+  them. At least the prompt's last token is always computed (the first sample needs its logits).
+* Chunks: prefill chunks end on block boundaries (and at the prompt's last full block), so the
+  cache's state after a chunk is exactly a block boundary's state and can be saved as such.
+* Inserts: after every step, a sequence whose computed length has reached a new block boundary
+  inserts its new blocks - prompt and generated tokens alike, so an agent's next turn, which
+  repeats the previous answer, finds it. TurboQuant also saves the exact window there (the
+  tail): kept at prefill chunk ends; during decode only the sequence's latest one is kept.
+
+Exactness: a restored sequence continues from the bits the exporter had, so its logits equal
+those of a run that prefilled the prompt with a chunk boundary at the hit (for the dense cache
+and batch-invariant matmuls - dense fp32, int4 - that is any run; tests/test_prefix_cache.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..kvcache.base import KVCache
+from ..kvcache.prefix_cache import PrefixCache
+from .sequence import Sequence
+
+
+@dataclass
+class _State:
+    keys: list[bytes] = field(default_factory=list)  # block keys of the sequence's tokens so far
+    saved: int = 0  # blocks known to be in the cache (inserted or restored)
+    split_at: int = 0  # a prefill chunk ends here (a TurboQuant match without a tail: save one)
+    decode_tail: bytes | None = None  # the block whose tail this sequence attached while decoding
+
+
+class PrefixReuse:
+    def __init__(self, cache: PrefixCache, kv: KVCache) -> None:
+        self.cache, self.kv = cache, kv
+        self.block = cache.block_size
+        self._states: dict[int, _State] = {}
+
+    def restore(self, seq: Sequence) -> None:
+        """Right after ``kv.add_sequence``: restore the longest cached prefix of the prompt."""
+        st = self._states.setdefault(seq.seq_id, _State())
+        ids = seq.prompt_ids
+        hit = self.cache.lookup(ids, len(ids) - 1, st.keys)
+        if hit.tokens:
+            seq.num_computed = self.kv.import_prefix(seq.seq_id, hit.blocks, hit.tail)
+            seq.cached_tokens = hit.tokens
+        st.saved = hit.tokens // self.block
+        if hit.matched > hit.tokens:
+            st.split_at = hit.matched
+
+    def chunk(self, seq: Sequence, budget: int) -> list[int]:
+        """The next prefill chunk, ending on a block boundary unless it ends the prompt."""
+        start, n = seq.num_computed, len(seq.prompt_ids)
+        end = min(n, start + max(1, budget))
+        last_full = n - n % self.block
+        for stop in (self._states[seq.seq_id].split_at, last_full):
+            if start < stop < end:
+                end = stop
+        if end < n and end - end % self.block > start:
+            end -= end % self.block
+        return seq.all_ids[start:end]
+
+    def after_step(self, seqs: list[Sequence], was_prefill: list[bool]) -> None:
+        """Insert the blocks each sequence completed in this step (before any is freed)."""
+        b = self.block
+        for seq, prefill in zip(seqs, was_prefill):
+            n = seq.num_computed
+            st = self._states[seq.seq_id]
+            if n % b or n // b <= st.saved:
+                continue
+            nb = n // b
+            ids = seq.all_ids
+            self.cache.extend_keys(ids, st.keys, nb)
+            first = self.cache.first_missing(st.keys, st.saved, nb)
+            data = self.kv.export_blocks(seq.seq_id, first * b, nb * b, b) if first < nb else []
+            tail = self.kv.export_tail(seq.seq_id) if self.kv.needs_tail else None
+            attached = self.cache.insert(ids, st.keys, first, data, tail, stop=nb)
+            if attached and not prefill:  # decoding: only the latest tail of a sequence is kept
+                if st.decode_tail is not None:
+                    self.cache.set_tail(st.decode_tail, None)
+                st.decode_tail = st.keys[nb - 1]
+            st.saved = nb
+
+    def forget(self, seq: Sequence) -> None:
+        self._states.pop(seq.seq_id, None)
