@@ -8,8 +8,10 @@ import socket
 import sys
 
 from ..errors import MoemeshError
+from ..experts.budget import parse_size
 from ..kvcache.spec import KV_HELP, parse_kv_spec
 from ..models.build import QUANT_MODES
+from .cache_args import add_cache_args, requested_prefix_bytes
 from .expert_args import add_expert_args, expert_options
 
 QUANT_CHOICES = ("none",) + QUANT_MODES
@@ -41,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--kv", default="dense", help=KV_HELP)
     add_expert_args(p)
+    add_cache_args(p, default="auto")
     p.set_defaults(func=run)
 
 
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ctx is not None and args.ctx < 2:
         raise MoemeshError(f"--ctx must be >= 2, got {args.ctx}")
     experts = expert_options(args)  # checks --ram before anything slow
+    experts.prefix_cache = requested_prefix_bytes(args)
     try:
         kv = str(parse_kv_spec(args.kv))
     except ValueError as e:
@@ -99,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(model=args.model, host=args.host, port=port, api_key=args.api_key, experts=experts, kv=kv,
                           max_batch=args.max_batch,
                           max_prefill_tokens=args.max_prefill_tokens, queue_size=args.queue_size, ctx=args.ctx,
-                          quant=args.quant, threads=args.threads, served_model_name=args.served_model_name)
+                          quant=args.quant, threads=args.threads, served_model_name=args.served_model_name,
+                          prefix_cache=experts.prefix_cache, prompt_cache=args.prompt_cache,
+                          prompt_cache_size=parse_size(args.prompt_cache_size))
     state = ServerState(config)
     server: uvicorn.Server | None = None
 

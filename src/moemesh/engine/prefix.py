@@ -16,10 +16,13 @@ and batch-invariant matmuls - dense fp32, int4 - that is any run; tests/test_pre
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
+from ..experts.budget import PREFIX_AUTO_MAX, BudgetPlan
 from ..kvcache.base import KVCache
-from ..kvcache.prefix_cache import PrefixCache
+from ..kvcache.prefix_cache import DEFAULT_BLOCK, PrefixCache
+from ..kvcache.prompt_store import PromptStore
 from .sequence import Sequence
 
 
@@ -84,3 +87,23 @@ class PrefixReuse:
 
     def forget(self, seq: Sequence) -> None:
         self._states.pop(seq.seq_id, None)
+
+
+def open_prefix_cache(kv: KVCache, requested: int | None, budget: BudgetPlan | None = None,
+                      identity: dict | None = None, prompt_dir: str | None = None, disk_bytes: int = 8 * 2**30,
+                      block_size: int = DEFAULT_BLOCK) -> PrefixCache | None:
+    """The engine's PrefixCache for ``kv``, or None when off (or the cache cannot export blocks).
+    requested: bytes (None: auto, 0: off); under --ram the budget planned its bytes (``budget``),
+    else auto is PREFIX_AUTO_MAX. Backed by files under ``prompt_dir`` (``--prompt-cache``) when
+    given, keyed by ``identity`` (loading/identity.py)."""
+    if budget is not None:
+        capacity = budget.prefix_cache
+    else:
+        capacity = PREFIX_AUTO_MAX if requested is None else requested
+    if capacity <= 0 or not kv.supports_prefix:
+        return None
+    namespace = json.dumps(identity or {}, sort_keys=True, default=str).encode()
+    cache = PrefixCache(kv, capacity, block_size, namespace)
+    if prompt_dir is not None:
+        cache.store = PromptStore(prompt_dir, cache.root, kv.block_spec, kv.tail_spec, identity, disk_bytes)
+    return cache

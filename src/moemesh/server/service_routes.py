@@ -28,7 +28,8 @@ def service_router(state: ServerState) -> APIRouter:
         running, waiting = state.queue_sizes()
         loop = state.engine_loop
         engine = (loop.steps, loop.step_failures, loop.cpu_seconds) if loop is not None else (0, 0, 0.0)
-        text = state.metrics.render(running, waiting, state.expert_stats(), engine)
+        prefix = state.prefix_cache.summary() if state.prefix_cache is not None else None
+        text = state.metrics.render(running, waiting, state.expert_stats(), engine, state.kv_bytes_per_token, prefix)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict[str, Any]:
