@@ -7,6 +7,7 @@ A suite is a bench/ script run as a subprocess of this interpreter, from the che
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 
 from ..errors import MoemeshError
@@ -16,6 +17,7 @@ from ..errors import MoemeshError
 DEFAULT_LLAMA_PYTHON = "/work/llamacpp-venv/bin/python"
 # bench/lazy.py's synthetic Qwen3-30B-A3B store (its --work-dir default, 12 layers, vocab 32768, seed 0)
 SYNTH_STORE = "/work/bench-data/qwen3moe-synth-v2-L12-V32768-s0/store"
+MOE_DEMO = str(Path.home() / ".cache" / "moemesh" / "smollm2-moe-16x15")  # `make run`'s MoE demo model
 MOEFIED_16x8 = "{work_dir}/smol-16-8"  # SmolLM2 split into 16 experts, top-8 (masked_quality's real-weight model)
 # the configs of the published bench/results/moefy_ppl.json (its meta.command)
 MOEFY_CONFIGS = ("16/8,16/12,16/14,16/15,32/16,32/24,32/28,16/16,16/8@1.0,16/4,16/16@0.001,16/14@0.001,"
@@ -84,6 +86,10 @@ SUITES: tuple[Suite, ...] = (
           minutes=8, setup=Setup(MOEFIED_16x8, ("moefy", "smollm2", MOEFIED_16x8, "--experts", "16", "--top-k", "8"))),
     Suite("serve", "serve.py", "1/4/8 streaming HTTP clients on `moemesh serve` vs the engine alone",
           ("--rounds", "3", "--max-tokens", "64"), _res("serve.json", "serve.md"), minutes=5),
+    Suite("prefix", "prefix.py", "prefix cache: agent loop of 5 turns over a 2,000-token prefix, TTFT with/without",
+          ("--rounds", "3"), _res("prefix.json", "prefix.md"), minutes=6,
+          setup=Setup(MOE_DEMO, ("moefy", "smollm2", MOE_DEMO, "--experts", "16", "--top-k", "15")),
+          note="first run builds the MoE demo model as `make run` does (~1 min on a quiet machine)"),
     Suite("mesh", "mesh.py", "mesh on loopback: pipeline stages per-hop cost, expert-shard bytes per token",
           results=_res("mesh.json", "mesh.md"), minutes=15),
     Suite("decode", "decode.py", "SmolLM2 decode/prefill: moemesh eager/compiled int4, fp32 vs llama.cpp, transformers",

@@ -3,7 +3,8 @@
 * Admission: a sequence's prompt is looked up; the cached blocks (and, for TurboQuant, the exact
   window saved with the last one) are copied into its fresh KV state and its prefill starts after
   them. At least the prompt's last token is always computed (the first sample needs its logits).
-* Chunks: prefill chunks end on block boundaries (and at the prompt's last full block), so the
+* Chunks: prefill chunks end on block boundaries (and at the last one before the prompt's last
+  token, where the same prompt asked again is restored), so the
   cache's state after a chunk is exactly a block boundary's state and can be saved as such.
 * Inserts: after every step, a sequence whose computed length has reached a new block boundary
   inserts its new blocks - prompt and generated tokens alike, so an agent's next turn, which
@@ -56,7 +57,9 @@ class PrefixReuse:
         """The next prefill chunk, ending on a block boundary unless it ends the prompt."""
         start, n = seq.num_computed, len(seq.prompt_ids)
         end = min(n, start + max(1, budget))
-        last_full = n - n % self.block
+        # the last boundary before the prompt's last token: where the same prompt, asked again,
+        # is restored (a TurboQuant restore needs the window saved at that very point)
+        last_full = (n - 1) - (n - 1) % self.block
         for stop in (self._states[seq.seq_id].split_at, last_full):
             if start < stop < end:
                 end = stop
