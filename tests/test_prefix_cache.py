@@ -182,6 +182,7 @@ def test_eviction_under_pressure_keeps_outputs_and_budget(tiny_checkpoints):
     order = [p1, *others, p1, p2, p3]
     results, pc = serve(model, "dense", order, capacity=capacity)
     assert pc.nbytes <= capacity and len(pc.blocks) <= 9
+    assert pc.nbytes == sum(b.nbytes for b in pc.blocks.values())
     s = pc.summary()
     assert s["evicted_blocks"] > 0 and s["inserted_blocks"] - s["evicted_blocks"] == len(pc.blocks)
     cold = [serve(model, "dense", [p], prefix=False)[0][0][0] for p in order]

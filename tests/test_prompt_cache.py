@@ -52,6 +52,7 @@ def test_blocks_survive_a_restart(model_dir, tmp_path, kv):
     assert first.cached_tokens == 0 and again.cached_tokens == 64  # 79 restorable tokens: 4 blocks
     assert again.output_ids == first.output_ids
     s = pc.summary()
+    assert pc.nbytes == sum(b.nbytes for b in pc.blocks.values())  # a tail read from disk is counted too
     assert s["disk_hit_tokens"] == 64 and s["disk"]["loaded_blocks"] == 4 and s["disk"]["rejected_files"] == 0
 
 

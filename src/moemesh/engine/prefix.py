@@ -3,13 +3,14 @@
 * Admission: a sequence's prompt is looked up; the cached blocks (and, for TurboQuant, the exact
   window saved with the last one) are copied into its fresh KV state and its prefill starts after
   them. At least the prompt's last token is always computed (the first sample needs its logits).
-* Chunks: prefill chunks end on block boundaries (and at the last one before the prompt's last
-  token, where the same prompt asked again is restored), so the
-  cache's state after a chunk is exactly a block boundary's state and can be saved as such.
-* Inserts: after every step, a sequence whose computed length has reached a new block boundary
-  inserts its new blocks - prompt and generated tokens alike, so an agent's next turn, which
-  repeats the previous answer, finds it. TurboQuant also saves the exact window there (the
-  tail): kept at prefill chunk ends; during decode only the sequence's latest one is kept.
+* Chunks: with a TurboQuant cache, prefill chunks end on block boundaries (and at the last one
+  before the prompt's last token, where the same prompt asked again is restored), so the cache's
+  state after a chunk is a block boundary's state and its exact window can be saved there. The
+  dense cache needs no boundary (a block is just rows): its chunks are the engine's usual ones.
+* Inserts: after every step, a sequence whose computed tokens fill new blocks inserts them -
+  prompt and generated tokens alike, so an agent's next turn, which repeats the previous answer,
+  finds it. TurboQuant also saves the exact window (the tail) when the step ended on a boundary:
+  kept at prefill chunk ends; while decoding, only the sequence's latest one is kept.
 
 Exactness: a restored sequence continues from the bits the exporter had, so its logits equal
 those of a run that prefilled the prompt with a chunk boundary at the hit (for the dense cache
@@ -54,7 +55,10 @@ class PrefixReuse:
             st.split_at = hit.matched
 
     def chunk(self, seq: Sequence, budget: int) -> list[int]:
-        """The next prefill chunk, ending on a block boundary unless it ends the prompt."""
+        """The next prefill chunk; for a cache with tails, ending on a block boundary unless it ends
+        the prompt."""
+        if not self.kv.needs_tail:
+            return seq.next_chunk(budget)
         start, n = seq.num_computed, len(seq.prompt_ids)
         end = min(n, start + max(1, budget))
         # the last boundary before the prompt's last token: where the same prompt, asked again,
@@ -73,14 +77,14 @@ class PrefixReuse:
         for seq, prefill in zip(seqs, was_prefill):
             n = seq.num_computed
             st = self._states[seq.seq_id]
-            if n % b or n // b <= st.saved:
-                continue
             nb = n // b
+            if nb <= st.saved:
+                continue
             ids = seq.all_ids
             self.cache.extend_keys(ids, st.keys, nb)
             first = self.cache.first_missing(st.keys, st.saved, nb)
             data = self.kv.export_blocks(seq.seq_id, first * b, nb * b, b) if first < nb else []
-            tail = self.kv.export_tail(seq.seq_id) if self.kv.needs_tail else None
+            tail = self.kv.export_tail(seq.seq_id) if self.kv.needs_tail and n == nb * b else None
             attached = self.cache.insert(ids, st.keys, first, data, tail, stop=nb)
             if attached and not prefill:  # decoding: only the latest tail of a sequence is kept
                 if st.decode_tail is not None:

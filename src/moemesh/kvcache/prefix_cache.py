@@ -127,7 +127,7 @@ class PrefixCache:
             if tail is None and self.store is not None:
                 tail = self.store.load_tail(chain[-1].key, len(chain) * b)
                 if tail is not None:
-                    chain[-1].tail = tail
+                    self._attach(chain[-1], tail)
             if tail is not None:
                 break
             chain.pop()
@@ -174,11 +174,16 @@ class PrefixCache:
         block = self.blocks.get(key)
         if block is None:
             return
-        self.nbytes += tensors_nbytes(tail) - tensors_nbytes(block.tail)
-        block.tail = tail
+        self._attach(block, tail)
         if self.store is not None:
             self.store.save_tail(block, tail)
-        self._evict(keep=key)
+
+    def _attach(self, block: Block, tail: Tensors | None) -> None:
+        if block.key in self.blocks:  # held: its bytes change (a block not held yet counts them when added)
+            self.nbytes += tensors_nbytes(tail) - tensors_nbytes(block.tail)
+        block.tail = tail
+        if block.key in self.blocks:
+            self._evict(keep=block.key)
 
     # -- memory --------------------------------------------------------------------------------
     def _add(self, block: Block) -> None:
