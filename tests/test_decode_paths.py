@@ -4,7 +4,6 @@ greedy tokens over a prefill and 16 decode steps, logits within float rounding."
 from __future__ import annotations
 
 import pytest
-import torch
 
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams

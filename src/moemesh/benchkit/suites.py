@@ -19,6 +19,7 @@ DEFAULT_LLAMA_PYTHON = str(Path(os.environ.get("MOEMESH_PEERS", Path.home() / ".
                            / "llamacpp-venv" / "bin" / "python")
 # bench/lazy.py's synthetic Qwen3-30B-A3B store (its --work-dir default, 12 layers, vocab 32768, seed 0)
 SYNTH_STORE = "/work/bench-data/qwen3moe-synth-v2-L12-V32768-s0/store"
+MOE_DEMO = str(Path.home() / ".cache" / "moemesh" / "smollm2-moe-16x15")  # `make run`'s MoE demo model
 MOEFIED_16x8 = "{work_dir}/smol-16-8"  # SmolLM2 split into 16 experts, top-8 (masked_quality's real-weight model)
 # the configs of the published bench/results/moefy_ppl.json (its meta.command)
 MOEFY_CONFIGS = ("16/8,16/12,16/14,16/15,32/16,32/24,32/28,16/16,16/8@1.0,16/4,16/16@0.001,16/14@0.001,"
@@ -90,6 +91,10 @@ SUITES: tuple[Suite, ...] = (
     Suite("soak", "soak.py", "2 hours of mixed load on `moemesh serve` of a lazy MoE under --ram: errors, latency, RSS slope",
           results=_res("soak.json", "soak.md"), minutes=125, in_all=False,
           note="`-- --duration 1800` for 30 minutes; `-- --quick` for 30 s"),
+    Suite("prefix", "prefix.py", "prefix cache: agent loop of 5 turns over a 2,000-token prefix, TTFT with/without",
+          ("--rounds", "3"), _res("prefix.json", "prefix.md"), minutes=6,
+          setup=Setup(MOE_DEMO, ("moefy", "smollm2", MOE_DEMO, "--experts", "16", "--top-k", "15")),
+          note="first run builds the MoE demo model as `make run` does (~1 min on a quiet machine)"),
     Suite("mesh", "mesh.py", "mesh on loopback: pipeline stages per-hop cost, expert-shard bytes per token",
           results=_res("mesh.json", "mesh.md"), minutes=15),
     Suite("mesh_capped", "mesh.py", "3 capped nodes (netns, netem, memory cgroups) vs 1, model ~3x a node's cap",

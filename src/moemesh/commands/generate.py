@@ -14,6 +14,7 @@ from ..loading.loader import load_model
 from ..models.build import QUANT_MODES
 from ..sysinfo import peak_rss_bytes
 from ..tokenizer.detok import IncrementalDetokenizer
+from .cache_args import add_cache_args, build_prefix_cache, requested_prefix_bytes
 from .expert_args import add_expert_args, expert_options
 
 QUANT_CHOICES = ("none",) + QUANT_MODES  # none = fp32 everywhere
@@ -42,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode a single sequence with one torch.compile graph (cold compile ~1-3 min, cached on disk)")
     add_expert_args(p)
+    add_cache_args(p, default="off")  # one prompt: worth it only with --prompt-cache
     p.set_defaults(func=run)
 
 
@@ -61,8 +63,13 @@ def run(args: argparse.Namespace) -> int:
         kv = parse_kv_spec(args.kv)
     except ValueError as e:
         raise MoemeshError(f"--kv: {e}") from None
+    if args.prompt_cache and args.prefix_cache == "off":
+        args.prefix_cache = "auto"
+    experts = expert_options(args)
+    experts.prefix_cache = requested_prefix_bytes(args)
+    quant = "fp32" if args.quant == "none" else args.quant
     t_load = time.perf_counter()
-    loaded = load_model(args.model, "fp32" if args.quant == "none" else args.quant, experts=expert_options(args))
+    loaded = load_model(args.model, quant, experts=experts)
     load_seconds = time.perf_counter() - t_load
     tok = loaded.tokenizer
     if args.prompt_ids is not None:
@@ -89,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
 
         if harmony.is_harmony(tok):  # gpt-oss: <|end|> closes the analysis, not the turn
             stops = harmony.stop_token_ids(tok)
-    engine = Engine(loaded.model, stop_token_ids=frozenset(stops), cache=loaded.model.new_cache(str(kv)),
-                    compiled=args.compile)
+    cache = loaded.model.new_cache(str(kv))
+    prefix = build_prefix_cache(args, loaded, cache, quant, str(kv))
+    engine = Engine(loaded.model, stop_token_ids=frozenset(stops), cache=cache, compiled=args.compile,
+                    prefix_cache=prefix)
     detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
 
     def stream(out) -> None:
@@ -106,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             "text": tok.decode([t for t in gen if t not in stops]) if tok is not None else None,
             "token_ids": gen,
             "prompt_tokens": len(prompt_ids),
+            "cached_tokens": seq.cached_tokens,  # restored from the prefix cache (--prompt-cache)
             "completion_tokens": len(gen),
             "finish_reason": seq.finish_reason,
             "prefill_tok_s": len(prompt_ids) / seq.prefill_seconds if seq.prefill_seconds else None,
@@ -114,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
             "peak_rss_bytes": peak_rss_bytes(),
             "quant": args.quant,
             "kv": str(kv),
+            "kv_bytes_per_token": cache.bytes_per_token(),
+            "prefix_cache": prefix.summary() if prefix is not None else None,
             "model": str(loaded.path),
         }
         if loaded.provider is not None:
@@ -125,4 +137,6 @@ def run(args: argparse.Namespace) -> int:
         if detok is not None:
             sys.stdout.write(detok.flush())
         sys.stdout.write("\n")
+    if prefix is not None and prefix.store is not None:
+        prefix.store.flush()  # the files must be written before the process exits
     return 0

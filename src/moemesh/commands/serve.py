@@ -8,8 +8,10 @@ import socket
 import sys
 
 from ..errors import MoemeshError
+from ..experts.budget import parse_size
 from ..kvcache.spec import KV_HELP, parse_kv_spec
 from ..models.build import QUANT_MODES
+from .cache_args import add_cache_args, requested_prefix_bytes
 from .expert_args import add_expert_args, expert_options
 from .limit_args import add_limit_args, connection_limits
 
@@ -47,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--kv", default="dense", help=KV_HELP)
     add_expert_args(p)
+    add_cache_args(p, default="auto")
     p.set_defaults(func=run)
 
 
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     experts = expert_options(args)  # checks --ram before anything slow
     limits = connection_limits(args)
     names = args.served_model_name or []
+    experts.prefix_cache = requested_prefix_bytes(args)
     try:
         kv = str(parse_kv_spec(args.kv))
     except ValueError as e:
@@ -109,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
                           max_prefill_tokens=args.max_prefill_tokens, queue_size=args.queue_size, ctx=args.ctx,
                           quant=args.quant, threads=args.threads, limits=limits,
                           served_model_name=names[0] if names else None, model_aliases=tuple(names[1:]),
-                          accept_any_model=args.accept_any_model)
+                          accept_any_model=args.accept_any_model,
+                          prefix_cache=experts.prefix_cache, prompt_cache=args.prompt_cache,
+                          prompt_cache_size=parse_size(args.prompt_cache_size))
     state = ServerState(config)
     server = None
 

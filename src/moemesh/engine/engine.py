@@ -17,8 +17,10 @@ import torch
 from ..batch import BatchLayout
 from ..errors import PromptTooLong
 from ..kvcache.base import KVCache
+from ..kvcache.prefix_cache import PrefixCache
 from ..models.transformer import Transformer
 from .layer_prefill import LayerMajorPrefill, eligible
+from .prefix import PrefixReuse
 from .sampler import Sampler, make_generator
 from .sampling_params import SamplingParams
 from .sequence import Sequence, Status
@@ -42,9 +44,12 @@ class Engine:
         cache: KVCache | None = None,
         compiled: bool = False,
         prefill: str = "auto",
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         """prefill: "chunked", "layer" (layer-major for prompts longer than one chunk, where the cache
-        allows) or "auto" (layer-major when experts are streamed from disk)."""
+        allows) or "auto" (layer-major when experts are streamed from disk).
+        prefix_cache: reuse KV blocks of prompts (and outputs) seen before (engine/prefix.py);
+        it must have been made for ``cache``."""
         if prefill not in ("auto", "chunked", "layer"):
             raise ValueError(f"prefill must be auto, chunked or layer, got {prefill!r}")
         self.model = model
@@ -55,6 +60,9 @@ class Engine:
 
             self.compiled = CompiledDecode(model)
         self.cache = cache if cache is not None else model.new_cache()  # e.g. model.new_cache("turboquant:3.5")
+        if prefix_cache is not None and prefix_cache.kv is not self.cache:
+            raise ValueError("the prefix cache was made for another KV cache")
+        self.prefix = PrefixReuse(prefix_cache, self.cache) if prefix_cache is not None else None
         self.sampler = Sampler()
         self.stop_token_ids = stop_token_ids
         self.max_batch = max_batch
@@ -93,6 +101,8 @@ class Engine:
             seq = self.waiting.pop(0)
             seq.status = Status.RUNNING
             self.cache.add_sequence(seq.seq_id)
+            if self.prefix is not None:
+                self.prefix.restore(seq)
             self.running.append(seq)
         return list(self.running)
 
@@ -108,7 +118,10 @@ class Engine:
         budget = self.max_prefill_tokens
         chunks = []
         for seq in seqs:
-            chunk = seq.next_chunk(budget if seq.in_prefill else 1)
+            if self.prefix is not None and seq.in_prefill:
+                chunk = self.prefix.chunk(seq, budget)  # ends on a block boundary
+            else:
+                chunk = seq.next_chunk(budget if seq.in_prefill else 1)
             if seq.in_prefill:
                 budget = max(1, budget - len(chunk))
             chunks.append(chunk)
@@ -126,6 +139,8 @@ class Engine:
             logits = self.model(tokens, positions, self.cache, layout)  # [B, V]
         for seq, chunk in zip(seqs, chunks):
             seq.num_computed += len(chunk)
+        if self.prefix is not None:
+            self.prefix.after_step(seqs, was_prefill)  # before _sample frees finished sequences
         ready = [i for i, s in enumerate(seqs) if not s.in_prefill]
         outputs = self._sample(seqs, ready, logits)
         elapsed = time.perf_counter() - t0
@@ -199,6 +214,8 @@ class Engine:
         seq.finish_reason = reason
         if seq is self._job_seq:  # aborted mid layer-major prefill
             self.job, self._job_seq = None, None
+        if self.prefix is not None:
+            self.prefix.forget(seq)
         if seq in self.running:
             self.running.remove(seq)
             self.cache.free_sequence(seq.seq_id)

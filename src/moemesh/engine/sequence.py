@@ -27,6 +27,7 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_computed: int = 0  # tokens already in the KV cache
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = field(default_factory=time.perf_counter)

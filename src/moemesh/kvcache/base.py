@@ -71,6 +71,40 @@ class KVCache(ABC):
         sequence's length), built inside the traced step: its ``attend`` is what the model's attention
         layers call there."""
         raise NotImplementedError(f"{type(self).__name__} has no one-token view")
+    def bytes_per_token(self) -> int:
+        """Bytes one more cached token costs once it has settled (all layers; dense: keys and
+        values, TurboQuant: codes and norms): the figure that decides how many tokens fit."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its bytes per token")
+
+    # -- prefix reuse (kvcache/prefix_cache.py): a cache that supports it overrides these --------
+    # Blocks are plain dicts of tensors (the cache's own format, all layers stacked), so the prefix
+    # cache can hold, count and persist them without knowing what they mean.
+    supports_prefix = False  # export_blocks / import_prefix implemented
+    needs_tail = False  # True: a prefix can only be restored where a tail was exported (TurboQuant)
+
+    def export_blocks(self, seq_id: int, start: int, end: int, size: int) -> list[dict[str, torch.Tensor]]:
+        """Copies of tokens [start, end) of a sequence, one dict per ``size`` tokens (start and
+        end multiples of size, end <= length)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export prefix blocks")
+
+    def export_tail(self, seq_id: int) -> dict[str, torch.Tensor] | None:
+        """What, beyond the blocks, restoring the sequence at its current length needs (None: nothing)."""
+        return None
+
+    def import_prefix(self, seq_id: int, blocks: list[dict[str, torch.Tensor]],
+                      tail: dict[str, torch.Tensor] | None) -> int:
+        """Fill a freshly added (empty) sequence with exported blocks (and the tail of the last
+        one when ``needs_tail``); returns its new length. The state equals the exporter's at that
+        length bit for bit."""
+        raise NotImplementedError(f"{type(self).__name__} cannot import prefix blocks")
+
+    def block_spec(self, size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """name -> (dtype, shape) of an exported block of ``size`` tokens (checks persisted blocks)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export prefix blocks")
+
+    def tail_spec(self, length: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """name -> (dtype, shape) of the tail exported at ``length`` tokens ({} without tails)."""
+        return {}
 
 
 def causal_mask(n: int, start: int, window: int | None) -> torch.Tensor | None:

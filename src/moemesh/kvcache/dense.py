@@ -142,4 +142,44 @@ class DenseKVCache(KVCache):
 
     def decode_view(self, keys: list[torch.Tensor], values: list[torch.Tensor], pos: torch.Tensor) -> KVCache:
         return OneTokenView(keys, values, pos, self.value_dim, self.values_in_keys)
+    def bytes_per_token(self) -> int:
+        dims = self.head_dim + (0 if self.values_in_keys else self.value_dim)
+        return self.num_layers * self.num_kv_heads * dims * self.dtype.itemsize
+
+    # -- prefix reuse: a block is {"k": [layers, Hkv, size, Dh], "v": [layers, Hkv, size, Dv]} (no
+    # "v" with values_in_keys), copies of the buffers' rows, so a restore is bit-exact -------------
+    supports_prefix = True
+
+    def _stores(self, seq: _Seq) -> list[tuple[str, list[torch.Tensor]]]:
+        return [("k", seq.keys)] + ([] if self.values_in_keys else [("v", seq.values)])
+
+    def export_blocks(self, seq_id, start, end, size):
+        seq = self.seqs[seq_id]
+        if not (start % size == 0 and end % size == 0 and 0 <= start <= end <= seq.length):
+            raise ValueError(f"cannot export tokens [{start}, {end}) of {seq.length} in blocks of {size}")
+        return [{name: torch.stack([buf[:, a : a + size] for buf in store]) for name, store in self._stores(seq)}
+                for a in range(start, end, size)]
+
+    def import_prefix(self, seq_id, blocks, tail):
+        seq = self.seqs[seq_id]
+        if seq.length:
+            raise ValueError(f"sequence {seq_id} is not empty")
+        n = sum(b["k"].shape[2] for b in blocks)
+        self._reserve(seq, n)
+        a = 0
+        for block in blocks:  # block by block: no temporary as large as the whole prefix
+            size = block["k"].shape[2]
+            for name, store in self._stores(seq):
+                for layer, buf in enumerate(store):
+                    buf[:, a : a + size] = block[name][layer]
+            a += size
+        seq.length = n
+        return n
+
+    def block_spec(self, size):
+        spec = {"k": (self.dtype, (self.num_layers, self.num_kv_heads, size, self.head_dim))}
+        if not self.values_in_keys:
+            spec["v"] = (self.dtype, (self.num_layers, self.num_kv_heads, size, self.value_dim))
+        return spec
+
 

@@ -24,6 +24,7 @@ from .base import KVCache
 from .quantizer import NORM_DTYPE, TurboQuantizer
 from .tq_attention import CodedHistory, attend_codes, attend_dequant
 from .tq_native import CodedView, NativeTables, decode_step, encode, load_native
+from .turboquant_prefix import TurboQuantPrefix
 
 BITS_CHOICES = (2.0, 2.5, 3.0, 3.5, 4.0)  # the rates the CLI offers; the quantizer takes more
 DEFAULT_WINDOW = 32
@@ -47,7 +48,7 @@ class _Seq:
     layers: list[_LayerState] = field(default_factory=list)
 
 
-class TurboQuantKVCache(KVCache):
+class TurboQuantKVCache(TurboQuantPrefix, KVCache):
     def __init__(
         self,
         num_layers: int,
@@ -86,6 +87,7 @@ class TurboQuantKVCache(KVCache):
         if native and self.lib is None:
             raise RuntimeError("the native TurboQuant kernels are unavailable (see tq_native.py)")
         self.native_tables = NativeTables(first.layout, first.codebooks) if usable else None
+        self.needs_tail = window > 0  # a restore needs the exact window the exporter held
 
     # -- sequences -------------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
@@ -199,6 +201,11 @@ class TurboQuantKVCache(KVCache):
             seq.coded = max(seq.coded, seq.length - self.window)
 
     # -- accounting ------------------------------------------------------------------------
+    def bytes_per_token(self) -> int:
+        """A coded token: packed words and a float16 norm per head, for keys (and values)."""
+        per = self.num_kv_heads * (self.quantizers[0].words * 4 + NORM_DTYPE.itemsize)
+        return self.num_layers * per * (1 if self.values_in_keys else 2)
+
     def nbytes(self) -> int:
         total = 0
         for seq in self.seqs.values():

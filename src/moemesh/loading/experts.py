@@ -41,6 +41,7 @@ class ExpertOptions:
     io_threads: int = 4
     direct: bool = True  # O_DIRECT when the filesystem allows it
     kv_reserve: int = 64 * 2**20
+    prefix_cache: int | None = 0  # bytes of --ram for the prefix cache (None: experts/budget.auto_prefix_bytes)
     slots: int | None = None  # exact slot count (tests, benchmarks); overrides the budget
 
 
@@ -107,7 +108,8 @@ def build_lazy(builder, experts: ExpertSource, opts: ExpertOptions, release: Cal
     plan = None
     slots = opts.slots
     if slots is None:
-        plan = plan_budget(opts.ram, model_bytes(model, embed_resident), opts.kv_reserve, experts.slot_bytes, args.top_k)
+        plan = plan_budget(opts.ram, model_bytes(model, embed_resident), opts.kv_reserve, experts.slot_bytes, args.top_k,
+                           opts.prefix_cache, args.num_experts * len(experts.moe_layers))
         slots = plan.slots
     slots = min(slots, args.num_experts * len(experts.moe_layers))
     reader = BlobReader(experts.files, opts.io_threads, opts.direct)

@@ -38,7 +38,9 @@ def service_router(state: ServerState) -> APIRouter:
         running, waiting = state.queue_sizes()
         loop = state.engine_loop
         engine = (loop.steps, loop.step_failures, loop.cpu_seconds) if loop is not None else (0, 0, 0.0)
-        text = state.metrics.render(running, waiting, state.expert_stats(), engine) + state.extra_metrics()
+        prefix = state.prefix_cache.summary() if state.prefix_cache is not None else None
+        text = state.metrics.render(running, waiting, state.expert_stats(), engine, state.kv_bytes_per_token, prefix)
+        text += state.extra_metrics()
         return PlainTextResponse(text, media_type=PROMETHEUS)
 
     return router

@@ -56,8 +56,10 @@ class Metrics:
         self.e2e = Histogram(E2E_BUCKETS)
 
     def render(self, running: int, waiting: int, expert_stats: list[dict],
-               engine: tuple[int, int, float] = (0, 0, 0.0)) -> str:
-        """engine: (steps, failed steps, CPU seconds) of the engine thread."""
+               engine: tuple[int, int, float] = (0, 0, 0.0), kv_bytes_per_token: int = 0,
+               prefix: dict | None = None) -> str:
+        """engine: (steps, failed steps, CPU seconds) of the engine thread; prefix: the prefix
+        cache's summary (kvcache/prefix_cache.py), None when it is off."""
         labels = f'model_name="{_escape(self.model_name)}"'
         out = [
             "# HELP vllm:num_requests_running Requests in the running batch.",
@@ -96,8 +98,31 @@ class Metrics:
                 "# HELP moemesh_engine_cpu_seconds_total CPU time of the engine thread (the rest is HTTP).",
                 "# TYPE moemesh_engine_cpu_seconds_total counter",
                 f"moemesh_engine_cpu_seconds_total{{{labels}}} {cpu}"]
+        out += _kv_section(kv_bytes_per_token, prefix, labels)
         out += _expert_section(expert_stats, labels)
         return "\n".join(out) + "\n"
+
+
+def _kv_section(bytes_per_token: int, prefix: dict | None, labels: str) -> list[str]:
+    """KV bytes per token and the prefix cache: token counters named like vLLM V1's."""
+    p = prefix or {}
+    rows = [
+        ("moemesh_kv_bytes_per_token", "gauge", "KV-cache bytes one settled token costs (all layers).", bytes_per_token),
+        ("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+         p.get("query_tokens", 0)),
+        ("vllm:prefix_cache_hits_total", "counter", "Prompt tokens restored from the prefix cache.", p.get("hit_tokens", 0)),
+        ("moemesh_prefix_cache_disk_hits_total", "counter", "Prompt tokens restored from --prompt-cache files.",
+         p.get("disk_hit_tokens", 0)),
+        ("moemesh_prefix_cache_bytes", "gauge", "Bytes of KV blocks held by the prefix cache.", p.get("bytes", 0)),
+        ("moemesh_prefix_cache_capacity_bytes", "gauge", "The prefix cache's budget (0: off).", p.get("capacity_bytes", 0)),
+        ("moemesh_prefix_cache_blocks", "gauge", "KV blocks held by the prefix cache.", p.get("blocks", 0)),
+        ("moemesh_prefix_cache_evicted_blocks_total", "counter", "Blocks evicted (least recently used first).",
+         p.get("evicted_blocks", 0)),
+    ]
+    out = []
+    for name, kind, help_text, value in rows:
+        out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {_number(value)}"]
+    return out
 
 
 def _expert_section(stats: list[dict], labels: str) -> list[str]:

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from ...engine.engine import Engine
+from ...engine.prefix import open_prefix_cache
+from ...kvcache.prefix_cache import PrefixCache
 from ...layers.moe import ExpertProvider
 from ...loading.experts import ExpertOptions
+from ...loading.kv_identity import kv_identity
 from ...loading.loader import LoadedModel, load_model
 from ...loading.source import EMBEDDED
 from ...tokenizer.formats.harmony import is_harmony, stop_token_ids
@@ -47,6 +50,9 @@ class ServerConfig:
     model_aliases: tuple[str, ...] = ()  # more names requests may use (--served-model-name NAME ALIAS...)
     accept_any_model: bool = False  # serve whatever model name a request gives (--accept-any-model)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    prefix_cache: int | None = None  # bytes for reused prompt KV (None: auto, 0: off; engine/prefix.py)
+    prompt_cache: str | None = None  # --prompt-cache DIR: the prefix cache's blocks also on disk
+    prompt_cache_size: int = 8 * 2**30
 
     @property
     def model_name(self) -> str:
@@ -82,6 +88,8 @@ class ServerState:
         self.providers: list[ExpertProvider] = []
         self._accepted_names = config.accepted_names()
         self._prompt_pool = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="moemesh-prompt")
+        self.prefix_cache: PrefixCache | None = None
+        self.kv_bytes_per_token = 0
 
     def load(self) -> None:
         """Blocking: load the model and start the engine thread (run off the event loop)."""
@@ -99,10 +107,12 @@ class ServerState:
             self.max_token_chars = max(map(len, loaded.tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
             tok = loaded.tokenizer  # Harmony's turn ends on <|return|> / <|call|>, not on <|end|>
             stops = stop_token_ids(tok) if is_harmony(tok) else frozenset(tok.eos_token_ids)
+            cache = loaded.model.new_cache(self.config.kv)
+            self.prefix_cache = self._prefix_cache(cache, loaded, quant)
             engine = Engine(loaded.model, stop_token_ids=stops,
                             max_batch=self.config.max_batch,
                             max_prefill_tokens=self.config.max_prefill_tokens, context_length=self.context_length,
-                            cache=loaded.model.new_cache(self.config.kv))
+                            cache=cache, prefix_cache=self.prefix_cache)
             self.providers = _providers(loaded)
             self.engine_loop = EngineLoop(engine)
             self.engine_loop.start()
@@ -113,6 +123,15 @@ class ServerState:
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.status = "failed"
             log.error("model load failed: %s", self.load_error)
+
+    def _prefix_cache(self, cache, loaded: LoadedModel, quant: str) -> PrefixCache | None:
+        try:
+            self.kv_bytes_per_token = cache.bytes_per_token()
+        except NotImplementedError:  # a mesh pipeline's cache
+            pass
+        c = self.config
+        identity = kv_identity(loaded.path, quant, c.kv) if c.prompt_cache else None
+        return open_prefix_cache(cache, c.prefix_cache, loaded.budget, identity, c.prompt_cache, c.prompt_cache_size)
 
     def _load_model(self, quant: str) -> LoadedModel:
         """The model the engine runs; ``moemesh mesh serve`` overrides this with a pipeline model."""
@@ -183,6 +202,8 @@ class ServerState:
         if self.engine_loop is not None:
             self.engine_loop.shutdown()
         self._prompt_pool.shutdown(wait=False, cancel_futures=True)
+        if self.prefix_cache is not None and self.prefix_cache.store is not None:
+            self.prefix_cache.store.flush(10.0)  # queued --prompt-cache files reach the disk
 
 
 def _providers(loaded: LoadedModel) -> list[ExpertProvider]:
