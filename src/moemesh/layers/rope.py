@@ -28,8 +28,12 @@ class RotaryEmbedding:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; rotate-half convention of the HF checkpoints
-    half = x.shape[-1] // 2
+    # x: [T, H, D]; cos/sin: [T, 1, R] with R <= D; rotate-half convention of the HF checkpoints.
+    # Partial rotary (GLM-4.5, MiniMax-M2, Qwen3-Next: R < D) rotates the first R dims and passes the rest.
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+    half = r // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 

@@ -94,6 +94,7 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: boo
     config, source, tokenizer = open_source(src)
     spec = get_arch(config["model_type"])
     args = spec.args_from_config(config)
+    source = spec.source(source)  # canonical names (multimodal checkpoints nest the text model)
     if not args.moe_layers:
         raise MoemeshError(f"{src}: {args.model_type} has no MoE layers; there are no experts to store")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -119,7 +120,7 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) 
     head = head_table_name(source, args) if trunk_quant == "int4" else None
     out = []
     for n in source.ckpt.names():
-        if n in expert_names:
+        if n in expert_names or unused_layer(n, args.num_layers):
             continue
         groups = source.int4_groups(n) if n in linears else None
         if groups is not None:  # GGUF 4-bit groups: stored as read
@@ -134,6 +135,15 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str) 
         if int4_trunk.quantizable(t):
             out += [(n + sfx, v) for sfx, v in int4_trunk.quantize(t).items()]
     return out
+
+
+def unused_layer(name: str, num_layers: int) -> bool:
+    """Multi-token-prediction layers no decode step runs: ``mtp.*`` (Qwen3.5) or decoder layers past
+    num_hidden_layers (GLM-4.5, DeepSeek-V3 keep theirs as model.layers.N), experts included."""
+    if name.startswith("mtp."):
+        return True
+    parts = name.split(".")
+    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= num_layers
 
 
 def _write_store(src, tmp, config, spec, args, source, quant, progress, trunk_quant="keep") -> None:

@@ -34,7 +34,7 @@ class StageLayers(torch.nn.Module):
         self.layers = torch.nn.ModuleList(layers)
         for local, layer in enumerate(layers):
             layer.attn.layer = local  # the stage's cache holds only these layers
-        self.rope = make_rotary(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+        self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, batch: BatchLayout) -> torch.Tensor:

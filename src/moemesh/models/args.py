@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..layers.grouped_router import GroupedRouting
+
 
 @dataclass
 class ModelArgs:
@@ -45,6 +47,18 @@ class ModelArgs:
     layer_types: list[str] | None = None
     swiglu_alpha: float = 1.702
     swiglu_limit: float | None = None
+    rotary_dim: int | None = None  # partial rotary: RoPE on the first rotary_dim dims of each head (None: all)
+    routing: GroupedRouting | None = None  # sigmoid/grouped routers (DeepSeek, GLM, MiniMax); None: top-k softmax
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the RoPE tables' width)."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """Layers that keep a KV cache (hybrid models' linear-attention layers keep a recurrent state instead)."""
+        return [i for i in range(self.num_layers) if not self.layer_types or self.layer_types[i] != "linear_attention"]
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
@@ -74,6 +88,15 @@ def rope_scaling_of(cfg: dict[str, Any]) -> dict | None:
         if (params.get("rope_type") or params.get("type") or "default") != "default":
             return dict(params)
     return None
+
+
+def rotary_dim_of(cfg: dict[str, Any], head_dim: int) -> int | None:
+    """Partial rotary from ``rope_parameters.partial_rotary_factor`` (transformers 5), a top-level
+    ``partial_rotary_factor`` or ``rotary_dim`` (MiniMax's config.json); None when every dim rotates."""
+    params = cfg.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    dim = int(head_dim * float(factor)) if factor is not None else cfg.get("rotary_dim")
+    return None if dim is None or int(dim) >= head_dim else int(dim)
 
 
 def eos_ids_of(cfg: dict[str, Any]) -> list[int]:

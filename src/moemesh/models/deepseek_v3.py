@@ -33,4 +33,4 @@ def args_from_config(cfg: dict[str, Any]) -> DeepseekArgs:
     return deepseek_args(cfg, "deepseek_v3", routing, interleaved=bool(cfg.get("rope_interleave", True)))
 
 
-ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder, shape=mla_shape)
+ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder, shape=mla_shape, shared_name="shared_experts")

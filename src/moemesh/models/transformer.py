@@ -57,7 +57,7 @@ class Transformer(torch.nn.Module):
         self.layers = torch.nn.ModuleList(layers)
         self.norm = norm
         self.lm_head = lm_head  # [V, D]
-        self.rope = make_rotary(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+        self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
     @torch.inference_mode()
     def forward(

@@ -1,0 +1,104 @@
+"""Tiny random checkpoints of the newer families (issue 24), built with transformers' own classes.
+
+Each builder returns (reference model in eval mode, checkpoint dir). Routers get larger weights,
+norms non-unit weights and correction biases random values, so a wrong eps, a missing norm or an
+ignored bias changes the logits. Multimodal families are written the way their published
+checkpoints are (the text model nested under a prefix, experts one tensor per expert where the
+release does so); transformers reading the file back gives the same logits (checked in the tests).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+V = 160
+
+
+def randomize(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] > 1:
+                p.normal_(0, 0.5)  # routers: routing is not a near-tie
+            elif name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+
+
+def text_configs() -> dict[str, object]:
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=V, max_position_embeddings=256)
+    return {
+        "glm4_moe": AutoConfig.for_model(
+            "glm4_moe", **common, num_hidden_layers=3, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=12, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.0,
+            attention_bias=True, use_qk_norm=True),
+        "glm4_moe-nonorm": AutoConfig.for_model(
+            "glm4_moe", **common, num_hidden_layers=2, hidden_size=48, intermediate_size=40, moe_intermediate_size=12,
+            num_attention_heads=6, num_key_value_heads=2, n_routed_experts=6, num_experts_per_tok=3,
+            n_shared_experts=2, first_k_dense_replace=0, norm_topk_prob=False, use_qk_norm=False,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)),
+        "minimax_m2": AutoConfig.for_model(
+            "minimax_m2", **common, num_hidden_layers=2, hidden_size=32, intermediate_size=16, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=12, rotary_dim=8, num_local_experts=8, num_experts_per_tok=2,
+            bos_token_id=1, eos_token_id=2),
+    }
+
+
+def make_text_checkpoint(config, directory: Path, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    randomize(model)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(directory)
+    return model
+
+
+def per_expert(prefix: str, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers 5 holds experts fused ([E, 2I, D] gate_up, [E, D, I] down); releases that store
+    one tensor per expert name them experts.E.{gate,up,down}_proj.weight."""
+    if name.endswith("mlp.experts.gate_up_proj"):
+        base = prefix + name[: -len("gate_up_proj")]
+        out = {}
+        for e in range(t.shape[0]):
+            g, u = t[e].chunk(2, dim=0)
+            out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = g.contiguous(), u.contiguous()
+        return out
+    if name.endswith("mlp.experts.down_proj"):
+        base = prefix + name[: -len("down_proj")]
+        return {f"{base}{e}.down_proj.weight": t[e].contiguous() for e in range(t.shape[0])}
+    return {prefix + name: t.contiguous()}
+
+
+def make_kimi_k25(directory: Path, seed: int = 0):
+    """Kimi K2.5 as Moonshot publishes it: language_model.model.* (experts per expert),
+    language_model.lm_head.weight, vision_tower.* beside it."""
+    from safetensors.torch import save_file
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    text = dict(model_type="kimi_k2", vocab_size=V, max_position_embeddings=256, hidden_size=32, intermediate_size=48,
+                moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=12, kv_lora_rank=16,
+                qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=8, num_experts_per_tok=2,
+                n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                rms_norm_eps=1e-5, tie_word_embeddings=False)
+    vision = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=48, num_attention_heads=2)
+    cfg = Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=32, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Kimi_K25ForConditionalGeneration(cfg).eval()
+    randomize(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.model.language_model.state_dict().items():
+        tensors.update(per_expert("language_model.model.", name, t))
+    tensors["language_model.lm_head.weight"] = model.lm_head.weight.detach().clone()
+    tensors.update({"vision_tower." + n: t.contiguous() for n, t in model.model.vision_tower.state_dict().items()})
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "model.safetensors")
+    cfg.save_pretrained(directory)
+    model.generation_config.eos_token_id = None
+    return model
