@@ -102,3 +102,39 @@ def make_kimi_k25(directory: Path, seed: int = 0):
     cfg.save_pretrained(directory)
     model.generation_config.eos_token_id = None
     return model
+
+
+def qwen3_5_config(**text_overrides):
+    from transformers import Qwen3_5MoeConfig
+
+    text = dict(vocab_size=V, max_position_embeddings=256, hidden_size=32, moe_intermediate_size=16,
+                shared_expert_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, num_experts=8, num_experts_per_tok=2, linear_num_value_heads=4, linear_num_key_heads=2,
+                linear_key_head_dim=8, linear_value_head_dim=6, **text_overrides)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+
+
+def make_qwen3_5_moe(directory: Path, fused: bool = True, seed: int = 0, config=None):
+    """Qwen3.5-MoE with its vision tower. fused: each layer's experts as the two 3-D tensors
+    (gate_up_proj [E, 2I, D], down_proj [E, D, I]) the release ships; else transformers'
+    save_pretrained layout (one tensor per expert)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3_5MoeForConditionalGeneration(config or qwen3_5_config()).eval()
+    randomize(model)
+    with torch.no_grad():  # (1 + w) norms: random w around 0, not around 1
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") and "linear_attn" not in name and "visual" not in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.generation_config.eos_token_id = None
+    if fused:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.contiguous() for n, t in model.state_dict().items()}, directory / "model.safetensors")
+        model.config.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory)
+    return model

@@ -35,6 +35,8 @@ def unsupported_reason(model: Transformer) -> str | None:
             return f"layer {i} feed-forward is {type(ffn).__name__} (dense GatedMLP or resident int4 MoE layers compile)"
         if not isinstance(layer.attn, Attention):
             return f"layer {i} attention is {type(layer.attn).__name__}"
+        if layer.attn.output_gate:
+            return f"layer {i} attention has an output gate (Qwen3-Next / Qwen3.5)"
     if not isinstance(model.lm_head, OutputHead):
         return f"output head is {type(model.lm_head).__name__}"
     if getattr(model.rope, "attention_factor", 1.0) != 1.0:  # YaRN scales cos/sin; the step function does not

@@ -2,7 +2,21 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedArchitecture
-from . import deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, kimi_k25, llama, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import (
+    deepseek_v2,
+    deepseek_v3,
+    glm4_moe,
+    gpt_oss,
+    kimi_k25,
+    llama,
+    minimax_m2,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_5_moe,
+    qwen3_moe,
+    qwen3_next,
+)
 from .spec import ArchSpec
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -10,7 +24,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 ARCHITECTURES[gpt_oss.ARCH.model_type] = gpt_oss.ARCH
 ARCHITECTURES.update({m.ARCH.model_type: m.ARCH for m in (deepseek_v2, deepseek_v3)})
-ARCHITECTURES.update({m.ARCH.model_type: m.ARCH for m in (glm4_moe, minimax_m2, kimi_k25)})
+ARCHITECTURES.update({m.ARCH.model_type: m.ARCH for m in (glm4_moe, minimax_m2, kimi_k25, qwen3_next, qwen3_5_moe)})
+ARCHITECTURES[qwen3_5_moe.TEXT_ARCH.model_type] = qwen3_5_moe.TEXT_ARCH
 
 
 def get_arch(model_type: str) -> ArchSpec:

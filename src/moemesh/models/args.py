@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..layers.gated_deltanet import DeltaNetConfig
 from ..layers.grouped_router import GroupedRouting
 
 
@@ -49,16 +50,22 @@ class ModelArgs:
     swiglu_limit: float | None = None
     rotary_dim: int | None = None  # partial rotary: RoPE on the first rotary_dim dims of each head (None: all)
     routing: GroupedRouting | None = None  # sigmoid/grouped routers (DeepSeek, GLM, MiniMax); None: top-k softmax
+    attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: attention output times sigmoid(a gate from q_proj)
+    linear_attn: DeltaNetConfig | None = None  # hybrid models: the layers whose layer_types say "linear_attention"
 
     @property
     def rope_dim(self) -> int:
         """Dims of each head that RoPE rotates (the RoPE tables' width)."""
         return self.rotary_dim or self.head_dim
 
-    @property
-    def kv_layers(self) -> list[int]:
-        """Layers that keep a KV cache (hybrid models' linear-attention layers keep a recurrent state instead)."""
-        return [i for i in range(self.num_layers) if not self.layer_types or self.layer_types[i] != "linear_attention"]
+    def is_linear_layer(self, layer: int) -> bool:
+        """A linear-attention layer (a recurrent state instead of a KV cache)."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    def cache_index(self, layer: int) -> int:
+        """The layer's index among the layers of its kind: attention layers number their KV cache
+        entries 0..n-1 and linear-attention layers their recurrent states likewise."""
+        return sum(self.is_linear_layer(j) == self.is_linear_layer(layer) for j in range(layer))
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers

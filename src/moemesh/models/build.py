@@ -94,8 +94,9 @@ class Builder:
         if a.qk_norm:
             q_norm, k_norm = self.norm(s.attn(i, "q_norm.weight")), self.norm(s.attn(i, "k_norm.weight"))
         return Attention(
-            i, self.linear(qkv, qkv_bias), self.linear([s.attn(i, "o_proj.weight")], o_bias),
+            a.cache_index(i), self.linear(qkv, qkv_bias), self.linear([s.attn(i, "o_proj.weight")], o_bias),
             a.num_heads, a.num_kv_heads, a.head_dim, q_norm, k_norm, a.qk_norm, a.clip_qkv, a.sliding_window,
+            output_gate=a.attn_output_gate,
         )
 
     def experts(self, i: int) -> list[GatedMLP]:

@@ -6,6 +6,7 @@ import torch
 from ..batch import BatchLayout
 from ..kvcache.base import KVCache
 from ..layers.attention import Attention
+from ..layers.gated_deltanet import GatedDeltaNet
 from ..layers.head import OutputHead
 from ..layers.mlp import GatedMLP
 from ..layers.moe import MoEBlock
@@ -15,7 +16,8 @@ from .args import ModelArgs
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: GatedMLP | MoEBlock) -> None:
+    def __init__(self, attn_norm: RMSNorm, attn: Attention | GatedDeltaNet | torch.nn.Module, ffn_norm: RMSNorm,
+                 ffn: GatedMLP | MoEBlock) -> None:
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 
@@ -81,7 +83,20 @@ class Transformer(torch.nn.Module):
         return self.lm_head(self.norm(x))
 
     def new_cache(self, kv: str = "dense") -> KVCache:
-        """kv: "dense" or "turboquant:BITS[:WINDOW]" (see kvcache/spec.py)."""
-        from ..kvcache.spec import make_cache
+        """kv: "dense" or "turboquant:BITS[:WINDOW]" (see kvcache/spec.py); hybrid models get a
+        HybridCache (that KV cache for the attention layers, recurrent states for the others)."""
+        return model_cache(self.args, kv, list(self.layers))
 
-        return make_cache(kv, self.args.num_layers, **self.args.cache_layout())
+
+def model_cache(args: ModelArgs, kv: str, layers: list[DecoderLayer]) -> KVCache:
+    """The cache for ``layers`` (a whole model or a pipeline stage's slice, their cache indices
+    numbered 0..n-1 per kind): a KV cache, wrapped in a HybridCache when some layers are linear."""
+    from ..kvcache.recurrent import HybridCache, RecurrentStateCache
+    from ..kvcache.spec import make_cache
+
+    linear = sum(isinstance(layer.attn, GatedDeltaNet) for layer in layers)
+    cache = make_cache(kv, len(layers) - linear, **args.cache_layout())
+    if not linear:
+        return cache
+    assert args.linear_attn is not None
+    return HybridCache(cache, RecurrentStateCache(linear, args.linear_attn.state_shape()))
