@@ -92,7 +92,9 @@ def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tup
     plan = None
     slots = opts.slots
     if slots is None:
-        plan = plan_budget(opts.ram, model_bytes(model), opts.kv_reserve, store.blob_size, args.top_k)
+        # a hybrid model's recurrent state is a fixed size per sequence (Qwen3.5-397B: ~180 MiB): one sequence's is reserved
+        reserve = opts.kv_reserve + args.recurrent_state_bytes()
+        plan = plan_budget(opts.ram, model_bytes(model), reserve, store.blob_size, args.top_k)
         slots = plan.slots
     slots = min(slots, args.num_experts * len(store.moe_layers))
     reader = BlobReader(store.experts_path, opts.io_threads, opts.direct)

@@ -62,6 +62,12 @@ class ModelArgs:
         """A linear-attention layer (a recurrent state instead of a KV cache)."""
         return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
 
+    def recurrent_state_bytes(self) -> int:
+        """One sequence's recurrent state over every linear-attention layer (fp32); 0 without any."""
+        if self.linear_attn is None:
+            return 0
+        return sum(map(self.is_linear_layer, range(self.num_layers))) * self.linear_attn.state_shape().nbytes()
+
     def cache_index(self, layer: int) -> int:
         """The layer's index among the layers of its kind: attention layers number their KV cache
         entries 0..n-1 and linear-attention layers their recurrent states likewise."""
