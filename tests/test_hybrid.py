@@ -216,3 +216,52 @@ def test_chunked_delta_rule_equals_recurrent(n):
     o2, s2 = delta_rule.chunked(q, k, v, g, beta, s0, chunk=16)
     torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s2, s1, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_major_prefill_equals_chunked(ckpts, tmp_path):
+    """Lazy experts from a store: layer-major prefill (each linear layer takes the prompt's chunks in
+    order, its state carried chunk to chunk) gives chunked prefill's logits bit for bit."""
+    store = convert(ckpts["qwen3_5_moe"][1], tmp_path / "store", "int4", progress=False)
+    model = load_model(str(store), experts=ExpertOptions(slots=4)).model
+    ids = prompt(7, 70)
+    out = {}
+    for mode in ("chunked", "layer"):
+        eng = Engine(model, max_prefill_tokens=16, prefill=mode)
+        assert eng.layer_major == (mode == "layer")
+        seen: list[torch.Tensor] = []
+        sample = eng.sampler.sample
+
+        def spy(logits, *args, _sample=sample, _seen=seen, **kwargs):
+            _seen.append(logits.clone())
+            return _sample(logits, *args, **kwargs)
+
+        eng.sampler.sample = spy  # type: ignore[method-assign]
+        tokens = eng.generate([ids], SamplingParams(temperature=0.0, max_tokens=6))[0].output_ids
+        out[mode] = (seen[0], tokens)
+    assert torch.equal(out["layer"][0], out["chunked"][0]) and out["layer"][1] == out["chunked"][1]
+
+
+def test_mesh_stage_slices_compose_to_the_whole_model(ckpts):
+    """Two pipeline stages of the hybrid stack (layers 0:2, then 2:4: linear, linear | linear, full)
+    give the whole model's logits over a prefill and decode steps; each stage caches its own kinds."""
+    from moemesh.mesh.slice import load_slice
+
+    d = ckpts["qwen3_5_moe"][1]
+    model = load_model(str(d), "fp32").model
+    ids = prompt(8, 15)
+    whole = model.new_cache()
+    whole.add_sequence(0)
+    ref = [forward(model, ids, whole)] + [forward(model, [9 + i], whole, start=15 + i) for i in range(3)]
+    a, b = load_slice(str(d), "0:2", "fp32"), load_slice(str(d), "2:4", "fp32", with_ends=False)
+    caches = [a.stage.new_cache(), b.stage.new_cache()]
+    assert caches[0].kv.num_layers == 0 and caches[1].kv.num_layers == 1 and caches[1].states.num_layers == 1
+    for c in caches:
+        c.add_sequence(0)
+    got = []
+    for toks, start in [(ids, 0)] + [([9 + i], 15 + i) for i in range(3)]:
+        x = a.ends.embed[torch.tensor(toks)].float()
+        batch, pos = BatchLayout([0], [len(toks)]), torch.arange(start, start + len(toks))
+        for stage, c in zip((a.stage, b.stage), caches):
+            x = stage(x, pos, c, batch)
+        got.append(a.ends.head(a.ends.norm(x)))
+    torch.testing.assert_close(torch.cat(got), torch.cat(ref), atol=1e-5, rtol=1e-5)

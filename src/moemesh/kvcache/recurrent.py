@@ -82,6 +82,12 @@ class HybridCache(KVCache):
     def __init__(self, kv: KVCache, states: RecurrentStateCache) -> None:
         self.kv, self.states = kv, states
 
+    @property
+    def supports_starts(self) -> bool:  # type: ignore[override]
+        """Layer-major prefill works when the KV cache writes at explicit positions: each linear layer
+        takes a prompt's chunks in order and keeps its own state, whatever the other layers are at."""
+        return self.kv.supports_starts
+
     def add_sequence(self, seq_id: int) -> None:
         self.kv.add_sequence(seq_id)
         self.states.add_sequence(seq_id)

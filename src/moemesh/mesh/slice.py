@@ -15,14 +15,13 @@ from ..batch import BatchLayout
 from ..errors import CheckpointError
 from ..experts.provider import ResidentExperts
 from ..kvcache.base import KVCache
-from ..kvcache.spec import make_cache
 from ..layers.head import OutputHead
 from ..layers.norm import RMSNorm
 from ..layers.rope import make_rotary
 from ..loading.source import arch_and_args, open_source, resolve_model_path
 from ..models.args import ModelArgs
 from ..models.build import Builder, make_builder
-from ..models.transformer import DecoderLayer
+from ..models.transformer import DecoderLayer, model_cache
 
 
 class StageLayers(torch.nn.Module):
@@ -32,8 +31,9 @@ class StageLayers(torch.nn.Module):
         super().__init__()
         self.args, self.start, self.end = args, start, start + len(layers)
         self.layers = torch.nn.ModuleList(layers)
-        for local, layer in enumerate(layers):
-            layer.attn.layer = local  # the stage's cache holds only these layers
+        for i, layer in enumerate(layers, start):
+            # the stage's cache holds only these layers (hybrid models number attention and linear layers apart)
+            layer.attn.layer = sum(args.is_linear_layer(j) == args.is_linear_layer(i) for j in range(start, i))
         self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
     @torch.inference_mode()
@@ -47,7 +47,7 @@ class StageLayers(torch.nn.Module):
         return x
 
     def new_cache(self, kv: str = "dense") -> KVCache:
-        return make_cache(kv, len(self.layers), **self.args.cache_layout())  # MLA: the latent
+        return model_cache(self.args, kv, list(self.layers))  # MLA: the latent; hybrid: + recurrent states
 
 
 @dataclass
