@@ -137,3 +137,18 @@ def test_partial_rotary_and_layer_rules():
     assert (mm.rotary_dim, mm.qk_norm, mm.moe_layers) == (8, "full", [0, 1])
     with pytest.raises(UnsupportedArchitecture, match="compressed-tensors"):
         get_arch("kimi_k25").args_from_config({"text_config": {}, "quantization_config": {"quant_method": "compressed-tensors"}})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plan_shape_counts_every_parameter(ckpts, name):
+    """`moemesh plan`'s count of a config (ArchSpec.shape) equals the transformers model's own
+    parameter count (text model; correction biases are buffers there, counted too)."""
+    from moemesh.benchkit.shapes import shape_from_config
+
+    hf, d = ckpts[name]
+    text = hf.model.language_model if name == "kimi_k25" else hf.model
+    n = sum(p.numel() for p in text.parameters()) + hf.lm_head.weight.numel()
+    n += sum(b.numel() for k, b in text.named_buffers() if k.endswith("e_score_correction_bias"))
+    import json
+
+    assert shape_from_config(json.loads((d / "config.json").read_text())).total_params == n

@@ -265,3 +265,15 @@ def test_mesh_stage_slices_compose_to_the_whole_model(ckpts):
             x = stage(x, pos, c, batch)
         got.append(a.ends.head(a.ends.norm(x)))
     torch.testing.assert_close(torch.cat(got), torch.cat(ref), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "qwen3_next-gqa-dense", "qwen3_5_moe"])
+def test_plan_shape_counts_every_parameter(ckpts, name):
+    """`moemesh plan`'s count (models/qwen3_next.hybrid_shape) equals the transformers model's text parameters."""
+    import json
+
+    from moemesh.benchkit.shapes import shape_from_config
+
+    hf, d = ckpts[name]
+    n = sum(p.numel() for k, p in hf.named_parameters() if "visual" not in k)
+    assert shape_from_config(json.loads((d / "config.json").read_text())).total_params == n

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..layers.grouped_router import GroupedRouting
 from .args import ModelArgs, common_args, rotary_dim_of
+from .shape import ModelShape, standard_shape
 from .spec import ArchSpec
 
 # transformers' Glm4MoeConfig defaults, for keys a config.json leaves out
@@ -45,4 +46,11 @@ def args_from_config(cfg: dict[str, Any]) -> ModelArgs:
     )
 
 
-ARCH = ArchSpec("glm4_moe", args_from_config, shared_name="shared_experts")
+def shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
+    s = standard_shape(args, name, router_bias=True)  # e_score_correction_bias beside each router
+    if cfg.get("num_nextn_predict_layers"):
+        s.notes.append(f"{cfg['num_nextn_predict_layers']} multi-token-prediction layer(s) not counted (decode does not use them)")
+    return s
+
+
+ARCH = ArchSpec("glm4_moe", args_from_config, shared_name="shared_experts", shape=shape)

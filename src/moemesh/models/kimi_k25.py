@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import UnsupportedArchitecture
 from . import deepseek_v3
-from .deepseek_v2 import DeepseekArgs, DeepseekBuilder
+from .deepseek_v2 import DeepseekArgs, DeepseekBuilder, mla_shape
 from .spec import ArchSpec
 
 
@@ -31,4 +31,5 @@ def args_from_config(cfg: dict[str, Any]) -> DeepseekArgs:
 
 
 ARCH = ArchSpec("kimi_k25", args_from_config, builder=DeepseekBuilder, shared_name="shared_experts",
-                aliases=(("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")))
+                aliases=(("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
+                shape=lambda args, cfg, name: mla_shape(args, cfg["text_config"], name))  # text model only

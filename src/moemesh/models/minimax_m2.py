@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import UnsupportedArchitecture
 from ..layers.grouped_router import GroupedRouting
 from .args import ModelArgs, common_args, num_experts_of, rotary_dim_of
+from .shape import ModelShape, standard_shape
 from .spec import ArchSpec
 
 
@@ -33,4 +34,5 @@ def args_from_config(cfg: dict[str, Any]) -> ModelArgs:
 
 
 ARCH = ArchSpec("minimax_m2", args_from_config, moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"),
-                router_bias="e_score_correction_bias")
+                router_bias="e_score_correction_bias",
+                shape=lambda args, cfg, name: standard_shape(args, name, router_bias=True))

@@ -21,7 +21,7 @@ from ..layers.gated_deltanet import DeltaNetConfig
 from ..layers.mlp import GatedMLP
 from ..quant.qlinear import QuantLinear
 from .args import ModelArgs
-from .qwen3_next import HybridBuilder, hybrid_args
+from .qwen3_next import HybridBuilder, hybrid_args, hybrid_shape
 from .spec import ArchSpec
 
 
@@ -78,5 +78,5 @@ class Qwen35Spec(ArchSpec):
 
 
 ALIASES = (("model.", "model.language_model."),)
-ARCH = Qwen35Spec("qwen3_5_moe", args_from_config, builder=Qwen35Builder, aliases=ALIASES)
-TEXT_ARCH = Qwen35Spec("qwen3_5_moe_text", args_from_config, builder=Qwen35Builder, aliases=ALIASES)
+ARCH = Qwen35Spec("qwen3_5_moe", args_from_config, builder=Qwen35Builder, aliases=ALIASES, shape=hybrid_shape)
+TEXT_ARCH = Qwen35Spec("qwen3_5_moe_text", args_from_config, builder=Qwen35Builder, aliases=ALIASES, shape=hybrid_shape)

@@ -22,6 +22,7 @@ from ..quant.qlinear import QuantLinear
 from .args import ModelArgs, common_args, num_experts_of, rotary_dim_of
 from .build import Builder
 from .qwen3_moe import moe_layers
+from .shape import Linear, ModelShape, base_shape, gated
 from .spec import ArchSpec
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -104,4 +105,28 @@ class HybridBuilder(Builder):
         return self.linear([p + "in_proj_qkvz.weight", p + "in_proj_ba.weight"]), interleaved_order(c)
 
 
-ARCH = ArchSpec("qwen3_next", args_from_config, builder=HybridBuilder)
+def hybrid_shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
+    """DeltaNet layers (fused input projection, out_proj; conv, decay and norm weights small) and
+    gated attention layers (q_proj twice as wide: [q | gate]); dense or MoE FFNs with a gated shared expert."""
+    c, d, h, kv, hd = args.linear_attn, args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim
+    assert c is not None
+    s = base_shape(args, name)
+    s.expert_linears = gated(d, args.moe_intermediate_size)
+    for i in range(args.num_layers):
+        if args.is_linear_layer(i):
+            s.trunk_linears += [Linear(c.conv_dim + c.value_dim + 2 * c.num_v_heads, d), Linear(d, c.value_dim)]
+            s.small_params += c.conv_dim * c.conv_kernel + 2 * c.num_v_heads + c.v_dim  # conv, A_log + dt_bias, norm
+        else:
+            s.trunk_linears += [Linear((2 * h + 2 * kv) * hd, d, args.attention_bias), Linear(d, h * hd, args.o_bias)]
+            s.small_params += 2 * hd  # q/k norms
+        if args.is_moe_layer(i):
+            s.trunk_linears += gated(d, args.shared_expert_intermediate_size) if args.shared_expert_intermediate_size else []
+            s.small_params += args.num_experts * d + d  # router + shared_expert_gate
+        else:
+            s.trunk_linears += gated(d, args.intermediate_size)
+    s.small_params += args.num_layers * 2 * d + d  # layer norms + final norm
+    s.notes.append("text model only (a vision tower is not counted); multi-token-prediction layers not counted")
+    return s
+
+
+ARCH = ArchSpec("qwen3_next", args_from_config, builder=HybridBuilder, shape=hybrid_shape)
