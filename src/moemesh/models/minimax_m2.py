@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import UnsupportedArchitecture
 from ..layers.grouped_router import GroupedRouting
 from .args import ModelArgs, common_args, num_experts_of, rotary_dim_of
-from .shape import ModelShape, standard_shape
+from .shape import standard_shape
 from .spec import ArchSpec
 
 
