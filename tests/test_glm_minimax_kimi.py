@@ -1,5 +1,6 @@
-"""glm4_moe, minimax_m2 and Kimi K2.5's text model vs transformers on tiny random checkpoints
-(fp32): prefill logits, 32 greedy tokens, batched == alone, lazy experts == resident bit for bit."""
+"""glm4_moe, glm_moe_dsa (GLM-5's sparse attention), minimax_m2 and Kimi K2.5's text model vs
+transformers on tiny random checkpoints (fp32): prefill logits, 32 greedy tokens, batched == alone,
+lazy experts == resident bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -152,3 +153,27 @@ def test_plan_shape_counts_every_parameter(ckpts, name):
     import json
 
     assert shape_from_config(json.loads((d / "config.json").read_text())).total_params == n
+
+
+def test_glm5_sparse_selection_matters_and_caches(ckpts):
+    """The tiny GLM-5 keeps 5 keys per query: keeping them all changes the logits past 5 tokens (so the
+    parity above exercises the selection); its cache holds the indexer keys; TurboQuant is refused."""
+    import dataclasses
+
+    model = load_model(str(ckpts["glm_moe_dsa"][1]), "fp32").model
+    ids = prompt(4, 12)
+    sparse = prefill(model, ids)
+    for layer in model.layers:
+        if layer.attn.indexer is not None:
+            layer.attn.indexer.topk = 1000
+    dense = prefill(model, ids)
+    torch.testing.assert_close(sparse[:5], dense[:5], atol=1e-6, rtol=1e-6)  # up to 5 keys: nothing dropped
+    assert (sparse[5:] - dense[5:]).abs().max() > 1e-3
+    cache = model.new_cache()
+    cache.add_sequence(0)
+    model(torch.tensor(ids), torch.arange(12), cache, BatchLayout([0], [12]))
+    a = model.args
+    assert cache.keys.nbytes() == 2 * 16 * a.index_head_dim * 4  # 2 full layers, capacity 16 fp32 keys
+    assert dataclasses.replace(a).index_topk == 5
+    with pytest.raises(ValueError, match="dense KV cache"):
+        model.new_cache("turboquant:3.5")

@@ -15,7 +15,8 @@ from moemesh.quant.qlinear import QuantLinear
 # gpt-oss's model card counts active parameters without the embedding table, and so do GLM's and MiniMax's
 # (with it GLM-4.6 would be 33.6B, not 32B); the others with it
 ACTIVE_KEY = {"gpt-oss-20b": "active_params_no_embedding", "gpt-oss-120b": "active_params_no_embedding",
-              "GLM-4.6": "active_params_no_embedding", "MiniMax-M2": "active_params_no_embedding"}
+              "GLM-4.6": "active_params_no_embedding", "GLM-5": "active_params_no_embedding",
+              "MiniMax-M2": "active_params_no_embedding"}
 # MiniMax-M2's card gives one significant digit ("10 billion active"): 10.4B rounds to it
 ACTIVE_REL = {"MiniMax-M2": 0.05}
 

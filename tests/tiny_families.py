@@ -42,6 +42,12 @@ def text_configs() -> dict[str, object]:
             num_attention_heads=6, num_key_value_heads=2, n_routed_experts=6, num_experts_per_tok=3,
             n_shared_experts=2, first_k_dense_replace=0, norm_topk_prob=False, use_qk_norm=False,
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)),
+        # GLM-5: an indexer keeps 5 keys per query (prompts here are longer), the middle layer reuses its pick
+        "glm_moe_dsa": AutoConfig.for_model(
+            "glm_moe_dsa", **common, num_hidden_layers=3, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+            num_attention_heads=4, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=16, qk_rope_head_dim=4,
+            qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+            first_k_dense_replace=1, index_topk=5, index_head_dim=8, index_n_heads=2, index_topk_pattern="FSF"),
         "minimax_m2": AutoConfig.for_model(
             "minimax_m2", **common, num_hidden_layers=2, hidden_size=32, intermediate_size=16, num_attention_heads=4,
             num_key_value_heads=2, head_dim=12, rotary_dim=8, num_local_experts=8, num_experts_per_tok=2,

@@ -66,17 +66,25 @@ KNOWN: dict[str, dict[str, Any]] = {
         n_routed_experts=384, num_experts_per_tok=8, first_k_dense_replace=1, moe_layer_freq=1, q_lora_rank=1536,
         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_group=1, topk_group=1,
         routed_scaling_factor=2.827, num_nextn_predict_layers=0, tie_word_embeddings=False)),
+    # zai-org/GLM-5 (glm_moe_dsa: MLA + DeepSeek sparse attention's indexer in every layer; the sizes
+    # transformers' GlmMoeDsaConfig defaults to)
+    "GLM-5": dict(model_type="glm_moe_dsa", vocab_size=154880, hidden_size=6144, intermediate_size=12288,
+                  moe_intermediate_size=2048, num_hidden_layers=78, num_attention_heads=64, num_key_value_heads=64,
+                  n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8, first_k_dense_replace=3,
+                  q_lora_rank=2048, kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
+                  n_group=1, topk_group=1, routed_scaling_factor=2.5, index_topk=2048, index_head_dim=128,
+                  index_n_heads=32, num_nextn_predict_layers=1, tie_word_embeddings=False),
 }
 
 # The parameter counts the model cards publish (billions), for the tests and the docs. Sources: each
 # repository's model card; Kimi: the Kimi K2 technical report's 1.04 trillion total / 32B activated, which
 # K2.5's text model keeps; GLM-4.6: the GLM-4.5 card's 355B / 32B (same architecture); MiniMax-M2: "230
-# billion total parameters with 10 billion active".
+# billion total parameters with 10 billion active"; GLM-5: "744B parameters (40B active)".
 PUBLISHED = {
     "Qwen3-30B-A3B": (30.5, 3.3), "Qwen3-235B-A22B": (235.0, 22.0), "gpt-oss-20b": (20.9, 3.6),
     "gpt-oss-120b": (116.8, 5.1), "Mixtral-8x7B": (46.7, 12.9), "DeepSeek-V3": (671.0, 37.0),
     "Qwen3.5-397B-A17B": (397.0, 17.0), "GLM-4.6": (355.0, 32.0), "MiniMax-M2": (230.0, 10.0),
-    "Kimi-K2.5": (1040.0, 32.0),
+    "Kimi-K2.5": (1040.0, 32.0), "GLM-5": (744.0, 40.0),
 }
 
 

@@ -78,7 +78,9 @@ class DenseKVCache(KVCache):
                 else:
                     store.append(buf)
 
-    def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None):
+    def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None, allowed=None):
+        """``allowed``: per sequence a bool [n, start + n] of the keys each query may see besides the
+        causal rule (DeepSeek sparse attention's top-k selection, kvcache/indexed.py), or None."""
         out = q.new_empty(q.shape[0], q.shape[1], self.value_dim)  # [T, Hq, Dv]
         for i, (sid, off, n) in enumerate(zip(batch.seq_ids, batch.offsets, batch.query_lens)):
             seq = self.seqs[sid]
@@ -91,11 +93,13 @@ class DenseKVCache(KVCache):
             else:
                 values = seq.values[layer]
                 values[:, start:end] = v[off : off + n].transpose(0, 1)
-            if n == 1 and (window is None or end <= window):
+            if n == 1 and (window is None or end <= window) and allowed is None:
                 out[off] = decode_attention(q[off], keys[:, :end], values[:, :end], scale, sinks)
                 continue
             lo = 0 if window is None else max(0, end - n - window + 1)  # keys no query can see
             mask = causal_mask(n, start, window)
+            if allowed is not None:
+                mask = allowed[i] if mask is None else mask & allowed[i]
             if mask is not None:
                 mask = mask[:, lo:]
             qs = q[off : off + n].transpose(0, 1)  # [Hq, n, Dh]

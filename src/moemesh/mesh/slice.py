@@ -34,6 +34,9 @@ class StageLayers(torch.nn.Module):
         for i, layer in enumerate(layers, start):
             # the stage's cache holds only these layers (hybrid models number attention and linear layers apart)
             layer.attn.layer = sum(args.is_linear_layer(j) == args.is_linear_layer(i) for j in range(start, i))
+        indexers = [ix for layer in layers if (ix := getattr(layer.attn, "indexer", None)) is not None]
+        for local, ix in enumerate(indexers):  # sparse attention (glm_moe_dsa): the stage's indexer keys
+            ix.layer = local
         self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
     @torch.inference_mode()

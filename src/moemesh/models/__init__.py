@@ -6,6 +6,7 @@ from . import (
     deepseek_v2,
     deepseek_v3,
     glm4_moe,
+    glm_moe_dsa,
     gpt_oss,
     kimi_k25,
     llama,
@@ -24,7 +25,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 ARCHITECTURES[gpt_oss.ARCH.model_type] = gpt_oss.ARCH
 ARCHITECTURES.update({m.ARCH.model_type: m.ARCH for m in (deepseek_v2, deepseek_v3)})
-ARCHITECTURES.update({m.ARCH.model_type: m.ARCH for m in (glm4_moe, minimax_m2, kimi_k25, qwen3_next, qwen3_5_moe)})
+ARCHITECTURES.update({m.ARCH.model_type: m.ARCH for m in (glm4_moe, glm_moe_dsa, minimax_m2, kimi_k25, qwen3_next, qwen3_5_moe)})
 ARCHITECTURES[qwen3_5_moe.TEXT_ARCH.model_type] = qwen3_5_moe.TEXT_ARCH
 
 

@@ -96,6 +96,11 @@ def model_cache(args: ModelArgs, kv: str, layers: list[DecoderLayer]) -> KVCache
 
     linear = sum(isinstance(layer.attn, GatedDeltaNet) for layer in layers)
     cache = make_cache(kv, len(layers) - linear, **args.cache_layout())
+    indexers = sum(getattr(layer.attn, "indexer", None) is not None for layer in layers)
+    if indexers:  # DeepSeek sparse attention (glm_moe_dsa): + the indexers' keys
+        from ..kvcache.indexed import IndexedCache, IndexKeys
+
+        return IndexedCache(cache, IndexKeys(indexers, args.index_head_dim))
     if not linear:
         return cache
     assert args.linear_attn is not None
