@@ -8,6 +8,7 @@ release does so); transformers reading the file back gives the same logits (chec
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -110,16 +111,32 @@ def make_kimi_k25(directory: Path, seed: int = 0):
     return model
 
 
+# the image processor of the tiny Qwen3.5 (4-pixel patches, so small images make a few dozen tokens)
+PREPROCESSOR = dict(patch_size=4, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                    size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+
+
+def image_processor():
+    """transformers' own processor for the tiny Qwen3.5's images (the reference)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(**PREPROCESSOR)
+
+
 def qwen3_5_config(**text_overrides):
     from transformers import Qwen3_5MoeConfig
 
     text = dict(vocab_size=V, max_position_embeddings=256, hidden_size=32, moe_intermediate_size=16,
                 shared_expert_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=16, num_experts=8, num_experts_per_tok=2, linear_num_value_heads=4, linear_num_key_heads=2,
-                linear_key_head_dim=8, linear_value_head_dim=6, **text_overrides)
+                linear_key_head_dim=8, linear_value_head_dim=6,
+                # 12 rotary dims: 6 frequencies, two per M-RoPE axis (time, row, column), interleaved
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75,
+                                     mrope_section=[2, 2, 2], mrope_interleaved=True), **text_overrides)
     vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, patch_size=4,
                   temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
-    return Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
+                            vision_start_token_id=V - 2, vision_end_token_id=V - 1)
 
 
 def make_qwen3_5_moe(directory: Path, fused: bool = True, seed: int = 0, config=None):
@@ -137,6 +154,8 @@ def make_qwen3_5_moe(directory: Path, fused: bool = True, seed: int = 0, config=
             if name.endswith("norm.weight") and "linear_attn" not in name and "visual" not in name:
                 p.copy_(0.2 * torch.randn_like(p))
     model.generation_config.eos_token_id = None
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     if fused:
         directory.mkdir(parents=True, exist_ok=True)
         save_file({n: t.contiguous() for n, t in model.state_dict().items()}, directory / "model.safetensors")

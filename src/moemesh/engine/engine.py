@@ -17,8 +17,10 @@ import torch
 from ..batch import BatchLayout
 from ..errors import PromptTooLong
 from ..kvcache.base import KVCache
+from ..models.media import Media
 from ..models.transformer import Transformer
 from .layer_prefill import LayerMajorPrefill, eligible
+from .media import has_media, media_inputs
 from .sampler import Sampler, make_generator
 from .sampling_params import SamplingParams
 from .sequence import Sequence, Status
@@ -68,7 +70,8 @@ class Engine:
         self.job: LayerMajorPrefill | None = None
         self._job_seq: Sequence | None = None
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, media: Media | None = None) -> Sequence:
+        """media: the prompt's images (models/qwen3_5_vision.ImageInput.prepare), their tokens in prompt_ids."""
         params.validate()
         if not prompt_ids:
             raise ValueError("prompt is empty")
@@ -77,6 +80,7 @@ class Engine:
                 f"prompt has {len(prompt_ids)} tokens but the context window is {self.context_length}"
             )
         seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params.seed), self.stop_token_ids)
+        seq.media = media
         self._next_id += 1
         self.waiting.append(seq)
         return seq
@@ -120,7 +124,10 @@ class Engine:
         was_prefill = [s.in_prefill for s in seqs]
         t0 = time.perf_counter()
         logits = None
-        if self.compiled is not None:
+        if has_media(seqs):  # images: their features at the placeholders, M-RoPE positions
+            positions, embeds = media_inputs(self.model, seqs, chunks, tokens)
+            logits = self.model(tokens, positions, self.cache, layout, embeds=embeds)  # [B, V]
+        if logits is None and self.compiled is not None:
             logits = self.compiled.maybe_step(chunks, was_prefill, layout.seq_ids, self.cache)
         if logits is None:
             logits = self.model(tokens, positions, self.cache, layout)  # [B, V]
@@ -142,7 +149,8 @@ class Engine:
         """Start a layer-major job for a long prompt (one at a time) and advance it one layer;
         when its last layer is done, sample its first token."""
         if self.job is None and self.layer_major:
-            seq = next((s for s in seqs if len(s.prompt_ids) - s.num_computed > self.max_prefill_tokens), None)
+            seq = next((s for s in seqs if len(s.prompt_ids) - s.num_computed > self.max_prefill_tokens
+                        and s.media is None), None)  # prompts with images keep chunked prefill
             if seq is not None:
                 self.job = LayerMajorPrefill(self.model, self.cache, seq.seq_id, seq.prompt_ids[seq.num_computed:],
                                              seq.num_computed, self.max_prefill_tokens)
@@ -207,11 +215,13 @@ class Engine:
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-        on_token: Callable[[StepOutput], None] | None = None,
+        on_token: Callable[[StepOutput], None] | None = None, media: list[Media | None] | None = None,
     ) -> list[Sequence]:
-        """Run prompts to completion together (continuous batching), in order of the prompts."""
+        """Run prompts to completion together (continuous batching), in order of the prompts;
+        media[i]: prompt i's images (see add_request)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        mlist = media or [None] * len(prompts)
+        seqs = [self.add_request(p, sp, m) for p, sp, m in zip(prompts, plist, mlist)]
         while self.has_work():
             for out in self.step():
                 if on_token is not None and out.new_token is not None:

@@ -32,7 +32,7 @@ from .source import open_source
 STORE_QUANTS = ("int4", "int8", "bf16", "fp32")
 TRUNK_QUANTS = ("keep", "int4")  # the trunk's linears as the source has them, or int4 (weights/int4_trunk.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json")
+                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 
 
 def _round_up(n: int, k: int) -> int:

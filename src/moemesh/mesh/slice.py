@@ -37,7 +37,8 @@ class StageLayers(torch.nn.Module):
         indexers = [ix for layer in layers if (ix := getattr(layer.attn, "indexer", None)) is not None]
         for local, ix in enumerate(indexers):  # sparse attention (glm_moe_dsa): the stage's indexer keys
             ix.layer = local
-        self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+        self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings,
+                                args.mrope_section)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, batch: BatchLayout) -> torch.Tensor:

@@ -52,6 +52,7 @@ class ModelArgs:
     routing: GroupedRouting | None = None  # sigmoid/grouped routers (DeepSeek, GLM, MiniMax); None: top-k softmax
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: attention output times sigmoid(a gate from q_proj)
     linear_attn: DeltaNetConfig | None = None  # hybrid models: the layers whose layer_types say "linear_attention"
+    mrope_section: list[int] | None = None  # Qwen3.5: M-RoPE's frequencies per (time, row, column) axis
 
     @property
     def rope_dim(self) -> int:

@@ -21,6 +21,7 @@ from ..layers.gated_deltanet import DeltaNetConfig
 from ..layers.mlp import GatedMLP
 from ..quant.qlinear import QuantLinear
 from .args import ModelArgs
+from .qwen3_5_vision import image_input
 from .qwen3_next import HybridBuilder, hybrid_args, hybrid_shape
 from .spec import ArchSpec
 
@@ -32,6 +33,7 @@ def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def args_from_config(cfg: dict[str, Any]) -> ModelArgs:
     text = text_config(cfg)
     args = hybrid_args(text, "qwen3_5_moe", list(range(int(text["num_hidden_layers"]))))
+    args.mrope_section = list((text.get("rope_parameters") or {}).get("mrope_section") or [11, 11, 10])
     args.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     return args
 
@@ -78,5 +80,6 @@ class Qwen35Spec(ArchSpec):
 
 
 ALIASES = (("model.", "model.language_model."),)
-ARCH = Qwen35Spec("qwen3_5_moe", args_from_config, builder=Qwen35Builder, aliases=ALIASES, shape=hybrid_shape)
+ARCH = Qwen35Spec("qwen3_5_moe", args_from_config, builder=Qwen35Builder, aliases=ALIASES, shape=hybrid_shape,
+                  images=image_input)
 TEXT_ARCH = Qwen35Spec("qwen3_5_moe_text", args_from_config, builder=Qwen35Builder, aliases=ALIASES, shape=hybrid_shape)

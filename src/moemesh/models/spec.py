@@ -23,6 +23,8 @@ class ArchSpec:
     router_bias: str = "gate.e_score_correction_bias"  # sigmoid routers' bias, under moe(); MiniMax: beside the gate
     # multimodal checkpoints nest the text model: (canonical prefix, stored prefix) pairs (weights/source.AliasedSource)
     aliases: tuple[tuple[str, str], ...] = ()
+    # image input: (config, source, checkpoint dir) -> an object with prepare(ids, images) (models/qwen3_5_vision.ImageInput) or None
+    images: Callable[[dict[str, Any], Any, Any], Any] | None = None
 
     def source(self, source: Any) -> Any:
         """``source`` seen under canonical HF names (model.layers..., lm_head...) when this family's

@@ -59,7 +59,8 @@ class Transformer(torch.nn.Module):
         self.layers = torch.nn.ModuleList(layers)
         self.norm = norm
         self.lm_head = lm_head  # [V, D]
-        self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+        self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings,
+                                args.mrope_section)
 
     @torch.inference_mode()
     def forward(
@@ -69,10 +70,12 @@ class Transformer(torch.nn.Module):
         cache: KVCache,
         batch: BatchLayout,
         all_logits: bool = False,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens, positions: [T] -> logits [T, V] if all_logits else [B, V] (last token of each
-        sequence). Appends the tokens to each sequence's KV cache."""
-        x = self.embed[tokens].float()  # [T, D]
+        sequence). Appends the tokens to each sequence's KV cache. positions may be [3, T] (M-RoPE);
+        embeds [T, D] replaces the token embeddings (image features at their placeholders)."""
+        x = self.embed[tokens].float() if embeds is None else embeds  # [T, D]
         cos, sin = self.rope.cos_sin(positions)
         cache.begin(batch)
         for layer in self.layers:
