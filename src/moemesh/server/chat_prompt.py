@@ -11,13 +11,14 @@ vocabulary is gpt-oss's or DeepSeek's is rendered by harmony.py / deepseek_chat.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from ..tokenizer.chat import ChatTemplateError
 from ..tokenizer.tokenizer import Tokenizer
-from . import deepseek_chat, harmony
+from . import deepseek_chat, harmony, tool_formats
 from .errors import APIError
 from .generation import ToolMode
 from .reasoning import THINK_CLOSE, THINK_OPEN
@@ -180,6 +181,8 @@ def _render_builtin(tokenizer: Tokenizer, messages: list[dict], tools: list[dict
 
 def _forced_prefill(tokenizer: Tokenizer, mode: ToolMode) -> str:
     """The head of a call in the model's own syntax, which the model can only continue."""
+    if fmt := tool_formats.format_of(tokenizer.chat_template):  # GLM, MiniMax, Kimi
+        return tool_formats.forced_prefill(fmt, mode.name)
     if harmony.is_harmony(tokenizer):
         return harmony.forced_prefill(mode.name)  # gpt-oss: the commentary header addressed to the function
     if deepseek_chat.writes_deepseek_tools(tokenizer):
@@ -191,6 +194,8 @@ def _forced_prefill(tokenizer: Tokenizer, mode: ToolMode) -> str:
 def build_chat_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None,
                       tool_choice: str | dict | None, template_kwargs: dict | None = None) -> PromptPlan:
     mode = tool_mode_for(tools, tool_choice)
+    if mode is not None:
+        mode = dataclasses.replace(mode, tools=tuple(tools or ()))
     offered = tools if mode is not None else None  # tool_choice none: the model never sees them
     text = None if tokenizer.chat_template else _render_builtin(tokenizer, messages, offered, template_kwargs or {})
     if text is None:
