@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image for a vision-language model (Qwen3.5-MoE); repeat for several, in prompt order")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -52,6 +54,19 @@ def parse_ids(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise MoemeshError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def with_images(loaded, prompt_ids: list[int], files: list[str]):
+    """The prompt with its images' tokens and their Media. A prompt without image placeholders (plain
+    text, --prompt-ids) gets one per image in front, as a chat template would write them."""
+    from ..tokenizer.images import open_image
+
+    if loaded.images is None:
+        raise MoemeshError(f"{loaded.path}: this model does not take images (no vision tower)")
+    images = [open_image(f) for f in files]
+    if loaded.images.tokens.image not in prompt_ids:
+        prompt_ids = loaded.images.placeholder() * len(images) + prompt_ids
+    return loaded.images.prepare(prompt_ids, images)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,8 +99,12 @@ def run(args: argparse.Namespace) -> int:
         text = args.prompt
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            text = tok.apply_chat_template(messages + [{"role": "user", "content": text}], add_generation_prompt=True)
+            content = [{"type": "image"}] * len(args.image) + [{"type": "text", "text": text}] if args.image else text
+            text = tok.apply_chat_template(messages + [{"role": "user", "content": content}], add_generation_prompt=True)
         prompt_ids = tok.encode(text, add_special_tokens=not args.chat)
+    media = None
+    if args.image:
+        prompt_ids, media = with_images(loaded, prompt_ids, args.image)
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
@@ -107,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(detok.add(out.new_token))
             sys.stdout.flush()
 
-    (seq,) = engine.generate([prompt_ids], params, on_token=stream)
+    (seq,) = engine.generate([prompt_ids], params, on_token=stream, media=[media])
     if args.json:
         gen = seq.output_ids
         n_decode = max(0, len(gen) - 1)  # the first token comes out of the prefill step

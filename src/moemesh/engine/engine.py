@@ -18,8 +18,10 @@ from ..batch import BatchLayout
 from ..errors import PromptTooLong
 from ..kvcache.base import KVCache
 from ..kvcache.prefix_cache import PrefixCache
+from ..models.media import Media
 from ..models.transformer import Transformer
 from .layer_prefill import LayerMajorPrefill, eligible
+from .media import has_media, media_inputs
 from .prefix import PrefixReuse
 from .sampler import Sampler, make_generator
 from .sampling_params import SamplingParams
@@ -76,7 +78,8 @@ class Engine:
         self.job: LayerMajorPrefill | None = None
         self._job_seq: Sequence | None = None
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, media: Media | None = None) -> Sequence:
+        """media: the prompt's images (models/qwen3_5_vision.ImageInput.prepare), their tokens in prompt_ids."""
         params.validate()
         if not prompt_ids:
             raise ValueError("prompt is empty")
@@ -85,6 +88,7 @@ class Engine:
                 f"prompt has {len(prompt_ids)} tokens but the context window is {self.context_length}"
             )
         seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params.seed), self.stop_token_ids)
+        seq.media = media
         self._next_id += 1
         self.waiting.append(seq)
         return seq
@@ -101,7 +105,7 @@ class Engine:
             seq = self.waiting.pop(0)
             seq.status = Status.RUNNING
             self.cache.add_sequence(seq.seq_id)
-            if self.prefix is not None:
+            if self.prefix is not None and seq.media is None:  # image tokens are placeholders: their KV is not theirs
                 self.prefix.restore(seq)
             self.running.append(seq)
         return list(self.running)
@@ -118,7 +122,7 @@ class Engine:
         budget = self.max_prefill_tokens
         chunks = []
         for seq in seqs:
-            if self.prefix is not None and seq.in_prefill:
+            if self.prefix is not None and seq.in_prefill and seq.media is None:
                 chunk = self.prefix.chunk(seq, budget)  # ends on a block boundary
             else:
                 chunk = seq.next_chunk(budget if seq.in_prefill else 1)
@@ -133,14 +137,18 @@ class Engine:
         was_prefill = [s.in_prefill for s in seqs]
         t0 = time.perf_counter()
         logits = None
-        if self.compiled is not None:
+        if has_media(seqs):  # images: their features at the placeholders, M-RoPE positions
+            positions, embeds = media_inputs(self.model, seqs, chunks, tokens)
+            logits = self.model(tokens, positions, self.cache, layout, embeds=embeds)  # [B, V]
+        if logits is None and self.compiled is not None:
             logits = self.compiled.maybe_step(chunks, was_prefill, layout.seq_ids, self.cache)
         if logits is None:
             logits = self.model(tokens, positions, self.cache, layout)  # [B, V]
         for seq, chunk in zip(seqs, chunks):
             seq.num_computed += len(chunk)
         if self.prefix is not None:
-            self.prefix.after_step(seqs, was_prefill)  # before _sample frees finished sequences
+            plain = [(s, p) for s, p in zip(seqs, was_prefill) if s.media is None]
+            self.prefix.after_step([s for s, _ in plain], [p for _, p in plain])  # before _sample frees finished sequences
         ready = [i for i, s in enumerate(seqs) if not s.in_prefill]
         outputs = self._sample(seqs, ready, logits)
         elapsed = time.perf_counter() - t0
@@ -157,7 +165,8 @@ class Engine:
         """Start a layer-major job for a long prompt (one at a time) and advance it one layer;
         when its last layer is done, sample its first token."""
         if self.job is None and self.layer_major:
-            seq = next((s for s in seqs if len(s.prompt_ids) - s.num_computed > self.max_prefill_tokens), None)
+            seq = next((s for s in seqs if len(s.prompt_ids) - s.num_computed > self.max_prefill_tokens
+                        and s.media is None), None)  # prompts with images keep chunked prefill
             if seq is not None:
                 self.job = LayerMajorPrefill(self.model, self.cache, seq.seq_id, seq.prompt_ids[seq.num_computed:],
                                              seq.num_computed, self.max_prefill_tokens)
@@ -224,11 +233,13 @@ class Engine:
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-        on_token: Callable[[StepOutput], None] | None = None,
+        on_token: Callable[[StepOutput], None] | None = None, media: list[Media | None] | None = None,
     ) -> list[Sequence]:
-        """Run prompts to completion together (continuous batching), in order of the prompts."""
+        """Run prompts to completion together (continuous batching), in order of the prompts;
+        media[i]: prompt i's images (see add_request)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        mlist = media or [None] * len(prompts)
+        seqs = [self.add_request(p, sp, m) for p, sp, m in zip(prompts, plist, mlist)]
         while self.has_work():
             for out in self.step():
                 if on_token is not None and out.new_token is not None:

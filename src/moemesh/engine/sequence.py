@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -34,6 +35,7 @@ class Sequence:
     first_token_time: float | None = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    media: Any = None  # models.media.Media: the prompt's images (embeddings at their placeholders, M-RoPE positions)
 
     @property
     def all_ids(self) -> list[int]:

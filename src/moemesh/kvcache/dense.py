@@ -81,11 +81,15 @@ class DenseKVCache(KVCache):
                 else:
                     store.append(buf)
 
-    def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None):
+    def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None, allowed=None):
+        """``allowed``: per sequence a bool [n, start + n] of the keys each query may see besides the
+        causal rule (DeepSeek sparse attention's top-k selection, kvcache/indexed.py), or None."""
         # a decode token (a query of one) runs as one C call: write its k/v, attend (the reference:
         # decode_attention below, used where the kernels do not run)
         lib = decode_kernels.load() if self.dtype == torch.float32 and decode_kernels.usable(q, k) else None
-        if lib is not None and batch.starts is None and len(batch.query_lens) == 1 and batch.query_lens[0] == 1:  # the common decode step
+        if allowed is not None or batch.starts is not None:  # sparse attention, layer-major prefill: the general path
+            lib = None
+        if lib is not None and len(batch.query_lens) == 1 and batch.query_lens[0] == 1:  # the common decode step
             return self._attend_one(lib, layer, self.seqs[batch.seq_ids[0]], q, k, v, scale, window, sinks)
         out = q.new_empty(q.shape[0], q.shape[1], self.value_dim)  # [T, Hq, Dv]
         for i, (sid, off, n) in enumerate(zip(batch.seq_ids, batch.offsets, batch.query_lens)):
@@ -93,7 +97,7 @@ class DenseKVCache(KVCache):
             start = seq.length if batch.starts is None else batch.starts[i]
             end = start + n
             lo = 0 if window is None else max(0, end - n - window + 1)  # keys no query can see
-            if n == 1 and lib is not None and batch.starts is None:  # explicit starts: layer-major prefill
+            if n == 1 and lib is not None:
                 out[off] = self._attend_one(lib, layer, seq, q[off], k[off], None if v is None else v[off],
                                             scale, window, sinks)[0]
                 continue
@@ -102,10 +106,12 @@ class DenseKVCache(KVCache):
             keys[:, start:end] = k[off : off + n].transpose(0, 1)
             if not self.values_in_keys:
                 values[:, start:end] = v[off : off + n].transpose(0, 1)
-            if n == 1:  # a decode token: the visible keys are one run, no mask
+            if n == 1 and allowed is None:  # a decode token: the visible keys are one run, no mask
                 out[off] = decode_attention(q[off], keys[:, lo:end], values[:, lo:end], scale, sinks)
                 continue
             mask = causal_mask(n, start, window)
+            if allowed is not None:
+                mask = allowed[i] if mask is None else mask & allowed[i]
             if mask is not None:
                 mask = mask[:, lo:]
             qs = q[off : off + n].transpose(0, 1)  # [Hq, n, Dh]

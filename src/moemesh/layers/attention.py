@@ -25,6 +25,7 @@ class Attention(torch.nn.Module):
         clip_qkv: float | None = None,
         window: int | None = None,
         sinks: torch.Tensor | None = None,
+        output_gate: bool = False,
     ) -> None:
         super().__init__()
         self.layer = layer
@@ -37,6 +38,8 @@ class Attention(torch.nn.Module):
         self.scale = head_dim**-0.5
         # gpt-oss: one learned softmax-denominator logit per query head, [Hq]
         self.sinks = None if sinks is None else torch.nn.Parameter(sinks.float(), requires_grad=False)
+        # Qwen3-Next / Qwen3.5: q_proj gives [q | gate] per head; the output is scaled by sigmoid(gate)
+        self.output_gate = output_gate
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, batch: BatchLayout
@@ -44,7 +47,13 @@ class Attention(torch.nn.Module):
         # x: [T, D]; cos/sin: [T, 1, Dh]
         t = x.shape[0]
         hq, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([hq * dh, hkv * dh, hkv * dh], dim=-1)
+        gate = None
+        if self.output_gate:
+            qg, k, v = self.qkv(x).split([2 * hq * dh, hkv * dh, hkv * dh], dim=-1)
+            q, gate = qg.view(t, hq, 2 * dh).split([dh, dh], dim=-1)  # [T, Hq, Dh] each
+            q = q.reshape(t, hq * dh)
+        else:
+            q, k, v = self.qkv(x).split([hq * dh, hkv * dh, hkv * dh], dim=-1)
         if self.qk_norm == "full":  # olmoe: norm over the whole projection
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -57,4 +66,7 @@ class Attention(torch.nn.Module):
             out = cache.attend(self.layer, q, k, v, batch, self.scale, self.window)  # [T, Hq, Dh]
         else:
             out = cache.attend(self.layer, q, k, v, batch, self.scale, self.window, sinks=self.sinks)
-        return self.o_proj(out.reshape(t, hq * dh))
+        out = out.reshape(t, hq * dh)
+        if gate is not None:
+            out = out * torch.sigmoid(gate.reshape(t, hq * dh))
+        return self.o_proj(out)

@@ -35,7 +35,7 @@ from .source import open_source
 STORE_QUANTS = ("auto", "int4", "int8", "bf16", "fp32")  # auto: as the file holds them (block rows, floats as fp32)
 TRUNK_QUANTS = ("keep", "int4")  # the trunk's linears as the source has them, or int4 (weights/int4_trunk.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json")
+                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 
 
 def _round_up(n: int, k: int) -> int:
@@ -104,6 +104,7 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: boo
     config, source, tokenizer = open_source(src)
     spec = get_arch(config["model_type"])
     args = spec.args_from_config(config)
+    source = spec.source(source)  # canonical names (multimodal checkpoints nest the text model)
     if not args.moe_layers:
         raise MoemeshError(f"{src}: {args.model_type} has no MoE layers; there are no experts to store")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -130,7 +131,7 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str, 
     head = head_table_name(source, args) if trunk_quant == "int4" else None
     out = []
     for n in source.ckpt.names():
-        if n in expert_names:
+        if n in expert_names or unused_layer(n, args.num_layers):
             continue
         blocks = getattr(source, "blocks", lambda _: None)(n) if trunk_quant == "keep" and quant == "auto" else None
         if blocks is not None and (groups := source.int4_groups(n)) is not None:  # Q4_0/Q4_1: the int4 kernel's
@@ -152,6 +153,15 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str, 
         if int4_trunk.quantizable(t):
             out += [(n + sfx, v) for sfx, v in int4_trunk.quantize(t).items()]
     return out
+
+
+def unused_layer(name: str, num_layers: int) -> bool:
+    """Multi-token-prediction layers no decode step runs: ``mtp.*`` (Qwen3.5) or decoder layers past
+    num_hidden_layers (GLM-4.5, DeepSeek-V3 keep theirs as model.layers.N), experts included."""
+    if name.startswith("mtp."):
+        return True
+    parts = name.split(".")
+    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= num_layers
 
 
 def _write_store(src, tmp, config, spec, args, source, quant, progress, trunk_quant="keep") -> None:

@@ -108,7 +108,9 @@ def build_lazy(builder, experts: ExpertSource, opts: ExpertOptions, release: Cal
     plan = None
     slots = opts.slots
     if slots is None:
-        plan = plan_budget(opts.ram, model_bytes(model, embed_resident), opts.kv_reserve, experts.slot_bytes, args.top_k,
+        # a hybrid model's recurrent state is a fixed size per sequence (Qwen3.5-397B: ~180 MiB): one sequence's is reserved
+        reserve = opts.kv_reserve + args.recurrent_state_bytes()
+        plan = plan_budget(opts.ram, model_bytes(model, embed_resident), reserve, experts.slot_bytes, args.top_k,
                            opts.prefix_cache, args.num_experts * len(experts.moe_layers))
         slots = plan.slots
     slots = min(slots, args.num_experts * len(experts.moe_layers))

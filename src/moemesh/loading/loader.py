@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..layers.moe import ExpertProvider
 from ..models.args import ModelArgs
 from ..models.build import make_builder
 from ..models.transformer import Transformer
 from ..sysinfo import trim_heap
+from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource
 from .placement import place_decode_weights
 from .source import arch_and_args, open_source, resolve_model_path
@@ -30,6 +31,7 @@ class LoadedModel:
     config: dict
     provider: ExpertProvider | None = None
     budget: "BudgetPlan | None" = None
+    images: Any = None  # the checkpoint's image input (ArchSpec.images: prepare(ids, images) -> ids, Media) or None
 
 
 def load_model(
@@ -57,7 +59,8 @@ def load_model(
             from ..tokenizer.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_dir(path)
-        return LoadedModel(model, model.args, tokenizer, path, store.config, prov, budget)
+        return LoadedModel(model, model.args, tokenizer, path, store.config, prov, budget,
+                           image_input(store.config, SafetensorsSource(SafetensorsCheckpoint(path)), path))
     config, source, tokenizer = open_source(path)
     spec, args = arch_and_args(path, config)
     model = make_builder(spec, args, source, quant).build(provider)
@@ -65,7 +68,15 @@ def load_model(
     if isinstance(source, SafetensorsSource):
         source.ckpt.release_unused(model)  # the float pages of weights the build converted
     trim_heap()
-    return LoadedModel(model, args, tokenizer, path, config, provider)
+    return LoadedModel(model, args, tokenizer, path, config, provider, images=image_input(config, source, path))
+
+
+def image_input(config: dict, source, path: Path) -> Any:
+    """The family's image path (built lazily on the first image), or None."""
+    from ..models import get_arch
+
+    spec = get_arch(config["model_type"])
+    return None if spec.images is None or not path.is_dir() else spec.images(config, spec.source(source), path)
 
 
 def load_file_lazy(path: Path, quant: str, opts: "ExpertOptions") -> LoadedModel | None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..layers.gated_deltanet import DeltaNetConfig
+from ..layers.grouped_router import GroupedRouting
+
 
 @dataclass
 class ModelArgs:
@@ -45,6 +48,31 @@ class ModelArgs:
     layer_types: list[str] | None = None
     swiglu_alpha: float = 1.702
     swiglu_limit: float | None = None
+    rotary_dim: int | None = None  # partial rotary: RoPE on the first rotary_dim dims of each head (None: all)
+    routing: GroupedRouting | None = None  # sigmoid/grouped routers (DeepSeek, GLM, MiniMax); None: top-k softmax
+    attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: attention output times sigmoid(a gate from q_proj)
+    linear_attn: DeltaNetConfig | None = None  # hybrid models: the layers whose layer_types say "linear_attention"
+    mrope_section: list[int] | None = None  # Qwen3.5: M-RoPE's frequencies per (time, row, column) axis
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the RoPE tables' width)."""
+        return self.rotary_dim or self.head_dim
+
+    def is_linear_layer(self, layer: int) -> bool:
+        """A linear-attention layer (a recurrent state instead of a KV cache)."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    def recurrent_state_bytes(self) -> int:
+        """One sequence's recurrent state over every linear-attention layer (fp32); 0 without any."""
+        if self.linear_attn is None:
+            return 0
+        return sum(map(self.is_linear_layer, range(self.num_layers))) * self.linear_attn.state_shape().nbytes()
+
+    def cache_index(self, layer: int) -> int:
+        """The layer's index among the layers of its kind: attention layers number their KV cache
+        entries 0..n-1 and linear-attention layers their recurrent states likewise."""
+        return sum(self.is_linear_layer(j) == self.is_linear_layer(layer) for j in range(layer))
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
@@ -74,6 +102,15 @@ def rope_scaling_of(cfg: dict[str, Any]) -> dict | None:
         if (params.get("rope_type") or params.get("type") or "default") != "default":
             return dict(params)
     return None
+
+
+def rotary_dim_of(cfg: dict[str, Any], head_dim: int) -> int | None:
+    """Partial rotary from ``rope_parameters.partial_rotary_factor`` (transformers 5), a top-level
+    ``partial_rotary_factor`` or ``rotary_dim`` (MiniMax's config.json); None when every dim rotates."""
+    params = cfg.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    dim = int(head_dim * float(factor)) if factor is not None else cfg.get("rotary_dim")
+    return None if dim is None or int(dim) >= head_dim else int(dim)
 
 
 def eos_ids_of(cfg: dict[str, Any]) -> list[int]:

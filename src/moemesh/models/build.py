@@ -12,6 +12,7 @@ import torch
 from ..errors import CheckpointError
 from ..experts.provider import ResidentExperts
 from ..layers.attention import Attention
+from ..layers.grouped_router import GroupedRouter
 from ..layers.head import OutputHead
 from ..layers.mlp import GatedMLP
 from ..layers.moe import ExpertProvider, MoEBlock
@@ -47,7 +48,7 @@ def int4_head(stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> QuantL
 
 def make_builder(spec: ArchSpec, args: ModelArgs, source: WeightSource, quant: str = "auto") -> "Builder":
     """The architecture's own Builder subclass (spec.builder, e.g. gpt_oss) or the shared one."""
-    return (spec.builder or Builder)(spec, args, source, quant)
+    return (spec.builder or Builder)(spec, args, spec.source(source), quant)
 
 
 class Builder:
@@ -133,21 +134,29 @@ class Builder:
         if a.qk_norm:
             q_norm, k_norm = self.norm(s.attn(i, "q_norm.weight")), self.norm(s.attn(i, "k_norm.weight"))
         return Attention(
-            i, self.linear(qkv, qkv_bias), self.linear([s.attn(i, "o_proj.weight")], o_bias),
+            a.cache_index(i), self.linear(qkv, qkv_bias), self.linear([s.attn(i, "o_proj.weight")], o_bias),
             a.num_heads, a.num_kv_heads, a.head_dim, q_norm, k_norm, a.qk_norm, a.clip_qkv, a.sliding_window,
+            output_gate=a.attn_output_gate,
         )
 
     def experts(self, i: int) -> list[GatedMLP]:
         return [self.gated_mlp(*self.spec.expert(i, e), expert=True) for e in range(self.args.num_experts)]
 
+    def router(self, i: int) -> TopKRouter | GroupedRouter:
+        a, s = self.args, self.spec
+        weight = self.tensor(s.moe(i, "gate.weight"))
+        if a.routing is None:
+            return TopKRouter(weight, a.top_k, a.norm_topk_prob)
+        bias = self.optional(s.moe(i, s.router_bias)) if a.routing.scoring == "sigmoid" else None
+        return GroupedRouter(weight, a.top_k, a.routing, bias)
+
     def moe(self, i: int, provider: ExpertProvider) -> MoEBlock:
         a, s = self.args, self.spec
-        router = TopKRouter(self.tensor(s.moe(i, "gate.weight")), a.top_k, a.norm_topk_prob)
         shared = gate = None
         if a.shared_expert_intermediate_size:
-            shared = self.gated_mlp(*(s.moe(i, f"shared_expert.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")))
+            shared = self.gated_mlp(*(s.moe(i, f"{s.shared_name}.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")))
             gate = self.tensor(s.moe(i, "shared_expert_gate.weight")) if a.shared_expert_gate else None
-        return MoEBlock(i, router, provider, shared, gate)
+        return MoEBlock(i, self.router(i), provider, shared, gate)  # type: ignore[arg-type]  # same call as TopKRouter
 
     def build(self, provider: ExpertProvider | None = None) -> Transformer:
         """provider=None holds every expert in RAM (ResidentExperts)."""

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UnsupportedArchitecture
-from ..layers.grouped_router import GroupedRouter, GroupedRouting
+from ..layers.grouped_router import GroupedRouting
 from ..layers.mla import MLAConfig, MultiHeadLatentAttention
-from ..layers.moe import ExpertProvider, MoEBlock
 from ..layers.norm import RMSNorm
 from .args import ModelArgs, common_args
 from .build import Builder
@@ -32,7 +31,6 @@ LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps, not 
 @dataclass
 class DeepseekArgs(ModelArgs):
     mla: MLAConfig | None = None
-    routing: GroupedRouting | None = None
 
     def cache_layout(self) -> dict[str, Any]:
         assert self.mla is not None
@@ -124,15 +122,6 @@ class DeepseekBuilder(Builder):
             absorbed_int8=q_in.mode in ("int4", "int8"),  # a quantized trunk: the absorbed matrices int8 too
         )
 
-    def moe(self, i: int, provider: ExpertProvider) -> MoEBlock:
-        a, s = self.args, self.spec
-        assert a.routing is not None
-        bias = self.optional(s.moe(i, "gate.e_score_correction_bias")) if a.routing.scoring == "sigmoid" else None
-        router = GroupedRouter(self.tensor(s.moe(i, "gate.weight")), a.top_k, a.routing, bias)
-        shared = None
-        if a.shared_expert_intermediate_size:
-            shared = self.gated_mlp(*(s.moe(i, f"shared_experts.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")))
-        return MoEBlock(i, router, provider, shared)  # type: ignore[arg-type]  # same call as TopKRouter
 
 
 def mla_shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
@@ -164,4 +153,4 @@ def mla_shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
     return s
 
 
-ARCH = ArchSpec("deepseek_v2", args_from_config, builder=DeepseekBuilder, shape=mla_shape, gguf=GGUF)
+ARCH = ArchSpec("deepseek_v2", args_from_config, builder=DeepseekBuilder, shape=mla_shape, gguf=GGUF, shared_name="shared_experts")

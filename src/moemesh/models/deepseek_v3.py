@@ -38,4 +38,4 @@ def args_from_config(cfg: dict[str, Any]) -> DeepseekArgs:
 
 GGUF = dataclasses.replace(V2_GGUF, model_type="deepseek_v3", config=lambda meta, shapes: gguf_config(meta, shapes, v3=True),
                            matches=lambda meta: meta(f"{V2_GGUF.arch}.expert_gating_func", 1) == SIGMOID)
-ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder, shape=mla_shape, gguf=GGUF)
+ARCH = ArchSpec("deepseek_v3", args_from_config, builder=DeepseekBuilder, shape=mla_shape, gguf=GGUF, shared_name="shared_experts")

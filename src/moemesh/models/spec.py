@@ -20,6 +20,21 @@ class ArchSpec:
     shape: Callable[[ModelArgs, dict[str, Any], str], ModelShape] = lambda args, cfg, name: standard_shape(args, name)
     builder: Any = None  # a models.build.Builder subclass when the shared Builder cannot build it (models.build.make_builder)
     gguf: Any = None  # its models.gguf.GGUFSpec when llama.cpp writes this family as a GGUF
+    shared_name: str = "shared_expert"  # the shared expert's module name (DeepSeek, GLM: "shared_experts")
+    router_bias: str = "gate.e_score_correction_bias"  # sigmoid routers' bias, under moe(); MiniMax: beside the gate
+    # multimodal checkpoints nest the text model: (canonical prefix, stored prefix) pairs (weights/source.AliasedSource)
+    aliases: tuple[tuple[str, str], ...] = ()
+    # image input: (config, source, checkpoint dir) -> an object with prepare(ids, images) (models/qwen3_5_vision.ImageInput) or None
+    images: Callable[[dict[str, Any], Any, Any], Any] | None = None
+
+    def source(self, source: Any) -> Any:
+        """``source`` seen under canonical HF names (model.layers..., lm_head...) when this family's
+        checkpoints store them under other prefixes; idempotent."""
+        from ..weights.source import AliasedSource
+
+        if not self.aliases or isinstance(source, AliasedSource):
+            return source
+        return AliasedSource(source, self.aliases)
 
     def expert_tensor_names(self, layer: int, num_experts: int) -> list[str]:
         """HF tensor names holding one layer's experts (an expert store keeps them out of its trunk)."""

@@ -68,3 +68,59 @@ class SafetensorsSource:
         if not self.ckpt.has(name + ".q4"):
             return None
         return tuple(self.ckpt.get(name + sfx) for sfx in (".q4", ".q4_scale", ".q4_zero"))  # type: ignore[return-value]
+
+
+class AliasedSource:
+    """A source whose checkpoint nests the text model under other prefixes (multimodal checkpoints:
+    Qwen3.5's ``model.language_model.``, Kimi K2.5's ``language_model.model.``), read by the
+    canonical names the builders use (``model.layers...``, ``lm_head...``). A canonical name that is
+    stored as such wins (a store's trunk, written under canonical names, reads back unchanged).
+
+    ``aliases``: (canonical prefix, stored prefix) pairs. ``ckpt`` is the inner checkpoint seen
+    the same way: ``names()`` lists canonical names; other attributes pass through."""
+
+    def __init__(self, inner, aliases: tuple[tuple[str, str], ...]) -> None:
+        self.inner, self.aliases = inner, aliases
+        if hasattr(inner, "ckpt"):
+            self.ckpt = _AliasedCheckpoint(inner.ckpt, aliases)
+
+    def resolve(self, name: str) -> str:
+        """The stored name of canonical ``name`` (itself when stored as such or not found)."""
+        if self.inner.has(name):
+            return name
+        for canonical, stored in self.aliases:
+            if name.startswith(canonical) and self.inner.has(stored + name[len(canonical):]):
+                return stored + name[len(canonical):]
+        return name
+
+    def has(self, name: str) -> bool:
+        return self.inner.has(self.resolve(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.inner.get(self.resolve(name))
+
+    def int4_groups(self, name: str) -> Int4Groups | None:
+        return self.inner.int4_groups(self.resolve(name))
+
+    def int4_parts(self, name: str):
+        parts = getattr(self.inner, "int4_parts", None)
+        return None if parts is None else parts(self.resolve(name))
+
+
+class _AliasedCheckpoint:
+    def __init__(self, ckpt, aliases: tuple[tuple[str, str], ...]) -> None:
+        self._ckpt, self._aliases = ckpt, aliases
+
+    def names(self) -> list[str]:
+        """Stored names under their canonical spelling (names outside every alias unchanged)."""
+        out = []
+        for n in self._ckpt.names():
+            for canonical, stored in self._aliases:
+                if n.startswith(stored):
+                    n = canonical + n[len(stored):]
+                    break
+            out.append(n)
+        return out
+
+    def __getattr__(self, attr: str):
+        return getattr(self._ckpt, attr)

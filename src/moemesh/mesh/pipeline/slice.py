@@ -56,7 +56,12 @@ class StageLayers(torch.nn.Module):
         self.args, self.start, self.end = args, start, end  # the share it was started with
         self.layers = torch.nn.ModuleList([layers[i] for i in sorted(layers)])
         self.index = dict(sorted(layers.items()))  # global layer -> module (the same modules)
-        self.rope = make_rotary(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+        if args.linear_attn is not None or any(getattr(layer.attn, "indexer", None) is not None for layer in self.layers):
+            # their caches number attention and linear (or indexer) layers apart; a range of global layers is not one run
+            raise CheckpointError(f"{args.model_type}: pipeline stages do not serve hybrid linear-attention or "
+                                  "sparse-attention models yet (run it in one process)")
+        self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings,
+                                args.mrope_section)
 
     def covers(self, a: int, b: int) -> bool:
         return all(i in self.index for i in range(a, b))

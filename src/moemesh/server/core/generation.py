@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ...engine.sampling_params import SamplingParams
 from ...tokenizer.detok import IncrementalDetokenizer
+from ...tokenizer.formats import tool_formats
 from ...tokenizer.formats.chat_prompt import ToolMode
 from ...tokenizer.formats.deepseek_chat import writes_deepseek_tools
 from ...tokenizer.formats.deepseek_tools import DeepSeekToolStream
@@ -86,12 +87,17 @@ class Generation:
         # gpt-oss: Harmony channels are special tokens, so they stay in the text for its parser
         self._harmony = HarmonyStream(request.tool_id_prefix) if (
             request.parse_reasoning and is_harmony(tokenizer)) else None
-        self._detok = IncrementalDetokenizer(tokenizer, request.prompt_ids, skip_special_tokens=self._harmony is None)
+        # GLM / MiniMax / Kimi tool calls (tool_formats.py): their markers stay in the text even when special
+        fmt = tool_formats.format_of(tokenizer.chat_template) if request.tool_mode else None
+        decoder = tool_formats.KeepMarkers(tokenizer, fmt) if fmt else tokenizer
+        self._detok = IncrementalDetokenizer(decoder, request.prompt_ids, skip_special_tokens=self._harmony is None)
         self._stop = StopMatcher(request.params.stop)
         self._reasoning = ReasoningStream(request.start_in_reasoning) if request.parse_reasoning else None
         self._tools = None
         if request.tool_mode and self._harmony is not None:
             self._tools = self._harmony  # one parser for channels and calls
+        elif request.tool_mode and fmt:
+            self._tools = tool_formats.make_stream(fmt, request.tool_id_prefix, list(request.tool_mode.tools))
         elif request.tool_mode:  # DeepSeek's format when the model writes it, else Hermes
             stream = DeepSeekToolStream if writes_deepseek_tools(tokenizer) else ToolCallStream
             self._tools = stream(request.tool_id_prefix)

@@ -11,6 +11,7 @@ vocabulary is gpt-oss's or DeepSeek's is rendered by harmony.py / deepseek_chat.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from ...errors import MoemeshError
 from ..chat import ChatTemplateError
 from ..tokenizer import Tokenizer
-from . import deepseek_chat, harmony
+from . import deepseek_chat, harmony, tool_formats
 from .reasoning import THINK_CLOSE, THINK_OPEN
 from .tool_parser import TOOL_CLOSE, TOOL_OPEN
 
@@ -53,6 +54,7 @@ class ToolMode:
     kind: str  # auto | required | named
     names: frozenset[str]  # the tools offered
     name: str | None = None  # the one tool a named choice demands
+    tools: tuple = ()  # the offered tools' definitions (XML-style formats type arguments by their schemas)
 
     @property
     def forced(self) -> bool:
@@ -201,6 +203,8 @@ def _render_builtin(tokenizer: Tokenizer, messages: list[dict], tools: list[dict
 
 def _forced_prefill(tokenizer: Tokenizer, mode: ToolMode) -> str:
     """The head of a call in the model's own syntax, which the model can only continue."""
+    if fmt := tool_formats.format_of(tokenizer.chat_template):  # GLM, MiniMax, Kimi
+        return tool_formats.forced_prefill(fmt, mode.name)
     if harmony.is_harmony(tokenizer):
         return harmony.forced_prefill(mode.name)  # gpt-oss: the commentary header addressed to the function
     if deepseek_chat.writes_deepseek_tools(tokenizer):
@@ -220,6 +224,8 @@ def build_chat_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[di
             raise PromptError(f"chat_template_kwargs may not set {key!r}: the server sets it from the request",
                            param=f"chat_template_kwargs.{key}")
     mode = tool_mode_for(tools, tool_choice)
+    if mode is not None:
+        mode = dataclasses.replace(mode, tools=tuple(tools or ()))
     offered = tools if mode is not None else None  # tool_choice none: the model never sees them
     text = None if tokenizer.chat_template else _render_builtin(tokenizer, messages, offered, template_kwargs or {})
     if text is None:

@@ -1,0 +1,56 @@
+"""glm4_moe (GLM-4.5 / 4.6 / 4.7): GQA with partial rotary (half of each head by default),
+q/k/v biases, optional per-head q/k norms, DeepSeek-V3's sigmoid routing with a correction bias
+(``noaux_tc``: group-limited top-k on the biased scores, unbiased weights renormalised and
+scaled), shared experts, and dense FFNs in the first ``first_k_dense_replace`` layers.
+
+The multi-token-prediction layer GLM checkpoints carry as ``model.layers.<num_hidden_layers>``
+is not built (decoding uses the main layers, as transformers does).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..layers.grouped_router import GroupedRouting
+from .args import ModelArgs, common_args, rotary_dim_of
+from .shape import ModelShape, standard_shape
+from .spec import ArchSpec
+
+# transformers' Glm4MoeConfig defaults, for keys a config.json leaves out
+DEFAULTS = dict(n_routed_experts=128, n_shared_experts=1, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+                first_k_dense_replace=1, norm_topk_prob=True, use_qk_norm=False, partial_rotary_factor=0.5,
+                rms_norm_eps=1e-5)
+
+
+def args_from_config(cfg: dict[str, Any]) -> ModelArgs:
+    cfg = {**DEFAULTS, **cfg}
+    common = common_args(cfg, "glm4_moe")
+    n_layers, n_experts = common["num_layers"], int(cfg["n_routed_experts"])
+    moe_intermediate = int(cfg["moe_intermediate_size"])
+    routing = GroupedRouting(
+        scoring="sigmoid", method="noaux_tc", n_group=int(cfg["n_group"] or 1), topk_group=int(cfg["topk_group"] or 1),
+        routed_scaling_factor=float(cfg["routed_scaling_factor"]), norm_topk_prob=bool(cfg["norm_topk_prob"]),
+    )
+    first_dense = int(cfg["first_k_dense_replace"] or 0)
+    return ModelArgs(
+        **common,
+        attention_bias=bool(cfg.get("attention_bias", False)),  # q/k/v only: o_proj has no bias
+        qk_norm="head" if cfg["use_qk_norm"] else None,
+        num_experts=n_experts,
+        top_k=int(cfg["num_experts_per_tok"]),
+        moe_intermediate_size=moe_intermediate,
+        norm_topk_prob=bool(cfg["norm_topk_prob"]),
+        moe_layers=[i for i in range(n_layers) if n_experts and i >= first_dense],
+        shared_expert_intermediate_size=moe_intermediate * int(cfg["n_shared_experts"] or 0),
+        rotary_dim=rotary_dim_of(cfg, common["head_dim"]),
+        routing=routing,
+    )
+
+
+def shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
+    s = standard_shape(args, name, router_bias=True)  # e_score_correction_bias beside each router
+    if cfg.get("num_nextn_predict_layers"):
+        s.notes.append(f"{cfg['num_nextn_predict_layers']} multi-token-prediction layer(s) not counted (decode does not use them)")
+    return s
+
+
+ARCH = ArchSpec("glm4_moe", args_from_config, shared_name="shared_experts", shape=shape)
