@@ -138,7 +138,8 @@ def check_status(head: MeshStack, stacks: list[MeshStack], bounds, order, capsys
     deadline = time.monotonic() + 15
     while True:  # records are refreshed every heartbeat (1 s) and pings probe the links
         records = {r.peer_id: r for r in head.live_nodes()}
-        ok = all(records[i].status.get("serving") and records[i].status.get("links_ms") for i in ids)
+        ok = all(i in records and records[i].status.get("serving")
+                 and set(records[i].status.get("links_ms") or ()) == set(ids) - {i} for i in ids)
         if ok or time.monotonic() > deadline:
             break
         time.sleep(0.5)

@@ -47,7 +47,7 @@ def serve(model, kv: str, requests: list[list[int]], prefix: bool = True, max_pr
     rec = Recorder(model)
     cache = model.new_cache(kv)
     pc = PrefixCache(cache, capacity, B) if prefix else None
-    engine = Engine(rec, cache=cache, prefix_cache=pc, max_prefill_tokens=max_prefill)
+    engine = Engine(rec, cache=cache, prefix_cache=pc, max_prefill_tokens=max_prefill, prefill="chunked")  # the recorder sees forward calls
     out = []
     for ids in requests:
         rec.logits.clear()

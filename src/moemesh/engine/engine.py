@@ -73,8 +73,10 @@ class Engine:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._next_id = 0
-        layer_ok = self.cache.supports_starts if prefill == "layer" else eligible(model, self.cache)
-        self.layer_major = prefill != "chunked" and layer_ok
+        if prefill == "chunked":
+            self.layer_major = False
+        else:
+            self.layer_major = self.cache.supports_starts if prefill == "layer" else eligible(model, self.cache)
         self.job: LayerMajorPrefill | None = None
         self._job_seq: Sequence | None = None
 

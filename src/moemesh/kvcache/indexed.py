@@ -76,5 +76,9 @@ class IndexedCache(KVCache):
         self.kv.end(batch)
         self.selection.clear()
 
+    def bytes_per_token(self) -> int:
+        """The latent KV and one indexer key per layer (fp32) per token."""
+        return self.kv.bytes_per_token() + self.keys.num_layers * self.keys.dim * 4
+
     def nbytes(self) -> int:
         return self.kv.nbytes() + self.keys.nbytes()

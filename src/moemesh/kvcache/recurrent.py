@@ -111,6 +111,10 @@ class HybridCache(KVCache):
     def nbytes(self) -> int:
         return self.kv.nbytes() + self.states.nbytes()
 
+    def bytes_per_token(self) -> int:
+        """The attention layers' KV per token (the recurrent states are a fixed size per sequence)."""
+        return self.kv.bytes_per_token()
+
 
 def states_of(cache: KVCache) -> RecurrentStateCache:
     """The recurrent states a linear-attention layer reads; a clear error for a plain KV cache."""

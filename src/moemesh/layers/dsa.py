@@ -63,6 +63,10 @@ class SparseMLA(MultiHeadLatentAttention):
         super().__init__(*args, **kwargs)
         self.indexer = indexer
 
+    def prepare_graph(self) -> str:
+        """Before a compiled decode step: this layer has no graph form, so the model decodes eagerly."""
+        return "sparse attention (the top-k keys of the indexer) is not in the compiled step"
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 batch: BatchLayout) -> torch.Tensor:
         # x: [T, D]; cos/sin: [T, 1, R]

@@ -74,6 +74,10 @@ class GatedDeltaNet(torch.nn.Module):
         self.dt_bias = torch.nn.Parameter(dt_bias.float(), requires_grad=False)  # [Hv]
         self.norm_weight = torch.nn.Parameter(norm_weight.float(), requires_grad=False)  # [Dv]
 
+    def prepare_graph(self) -> str:
+        """Before a compiled decode step: this layer has no graph form, so the model decodes eagerly."""
+        return "Gated DeltaNet layers (recurrent state) are not in the compiled step"
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 batch: BatchLayout) -> torch.Tensor:
         # x: [T, D] (cos, sin unused: no positions in a recurrent layer)

@@ -65,9 +65,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``apply_rope`` written into x (x: [T, H, D] with D contiguous, a tensor nothing else reads
-    after): one C call where it runs (the same bits), else the reference."""
+    after): one C call where it runs (the same bits; whole-head rotary only), else the reference."""
     lib = None if torch.compiler.is_compiling() else decode_kernels.load()
-    if lib is not None and x.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() \
+    if lib is not None and x.stride(-1) == 1 and cos.shape[-1] == x.shape[-1] and cos.is_contiguous() and sin.is_contiguous() \
             and decode_kernels.usable(x, cos, sin):
         return decode_kernels.rope_(lib, x, cos, sin)
     return apply_rope(x, cos, sin)

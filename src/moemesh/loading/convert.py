@@ -220,9 +220,9 @@ def linear_names(spec, args, source) -> set[str]:
     names: set[str] = set()
     build_linear = builder.linear
 
-    def recording(ns: list[str], bias_names: list[str] | None = None):
+    def recording(ns: list[str], bias_names: list[str] | None = None, expert: bool = False):
         names.update(ns)
-        return build_linear(ns, bias_names)
+        return build_linear(ns, bias_names, expert=expert)
 
     builder.linear = recording
     builder.build(LazyExperts(cache=None))  # type: ignore[arg-type]

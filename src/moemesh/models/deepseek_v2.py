@@ -119,7 +119,8 @@ class DeepseekBuilder(Builder):
             RMSNorm(self.tensor(s.attn(i, "kv_a_layernorm.weight")), LORA_NORM_EPS),
             self.tensor(s.attn(i, "kv_b_proj.weight")).float(),  # absorbed into q and the output
             self.linear([s.attn(i, "o_proj.weight")], bias("o_proj")),
-            absorbed_int8=q_in.mode in ("int4", "int8"),  # a quantized trunk: the absorbed matrices int8 too
+            # an int4/int8 trunk: the absorbed matrices int8 too (block-format trunks from GGUF keep them fp32)
+            absorbed_int8=getattr(q_in, "mode", None) in ("int4", "int8"),
         )
 
 
