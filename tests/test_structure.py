@@ -131,3 +131,12 @@ def test_layer_contracts_catch_a_planted_back_import(tmp_path: Path) -> None:
     res = subprocess.run([_tool("lint-imports"), "--no-cache"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, env=env)
     assert res.returncode != 0 and "moemesh.quant is not allowed to import moemesh.server" in res.stdout, res.stdout[-3000:]
+
+
+def test_architecture_lists_every_module() -> None:
+    """docs/architecture.md's module table (scripts/module_map.py) names every module of src/moemesh."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    src = ROOT / "src" / "moemesh"
+    missing = [str(p.relative_to(src)) for p in sorted(src.rglob("*"))
+               if p.suffix in (".py", ".c", ".h") and p.name != "__init__.py" and f"`{p.relative_to(src)}`" not in doc]
+    assert not missing, f"not in docs/architecture.md (run scripts/module_map.py): {missing}"
