@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,6 +9,7 @@ from ..errors import CheckpointError
 from ..models import get_arch
 from ..models.args import ModelArgs
 from ..models.spec import ArchSpec
+from ..weights.json_file import read_json
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource, WeightSource
 
@@ -42,12 +42,7 @@ def open_source(path: Path) -> tuple[dict, WeightSource, "Tokenizer | None"]:
         ckpt = open_gguf(path)
         return ckpt.config, GGUFSource(ckpt), Tokenizer.from_gguf(ckpt.file)
     config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from None
+    config = read_json(config_path, f"{path}: not a checkpoint directory (no config.json)")
     if "model_type" not in config:
         raise CheckpointError(f"{config_path}: no model_type")
     tokenizer = None

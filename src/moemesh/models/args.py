@@ -144,6 +144,23 @@ def common_args(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
     )
 
 
+def routed_args(cfg: dict[str, Any], model_type: str, moe_layers: list[int], intermediate_key: str,
+                norm_topk_default: bool) -> dict[str, Any]:
+    """``common_args`` plus the attention biases and routed-expert fields the Qwen-style MoE
+    families (qwen3_moe, olmoe) read alike."""
+    bias = bool(cfg.get("attention_bias", False))
+    return dict(
+        **common_args(cfg, model_type),
+        attention_bias=bias,
+        o_bias=bias,
+        num_experts=num_experts_of(cfg),
+        top_k=int(cfg["num_experts_per_tok"]),
+        moe_intermediate_size=int(cfg[intermediate_key]),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", norm_topk_default)),
+        moe_layers=moe_layers,
+    )
+
+
 def num_experts_of(cfg: dict[str, Any]) -> int:
     """Checkpoints say ``num_experts`` or ``num_local_experts`` (transformers 5 writes the latter)."""
     n = cfg.get("num_experts", cfg.get("num_local_experts"))

@@ -49,6 +49,20 @@ EXPERTS = MappingProxyType({  # HF per-expert names under the family's MoE prefi
     "ffn_up_exps": "experts.{e}.up_proj",
     "ffn_down_exps": "experts.{e}.down_proj",
 })
+QK_NORMS = MappingProxyType({"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"})
+
+
+def moe_block(*parts: Mapping[str, str], router: str = "mlp.gate", attn: Mapping[str, str] = ATTN) -> MappingProxyType:
+    """A family's per-layer GGUF -> HF names: ``attn`` and any ``parts``, the router, and the routed
+    experts under ``mlp.`` (the layout qwen2/3_moe, olmoe and gpt-oss share)."""
+    names: dict[str, str] = {**attn}
+    for part in parts:
+        names.update(part)
+    names["ffn_gate_inp"] = router
+    names.update({k: f"mlp.{v}" for k, v in EXPERTS.items()})
+    return MappingProxyType(names)
+
+
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.([\w.]+)\.(weight|bias)")
 _TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
 

@@ -19,7 +19,6 @@ router ``ffn_gate_inp``; sliding layers alternate (llama.cpp's pattern 2: even l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from ..quant.blocks import BlockLinear, supported_qtypes
 from ..quant.qlinear import QuantLinear
 from .args import ModelArgs, common_args, num_experts_of
 from .build import Builder
-from .gguf import ATTN, EXPERTS, GGUFSpec, Meta, Shapes, base_config, moe_config, need
+from .gguf import ATTN, GGUFSpec, Meta, Shapes, base_config, moe_block, moe_config, need
 from .shape import standard_shape
 from .spec import ArchSpec
 
@@ -211,13 +210,10 @@ def gguf_config(meta: Meta, shapes: Shapes) -> dict:
     return config
 
 
-GGUF_BLOCK = MappingProxyType({
-    **{k: v for k, v in ATTN.items() if not k.startswith("ffn_")},
+GGUF_BLOCK = moe_block({
     "post_attention_norm": "post_attention_layernorm",
     "attn_sinks.weight": "self_attn.sinks",
-    "ffn_gate_inp": "mlp.router",
-    **{k: f"mlp.{v}" for k, v in EXPERTS.items()},
-})
+}, router="mlp.router", attn={k: v for k, v in ATTN.items() if not k.startswith("ffn_")})
 GGUF = GGUFSpec("gpt-oss", "gpt_oss", GGUF_BLOCK, gguf_config)
 ARCH = GptOssSpec("gpt_oss", args_from_config, builder=GptOssBuilder, gguf=GGUF,
                   shape=lambda args, cfg, name: standard_shape(args, name, expert_bias=True, router_bias=True, sinks=True))

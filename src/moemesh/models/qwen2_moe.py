@@ -1,11 +1,10 @@
 """qwen2_moe: q/k/v biases and a shared expert scaled by sigmoid(x @ g); its GGUF (``qwen2moe``)."""
 from __future__ import annotations
 
-from types import MappingProxyType
 from typing import Any
 
 from .args import ModelArgs, common_args, num_experts_of
-from .gguf import ATTN, EXPERTS, GGUFSpec, Meta, Shapes, base_config, moe_config
+from .gguf import GGUFSpec, Meta, Shapes, base_config, moe_block, moe_config
 from .qwen3_moe import moe_layers
 from .spec import ArchSpec
 
@@ -40,10 +39,7 @@ def gguf_config(meta: Meta, shapes: Shapes) -> dict:
     return config
 
 
-GGUF_BLOCK = MappingProxyType({
-    **ATTN,
-    "ffn_gate_inp": "mlp.gate",
-    **{k: f"mlp.{v}" for k, v in EXPERTS.items()},
+GGUF_BLOCK = moe_block({
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
     "ffn_up_shexp": "mlp.shared_expert.up_proj",

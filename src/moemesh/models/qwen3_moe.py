@@ -1,11 +1,10 @@
 """qwen3_moe: per-head q/k RMSNorm, softmax-then-top-k router with ``norm_topk_prob``; its GGUF (``qwen3moe``)."""
 from __future__ import annotations
 
-from types import MappingProxyType
 from typing import Any
 
-from .args import ModelArgs, common_args, num_experts_of
-from .gguf import ATTN, EXPERTS, GGUFSpec, Meta, Shapes, base_config, moe_config
+from .args import ModelArgs, num_experts_of, routed_args
+from .gguf import QK_NORMS, GGUFSpec, Meta, Shapes, base_config, moe_block, moe_config
 from .spec import ArchSpec
 
 
@@ -17,20 +16,9 @@ def moe_layers(cfg: dict[str, Any], num_experts: int) -> list[int]:
 
 
 def args_from_config(cfg: dict[str, Any]) -> ModelArgs:
-    bias = bool(cfg.get("attention_bias", False))
-    num_experts = num_experts_of(cfg)
-    return ModelArgs(
-        **common_args(cfg, "qwen3_moe"),
-        attention_bias=bias,
-        o_bias=bias,
-        qk_norm="head",
-        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
-        num_experts=num_experts,
-        top_k=int(cfg["num_experts_per_tok"]),
-        moe_intermediate_size=int(cfg["moe_intermediate_size"]),
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-        moe_layers=moe_layers(cfg, num_experts),
-    )
+    layers = moe_layers(cfg, num_experts_of(cfg))
+    return ModelArgs(**routed_args(cfg, "qwen3_moe", layers, "moe_intermediate_size", True), qk_norm="head",
+                     sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None)
 
 
 def gguf_config(meta: Meta, shapes: Shapes) -> dict:
@@ -41,13 +29,7 @@ def gguf_config(meta: Meta, shapes: Shapes) -> dict:
     return config
 
 
-GGUF_BLOCK = MappingProxyType({
-    **ATTN,
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate_inp": "mlp.gate",
-    **{k: f"mlp.{v}" for k, v in EXPERTS.items()},
-})
+GGUF_BLOCK = moe_block(QK_NORMS)
 # llama.cpp's converter keeps HF's rotary row order for qwen3moe (NEOX rope): no permutation
 GGUF = GGUFSpec("qwen3moe", "qwen3_moe", GGUF_BLOCK, gguf_config)
 ARCH = ArchSpec("qwen3_moe", args_from_config, gguf=GGUF)

@@ -16,22 +16,15 @@ Phases: every expert's gate_up tiles, the activations, every expert's down tiles
 region, tiles shared between threads. */
 #include "blocks_kernel.h"
 #include "blocks_tile.h"
+#include "exp_poly.h"
 
 #define BK_EXP_HI 88.3f
 #define BK_EXP_LO -87.3f  /* 2^n stays a normal float */
 
 static inline float bk_exp(float x) {
     x = x > BK_EXP_HI ? BK_EXP_HI : (x < BK_EXP_LO ? BK_EXP_LO : x);
-    const float n = nearbyintf(x * 1.44269504088896341f);
-    float r = fmaf(-n, 0.693359375f, x);
-    r = fmaf(-n, -2.12194440e-4f, r);
-    float p = 1.9875691500e-4f;
-    p = fmaf(p, r, 1.3981999507e-3f);
-    p = fmaf(p, r, 8.3334519073e-3f);
-    p = fmaf(p, r, 4.1665795894e-2f);
-    p = fmaf(p, r, 1.6666665459e-1f);
-    p = fmaf(p, r, 5.0000001201e-1f);
-    p = fmaf(p * r, r, r + 1.f);
+    float n;
+    const float p = exp_poly1(x, &n);
     const uint32_t u = (uint32_t)((int32_t)n + 127) << 23;
     float s;
     memcpy(&s, &u, 4);
@@ -49,17 +42,8 @@ static inline float bk_act1(int act, float alpha, float limit, float g, float u)
 #if BK_AVX2
 static inline __m256 bk_exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(BK_EXP_LO)), _mm256_set1_ps(BK_EXP_HI));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256 n;
+    const __m256 p = exp_poly8(x, &n);
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -115,11 +99,7 @@ int bk_experts_mix(int gu_type, int dn_type, int act, float alpha, float limit, 
     if (n * 3 * inter * d < BK_SERIAL) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *acc = (float *)malloc(sizeof(float) * BK_ACC);
-        if (!acc) {
-#pragma omp atomic write
-            rc = -3;
-        }
+        float *acc = bk_thread_acc(&rc);
 #pragma omp for schedule(guided)
         for (int64_t it = 0; it < n * t1; it++) {  /* gate rows, then up rows, of every expert */
             const int64_t e = it / t1, r0 = (it % t1) * BK_NB, nn = 2 * inter - r0 < BK_NB ? 2 * inter - r0 : BK_NB;

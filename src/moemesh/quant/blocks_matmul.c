@@ -124,11 +124,7 @@ int bk_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *w, 
     if (m * n * k < BK_SERIAL || ntiles * nmb < 2) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *acc = (float *)malloc(sizeof(float) * BK_ACC);
-        if (!acc) {
-#pragma omp atomic write
-            rc = -3;
-        }
+        float *acc = bk_thread_acc(&rc);
 #pragma omp for schedule(guided)
         for (int64_t it = 0; it < nmb * ntiles; it++) {
             if (!acc) continue;

@@ -2,6 +2,7 @@
 #ifndef BLOCKS_TILE_H
 #define BLOCKS_TILE_H
 #include <stdint.h>
+#include <stdlib.h>
 
 #define BK_NB 4              /* weight rows per tile */
 #define BK_MB 64             /* activation rows per tile */
@@ -23,4 +24,16 @@ void bk_xfree(bk_xbuf *b);
    apart; acc: BK_ACC floats of scratch. */
 void bk_tile(int type, const bk_xbuf *xb, int64_t m, int64_t k, const uint8_t *w, int64_t rs, int64_t n,
              const float *bias, float *y, int64_t m0, int64_t mm, int64_t n0, int64_t nn, float *acc);
+
+/* A thread's tile accumulator (BK_ACC floats; free it when the thread is done); NULL and *rc = -3
+   when out of memory (the thread then skips its work and the call fails). */
+static inline float *bk_thread_acc(int *rc) {
+    float *acc = (float *)malloc(sizeof(float) * BK_ACC);
+    if (!acc) {
+#pragma omp atomic write
+        *rc = -3;
+    }
+    return acc;
+}
+
 #endif

@@ -95,6 +95,17 @@ static inline __attribute__((always_inline)) __m256i scales_4_4(const uint16_t *
                                    _mm_loadu_si128((const __m128i *)(sg + 2 * (c + 16))), 1);
 }
 
+/* The four nibble planes of two packed byte vectors (p, q: low then high nibbles) times the two
+   activation rows' broadcast bytes, added into each row's four int16 accumulators. */
+static inline __attribute__((always_inline)) void nibble_madds(__m256i a1[4], __m256i a2[4], __m256i p, __m256i q, __m256i lo4, __m256i b1, __m256i b2) {
+    const __m256i w[4] = {_mm256_and_si256(p, lo4), _mm256_and_si256(q, lo4),
+                          _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4), _mm256_and_si256(_mm256_srli_epi16(q, 4), lo4)};
+    for (int r = 0; r < 4; r++) {
+        a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(w[r], b1));
+        a2[r] = _mm256_add_epi16(a2[r], _mm256_maddubs_epi16(w[r], b2));
+    }
+}
+
 /* Half of a 64-row block (halves of 64) for one row of x: PASS 0 = columns {0-7, 16-23}, 1 = {8-15, 24-31},
    each with its high nibbles (+32); acc r holds rows base(r) + {0..3, 16..19}, base = 8 PASS + 4 (r & 1) +
    32 (r >> 1). Two passes of 8 accumulators instead of one of 16: the 16 ymm registers hold it. */
@@ -123,13 +134,7 @@ static inline __attribute__((always_inline)) void half64_avx2(const uint8_t *wb,
             memcpy(&v1, x1 + g * GS + st * 4, 4);
             memcpy(&v2, x2 + g * GS + st * 4, 4);
             const __m256i b1 = _mm256_set1_epi32(v1), b2 = _mm256_set1_epi32(v2);
-            const __m256i w[4] = {_mm256_and_si256(u0, lo4), _mm256_and_si256(u1, lo4),
-                                  _mm256_and_si256(_mm256_srli_epi16(u0, 4), lo4),
-                                  _mm256_and_si256(_mm256_srli_epi16(u1, 4), lo4)};
-            for (int r = 0; r < 4; r++) {
-                a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(w[r], b1));
-                a2[r] = _mm256_add_epi16(a2[r], _mm256_maddubs_epi16(w[r], b2));
-            }
+            nibble_madds(a1, a2, u0, u1, lo4, b1, b2);
         }
         const __m256 dum = _mm256_set1_ps(du[g]), sm = _mm256_set1_ps(sumx[g]);
         const __m256i off = _mm256_set1_epi32(-8 * sx[g]);
@@ -173,13 +178,7 @@ static inline __attribute__((always_inline)) void tile32_avx2(const uint8_t *wb,
             memcpy(&v2, x2 + g * GS + st * 4, 4);
             const __m256i b1 = _mm256_shuffle_epi8(_mm256_set1_epi32(v1), spread);
             const __m256i b2 = _mm256_shuffle_epi8(_mm256_set1_epi32(v2), spread);
-            const __m256i w[4] = {_mm256_and_si256(ta, lo4), _mm256_and_si256(tb, lo4),
-                                  _mm256_and_si256(_mm256_srli_epi16(ta, 4), lo4),
-                                  _mm256_and_si256(_mm256_srli_epi16(tb, 4), lo4)};
-            for (int r = 0; r < 4; r++) {
-                a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(w[r], b1));
-                a2[r] = _mm256_add_epi16(a2[r], _mm256_maddubs_epi16(w[r], b2));
-            }
+            nibble_madds(a1, a2, ta, tb, lo4, b1, b2);
         }
         const __m256 dum = _mm256_set1_ps(du[g]), sm = _mm256_set1_ps(sumx[g]);
         const __m256i off = _mm256_set1_epi32(-8 * sx[g]);
@@ -206,17 +205,8 @@ static inline __attribute__((always_inline)) void tile32_avx2(const uint8_t *wb,
 static inline __m256 silu_mul8(__m256 g, __m256 u) {
     const __m256 x = _mm256_max_ps(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.37626f)),
                                    _mm256_set1_ps(-88.37626f));  /* -g, clamped */
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256 n;
+    const __m256 p = exp_poly8(x, &n);
     const __m256i ni = _mm256_max_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(-126));
     const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
     const __m256 e = _mm256_mul_ps(p, two_n);  /* exp(-g) */

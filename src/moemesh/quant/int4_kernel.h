@@ -97,6 +97,7 @@ static inline float bf16f(uint16_t h) {
     return f;
 }
 
+#include "exp_poly.h"
 #include "int4_scalar.h"
 #if I4_PATH >= 1
 #include "int4_avx2.h"

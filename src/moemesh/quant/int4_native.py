@@ -27,7 +27,7 @@ from .int4_pack import torch_layout
 from .native import BASE_FLAGS, cpu_flags, load_library
 
 HERE = Path(__file__).parent
-SOURCES = ("int4_kernel.h", "int4_scalar.h", "int4_avx2.h", "int4_avx512.h", "int4_matmul.c", "int4_ffn.c")
+SOURCES = ("exp_poly.h", "int4_kernel.h", "int4_scalar.h", "int4_avx2.h", "int4_avx512.h", "int4_matmul.c", "int4_ffn.c")
 # no fp contraction: the paths' bits depend on which products round before they are added (-std=c11
 # already means off for gcc; clang's default would fuse)
 FLAGS = (*BASE_FLAGS, "-ffp-contract=off")

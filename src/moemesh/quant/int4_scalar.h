@@ -79,16 +79,8 @@ static inline float silu_mul1(float g, float u) {
     float x = 0.f - g;
     x = x < 88.37626f ? x : 88.37626f;  /* minps / maxps: the second operand unless the comparison holds */
     x = x > -88.37626f ? x : -88.37626f;
-    const float n = rintf(x * 1.44269504088896341f);
-    float r = fmaf(-n, 0.693359375f, x);
-    r = fmaf(-n, -2.12194440e-4f, r);
-    float p = 1.9875691500e-4f;
-    p = fmaf(p, r, 1.3981999507e-3f);
-    p = fmaf(p, r, 8.3334519073e-3f);
-    p = fmaf(p, r, 4.1665795894e-2f);
-    p = fmaf(p, r, 1.6666665459e-1f);
-    p = fmaf(p, r, 5.0000001201e-1f);
-    p = fmaf(p * r, r, r + 1.f);
+    float n;
+    const float p = exp_poly1(x, &n);
     const float e = ldexpf(p, (int)n);  /* exp(-g) */
     return (g / (1.f + e)) * u;
 }

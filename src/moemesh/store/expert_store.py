@@ -19,7 +19,6 @@ checksum checked as it lands, each slot's expert built once (a read turns it int
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from ..errors import CheckpointError
 from ..layers.mlp import GatedMLP
 from ..quant.qlinear_state import from_state
+from ..weights.json_file import read_json
 from .checksum import checksum_fn
 from .expert_source import ExpertSource, Span
 
@@ -60,12 +60,7 @@ class ExpertStore(ExpertSource):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise CheckpointError(f"{self.root}: not an expert store (no manifest.json)")
-        try:
-            m = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{manifest_path}: corrupt manifest ({exc})") from None
+        m = read_json(manifest_path, f"{self.root}: not an expert store (no manifest.json)", "corrupt manifest")
         if m.get("format") != FORMAT:
             raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest")
         if m.get("version") != VERSION:
