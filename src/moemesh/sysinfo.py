@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ctypes
 import resource
+import subprocess
+from collections.abc import Callable
 
 
 def peak_rss_bytes() -> int:
@@ -30,3 +32,18 @@ def trim_heap() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+def terminate(proc: subprocess.Popen, grace_s: float = 10.0, kill: Callable[[], None] | None = None) -> None:
+    """Stop a child process: SIGTERM, then (after ``grace_s``) ``kill`` or SIGKILL; waits for it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        if kill is not None:
+            kill()
+        else:
+            proc.kill()
+            proc.wait(5)

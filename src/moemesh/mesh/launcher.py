@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..server.launcher import _die_with_parent
+from ..sysinfo import terminate
 
 _ADDR = re.compile(r"mesh address (\S+)")
 _HTTP = re.compile(r"listening on (http://\S+)")
@@ -105,12 +106,8 @@ class MeshProcess:
         self.proc.wait(5)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+        if self.proc is not None:
+            terminate(self.proc, kill=self.kill9)
         self._log.unlink(missing_ok=True)
         shutil.rmtree(self._home, ignore_errors=True)
 

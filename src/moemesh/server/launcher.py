@@ -20,6 +20,8 @@ from pathlib import Path
 
 _LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
 
+from ..sysinfo import terminate
+
 
 def _die_with_parent() -> None:
     """In the child, before exec: on Linux, get SIGTERM when the launching process dies, so a killed
@@ -108,13 +110,8 @@ class ServerProcess:
             return resp.read().decode()
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
+        if self._proc is not None:
+            terminate(self._proc)
         self._log.unlink(missing_ok=True)
 
     def __enter__(self) -> ServerProcess:
