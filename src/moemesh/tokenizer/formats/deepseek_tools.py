@@ -22,7 +22,7 @@ import re
 import uuid
 
 from .holdback import partial_suffix_len
-from .tool_parser import ToolCall, ToolCallDelta, ToolCallStream
+from .tool_parser import CallStream, ToolCall, ToolCallDelta, ToolCallStream
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 CALLS_END = "<｜tool▁calls▁end｜>"
@@ -51,28 +51,17 @@ def parse_deepseek_call(body: str) -> tuple[str, str] | None:
     return name, args
 
 
-class DeepSeekToolStream:
+class DeepSeekToolStream(CallStream):
     """feed(text) -> (content, deltas); finish() -> the same for whatever was held back."""
 
     def __init__(self, id_prefix: str = "call_") -> None:
+        super().__init__()
         self._id_prefix = id_prefix
         self._in_block = False  # inside <｜tool▁calls▁begin｜> ... <｜tool▁calls▁end｜>
-        self._buf = ""
         self._strip_next = False  # drop whitespace right after the block
-        self.calls: list[ToolCall] = []
-        self.invalid_bodies: list[str] = []
 
-    @property
-    def complete_calls(self) -> int:
-        return sum(c.complete for c in self.calls)
-
-    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
-        self._buf += text
-        content: list[str] = []
-        deltas: list[ToolCallDelta] = []
-        while self._step_block(content, deltas) if self._in_block else self._step_text(content):
-            pass
-        return "".join(content), deltas
+    def _advance(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:
+        return self._step_block(content, deltas) if self._in_block else self._step_text(content)
 
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         content, deltas = self.feed("")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .holdback import partial_suffix_len
-from .tool_parser import ToolCall, ToolCallDelta
+from .tool_parser import CallStream, ToolCall, ToolCallDelta
 
 GLM_OPEN, GLM_CLOSE, GLM_KEY = "<tool_call>", "</tool_call>", "<arg_key>"
 MINIMAX_OPEN, MINIMAX_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
@@ -96,29 +96,19 @@ def parse_kimi(body: str, types: dict[str, dict[str, str]]) -> Parsed | None:
     return calls or None
 
 
-class BlockToolStream:
+class BlockToolStream(CallStream):
     """feed(text) -> (content, deltas); finish() -> the same for whatever was held back. Text
     between ``open`` and ``close`` is one block, parsed whole by ``parse`` into calls."""
 
     def __init__(self, open_tag: str, close_tag: str, parse: Callable[[str, dict], Parsed | None],
                  id_prefix: str = "call_", tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__()
         self._open, self._close, self._parse = open_tag, close_tag, parse
         self._id_prefix, self._types = id_prefix, param_types(tools)
-        self._in_block, self._buf, self._strip_next = False, "", False
-        self.calls: list[ToolCall] = []
-        self.invalid_bodies: list[str] = []
+        self._in_block, self._strip_next = False, False
 
-    @property
-    def complete_calls(self) -> int:
-        return sum(c.complete for c in self.calls)
-
-    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
-        self._buf += text
-        content: list[str] = []
-        deltas: list[ToolCallDelta] = []
-        while self._step_block(content, deltas) if self._in_block else self._step_text(content):
-            pass
-        return "".join(content), deltas
+    def _advance(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:
+        return self._step_block(content, deltas) if self._in_block else self._step_text(content)
 
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         content, deltas = self.feed("")

@@ -96,19 +96,15 @@ def parse_call_body(body: str) -> tuple[str, str] | None:
     return obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
-class ToolCallStream:
-    """feed(text) -> (content, deltas); finish() -> the same for whatever was held back."""
+class CallStream:
+    """What every streamed tool-call parser shares (Hermes here, DeepSeek, GLM/MiniMax/Kimi): the calls
+    found so far, the bodies that were not calls, and ``feed``, which buffers text and advances the
+    parser (``_advance``: one step, True while it can go on) as far as the buffer allows."""
 
-    def __init__(self, id_prefix: str = "call_") -> None:
-        self._id_prefix = id_prefix
-        self._mode = "text"  # text | head | args | tail | whole
+    def __init__(self) -> None:
         self._buf = ""
-        self._body = ""  # everything after <tool_call> in the current call (for whole parsing)
-        self._scan = _JsonScan()
-        self._strip_next = False  # drop whitespace right after a call
-        self._ws_before = ""  # whitespace dropped before the current <tool_call>
         self.calls: list[ToolCall] = []
-        self.invalid_bodies: list[str] = []  # <tool_call> bodies that were not calls
+        self.invalid_bodies: list[str] = []
 
     @property
     def complete_calls(self) -> int:
@@ -118,9 +114,25 @@ class ToolCallStream:
         self._buf += text
         content: list[str] = []
         deltas: list[ToolCallDelta] = []
-        while self._step(content, deltas):
+        while self._advance(content, deltas):
             pass
         return "".join(content), deltas
+
+    def _advance(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:
+        raise NotImplementedError
+
+
+class ToolCallStream(CallStream):
+    """feed(text) -> (content, deltas); finish() -> the same for whatever was held back."""
+
+    def __init__(self, id_prefix: str = "call_") -> None:
+        super().__init__()
+        self._id_prefix = id_prefix
+        self._mode = "text"  # text | head | args | tail | whole
+        self._body = ""  # everything after <tool_call> in the current call (for whole parsing)
+        self._scan = _JsonScan()
+        self._strip_next = False  # drop whitespace right after a call
+        self._ws_before = ""  # whitespace dropped before the current <tool_call>
 
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         content, deltas = self.feed("")
@@ -136,7 +148,7 @@ class ToolCallStream:
         self._mode = "text"
         return content, deltas
 
-    def _step(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:
+    def _advance(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:
         """Advance one state transition if the buffer allows; False when more text is needed."""
         if self._mode == "text":
             return self._step_text(content)
