@@ -21,7 +21,6 @@ import json
 import re
 import uuid
 
-from .holdback import partial_suffix_len
 from .tool_parser import CallStream, ToolCall, ToolCallDelta, ToolCallStream
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
@@ -58,7 +57,6 @@ class DeepSeekToolStream(CallStream):
         super().__init__()
         self._id_prefix = id_prefix
         self._in_block = False  # inside <｜tool▁calls▁begin｜> ... <｜tool▁calls▁end｜>
-        self._strip_next = False  # drop whitespace right after the block
 
     def _advance(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:
         return self._step_block(content, deltas) if self._in_block else self._step_text(content)
@@ -78,9 +76,7 @@ class DeepSeekToolStream(CallStream):
         return content, deltas
 
     def _step_text(self, content: list[str]) -> bool:
-        if self._strip_next:
-            self._buf = self._buf.lstrip()
-            self._strip_next = not self._buf
+        self._skip_space_after_call()
         starts = [i for i in (self._buf.find(CALLS_BEGIN), self._buf.find(CALL_BEGIN)) if i >= 0]
         if starts:  # a block, or a lone call without the outer tag
             i = min(starts)
@@ -89,11 +85,7 @@ class DeepSeekToolStream(CallStream):
             self._buf = self._buf[i + len(tag):]
             self._in_block = True
             return True
-        cut = len(self._buf) - partial_suffix_len(self._buf, [CALLS_BEGIN, CALL_BEGIN])
-        while cut > 0 and self._buf[cut - 1].isspace():  # held: dropped if a block follows
-            cut -= 1
-        content.append(self._buf[:cut])
-        self._buf = self._buf[cut:]
+        self._release_text(content, [CALLS_BEGIN, CALL_BEGIN])
         return False
 
     def _step_block(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:

@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from .holdback import partial_suffix_len
 from .tool_parser import CallStream, ToolCall, ToolCallDelta
 
 GLM_OPEN, GLM_CLOSE, GLM_KEY = "<tool_call>", "</tool_call>", "<arg_key>"
@@ -105,7 +104,7 @@ class BlockToolStream(CallStream):
         super().__init__()
         self._open, self._close, self._parse = open_tag, close_tag, parse
         self._id_prefix, self._types = id_prefix, param_types(tools)
-        self._in_block, self._strip_next = False, False
+        self._in_block = False
 
     def _advance(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:
         return self._step_block(content, deltas) if self._in_block else self._step_text(content)
@@ -122,19 +121,13 @@ class BlockToolStream(CallStream):
         return content, deltas
 
     def _step_text(self, content: list[str]) -> bool:
-        if self._strip_next:
-            self._buf = self._buf.lstrip()
-            self._strip_next = not self._buf
+        self._skip_space_after_call()
         i = self._buf.find(self._open)
         if i >= 0:
             content.append(self._buf[:i].rstrip())
             self._buf, self._in_block = self._buf[i + len(self._open):], True
             return True
-        cut = len(self._buf) - partial_suffix_len(self._buf, [self._open])
-        while cut > 0 and self._buf[cut - 1].isspace():  # held: dropped if a block follows
-            cut -= 1
-        content.append(self._buf[:cut])
-        self._buf = self._buf[cut:]
+        self._release_text(content, [self._open])
         return False
 
     def _step_block(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:

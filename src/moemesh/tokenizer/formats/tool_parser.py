@@ -103,6 +103,7 @@ class CallStream:
 
     def __init__(self) -> None:
         self._buf = ""
+        self._strip_next = False  # drop whitespace right after a call
         self.calls: list[ToolCall] = []
         self.invalid_bodies: list[str] = []
 
@@ -121,6 +122,21 @@ class CallStream:
     def _advance(self, content: list[str], deltas: list[ToolCallDelta]) -> bool:
         raise NotImplementedError
 
+    def _skip_space_after_call(self) -> None:
+        """Drop the whitespace right after a call block (once the next non-space text arrives)."""
+        if self._strip_next:
+            self._buf = self._buf.lstrip()
+            self._strip_next = not self._buf
+
+    def _release_text(self, content: list[str], markers: list[str]) -> None:
+        """Move the buffer's text to ``content``, holding back a tail that may begin a marker and the
+        whitespace before it (dropped if a call block follows)."""
+        cut = len(self._buf) - partial_suffix_len(self._buf, markers)
+        while cut > 0 and self._buf[cut - 1].isspace():
+            cut -= 1
+        content.append(self._buf[:cut])
+        self._buf = self._buf[cut:]
+
 
 class ToolCallStream(CallStream):
     """feed(text) -> (content, deltas); finish() -> the same for whatever was held back."""
@@ -131,7 +147,6 @@ class ToolCallStream(CallStream):
         self._mode = "text"  # text | head | args | tail | whole
         self._body = ""  # everything after <tool_call> in the current call (for whole parsing)
         self._scan = _JsonScan()
-        self._strip_next = False  # drop whitespace right after a call
         self._ws_before = ""  # whitespace dropped before the current <tool_call>
 
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
@@ -175,9 +190,7 @@ class ToolCallStream(CallStream):
         return self._close_whole(deltas, content)  # whole: wait for the closing tag
 
     def _step_text(self, content: list[str]) -> bool:
-        if self._strip_next:
-            self._buf = self._buf.lstrip()
-            self._strip_next = not self._buf
+        self._skip_space_after_call()
         i = self._buf.find(TOOL_OPEN)
         if i >= 0:
             before = self._buf[:i].rstrip()
@@ -187,12 +200,7 @@ class ToolCallStream(CallStream):
             self._body = ""
             self._mode = "head"
             return True
-        # hold back a possible partial tag and the whitespace before it (dropped before a call)
-        cut = len(self._buf) - partial_suffix_len(self._buf, [TOOL_OPEN])
-        while cut > 0 and self._buf[cut - 1].isspace():
-            cut -= 1
-        content.append(self._buf[:cut])
-        self._buf = self._buf[cut:]
+        self._release_text(content, [TOOL_OPEN])
         return False
 
     def _step_args(self, deltas: list[ToolCallDelta]) -> bool:
