@@ -81,26 +81,24 @@ def attend_codes(
     return out.view(hkv, g, n, dv).permute(2, 0, 1, 3).reshape(n, hq, dv)
 
 
-def attend_dequant(
-    tq: TurboQuantizer,
-    q: torch.Tensor,
-    hist: CodedHistory,
-    coded: int,
-    exact_k: torch.Tensor,
-    exact_v: torch.Tensor,
-    start: int,
-    scale: float,
-    window: int | None,
-    sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reference for ``attend_codes`` (same arguments): dequantize, then standard attention."""
-    lo, mask = _visible(start, q.shape[0], window)
+def dequantized_history(tq: TurboQuantizer, hist: CodedHistory, coded: int, exact_k: torch.Tensor,
+                        exact_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's keys and values: the coded history decoded, then the exact tokens
+    ([Hkv, L, Dh] and [Hkv, L, Dv]; Dv < Dh when the values are the keys' prefixes)."""
     keys = torch.cat([tq.decode_t(hist.k_codes[:, :, :coded], hist.k_norms[:, :coded]), exact_k], dim=1)
-    dv = exact_v.shape[-1]  # < Dh: values are the keys' prefixes
+    dv = exact_v.shape[-1]
     values = torch.cat([tq.decode_t(hist.v_codes[:, :, :coded], hist.v_norms[:, :coded])[..., :dv], exact_v], dim=1)
+    return keys, values
+
+
+def attend_dequant(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float,
+                   window: int | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for ``attend_codes``: standard attention over ``dequantized_history``'s keys and
+    values. q: [n, Hq, Dh] at positions [start, start + n) -> [n, Hq, Dv]."""
+    lo, mask = _visible(start, q.shape[0], window)
     if sinks is not None:
         return attend_with_sinks(q.transpose(0, 1), keys[:, lo:], values[:, lo:], mask, scale, sinks).transpose(0, 1)
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1), keys[:, lo:], values[:, lo:], attn_mask=mask, scale=scale, enable_gqa=True
-    )  # [Hq, n, Dh]
+    )  # [Hq, n, Dv]
     return o.transpose(0, 1)

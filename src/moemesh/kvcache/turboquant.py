@@ -22,7 +22,7 @@ import torch
 from ..batch import BatchLayout
 from .base import KVCache
 from .quantizer import NORM_DTYPE, TurboQuantizer
-from .tq_attention import CodedHistory, attend_codes, attend_dequant
+from .tq_attention import CodedHistory, attend_codes, attend_dequant, dequantized_history
 from .tq_native import CodedView, NativeTables, decode_step, encode, load_native
 from .turboquant_prefix import TurboQuantPrefix
 
@@ -156,9 +156,13 @@ class TurboQuantKVCache(TurboQuantPrefix, KVCache):
                 exact_v = exact_k[..., : self.value_dim]  # [Hkv, nw+n, Dv] view
             else:
                 exact_v = torch.cat([st.wv[:, : st.nw], v[off : off + n].transpose(0, 1).float()], dim=1)
-            run = attend_codes if self.mode == "codes" else attend_dequant
-            out[off : off + n] = run(tq, q[off : off + n], st.hist, seq.coded, exact_k, exact_v, seq.length, scale, window,
-                                     sinks)
+            qs = q[off : off + n]  # [n, Hq, Dh]
+            if self.mode == "codes":
+                out[off : off + n] = attend_codes(tq, qs, st.hist, seq.coded, exact_k, exact_v, seq.length, scale, window,
+                                                  sinks)
+            else:  # the reference: decode the history, then standard attention
+                keys, values = dequantized_history(tq, st.hist, seq.coded, exact_k, exact_v)
+                out[off : off + n] = attend_dequant(qs, keys, values, seq.length, scale, window, sinks)
             self._evict(layer, st, seq.coded, exact_k, exact_v)
         return out
 
