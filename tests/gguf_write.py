@@ -265,3 +265,55 @@ def _set_expert_stack(experts, part: str, value: np.ndarray) -> None:
             return
         for e, mod in enumerate(experts):
             getattr(mod, f"{part}_proj").weight.copy_(v[e])
+
+
+def write_glm4moe(model, path: Path, expert_type: Q, seed: int = 0) -> None:
+    """A transformers Glm4MoeForCausalLM -> llama.cpp ``glm4moe`` GGUF (conversion/glm.py Glm4MoeModel:
+    no q/k permutation, rotary width as rope.dimension_count, sigmoid gating, experts stacked in
+    ``expert_type``); block tensor names from gguf-py's own name map; the model's experts are
+    replaced by the decoded GGUF values."""
+    rng = np.random.default_rng(seed)
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "glm4moe")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    rp = dict(cfg.rope_parameters or {})
+    w.add_rope_freq_base(rp.get("rope_theta", 10000.0))
+    w.add_rope_dimension_count(int(head_dim * rp.get("partial_rotary_factor", 0.5)))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_weights_norm(cfg.norm_topk_prob)
+    _vocab(w, cfg.vocab_size)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4_MOE, cfg.num_hidden_layers)
+    for hf, t in model.state_dict().items():
+        if ".mlp.experts." in hf:
+            continue
+        if hf.endswith("e_score_correction_bias"):  # gguf-py maps it as exp_probs_b.bias
+            g = f"blk.{hf.split('.')[2]}.exp_probs_b.bias"
+        else:
+            g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        assert g is not None, hf
+        _add(w, g, t.float().numpy(), Q.F32)
+    for i, dec in enumerate(model.model.layers):
+        experts = getattr(dec.mlp, "experts", None)
+        if experts is None:
+            continue
+        for part in ("gate", "up", "down"):
+            stacked = _expert_stack(experts, part)  # [E, out, in]
+            raw, value = encode(stacked, expert_type, rng)
+            _add(w, f"blk.{i}.ffn_{part}_exps.weight", raw, expert_type)
+            _set_expert_stack(experts, part, value)
+    _finish(w)
