@@ -61,7 +61,7 @@ def shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
 
 
 def gguf_config(meta: Meta, shapes: Shapes) -> dict:
-    """llama.cpp's glm4moe keys -> a Glm4MoeConfig (the converter writes no expert groups: GLM uses one)."""
+    """llama.cpp's glm4moe keys -> a Glm4MoeConfig (expert groups as the converter's base class writes them)."""
     a = "glm4moe"
     config = base_config(a, meta, shapes)
     config.update(moe_config(a, meta, shapes, "experts.0.gate_proj.weight"))
@@ -71,7 +71,8 @@ def gguf_config(meta: Meta, shapes: Shapes) -> dict:
         n_shared_experts=int(meta(f"{a}.expert_shared_count", 0) or 0),
         first_k_dense_replace=int(meta(f"{a}.leading_dense_block_count", 0) or 0),
         routed_scaling_factor=float(meta(f"{a}.expert_weights_scale", 1.0) or 1.0),
-        norm_topk_prob=bool(meta(f"{a}.expert_weights_norm", False)), n_group=1, topk_group=1,
+        norm_topk_prob=bool(meta(f"{a}.expert_weights_norm", False)),
+        n_group=int(meta(f"{a}.expert_group_count", 1) or 1), topk_group=int(meta(f"{a}.expert_group_used_count", 1) or 1),
         use_qk_norm="model.layers.0.self_attn.q_norm.weight" in shapes,
         partial_rotary_factor=int(need(meta, f"{a}.rope.dimension_count")) / config["head_dim"],
     )
