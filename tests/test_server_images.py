@@ -14,6 +14,7 @@ import anthropic
 import numpy as np
 import openai
 import pytest
+import torch
 from PIL import Image
 
 from moemesh.engine.engine import Engine
@@ -203,3 +204,17 @@ def test_text_only_model_refuses_images(tmp_path):
         state.image_input("messages[0].content[1].image_url.url")
     assert exc.value.status == 400 and "does not take images" in exc.value.message
     assert exc.value.param == "messages[0].content[1].image_url.url"
+
+
+def test_fit_keeps_preprocessing_exact(ckpt):
+    """The server keeps each image only at the size the model reads (ImageInput.fit): preprocessing
+    the fitted image gives the same patches as preprocessing the original, large or small."""
+    from moemesh.tokenizer.images import preprocess
+
+    vision = load_model(str(ckpt), "fp32").images
+    for h, w, seed in [(40, 56, 0), (300, 200, 1), (9, 13, 2), (64, 64, 3)]:
+        img = open_image(png(h, w, seed))
+        fitted, grid = vision.fit(img)
+        want, want_grid = preprocess(img, vision.spec)
+        got, got_grid = preprocess(fitted, vision.spec)
+        assert grid == want_grid == got_grid and torch.equal(got, want)

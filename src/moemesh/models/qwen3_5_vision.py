@@ -119,6 +119,15 @@ class ImageInput:
         h, w = smart_resize(image.height, image.width, p * self.spec.merge, self.spec.min_pixels, self.spec.max_pixels)
         return 1, h // p, w // p
 
+    def fit(self, image):
+        """(the image resized to the size preprocess() reads, its grid): preprocess() of the result is
+        preprocess() of the original (resizing to the same size is a copy), at a bounded size."""
+        from PIL import Image
+
+        grid = self.grid(image)
+        size = (grid[2] * self.spec.patch, grid[1] * self.spec.patch)  # (w, h)
+        return (image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)), grid
+
     def expand(self, ids: list[int], grids: list[tuple[int, int, int]]) -> list[int]:
         """ids with each ``<|image_pad|>`` repeated once per merged patch of its image's grid."""
         pads = [i for i, t in enumerate(ids) if t == self.tokens.image]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...models.media import Media
+from ...models.qwen3_5_vision import ImageInput
 from ...tokenizer.formats.chat_prompt import PromptPlan, build_chat_prompt
 from ...tokenizer.images import ImageError, open_image
 from ...tokenizer.tokenizer import Tokenizer
@@ -69,18 +70,18 @@ async def chat_prompt_ids(state: ServerState, tokenizer: Tokenizer, messages: li
             if check_fits:
                 check_prompt_fits(len(ids), state.context_length, param)
             return plan, ids, None
-        images = [decode(src) for src in sources]
         pads = ids.count(vision.tokens.image)
-        if pads != len(images):
-            raise APIError(400, f"the chat template wrote {pads} image placeholders for {len(images)} images",
+        if pads != len(sources):
+            raise APIError(400, f"the chat template wrote {pads} image placeholders for {len(sources)} images",
                            param=param)
-        try:
-            grids = [vision.grid(img) for img in images]
-        except ImageError as exc:
-            raise APIError(400, str(exc), param=param) from None
-        n = len(ids) - len(images) + sum(vision.tokens_per_image(g) for g in grids)
-        if check_fits:  # before the vision tower runs: images count against the context
-            check_prompt_fits(n, state.context_length, param)
+        images, grids, n = [], [], len(ids) - len(sources)
+        for src in sources:  # one at a time, each kept only at the size the model reads
+            image, grid = decode(src, vision)
+            images.append(image)
+            grids.append(grid)
+            n += vision.tokens_per_image(grid)
+            if check_fits:  # before the next image and the vision tower: images count against the context
+                check_prompt_fits(n, state.context_length, param)
         if not encode_images:
             return plan, vision.expand(ids, grids), None
         ids, media = vision.prepare(ids, images)
@@ -89,11 +90,12 @@ async def chat_prompt_ids(state: ServerState, tokenizer: Tokenizer, messages: li
     return await state.off_loop(render)
 
 
-def decode(source: ImageSource):
-    """An image source -> an RGB image, or a 400 naming the request field and the problem."""
+def decode(source: ImageSource, vision: ImageInput):
+    """An image source -> (the RGB image resized to what the model reads, its patch grid), or a 400
+    naming the request field and the problem."""
     data = source.read()
     try:
-        return open_image(data)
+        return vision.fit(open_image(data))
     except ImageError as exc:
         raise APIError(400, f"{source.where}: {exc}", param=source.where) from None
 
