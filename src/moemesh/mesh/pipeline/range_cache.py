@@ -58,10 +58,6 @@ class RangeCache(KVCache):
     def start(self) -> int:
         return self.offsets.get("attn", 0)
 
-    @property
-    def shares_prefixes(self) -> bool:  # type: ignore[override]
-        return getattr(self.inner, "shares_prefixes", True)
-
     def add_sequence(self, seq_id: int) -> None:
         self.inner.add_sequence(seq_id)
 
