@@ -265,3 +265,130 @@ def _set_expert_stack(experts, part: str, value: np.ndarray) -> None:
             return
         for e, mod in enumerate(experts):
             getattr(mod, f"{part}_proj").weight.copy_(v[e])
+
+
+def write_glm4moe(model, path: Path, expert_type: Q, seed: int = 0) -> None:
+    """A transformers Glm4MoeForCausalLM -> llama.cpp ``glm4moe`` GGUF (conversion/glm.py Glm4MoeModel:
+    no q/k permutation, rotary width as rope.dimension_count, sigmoid gating, experts stacked in
+    ``expert_type``); block tensor names from gguf-py's own name map; the model's experts are
+    replaced by the decoded GGUF values."""
+    rng = np.random.default_rng(seed)
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "glm4moe")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    rp = dict(cfg.rope_parameters or {})
+    w.add_rope_freq_base(rp.get("rope_theta", 10000.0))
+    w.add_rope_dimension_count(int(head_dim * rp.get("partial_rotary_factor", 0.5)))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_weights_norm(cfg.norm_topk_prob)
+    w.add_expert_group_count(cfg.n_group)  # conversion/base.py writes n_group / topk_group when the config has them
+    w.add_expert_group_used_count(cfg.topk_group)
+    _vocab(w, cfg.vocab_size)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4_MOE, cfg.num_hidden_layers)
+    for hf, t in model.state_dict().items():
+        if ".mlp.experts." in hf:
+            continue
+        if hf.endswith("e_score_correction_bias"):  # gguf-py maps it as exp_probs_b.bias
+            g = f"blk.{hf.split('.')[2]}.exp_probs_b.bias"
+        else:
+            g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        assert g is not None, hf
+        _add(w, g, t.float().numpy(), Q.F32)
+    for i, dec in enumerate(model.model.layers):
+        experts = getattr(dec.mlp, "experts", None)
+        if experts is None:
+            continue
+        for part in ("gate", "up", "down"):
+            stacked = _expert_stack(experts, part)  # [E, out, in]
+            raw, value = encode(stacked, expert_type, rng)
+            _add(w, f"blk.{i}.ffn_{part}_exps.weight", raw, expert_type)
+            _set_expert_stack(experts, part, value)
+    _finish(w)
+
+
+def write_qwen3next(model, path: Path, expert_type: Q, seed: int = 0) -> None:
+    """A transformers Qwen3NextForCausalLM -> llama.cpp ``qwen3next`` GGUF as conversion/qwen.py
+    Qwen3NextModel writes it: in_proj_qkvz regrouped into attn_qkv (all q, all k, all v) + attn_gate
+    (z), (1 + w) norms stored as w + 1 (not the DeltaNet's norm), A_log as -exp(A_log), conv1d
+    squeezed, dt_bias as ssm_dt.bias, experts stacked in ``expert_type``; other names from gguf-py's
+    map. The model's experts are replaced by the decoded GGUF values."""
+    rng = np.random.default_rng(seed)
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    w = gguf.GGUFWriter(str(path), "qwen3next")
+    w.add_block_count(n)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    rp = dict(cfg.rope_parameters or {})
+    w.add_rope_freq_base(rp.get("rope_theta", 10000.0))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
+    w.add_ssm_state_size(cfg.linear_key_head_dim)
+    w.add_ssm_group_count(cfg.linear_num_key_heads)
+    w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
+    w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
+    # add_recurrent_layers (newer gguf-py): the same key
+    w.add_array("qwen3next.attention.recurrent_layers", [t == "linear_attention" for t in cfg.layer_types])
+    w.add_full_attention_interval(getattr(cfg, "full_attention_interval", 4) or 4)
+    w.add_rope_dimension_count(int(cfg.head_dim * rp.get("partial_rotary_factor", 0.25)))
+    _vocab(w, cfg.vocab_size)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3NEXT, n)
+    hk, kd = cfg.linear_num_key_heads, cfg.linear_key_head_dim
+    rv = cfg.linear_num_value_heads // hk * cfg.linear_value_head_dim
+    for hf, t in model.state_dict().items():
+        if ".mlp.experts." in hf:
+            continue
+        t = t.float()
+        bid = hf.split(".")[2] if ".layers." in hf else None
+        if hf.endswith("in_proj_qkvz.weight"):
+            d = t.shape[1]
+            q, k, v, z = t.view(hk, 2 * kd + 2 * rv, d).split([kd, kd, rv, rv], dim=1)
+            qkv = torch.cat([q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d)])
+            _add(w, f"blk.{bid}.attn_qkv.weight", qkv.numpy(), Q.F32)
+            _add(w, f"blk.{bid}.attn_gate.weight", z.reshape(-1, d).numpy().copy(), Q.F32)
+            continue
+        if hf.endswith(".A_log"):
+            t = -torch.exp(t)
+        elif hf.endswith(".dt_bias"):
+            hf = hf[: -len(".dt_bias")] + ".dt_proj.bias"
+        elif "conv1d" in hf:
+            t = t.squeeze()
+        elif hf.endswith("norm.weight") and not hf.endswith("linear_attn.norm.weight"):
+            t = t + 1
+        g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        assert g is not None, hf
+        _add(w, g, t.numpy(), Q.F32)
+    for i, dec in enumerate(model.model.layers):
+        experts = getattr(dec.mlp, "experts", None)
+        if experts is None:
+            continue
+        for part in ("gate", "up", "down"):
+            stacked = _expert_stack(experts, part)  # [E, out, in]
+            raw, value = encode(stacked, expert_type, rng)
+            _add(w, f"blk.{i}.ffn_{part}_exps.weight", raw, expert_type)
+            _set_expert_stack(experts, part, value)
+    _finish(w)

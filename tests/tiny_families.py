@@ -132,7 +132,8 @@ def qwen3_5_config(**text_overrides):
                 linear_key_head_dim=8, linear_value_head_dim=6,
                 # 12 rotary dims: 6 frequencies, two per M-RoPE axis (time, row, column), interleaved
                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75,
-                                     mrope_section=[2, 2, 2], mrope_interleaved=True), **text_overrides)
+                                     mrope_section=[2, 2, 2], mrope_interleaved=True))
+    text.update(text_overrides)
     vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, patch_size=4,
                   temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
     return Qwen3_5MoeConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
@@ -162,4 +163,31 @@ def make_qwen3_5_moe(directory: Path, fused: bool = True, seed: int = 0, config=
         model.config.save_pretrained(directory)
     else:
         model.save_pretrained(directory)
+    return model
+
+
+# a Qwen-style chat template, shortened: an image part is written as Qwen3.5's template writes it
+VISION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for p in m.content %}{% if p.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif p.type == 'text' %}{{ p.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VISION_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+def make_qwen3_5_chat(directory: Path, seed: int = 0):
+    """A tiny Qwen3.5-MoE with its vision tower, a byte-level BPE tokenizer and a chat template that
+    renders image parts (what ``moemesh serve`` needs); the config's image ids are the tokenizer's."""
+    from scripted_ckpt import save_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(["Describe the picture. What is in this image? Compare the two images."] * 4,
+                          VISION_SPECIAL, vocab_size=300)
+    cfg = qwen3_5_config(vocab_size=tok.get_vocab_size(), max_position_embeddings=512)
+    cfg.image_token_id, cfg.video_token_id = tok.token_to_id("<|image_pad|>"), tok.token_to_id("<|video_pad|>")
+    cfg.vision_start_token_id, cfg.vision_end_token_id = tok.token_to_id("<|vision_start|>"), tok.token_to_id(
+        "<|vision_end|>")
+    model = make_qwen3_5_moe(directory, seed=seed, config=cfg)
+    save_tokenizer(tok, directory, eos=["<|im_end|>", "<|endoftext|>"])
+    (directory / "chat_template.jinja").write_text(VISION_TEMPLATE)
     return model

@@ -48,6 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_limit_args(p)
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--kv", default="dense", help=KV_HELP)
+    p.add_argument("--allow-image-dir", default=None, metavar="DIR",
+                   help="vision models: let requests name image files under DIR (file:// URLs or paths; default: none)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="vision models: fetch http(s) image URLs (default: refused with a 400; data URIs always work)")
     add_expert_args(p)
     add_cache_args(p, default="auto")
     p.set_defaults(func=run)
@@ -88,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             raise MoemeshError(f"{name} must be >= 1, got {value}")
     if args.ctx is not None and args.ctx < 2:
         raise MoemeshError(f"--ctx must be >= 2, got {args.ctx}")
+    if args.allow_image_dir is not None and not os.path.isdir(args.allow_image_dir):
+        raise MoemeshError(f"--allow-image-dir: {args.allow_image_dir} is not a directory")
     experts = expert_options(args)  # checks --ram before anything slow
     limits = connection_limits(args)
     names = args.served_model_name or []
@@ -103,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..server.app import build_app
     from ..server.common.protocol import http_server
+    from ..server.core.images import ImagePolicy
     from ..server.core.state import ServerConfig, ServerState
 
     if args.threads:
@@ -115,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
                           served_model_name=names[0] if names else None, model_aliases=tuple(names[1:]),
                           accept_any_model=args.accept_any_model,
                           prefix_cache=experts.prefix_cache, prompt_cache=args.prompt_cache,
-                          prompt_cache_size=parse_size(args.prompt_cache_size))
+                          prompt_cache_size=parse_size(args.prompt_cache_size),
+                          images=ImagePolicy(args.allow_image_dir, args.allow_remote_images))
     state = ServerState(config)
     server = None
 

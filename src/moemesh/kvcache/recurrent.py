@@ -118,6 +118,7 @@ class HybridCache(KVCache):
 
 def states_of(cache: KVCache) -> RecurrentStateCache:
     """The recurrent states a linear-attention layer reads; a clear error for a plain KV cache."""
-    if not isinstance(cache, HybridCache):
+    states = getattr(cache, "states", None)  # a HybridCache, or a pipeline stage's view of one
+    if states is None:
         raise TypeError(f"a linear-attention layer needs a HybridCache (the model's new_cache()), got {type(cache).__name__}")
-    return cache.states
+    return states

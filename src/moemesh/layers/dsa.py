@@ -70,7 +70,7 @@ class SparseMLA(MultiHeadLatentAttention):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 batch: BatchLayout) -> torch.Tensor:
         # x: [T, D]; cos/sin: [T, 1, R]
-        if not isinstance(cache, IndexedCache):
+        if getattr(cache, "keys", None) is None:  # an IndexedCache, or a pipeline stage's view of one
             raise TypeError(f"sparse attention needs the model's IndexedCache (new_cache()), got {type(cache).__name__}")
         c, t, h = self.cfg, x.shape[0], self.num_heads
         assert self.q_b is not None and self.q_a_norm is not None

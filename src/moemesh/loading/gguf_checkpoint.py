@@ -8,6 +8,7 @@ touched only when it is dequantized or its block rows are used.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,15 @@ class GGUFTensor:
     its rows reordered (llama q/k), or several GGUF tensors merged (deepseek2's kv_b)."""
 
     def __init__(self, path: Path, name: str, info: TensorInfo, row_perm: np.ndarray | None = None,
-                 merge: tuple[list[TensorInfo], Merge, dict] | None = None, shape: tuple[int, ...] | None = None) -> None:
+                 merge: tuple[list[TensorInfo], Merge, dict] | None = None, shape: tuple[int, ...] | None = None,
+                 fix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.name = name  # HF name
         self.info = info  # the (first) GGUF tensor: file, byte range, type
         self.gguf_name: str = info.name
         self._path = path
         self._row_perm = row_perm
         self._merge = merge
+        self._fix = fix  # undoes a converter's change of the values (qwen3next's norms + 1); float path only
         self.shape: tuple[int, ...] = shape or info.shape
         self.ggml_type: str = info.type_name
         self.nbytes: int = sum(p.nbytes for p in merge[0]) if merge else info.nbytes
@@ -60,14 +63,15 @@ class GGUFTensor:
         if self._merge is not None:
             parts, merge, config = self._merge
             return merge.fn([torch.from_numpy(self._decode(p)) for p in parts], config)
-        return self._rows(self._decode(self.info))
+        t = self._rows(self._decode(self.info))
+        return t if self._fix is None else self._fix(t)
 
     def int4_groups(self) -> Int4Groups | None:
         """(q uint8 [out, in] 0..15, scale f32 [out, in//32], minv f32 [out, in//32]) for Q4_0/Q4_1, else None.
 
         dequantize() == q * scale + minv, each scale/minv repeated over its group of 32 along ``in``.
         """
-        if self._merge is not None or not ggml_blocks.is_int4(self.info.ggml_type):
+        if self._merge is not None or self._fix is not None or not ggml_blocks.is_int4(self.info.ggml_type):
             return None
         q, scale, minv = ggml_blocks.int4_groups(self.info.data, self.info.ggml_type, self.shape)
         return self._rows(q), self._rows(scale), self._rows(minv)
@@ -76,7 +80,7 @@ class GGUFTensor:
         """(ggml type name, raw uint8 [out, row_bytes] in HF row order, in_features) for a 2-D tensor
         in a block format (K-quants, Q8_0, MXFP4 ...), else None. A view of the map unless the rows
         are reordered (llama q/k: a copy)."""
-        if self._merge is not None or self.ggml_type in FLOAT_TYPES or len(self.shape) != 2:
+        if self._merge is not None or self._fix is not None or self.ggml_type in FLOAT_TYPES or len(self.shape) != 2:
             return None
         raw = np.asarray(self.info.data).reshape(self.shape[0], self.info.row_bytes)
         return self.ggml_type, self._rows(raw), self.shape[1]
@@ -96,7 +100,8 @@ class GGUFCheckpoint:
         self.tensors: dict[str, GGUFTensor] = {}
         for n, (g, e) in tr.names.items():
             info = file.tensors[g] if e is None else file.tensors[g].index(e)
-            self.tensors[n] = GGUFTensor(self.path, n, info, tr.spec.row_permutation(n, tr.shapes[n], self.config))
+            self.tensors[n] = GGUFTensor(self.path, n, info, tr.spec.row_permutation(n, tr.shapes[n], self.config),
+                                         fix=tr.spec.value_fix(n))
         for n, (gnames, merge) in tr.merged.items():
             parts = [file.tensors[g] for g in gnames]
             self.tensors[n] = GGUFTensor(self.path, n, parts[0], merge=(parts, merge, self.config), shape=tr.shapes[n])

@@ -63,7 +63,7 @@ def moe_block(*parts: Mapping[str, str], router: str = "mlp.gate", attn: Mapping
     return MappingProxyType(names)
 
 
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.([\w.]+)\.(weight|bias)")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.([\w.]+?)(?:\.(weight|bias))?")  # suffix-less: qwen3next's ssm_a
 _TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 
@@ -81,6 +81,15 @@ def no_permutation(hf_name: str, shape: tuple[int, ...], config: dict) -> None:
     return None
 
 
+def no_fix(hf_name: str) -> None:
+    return None
+
+
+def _full(m: re.Match) -> str:
+    """A block tensor's name within its block, suffix included (``attn_q.weight``, ``ssm_a``)."""
+    return m.group(2) if m.group(3) is None else f"{m.group(2)}.{m.group(3)}"
+
+
 @dataclass(frozen=True)
 class GGUFSpec:
     """One family's GGUF reading. ``block`` maps a block tensor's GGUF name to its HF name under
@@ -95,6 +104,8 @@ class GGUFSpec:
     row_permutation: Callable[[str, tuple[int, ...], dict], np.ndarray | None] = no_permutation
     merges: Mapping[str, Merge] = field(default_factory=dict)  # HF block name (with suffix) -> Merge
     ignored: tuple[str, ...] = ()  # block tensor name prefixes to skip (multi-token-prediction layers)
+    # HF name -> a function undoing the converter's change of that tensor's values (same shape), or None
+    value_fix: Callable[[str], Callable[[torch.Tensor], torch.Tensor] | None] = no_fix
 
 
 @dataclass
@@ -185,10 +196,10 @@ def hf_name(spec: GGUFSpec, gguf_name: str) -> str | None:
     """The HF name (``{e}`` for stacked experts) of one GGUF tensor; None: not part of this family."""
     if m := _BLOCK_RE.fullmatch(gguf_name):
         part, suffix = m.group(2), m.group(3)
-        exact = spec.block.get(f"{part}.{suffix}")
+        exact = spec.block.get(_full(m))
         if exact is not None:
             return f"model.layers.{m.group(1)}.{exact}"
-        base = spec.block.get(part)
+        base = spec.block.get(part) if suffix is not None else None
         return None if base is None else f"model.layers.{m.group(1)}.{base}.{suffix}"
     if m := _TOP_RE.fullmatch(gguf_name):
         top = TOP.get(m.group(1))
@@ -210,9 +221,9 @@ def translate(spec: GGUFSpec, path: Any, shapes: dict[str, tuple[int, ...]], met
         m = _BLOCK_RE.fullmatch(g)
         if m and m.group(2).startswith(spec.ignored or ("\0",)):
             continue
-        if m and f"{m.group(2)}.{m.group(3)}" in merge_of:
-            hf = f"model.layers.{m.group(1)}.{merge_of[m.group(2) + '.' + m.group(3)]}"
-            pending.setdefault(hf, {})[f"{m.group(2)}.{m.group(3)}"] = g
+        if m and _full(m) in merge_of:
+            hf = f"model.layers.{m.group(1)}.{merge_of[_full(m)]}"
+            pending.setdefault(hf, {})[_full(m)] = g
             continue
         hf = hf_name(spec, g)
         if hf is None:

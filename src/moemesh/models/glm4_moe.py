@@ -5,13 +5,20 @@ scaled), shared experts, and dense FFNs in the first ``first_k_dense_replace`` l
 
 The multi-token-prediction layer GLM checkpoints carry as ``model.layers.<num_hidden_layers>``
 is not built (decoding uses the main layers, as transformers does).
+
+Its GGUF (llama.cpp's ``glm4moe``, conversion/glm.py Glm4MoeModel): HF's q/k row order (NEOX
+rope: no permutation), ``post_attention_norm`` for the FFN's norm, the rotary width as
+``rope.dimension_count``, sigmoid gating with ``exp_probs_b`` as the correction bias; the MTP
+block (``nextn.*`` tensors, block index ``num_hidden_layers`` and up) is skipped.
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from ..layers.grouped_router import GroupedRouting
 from .args import ModelArgs, common_args, rotary_dim_of
+from .gguf import ATTN, EXPERTS, GGUFSpec, Meta, Shapes, base_config, moe_config, need
 from .shape import ModelShape, standard_shape
 from .spec import ArchSpec
 
@@ -53,4 +60,33 @@ def shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
     return s
 
 
-ARCH = ArchSpec("glm4_moe", args_from_config, shared_name="shared_experts", shape=shape)
+def gguf_config(meta: Meta, shapes: Shapes) -> dict:
+    """llama.cpp's glm4moe keys -> a Glm4MoeConfig (expert groups as the converter's base class writes them)."""
+    a = "glm4moe"
+    config = base_config(a, meta, shapes)
+    config.update(moe_config(a, meta, shapes, "experts.0.gate_proj.weight"))
+    n_main = int(need(meta, f"{a}.block_count")) - int(meta(f"{a}.nextn_predict_layers", 0) or 0)
+    config.update(
+        architectures=["Glm4MoeForCausalLM"], num_hidden_layers=n_main, n_routed_experts=config.pop("num_experts"),
+        n_shared_experts=int(meta(f"{a}.expert_shared_count", 0) or 0),
+        first_k_dense_replace=int(meta(f"{a}.leading_dense_block_count", 0) or 0),
+        routed_scaling_factor=float(meta(f"{a}.expert_weights_scale", 1.0) or 1.0),
+        norm_topk_prob=bool(meta(f"{a}.expert_weights_norm", False)),
+        n_group=int(meta(f"{a}.expert_group_count", 1) or 1), topk_group=int(meta(f"{a}.expert_group_used_count", 1) or 1),
+        use_qk_norm="model.layers.0.self_attn.q_norm.weight" in shapes,
+        partial_rotary_factor=int(need(meta, f"{a}.rope.dimension_count")) / config["head_dim"],
+    )
+    return config
+
+
+GGUF_BLOCK = MappingProxyType({
+    **ATTN,
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate", "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+    **{k: f"mlp.{v}" for k, v in EXPERTS.items()},
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
+})
+GGUF = GGUFSpec("glm4moe", "glm4_moe", GGUF_BLOCK, gguf_config, ignored=("nextn.",))
+ARCH = ArchSpec("glm4_moe", args_from_config, shared_name="shared_experts", shape=shape, gguf=GGUF)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..layers.vision import VisionConfig, VisionTower
-from ..tokenizer.images import ImageError, ImageSpec, preprocess
+from ..tokenizer.images import ImageError, ImageSpec, preprocess, smart_resize
 from .media import Media
 
 PREFIX = "model.visual."
@@ -113,6 +113,33 @@ class ImageInput:
         """One image as a chat template writes it: vision start, one pad, vision end."""
         return [self.tokens.start, self.tokens.image, self.tokens.end]
 
+    def grid(self, image) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid an RGB image will have, without preprocessing it (counts tokens)."""
+        p = self.spec.patch
+        h, w = smart_resize(image.height, image.width, p * self.spec.merge, self.spec.min_pixels, self.spec.max_pixels)
+        return 1, h // p, w // p
+
+    def fit(self, image):
+        """(the image resized to the size preprocess() reads, its grid): preprocess() of the result is
+        preprocess() of the original (resizing to the same size is a copy), at a bounded size."""
+        from PIL import Image
+
+        grid = self.grid(image)
+        size = (grid[2] * self.spec.patch, grid[1] * self.spec.patch)  # (w, h)
+        return (image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)), grid
+
+    def expand(self, ids: list[int], grids: list[tuple[int, int, int]]) -> list[int]:
+        """ids with each ``<|image_pad|>`` repeated once per merged patch of its image's grid."""
+        pads = [i for i, t in enumerate(ids) if t == self.tokens.image]
+        if len(pads) != len(grids):
+            raise ImageError(f"the prompt has {len(pads)} image placeholders for {len(grids)} images")
+        out: list[int] = []
+        last = 0
+        for i, g in zip(pads, grids):
+            out += ids[last:i] + [self.tokens.image] * self.tokens_per_image(g)
+            last = i + 1
+        return out + ids[last:]
+
     def prepare(self, ids: list[int], images: list) -> tuple[list[int], Media]:
         """ids with one ``<|image_pad|>`` per image (as a chat template renders an image part), and
         RGB images in that order -> (ids with each pad repeated once per merged patch, Media)."""
@@ -121,12 +148,7 @@ class ImageInput:
             raise ImageError(f"the prompt has {len(pads)} image placeholders for {len(images)} images")
         patches = [preprocess(img, self.spec) for img in images]
         grids = [g for _, g in patches]
-        out: list[int] = []
-        last = 0
-        for i, g in zip(pads, grids):
-            out += ids[last:i] + [self.tokens.image] * self.tokens_per_image(g)
-            last = i + 1
-        out += ids[last:]
+        out = self.expand(ids, grids)
         embeds = self.tower(torch.cat([p for p, _ in patches]), grids) if images else torch.zeros(0, self.cfg.out_width)
         positions, delta = mrope_positions(out, self.tokens, grids, self.cfg.merge)
         rows = torch.tensor([i for i, t in enumerate(out) if t == self.tokens.image], dtype=torch.long)

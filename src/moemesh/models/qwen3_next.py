@@ -22,6 +22,7 @@ from ..quant.qlinear import QuantLinear
 from .args import ModelArgs, common_args, num_experts_of, rotary_dim_of
 from .build import Builder
 from .qwen3_moe import moe_layers
+from .qwen3_next_gguf import GGUF
 from .shape import Linear, ModelShape, base_shape, gated
 from .spec import ArchSpec
 
@@ -129,4 +130,4 @@ def hybrid_shape(args: ModelArgs, cfg: dict[str, Any], name: str) -> ModelShape:
     return s
 
 
-ARCH = ArchSpec("qwen3_next", args_from_config, builder=HybridBuilder, shape=hybrid_shape)
+ARCH = ArchSpec("qwen3_next", args_from_config, builder=HybridBuilder, shape=hybrid_shape, gguf=GGUF)

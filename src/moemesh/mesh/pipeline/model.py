@@ -33,7 +33,6 @@ from ...models.args import ModelArgs
 from ..transport.membership import Membership, NodeRecord
 from ..transport.node import MeshError, MeshNode
 from .chain import ChainClient, ChainError
-from .range_cache import RangeCache
 from .route import Candidate, NoRoute, Segment, candidates, plan_route
 from .slice import Ends, StageLayers
 
@@ -85,7 +84,7 @@ class PipelineCache(KVCache):
             if (a, b) not in self.seqs[sid].local:
                 cache.add_sequence(sid)
                 self.seqs[sid].local.add((a, b))
-        return RangeCache(cache, a)
+        return cache  # StageLayers.run sees it through a RangeCache
 
     def route_peers(self, seq_id: int) -> list[str | None]:
         state = self.seqs[seq_id]

@@ -13,7 +13,8 @@ Two kinds of node:
   holds the experts of the share it is given, because those are the only ones it is asked for.
   The price: every layer's trunk (attention, norms, routers) on every node, counted in ``--ram``.
 
-Decoder layers keep their global index; a range's KV cache is a RangeCache (local 0 = its start).
+Decoder layers keep their numbers; a range's cache is built over its layers (numbered per kind from
+0) and seen through a RangeCache that maps each layer's number to it (range_cache.py).
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from ...experts.lazy import LazyExperts
 from ...experts.mixing import GroupedProvider
 from ...experts.provider import ResidentExperts
 from ...kvcache.base import KVCache
-from ...kvcache.spec import make_cache
 from ...layers.head import OutputHead
 from ...layers.moe import MoEBlock
 from ...layers.norm import RMSNorm
@@ -40,11 +40,11 @@ from ...loading.loader import load_model
 from ...loading.source import arch_and_args, open_source, resolve_model_path
 from ...models.args import ModelArgs
 from ...models.build import Builder, make_builder
-from ...models.transformer import DecoderLayer
+from ...models.transformer import DecoderLayer, model_cache
 from ...store.expert_store import ExpertStore, is_store
 from ...weights.safetensors_io import SafetensorsCheckpoint
 from ...weights.source import SafetensorsSource
-from .range_cache import RangeCache
+from .range_cache import RangeCache, range_offsets
 from .serial import SerialExperts
 
 
@@ -56,10 +56,6 @@ class StageLayers(torch.nn.Module):
         self.args, self.start, self.end = args, start, end  # the share it was started with
         self.layers = torch.nn.ModuleList([layers[i] for i in sorted(layers)])
         self.index = dict(sorted(layers.items()))  # global layer -> module (the same modules)
-        if args.linear_attn is not None or any(getattr(layer.attn, "indexer", None) is not None for layer in self.layers):
-            # their caches number attention and linear (or indexer) layers apart; a range of global layers is not one run
-            raise CheckpointError(f"{args.model_type}: pipeline stages do not serve hybrid linear-attention or "
-                                  "sparse-attention models yet (run it in one process)")
         self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings,
                                 args.mrope_section)
 
@@ -72,8 +68,12 @@ class StageLayers(torch.nn.Module):
         """Layers [a, b): x [T, D] fp32, positions [T] -> [T, D]; ``cache`` holds b - a layers."""
         if not self.covers(a, b):
             raise ValueError(f"layers {a}:{b} are not built on this node (it holds {self.start}:{self.end})")
+        first = self.index[a].attn
+        if hasattr(first, "indexer") and first.indexer is None:
+            raise ValueError(f"layers {a}:{b}: layer {a} reuses the sparse-attention pick of layer {a - 1}, so a "
+                             "stage cannot start there (start it at a layer with its own indexer)")
         cos, sin = self.rope.cos_sin(positions)
-        kv = RangeCache(cache, a)
+        kv = RangeCache(cache, range_offsets([self.index[i] for i in range(a, b)]))
         kv.begin(batch)
         for i in range(a, b):
             x = self.index[i](x, cos, sin, kv, batch)
@@ -84,10 +84,13 @@ class StageLayers(torch.nn.Module):
         return self.run(self.start, self.end, x, positions, cache, batch)
 
     def new_cache(self, kv: str = "dense", a: int | None = None, b: int | None = None) -> KVCache:
-        """A KV cache for layers [a, b) (default: the start share)."""
+        """The cache for layers [a, b) (default: the start share), numbered per kind from 0 as a whole
+        model's is (a HybridCache for linear-attention layers, an IndexedCache for indexers; MLA: the latent)."""
         a = self.start if a is None else a
         b = self.end if b is None else b
-        return make_cache(kv, b - a, **self.args.cache_layout())  # MLA: the latent
+        if not self.covers(a, b):
+            raise ValueError(f"layers {a}:{b} are not built on this node (it holds {self.start}:{self.end})")
+        return model_cache(self.args, kv, [self.index[i] for i in range(a, b)])
 
 
 @dataclass

@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from ..common.errors import APIError
+from ..core.images import ImagePolicy, anthropic_block
 from .schemas import AnthropicToolChoice, CountTokensRequest
 
 
@@ -28,10 +29,12 @@ def _blocks_text(blocks: str | list[dict[str, Any]], where: str) -> str:
     return "\n".join(parts)
 
 
-def _message(role: str, blocks: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
-    """One Anthropic message -> internal messages (tool results become their own tool messages)."""
+def _message(role: str, blocks: list[dict[str, Any]], where: str, images: ImagePolicy) -> list[dict[str, Any]]:
+    """One Anthropic message -> internal messages (tool results become their own tool messages; a
+    user message with images keeps its text and image parts in order)."""
     out: list[dict[str, Any]] = []
     texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # text and image parts, when the message has images
     calls: list[dict[str, Any]] = []
     reasoning: list[str] = []
     for j, block in enumerate(blocks):
@@ -39,6 +42,9 @@ def _message(role: str, blocks: list[dict[str, Any]], where: str) -> list[dict[s
         kind = block.get("type")
         if kind == "text":
             texts.append(_text(block.get("text"), f"{at}.text"))
+            parts.append({"type": "text", "text": texts[-1]})
+        elif kind == "image" and role == "user":
+            parts.append(anthropic_block(block, images, at))
         elif kind == "tool_use" and role == "assistant":
             calls.append({"id": _text(block.get("id"), f"{at}.id"), "type": "function",
                           "function": {"name": _text(block.get("name"), f"{at}.name"),
@@ -56,7 +62,9 @@ def _message(role: str, blocks: list[dict[str, Any]], where: str) -> list[dict[s
         else:
             raise APIError(400, f"{at}: content block type {kind!r} is not supported in a {role} message",
                            param=f"{at}.type")
-    if texts or calls or reasoning:
+    if len(parts) > len(texts):  # images: the parts in order (tool results, if any, came first)
+        out.append({"role": role, "content": parts})
+    elif texts or calls or reasoning:
         msg: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
         if calls:
             msg["tool_calls"] = calls
@@ -66,7 +74,7 @@ def _message(role: str, blocks: list[dict[str, Any]], where: str) -> list[dict[s
     return out
 
 
-def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
+def chat_messages(body: CountTokensRequest, images: ImagePolicy) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if body.system:
         out.append({"role": "system", "content": _blocks_text(body.system, "system")})
@@ -74,7 +82,7 @@ def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
         else:
-            out += _message(m.role, m.content, f"messages[{i}].content")
+            out += _message(m.role, m.content, f"messages[{i}].content", images)
     return out
 
 

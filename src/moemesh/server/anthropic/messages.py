@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from ...models.media import Media
 from ...tokenizer.formats.chat_prompt import PromptPlan
 from ...tokenizer.formats.tool_parser import TOOL_CLOSE, TOOL_OPEN
 from ..common.openapi import BODY_ERRORS, GENERATION_ERRORS, error_responses
@@ -106,22 +107,23 @@ async def stream_message(gen: Generation, msg_id: str, model: str) -> AsyncItera
 def messages_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    async def plan_of(body: CountTokensRequest, check_fits: bool) -> tuple[PromptPlan, list[int]]:
+    async def plan_of(body: CountTokensRequest, check_fits: bool) -> tuple[PromptPlan, list[int], Media | None]:
         state.check_model(body.model)
         tokenizer = state.ready_tokenizer()
-        return await chat_prompt_ids(state, tokenizer, chat_messages(body), chat_tools(body),
-                                     chat_tool_choice(body.tool_choice), check_fits=check_fits)
+        return await chat_prompt_ids(state, tokenizer, chat_messages(body, state.config.images), chat_tools(body),
+                                     chat_tool_choice(body.tool_choice), check_fits=check_fits,
+                                     encode_images=check_fits)
 
     @router.post("/v1/messages/count_tokens", response_model=None, responses={
         200: {"model": TokenCount}, **error_responses(*BODY_ERRORS, anthropic=True)})
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
-        _, ids = await plan_of(body, check_fits=False)
+        _, ids, _ = await plan_of(body, check_fits=False)
         return {"input_tokens": len(ids)}
 
     @router.post("/v1/messages", response_model=None, responses={
         200: {"model": Message, "content": SSE}, **error_responses(*GENERATION_ERRORS, anthropic=True)})
     async def messages(body: MessagesRequest, request: Request) -> Any:
-        plan, prompt_ids = await plan_of(body, check_fits=True)
+        plan, prompt_ids, media = await plan_of(body, check_fits=True)
         params = make_params(
             prompt_len=len(prompt_ids), context_length=state.context_length, max_tokens=body.max_tokens,
             max_tokens_field="max_tokens", temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -129,7 +131,7 @@ def messages_router(state: ServerState) -> APIRouter:
         )
         gen = state.start_generation(GenerationRequest(prompt_ids, params, prefill=plan.prefill,
                                                        tool_mode=plan.tool_mode,
-                                                       start_in_reasoning=plan.start_in_reasoning),
+                                                       start_in_reasoning=plan.start_in_reasoning, media=media),
                                      tool_id_prefix="toolu_")
         msg_id = f"msg_{uuid.uuid4().hex[:24]}"
         if body.stream:

@@ -26,6 +26,7 @@ from ...engine.engine import Engine, StepOutput
 from ...engine.sampling_params import SamplingParams
 from ...engine.sequence import Sequence
 from ...errors import PromptTooLong
+from ...models.media import Media
 
 log = logging.getLogger("moemesh.server")
 
@@ -48,8 +49,9 @@ class RequestHandle:
     """A request's link between the asyncio side and the engine thread."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
-                 ignore_eos: bool = False) -> None:
+                 ignore_eos: bool = False, media: Media | None = None) -> None:
         self.prompt_ids = prompt_ids
+        self.media = media
         self.params = params
         self.ignore_eos = ignore_eos
         self.loop = loop
@@ -150,10 +152,10 @@ class EngineLoop:
                 old = handle.seq
                 assert old is not None
                 params = dataclasses.replace(old.params, max_tokens=old.params.max_tokens - len(old.output_ids))
-                seq = self._engine.add_request(old.prompt_ids + old.output_ids, params)
+                seq = self._engine.add_request(old.prompt_ids + old.output_ids, params, media=old.media)
                 seq.generator = old.generator  # a seeded request keeps its random stream
             else:
-                seq = self._engine.add_request(handle.prompt_ids, handle.params)
+                seq = self._engine.add_request(handle.prompt_ids, handle.params, media=handle.media)
             if handle.ignore_eos:
                 seq.stop_token_ids = frozenset()
         except Exception as exc:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ...engine.sampling_params import SamplingParams
+from ...models.media import Media
 from ...tokenizer.detok import IncrementalDetokenizer
 from ...tokenizer.formats import tool_formats
 from ...tokenizer.formats.chat_prompt import ToolMode
@@ -39,6 +40,7 @@ class GenerationRequest:
     parse_reasoning: bool = True  # split <think>...</think> out (chat); raw completions keep it
     ignore_eos: bool = False
     tool_id_prefix: str = "call_"
+    media: Media | None = None  # the prompt's images (their tokens are in prompt_ids)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Generation:
         self._metrics = metrics
         self._slot = slot
         self.handle = RequestHandle(request.prompt_ids, request.params, asyncio.get_running_loop(),
-                                    request.ignore_eos)
+                                    request.ignore_eos, request.media)
         # gpt-oss: Harmony channels are special tokens, so they stay in the text for its parser
         self._harmony = HarmonyStream(request.tool_id_prefix) if (
             request.parse_reasoning and is_harmony(tokenizer)) else None

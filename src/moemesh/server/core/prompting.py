@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...models.media import Media
+from ...models.qwen3_5_vision import ImageInput
 from ...tokenizer.formats.chat_prompt import PromptPlan, build_chat_prompt
+from ...tokenizer.images import ImageError, open_image
 from ...tokenizer.tokenizer import Tokenizer
 from ..common.errors import APIError
+from .images import ImageSource, image_sources
 from .sampling import check_prompt_fits
 from .state import ServerState
 
@@ -50,18 +54,50 @@ def check_text_fits(chars: int, state: ServerState, param: str) -> None:
 async def chat_prompt_ids(state: ServerState, tokenizer: Tokenizer, messages: list[dict[str, Any]],
                           tools: list[dict[str, Any]] | None, tool_choice: str | dict | None,
                           template_kwargs: dict[str, Any] | None = None, *, param: str = "messages",
-                          check_fits: bool = True) -> tuple[PromptPlan, list[int]]:
-    """The rendered prompt and its token ids; with ``check_fits``, a 400 unless it fits the context."""
+                          check_fits: bool = True, encode_images: bool = True,
+                          ) -> tuple[PromptPlan, list[int], Media | None]:
+    """The rendered prompt, its token ids (each image's placeholder repeated once per image token)
+    and the images' Media (None without images, or when ``encode_images`` is off: a token count);
+    with ``check_fits``, a 400 unless it fits the context, images included."""
     check_text_fits(message_chars(messages), state, param)
+    sources = image_sources(messages)
+    vision = state.image_input(sources[0].where) if sources else None
 
-    def render() -> tuple[PromptPlan, list[int]]:
+    def render() -> tuple[PromptPlan, list[int], Media | None]:
         plan = build_chat_prompt(tokenizer, messages, tools, tool_choice, template_kwargs)
-        return plan, encode_off_gil(tokenizer, plan.text)
+        ids = encode_off_gil(tokenizer, plan.text)
+        if vision is None:
+            if check_fits:
+                check_prompt_fits(len(ids), state.context_length, param)
+            return plan, ids, None
+        pads = ids.count(vision.tokens.image)
+        if pads != len(sources):
+            raise APIError(400, f"the chat template wrote {pads} image placeholders for {len(sources)} images",
+                           param=param)
+        images, grids, n = [], [], len(ids) - len(sources)
+        for src in sources:  # one at a time, each kept only at the size the model reads
+            image, grid = decode(src, vision)
+            images.append(image)
+            grids.append(grid)
+            n += vision.tokens_per_image(grid)
+            if check_fits:  # before the next image and the vision tower: images count against the context
+                check_prompt_fits(n, state.context_length, param)
+        if not encode_images:
+            return plan, vision.expand(ids, grids), None
+        ids, media = vision.prepare(ids, images)
+        return plan, ids, media
 
-    plan, ids = await state.off_loop(render)
-    if check_fits:
-        check_prompt_fits(len(ids), state.context_length, param)
-    return plan, ids
+    return await state.off_loop(render)
+
+
+def decode(source: ImageSource, vision: ImageInput):
+    """An image source -> (the RGB image resized to what the model reads, its patch grid), or a 400
+    naming the request field and the problem."""
+    data = source.read()
+    try:
+        return vision.fit(open_image(data))
+    except ImageError as exc:
+        raise APIError(400, f"{source.where}: {exc}", param=source.where) from None
 
 
 async def text_prompt_ids(state: ServerState, tokenizer: Tokenizer, text: str, *, add_special_tokens: bool = True,

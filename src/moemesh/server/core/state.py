@@ -18,6 +18,7 @@ from ...loading.experts import ExpertOptions
 from ...loading.kv_identity import kv_identity
 from ...loading.loader import LoadedModel, load_model
 from ...loading.source import EMBEDDED
+from ...models.qwen3_5_vision import ImageInput
 from ...tokenizer.formats.harmony import is_harmony, stop_token_ids
 from ...tokenizer.tokenizer import Tokenizer
 from ..common.errors import APIError
@@ -25,10 +26,12 @@ from ..common.limits import ConnectionLimits
 from .admission import Admission
 from .engine_loop import EngineLoop
 from .generation import Generation, GenerationRequest
+from .images import ImagePolicy
 from .metrics import Metrics
 
 log = logging.getLogger("moemesh.server")
 T = TypeVar("T")
+IMAGE_BODY_BYTES = 64 << 20  # base64 images of a vision model's request, beyond the text's room
 PROMPT_THREADS = 2  # templating + tokenizing off the event loop, at most this many prompts at once
 
 
@@ -53,6 +56,7 @@ class ServerConfig:
     prefix_cache: int | None = None  # bytes for reused prompt KV (None: auto, 0: off; engine/prefix.py)
     prompt_cache: str | None = None  # --prompt-cache DIR: the prefix cache's blocks also on disk
     prompt_cache_size: int = 8 * 2**30
+    images: ImagePolicy = field(default_factory=ImagePolicy)  # where image inputs may come from
 
     @property
     def model_name(self) -> str:
@@ -147,8 +151,20 @@ class ServerState:
                        param="model", code="model_not_found")
 
     def body_limit(self) -> int:
-        """Bytes a request body may have (413 beyond): room for a full-context prompt by default."""
-        return self.config.limits.body_limit(self.context_length or self.config.ctx or 0)
+        """Bytes a request body may have (413 beyond): room for a full-context prompt by default,
+        and for a few base64 images beside it when the model takes images."""
+        limit = self.config.limits.body_limit(self.context_length or self.config.ctx or 0)
+        if self.config.limits.max_body_bytes is None and self.loaded is not None and self.loaded.images is not None:
+            limit += IMAGE_BODY_BYTES
+        return limit
+
+    def image_input(self, where: str) -> ImageInput:
+        """The model's image path, or a 400 naming the request's image (``where``) when it takes none."""
+        images = self.loaded.images if self.loaded is not None else None
+        if images is None:
+            raise APIError(400, f"{where}: model {self.model_name} does not take images (no vision tower)",
+                           param=where)
+        return images
 
     async def off_loop(self, work: Callable[[], T]) -> T:
         """Run CPU-heavy request work (templating, tokenizing) on the prompt threads, so that a huge

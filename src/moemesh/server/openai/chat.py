@@ -13,6 +13,7 @@ from ...tokenizer.formats.tool_parser import ToolCallDelta
 from ..common.errors import APIError
 from ..common.openapi import GENERATION_ERRORS, error_responses
 from ..core.generation import Delta, Generation, GenerationRequest, Outcome, TokenLogprob
+from ..core.images import openai_images
 from ..core.prompting import chat_prompt_ids
 from ..core.sampling import make_params
 from ..core.sse import DONE, SSE, run_or_disconnect, sse, sse_response
@@ -131,10 +132,10 @@ def chat_router(state: ServerState) -> APIRouter:
                            param="response_format")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        messages = openai_images([m.model_dump(exclude_none=True) for m in body.messages], state.config.images)
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        plan, prompt_ids = await chat_prompt_ids(state, tokenizer, messages, tools, _tool_choice(body),
-                                                 body.chat_template_kwargs)
+        plan, prompt_ids, media = await chat_prompt_ids(state, tokenizer, messages, tools, _tool_choice(body),
+                                                        body.chat_template_kwargs)
         use_new = body.max_completion_tokens is not None
         params = make_params(
             prompt_len=len(prompt_ids), context_length=state.context_length,
@@ -147,7 +148,7 @@ def chat_router(state: ServerState) -> APIRouter:
         )
         gen = state.start_generation(GenerationRequest(
             prompt_ids, params, prefill=plan.prefill, tool_mode=plan.tool_mode,
-            start_in_reasoning=plan.start_in_reasoning, ignore_eos=body.ignore_eos,
+            start_in_reasoning=plan.start_in_reasoning, ignore_eos=body.ignore_eos, media=media,
         ))
         meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
         want_lp = bool(body.logprobs)

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 
 from ..common.errors import APIError
 from ..common.openapi import BODY_ERRORS, error_responses
+from ..core.images import openai_images
 from ..core.prompting import chat_prompt_ids, text_prompt_ids
 from ..core.state import ServerState
 from .responses import Detokenized, Tokenized
@@ -24,7 +25,8 @@ def tokenize_router(state: ServerState) -> APIRouter:
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            _, ids = await chat_prompt_ids(state, tokenizer, messages, None, None, check_fits=False)
+            _, ids, _ = await chat_prompt_ids(state, tokenizer, openai_images(messages, state.config.images), None, None,
+                                              check_fits=False, encode_images=False)
         else:
             ids = await text_prompt_ids(state, tokenizer, body.prompt or "", add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": state.context_length, "tokens": ids}

@@ -94,10 +94,31 @@ def content_text(content: Any, where: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise PromptError(f"{where}[{j}]: only text content parts are supported (got type {kind!r})",
-                           param=f"{where}[{j}].type")
+            what = "image parts are only taken in user messages" if kind == "image" else (
+                f"only text content parts are supported (got type {kind!r})")
+            raise PromptError(f"{where}[{j}]: {what}", param=f"{where}[{j}].type")
         texts.append(part["text"])
     return "\n".join(texts)
+
+
+def has_images(content: Any) -> bool:
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in content)
+
+
+def content_with_images(content: list, where: str) -> list[dict]:
+    """A user message's parts for a vision template: text parts and bare ``{"type": "image"}`` parts
+    in their order (the template writes each image's placeholder; the image itself travels apart)."""
+    out: list[dict] = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "image":
+            out.append({"type": "image"})
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            out.append({"type": "text", "text": part["text"]})
+        else:
+            kind = part.get("type") if isinstance(part, dict) else None
+            raise PromptError(f"{where}[{j}]: content part type {kind!r} is not supported (text or image)",
+                              param=f"{where}[{j}].type")
+    return out
 
 
 def _arguments_value(arguments: Any) -> Any:
@@ -121,6 +142,9 @@ def shape_messages(messages: list[dict], caps: TemplateCaps) -> list[dict]:
     out: list[dict] = []
     for i, msg in enumerate(messages):
         role = msg["role"]
+        if role == "user" and has_images(msg.get("content")):
+            out.append({"role": role, "content": content_with_images(msg["content"], f"messages[{i}].content")})
+            continue
         text = content_text(msg.get("content"), f"messages[{i}].content")
         if role == "developer":
             role = "system"
