@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGUFReader
 
 from moemesh.benchkit.suites import DEFAULT_LLAMA_PYTHON
@@ -57,6 +58,11 @@ def test_first_two_layers_exact(tmp_path, name):
     assert res["finite"] and res["layer_major_ran"]
     assert res["lazy_equals_resident"], res
     assert res["layer_major_equals_chunked"], res
+    # the benchmark's way (the whole file read in place as its first 2 layers) computes the same function
+    view = whole_check.check(path, tokens=40, chunk=8, layers=2)
+    assert view["lazy_equals_resident"] and view["layer_major_equals_chunked"] and view["layer_major_ran"]
+    assert torch.equal(view["last_logits"], res["last_logits"])
+    assert not torch.equal(whole_check.check(path, tokens=40, chunk=8)["last_logits"], res["last_logits"])
 
 
 @pytest.mark.skipif(not Path(DEFAULT_LLAMA_PYTHON).is_file(), reason="llama-cpp-python peer not installed (make peers)")
