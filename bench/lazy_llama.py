@@ -45,8 +45,10 @@ def main() -> None:
 
     llama_cpp.llama_cpp.llama_model_default_params = params
     t0 = time.perf_counter()
-    llm = Llama(model_path=cfg["model"], n_ctx=cfg.get("n_ctx", 256), n_threads=cfg.get("threads", 2),
-                n_threads_batch=cfg.get("threads", 2), n_batch=32, verbose=bool(cfg.get("verbose")))
+    prefill = bool(cfg.get("prefill"))  # time to first token of the whole token list as one prompt
+    llm = Llama(model_path=cfg["model"], n_ctx=len(cfg["tokens"]) + 16 if prefill else cfg.get("n_ctx", 256),
+                n_threads=cfg.get("threads", 2), n_threads_batch=cfg.get("threads", 2), n_batch=512 if prefill else 32,
+                verbose=bool(cfg.get("verbose")))
     load_s = time.perf_counter() - t0
     capped = None
     if cfg.get("cap_after_load"):
@@ -59,6 +61,15 @@ def main() -> None:
         if not capped["applied"]:
             print("RESULT " + json.dumps({"engine": "llama.cpp", "error": "cap could not be applied after load", "cap": capped}))
             return
+    if prefill:
+        io0, t = proc_io(), time.perf_counter()
+        llm.eval(cfg["tokens"])  # n_batch 512 at a time, as llama.cpp prefills by default
+        ttft, io1 = time.perf_counter() - t, proc_io()
+        print("RESULT " + json.dumps({
+            "engine": "llama.cpp", "mode": "prefill", "prompt_tokens": len(cfg["tokens"]), "ttft_s": ttft, "load_s": load_s,
+            "prefill_tokens_per_s": len(cfg["tokens"]) / ttft, "disk_read_bytes": io1["read_bytes"] - io0["read_bytes"],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cap_after_load": capped}), flush=True)
+        return
     tokens, warmup = cfg["tokens"], cfg["warmup"]
     n_vocab = llm.n_vocab()
     logits, steps = [], []

@@ -218,10 +218,15 @@ def plan_prediction(store: Path, ram: int | None, probe_path: str) -> dict | Non
     """`moemesh plan STORE --ram RAM --probe PROBE`'s int4 row (uniform routing, shipped IO_FACTOR);
     ram None: no cap (everything resident)."""
     from moemesh.benchkit import probe as probe_mod
+    from moemesh.benchkit.probe_check import stale_reason
     from moemesh.commands.plan import plan
 
     probe = probe_mod.load(Path(probe_path))
     if probe is None:
+        return None
+    why = stale_reason(probe)
+    if why:  # another machine's (or an old) probe predicts another machine: no prediction, said so
+        print(f"plan prediction refused: {probe_path}: {why} (run `moemesh bench --quick` here, pass --probe)", flush=True)
         return None
     f = plan(str(store), ram if ram is not None else 2**50, 1, probe)["formats"]["int4"]
     keys = ("tokens_per_s", "fits", "cache_slots", "hit_rate", "disk_floor_s", "memory_floor_s", "compute_floor_s", "why")

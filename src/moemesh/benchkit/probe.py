@@ -218,6 +218,8 @@ def run_probe(disk_dir: Path | None = None, disk_file: Path | None = None, threa
     scratch file written under `disk_dir` (removed afterwards) is read for the disk numbers."""
     import torch
 
+    from .probe_check import machine_identity
+
     torch.set_num_threads(threads)
     t0 = time.time()
     scale = 0.5 if quick else 1.0
@@ -259,7 +261,8 @@ def run_probe(disk_dir: Path | None = None, disk_file: Path | None = None, threa
     return {
         "version": PROBE_VERSION, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick, "threads": threads,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "loadavg": os.getloadavg(), "torch": torch.__version__, "ram_bytes": total_ram()},
+                    "loadavg": os.getloadavg(), "torch": torch.__version__, "ram_bytes": total_ram(),
+                    "identity": machine_identity(Path(disk_file).parent)},  # benchkit/probe_check.py compares it
         "disk": {"file": str(disk_file), "measurements": disk}, "memory": mem, "matmul": matmul,
         "overhead": overhead, "seconds": time.time() - t0,
     }

@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "call]} (replayed through the LFU cache) or {\"counts\": [[picks per expert] per MoE layer]}")
     p.add_argument("--formats", help="more native rows, e.g. Q2_K,IQ4_XS (the file's own and the model's published "
                    "formats are always shown)")
+    p.add_argument("--any-probe", action="store_true",
+                   help="predict tok/s even from a probe of another machine or older than 30 days (default: refused)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--list", action="store_true", help="list the well-known model names")
     p.set_defaults(func=run)
@@ -178,15 +180,25 @@ def run(args: argparse.Namespace) -> int:
     probe = probe_mod.load(probe_path)
     if args.probe and probe is None:
         raise MoemeshError(f"{probe_path}: not a machine probe saved by `moemesh bench`")
+    stale = None
+    if probe is not None and not args.any_probe:
+        from ..benchkit.probe_check import stale_reason
+
+        stale = stale_reason(probe)
+        probe = None if stale else probe  # no tok/s from another machine's (or an old) probe
     routing, trace = _routing(Path(args.routing)) if args.routing else (None, None)
     extra = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
     r = plan(args.model, ram, args.nodes, probe, args.hit_rate, None if trace else routing, trace, args.rtt_ms / 1e3,
              extra_formats=extra)
     r["probe"] = str(probe_path) if probe else None
+    r["probe_refused"] = stale
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
-    if probe is None:
+    if stale:
+        note = (f"tok/s: not predicted: {probe_path}: {stale}; run `moemesh bench --quick` on this machine "
+                "(or --any-probe to use it anyway)")
+    elif probe is None:
         note = f"tok/s: no machine probe at {probe_path}; run `moemesh bench --quick` first"
     else:
         d = max(m["bytes_s"] for m in probe["disk"]["measurements"])

@@ -1,0 +1,154 @@
+"""bench/fullscale.py's results as markdown (the issue's goals met or not, with the figures) and a plot
+of decode tok/s vs cap."""
+from __future__ import annotations
+
+from pathlib import Path
+
+GIB = 2**30
+MIB = 2**20
+GOALS = {"gpt-oss-120b": 10.0, "qwen3-30b-a3b": 5.0}  # moemesh / llama.cpp under the 8 GB cap
+
+
+def f(x, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def decode_table(name: str, m: dict) -> list[str]:
+    lines = ["| cap | engine, routing | tok/s (median; all) | ok/runs | hit rate | MiB read/token | disk floor ms/token | "
+             "time / floor | peak RSS MiB | peak cgroup MiB | errors |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for c, row in m["caps"].items():
+        for arm, a in row["arms"].items():
+            s = a["summary"]
+            bpt = s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
+            alls = ", ".join(f"{x:.3f}" for x in s.get("tokens_per_s_all", []))
+            lines.append(f"| {c} | {arm} | **{f(s.get('tokens_per_s'), '{:.3f}')}** ({alls}) | {s['ok']}/{s['runs']} | "
+                         f"{f(s.get('hit_rate'))} | {f(bpt / MIB if bpt is not None else None, '{:.0f}')} | "
+                         f"{f(s['disk_floor_s_per_token'] * 1e3 if s.get('disk_floor_s_per_token') else None, '{:.0f}')} | "
+                         f"{f(s.get('over_floor'))} | {f(s['peak_rss_bytes'] / MIB if s.get('peak_rss_bytes') else None, '{:.0f}')} | "
+                         f"{f(s['cgroup_max_usage_bytes'] / MIB if s.get('cgroup_max_usage_bytes') else None, '{:.0f}')} | "
+                         f"{'; '.join(s['errors'])[:90]} |")
+    return lines
+
+
+def goals(name: str, m: dict) -> list[str]:
+    out = []
+    for c, row in m["caps"].items():
+        arms = {k: a["summary"] for k, a in row["arms"].items()}
+        mu, lu = arms.get("moemesh uniform", {}), arms.get("llama.cpp uniform", {})
+        cap = row["cap_bytes"]
+        need = GOALS.get(name, 1.0) if cap is not None else 1.0
+        if mu.get("tokens_per_s") and lu.get("tokens_per_s"):
+            ratio = mu["tokens_per_s"] / lu["tokens_per_s"]
+            out.append(f"- {c}: moemesh / llama.cpp (uniform) = **{ratio:.2f}x** (goal >= {need:g}x): "
+                       f"{'met' if ratio >= need else 'NOT met'}")
+        elif mu.get("tokens_per_s"):
+            out.append(f"- {c}: llama.cpp gave no figure ({'; '.join(lu.get('errors', [])) or 'not run'}): "
+                       f"moemesh {mu['tokens_per_s']:.3f} tok/s vs llama.cpp < {lower_bound(row):s}")
+        if cap is not None and mu.get("over_floor"):
+            out.append(f"- {c}: moemesh time per token / disk floor (uniform) = **{mu['over_floor']:.2f}x** (goal <= 1.25x): "
+                       f"{'met' if mu['over_floor'] <= 1.25 else 'NOT met'}")
+        if cap is not None and mu.get("peak_rss_bytes"):
+            ok = mu["peak_rss_bytes"] <= cap
+            out.append(f"- {c}: moemesh peak RSS {mu['peak_rss_bytes'] / GIB:.2f} GiB vs cap {cap / GIB:.0f} GiB: "
+                       f"{'met' if ok else 'NOT met'}")
+        p = row.get("plan")
+        if p and p.get("tokens_per_s") and mu.get("tokens_per_s"):
+            err = p["tokens_per_s"] / mu["tokens_per_s"] - 1
+            out.append(f"- {c}: plan {p['tokens_per_s']:.3f} tok/s vs measured {mu['tokens_per_s']:.3f} ({err:+.0%}; "
+                       f"goal within 25%): {'met' if abs(err) <= 0.25 else 'NOT met'}")
+    return out
+
+
+def lower_bound(row: dict) -> str:
+    runs = row["arms"].get("llama.cpp uniform", {}).get("runs", [])
+    t = [r for r in runs if str(r.get("error", "")).startswith("timeout")]
+    return "1 token per timeout" if t else "?"
+
+
+def prefill_lines(m: dict) -> list[str]:
+    p = m.get("prefill")
+    if not p:
+        return []
+    lines = ["", f"Time to first token under the {p['cap']} cap (uniform routing; moemesh layer-major prefill, llama.cpp "
+             "512-token batches). Floor = bytes of the experts the prompt touches (expected distinct experts per layer "
+             "under uniform routing) / disk floor bandwidth + the experts' matmuls at the block kernel's measured rate "
+             f"({f((p.get('compute_rate') or {}).get('gflops'), '{:.1f}')} GFLOP/s at "
+             f"{(p.get('compute_rate') or {}).get('rows')} rows; attention not counted).", "",
+             "| prompt | engine | TTFT s | prefill tok/s | floor s (I/O + compute) | TTFT / floor | MiB read | peak RSS MiB | error |",
+             "|---:|---|---:|---:|---|---:|---:|---:|---|"]
+    for key, r in p["runs"].items():
+        engine, n = key.rsplit(" ", 1)
+        fl = p["floors"].get(n) or p["floors"].get(int(n))
+        ratio = r["ttft_s"] / fl["floor_s"] if r.get("ttft_s") and fl else None
+        rd = r.get("bytes_read", r.get("disk_read_bytes"))
+        lines.append(f"| {n} | {engine} | {f(r.get('ttft_s'), '{:.1f}')} | {f(r.get('prefill_tokens_per_s'), '{:.1f}')} | "
+                     f"{fl['floor_s']:.1f} ({fl['io_s']:.1f} + {f(fl['compute_s'], '{:.1f}')}) | {f(ratio)} | "
+                     f"{f(rd / MIB if rd else None, '{:.0f}')} | {f(r['peak_rss_bytes'] / MIB if r.get('peak_rss_bytes') else None, '{:.0f}')} | "
+                     f"{r.get('error', '')} |")
+    return lines
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Whole models under memory caps ({r['date']}){' - QUICK (tiny shapes, not published figures)' if r['quick'] else ''}",
+             "", f"`{r['command']}`", "",
+             f"Machine: {r['machine'].get('cpu_model')}, {r['machine'].get('cores')} cores, disk {r['machine'].get('disk_device')}, "
+             f"kernel {r['machine'].get('kernel')}; load average {r['loadavg_before'][0]:.1f} before, "
+             f"{(r.get('loadavg_after') or [0])[0]:.1f} after (shared machine: timings are noisy). Probe for plan: {r.get('probe')}.",
+             "", "Random valid weights at the real shapes (benchkit/synth/whole.py): the random router routes uniformly, "
+             "the worst case for an expert cache; 'calibrated' rows replay a routing trace fitted to published "
+             "measurements of the real model (benchkit/routing_trace.py) - labelled, never mixed. Caps: cgroup-v1 "
+             "memory.limit_in_bytes (page cache counted) from the process's first byte, page cache dropped before every "
+             "run; G = GiB. llama.cpp: llama-cpp-python, mmap, no repacking, its own (uniform) routing."]
+    lines += [f"- note: {n}" for n in r.get("notes", [])]
+    for name, m in r["models"].items():
+        s = m["spec"]
+        ex = m.get("exactness", {})
+        d = m.get("disk", {})
+        lines += ["", f"## {name}: {s['layers']} layers x {s['experts']} {s['expert_type']} experts, top-{s['top_k']}; "
+                  f"GGUF {m['file_bytes'] / 1e9:.1f} GB ({m['expert_bytes'] / 1e9:.1f} GB of experts)", "",
+                  f"- exactness, first 2 layers of the whole file: lazy == resident bit for bit: "
+                  f"**{ex.get('lazy_equals_resident')}**; layer-major == chunked prefill bit for bit: "
+                  f"**{ex.get('layer_major_equals_chunked')}** (layer-major ran: {ex.get('layer_major_ran')}; "
+                  f"{ex.get('tokens')} tokens, chunks of {ex.get('chunk')}; finite: {ex.get('finite')}) {ex.get('error', '')}",
+                  f"- disk floor: {f(d.get('bytes_s', 0) / 1e9)} GB/s median O_DIRECT random reads of "
+                  f"{f(d.get('request_bytes', 0) / MIB)} MiB (one expert slice) at QD{d.get('queue_depth')} "
+                  f"(all: {', '.join(f'{x / 1e9:.2f}' for x in d.get('all', []))})", ""]
+        lines += decode_table(name, m)
+        pl = [(c, row["plan"]) for c, row in m["caps"].items() if row.get("plan")]
+        if pl:
+            lines += ["", "| cap | plan tok/s | plan hit rate | plan slots | measured moemesh uniform tok/s | plan / measured |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for c, p in pl:
+                meas = m["caps"][c]["arms"].get("moemesh uniform", {}).get("summary", {}).get("tokens_per_s")
+                lines.append(f"| {c} | {f(p.get('tokens_per_s'), '{:.3f}')} | {f(p.get('hit_rate'))} | {p.get('cache_slots')} | "
+                             f"{f(meas, '{:.3f}')} | {f(p['tokens_per_s'] / meas if meas and p.get('tokens_per_s') else None)} |")
+        lines += prefill_lines(m)
+        lines += ["", "Goals (issue 19):"] + goals(name, m)
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in r["models"].items():
+        arms: dict[str, list] = {}
+        for row in m["caps"].values():
+            x = (row["cap_bytes"] or m["file_bytes"] * 1.15) / GIB  # uncapped: drawn past the file's size
+            for arm, a in row["arms"].items():
+                if a["summary"].get("tokens_per_s"):
+                    arms.setdefault(arm, []).append((x, a["summary"]["tokens_per_s"]))
+        for arm, pts in arms.items():
+            pts.sort()
+            ax.plot(*zip(*pts), marker="o", label=f"{name}: {arm}")
+    ax.set_xlabel("memory cap (GiB; rightmost points of a model = no cap)")
+    ax.set_ylabel("decode tok/s (median)")
+    ax.set_yscale("log")
+    ax.set_title("whole models, one file, both engines" + (" (QUICK: tiny shapes)" if r["quick"] else ""))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
