@@ -218,7 +218,7 @@ def main() -> None:
 
 
 def machine() -> dict:
-    from moemesh.benchkit.probe_check import machine_identity
+    from moemesh.benchkit.machine_id import machine_identity
 
     return {**machine_identity(), "loadavg": os.getloadavg()}
 

@@ -27,10 +27,10 @@ def replay_hook(cfg: dict, tokens: int):
     """A function installing cfg's calibrated trace into a loaded model (None: uniform, the weights' own router)."""
     if not cfg.get("trace"):
         return None
+    from dataclasses import replace
+
     from moemesh.benchkit.routing_trace import PROFILES
     from moemesh.benchkit.trace_router import TraceReplay
-
-    from dataclasses import replace
 
     prof = PROFILES[cfg["trace"]]
     if cfg.get("trace_shape"):  # --quick's tiny models: the profile's parameters at their shape

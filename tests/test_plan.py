@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
 from moemesh.benchkit import perfmodel
 from moemesh.benchkit.known import KNOWN, PUBLISHED
+from moemesh.benchkit.probe_check import machine_identity
 from moemesh.benchkit.shapes import Linear, blob_bytes, format_bytes, linear_bytes, shape_from_config
 from moemesh.cli import main
 from moemesh.quant.qlinear import QuantLinear
@@ -20,7 +22,9 @@ ACTIVE_KEY = {"gpt-oss-20b": "active_params_no_embedding", "gpt-oss-120b": "acti
 # MiniMax-M2's card gives one significant digit ("10 billion active"): 10.4B rounds to it
 ACTIVE_REL = {"MiniMax-M2": 0.05}
 
-PROBE = {"version": 1, "date": "test", "threads": 2, "quick": True,
+# this machine's identity and today's date: plan refuses a probe of another machine or an old one
+PROBE = {"version": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": 2, "quick": True,
+         "machine": {"identity": machine_identity()},
          "disk": {"measurements": [{"request_bytes": 2**21, "queue_depth": 1, "bytes_s": 1e9},
                                    {"request_bytes": 2**23, "queue_depth": 8, "bytes_s": 2e9}]},
          "memory": {"bytes_s": 20e9}, "matmul": {f: {"gflops": g} for f, g in (("int4", 40), ("int8", 30), ("bf16", 10))}}

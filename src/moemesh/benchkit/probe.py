@@ -218,7 +218,7 @@ def run_probe(disk_dir: Path | None = None, disk_file: Path | None = None, threa
     scratch file written under `disk_dir` (removed afterwards) is read for the disk numbers."""
     import torch
 
-    from .probe_check import machine_identity
+    from .machine_id import machine_identity
 
     torch.set_num_threads(threads)
     t0 = time.time()

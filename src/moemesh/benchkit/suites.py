@@ -125,6 +125,12 @@ SUITES: tuple[Suite, ...] = (
           "shapes) vs the same experts in a store vs llama.cpp, no cap and 25% cap",
           results=_res("native_formats.json", "native_formats.md"), llama_cpp=True, root=True, minutes=25,
           llama_flag="--llama-python", note="first run writes the two GGUFs (~4.8 GB) and their stores in /work/bench-data"),
+    Suite("fullscale", "fullscale.py", "whole gpt-oss-120b (MXFP4, 62.8 GB) and Qwen3-30B-A3B (Q4_K, 17.2 GB) under "
+          "8/16 GiB caps: moemesh (uniform + calibrated routing) vs llama.cpp on the same GGUF, disk floor, TTFT, plan",
+          ("--cleanup",), _res("fullscale.json", "fullscale.md", "fullscale.png"), llama_cpp=True, root=True,
+          minutes=120, in_all=False, llama_flag="--llama-python",
+          note="writes each model once under $MOEMESH_BENCH_DATA or ~/.cache/moemesh/bench-data (gpt-oss-120b needs "
+               "63 GB free; --cleanup deletes it before Qwen3's); `-- --quick` for tiny shapes (~3-5 min)"),
     Suite("plot_caps", "plot_caps.py", "plot: decode tok/s vs RAM cap per model, from the lazy results",
           results=_res("lazy_caps.png"), minutes=0.2),
     Suite("readme_table", "readme_table.py", "regenerate README.md's performance table from bench/results",
