@@ -123,6 +123,13 @@ def one_model(name: str, args, log) -> dict:
     caps = [c.strip() for c in (args.caps or CAPS[name]).split(",") if c.strip()]
     for c in caps:
         cap = parse_cap(c)
+        avail = mem_available()
+        if cap is None and res["file_bytes"] * 1.1 > avail:  # a shared machine: never risk the global OOM killer
+            why = (f"not run: no cap needs ~{res['file_bytes'] * 1.1 / GIB:.1f} GiB resident but only {avail / GIB:.1f} GiB "
+                   "are available on this machine now")
+            log(f"{name}: cap {c}: {why}")
+            res["caps"][c] = {"cap_bytes": None, "skipped": why, "arms": {}}
+            continue
         log(f"{name}: cap {c}")
         row = {"cap_bytes": cap, "arms": decode_runs(path, spec, cap, args, stream)}
         row["plan"] = fr.plan_row(path, None if cap is None else cap - args.margin_mib * 2**20, probe, spec.expert_type)
@@ -149,6 +156,13 @@ def one_model(name: str, args, log) -> dict:
         whole_write.remove(spec, args.dir)
         log(f"{name}: removed {path.parent} (--cleanup)")
     return res
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def main() -> None:

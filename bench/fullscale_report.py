@@ -17,6 +17,8 @@ def decode_table(name: str, m: dict) -> list[str]:
     lines = ["| cap | engine, routing | tok/s (median; all) | ok/runs | hit rate | MiB read/token | disk floor ms/token | "
              "time / floor | peak RSS MiB | peak cgroup MiB | errors |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c, row in m["caps"].items():
+        if row.get("skipped"):
+            lines.append(f"| {c} | - | {row['skipped']} | | | | | | | | |")
         for arm, a in row["arms"].items():
             s = a["summary"]
             bpt = s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
