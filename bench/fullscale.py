@@ -45,7 +45,7 @@ def parse_cap(c: str) -> int | None:
 
 def decode_runs(path: Path, spec, cap: int | None, args, stream: list[int]) -> dict:
     """Alternating repeats of moemesh (uniform, calibrated) and llama.cpp under one cap."""
-    arms = [("moemesh", r) for r in args.routings] + ([("llama.cpp", "uniform")] if args.llama else [])
+    arms = [("moemesh", r) for r in args.routings] + ([("llama.cpp", "router")] if args.llama else [])
     runs: dict[str, list] = {f"{e} {r}": [] for e, r in arms}
     for rep in range(args.repeats):
         for engine, routing in arms[rep % len(arms):] + arms[: rep % len(arms)]:
@@ -60,8 +60,8 @@ def decode_runs(path: Path, spec, cap: int | None, args, stream: list[int]) -> d
                 cfg = {"mode": "decode", "store": str(path), "quant": "auto", "tokens": stream, "warmup": args.warmup,
                        "threads": args.threads, "io_threads": args.io_threads, "policy": args.policy, "prefetch": True,
                        "ram": None if cap is None else cap - args.margin_mib * 2**20,
-                       "trace": spec.name.removesuffix("-tiny") if routing == "calibrated" else None,
-                       "trace_shape": [spec.layers, spec.experts, spec.top_k] if args.quick else None}
+                       "trace": {"router": None, "uniform": "uniform"}.get(routing, spec.name.removesuffix("-tiny")),
+                       "trace_shape": [spec.layers, spec.experts, spec.top_k], "quick": args.quick}
                 r = fr.run("moemesh", cfg, cap, args.timeout, args)
             r.pop("step_s", None)
             runs[key].append(r)
@@ -174,7 +174,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="gpt-oss-120b,qwen3-30b-a3b")
     ap.add_argument("--caps", help="comma list of NG / none (default: gpt-oss 8G,16G; qwen3 8G,none); G = GiB")
-    ap.add_argument("--routings", default="uniform,calibrated")
+    ap.add_argument("--routings", default="router,uniform,calibrated",
+                    help="moemesh arms: router (the random model's own router, as llama.cpp runs it), uniform (a uniform "
+                         "trace replayed: the worst case), calibrated (a trace fitted to the real model)")
+    ap.add_argument("--no-llama", action="store_true", help="moemesh arms only")
+    ap.add_argument("--merge-into", help="add this run's arms to an earlier results JSON (same models and caps)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-repeats", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=8, help="timed moemesh decode steps")
@@ -209,7 +213,7 @@ def main() -> None:
         args.out = args.out + "_quick" if args.out == str(RESULTS / "fullscale") else args.out
     args.prompts = [int(x) for x in args.prompts.split(",") if x.strip()]
     args.routings = [r.strip() for r in args.routings.split(",") if r.strip()]
-    args.llama = Path(args.llama_python).is_file()
+    args.llama = Path(args.llama_python).is_file() and not args.no_llama
     if not cgroup.available():
         sys.exit("bench/fullscale.py needs root and the cgroup-v1 memory controller (memory caps)")
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -227,7 +231,7 @@ def main() -> None:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         result["models"][name] = one_model(name, args, log)
         result["loadavg_after"], result["wall_s"] = os.getloadavg(), time.time() - t_start
-        save(result, out)  # after each model: a partial run keeps what it measured
+        save(merged(result, args.merge_into) if args.merge_into else result, out)  # a partial run keeps what it measured
     print(out.with_suffix(".md").read_text())
 
 
@@ -235,6 +239,19 @@ def machine() -> dict:
     from moemesh.benchkit.machine_id import machine_identity
 
     return {**machine_identity(), "loadavg": os.getloadavg()}
+
+
+def merged(result: dict, into: str) -> dict:
+    """The earlier results with this run's arms added to its rows (the command and load of both kept)."""
+    old = json.loads(Path(into).read_text())
+    for name, m in result["models"].items():
+        for c, row in m["caps"].items():
+            dst = old["models"].setdefault(name, m)["caps"].setdefault(c, row)
+            if dst is not row:
+                dst["arms"].update(row["arms"])
+    old.setdefault("merged_runs", []).append({k: result.get(k) for k in ("date", "command", "loadavg_before",
+                                                                         "loadavg_after", "wall_s", "machine")})
+    return old
 
 
 def save(result: dict, out: Path) -> None:

@@ -3,7 +3,8 @@ line ``RESULT {json}``.
 
 * ``mode: decode``: bench/lazy_worker.py's teacher-forced decode of a whole GGUF read in place under
   --ram, optionally with a calibrated routing trace replayed as the router's picks
-  (benchkit/trace_router.py; ``trace``: a benchkit/routing_trace.py profile name);
+  (benchkit/trace_router.py; ``trace``: a benchkit/routing_trace.py profile name, or ``uniform``: every
+  token's picks uniform, the worst case; none: the model's own router, as llama.cpp runs it);
 * ``mode: prefill``: time to first token of a ``tokens``-long prompt, layer-major prefill
   (engine/layer_prefill.py: each routed expert read once per layer), bytes read, peak RSS.
 
@@ -24,7 +25,7 @@ from lazy_llama import proc_io  # noqa: E402
 
 
 def replay_hook(cfg: dict, tokens: int):
-    """A function installing cfg's calibrated trace into a loaded model (None: uniform, the weights' own router)."""
+    """A function installing cfg's trace into a loaded model (None: the weights' own router)."""
     if not cfg.get("trace"):
         return None
     from dataclasses import replace
@@ -32,12 +33,23 @@ def replay_hook(cfg: dict, tokens: int):
     from moemesh.benchkit.routing_trace import PROFILES
     from moemesh.benchkit.trace_router import TraceReplay
 
+    if cfg["trace"] == "uniform":  # the worst case: every token picks top_k experts uniformly in every layer
+        from moemesh.benchkit.routing_trace import uniform
+
+        layers, experts, top_k = cfg["trace_shape"]
+        trace = uniform(tokens, layers, experts, top_k, seed=cfg.get("seed", 0))
+        return lambda model: TraceReplay(trace, seed=cfg.get("seed", 0)).install(model)
     prof = PROFILES[cfg["trace"]]
-    if cfg.get("trace_shape"):  # --quick's tiny models: the profile's parameters at their shape
+    if cfg.get("trace_shape") and cfg.get("quick"):  # --quick's tiny models: the profile's parameters at their shape
         layers, experts, top_k = cfg["trace_shape"]
         prof = replace(prof, num_layers=layers, num_experts=experts, top_k=top_k)
     trace = prof.generate(tokens, seed=cfg.get("seed", 0))  # [tokens, layers, k]
     return lambda model: TraceReplay(trace, seed=cfg.get("seed", 0)).install(model)
+
+
+def label(cfg: dict) -> str:
+    t = cfg.get("trace")
+    return "router (the model's own)" if not t else "uniform (trace)" if t == "uniform" else f"calibrated:{t}"
 
 
 def decode(cfg: dict) -> dict:
@@ -55,7 +67,7 @@ def decode(cfg: dict) -> dict:
 
         loader.load_model = load_and_replay
     out = lazy_worker.moemesh_worker(cfg)
-    out["routing"] = cfg.get("trace") and f"calibrated:{cfg['trace']}" or "uniform"
+    out["routing"] = label(cfg)
     return out
 
 
@@ -95,7 +107,7 @@ def prefill(cfg: dict) -> dict:
             "bytes_read": prov.cache.reader.bytes_read - b0, "misses": prov.stats()["misses"] - m0,
             "disk_read_bytes": io1["read_bytes"] - io0["read_bytes"], "slots": prov.cache.num_slots,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "routing": cfg.get("trace") and f"calibrated:{cfg['trace']}" or "uniform"}
+            "routing": label(cfg)}
 
 
 if __name__ == "__main__":
