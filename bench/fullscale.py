@@ -111,7 +111,8 @@ def one_model(name: str, args, log) -> dict:
     res = {"spec": spec.as_dict(), "file": str(path), "file_bytes": path.stat().st_size,
            "expert_bytes": whole.expert_bytes(spec), "ready_s": time.time() - t0}
     log(f"{name}: {path} ({res['file_bytes'] / 1e9:.1f} GB) ready in {res['ready_s']:.0f} s")
-    res["exactness"] = fr.exactness(path, 2, args.exact_tokens, 16, args.timeout)
+    res["exactness"] = (fr.exactness(path, 2, args.exact_tokens, 16, args.timeout) if args.exact_tokens
+                        else {"error": "skipped (--exact-tokens 0)"})
     log(f"{name}: first 2 layers: {json.dumps(res['exactness'])}")
     slice_bytes = -(-fr.expert_slice_bytes(path) // 4096) * 4096  # O_DIRECT reads: whole 4 KiB pages
     res["disk"] = fr.disk_floor(path, slice_bytes, args.io_threads, args.disk_rounds, 1.0 if args.quick else 3.0)
@@ -195,7 +196,7 @@ def main() -> None:
     ap.add_argument("--prefill-timeout", type=float, default=1200)
     ap.add_argument("--llama-prefill-timeout", type=float, default=900)
     ap.add_argument("--disk-rounds", type=int, default=5)
-    ap.add_argument("--exact-tokens", type=int, default=48)
+    ap.add_argument("--exact-tokens", type=int, default=48, help="prompt of the first-2-layer exactness check (0: skip)")
     ap.add_argument("--omp-wait-policy", default="PASSIVE")
     ap.add_argument("--llama-python", default=os.environ.get("MOEMESH_LLAMA_PYTHON") or DEFAULT_LLAMA_PYTHON)
     ap.add_argument("--probe", help="machine probe for plan (default: the user's probe; re-run when foreign or stale)")
