@@ -245,6 +245,16 @@ def machine() -> dict:
 def merged(result: dict, into: str) -> dict:
     """The earlier results with this run's arms added to its rows (the command and load of both kept)."""
     old = json.loads(Path(into).read_text())
+    if "router" not in old["settings"]["routings"]:  # written before the three arms: its 'uniform' ran the router
+        for m in old["models"].values():
+            for row in m["caps"].values():
+                for e in ("moemesh", "llama.cpp"):
+                    if f"{e} uniform" in row["arms"]:
+                        row["arms"][f"{e} router"] = row["arms"].pop(f"{e} uniform")
+        old["notes"].append("the first run's arms named 'uniform' ran the random model's own router (no trace; "
+                            "bench/fullscale.py before commit 'three labelled moemesh routing arms'): relabelled "
+                            "'router' when the uniform-trace arm was merged in")
+        old["settings"]["routings"] = ["router"] + [r for r in old["settings"]["routings"] if r != "uniform"]
     for name, m in result["models"].items():
         for c, row in m["caps"].items():
             dst = old["models"].setdefault(name, m)["caps"].setdefault(c, row)
