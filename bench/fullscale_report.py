@@ -105,6 +105,9 @@ def markdown(r: dict) -> str:
              "memory.limit_in_bytes (page cache counted) from the process's first byte, page cache dropped before every "
              "run; G = GiB. llama.cpp: llama-cpp-python, mmap, no repacking, its own router."]
     lines += [f"- note: {n}" for n in r.get("notes", [])]
+    for mr in r.get("merged_runs", []):
+        lines.append(f"- merged in: `{mr['command']}` ({mr['date']}; load {mr['loadavg_before'][0]:.1f} before, "
+                     f"{(mr.get('loadavg_after') or [0])[0]:.1f} after); its arms' disk floors use its own disk measurement")
     for name, m in r["models"].items():
         s = m["spec"]
         ex = m.get("exactness", {})
