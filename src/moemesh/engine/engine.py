@@ -20,6 +20,8 @@ from ..kvcache.base import KVCache
 from ..kvcache.prefix_cache import PrefixCache
 from ..models.media import Media
 from ..models.transformer import Transformer
+from ..tokenizer.grammar import Matcher
+from .constraints import fill_bitmasks
 from .layer_prefill import LayerMajorPrefill, eligible
 from .media import has_media, media_inputs
 from .prefix import PrefixReuse
@@ -80,8 +82,10 @@ class Engine:
         self.job: LayerMajorPrefill | None = None
         self._job_seq: Sequence | None = None
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, media: Media | None = None) -> Sequence:
-        """media: the prompt's images (models/qwen3_5_vision.ImageInput.prepare), their tokens in prompt_ids."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, media: Media | None = None,
+                    grammar: Matcher | None = None) -> Sequence:
+        """media: the prompt's images (models/qwen3_5_vision.ImageInput.prepare), their tokens in prompt_ids.
+        grammar: what the output may be (tokenizer/grammar.py); each sample is masked by it and advances it."""
         params.validate()
         if not prompt_ids:
             raise ValueError("prompt is empty")
@@ -91,6 +95,7 @@ class Engine:
             )
         seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params.seed), self.stop_token_ids)
         seq.media = media
+        seq.grammar = grammar
         self._next_id += 1
         self.waiting.append(seq)
         return seq
@@ -191,9 +196,17 @@ class Engine:
         if not ready:
             return []
         rows = [seqs[i] for i in ready]
+        bitmasks = None
+        if any(s.grammar is not None for s in rows):
+            t0 = time.perf_counter()
+            bitmasks = fill_bitmasks([s.grammar for s in rows], logits.shape[1])
+            spent = time.perf_counter() - t0
+            for s in rows:
+                if s.grammar is not None:
+                    s.grammar_seconds += spent
         result = self.sampler.sample(
             logits[ready], [s.params for s in rows], [s.prompt_ids for s in rows],
-            [s.output_ids for s in rows], [s.generator for s in rows],
+            [s.output_ids for s in rows], [s.generator for s in rows], bitmasks,
         )
         now = time.perf_counter()
         outputs = []
@@ -205,6 +218,10 @@ class Engine:
                 seq.output_top_logprobs.append(result.top_logprobs[j])
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            if seq.grammar is not None:
+                t0 = time.perf_counter()
+                seq.grammar.advance(token)
+                seq.grammar_seconds += time.perf_counter() - t0
             reason = self._stop_reason(seq, token)
             if reason:
                 self._finish(seq, reason)
@@ -214,6 +231,8 @@ class Engine:
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.stop_token_ids:
             return "stop"
+        if seq.grammar is not None and seq.grammar.done and token in self.stop_token_ids:
+            return "stop"  # the grammar's end (an end-of-turn token it allowed), also under ignore_eos
         if len(seq.output_ids) >= seq.params.max_tokens:
             return "length"
         if len(seq.prompt_ids) + len(seq.output_ids) >= self.context_length:

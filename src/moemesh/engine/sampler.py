@@ -1,4 +1,4 @@
-"""Batched token sampler: penalties -> greedy/temperature -> top_k -> top_p -> min_p -> draw.
+"""Batched token sampler: penalties -> grammar mask -> greedy/temperature -> top_k -> top_p -> min_p -> draw.
 
 Each row draws with its own torch.Generator, so a seeded request yields the same
 tokens whatever else shares the batch (all other work is row-independent).
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moemesh.engine.constraints import apply_bitmasks
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.quant import decode_kernels
 
@@ -46,15 +47,17 @@ class Sampler:
         prompt_ids: list[list[int]],
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
+        bitmasks: list[Tensor | None] | None = None,  # per row: [W] int32 allowed-token bitmask (a grammar)
     ) -> SampleResult:
         batch, vocab = logits.shape
+        masked = bitmasks is not None and any(m is not None for m in bitmasks)
         if not (len(params) == len(prompt_ids) == len(output_ids) == len(generators) == batch):
             raise ValueError(
                 f"sampler got {batch} logit rows but {len(params)} params, {len(prompt_ids)} "
                 f"prompts, {len(output_ids)} outputs, {len(generators)} generators"
             )
         lib = decode_kernels.load() if logits.dtype == torch.float32 else None
-        if lib is not None and all(_plain_greedy(p) for p in params):
+        if lib is not None and not masked and all(_plain_greedy(p) for p in params):
             # argmax and its log-probability in one C pass: the same tokens and logprobs as below
             # without a clone and a log_softmax over the vocabulary (~0.3 ms at 49k tokens here)
             tokens, chosen = decode_kernels.greedy(lib, logits)
@@ -62,8 +65,12 @@ class Sampler:
         logits = logits.float().clone()  # [B, V]; never mutate the caller's tensor
         apply_penalties(logits, params, prompt_ids, output_ids)
 
-        # The reported distribution: after penalties, before temperature/truncation.
+        # The reported distribution: after penalties, before the grammar's mask and temperature/truncation
+        # (as vLLM reports it; a masked distribution would put -inf, which JSON cannot carry, in top_logprobs).
         logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+        if masked:
+            assert bitmasks is not None
+            apply_bitmasks(logits, bitmasks)
 
         tokens = torch.argmax(logits, dim=-1)  # [B]; first max wins -> ties to lowest id
         sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]

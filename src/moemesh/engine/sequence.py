@@ -36,6 +36,8 @@ class Sequence:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     media: Any = None  # models.media.Media: the prompt's images (embeddings at their placeholders, M-RoPE positions)
+    grammar: Any = None  # tokenizer.grammar.Matcher: what the output may be (structured output); None: anything
+    grammar_seconds: float = 0.0  # time spent computing its masks and advancing it
 
     @property
     def all_ids(self) -> list[int]:

@@ -17,6 +17,7 @@ from ..core.prompting import chat_prompt_ids
 from ..core.sampling import make_params
 from ..core.sse import SSE, run_or_disconnect, sse, sse_response
 from ..core.state import ServerState
+from ..core.structured import request_matcher
 from .convert import chat_messages, chat_tool_choice, chat_tools
 from .responses import Message, TokenCount
 from .schemas import CountTokensRequest, MessagesRequest
@@ -124,6 +125,7 @@ def messages_router(state: ServerState) -> APIRouter:
         200: {"model": Message, "content": SSE}, **error_responses(*GENERATION_ERRORS, anthropic=True)})
     async def messages(body: MessagesRequest, request: Request) -> Any:
         plan, prompt_ids, media = await plan_of(body, check_fits=True)
+        grammar = await request_matcher(state, state.ready_tokenizer(), plan.tool_mode, None)  # tool_choice any / tool
         params = make_params(
             prompt_len=len(prompt_ids), context_length=state.context_length, max_tokens=body.max_tokens,
             max_tokens_field="max_tokens", temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -131,7 +133,8 @@ def messages_router(state: ServerState) -> APIRouter:
         )
         gen = state.start_generation(GenerationRequest(prompt_ids, params, prefill=plan.prefill,
                                                        tool_mode=plan.tool_mode,
-                                                       start_in_reasoning=plan.start_in_reasoning, media=media),
+                                                       start_in_reasoning=plan.start_in_reasoning, media=media,
+                                                       grammar=grammar),
                                      tool_id_prefix="toolu_")
         msg_id = f"msg_{uuid.uuid4().hex[:24]}"
         if body.stream:

@@ -27,6 +27,7 @@ from ...engine.sampling_params import SamplingParams
 from ...engine.sequence import Sequence
 from ...errors import PromptTooLong
 from ...models.media import Media
+from ...tokenizer.grammar import Matcher
 
 log = logging.getLogger("moemesh.server")
 
@@ -49,11 +50,12 @@ class RequestHandle:
     """A request's link between the asyncio side and the engine thread."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
-                 ignore_eos: bool = False, media: Media | None = None) -> None:
+                 ignore_eos: bool = False, media: Media | None = None, grammar: Matcher | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.media = media
         self.params = params
         self.ignore_eos = ignore_eos
+        self.grammar = grammar  # structured output; the engine thread alone advances it once submitted
         self.loop = loop
         self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.seq: Sequence | None = None  # engine thread only
@@ -152,10 +154,13 @@ class EngineLoop:
                 old = handle.seq
                 assert old is not None
                 params = dataclasses.replace(old.params, max_tokens=old.params.max_tokens - len(old.output_ids))
-                seq = self._engine.add_request(old.prompt_ids + old.output_ids, params, media=old.media)
+                # the grammar was advanced by every token in output_ids: it goes on from there
+                seq = self._engine.add_request(old.prompt_ids + old.output_ids, params, media=old.media,
+                                               grammar=old.grammar)
                 seq.generator = old.generator  # a seeded request keeps its random stream
             else:
-                seq = self._engine.add_request(handle.prompt_ids, handle.params, media=handle.media)
+                seq = self._engine.add_request(handle.prompt_ids, handle.params, media=handle.media,
+                                               grammar=handle.grammar)
             if handle.ignore_eos:
                 seq.stop_token_ids = frozenset()
         except Exception as exc:

@@ -20,6 +20,7 @@ from ...tokenizer.formats.deepseek_tools import DeepSeekToolStream
 from ...tokenizer.formats.harmony import HarmonyStream, is_harmony
 from ...tokenizer.formats.reasoning import ReasoningStream
 from ...tokenizer.formats.tool_parser import ToolCall, ToolCallDelta, ToolCallStream
+from ...tokenizer.grammar import Matcher
 from ...tokenizer.tokenizer import Tokenizer
 from ..common.errors import APIError
 from .admission import Slot
@@ -41,6 +42,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     tool_id_prefix: str = "call_"
     media: Media | None = None  # the prompt's images (their tokens are in prompt_ids)
+    grammar: Matcher | None = None  # structured output (server/core/structured.py); the engine masks by it
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Generation:
         self._metrics = metrics
         self._slot = slot
         self.handle = RequestHandle(request.prompt_ids, request.params, asyncio.get_running_loop(),
-                                    request.ignore_eos, request.media)
+                                    request.ignore_eos, request.media, request.grammar)
         # gpt-oss: Harmony channels are special tokens, so they stay in the text for its parser
         self._harmony = HarmonyStream(request.tool_id_prefix) if (
             request.parse_reasoning and is_harmony(tokenizer)) else None

@@ -54,7 +54,7 @@ def check_text_fits(chars: int, state: ServerState, param: str) -> None:
 async def chat_prompt_ids(state: ServerState, tokenizer: Tokenizer, messages: list[dict[str, Any]],
                           tools: list[dict[str, Any]] | None, tool_choice: str | dict | None,
                           template_kwargs: dict[str, Any] | None = None, *, param: str = "messages",
-                          check_fits: bool = True, encode_images: bool = True,
+                          check_fits: bool = True, encode_images: bool = True, structured: bool = False,
                           ) -> tuple[PromptPlan, list[int], Media | None]:
     """The rendered prompt, its token ids (each image's placeholder repeated once per image token)
     and the images' Media (None without images, or when ``encode_images`` is off: a token count);
@@ -64,7 +64,7 @@ async def chat_prompt_ids(state: ServerState, tokenizer: Tokenizer, messages: li
     vision = state.image_input(sources[0].where) if sources else None
 
     def render() -> tuple[PromptPlan, list[int], Media | None]:
-        plan = build_chat_prompt(tokenizer, messages, tools, tool_choice, template_kwargs)
+        plan = build_chat_prompt(tokenizer, messages, tools, tool_choice, template_kwargs, structured)
         ids = encode_off_gil(tokenizer, plan.text)
         if vision is None:
             if check_fits:

@@ -20,6 +20,7 @@ from ...loading.loader import LoadedModel, load_model
 from ...loading.source import EMBEDDED
 from ...models.qwen3_5_vision import ImageInput
 from ...tokenizer.formats.harmony import is_harmony, stop_token_ids
+from ...tokenizer.grammar import GrammarCompiler
 from ...tokenizer.tokenizer import Tokenizer
 from ..common.errors import APIError
 from ..common.limits import ConnectionLimits
@@ -94,6 +95,9 @@ class ServerState:
         self._prompt_pool = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="moemesh-prompt")
         self.prefix_cache: PrefixCache | None = None
         self.kv_bytes_per_token = 0
+        self.stop_ids: frozenset[int] = frozenset()  # the engine's end-of-turn tokens
+        self._grammars: GrammarCompiler | None = None  # made on the first structured request (~1 s)
+        self._grammars_lock = asyncio.Lock()
 
     def load(self) -> None:
         """Blocking: load the model and start the engine thread (run off the event loop)."""
@@ -111,6 +115,7 @@ class ServerState:
             self.max_token_chars = max(map(len, loaded.tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
             tok = loaded.tokenizer  # Harmony's turn ends on <|return|> / <|call|>, not on <|end|>
             stops = stop_token_ids(tok) if is_harmony(tok) else frozenset(tok.eos_token_ids)
+            self.stop_ids = stops
             cache = loaded.model.new_cache(self.config.kv)
             self.prefix_cache = self._prefix_cache(cache, loaded, quant)
             engine = Engine(loaded.model, stop_token_ids=stops,
@@ -179,6 +184,14 @@ class ServerState:
             raise APIError(503, f"model {self.model_name} is {self.status}{detail}", code="model_not_ready",
                            headers={"Retry-After": "1"})
         return self._tokenizer
+
+    async def grammar_compiler(self) -> GrammarCompiler:
+        """The model's vocabulary made ready for grammars, built once off the event loop."""
+        tokenizer = self.ready_tokenizer()
+        async with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = await self.off_loop(lambda: GrammarCompiler(tokenizer, self.stop_ids))
+        return self._grammars
 
     def start_generation(self, request: GenerationRequest, tool_id_prefix: str = "call_") -> Generation:
         tokenizer = self.ready_tokenizer()

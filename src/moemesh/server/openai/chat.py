@@ -18,6 +18,7 @@ from ..core.prompting import chat_prompt_ids
 from ..core.sampling import make_params
 from ..core.sse import DONE, SSE, run_or_disconnect, sse, sse_response
 from ..core.state import ServerState
+from ..core.structured import request_matcher, response_format_schema
 from .responses import ChatCompletion
 from .schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
 
@@ -127,15 +128,14 @@ def chat_router(state: ServerState) -> APIRouter:
         state.check_model(body.model)
         tokenizer = state.ready_tokenizer()
         reject_unsupported(body)
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, f"response_format {body.response_format.type!r} is not supported (only 'text')",
-                           param="response_format")
+        schema = response_format_schema(body.response_format)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = openai_images([m.model_dump(exclude_none=True) for m in body.messages], state.config.images)
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         plan, prompt_ids, media = await chat_prompt_ids(state, tokenizer, messages, tools, _tool_choice(body),
-                                                        body.chat_template_kwargs)
+                                                        body.chat_template_kwargs, structured=schema is not None)
+        grammar = await request_matcher(state, tokenizer, plan.tool_mode, schema)
         use_new = body.max_completion_tokens is not None
         params = make_params(
             prompt_len=len(prompt_ids), context_length=state.context_length,
@@ -148,7 +148,7 @@ def chat_router(state: ServerState) -> APIRouter:
         )
         gen = state.start_generation(GenerationRequest(
             prompt_ids, params, prefill=plan.prefill, tool_mode=plan.tool_mode,
-            start_in_reasoning=plan.start_in_reasoning, ignore_eos=body.ignore_eos, media=media,
+            start_in_reasoning=plan.start_in_reasoning, ignore_eos=body.ignore_eos, media=media, grammar=grammar,
         ))
         meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
         want_lp = bool(body.logprobs)

@@ -242,7 +242,10 @@ RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt")
 
 
 def build_chat_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None,
-                      tool_choice: str | dict | None, template_kwargs: dict | None = None) -> PromptPlan:
+                      tool_choice: str | dict | None, template_kwargs: dict | None = None,
+                      structured: bool = False) -> PromptPlan:
+    """structured: the answer follows a grammar (response_format), which starts at the first token,
+    so a <think> block the template opened is closed first, as for a forced call."""
     for key in RESERVED_TEMPLATE_KWARGS:
         if key in (template_kwargs or {}):
             raise PromptError(f"chat_template_kwargs may not set {key!r}: the server sets it from the request",
@@ -264,6 +267,6 @@ def build_chat_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[di
             raise PromptError(str(exc), param="messages") from None
     start_in_reasoning = text.rstrip().endswith(THINK_OPEN)
     prefill = _forced_prefill(tokenizer, mode) if mode is not None and mode.forced else ""
-    if prefill and start_in_reasoning:  # the template opened <think>: a forced call comes after it
+    if (prefill or structured) and start_in_reasoning:  # the template opened <think>: the call / JSON comes after it
         text += f"{THINK_CLOSE}\n\n"
-    return PromptPlan(text + prefill, prefill, mode, start_in_reasoning and not prefill)
+    return PromptPlan(text + prefill, prefill, mode, start_in_reasoning and not prefill and not structured)
