@@ -2,7 +2,7 @@
 
 For every schema of tests/data/json_schemas.json: the time to compile it for the 49,152-token
 vocabulary, then a teacher-forced walk over its example (the example's tokens, one by one, as a
-decode would feed them): per token, the time to compute the allowed-token bitmask and to advance
+decode would feed them; one untimed walk first): per token, the time to compute the allowed-token bitmask and to advance
 the grammar with the token (the part a library adds to a decode step; applying the bitmask to the
 logits is the same torch code for all three and is timed once, apart). Then schema coverage: a
 list of JSON-Schema features, each compiled alone; "ok" = compiled, "error" = refused (with the
@@ -259,6 +259,7 @@ def measure(lib: Lib, tok: Tokenizer, schemas: dict, repeats: int) -> dict:
             per_schema[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             continue
         ids = tok.encode(json.dumps(case["example"]))
+        walk(lib, compiled, ids, tok.vocab_size)  # warm-up: a library's lazy per-grammar work is not per token
         fills, advs, ok = [], [], True
         for _ in range(repeats):
             f, a, good = walk(lib, compiled, ids, tok.vocab_size)

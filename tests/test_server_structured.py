@@ -12,6 +12,7 @@ import anthropic
 import jsonschema
 import openai
 import pytest
+
 from test_server_openai import KEY, shared_server
 
 SCHEMAS = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "json_schemas.json").read_text()).items()
@@ -127,3 +128,10 @@ def test_bad_response_format_and_tool_schema_get_400(client):
         client.chat.completions.create(model="smollm2", messages=_ask("thing"), max_tokens=8, tools=[bad_tool],
                                        tool_choice="required")
     assert "contains" in err.value.body["message"] and err.value.body["param"] == "tools"
+
+
+def test_completions_follow_response_format(client):
+    r = client.completions.create(model="smollm2", prompt="A rectangle, as JSON: ", max_tokens=60, temperature=0,
+                                  extra_body={"response_format": _json_schema("shape")})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].text), SCHEMAS["shape"]["schema"])

@@ -172,8 +172,9 @@ def _run(loaded, compiler, temps: tuple[float, ...], max_tokens: int, with_free:
 @pytest.fixture(scope="module")
 def tiny_smol_vocab(tmp_path_factory, smol_tok):
     """A tiny random llama with SmolLM2's 49,152-token vocabulary and its tokenizer + chat template."""
-    from tiny import make_checkpoint
     from transformers import LlamaConfig
+
+    from tiny import make_checkpoint
 
     d = tmp_path_factory.mktemp("tiny-smolvocab")
     make_checkpoint(LlamaConfig(vocab_size=smol_tok.vocab_size, hidden_size=32, intermediate_size=64,

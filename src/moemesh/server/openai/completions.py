@@ -16,6 +16,7 @@ from ..core.prompting import text_prompt_ids
 from ..core.sampling import check_prompt_fits, make_params
 from ..core.sse import DONE, SSE, run_or_disconnect, sse, sse_response
 from ..core.state import ServerState
+from ..core.structured import request_matcher, response_format_schema
 from .chat import ResponseMeta, reject_unsupported, usage
 from .responses import Completion
 from .schemas import CompletionRequest
@@ -100,6 +101,7 @@ def completions_router(state: ServerState) -> APIRouter:
             raise APIError(400, "best_of must be 1", param="best_of")
         prompt_ids, prompt_text = await prompt_ids_of(body.prompt, tokenizer, state)
         check_prompt_fits(len(prompt_ids), state.context_length, "prompt")
+        grammar = await request_matcher(state, tokenizer, None, response_format_schema(body.response_format))
         params = make_params(
             prompt_len=len(prompt_ids), context_length=state.context_length, max_tokens=body.max_tokens,
             max_tokens_field="max_tokens", temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -108,7 +110,7 @@ def completions_router(state: ServerState) -> APIRouter:
             stop=body.stop_list(), logprobs=body.logprobs,
         )
         gen = state.start_generation(GenerationRequest(prompt_ids, params, parse_reasoning=False,
-                                                       ignore_eos=body.ignore_eos))
+                                                       ignore_eos=body.ignore_eos, grammar=grammar))
         meta = ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
         echo = prompt_text if body.echo else ""
         want_lp = body.logprobs is not None

@@ -116,6 +116,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
+    response_format: ResponseFormat | None = None  # as in chat: the completion follows the schema
     max_tokens: int | None = Field(16, ge=1)  # the legacy API's default
     logprobs: int | None = Field(None, ge=0, le=MAX_LEGACY_LOGPROBS)  # the legacy API's cap
     echo: bool = False
