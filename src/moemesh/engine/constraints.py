@@ -33,21 +33,28 @@ def fill_bitmasks(matchers: Sequence[Matcher | None], vocab: int) -> list[Tensor
     return rows
 
 
-def allowed_tokens(bitmask: Tensor, vocab: int) -> Tensor:
-    """[W] int32 bitmask -> [vocab] bool (tokens past the bitmask's width are not allowed)."""
+def allowed_bits(bitmask: Tensor, vocab: int) -> np.ndarray:
+    """[W] int32 bitmask -> [vocab] uint8, 1 = allowed (tokens past the bitmask's width: 0)."""
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")  # [32 W], little-endian words
-    out = torch.zeros(vocab, dtype=torch.bool)
-    n = min(vocab, bits.shape[0])
-    out[:n] = torch.from_numpy(bits[:n].view(np.bool_))
-    return out
+    if bits.shape[0] >= vocab:
+        return bits[:vocab]
+    return np.concatenate([bits, np.zeros(vocab - bits.shape[0], dtype=np.uint8)])
+
+
+_BIAS = np.array([-np.inf, 0.0], dtype=np.float32)  # bit 0 -> -inf, bit 1 -> unchanged
+_BIAS.setflags(write=False)  # a constant table
 
 
 def apply_bitmasks(logits: Tensor, bitmasks: Sequence[Tensor | None]) -> None:
-    """logits [B, V], modified in place: -inf where row i's bitmask forbids the token."""
-    vocab = logits.shape[1]
+    """logits [B, V] fp32 (contiguous, CPU), modified in place: -inf where row i's bitmask forbids the token.
+
+    In numpy, one thread, as an added bias gathered from the bits (~0.1 ms for 49k tokens here): a
+    torch op over one row waited on its OpenMP pool (ms on a busy machine), and a boolean-mask
+    write branches on every random bit (~0.3 ms)."""
+    rows = logits.numpy()  # [B, V], shares memory
     for i, mask in enumerate(bitmasks):
         if mask is not None:
-            logits[i].masked_fill_(allowed_tokens(mask, vocab).logical_not_(), float("-inf"))
+            np.add(rows[i], np.take(_BIAS, allowed_bits(mask, rows.shape[1])), out=rows[i])
 
 
 def apply_bitmasks_reference(logits: Tensor, bitmasks: Sequence[Tensor | None]) -> None:
