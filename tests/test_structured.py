@@ -192,3 +192,21 @@ def test_tiny_random_checkpoint_follows_every_schema(tiny_smol_vocab):
 
 def test_smollm2_follows_every_schema(compiler):
     _run(load_model("smollm2"), compiler, temps=(0.0, 1.0), max_tokens=300, with_free=False)
+
+
+def test_masked_greedy_fast_path_equals_general_path():
+    from moemesh.engine.sampler import Sampler
+
+    g = torch.Generator().manual_seed(1)
+    vocab = 300
+    logits = torch.randn(3, vocab, generator=g) * 4  # [B, V]
+    masks = [torch.randint(-2**31, 2**31 - 1, (bitmask_words(vocab),), dtype=torch.int32, generator=g), None,
+             torch.randint(-2**31, 2**31 - 1, (bitmask_words(vocab),), dtype=torch.int32, generator=g)]
+    fast = Sampler().sample(logits, [SamplingParams(temperature=0)] * 3, [[]] * 3, [[]] * 3, [None] * 3, masks)
+    general = Sampler().sample(logits, [SamplingParams(temperature=0, logprobs=0)] * 3, [[]] * 3, [[]] * 3,
+                               [None] * 3, masks)  # logprobs asked: the torch path
+    assert fast.token_ids == general.token_ids
+    assert torch.allclose(torch.tensor(fast.logprobs), torch.tensor(general.logprobs), atol=1e-4)
+    masked = logits.clone()
+    apply_bitmasks_reference(masked, masks)
+    assert fast.token_ids == masked.argmax(dim=1).tolist()
