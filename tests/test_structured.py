@@ -190,6 +190,7 @@ def test_tiny_random_checkpoint_follows_every_schema(tiny_smol_vocab):
     _run(tiny_smol_vocab, compiler, temps=(0.0, 1.0, 1.0), max_tokens=400)
 
 
+@pytest.mark.slow  # 16 sequences of up to 300 tokens on SmolLM2 (tests/test_server_structured.py covers 4 schemas fast)
 def test_smollm2_follows_every_schema(compiler):
     _run(load_model("smollm2"), compiler, temps=(0.0, 1.0), max_tokens=300, with_free=False)
 
