@@ -26,15 +26,16 @@ from moemesh.loading.gguf_checkpoint import open_gguf
 V, D, F, E, HEADS, KV = 32, 64, 64, 4, 2, 1
 
 
-def write_valid(path: Path) -> None:
+def write_valid(path: Path, heads: int = HEADS, kv: int = KV) -> None:
+    """The seed (``heads``/``kv``: the metadata head counts, for the regression tests)."""
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
     w.add_context_length(128)
     w.add_embedding_length(D)
     w.add_feed_forward_length(F)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_expert_count(E)
