@@ -19,8 +19,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from hivemind.p2p import P2P, PeerID
 from google.protobuf.message import DecodeError, Message
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
