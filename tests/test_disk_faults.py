@@ -92,6 +92,7 @@ def test_one_failed_read_is_retried(store, reference, kind):
     stats = loaded.provider.stats()
     assert faults.injected > 0 and stats["read_retries"] == faults.injected and stats["read_failures"] == 0
     assert in_cache(cache, faults.buffers)  # retries read into the cache's own slots: no memory beyond --ram
+    print(f"disk faults {kind}: injected {faults.injected}, survived by a retry {stats['read_retries']}")
 
 
 @pytest.mark.parametrize("kind", ["eio", "short", "flip"])
@@ -106,6 +107,7 @@ def test_failing_twice_names_layer_and_expert_and_the_next_request_works(store, 
     assert len(cache.entries) + len(cache.free_slots) <= SLOTS  # the failed entry gave its slot back
     faults.plan.clear()  # the disk recovers
     assert generate(loaded) == reference
+    print(f"disk faults {kind} twice: injected {faults.injected}, failed cleanly {cache.stats.read_failures}")
 
 
 def test_expert_file_changed_under_a_running_server(tmp_path):
