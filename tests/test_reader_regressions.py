@@ -127,3 +127,28 @@ def test_wire_errors_are_moemesh_errors():
     with pytest.raises(WireError, match="header"):
         unpack(runtime_pb2.ExpertRequest(metadata=b"\xc1"))
     assert np.issubdtype(type(len(msg.tensors)), np.integer)
+
+
+def test_store_manifest_unhashable_dtype(tmp_path):
+    """Found by the 1000-case run of tests/test_fuzz_store.py: a list as a part's dtype was a TypeError."""
+    from moemesh.store.manifest import check_manifest
+
+    m = {"config": {}, "quant": "int4", "hidden_act": "silu", "experts_file": "experts.bin", "trunk_file": "t",
+         "blob_size": 4096, "parts": [{"linear": "down", "buffer": "qweight", "dtype": ["uint8"], "shape": [1],
+                                       "offset": 0, "nbytes": 1}], "layers": {"0": [{"offset": 0, "crc32": 1}]},
+         "linears": {n: {"mode": "int8", "in_features": 2, "out_features": 2} for n in ("gate_up", "down")}}
+    with pytest.raises(CheckpointError, match=r"manifest.json: bad manifest field parts\[0\].dtype"):
+        check_manifest(tmp_path / "manifest.json", m, 4096)
+
+
+def test_gguf_tensor_offset_that_wraps(tmp_path):
+    """A data offset of 2**64 - 1: numpy's uint64 sum with the data start wrapped to a small offset inside
+    the header (its bytes read as the tensor); now past the end of the file."""
+    path = tmp_path / "m.gguf"
+    write_valid(path)
+    at = part_offset(path, "output_norm.weight", 5)
+    data = bytearray(path.read_bytes())
+    data[at:at + 8] = struct.pack("<Q", 2**64 - 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="output_norm.weight"):
+        open_gguf(path)

@@ -55,7 +55,7 @@ def _check_linears(path: Path, linears: dict) -> None:
         meta = linears.get(name)
         field = f"linears.{name}"
         _need(path, isinstance(meta, dict), field, meta)
-        _need(path, meta.get("mode") in MODES, f"{field}.mode", meta.get("mode"))
+        _need(path, isinstance(meta.get("mode"), str) and meta["mode"] in MODES, f"{field}.mode", meta.get("mode"))
         for k in ("in_features", "out_features"):
             _need(path, _count(meta.get(k)) and 0 < meta[k] <= MAX_DIM, f"{field}.{k}", meta.get(k))
         if meta["mode"] in ("int4", "int8"):
@@ -88,8 +88,8 @@ def _check_parts(path: Path, parts: list, blob: int, linears: dict) -> None:
     for i, p in enumerate(parts):
         field = f"parts[{i}]"
         _need(path, isinstance(p, dict), field, p)
-        _need(path, p.get("linear") in LINEARS and isinstance(p.get("buffer"), str), field, p)
-        _need(path, p.get("dtype") in ITEMSIZE, f"{field}.dtype", p.get("dtype"))
+        _need(path, isinstance(p.get("linear"), str) and p["linear"] in LINEARS and isinstance(p.get("buffer"), str), field, p)
+        _need(path, isinstance(p.get("dtype"), str) and p["dtype"] in ITEMSIZE, f"{field}.dtype", p.get("dtype"))
         shape = p.get("shape")
         _need(path, isinstance(shape, list) and 0 < len(shape) <= 4 and all(_count(s) and s <= MAX_DIM * 16 for s in shape),
               f"{field}.shape", shape)

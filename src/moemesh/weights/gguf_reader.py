@@ -76,7 +76,7 @@ class _CheckedReader(GGUFReader):
                     f"not a multiple of the {ggml_type.name} block size {block}"
                 )
             n_elems = math.prod(int(d) for d in dims)  # Python ints: huge dims must not wrap around
-            begin = int(start_offs + offset_tensor[0])
+            begin = int(start_offs) + int(offset_tensor[0])  # Python ints: numpy's uint64 sum wraps around
             end = begin + n_elems * type_size // block
             if end > file_size:
                 raise CheckpointError(
