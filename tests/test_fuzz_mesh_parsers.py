@@ -89,7 +89,14 @@ def paths(x: object, prefix: tuple = ()) -> list[tuple]:
 
 @st.composite
 def contents(draw) -> str:
-    kind = draw(st.sampled_from(["edit", "edit", "text", "deep"]))
+    kind = draw(st.sampled_from(["valid", "edit", "edit", "text", "deep"]))
+    if kind == "valid":  # well-formed content with arbitrary values where the format allows any
+        doc = listing_json()
+        doc["models"] = {"served": draw(st.lists(st.text(min_size=1, max_size=20), max_size=4)),
+                         "wanted": draw(st.lists(st.text(min_size=1, max_size=20), max_size=4))}
+        doc["nodes"] = draw(st.integers(1, 2**70))
+        doc["capacity"] = {"ram_bytes": draw(st.integers(0, 2**70)), "free_bytes": draw(st.integers(0, 2**70))}
+        return json.dumps(doc)
     if kind == "text":
         return draw(st.text(max_size=300))
     if kind == "deep":
@@ -178,7 +185,8 @@ def test_invite_fuzz():
 
 
 def test_listing_fuzz():
-    assert fuzz_listings().outcomes["ListingError"] > 0
+    tally = fuzz_listings()
+    assert tally.outcomes["ListingError"] > 0 and tally.outcomes["ok"] > 0
 
 
 def test_wire_fuzz():
