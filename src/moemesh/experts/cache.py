@@ -7,6 +7,7 @@ ExpertSource's business (store/expert_source.py: an expert store, or the model's
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import time
 from concurrent.futures import Future
@@ -14,11 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import MoemeshError
+from ..errors import CheckpointError, MoemeshError
 from ..layers.mlp import GatedMLP
 from ..store.expert_source import ExpertSource
 from .io import BlobReader
 from .policy import EvictionPolicy, Key
+
+log = logging.getLogger("moemesh.experts")
 
 
 @dataclass
@@ -38,6 +41,8 @@ class CacheStats:
     prefetch_issued: int = 0
     prefetch_hits: int = 0  # demanded experts that a prefetch had already brought in
     stall_seconds: float = 0.0
+    read_retries: int = 0  # failed expert reads (I/O error, short read, checksum) read again into their slot
+    read_failures: int = 0  # of those, reads that failed again: the request got an error naming the expert
     extra: dict = field(default_factory=dict)
 
 
@@ -90,13 +95,15 @@ class ExpertCache:
         slot = self._take_slot(protect, may_wait)
         if slot is None:
             return None
-        layer, expert = key
-        finish = lambda data: self.source.finish(layer, expert, data, self.verify)  # noqa: E731
-        future = self.reader.submit_spans(self.source.spans(layer, expert), self.slot_view(slot), finish)
-        entry = Entry(key, slot, future)
+        entry = Entry(key, slot, self._submit(key, slot))
         self.entries[key] = entry
         self.policy.insert(key)
         return entry
+
+    def _submit(self, key: Key, slot: int) -> Future:
+        layer, expert = key
+        finish = lambda data: self.source.finish(layer, expert, data, self.verify)  # noqa: E731
+        return self.reader.submit_spans(self.source.spans(layer, expert), self.slot_view(slot), finish)
 
     def acquire(self, keys: list[Key]) -> list[Entry]:
         """Pin every key (issuing all misses at once); len(keys) must not exceed num_slots."""
@@ -141,17 +148,39 @@ class ExpertCache:
         if entry.future is not None:
             t0 = time.perf_counter()
             try:
-                entry.future.result()
-            except MoemeshError:
-                self.entries.pop(entry.key, None)  # never serve a corrupt blob again
-                self.policy.forget(entry.key)
-                self.free_slots.append(entry.slot)
-                raise
+                self._wait_read(entry)
             finally:
                 self.stats.stall_seconds += time.perf_counter() - t0
             entry.future = None
             entry.expert = self._slot_expert(entry)
         return entry.expert
+
+    def _wait_read(self, entry: Entry) -> None:
+        """A read that failed (EIO, a short read, a checksum mismatch: bytes that changed on disk) is
+        read once more into the same slot, so a retry never takes memory beyond the cache; failing
+        again, the entry is dropped (never served, its slot free) and the error names layer and expert."""
+        assert entry.future is not None
+        try:
+            entry.future.result()
+            return
+        except Exception as exc:
+            first = exc
+        self.stats.read_retries += 1
+        log.warning("layer %d expert %d: read failed (%s); reading it again", *entry.key, first)
+        entry.future = self._submit(entry.key, entry.slot)
+        try:
+            entry.future.result()
+        except Exception as exc:
+            self.stats.read_failures += 1
+            self.entries.pop(entry.key, None)  # never serve a half-read or corrupt blob
+            self.policy.forget(entry.key)
+            self.free_slots.append(entry.slot)
+            entry.future = None
+            if isinstance(exc, CheckpointError):  # a checksum mismatch: it already names layer and expert
+                raise
+            files = sorted({str(self.source.files[s.file]) for s in self.source.spans(*entry.key)})
+            raise CheckpointError(f"{', '.join(files)}: reading layer {entry.key[0]} expert {entry.key[1]} failed "
+                                  f"twice ({type(exc).__name__}: {exc}); the disk or file is failing") from None
 
     def _slot_expert(self, entry: Entry) -> GatedMLP:
         slot = entry.slot

@@ -167,6 +167,8 @@ class LazyExperts(GroupedProvider):
             "read_seconds": reader.read_seconds,
             "read_bandwidth_bytes_s": reader.bytes_read / reader.read_seconds if reader.read_seconds else None,
             "stall_seconds": s.stall_seconds,
+            "read_retries": s.read_retries,
+            "read_failures": s.read_failures,
             "prefetch_issued": s.prefetch_issued,
             "prefetch_hits": s.prefetch_hits,
             "prefetch_accuracy": self.predicted_right / self.predicted_total if self.predicted_total else None,

@@ -100,8 +100,11 @@ class GGUFCheckpoint:
         self.tensors: dict[str, GGUFTensor] = {}
         for n, (g, e) in tr.names.items():
             info = file.tensors[g] if e is None else file.tensors[g].index(e)
-            self.tensors[n] = GGUFTensor(self.path, n, info, tr.spec.row_permutation(n, tr.shapes[n], self.config),
-                                         fix=tr.spec.value_fix(n))
+            try:
+                perm = tr.spec.row_permutation(n, tr.shapes[n], self.config)
+            except CheckpointError as e:
+                raise CheckpointError(f"{self.path}: tensor {g!r}: {e}") from None
+            self.tensors[n] = GGUFTensor(self.path, n, info, perm, fix=tr.spec.value_fix(n))
         for n, (gnames, merge) in tr.merged.items():
             parts = [file.tensors[g] for g in gnames]
             self.tensors[n] = GGUFTensor(self.path, n, parts[0], merge=(parts, merge, self.config), shape=tr.shapes[n])

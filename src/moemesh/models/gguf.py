@@ -180,6 +180,8 @@ def rotary_unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
     The converter turns each head's [half0 | half1] rotary layout into interleaved pairs:
     W.reshape(n_head, 2, d/2, in).swapaxes(1, 2). HF row r is GGUF row perm[r].
     """
+    if n_head <= 0 or n_rows % (2 * n_head):
+        raise CheckpointError(f"{n_rows} rows do not split into {n_head} heads of rotary pairs")
     return np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
@@ -249,10 +251,22 @@ def translate(spec: GGUFSpec, path: Any, shapes: dict[str, tuple[int, ...]], met
         config = spec.config(meta, hf_shapes)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # a zero head count divides by zero
         raise CheckpointError(f"{path}: unusable {spec.arch} metadata ({e!r})") from None
+    check_config(path, config)
     config["model_type"] = spec.model_type
     return Translation(spec, config, names, merged, hf_shapes)
+
+
+POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def check_config(path: Any, config: dict) -> None:
+    """The sizes every family divides or allocates by: positive integers (a corrupt header says 0 or 2**64)."""
+    for key in POSITIVE:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, int) and 0 < value < 2**31):
+            raise CheckpointError(f"{path}: GGUF metadata gives {key} = {value!r}, not a positive size")
 
 
 def find_spec(specs: list[GGUFSpec], arch: Any, meta: Meta, path: Any) -> GGUFSpec:

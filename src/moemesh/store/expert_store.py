@@ -31,6 +31,7 @@ from ..quant.qlinear_state import from_state
 from ..weights.json_file import read_json
 from .checksum import checksum_fn
 from .expert_source import ExpertSource, Span
+from .manifest import check_manifest
 
 FORMAT = "moemesh-expert-store"
 VERSION = 1
@@ -61,10 +62,12 @@ class ExpertStore(ExpertSource):
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
         m = read_json(manifest_path, f"{self.root}: not an expert store (no manifest.json)", "corrupt manifest")
-        if m.get("format") != FORMAT:
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest")
         if m.get("version") != VERSION:
             raise CheckpointError(f"{manifest_path}: store format version {m.get('version')} (this moemesh reads {VERSION})")
+        experts = self.root / m["experts_file"] if isinstance(m.get("experts_file"), str) else None
+        check_manifest(manifest_path, m, experts.stat().st_size if experts is not None and experts.is_file() else None)
         self.manifest: dict[str, Any] = m
         self.config: dict[str, Any] = m["config"]
         self.quant: str = m["quant"]
@@ -92,6 +95,17 @@ class ExpertStore(ExpertSource):
         self.files = [self.experts_path]
         self.slot_bytes = self.blob_size
         self.fixed_layout = True  # every blob has one layout: a slot's expert is built once
+        self._trial_build(manifest_path)
+
+    def _trial_build(self, manifest_path: Path) -> None:
+        """Build and run one expert over a zeroed blob: linears whose meta the kernels refuse fail now, naming
+        the manifest, not when the router first picks an expert mid-request."""
+        try:
+            expert = self.expert_from_buffer(torch.zeros(self.blob_size, dtype=torch.uint8))
+            with torch.no_grad():
+                expert(torch.zeros(1, self.linear_meta["gate_up"]["in_features"]))  # [1, D]: the kernels check their shapes
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"{manifest_path}: experts cannot be built from this manifest ({exc!r})") from None
 
     def spans(self, layer: int, expert: int) -> list[Span]:
         return [Span(0, self.offset(layer, expert), 0, self.blob_size, self.blob_size)]

@@ -11,6 +11,7 @@ families' business (models/gguf.py); this module knows nothing about architectur
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -46,6 +47,16 @@ class _CheckedReader(GGUFReader):
         self._mmap = mm  # keeps the mapping alive for the plain view below
         self._plain = mm.view(np.ndarray)
 
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        # gguf-py slices past the end silently (a short array): then a count or length read from a
+        # corrupt header loops over empty reads (an array of 2**63 elements never ends). Every read
+        # of the header must lie inside the file.
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > len(self._plain):
+            raise CheckpointError(f"{self._path}: header runs past the end of the file (byte {end} of "
+                                  f"{len(self._plain)}): truncated or corrupt GGUF")
+        return super()._get(offset, dtype, count, override_order)
+
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         file_size = len(self._plain)
         ranges = []
@@ -64,8 +75,8 @@ class _CheckedReader(GGUFReader):
                     f"{self._path}: tensor {name!r} has rows of {int(dims[0])}, "
                     f"not a multiple of the {ggml_type.name} block size {block}"
                 )
-            n_elems = int(np.prod(dims.astype(np.int64))) if len(dims) else 1
-            begin = int(start_offs + offset_tensor[0])
+            n_elems = math.prod(int(d) for d in dims)  # Python ints: huge dims must not wrap around
+            begin = int(start_offs) + int(offset_tensor[0])  # Python ints: numpy's uint64 sum wraps around
             end = begin + n_elems * type_size // block
             if end > file_size:
                 raise CheckpointError(
@@ -185,7 +196,12 @@ class GGUFFile:
     def metadata(self, key: str, default: Any = None) -> Any:
         """A metadata value as Python (str, number, bool or list), or ``default`` when absent."""
         field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except (ValueError, IndexError, TypeError) as e:  # UnicodeDecodeError included: a garbled string value
+            raise CheckpointError(f"{self.path}: unreadable metadata value {key!r} ({e})") from None
 
     def metadata_keys(self) -> list[str]:
         return [k for k in self.reader.fields if not k.startswith("GGUF.")]

@@ -16,5 +16,5 @@ def read_json(path: Path, missing: str, corrupt: str = "invalid JSON") -> Any:
         raise CheckpointError(missing)
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting too
         raise CheckpointError(f"{path}: {corrupt} ({exc})") from None

@@ -22,6 +22,10 @@ DTYPES = {
 }
 
 
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 class SafetensorsFile:
     """One ``*.safetensors`` file: ``names()``, ``get(name)`` -> a tensor viewing the mmap."""
 
@@ -39,13 +43,16 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: truncated or not a safetensors file (header of {n} bytes)")
             try:
                 header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise CheckpointError(f"{self.path}: corrupt safetensors header ({exc})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self.data_start = 8 + n
         self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
         for name, info in header.items():
             self.entries[name] = self._check(name, info, size)
+        self._check_overlaps()
         # ACCESS_COPY: a private mapping, so tensors are writable views and the file never changes
         self._mmap = None
         if size:
@@ -55,22 +62,35 @@ class SafetensorsFile:
             finally:
                 os.close(fd)  # mmap keeps its own reference to the file
 
-    def _check(self, name: str, info: dict, size: int) -> tuple[torch.dtype, list[int], int, int]:
-        dtype = DTYPES.get(info.get("dtype", ""))
+    def _check(self, name: str, info: object, size: int) -> tuple[torch.dtype, list[int], int, int]:
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{self.path}: tensor {name!r}: header entry is not an object")
+        dtype_name = info.get("dtype")
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        shape = [int(s) for s in info["shape"]]
-        begin, end = (int(o) for o in info["data_offsets"])
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed shape {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has malformed data_offsets {offsets!r}")
+        begin, end = offsets
         numel = 1
         for s in shape:
             numel *= s
-        if end - begin != numel * dtype.itemsize or begin < 0:
+        if end - begin != numel * dtype.itemsize:
             raise CheckpointError(f"{self.path}: tensor {name!r} has inconsistent offsets {begin}..{end} for shape {shape}")
         if self.data_start + end > size:
             raise CheckpointError(
                 f"{self.path}: truncated: tensor {name!r} ends at byte {self.data_start + end} but the file has {size}"
             )
         return dtype, shape, begin, end
+
+    def _check_overlaps(self) -> None:
+        spans = sorted((b, e, n) for n, (_, _, b, e) in self.entries.items() if e > b)
+        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+            if b1 < e0:  # two tensors claiming the same bytes: a corrupt or hostile header
+                raise CheckpointError(f"{self.path}: tensors {n0!r} and {n1!r} overlap (bytes {b1}..{e0})")
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -87,6 +107,21 @@ class SafetensorsFile:
         return t.view(shape)
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """An index's tensor -> shard file map; shards are plain names beside the index."""
+    try:
+        doc = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{index}: corrupt index ({exc})") from None
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise CheckpointError(f"{index}: no weight_map of tensor names to file names")
+    bad = [v for v in wm.values() if not v or v != Path(v).name or v in (".", "..")]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map names {bad[0]!r}, not a file beside the index")
+    return wm
+
+
 class SafetensorsCheckpoint:
     """All tensors of an HF checkpoint directory (one file, or shards with an index)."""
 
@@ -94,7 +129,7 @@ class SafetensorsCheckpoint:
         self.dir = Path(directory)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map = _weight_map(index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))

@@ -20,6 +20,7 @@ from moemesh.errors import MoemeshError
 PREFIX = "moemesh1:"
 CHECKSUM_CHARS = 6
 SECRET_BYTES = 24  # 192 bits, 32 urlsafe characters
+MAX_INVITE_CHARS = 8192  # an invite is a few hundred characters; refuse anything huge before decoding
 
 
 class InviteError(MoemeshError, ValueError):
@@ -84,6 +85,8 @@ class Invite:
     def decode(cls, text: str) -> "Invite":
         if not isinstance(text, str):
             raise InviteError("invite: expected text")
+        if len(text) > MAX_INVITE_CHARS:
+            raise InviteError(f"invite: {len(text)} characters, more than {MAX_INVITE_CHARS} (not a moemesh invite?)")
         text = "".join(text.split())  # tolerate line breaks/spaces from copy-paste
         if not text.startswith(PREFIX):
             raise InviteError(f"invite: does not start with {PREFIX!r} (not a moemesh invite?)")
@@ -91,10 +94,12 @@ class Invite:
         payload, dot, check = body.rpartition(".")
         if not dot or not payload:
             raise InviteError("invite: missing checksum (truncated when copied?)")
+        if not payload.isascii():  # base64url is ASCII: anything else is a typo or not an invite
+            raise InviteError("invite: payload has non-ASCII characters (not a moemesh invite?)")
         if check != _checksum(payload):
             raise InviteError("invite: checksum mismatch (typo or truncated copy)")
         try:
             d = json.loads(_b64decode(payload).decode("utf-8"))
-        except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting too
             raise InviteError(f"invite: payload is not valid base64 JSON ({e})") from None
         return cls.from_dict(d)

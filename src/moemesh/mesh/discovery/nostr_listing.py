@@ -155,6 +155,8 @@ def parse_content(text: str, mesh_id: str) -> ListingContent:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ListingError(f"content is not JSON ({e.msg})") from None
+    except RecursionError:
+        raise ListingError("content is nested too deeply") from None
     if not isinstance(d, dict):
         raise ListingError("content is not a JSON object")
     if d.get("v") != LISTING_VERSION:

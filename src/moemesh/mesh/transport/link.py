@@ -2,7 +2,8 @@
 
 A pipeline step sent as a unary call pays a call setup per token and per stage; a link is opened
 once per pair of nodes and carries every step of every request after that (hivemind's binary
-stream through the P2P daemon, framed with its protobuf helpers: no 4 MiB unary cap). The side that
+stream through the P2P daemon, framed with its protobuf helpers: no 4 MiB unary cap, but a peer that
+announces a message over ``max_message_bytes`` or stalls mid-message is cut off). The side that
 opens it is checked like any call (membership handshake first); the side that accepts it checks
 the opener's peer id before reading anything.
 
@@ -18,21 +19,27 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from google.protobuf.message import DecodeError, Message
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from .stats import CallStats
 from .wire import pack_request, pack_response, unpack
 
 log = logging.getLogger("moemesh.mesh")
+MAX_LINK_MESSAGE_BYTES = 512 << 20  # a 32k-token prefill of a 4096-wide model in fp32 is 512 MiB: split beyond that
+MESSAGE_TIMEOUT = 60.0  # seconds from a message's first byte to its last (loopback or LAN moves 512 MiB in far less)
 OnMessage = Callable[["Link", dict, list], Awaitable[None]]
 OnClose = Callable[["Link", BaseException], None]
 
 
 class Link:
     def __init__(self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, outgoing: bool,
-                 stats: CallStats, delay_ms: Callable[[], float] = lambda: 0.0) -> None:
+                 stats: CallStats, delay_ms: Callable[[], float] = lambda: 0.0,
+                 max_message_bytes: int = MAX_LINK_MESSAGE_BYTES, message_timeout: float = MESSAGE_TIMEOUT) -> None:
         self.peer, self.outgoing, self.stats, self.delay_ms = peer, outgoing, stats, delay_ms
+        self.max_message_bytes, self.message_timeout = max_message_bytes, message_timeout
         self.peer_b58 = peer.to_base58()
         self._reader, self._writer = reader, writer
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -74,7 +81,7 @@ class Link:
         try:
             while True:
                 try:
-                    msg, err = await P2P.receive_protobuf(self._in_type, self._reader)
+                    msg, err = await self._receive()
                 except asyncio.IncompleteReadError:
                     raise ConnectionError(f"link to {self.peer_b58} ended") from None
                 if err is not None:
@@ -86,6 +93,31 @@ class Link:
             raise
         except Exception as exc:
             self._close(exc)
+
+    async def _receive(self) -> tuple[Message | None, RPCError | None]:
+        """hivemind's framing (P2P.receive_protobuf), with limits: a peer announcing a message over
+        ``max_message_bytes`` is cut off before any of it is buffered, and one whose message does not
+        arrive whole within ``message_timeout`` of its first byte (a stalled or endless sender) as well.
+        Waiting for the next message has no deadline: a link is idle between requests."""
+        marker = await self._reader.readexactly(1)
+        if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+            raise ConnectionError(f"link to {self.peer_b58}: not a message (marker {marker!r}): cut off")
+        try:
+            head = await asyncio.wait_for(self._reader.readexactly(P2P.HEADER_LEN), self.message_timeout)
+            size = int.from_bytes(head, P2P.BYTEORDER)
+            if size > self.max_message_bytes:
+                raise ConnectionError(f"link to {self.peer_b58}: a message of {size} bytes is over the "
+                                      f"{self.max_message_bytes}-byte limit: cut off")
+            data = await asyncio.wait_for(self._reader.readexactly(size), self.message_timeout)
+        except TimeoutError:
+            raise ConnectionError(f"link to {self.peer_b58}: a message did not arrive whole within "
+                                  f"{self.message_timeout:.0f}s: cut off") from None
+        out = self._in_type() if marker == P2P.MESSAGE_MARKER else RPCError()
+        try:
+            out.ParseFromString(data)
+        except DecodeError:
+            raise ConnectionError(f"link to {self.peer_b58}: undecodable message: cut off") from None
+        return (out, None) if marker == P2P.MESSAGE_MARKER else (None, out)
 
     def _close(self, exc: BaseException) -> None:
         if self.closed is not None:

@@ -28,7 +28,7 @@ from hivemind.proto import runtime_pb2
 
 from ...errors import MoemeshError
 from . import auth
-from .link import Link, OnClose, OnMessage
+from .link import MAX_LINK_MESSAGE_BYTES, MESSAGE_TIMEOUT, Link, OnClose, OnMessage
 from .stats import CallStats, PeerStats  # noqa: F401  (PeerStats: re-exported)
 from .wire import pack_request, pack_response, unpack
 
@@ -52,6 +52,8 @@ class MeshOptions:
     heartbeat: float = 5.0  # seconds between membership announcements (records live 3x longer)
     call_timeout: float = 10.0  # seconds for one call, plus per_row_timeout per activation row
     per_row_timeout: float = 0.02
+    max_message_bytes: int = MAX_LINK_MESSAGE_BYTES  # a link message announced bigger cuts the link
+    message_timeout: float = MESSAGE_TIMEOUT  # a link message must arrive whole this long after its first byte
     test_delay_ms: float = 0.0  # TEST ONLY: sleep this long before every outgoing call (fake latency)
 
 
@@ -166,7 +168,7 @@ class MeshNode:
                 writer.close()  # not a member: the opener reads an ended stream
                 return
             link = Link(info.peer_id, reader, writer, outgoing=False, stats=self.stats,
-                        delay_ms=lambda: self.options.test_delay_ms)
+                        delay_ms=lambda: self.options.test_delay_ms, **self._limits())
             on_message, on_close = on_open(link)
             self._links.add(link)
             link.start(on_message, self._untrack(on_close))
@@ -185,9 +187,13 @@ class MeshNode:
             raise MeshError(f"opening {name} to {peer} timed out after {timeout:.1f}s") from None
         except Exception as exc:
             raise MeshError(f"opening {name} to {peer} failed: {' '.join(str(exc).split())}") from None
-        link = Link(peer, reader, writer, outgoing=True, stats=self.stats, delay_ms=lambda: self.options.test_delay_ms)
+        link = Link(peer, reader, writer, outgoing=True, stats=self.stats, delay_ms=lambda: self.options.test_delay_ms,
+                    **self._limits())
         self._links.add(link)
         return link.start(on_message, self._untrack(on_close))
+
+    def _limits(self) -> dict:
+        return {"max_message_bytes": self.options.max_message_bytes, "message_timeout": self.options.message_timeout}
 
     def _untrack(self, on_close: OnClose) -> OnClose:
         def closed(link: Link, exc: BaseException) -> None:

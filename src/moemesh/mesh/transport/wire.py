@@ -11,6 +11,8 @@ import msgpack
 import torch
 from hivemind.proto import runtime_pb2
 
+from ...errors import MoemeshError
+
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SAFE_PAYLOAD_BYTES = 3 * 1024 * 1024  # tensor bytes per message, leaving room for the header
 
@@ -19,8 +21,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-class WireError(ValueError):
-    """A malformed message: wrong dtype, shape or byte count."""
+class WireError(MoemeshError, ValueError):
+    """A malformed message: wrong dtype, shape or byte count; the message names the part."""
 
 
 def encode_tensor(t: torch.Tensor) -> runtime_pb2.Tensor:
@@ -63,7 +65,13 @@ def unpack(msg: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> tuple
     try:
         header = msgpack.unpackb(msg.metadata, raw=False)
     except Exception as exc:
-        raise WireError(f"bad header: {exc}") from None
+        raise WireError(f"header: not msgpack ({exc})") from None
     if not isinstance(header, dict):
-        raise WireError("header is not a map")
-    return header, [decode_tensor(t) for t in msg.tensors]
+        raise WireError("header: not a map")
+    tensors = []
+    for i, t in enumerate(msg.tensors):
+        try:
+            tensors.append(decode_tensor(t))
+        except WireError as exc:
+            raise WireError(f"tensor {i}: {exc}") from None
+    return header, tensors
