@@ -9,6 +9,7 @@ from typing import Any
 
 
 def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is often just 'x86_64')."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -119,7 +119,13 @@ def matmul_rate(fmt: str, shapes: list[tuple[int, int]], pool_bytes: int, second
         k, n = shapes[len(layers) % len(shapes)]
         layers.append(QuantLinear.from_float(torch.randn(n, k, generator=g) * k ** -0.5, None, fmt))
     place_expert_weights(layers)
-    xs = {k: torch.randn(1, k, generator=g) for k, _ in shapes}  # [1, K]
+    return _sweep_rate(layers, {k: torch.randn(1, k, generator=g) for k, _ in shapes}, shapes, seconds)
+
+
+def _sweep_rate(layers: list, xs: dict, shapes: list[tuple[int, int]], seconds: float) -> dict[str, float]:
+    """GFLOP/s of one M=1 pass over every layer of a pool (xs: in_features -> [1, K] input)."""
+    import torch
+
     flops = sum(2 * lay.in_features * lay.out_features for lay in layers)
 
     def sweep() -> None:
@@ -159,17 +165,7 @@ def block_rate(qtype: str, shapes: list[tuple[int, int]], pool_bytes: int, secon
             raw[:, off:off + 2] = np.array([1 / 1024], np.float16).view(np.uint8)
         layers.append(BlockLinear(qtype, torch.from_numpy(raw.reshape(n, row_bytes(qtype, k))), k))
     assert GGMLQuantizationType[qtype]  # a GGUF type name
-    xs = {k: torch.randn(1, k) for k, _ in shapes}  # [1, K]
-    flops = sum(2 * lay.in_features * lay.out_features for lay in layers)
-
-    def sweep() -> None:
-        for lay in layers:
-            lay(xs[lay.in_features])
-
-    with torch.inference_mode():
-        s = _samples(sweep, seconds)
-    return {"gflops": flops / min(s) / 1e9, "gflops_median": flops / statistics.median(s) / 1e9,
-            "pool_bytes": sum(lay.nbytes() for lay in layers), "shapes": [list(x) for x in shapes]}
+    return _sweep_rate(layers, {k: torch.randn(1, k) for k, _ in shapes}, shapes, seconds)
 
 
 def fused_experts_rate(d: int, inter: int, top_k: int, pool_bytes: int, seconds: float) -> dict[str, float] | None:

@@ -17,20 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .machine_id import cpu_model
 from .probe import total_ram
 
 ROOT = Path(__file__).resolve().parents[3]  # the source checkout (src/moemesh/benchkit -> repo)
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is often just 'x86_64')."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def torch_version() -> str | None:

@@ -174,6 +174,26 @@ class FastExperts:
                     raise RuntimeError(f"fast int4 packing differs from QuantLinear.from_int4_groups ({name}.{buf})")
 
 
+class BlobAppender:
+    """Expert blobs appended to an open experts.bin: each packed (FastExperts, convert.pack_blob),
+    checksummed and given its offset; ``entry`` -> the manifest row."""
+
+    def __init__(self, f, fast: FastExperts, parts, blob_size: int, blob_sum) -> None:
+        self.f, self.fast, self.parts, self.blob_size, self.blob_sum = f, fast, parts, blob_size, blob_sum
+        self.offset = 0
+
+    def entry(self, w: dict, check: bool = False) -> dict[str, int]:
+        from moemesh.loading.convert import pack_blob
+
+        if check:  # the fast path builds exactly what the constructor builds
+            self.fast.check(w)
+        blob = pack_blob(self.fast.linears(w), self.parts, self.blob_size)
+        self.f.write(blob)
+        row = {"offset": self.offset, "sum": self.blob_sum(blob)}
+        self.offset += self.blob_size
+        return row
+
+
 def trunk_tensors(cfg: dict, seed: int) -> list[tuple[str, torch.Tensor]]:
     """Every non-expert tensor under its HF name, bf16 (as an HF Qwen3-MoE checkpoint stores them)."""
     d, v = cfg["hidden_size"], cfg["vocab_size"]
@@ -276,7 +296,7 @@ def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> 
         return out
     import gguf
 
-    from moemesh.loading.convert import blob_layout, pack_blob
+    from moemesh.loading.convert import blob_layout
     from moemesh.models import get_arch
     from moemesh.store.checksum import DEFAULT as CHECKSUM
     from moemesh.store.checksum import checksum_fn
@@ -328,10 +348,9 @@ def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> 
         metas, parts, blob_size = blob_layout(first)
         fast = FastExperts(first)
         manifest_layers: dict[str, list[dict[str, int]]] = {}
-        blob_sum = checksum_fn(CHECKSUM)
-        offset = 0
         exps: dict[str, np.ndarray] = {}
         with open(tmp / "store" / "experts.bin", "wb") as f:
+            blobs = BlobAppender(f, fast, parts, blob_size, checksum_fn(CHECKSUM))
             for name, src in order:
                 if not isinstance(src, tuple):
                     arr, _ = gguf_trunk_array(name, trunk_by_name[src])
@@ -343,12 +362,7 @@ def build(work_dir: Path, layers: int, vocab: int, seed: int = 0, log=print) -> 
                     entries = []
                     for x in range(e):
                         w = expert_weights(seed, i, x)
-                        if x == 0:
-                            fast.check(w)  # the fast path builds exactly what the constructor builds
-                        blob = pack_blob(fast.linears(w), parts, blob_size)
-                        f.write(blob)
-                        entries.append({"offset": offset, "sum": blob_sum(blob)})
-                        offset += blob_size
+                        entries.append(blobs.entry(w, check=x == 0))
                         for p in stacks:
                             stacks[p].append(q4_0_bytes(*w[p]))
                     manifest_layers[str(i)] = entries

@@ -139,7 +139,7 @@ def build(work_dir: Path, key: str, layers: int | None = None, vocab: int | None
 
 
 def write(tmp: Path, cfg: dict, seed: int, gguf_arch: str | None, log=print) -> None:
-    from moemesh.loading.convert import blob_layout, pack_blob
+    from moemesh.loading.convert import blob_layout
     from moemesh.models import get_arch
     from moemesh.store.checksum import DEFAULT as CHECKSUM
     from moemesh.store.checksum import checksum_fn
@@ -161,21 +161,15 @@ def write(tmp: Path, cfg: dict, seed: int, gguf_arch: str | None, log=print) -> 
     first = synth.expert_linears_reference(expert_weights(seed, args.moe_layers[0], 0, d, inter, bias))
     metas, parts, blob_size = blob_layout(first)
     fast = synth.FastExperts(first)
-    blob_sum = checksum_fn(CHECKSUM)
     manifest_layers: dict[str, list[dict[str, int]]] = {}
-    offset = 0
     with open(tmp / "store" / "experts.bin", "wb") as f:
+        blobs = synth.BlobAppender(f, fast, parts, blob_size, checksum_fn(CHECKSUM))
         for i in args.moe_layers:
             stacks: dict[str, np.ndarray] = {}
             entries = []
             for x in range(args.num_experts):
                 w = expert_weights(seed, i, x, d, inter, bias)
-                if x == 0:
-                    fast.check(w)  # the fast path builds exactly what the constructor builds
-                blob = pack_blob(fast.linears(w), parts, blob_size)
-                f.write(blob)
-                entries.append({"offset": offset, "sum": blob_sum(blob)})
-                offset += blob_size
+                entries.append(blobs.entry(w, check=x == 0))
                 if gw is not None:
                     stack_into(stacks, x, args.num_experts, synth_gguf.expert_arrays(gguf_arch, w))
             manifest_layers[str(i)] = entries
