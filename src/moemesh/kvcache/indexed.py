@@ -13,6 +13,7 @@ import torch
 from ..batch import BatchLayout
 from .base import KVCache
 from .dense import DenseKVCache
+from .wrapped import WrappedKVCache
 
 
 class IndexKeys:
@@ -42,35 +43,19 @@ class IndexKeys:
         return sum(t.numel() * t.element_size() for bufs in self.seqs.values() for t in bufs)
 
 
-class IndexedCache(KVCache):
+class IndexedCache(WrappedKVCache):
     shares_prefixes = False
 
     def __init__(self, kv: KVCache, keys: IndexKeys) -> None:
         if not isinstance(kv, DenseKVCache):
             raise ValueError("sparse attention (glm_moe_dsa) needs the dense KV cache: TurboQuant cannot take its top-k mask")
-        self.kv, self.keys = kv, keys
+        super().__init__(kv, keys)
+        self.keys = keys
         self.selection: dict[int, torch.Tensor] = {}  # seq -> the last indexer layer's bool [n, end], this pass
 
     # no layer-major prefill: a "shared" layer reads the selection its predecessor made for the same tokens,
     # which holds within one forward pass but not when a layer runs chunk after chunk before the next one
     supports_starts = False
-
-    def add_sequence(self, seq_id: int) -> None:
-        self.kv.add_sequence(seq_id)
-        self.keys.add_sequence(seq_id)
-
-    def free_sequence(self, seq_id: int) -> None:
-        self.kv.free_sequence(seq_id)
-        self.keys.free_sequence(seq_id)
-
-    def length(self, seq_id: int) -> int:
-        return self.kv.length(seq_id)
-
-    def begin(self, batch: BatchLayout) -> None:
-        self.kv.begin(batch)
-
-    def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None, allowed=None):
-        return self.kv.attend(layer, q, k, v, batch, scale, window, sinks, allowed=allowed)
 
     def end(self, batch: BatchLayout) -> None:
         self.kv.end(batch)
@@ -79,6 +64,3 @@ class IndexedCache(KVCache):
     def bytes_per_token(self) -> int:
         """The latent KV and one indexer key per layer (fp32) per token."""
         return self.kv.bytes_per_token() + self.keys.num_layers * self.keys.dim * 4
-
-    def nbytes(self) -> int:
-        return self.kv.nbytes() + self.keys.nbytes()

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batch import BatchLayout
 from .base import KVCache
+from .wrapped import WrappedKVCache
 
 
 @dataclass
@@ -74,46 +74,17 @@ class RecurrentStateCache:
         return len(self.seqs) * self.num_layers * self.shape.nbytes(self.dtype)
 
 
-class HybridCache(KVCache):
-    """KV cache for the attention layers + recurrent states for the linear-attention layers."""
+class HybridCache(WrappedKVCache):
+    """KV cache for the attention layers + recurrent states for the linear-attention layers. Layer-major
+    prefill works when the KV cache writes at explicit positions: each linear layer takes a prompt's
+    chunks in order and keeps its own state, whatever the other layers are at. Bytes per token are
+    the attention layers' KV (the recurrent states are a fixed size per sequence)."""
 
     shares_prefixes = False  # see the module docstring
 
     def __init__(self, kv: KVCache, states: RecurrentStateCache) -> None:
-        self.kv, self.states = kv, states
-
-    @property
-    def supports_starts(self) -> bool:  # type: ignore[override]
-        """Layer-major prefill works when the KV cache writes at explicit positions: each linear layer
-        takes a prompt's chunks in order and keeps its own state, whatever the other layers are at."""
-        return self.kv.supports_starts
-
-    def add_sequence(self, seq_id: int) -> None:
-        self.kv.add_sequence(seq_id)
-        self.states.add_sequence(seq_id)
-
-    def free_sequence(self, seq_id: int) -> None:
-        self.kv.free_sequence(seq_id)
-        self.states.free_sequence(seq_id)
-
-    def length(self, seq_id: int) -> int:
-        return self.kv.length(seq_id)
-
-    def begin(self, batch: BatchLayout) -> None:
-        self.kv.begin(batch)
-
-    def attend(self, layer, q, k, v, batch, scale, window=None, sinks=None):
-        return self.kv.attend(layer, q, k, v, batch, scale, window, sinks)
-
-    def end(self, batch: BatchLayout) -> None:
-        self.kv.end(batch)
-
-    def nbytes(self) -> int:
-        return self.kv.nbytes() + self.states.nbytes()
-
-    def bytes_per_token(self) -> int:
-        """The attention layers' KV per token (the recurrent states are a fixed size per sequence)."""
-        return self.kv.bytes_per_token()
+        super().__init__(kv, states)
+        self.states = states
 
 
 def states_of(cache: KVCache) -> RecurrentStateCache:
