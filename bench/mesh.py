@@ -311,8 +311,10 @@ def other_part(args, old: dict) -> None:
         cap = max(cap, 600 * 2**20 if args.quick else cap)  # quick: the smallest budget that loads
         tokens, warmup = (6, 2) if args.quick else (args.tokens, args.warmup)
         delays = [0.0, 5.0] if args.quick else [float(d) for d in args.delays.split(",")]
+        load0 = os.getloadavg()[0]
         res = mesh_capped.run_capped(str(store), cap, tokens, warmup, delays, threads=1)
-        res.update(model=f"synthetic Qwen3-30B-A3B shapes, {layers} layers, vocab {vocab}", model_bytes=model_bytes)
+        res.update(model=f"synthetic Qwen3-30B-A3B shapes, {layers} layers, vocab {vocab}", model_bytes=model_bytes,
+                   loadavg=[load0, os.getloadavg()[0]])
         old["capped"] = res
     write_results(RESULTS, "mesh_quick" if args.quick else "mesh", old, markdown(old), sys.argv)
 
