@@ -285,7 +285,7 @@ def markdown(p: dict) -> str:
     for r in p["rows"].values():
         ours = r["moemesh"]
         d, pf, ft = r.get("decode_vs_llama_cpp"), r.get("prefill_vs_llama_cpp"), ours.get("first_token_s_median")
-        goal = lambda v, g, unit="x": "-" if v is None else f"{v:.2f}{unit} {'met' if v >= g else 'NOT met'}"  # noqa: E731
+        goal = lambda v, g: "-" if v is None else f"{v:.3f}x {'met' if v >= g else 'NOT met'}"  # noqa: E731
         first = "-" if ft is None else f"{ft:.1f} s {'met' if ft <= 10 else 'NOT met'}"
         imp, ld = ours.get("import_s_median"), ours.get("load_s_median")
         split = "-" if None in (imp, ld, ft) else f"{imp:.1f} / {ld:.1f} / {ft - imp - ld:.1f}"
