@@ -314,7 +314,7 @@ def other_part(args, old: dict) -> None:
         load0 = os.getloadavg()[0]
         res = mesh_capped.run_capped(str(store), cap, tokens, warmup, delays, threads=1)
         res.update(model=f"synthetic Qwen3-30B-A3B shapes, {layers} layers, vocab {vocab}", model_bytes=model_bytes,
-                   loadavg=[load0, os.getloadavg()[0]])
+                   loadavg=[load0, os.getloadavg()[0]], command=" ".join(sys.argv))
         old["capped"] = res
     write_results(RESULTS, "mesh_quick" if args.quick else "mesh", old, markdown(old), sys.argv)
 
