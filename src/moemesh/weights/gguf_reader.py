@@ -76,6 +76,8 @@ class _CheckedReader(GGUFReader):
             if offs + 8 * n > size:  # every string takes >= 8 bytes: a corrupt count must not loop for ever
                 self._get(offs, np.uint64, n)  # raises the header-past-the-end CheckpointError
             for _ in range(n):  # [u64 length, bytes] per string, as gguf's _get_str
+                if offs + 8 > size:
+                    self._get(offs, np.uint64)  # raises, naming the file
                 (slen,) = struct.unpack_from("<Q", data, offs)
                 if offs + 8 + slen > size:
                     self._get(offs + 8, np.uint8, slen)  # raises, naming the file
