@@ -220,7 +220,9 @@ def main() -> None:
     ap.add_argument("--wire-models", default="smollm2", help="wire: comma-separated models (real weights)")
     ap.add_argument("--shards", default="2,3", help="expert-shard node counts")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/moemesh/bench"),
-                    help="where the expert-shard model is made once")
+                    help="where the expert-shard model (and --quick's capped model) is made once")
+    ap.add_argument("--work-dir", default="/work/bench-data",
+                    help="capped: where the synthetic Qwen3 lives (bench/lazy.py's and bench/decode.py's, shared)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     RESULTS.mkdir(exist_ok=True)
@@ -303,14 +305,16 @@ def other_part(args, old: dict) -> None:
         from moemesh.benchkit.synth import core as synth
 
         layers, vocab = (4, 4096) if args.quick else (args.capped_layers, args.capped_vocab)
-        store = synth.build(Path(args.work), layers, vocab) / "store"
+        store = synth.build(Path(args.work if args.quick else args.work_dir), layers, vocab) / "store"
         model_bytes = sum(f.stat().st_size for f in store.iterdir() if f.suffix in (".bin", ".safetensors"))
         cap = args.cap_mib * 2**20 if args.cap_mib else model_bytes // 3
         cap = max(cap, 600 * 2**20 if args.quick else cap)  # quick: the smallest budget that loads
         tokens, warmup = (6, 2) if args.quick else (args.tokens, args.warmup)
         delays = [0.0, 5.0] if args.quick else [float(d) for d in args.delays.split(",")]
+        load0 = os.getloadavg()[0]
         res = mesh_capped.run_capped(str(store), cap, tokens, warmup, delays, threads=1)
-        res.update(model=f"synthetic Qwen3-30B-A3B shapes, {layers} layers, vocab {vocab}", model_bytes=model_bytes)
+        res.update(model=f"synthetic Qwen3-30B-A3B shapes, {layers} layers, vocab {vocab}", model_bytes=model_bytes,
+                   loadavg=[load0, os.getloadavg()[0]], command=" ".join(sys.argv))
         old["capped"] = res
     write_results(RESULTS, "mesh_quick" if args.quick else "mesh", old, markdown(old), sys.argv)
 

@@ -284,7 +284,9 @@ def markdown(res: dict) -> list[str]:
              f"{res['model']}; cap {res['cap_bytes'] / MIB:.0f} MiB per node (cgroup-v1, page cache counted"
              f"{'' if res['netns'] else '; NOT APPLIED: ' + str(res['why_not_netns'])}), model "
              f"{res['model_bytes'] / MIB:.0f} MiB; {res['tokens']} teacher-forced tokens after {res['warmup']} "
-             f"warmup; plan {res['mesh']['plan']}.", "",
+             f"warmup; plan {res['mesh']['plan']}." + (f" Load average {res['loadavg'][0]:.1f} at start, "
+             f"{res['loadavg'][1]:.1f} at the end: the 2-core machine was shared with other jobs (helpers' test "
+             "suites), so every node and the single node ran on oversubscribed cores." if "loadavg" in res else ""), "",
              f"One node: {s['tok_s']:.2f} tok/s, hit rate {s['hit_rate']:.3f}, {s['disk_mib_per_token']:.0f} MiB "
              "read per token.", "",
              "| delay ms per hop | mesh tok/s | x one node | wire bytes/token | hit rate per node | added ms/token "

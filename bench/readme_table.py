@@ -90,11 +90,13 @@ def decode_rows() -> list[str]:
         if not ours.get("decode_tok_s_median"):
             continue
         layers = f" ({r['layers']} layers)" if "shapes" in r["title"] else ""
+        # a row rerun alone (decode.py --update) carries its own command and load average
+        m = {**d.get("machine", {}), "loadavg_before": r["loadavg"]} if "loadavg" in r else d.get("machine", {})
+        rcmd = f".venv/bin/python {r['command']}" if r.get("command") else cmd
         for what, key in (("decode", "decode_tok_s_median"), ("prefill", "prefill_tok_s_median")):
             p = peer.get(key)
             rows.append(f"| {r['title']}{layers}, {what}, default path | {ours[key]:.1f} | {'-' if p is None else f'{p:.1f}'} | "
-                        f"llama.cpp | {'-' if not p else f'{ours[key] / p:.2f}x'} | - | {machine(d.get('machine', {}))} | "
-                        f"`{cmd}` |")
+                        f"llama.cpp | {'-' if not p else f'{ours[key] / p:.2f}x'} | - | {machine(m)} | `{rcmd}` |")
     return rows
 
 

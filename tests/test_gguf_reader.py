@@ -378,3 +378,52 @@ def test_open_does_not_copy_the_file(tmp_path, synthetic):
     while isinstance(base, np.ndarray):
         base = base.base
     assert isinstance(base, mmap.mmap)
+
+
+def _same_fields(ours: gguf.GGUFReader, ref: gguf.GGUFReader) -> None:
+    assert list(ours.fields) == list(ref.fields)
+    for key, fa in ours.fields.items():
+        fb = ref.fields[key]
+        assert (fa.offset, fa.types, fa.data, len(fa.parts)) == (fb.offset, fb.types, fb.data, len(fb.parts)), key
+        for x, y in zip(fa.parts, fb.parts):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), key
+        assert fa.contents() == fb.contents(), key
+        if fa.data and fa.types[0] == gguf.GGUFValueType.ARRAY:
+            assert fa.contents(len(fa.data) - 1) == fb.contents(len(fb.data) - 1), key
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+
+
+def test_metadata_arrays_parse_as_gguf_does(tmp_path):
+    # the one-pass array parse (weights/gguf_reader.py) against gguf's own reader: strings (empty,
+    # multi-byte), every scalar type, bools, an empty array and a nested one (gguf's walk)
+    from moemesh.weights.gguf_reader import _CheckedReader
+
+    path = tmp_path / "meta.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("t.strings", ["a", "", "héllo wörld", "Ġthe", "x" * 300] * 7)
+    for vt, dt in ((gguf.GGUFValueType.INT32, np.int32), (gguf.GGUFValueType.UINT8, np.uint8),
+                   (gguf.GGUFValueType.FLOAT32, np.float32), (gguf.GGUFValueType.INT64, np.int64),
+                   (gguf.GGUFValueType.FLOAT64, np.float64)):
+        values = (np.arange(11) * 3 - (0 if dt == np.uint8 else 5)).astype(dt)
+        w.add_key_value(f"t.{vt.name}", list(values), gguf.GGUFValueType.ARRAY, sub_type=vt)
+    w.add_array("t.bools", [True, False, True])
+    w.add_array("t.empty", [])
+    w.add_array("t.nested", [[1, 2], [3]])
+    w.add_string("t.scalar_string", "after the arrays")
+    w.add_uint32("t.scalar", 7)
+    w.add_tensor("token_embd.weight", np.arange(64, dtype=np.float32).reshape(2, 32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, ref = _CheckedReader(path), gguf.GGUFReader(path)
+    _same_fields(ours, ref)
+    assert ours.fields["t.strings"].contents()[2] == "héllo wörld"
+    assert ours.fields["t.scalar_string"].contents() == "after the arrays"
+
+
+@pytest.mark.slow
+def test_real_tokenizer_metadata_parses_as_gguf_does():
+    from moemesh.weights.gguf_reader import _CheckedReader
+
+    _same_fields(_CheckedReader(SMOL), gguf.GGUFReader(SMOL))

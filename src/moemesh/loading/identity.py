@@ -26,9 +26,9 @@ def _safetensors_index(path: Path) -> list:
 def tensor_index(path: Path) -> list:
     """[[name, dtype, shape], ...] of a store, an HF directory or a GGUF file."""
     if path.is_file():
-        from ..weights.gguf_reader import open_gguf
+        from ..weights.gguf_reader import open_gguf_file
 
-        reader = open_gguf(path).reader
+        reader = open_gguf_file(path).reader
         return sorted([t.name, int(t.tensor_type), [int(s) for s in t.shape]] for t in reader.tensors)
     manifest = path / "manifest.json"
     if manifest.is_file():  # an expert store: trunk tensors + what every expert blob holds

@@ -42,8 +42,13 @@ ISA_ENV = "MOEMESH_INT4_ISA"
 
 def cpu_isas() -> list[str]:
     """The builds this CPU runs, best first (from /proc/cpuinfo's flags; plain C everywhere)."""
+    return list(_cpu_isas())
+
+
+@cache  # asked on every int4 call of a decode step (load_native): computed once per process
+def _cpu_isas() -> tuple[str, ...]:
     flags = set(cpu_flags().split())
-    return [isa for isa in ("avx512", "avx2", "scalar") if all(f in flags for f in ISA_FLAGS[isa])]
+    return tuple(isa for isa in ("avx512", "avx2", "scalar") if all(f in flags for f in ISA_FLAGS[isa]))
 
 
 @cache
@@ -70,7 +75,7 @@ def load_variant(isa: str) -> ctypes.CDLL | None:
     it cannot be built. Tests compare the builds on one machine."""
     if isa not in ISAS:
         raise ValueError(f"int4 kernel build {isa!r}: expected one of {sorted(ISAS)}")
-    return _load(isa) if isa in cpu_isas() else None
+    return _load(isa) if isa in _cpu_isas() else None
 
 
 def load_native() -> ctypes.CDLL | None:
@@ -78,9 +83,9 @@ def load_native() -> ctypes.CDLL | None:
     for this CPU, or the one MOEMESH_INT4_ISA names (None, with a warning, if this CPU lacks it)."""
     if os.environ.get("MOEMESH_INT4_NATIVE", "1") == "0":
         return None
-    isa = os.environ.get(ISA_ENV) or cpu_isas()[0]
+    isa = os.environ.get(ISA_ENV) or _cpu_isas()[0]
     lib = load_variant(isa)
-    if lib is None and isa not in cpu_isas():
+    if lib is None and isa not in _cpu_isas():
         _warn_missing(isa)
     return lib
 

@@ -14,11 +14,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+from functools import cache
 from pathlib import Path
 
 BASE_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fopenmp")  # retried without -fopenmp
 
 
+@cache  # read once per process: load_native() asks on every int4 call of a decode step
 def cpu_flags() -> str:
     try:
         return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
