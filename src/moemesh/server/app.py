@@ -22,6 +22,7 @@ from .openai.chat import chat_router
 from .openai.completions import completions_router
 from .openai.models import models_router
 from .openai.tokenize import tokenize_router
+from .responses_api.routes import responses_router
 from .service import service_router
 
 
@@ -48,7 +49,8 @@ def build_app(state: ServerState, on_loaded: Callable[[ServerState], None] | Non
         return Response(status_code=499)  # nobody reads it; the generation was aborted
 
     # one router per surface; new surfaces (Responses, Ollama) add theirs here
-    routers = (service_router, models_router, tokenize_router, chat_router, completions_router, messages_router)
+    routers = (service_router, models_router, tokenize_router, chat_router, completions_router, messages_router,
+               responses_router)
     for router in routers:
         app.include_router(router(state))
     install_openapi(app)
