@@ -3,7 +3,7 @@ they chat. One model is served; it is listed under each accepted name, tagged ``
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ OLLAMA_API_VERSION = "0.13.0"  # the Ollama API this surface follows (clients ch
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _files(path: Path) -> list[Path]:
@@ -90,7 +90,7 @@ def info_router(state: ServerState) -> APIRouter:
         """The loaded model (none while loading); size is this process's peak resident memory."""
         if state.status != "ready":
             return {"models": []}
-        expires = _iso((datetime.now(timezone.utc) + timedelta(days=3650)).timestamp())  # loaded for good
+        expires = _iso((datetime.now(UTC) + timedelta(days=3650)).timestamp())  # loaded for good
         return {"models": [{**e, "size": peak_rss_bytes(), "expires_at": expires, "size_vram": 0,
                             "context_length": state.context_length} for e in entries()[:1]]}
 
