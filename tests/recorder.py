@@ -11,9 +11,10 @@ from typing import Any
 
 class Recorder:
     """``with Recorder([reply, ...]) as rec:`` point the client at ``rec.base_url``; each POST gets
-    the next reply (JSON), and ``rec.bodies`` holds the JSON bodies in order."""
+    the next reply (a dict: JSON; a str: a server-sent event stream), and ``rec.bodies`` holds the
+    JSON bodies in order. With no reply left it answers 400 (which clients do not retry)."""
 
-    def __init__(self, replies: list[dict[str, Any]]) -> None:
+    def __init__(self, replies: list[dict[str, Any] | str]) -> None:
         self.replies = list(replies)
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
@@ -25,9 +26,10 @@ class Recorder:
                 recorder.bodies.append(body)
                 recorder.paths.append(self.path)
                 reply = recorder.replies.pop(0) if recorder.replies else {"error": {"message": "no more replies"}}
-                data = json.dumps(reply).encode()
-                self.send_response(200 if "error" not in reply else 500)
-                self.send_header("Content-Type", "application/json")
+                stream = isinstance(reply, str)
+                data = reply.encode() if stream else json.dumps(reply).encode()
+                self.send_response(200 if stream or "error" not in reply else 400)
+                self.send_header("Content-Type", "text/event-stream" if stream else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

@@ -35,8 +35,13 @@ GREETING = "Hello! I am a scripted model."
 RESULT = "sunny, 24 C"
 
 
+def hermes_call(name: str, args: dict) -> str:
+    """A tool call as a Hermes model writes it."""
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': args})}\n</tool_call>"
+
+
 def call_text(city: str) -> str:
-    return f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+    return hermes_call("get_weather", {"city": city})
 
 
 def turn(city: str, tool: dict, preamble: str) -> tuple[list[dict], list[dict]]:
