@@ -1,5 +1,5 @@
 """POST /api/chat and POST /api/generate: Ollama's generation routes, streamed as NDJSON (one JSON
-object a line; Ollama's default) or whole (``stream: false``). Durations: prompt_eval_duration from
+object per line, Ollama's default) or whole (``stream: false``). Durations: prompt_eval_duration from
 the request to the first token (templating, queueing and prefill), eval_duration from the first
 token to the last."""
 from __future__ import annotations
