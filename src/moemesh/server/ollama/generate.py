@@ -145,7 +145,7 @@ def generate_router(state: ServerState) -> APIRouter:
             return {"model": body.model, "created_at": now(), "message": {"role": "assistant", "content": ""},
                     "done": True, "done_reason": "load"}
         clock = Clock()
-        plan, prompt_ids = await chat_prompt_ids(state, tokenizer, chat_messages(body), chat_tools(body), None,
+        plan, prompt_ids, _ = await chat_prompt_ids(state, tokenizer, chat_messages(body), chat_tools(body), None,
                                                  template_kwargs(body))
         gen = state.start_generation(GenerationRequest(prompt_ids, params(body, prompt_ids), prefill=plan.prefill,
                                                        tool_mode=plan.tool_mode,
@@ -171,7 +171,7 @@ def generate_router(state: ServerState) -> APIRouter:
             prompt_ids = await text_prompt_ids(state, tokenizer, body.prompt, add_special_tokens=not body.context)
             plan = None
         else:
-            plan, prompt_ids = await chat_prompt_ids(state, tokenizer, generate_messages(body), None, None,
+            plan, prompt_ids, _ = await chat_prompt_ids(state, tokenizer, generate_messages(body), None, None,
                                                      template_kwargs(body), param="prompt", check_fits=False)
         prompt_ids = list(body.context or []) + prompt_ids
         if any(t >= tokenizer.vocab_size for t in body.context or []):

@@ -50,7 +50,7 @@ def responses_router(state: ServerState) -> APIRouter:
         tokenizer = state.ready_tokenizer()
         _refuse_state(body)
         tools = chat_tools(body)
-        plan, prompt_ids = await chat_prompt_ids(state, tokenizer, chat_messages(body), tools,
+        plan, prompt_ids, _ = await chat_prompt_ids(state, tokenizer, chat_messages(body), tools,
                                                  chat_tool_choice(body.tool_choice), _template_kwargs(body),
                                                  param="input")
         params = make_params(
