@@ -1,4 +1,4 @@
-"""``moemesh serve``: OpenAI- and Anthropic-compatible HTTP API over the continuous-batching engine.
+"""``moemesh serve``: OpenAI-, Anthropic- and Ollama-compatible HTTP API over the continuous-batching engine.
 
 Threads: uvicorn's event loop serves HTTP; one engine thread (core/engine_loop) owns the Engine and
 loops ``step()``; prompt threads render chat templates and tokenize (core/prompting); a loader
@@ -18,8 +18,10 @@ Packages, one per concern:
   admission, generation, prompting, sampling fields, stop strings, SSE, metrics).
 - ``openai/``: OpenAI's chat and completions APIs, /v1/models, vLLM's /tokenize and /detokenize.
 - ``anthropic/``: Anthropic's Messages API.
-- A new API surface (OpenAI's Responses API, Ollama's) is a sibling package with its schemas,
-  responses and routes, built on ``core`` and registered in ``app.py``; constrained output
+- ``responses_api/``: OpenAI's Responses API (/v1/responses, stateless).
+- ``ollama/``: Ollama's API (/api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version).
+- A new API surface is a sibling package with its schemas, responses and routes, built on
+  ``core`` and registered in ``app.py``; constrained output
   (grammars, JSON schema) belongs below the server, next to the sampler, fed by ``core/generation``.
 
 The chat, tool-call and reasoning formats (templates, Harmony, DeepSeek, Hermes, ``<think>``) live

@@ -18,10 +18,13 @@ from .common.errors import install_error_handlers
 from .common.openapi import install_openapi
 from .core.sse import ClientGone
 from .core.state import ServerState
+from .ollama.generate import generate_router
+from .ollama.info import info_router
 from .openai.chat import chat_router
 from .openai.completions import completions_router
 from .openai.models import models_router
 from .openai.tokenize import tokenize_router
+from .responses_api.routes import responses_router
 from .service import service_router
 
 
@@ -48,7 +51,8 @@ def build_app(state: ServerState, on_loaded: Callable[[ServerState], None] | Non
         return Response(status_code=499)  # nobody reads it; the generation was aborted
 
     # one router per surface; new surfaces (Responses, Ollama) add theirs here
-    routers = (service_router, models_router, tokenize_router, chat_router, completions_router, messages_router)
+    routers = (service_router, models_router, tokenize_router, chat_router, completions_router, messages_router,
+               responses_router, generate_router, info_router)
     for router in routers:
         app.include_router(router(state))
     install_openapi(app)

@@ -127,6 +127,7 @@ def messages_router(state: ServerState) -> APIRouter:
         plan, prompt_ids, media = await plan_of(body, check_fits=True)
         grammar = await request_matcher(state, state.ready_tokenizer(), plan.tool_mode, None)  # tool_choice any / tool
         params = make_params(
+            defaults=state.sampling_defaults,
             prompt_len=len(prompt_ids), context_length=state.context_length, max_tokens=body.max_tokens,
             max_tokens_field="max_tokens", temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             stop=body.stop_sequences,

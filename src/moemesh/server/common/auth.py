@@ -8,7 +8,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import APIError, error_response
 
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/api/")  # /api/: Ollama's routes
 
 
 def presented_key(headers: dict[str, str]) -> str | None:

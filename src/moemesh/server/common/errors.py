@@ -1,4 +1,4 @@
-"""API errors and the handlers that answer them in OpenAI's or Anthropic's error shape."""
+"""API errors and the handlers that answer them in OpenAI's, Anthropic's or Ollama's error shape."""
 from __future__ import annotations
 
 import json
@@ -46,6 +46,9 @@ class APIError(HTTPException):
     def openai_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}  # Ollama's error shape: one string
+
     def anthropic_body(self) -> dict[str, Any]:
         kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": self.message}}
@@ -63,7 +66,13 @@ class ErrorJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
+def is_ollama_path(path: str) -> bool:
+    return path.startswith("/api/")
+
+
 def error_body(path: str, err: APIError) -> dict[str, Any]:
+    if is_ollama_path(path):
+        return err.ollama_body()
     return err.anthropic_body() if is_anthropic_path(path) else err.openai_body()
 
 

@@ -33,6 +33,10 @@ class AnthropicError(BaseModel):
     error: AnthropicErrorDetail
 
 
+class OllamaError(BaseModel):
+    error: str
+
+
 _WHY = {
     400: "Invalid request: the error names the field (``param``)",
     401: "Missing or wrong API key (only when the server runs with --api-key)",
@@ -47,8 +51,8 @@ BODY_ERRORS = (400, 401, 404, 408, 413, 503)  # every route that takes a JSON bo
 GENERATION_ERRORS = BODY_ERRORS + (429, 500)  # ... and starts a generation
 
 
-def error_responses(*statuses: int, anthropic: bool = False) -> dict[int | str, dict[str, Any]]:
-    model = AnthropicError if anthropic else OpenAIError
+def error_responses(*statuses: int, anthropic: bool = False, ollama: bool = False) -> dict[int | str, dict[str, Any]]:
+    model = OllamaError if ollama else AnthropicError if anthropic else OpenAIError
     return {status: {"model": model, "description": _WHY[status]} for status in statuses}
 
 

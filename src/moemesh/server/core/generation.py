@@ -73,6 +73,9 @@ class Outcome:
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # what the model generated (Ollama returns it as context)
+    first_token_time: float | None = None  # time.perf_counter() when the first and the last token came
+    last_token_time: float | None = None
     error: APIError | None = None
 
 
@@ -111,7 +114,6 @@ class Generation:
         self._closed = False
         self._arrival = time.perf_counter()
         self._last_token_time: float | None = None
-        self._token_ids: list[int] = []
         self._pending = Delta()
         if request.prefill and self._harmony is not None:
             self._pending.tool_calls = self._harmony.feed(request.prefill)[2]
@@ -184,12 +186,14 @@ class Generation:
     def _on_token(self, event: TokenEvent, delta: Delta) -> None:
         assert event.token is not None
         self.outcome.completion_tokens += 1
-        self._token_ids.append(event.token)
+        self.outcome.token_ids.append(event.token)
         if self._last_token_time is None:
             self._metrics.ttft.observe(event.time - self._arrival)
         else:
             self._metrics.itl.observe(event.time - self._last_token_time)
         self._last_token_time = event.time
+        self.outcome.first_token_time = self.outcome.first_token_time or event.time
+        self.outcome.last_token_time = event.time
         if self._request.params.logprobs is not None:
             entry = TokenLogprob(self._tokenizer.decode([event.token]), event.logprob or 0.0,
                                  [(self._tokenizer.decode([t]), lp) for t, lp in event.top_logprobs or []])
@@ -274,7 +278,7 @@ class Generation:
             good = [c for c in out.tool_calls if c.valid and c.name in mode.names]
             wanted = mode.name if mode.kind == "named" else "one of " + ", ".join(sorted(mode.names))
             if not good:
-                raw = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
+                raw = self._tokenizer.decode(self.outcome.token_ids, skip_special_tokens=True)
                 out.finish_reason = "error"
                 out.error = APIError(
                     422, f"tool_choice demands a call to {wanted}, but the model did not produce a valid one "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ...engine.sampling_params import SamplingParams
+from ...loading.sampling_defaults import SamplingDefaults
 from ..common.errors import APIError
 
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding (vLLM's rule): dividing by it overflows
@@ -23,11 +24,19 @@ def make_params(*, prompt_len: int, context_length: int, max_tokens: int | None,
                 min_p: float | None = None, seed: int | None = None, presence_penalty: float | None = None,
                 frequency_penalty: float | None = None, repetition_penalty: float | None = None,
                 stop: list[str] | None = None, logprobs: int | None = None,
-                logprobs_field: str = "logprobs") -> SamplingParams:
-    """None means the field's default; max_tokens defaults to (and is capped at) what the context leaves.
+                logprobs_field: str = "logprobs", defaults: SamplingDefaults | None = None) -> SamplingParams:
+    """None means the model's recommended value (``defaults``: its generation_config.json or GGUF
+    sampling keys), else the API's default; max_tokens defaults to (and is capped at) what the
+    context leaves.
 
     Capping is safe to do silently: a generation that reaches the context ends with finish_reason length.
     """
+    if defaults is not None:
+        temperature = defaults.temperature if temperature is None else temperature
+        top_p = defaults.top_p if top_p is None else top_p
+        top_k = defaults.top_k if top_k is None else top_k
+        min_p = defaults.min_p if min_p is None else min_p
+        repetition_penalty = defaults.repetition_penalty if repetition_penalty is None else repetition_penalty
     params = SamplingParams(
         temperature=1.0 if temperature is None else (0.0 if 0 <= temperature < GREEDY_BELOW else temperature),
         top_p=1.0 if top_p is None else top_p,

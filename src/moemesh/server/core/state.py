@@ -17,6 +17,7 @@ from ...layers.moe import ExpertProvider
 from ...loading.experts import ExpertOptions
 from ...loading.kv_identity import kv_identity
 from ...loading.loader import LoadedModel, load_model
+from ...loading.sampling_defaults import SamplingDefaults, read_sampling_defaults
 from ...loading.source import EMBEDDED
 from ...models.qwen3_5_vision import ImageInput
 from ...tokenizer.formats.harmony import is_harmony, stop_token_ids
@@ -98,6 +99,7 @@ class ServerState:
         self.stop_ids: frozenset[int] = frozenset()  # the engine's end-of-turn tokens
         self._grammars: GrammarCompiler | None = None  # made on the first structured request (~1 s)
         self._grammars_lock = asyncio.Lock()
+        self.sampling_defaults = SamplingDefaults()  # the model's recommended sampling (fields a request omits)
 
     def load(self) -> None:
         """Blocking: load the model and start the engine thread (run off the event loop)."""
@@ -123,6 +125,7 @@ class ServerState:
                             max_prefill_tokens=self.config.max_prefill_tokens, context_length=self.context_length,
                             cache=cache, prefix_cache=self.prefix_cache)
             self.providers = _providers(loaded)
+            self.sampling_defaults = read_sampling_defaults(loaded.path)
             self.engine_loop = EngineLoop(engine)
             self.engine_loop.start()
             self.loaded, self._tokenizer = loaded, loaded.tokenizer

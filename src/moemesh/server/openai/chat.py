@@ -138,6 +138,7 @@ def chat_router(state: ServerState) -> APIRouter:
         grammar = await request_matcher(state, tokenizer, plan.tool_mode, schema)
         use_new = body.max_completion_tokens is not None
         params = make_params(
+            defaults=state.sampling_defaults,
             prompt_len=len(prompt_ids), context_length=state.context_length,
             max_tokens=body.max_completion_tokens if use_new else body.max_tokens,
             max_tokens_field="max_completion_tokens" if use_new else "max_tokens",

@@ -103,6 +103,7 @@ def completions_router(state: ServerState) -> APIRouter:
         check_prompt_fits(len(prompt_ids), state.context_length, "prompt")
         grammar = await request_matcher(state, tokenizer, None, response_format_schema(body.response_format))
         params = make_params(
+            defaults=state.sampling_defaults,
             prompt_len=len(prompt_ids), context_length=state.context_length, max_tokens=body.max_tokens,
             max_tokens_field="max_tokens", temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             min_p=body.min_p, seed=body.seed, presence_penalty=body.presence_penalty,

@@ -15,7 +15,8 @@ def models_router(state: ServerState) -> APIRouter:
 
     def card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "moemesh",
-                "max_model_len": state.context_length or None}
+                "max_model_len": state.context_length or None,
+                "sampling_defaults": state.sampling_defaults.values()}  # what a request that omits them gets
 
     @router.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **error_responses(401)})
     async def models() -> dict[str, Any]:

@@ -95,6 +95,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int | None
+    sampling_defaults: dict[str, float | int] = {}  # the model's recommended sampling (generation_config.json, GGUF)
 
 
 class ModelList(BaseModel):
