@@ -109,8 +109,7 @@ def messages_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
     async def plan_of(body: CountTokensRequest, check_fits: bool) -> tuple[PromptPlan, list[int], Media | None]:
-        state.check_model(body.model)
-        tokenizer = state.ready_tokenizer()
+        tokenizer = state.tokenizer_for(body.model)
         return await chat_prompt_ids(state, tokenizer, chat_messages(body, state.config.images), chat_tools(body),
                                      chat_tool_choice(body.tool_choice), check_fits=check_fits,
                                      encode_images=check_fits)

@@ -157,3 +157,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s:\n%s", request.url.path, traceback.format_exc())
         return error_response(request.url.path, APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+
+def function_tool_only(i: int, kind: str) -> None:
+    """400 for ``tools[i]`` of a type other than ``function`` (the only kind moemesh runs)."""
+    if kind != "function":
+        raise APIError(400, f"tools[{i}]: tool type {kind!r} is not supported (function tools only)", param=f"tools[{i}].type")

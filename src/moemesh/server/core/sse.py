@@ -10,6 +10,7 @@ from fastapi import Request
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
+from ..common.openapi import GENERATION_ERRORS, error_responses
 from .generation import Generation, Outcome
 
 DONE = "data: [DONE]\n\n"
@@ -19,6 +20,11 @@ SSE_EVENT = {"type": "object", "required": ["data"], "description": "one server-
              "properties": {"event": {"type": "string"}, "data": {"type": "string", "contentMediaType": "application/json"},
                             "id": {"type": "string"}, "retry": {"type": "integer"}}}
 SSE = {"text/event-stream": {"schema": SSE_EVENT}}
+
+
+def streamed_responses(model: Any) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI responses of a generation route: ``model`` as JSON or an SSE stream, and its errors."""
+    return {200: {"model": model, "content": SSE}, **error_responses(*GENERATION_ERRORS)}
 
 
 def sse(data: Any, event: str | None = None) -> str:

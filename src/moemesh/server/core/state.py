@@ -179,6 +179,11 @@ class ServerState:
         prompt never stalls the event loop (/health, streams of other requests)."""
         return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, work)
 
+    def tokenizer_for(self, model: str | None) -> Tokenizer:
+        """A generation route's first step: 404 for a model not served, 503 while loading, else the tokenizer."""
+        self.check_model(model)
+        return self.ready_tokenizer()
+
     def ready_tokenizer(self) -> Tokenizer:
         """The tokenizer, or a 503 while the model is loading (or failed to)."""
         if self.status != "ready" or self._tokenizer is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..common.errors import APIError
+from ...tokenizer.tokenizer import Tokenizer
+from ..common.errors import APIError, function_tool_only
 from ..core.state import ServerState
 from .schemas import ChatRequest, GenerateRequest, Options, _Generation
 
@@ -32,6 +33,14 @@ def tagged(name: str) -> str:
 def check_request(body: _Generation) -> None:
     if body.format not in (None, ""):
         raise APIError(400, "format (JSON output) is not supported yet; leave it out", param="format")
+
+
+def ready_for(state: ServerState, body: _Generation) -> Tokenizer:
+    """A generation request's first checks (model name, model loaded, ``check_request``) -> the tokenizer."""
+    model_name(state, body.model)
+    tokenizer = state.ready_tokenizer()
+    check_request(body)
+    return tokenizer
 
 
 def template_kwargs(body: _Generation) -> dict[str, Any] | None:
@@ -84,13 +93,9 @@ def chat_tools(body: ChatRequest) -> list[dict[str, Any]] | None:
     """The same dict the OpenAI chat route makes (so the prompt is the same too)."""
     if not body.tools:
         return None
-    out = []
     for i, t in enumerate(body.tools):
-        if t.type != "function":
-            raise APIError(400, f"tools[{i}]: tool type {t.type!r} is not supported (function tools only)",
-                           param=f"tools[{i}].type")
-        out.append({"type": "function", "function": t.function.model_dump(exclude_none=True)})
-    return out
+        function_tool_only(i, t.type)
+    return [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in body.tools]
 
 
 def generate_messages(body: GenerateRequest) -> list[dict[str, Any]]:

@@ -23,15 +23,7 @@ from ..core.prompting import chat_prompt_ids, text_prompt_ids
 from ..core.sampling import check_prompt_fits, make_params
 from ..core.sse import run_or_disconnect
 from ..core.state import ServerState
-from .convert import (
-    chat_messages,
-    chat_tools,
-    check_request,
-    generate_messages,
-    model_name,
-    sampling,
-    template_kwargs,
-)
+from .convert import chat_messages, chat_tools, generate_messages, ready_for, sampling, template_kwargs
 from .schemas import ChatRequest, GenerateRequest
 from .shapes import ChatAnswer, GenerateAnswer
 
@@ -138,9 +130,7 @@ def generate_router(state: ServerState) -> APIRouter:
         200: {"model": ChatAnswer, "content": NDJSON_DOC}, **error_responses(*GENERATION_ERRORS, ollama=True)})
     async def chat(body: ChatRequest, request: Request) -> Any:
         """Ollama's chat: messages (and tools) in, the assistant's message out."""
-        model_name(state, body.model)
-        tokenizer = state.ready_tokenizer()
-        check_request(body)
+        tokenizer = ready_for(state, body)
         if not body.messages:  # Ollama's way to load a model: nothing to generate
             return {"model": body.model, "created_at": now(), "message": {"role": "assistant", "content": ""},
                     "done": True, "done_reason": "load"}
@@ -161,9 +151,7 @@ def generate_router(state: ServerState) -> APIRouter:
         200: {"model": GenerateAnswer, "content": NDJSON_DOC}, **error_responses(*GENERATION_ERRORS, ollama=True)})
     async def generate(body: GenerateRequest, request: Request) -> Any:
         """Ollama's completion: a prompt (through the chat template unless raw) in, text out."""
-        model_name(state, body.model)
-        tokenizer = state.ready_tokenizer()
-        check_request(body)
+        tokenizer = ready_for(state, body)
         if not body.prompt and not body.context:
             return {"model": body.model, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
         clock = Clock()

@@ -11,12 +11,11 @@ from fastapi import APIRouter, Request
 
 from ...tokenizer.formats.tool_parser import ToolCallDelta
 from ..common.errors import APIError
-from ..common.openapi import GENERATION_ERRORS, error_responses
 from ..core.generation import Delta, Generation, GenerationRequest, Outcome, TokenLogprob
 from ..core.images import openai_images
 from ..core.prompting import chat_prompt_ids
 from ..core.sampling import make_params
-from ..core.sse import DONE, SSE, run_or_disconnect, sse, sse_response
+from ..core.sse import DONE, run_or_disconnect, sse, sse_response, streamed_responses
 from ..core.state import ServerState
 from ..core.structured import request_matcher, response_format_schema
 from .responses import ChatCompletion
@@ -122,11 +121,9 @@ def _tool_choice(body: ChatCompletionRequest) -> str | dict | None:
 def chat_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/chat/completions", response_model=None, responses={
-        200: {"model": ChatCompletion, "content": SSE}, **error_responses(*GENERATION_ERRORS)})
+    @router.post("/v1/chat/completions", response_model=None, responses=streamed_responses(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        state.check_model(body.model)
-        tokenizer = state.ready_tokenizer()
+        tokenizer = state.tokenizer_for(body.model)
         reject_unsupported(body)
         schema = response_format_schema(body.response_format)
         if body.top_logprobs is not None and not body.logprobs:

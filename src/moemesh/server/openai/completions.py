@@ -10,11 +10,10 @@ from fastapi import APIRouter, Request
 
 from ...tokenizer.tokenizer import Tokenizer
 from ..common.errors import APIError
-from ..common.openapi import GENERATION_ERRORS, error_responses
 from ..core.generation import Generation, GenerationRequest, Outcome, TokenLogprob
 from ..core.prompting import text_prompt_ids
 from ..core.sampling import check_prompt_fits, make_params
-from ..core.sse import DONE, SSE, run_or_disconnect, sse, sse_response
+from ..core.sse import DONE, run_or_disconnect, sse, sse_response, streamed_responses
 from ..core.state import ServerState
 from ..core.structured import request_matcher, response_format_schema
 from .chat import ResponseMeta, reject_unsupported, usage
@@ -89,11 +88,9 @@ def completion_response(outcome: Outcome, meta: ResponseMeta, echo: str, logprob
 def completions_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/completions", response_model=None, responses={
-        200: {"model": Completion, "content": SSE}, **error_responses(*GENERATION_ERRORS)})
+    @router.post("/v1/completions", response_model=None, responses=streamed_responses(Completion))
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        state.check_model(body.model)
-        tokenizer = state.ready_tokenizer()
+        tokenizer = state.tokenizer_for(body.model)
         reject_unsupported(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")

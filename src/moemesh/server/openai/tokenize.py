@@ -19,8 +19,7 @@ def tokenize_router(state: ServerState) -> APIRouter:
 
     @router.post("/tokenize", response_model=None, responses={200: {"model": Tokenized}, **error_responses(*BODY_ERRORS)})
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        state.check_model(body.model)
-        tokenizer = state.ready_tokenizer()
+        tokenizer = state.tokenizer_for(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
@@ -34,8 +33,7 @@ def tokenize_router(state: ServerState) -> APIRouter:
     @router.post("/detokenize", response_model=None,
                  responses={200: {"model": Detokenized}, **error_responses(*BODY_ERRORS)})
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        state.check_model(body.model)
-        tokenizer = state.ready_tokenizer()
+        tokenizer = state.tokenizer_for(body.model)
         vocab = tokenizer.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..common.errors import APIError
+from ..common.errors import APIError, function_tool_only
 from .schemas import FunctionChoice, ResponsesRequest
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
@@ -119,9 +119,7 @@ def chat_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
         return None
     out = []
     for i, tool in enumerate(body.tools):
-        if tool.type != "function":
-            raise APIError(400, f"tools[{i}]: tool type {tool.type!r} is not supported (function tools only)",
-                           param=f"tools[{i}].type")
+        function_tool_only(i, tool.type)
         if not tool.name:
             raise APIError(400, f"tools[{i}] needs a name", param=f"tools[{i}].name")
         fn = {"name": tool.name, "description": tool.description, "parameters": tool.parameters, "strict": tool.strict}

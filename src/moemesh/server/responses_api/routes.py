@@ -8,11 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ..common.errors import APIError
-from ..common.openapi import GENERATION_ERRORS, error_responses
 from ..core.generation import GenerationRequest
 from ..core.prompting import chat_prompt_ids
 from ..core.sampling import make_params
-from ..core.sse import SSE, run_or_disconnect, sse_response
+from ..core.sse import run_or_disconnect, sse_response, streamed_responses
 from ..core.state import ServerState
 from .convert import chat_messages, chat_tool_choice, chat_tools
 from .render import ResponseMeta, output_items, response_object, status_of, stream_response
@@ -42,12 +41,10 @@ def _template_kwargs(body: ResponsesRequest) -> dict[str, Any] | None:
 def responses_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/responses", response_model=None, responses={
-        200: {"model": Response, "content": SSE}, **error_responses(*GENERATION_ERRORS)})
+    @router.post("/v1/responses", response_model=None, responses=streamed_responses(Response))
     async def responses(body: ResponsesRequest, request: Request) -> Any:
         """A model response (stateless: earlier turns come back as input items)."""
-        state.check_model(body.model)
-        tokenizer = state.ready_tokenizer()
+        tokenizer = state.tokenizer_for(body.model)
         _refuse_state(body)
         tools = chat_tools(body)
         plan, prompt_ids, _ = await chat_prompt_ids(state, tokenizer, chat_messages(body), tools,
