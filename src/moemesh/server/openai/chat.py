@@ -123,8 +123,8 @@ def chat_router(state: ServerState) -> APIRouter:
 
     @router.post("/v1/chat/completions", response_model=None, responses=streamed_responses(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        reject_unsupported(body)  # the body's own 400s first: they do not depend on the server's state
         tokenizer = state.tokenizer_for(body.model)
-        reject_unsupported(body)
         schema = response_format_schema(body.response_format)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

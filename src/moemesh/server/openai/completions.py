@@ -90,8 +90,8 @@ def completions_router(state: ServerState) -> APIRouter:
 
     @router.post("/v1/completions", response_model=None, responses=streamed_responses(Completion))
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        reject_unsupported(body)  # the body's own 400s first: they do not depend on the server's state
         tokenizer = state.tokenizer_for(body.model)
-        reject_unsupported(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if body.best_of not in (None, 1):
