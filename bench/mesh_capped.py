@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from moemesh.sysinfo import terminate
+
 MIB = 2**20
 SECRET = "bench-capped"
 ADDR = re.compile(r"mesh address (/ip4/\S+)")
@@ -158,13 +160,7 @@ class _Plain:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc, grace_s=15)
 
 
 def _wait(p, pattern: re.Pattern, timeout: float) -> re.Match:

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..sysinfo import terminate
 from .runner import own_memory_cgroup
 
 
@@ -153,13 +154,7 @@ class CgroupProcess:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()  # our own child, by pid
-                self.proc.wait(5)
+        terminate(self.proc, grace_s=15)
         try:  # what our child started and left behind (the P2P daemon): by pid, all inside our cgroup
             for pid in (self.cg / "cgroup.procs").read_text().split():
                 os.kill(int(pid), 9)
