@@ -73,6 +73,20 @@ def _vocab(w: gguf.GGUFWriter, v: int) -> None:
     w.add_eos_token_id(2)
 
 
+
+def _add_expert_stacks(w, model, expert_type, rng) -> None:
+    """Every MoE layer's routed experts as llama.cpp's stacked ``ffn_*_exps`` tensors in ``expert_type``;
+    the model's experts take the values the GGUF holds (so transformers runs the same weights)."""
+    for i, dec in enumerate(model.model.layers):
+        experts = getattr(dec.mlp, "experts", None)
+        if experts is None:
+            continue
+        for part in ("gate", "up", "down"):
+            stacked = _expert_stack(experts, part)  # [E, out, in]
+            raw, value = encode(stacked, expert_type, rng)
+            _add(w, f"blk.{i}.ffn_{part}_exps.weight", raw, expert_type)
+            _set_expert_stack(experts, part, value)
+
 def _finish(w: gguf.GGUFWriter) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -232,15 +246,7 @@ def write_deepseek(model, path: Path, expert_type: Q, seed: int = 0, split_max_t
             continue
         trunk(f"blk.{i}.{layer[rest]}", hf, arr) if "norm" not in rest and "mlp.gate." not in rest else \
             _add(w, f"blk.{i}.{layer[rest]}", arr, Q.F32)
-    for i, dec in enumerate(model.model.layers):
-        experts = getattr(dec.mlp, "experts", None)
-        if experts is None:
-            continue
-        for part in ("gate", "up", "down"):
-            stacked = _expert_stack(experts, part)  # [E, out, in]
-            raw, value = encode(stacked, expert_type, rng)
-            _add(w, f"blk.{i}.ffn_{part}_exps.weight", raw, expert_type)
-            _set_expert_stack(experts, part, value)
+    _add_expert_stacks(w, model, expert_type, rng)
     _finish(w)
 
 
@@ -309,15 +315,7 @@ def write_glm4moe(model, path: Path, expert_type: Q, seed: int = 0) -> None:
             g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         assert g is not None, hf
         _add(w, g, t.float().numpy(), Q.F32)
-    for i, dec in enumerate(model.model.layers):
-        experts = getattr(dec.mlp, "experts", None)
-        if experts is None:
-            continue
-        for part in ("gate", "up", "down"):
-            stacked = _expert_stack(experts, part)  # [E, out, in]
-            raw, value = encode(stacked, expert_type, rng)
-            _add(w, f"blk.{i}.ffn_{part}_exps.weight", raw, expert_type)
-            _set_expert_stack(experts, part, value)
+    _add_expert_stacks(w, model, expert_type, rng)
     _finish(w)
 
 
@@ -382,13 +380,5 @@ def write_qwen3next(model, path: Path, expert_type: Q, seed: int = 0) -> None:
         g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         assert g is not None, hf
         _add(w, g, t.numpy(), Q.F32)
-    for i, dec in enumerate(model.model.layers):
-        experts = getattr(dec.mlp, "experts", None)
-        if experts is None:
-            continue
-        for part in ("gate", "up", "down"):
-            stacked = _expert_stack(experts, part)  # [E, out, in]
-            raw, value = encode(stacked, expert_type, rng)
-            _add(w, f"blk.{i}.ffn_{part}_exps.weight", raw, expert_type)
-            _set_expert_stack(experts, part, value)
+    _add_expert_stacks(w, model, expert_type, rng)
     _finish(w)
