@@ -12,10 +12,9 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.errors import UnsupportedArchitecture
 from moemesh.layers.grouped_router import GroupedRouter
 from moemesh.loading.convert import convert
-from moemesh.loading.experts import ExpertOptions
 from moemesh.loading.loader import load_model
 from moemesh.models import get_arch
-from tiny_families import V, make_kimi_k25, make_text_checkpoint, text_configs
+from tiny_families import V, check_lazy_equals_resident, make_kimi_k25, make_text_checkpoint, text_configs
 
 NAMES = [*text_configs(), "kimi_k25"]
 
@@ -75,18 +74,7 @@ def test_batch_of_three_equals_each_alone(ckpts, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_lazy_experts_bit_identical_to_resident(ckpts, tmp_path, name):
-    store = convert(ckpts[name][1], tmp_path / "store", "int4", progress=False)
-    resident = load_model(str(store))
-    prompts = [list(range(5, 30)), [7, 8, 9], [40, 41, 42, 43, 44, 45]]
-
-    def run(loaded, greedy: bool) -> list[list[int]]:
-        params = [SamplingParams(temperature=0.0 if greedy else 0.9, seed=7 + i, max_tokens=8) for i in range(3)]
-        return [s.output_ids for s in Engine(loaded.model).generate(prompts, params)]
-
-    lazy = load_model(str(store), experts=ExpertOptions(slots=resident.args.top_k, prefetch=True))
-    assert run(lazy, True) == run(resident, True)
-    assert run(lazy, False) == run(resident, False)
-    assert lazy.provider.stats()["misses"] > 0
+    check_lazy_equals_resident(ckpts[name][1], tmp_path)
 
 
 def test_kimi_checkpoint_reads_back_in_transformers(ckpts):

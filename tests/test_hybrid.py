@@ -16,7 +16,7 @@ from moemesh.layers import delta_rule
 from moemesh.loading.convert import convert
 from moemesh.loading.experts import ExpertOptions
 from moemesh.loading.loader import load_model
-from tiny_families import V, make_qwen3_5_moe, make_text_checkpoint
+from tiny_families import V, check_lazy_equals_resident, make_qwen3_5_moe, make_text_checkpoint
 
 NAMES = ["qwen3_next", "qwen3_next-gqa-dense", "qwen3_5_moe", "qwen3_5_moe-per-expert"]
 
@@ -156,18 +156,7 @@ def test_mixed_prefill_and_decode_logits_match(ckpts):
 
 @pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5_moe", "qwen3_5_moe-per-expert"])
 def test_lazy_experts_bit_identical_to_resident(ckpts, tmp_path, name):
-    store = convert(ckpts[name][1], tmp_path / "store", "int4", progress=False)
-    resident = load_model(str(store))
-    prompts = [list(range(5, 30)), [7, 8, 9], [40, 41, 42, 43, 44, 45]]
-
-    def run(loaded, greedy: bool) -> list[list[int]]:
-        params = [SamplingParams(temperature=0.0 if greedy else 0.9, seed=7 + i, max_tokens=8) for i in range(3)]
-        return [s.output_ids for s in Engine(loaded.model).generate(prompts, params)]
-
-    lazy = load_model(str(store), experts=ExpertOptions(slots=resident.args.top_k, prefetch=True))
-    assert run(lazy, True) == run(resident, True)
-    assert run(lazy, False) == run(resident, False)
-    assert lazy.provider.stats()["misses"] > 0
+    check_lazy_equals_resident(ckpts[name][1], tmp_path)
 
 
 def test_turboquant_on_the_attention_layers(ckpts):

@@ -191,3 +191,26 @@ def make_qwen3_5_chat(directory: Path, seed: int = 0):
     save_tokenizer(tok, directory, eos=["<|im_end|>", "<|endoftext|>"])
     (directory / "chat_template.jinja").write_text(VISION_TEMPLATE)
     return model
+
+
+def check_lazy_equals_resident(ckpt_dir: Path, tmp_path: Path) -> None:
+    """Converted to an int4 store: lazy experts with one token's worth of slots (prefetch on) decode
+    the resident model's greedy and sampled tokens, and really read experts (misses)."""
+    from moemesh.engine.engine import Engine
+    from moemesh.engine.sampling_params import SamplingParams
+    from moemesh.loading.convert import convert
+    from moemesh.loading.experts import ExpertOptions
+    from moemesh.loading.loader import load_model
+
+    store = convert(ckpt_dir, tmp_path / "store", "int4", progress=False)
+    resident = load_model(str(store))
+    prompts = [list(range(5, 30)), [7, 8, 9], [40, 41, 42, 43, 44, 45]]
+
+    def run(loaded, greedy: bool) -> list[list[int]]:
+        params = [SamplingParams(temperature=0.0 if greedy else 0.9, seed=7 + i, max_tokens=8) for i in range(3)]
+        return [s.output_ids for s in Engine(loaded.model).generate(prompts, params)]
+
+    lazy = load_model(str(store), experts=ExpertOptions(slots=resident.args.top_k, prefetch=True))
+    assert run(lazy, True) == run(resident, True)
+    assert run(lazy, False) == run(resident, False)
+    assert lazy.provider.stats()["misses"] > 0
