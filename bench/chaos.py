@@ -15,8 +15,7 @@ from pathlib import Path
 
 from moemesh.benchkit.chat_moe import build_chat_moe_store
 from moemesh.benchkit.results import command_string, write_results
-from moemesh.mesh.chaos import Chaos, ChaosConfig, markdown, reference_answers
-from moemesh.server.launcher import ServerProcess
+from moemesh.mesh.chaos import ChaosConfig, markdown, run_chaos
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -28,18 +27,7 @@ def chat_moe_hf(work_dir: str) -> str:
 
 
 def run(cfg: ChaosConfig) -> dict:
-    single = ServerProcess(cfg.model, "--quant", "fp32", "--threads", "1").start(timeout=300)
-    try:
-        reference = reference_answers(single.base_url, cfg)
-    finally:
-        single.stop()
-    chaos = Chaos(cfg, reference)
-    try:
-        url = chaos.start()
-        report = chaos.run(url)
-    finally:
-        chaos.stop()
-    return report.summary()
+    return run_chaos(cfg).summary()
 
 
 def main(argv: list[str] | None = None) -> int:

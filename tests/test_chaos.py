@@ -7,24 +7,14 @@ from __future__ import annotations
 import pytest
 
 from moemesh.benchkit.chat_moe import build_chat_moe_store
-from moemesh.mesh.chaos import Chaos, ChaosConfig, reference_answers
-from moemesh.server.launcher import ServerProcess
+from moemesh.mesh.chaos import ChaosConfig, run_chaos
 
 
 @pytest.mark.slow
 def test_chaos_on_a_three_node_mesh(tmp_path):
     build_chat_moe_store(tmp_path, hidden=32, layers=4, experts=8, moe_intermediate=24, seed=7)
     cfg = ChaosConfig(model=str(tmp_path / "hf"), duration=45.0, seed=1, interval=(3.0, 6.0))
-    single = ServerProcess(cfg.model, "--quant", "fp32", "--threads", "1").start(timeout=300)
-    try:
-        reference = reference_answers(single.base_url, cfg)
-    finally:
-        single.stop()
-    chaos = Chaos(cfg, reference)
-    try:
-        report = chaos.run(chaos.start())
-    finally:
-        chaos.stop()
+    report = run_chaos(cfg)
     s = report.summary()
     print(s)
     assert sum(s["events"].get(k, 0) for k in ("kill9", "stop", "graceful_restart")) >= 3, s

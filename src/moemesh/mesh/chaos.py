@@ -185,6 +185,22 @@ class Chaos:
         return self.report
 
 
+def run_chaos(cfg: ChaosConfig) -> ChaosReport:
+    """The reference answers from one ``moemesh serve`` process, then the mesh under chaos."""
+    from ..server.launcher import ServerProcess
+
+    single = ServerProcess(cfg.model, "--quant", "fp32", "--threads", "1").start(timeout=300)
+    try:
+        reference = reference_answers(single.base_url, cfg)
+    finally:
+        single.stop()
+    chaos = Chaos(cfg, reference)
+    try:
+        return chaos.run(chaos.start())
+    finally:
+        chaos.stop()
+
+
 def markdown(summary: dict, command: str) -> str:
     o, e = summary["outcomes"], summary["events"]
     lines = ["# Chaos on a 3-node loopback mesh", "", f"`{command}`", "",
