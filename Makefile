@@ -44,11 +44,14 @@ test-all: venv
 # its own under the cache (never the project's venv, never CI); `moemesh bench` and bench/*.py find it there
 PEERS ?= $(HOME)/.cache/moemesh/peers
 LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+# ggml's AMX kernels fault (SIGSEGV at ldtilecfg) on VMs whose CPU lists AMX without granting it (seen on a
+# Xeon guest here): a native build there leaves AMX out; everything else it has (AVX-512, VNNI) stays in
+LLAMA_NO_AMX := $(if $(shell grep -l amx_tile /proc/cpuinfo 2>/dev/null),-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16')
 peers: $(PEERS)/llamacpp-venv/.installed
 
 $(PEERS)/llamacpp-venv/.installed:
 	$(PYTHON) -m venv $(PEERS)/llamacpp-venv
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PEERS)/llamacpp-venv/bin/pip install -q --no-cache-dir \
+	CMAKE_ARGS="-DGGML_NATIVE=ON $(LLAMA_NO_AMX)" $(PEERS)/llamacpp-venv/bin/pip install -q --no-cache-dir \
 		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 	touch $@
 

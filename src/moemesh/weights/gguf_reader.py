@@ -24,6 +24,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from ..errors import CheckpointError
+from .file_map import private_map
 
 SPLIT_RE = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 
@@ -37,7 +38,7 @@ class _CheckedReader(GGUFReader):
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        super().__init__(path, mode="c")  # private copy-on-write map: writable views, the file never changes
+        super().__init__(path, mode="r")  # its read-only map is replaced by the data setter's private one
 
     @property
     def data(self) -> np.ndarray:
@@ -45,8 +46,10 @@ class _CheckedReader(GGUFReader):
 
     @data.setter
     def data(self, mm: np.memmap) -> None:
-        self._mmap = mm  # keeps the mapping alive for the plain view below
-        self._plain = mm.view(np.ndarray)
+        # a private copy-on-write map without a commit charge (weights/file_map.py): writable views,
+        # the file never changes, and a file larger than RAM + swap still opens
+        self._mmap = private_map(self._path) if len(mm) else mm
+        self._plain = np.frombuffer(self._mmap, dtype=np.uint8) if len(mm) else mm.view(np.ndarray)
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
         # gguf-py slices past the end silently (a short array): then a count or length read from a
@@ -250,8 +253,8 @@ class GGUFFile:
         out = []
         for r in self.readers:
             base = r.data
-            while isinstance(base, np.ndarray):
-                base = base.base
+            while isinstance(base, (np.ndarray, memoryview)):
+                base = base.obj if isinstance(base, memoryview) else base.base
             if isinstance(base, mmap.mmap):
                 out.append(base)
         return out

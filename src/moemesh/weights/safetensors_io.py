@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .file_map import private_map
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -53,14 +54,9 @@ class SafetensorsFile:
         for name, info in header.items():
             self.entries[name] = self._check(name, info, size)
         self._check_overlaps()
-        # ACCESS_COPY: a private mapping, so tensors are writable views and the file never changes
-        self._mmap = None
-        if size:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-            finally:
-                os.close(fd)  # mmap keeps its own reference to the file
+        # a private map without a commit charge (weights/file_map.py): tensors are writable views and
+        # the file never changes
+        self._mmap = private_map(self.path) if size else None
 
     def _check(self, name: str, info: object, size: int) -> tuple[torch.dtype, list[int], int, int]:
         if not isinstance(info, dict):
