@@ -168,8 +168,12 @@ def test_ollama_refusals():
         oc.chat_messages(ChatRequest.model_validate({"model": "m", "messages": [{"role": "robot", "content": ""}]}))
     assert e.value.param == "messages[0].role"
     with pytest.raises(APIError) as e:
-        oc.check_request(ChatRequest.model_validate({"model": "m", "format": {"type": "object"}}))
+        oc.format_schema(ChatRequest.model_validate({"model": "m", "format": "yaml"}))
     assert e.value.param == "format"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert oc.format_schema(ChatRequest.model_validate({"model": "m", "format": schema})) == schema
+    assert oc.format_schema(ChatRequest.model_validate({"model": "m", "format": "json"})) == {"type": "object"}
+    assert oc.format_schema(ChatRequest.model_validate({"model": "m", "format": ""})) is None
     with pytest.raises(APIError) as e:
         oc.generate_messages(GenerateRequest.model_validate({"model": "m", "prompt": "x", "suffix": "y"}))
     assert e.value.param == "suffix"

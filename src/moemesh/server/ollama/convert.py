@@ -8,6 +8,7 @@ from typing import Any
 from ...tokenizer.tokenizer import Tokenizer
 from ..common.errors import APIError, function_tool_only
 from ..core.state import ServerState
+from ..core.structured import ANY_OBJECT
 from .schemas import ChatRequest, GenerateRequest, Options, _Generation
 
 LATEST = ":latest"
@@ -30,16 +31,24 @@ def tagged(name: str) -> str:
     return name if ":" in name else name + LATEST
 
 
-def check_request(body: _Generation) -> None:
-    if body.format not in (None, ""):
-        raise APIError(400, "format (JSON output) is not supported yet; leave it out", param="format")
+def format_schema(body: _Generation) -> dict[str, Any] | None:
+    """Ollama's ``format`` -> the JSON schema the answer must follow (None: free text): "json" is any
+    JSON object (as OpenAI's json_object), an object is a JSON schema; the grammar enforces either."""
+    f = body.format
+    if f is None or f == "":
+        return None
+    if f == "json":
+        return dict(ANY_OBJECT)
+    if isinstance(f, dict):
+        return f
+    raise APIError(400, f'format must be "json" or a JSON schema object (got {f!r})', param="format")
 
 
 def ready_for(state: ServerState, body: _Generation) -> Tokenizer:
-    """A generation request's first checks (model name, model loaded, ``check_request``) -> the tokenizer."""
+    """A generation request's first checks (model name, model loaded, ``format``) -> the tokenizer."""
     model_name(state, body.model)
     tokenizer = state.ready_tokenizer()
-    check_request(body)
+    format_schema(body)
     return tokenizer
 
 

@@ -23,7 +23,8 @@ from ..core.prompting import chat_prompt_ids, text_prompt_ids
 from ..core.sampling import check_prompt_fits, make_params
 from ..core.sse import run_or_disconnect
 from ..core.state import ServerState
-from .convert import chat_messages, chat_tools, generate_messages, ready_for, sampling, template_kwargs
+from ..core.structured import request_matcher
+from .convert import chat_messages, chat_tools, format_schema, generate_messages, ready_for, sampling, template_kwargs
 from .schemas import ChatRequest, GenerateRequest
 from .shapes import ChatAnswer, GenerateAnswer
 
@@ -135,10 +136,12 @@ def generate_router(state: ServerState) -> APIRouter:
             return {"model": body.model, "created_at": now(), "message": {"role": "assistant", "content": ""},
                     "done": True, "done_reason": "load"}
         clock = Clock()
+        schema = format_schema(body)
         plan, prompt_ids, _ = await chat_prompt_ids(state, tokenizer, chat_messages(body), chat_tools(body), None,
-                                                 template_kwargs(body))
+                                                 template_kwargs(body), structured=schema is not None)
+        grammar = await request_matcher(state, tokenizer, plan.tool_mode, schema, "format")
         gen = state.start_generation(GenerationRequest(prompt_ids, params(body, prompt_ids), prefill=plan.prefill,
-                                                       tool_mode=plan.tool_mode,
+                                                       tool_mode=plan.tool_mode, grammar=grammar,
                                                        start_in_reasoning=plan.start_in_reasoning))
         if body.stream:
             return ndjson_response(stream_chat(gen, body.model, clock), gen)
@@ -155,19 +158,22 @@ def generate_router(state: ServerState) -> APIRouter:
         if not body.prompt and not body.context:
             return {"model": body.model, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
         clock = Clock()
+        schema = format_schema(body)
         if body.raw:
             prompt_ids = await text_prompt_ids(state, tokenizer, body.prompt, add_special_tokens=not body.context)
             plan = None
         else:
             plan, prompt_ids, _ = await chat_prompt_ids(state, tokenizer, generate_messages(body), None, None,
-                                                     template_kwargs(body), param="prompt", check_fits=False)
+                                                     template_kwargs(body), param="prompt", check_fits=False,
+                                                     structured=schema is not None)
         prompt_ids = list(body.context or []) + prompt_ids
         if any(t >= tokenizer.vocab_size for t in body.context or []):
             raise APIError(400, f"context holds token ids outside the vocabulary (size {tokenizer.vocab_size})",
                            param="context")
         check_prompt_fits(len(prompt_ids), state.context_length, "prompt")
+        grammar = await request_matcher(state, tokenizer, None, schema, "format")
         gen = state.start_generation(GenerationRequest(
-            prompt_ids, params(body, prompt_ids), parse_reasoning=plan is not None,
+            prompt_ids, params(body, prompt_ids), parse_reasoning=plan is not None, grammar=grammar,
             start_in_reasoning=plan.start_in_reasoning if plan is not None else False))
         if body.stream:
             return ndjson_response(stream_generate(gen, body.model, clock, prompt_ids), gen)

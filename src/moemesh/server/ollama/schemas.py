@@ -61,7 +61,7 @@ class _Generation(_Body):
     model: str = Field(min_length=1)
     stream: bool = True  # Ollama streams unless told not to
     options: Options | None = None
-    format: str | dict[str, Any] | None = None  # "" only: "json" and schemas need a grammar (400)
+    format: str | dict[str, Any] | None = None  # "json" or a JSON schema: the answer follows it (a grammar)
     keep_alive: float | int | str | None = None  # the model stays loaded for the server's life: ignored
     think: bool | str | None = None  # passed to the template as enable_thinking
 
