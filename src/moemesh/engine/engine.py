@@ -24,6 +24,7 @@ from ..tokenizer.grammar import Matcher
 from .constraints import fill_bitmasks
 from .layer_prefill import LayerMajorPrefill, eligible
 from .media import has_media, media_inputs
+from .memory import WorkingMemory
 from .prefix import PrefixReuse
 from .sampler import Sampler, make_generator
 from .sampling_params import SamplingParams
@@ -81,6 +82,7 @@ class Engine:
             self.layer_major = self.cache.supports_starts if prefill == "layer" else eligible(model, self.cache)
         self.job: LayerMajorPrefill | None = None
         self._job_seq: Sequence | None = None
+        self.memory = WorkingMemory(model, self.cache, max_prefill_tokens)  # long prompts' KV and activations under --ram
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, media: Media | None = None,
                     grammar: Matcher | None = None) -> Sequence:
@@ -93,6 +95,8 @@ class Engine:
             raise PromptTooLong(
                 f"prompt has {len(prompt_ids)} tokens but the context window is {self.context_length}"
             )
+        self.memory.check(len(prompt_ids), params.max_tokens or 0,
+                          job=self.layer_major and len(prompt_ids) > self.max_prefill_tokens)
         seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params.seed), self.stop_token_ids)
         seq.media = media
         seq.grammar = grammar
@@ -120,7 +124,12 @@ class Engine:
     def step(self) -> list[StepOutput]:
         seqs = self._schedule()
         if not seqs:
+            self.memory.fit([], 0)  # everything finished: the expert cache takes its slots back
             return []
+        if self.memory.active:  # what this step's sequences will hold, before they allocate it
+            job = self.job.n if self.job is not None else max(
+                (len(s.prompt_ids) - s.num_computed for s in seqs if self.layer_major), default=0)
+            self.memory.fit(seqs, job)
         outputs = self._layer_major_step(seqs)  # the job's sequence sits out the rest of this step
         busy = {id(o.seq) for o in outputs}
         seqs = [s for s in seqs if id(s) not in busy and s is not self._job_seq and s.status is Status.RUNNING]
@@ -249,6 +258,7 @@ class Engine:
         if seq in self.running:
             self.running.remove(seq)
             self.cache.free_sequence(seq.seq_id)
+            self.memory.fit(self.running, self.job.n if self.job is not None else 0)  # the cache takes slots back
         if seq in self.waiting:
             self.waiting.remove(seq)
 

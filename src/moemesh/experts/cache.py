@@ -64,6 +64,14 @@ class ExpertCache:
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.entries: dict[Key, Entry] = {}
         self.stats = CacheStats()
+        # slots lent to other working memory (a long prompt's KV cache and activations: engine/memory.py),
+        # their pages given back to the kernel; num_slots counts only the usable ones
+        self.capacity = num_slots
+        self.lent: list[int] = []
+        self.min_slots = 1  # never lend below this (loading sets the model's top-k)
+        # working memory --ram set aside at load for KV and activations (loading sets it); None: no --ram,
+        # nothing is lent
+        self.reserve_bytes: int | None = None
 
     def slot_view(self, slot: int) -> memoryview:
         return self._view[slot * self.blob_size : (slot + 1) * self.blob_size]
@@ -198,3 +206,29 @@ class ExpertCache:
 
     def nbytes(self) -> int:
         return self.num_slots * self.blob_size
+
+    def limit(self, slots: int) -> int:
+        """Make ``slots`` slots usable (clamped to [min_slots, capacity]): fewer lends the rest out,
+        evicting idle entries (pinned ones and reads in flight stay) and giving their pages back to the
+        kernel, so the process's memory drops by their bytes; more takes lent slots back. Returns the
+        usable count reached."""
+        target = max(self.min_slots, min(self.capacity, slots))
+        while self.num_slots > target:
+            slot = self._take_slot(set(), may_wait=False)
+            if slot is None:
+                break  # the rest are pinned or being read: lent later, when the engine asks again
+            self._give_back_pages(slot)
+            self.slot_experts[slot] = None
+            self.lent.append(slot)
+            self.num_slots -= 1
+        while self.num_slots < target and self.lent:
+            self.free_slots.append(self.lent.pop())
+            self.num_slots += 1
+        return self.num_slots
+
+    def _give_back_pages(self, slot: int) -> None:
+        # the pool is shared anonymous memory (shmem): MADV_REMOVE frees its pages, MADV_DONTNEED would
+        # only unmap them from this process and keep them charged
+        advice = getattr(mmap, "MADV_REMOVE", None) or getattr(mmap, "MADV_DONTNEED", None)
+        if advice is not None:
+            self._mem.madvise(advice, slot * self.blob_size, self.blob_size)

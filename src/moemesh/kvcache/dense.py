@@ -18,6 +18,8 @@ from .decode_attention import decode_attention
 from .decode_view import OneTokenView
 from .sinks import attend_with_sinks
 
+SCORE_BLOCK_BYTES = 16 * 2**20  # one block of attention scores (softmax copies: ~3x; engine/memory.py's scratch)
+
 
 @dataclass
 class _Seq:
@@ -49,6 +51,7 @@ class DenseKVCache(KVCache):
         self.values_in_keys = values_in_keys
         self.dtype = dtype
         self.seqs: dict[int, _Seq] = {}
+        self.score_block_bytes = SCORE_BLOCK_BYTES
 
     def add_sequence(self, seq_id: int) -> None:
         if seq_id in self.seqs:
@@ -70,7 +73,9 @@ class DenseKVCache(KVCache):
         cap = seq.keys[0].shape[1] if seq.keys else 0
         if needed <= cap:
             return
-        new_cap = max(needed, 2 * cap, 16)  # doubling keeps appends amortised O(1)
+        # growing by a quarter keeps appends amortised O(1) and a long prompt's first decode step from
+        # doubling its KV memory (engine/memory.py counts a quarter of slack)
+        new_cap = max(needed, cap + cap // 4, 16)
         stores = [(seq.keys, self.head_dim)] + ([] if self.values_in_keys else [(seq.values, self.value_dim)])
         for store, dim in stores:
             for layer in range(self.num_layers):
@@ -115,13 +120,18 @@ class DenseKVCache(KVCache):
             if mask is not None:
                 mask = mask[:, lo:]
             qs = q[off : off + n].transpose(0, 1)  # [Hq, n, Dh]
-            if sinks is not None:  # SDPA has no sink term
-                o = attend_with_sinks(qs, keys[:, lo:end], values[:, lo:end], mask, scale, sinks)
-            else:
-                o = F.scaled_dot_product_attention(
-                    qs, keys[:, lo:end], values[:, lo:end], attn_mask=mask, scale=scale, enable_gqa=True
-                )  # [Hq, n, Dv]
-            out[off : off + n] = o.transpose(0, 1)
+            # queries in blocks whose scores [Hq, rows, L] stay within score_block_bytes: a 512-token chunk
+            # of gpt-oss (64 heads) against 2,048 keys would otherwise hold ~1.6 GB of scores and softmax
+            rows = max(1, self.score_block_bytes // (4 * qs.shape[0] * (end - lo)))
+            for r in range(0, n, rows):
+                m = None if mask is None else mask[r : r + rows]
+                if sinks is not None:  # SDPA has no sink term
+                    o = attend_with_sinks(qs[:, r : r + rows], keys[:, lo:end], values[:, lo:end], m, scale, sinks)
+                else:
+                    o = F.scaled_dot_product_attention(
+                        qs[:, r : r + rows], keys[:, lo:end], values[:, lo:end], attn_mask=m, scale=scale,
+                        enable_gqa=True)  # [Hq, rows, Dv]
+                out[off + r : off + r + o.shape[1]] = o.transpose(0, 1)
         return out
 
     def _attend_one(self, lib, layer: int, seq: _Seq, q, k, v, scale, window, sinks) -> torch.Tensor:

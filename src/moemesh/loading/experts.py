@@ -116,6 +116,9 @@ def build_lazy(builder, experts: ExpertSource, opts: ExpertOptions, release: Cal
     slots = min(slots, args.num_experts * len(experts.moe_layers))
     reader = BlobReader(experts.files, opts.io_threads, opts.direct)
     lazy.cache = ExpertCache(experts, slots, make_policy(opts.policy), reader, opts.verify)
+    lazy.cache.min_slots = min(slots, args.top_k)
+    if plan is not None:  # under --ram: working memory past the reserve is lent by the cache (engine/memory.py)
+        lazy.cache.reserve_bytes = plan.kv_reserve + max(0, plan.slots - slots) * experts.slot_bytes
     if opts.prefetch:
         lazy.lookahead = lookaheads(model, opts.prefetch_top)
         lazy.gate = RankGate(opts.prefetch_threshold)
