@@ -47,7 +47,7 @@ def decode_runs(path: Path, spec, cap: int | None, args, stream: list[int]) -> d
     """Alternating repeats of moemesh (uniform, calibrated) and llama.cpp under one cap."""
     arms = [("moemesh", r) for r in args.routings] + ([("llama.cpp", "router")] if args.llama else [])
     runs: dict[str, list] = {f"{e} {r}": [] for e, r in arms}
-    for rep in range(args.repeats):
+    for rep in range(args.repeats if arms else 0):  # (no arms: a TTFT-only run)
         for engine, routing in arms[rep % len(arms):] + arms[: rep % len(arms)]:
             key = f"{engine} {routing}"
             if engine == "llama.cpp":
