@@ -22,6 +22,7 @@ from ..models.media import Media
 from ..models.transformer import Transformer
 from ..tokenizer.grammar import Matcher
 from .constraints import fill_bitmasks
+from .decode_plan import PlannedDecode
 from .layer_prefill import LayerMajorPrefill, eligible
 from .media import has_media, media_inputs
 from .memory import WorkingMemory
@@ -50,11 +51,13 @@ class Engine:
         compiled: bool = False,
         prefill: str = "auto",
         prefix_cache: PrefixCache | None = None,
+        planned: bool = True,
     ) -> None:
         """prefill: "chunked", "layer" (layer-major for prompts longer than one chunk, where the cache
         allows) or "auto" (layer-major when experts are streamed from disk).
         prefix_cache: reuse KV blocks of prompts (and outputs) seen before (engine/prefix.py);
-        it must have been made for ``cache``."""
+        it must have been made for ``cache``. planned: one sequence's decode steps through
+        engine/decode_plan.py (False: the modules' forward, the reference)."""
         if prefill not in ("auto", "chunked", "layer"):
             raise ValueError(f"prefill must be auto, chunked or layer, got {prefill!r}")
         self.model = model
@@ -64,6 +67,9 @@ class Engine:
             from .compiled import CompiledDecode
 
             self.compiled = CompiledDecode(model)
+        # one sequence's decode token with the attention blocks as pre-bound C calls (engine/decode_plan.py)
+        planned = PlannedDecode(model) if planned and isinstance(model, Transformer) else None
+        self.planned = planned if planned is not None and planned.active else None
         self.cache = cache if cache is not None else model.new_cache()  # e.g. model.new_cache("turboquant:3.5")
         if prefix_cache is not None and prefix_cache.kv is not self.cache:
             raise ValueError("the prefix cache was made for another KV cache")
@@ -158,6 +164,8 @@ class Engine:
             logits = self.model(tokens, positions, self.cache, layout, embeds=embeds)  # [B, V]
         if logits is None and self.compiled is not None:
             logits = self.compiled.maybe_step(chunks, was_prefill, layout.seq_ids, self.cache)
+        if logits is None and self.planned is not None:
+            logits = self.planned.maybe_step(chunks, was_prefill, layout.seq_ids, self.cache)
         if logits is None:
             logits = self.model(tokens, positions, self.cache, layout)  # [B, V]
         for seq, chunk in zip(seqs, chunks):

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import CheckpointError, MoemeshError
 from ..layers.mlp import GatedMLP
+from ..quant.hugepages import advise_huge
 from ..store.expert_source import ExpertSource
 from .io import BlobReader
 from .policy import EvictionPolicy, Key
@@ -55,7 +56,11 @@ class ExpertCache:
         self.store = source  # older name
         self.num_slots = num_slots
         self.blob_size = source.slot_bytes
-        self._mem = mmap.mmap(-1, num_slots * self.blob_size)  # page-aligned, lazily backed
+        # page-aligned, lazily backed, private: advised onto 2 MiB pages, which a slot's first fill faults in
+        # 512x fewer times and the kernels stream with fewer page walks (shared anonymous memory, Python's
+        # default, never gets huge pages: quant/hugepages.py)
+        self._mem = mmap.mmap(-1, num_slots * self.blob_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        advise_huge(self._mem)
         self._view = memoryview(self._mem)
         self._tensor = torch.frombuffer(self._mem, dtype=torch.uint8)  # [slots * slot bytes]
         # with a fixed layout (an expert store) each slot's expert is built once as views over the
@@ -227,8 +232,7 @@ class ExpertCache:
         return self.num_slots
 
     def _give_back_pages(self, slot: int) -> None:
-        # the pool is shared anonymous memory (shmem): MADV_REMOVE frees its pages, MADV_DONTNEED would
-        # only unmap them from this process and keep them charged
-        advice = getattr(mmap, "MADV_REMOVE", None) or getattr(mmap, "MADV_DONTNEED", None)
+        # private anonymous memory: MADV_DONTNEED frees the pages (a later fill faults in zeroed ones)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
         if advice is not None:
             self._mem.madvise(advice, slot * self.blob_size, self.blob_size)

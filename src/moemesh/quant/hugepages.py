@@ -30,7 +30,7 @@ class HugePageArena:
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
         self._map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.advised = _advise_huge(self._map)
+        self.advised = advise_huge(self._map)
         whole = torch.frombuffer(self._map, dtype=torch.uint8)  # [nbytes + 2 MiB]
         start = -whole.data_ptr() % HUGE_PAGE  # 2 MiB-aligned start: whole huge pages from byte 0
         self._mem = whole[start : start + nbytes]  # [nbytes]
@@ -52,7 +52,7 @@ class HugePageArena:
         return out
 
 
-def _advise_huge(m: mmap.mmap) -> bool:
+def advise_huge(m: mmap.mmap) -> bool:
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None:
         return False

@@ -1,0 +1,174 @@
+"""One decode token of one sequence with the attention blocks as pre-bound C calls (the default path).
+
+A decode step of a small model is dispatch-bound: the profile of SmolLM2's eager step (py-spy, 300
+tokens) put ~45% of the main thread in Python and torch dispatch, most of it in the attention block
+(a matmul, a split, views, two rotary calls, the cache's bookkeeping, another matmul and an add, each
+checking its arguments and allocating its output). Here each layer's attention block is planned once:
+the C kernels the eager modules call (quant/decode_kernels.c: RMSNorm, rotary, attend_one; the int4
+matmul of quant/int4_native), bound to preallocated buffers and called with the same arguments, so a
+step is the same arithmetic as ``Transformer.forward`` bit for bit (tests/test_decode_plan.py) without
+its per-op overhead. Layers the plan does not cover (other attention kinds, biases, non-int4 weights,
+partial rotary) run their modules' own forward; FFN blocks get their norm as a C call and, when dense
+int4 SwiGLUs, their one fused kernel call (MoE blocks run their forward on the normed row).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..batch import BatchLayout
+from ..kvcache.base import KVCache
+from ..kvcache.dense import DenseKVCache
+from ..layers.attention import Attention
+from ..layers.mlp import GatedMLP
+from ..layers.norm import RMSNorm
+from ..models.transformer import DecoderLayer, Transformer
+from ..quant import decode_kernels, int4_native
+from ..quant.qlinear import QuantLinear
+
+
+def _int4(lin: object) -> bool:
+    return (isinstance(lin, QuantLinear) and lin.mode == "int4" and lin.bias is None and lin.native_int4() is not None
+            and lin.dequant_min_m > 1)
+
+
+def plannable(layer: DecoderLayer, head_dim_rotary: int) -> bool:
+    """Whether ``layer``'s attention block runs as planned C calls (else its module's forward)."""
+    a = layer.attn
+    return (type(a) is Attention and not a.output_gate and a.clip_qkv is None and a.qk_norm in (None, "head")
+            and isinstance(layer.attn_norm, RMSNorm) and _int4(a.qkv) and _int4(a.o_proj)
+            and head_dim_rotary == a.head_dim and (a.qk_norm is None or (isinstance(a.q_norm, RMSNorm)
+                                                                       and isinstance(a.k_norm, RMSNorm))))
+
+
+class _Matmul:
+    """One int4 QuantLinear on one row: x [1, K] -> out [1, N_pad] (int4_native.int4_matmul's call)."""
+
+    def __init__(self, lin: QuantLinear, x: torch.Tensor) -> None:
+        self.lib, self.k, self.n_pad = lin.native_int4(), lin.in_features, lin.qweight.shape[0]
+        self.args = (x.data_ptr(), 0, 1, self.k, lin.qweight.data_ptr(), lin.int4_scales().data_ptr(),
+                     lin.kernel_fmt(), self.n_pad)
+        self.out = torch.empty(1, self.n_pad)  # [1, N_pad]
+
+    def __call__(self, threads: int) -> None:
+        if self.lib.i4_matmul(*self.args, self.out.data_ptr(), threads):
+            raise ValueError(f"int4_matmul: kernel rejected K={self.k}, N={self.n_pad}")
+
+
+class AttentionPlan:
+    """x [1, D] -> x + attention(norm(x)) for one token of one sequence, as the eager modules compute it."""
+
+    def __init__(self, layer: DecoderLayer, index: int, lib: ctypes.CDLL) -> None:
+        a: Attention = layer.attn  # type: ignore[assignment]
+        self.lib, self.index, self.attn = lib, index, a
+        d = a.qkv.in_features
+        hq, hkv, dh = a.num_heads, a.num_kv_heads, a.head_dim
+        self.norm_w, self.eps = layer.attn_norm.weight, layer.attn_norm.eps
+        self.h = torch.empty(1, d)  # [1, D] the normed input
+        self.qkv = _Matmul(a.qkv, self.h)  # -> [1, (Hq + 2 Hkv) Dh (+ pad)]
+        buf = self.qkv.out
+        self.q, self.k, self.v = buf[0, : hq * dh], buf[0, hq * dh : (hq + hkv) * dh], buf[0, (hq + hkv) * dh :]
+        if a.qk_norm == "head":  # normed copies (RMSNorm's output is a new tensor in the eager path too)
+            self.q, self.k = torch.empty(hq * dh), torch.empty(hkv * dh)
+        self.out = torch.empty(1, hq, dh)  # [1, Hq, Dh] attention output
+        self.o = _Matmul(a.o_proj, self.out)  # -> [1, D (+ pad)]
+        self.d, self.hq, self.hkv, self.dh = d, hq, hkv, dh
+        self.sinks = None if a.sinks is None else a.sinks.data_ptr()
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, dv: int, pos: int, threads: int) -> torch.Tensor:
+        lib, a, hq, hkv, dh = self.lib, self.attn, self.hq, self.hkv, self.dh
+        lib.dk_rms_norm(x.data_ptr(), 1, self.d, self.d, self.norm_w.data_ptr(), self.eps, self.h.data_ptr(), self.d)
+        self.qkv(threads)
+        raw = self.qkv.out[0]
+        if a.qk_norm == "head":  # per head, over Dh (rows of the projection's q and k parts)
+            lib.dk_rms_norm(raw.data_ptr(), hq, dh, dh, a.q_norm.weight.data_ptr(), a.q_norm.eps, self.q.data_ptr(), dh)
+            lib.dk_rms_norm(raw[hq * dh :].data_ptr(), hkv, dh, dh, a.k_norm.weight.data_ptr(), a.k_norm.eps,
+                            self.k.data_ptr(), dh)
+        lib.dk_rope(self.q.data_ptr(), 1, hq, dh, hq * dh, dh, cos.data_ptr(), sin.data_ptr())
+        lib.dk_rope(self.k.data_ptr(), 1, hkv, dh, hkv * dh, dh, cos.data_ptr(), sin.data_ptr())
+        lo = 0 if a.window is None else max(0, pos + 1 - a.window)
+        rc = lib.dk_attend_one(self.q.data_ptr(), hq, self.k.data_ptr(), dh, self.v.data_ptr(), dh, keys.data_ptr(),
+                               values.data_ptr(), hkv, keys.shape[1], dh, dv, values.stride(1), pos, lo, pos + 1,
+                               a.scale, self.sinks, self.out.data_ptr(), threads)
+        if rc:
+            raise ValueError(f"attend_one: bad shapes at layer {self.index}, pos {pos}")
+        self.o(threads)
+        return x + self.o.out[:, : self.d]
+
+
+class FfnPlan:
+    """x [1, D] -> x + ffn(norm(x)): the norm as a C call into a preallocated row, then a dense int4 SwiGLU
+    as its one fused call (GatedMLP.forward's decode path), any other FFN (MoE blocks) by its forward."""
+
+    def __init__(self, layer: DecoderLayer, lib: ctypes.CDLL) -> None:
+        self.lib, self.ffn = lib, layer.ffn
+        self.norm_w, self.eps = layer.ffn_norm.weight, layer.ffn_norm.eps
+        self.d = self.norm_w.shape[0]
+        self.h = torch.empty(1, self.d)  # [1, D]
+        self.mlp = None
+        if isinstance(layer.ffn, GatedMLP) and layer.ffn.fused_int4() is not None:
+            mlp = layer.ffn
+            gu_q, dn_q, fmt = mlp._kernel_key
+            table = mlp._kernel_table  # int64 [4, 1]: gate_up q, scales, down q, scales
+            base = table.data_ptr()
+            self.mlp = (mlp.fused_int4(), mlp.down.in_features, base, base + 8, gu_q[0], base + 16, base + 24,
+                        dn_q[0], fmt)
+            self.y = torch.empty(1, dn_q[0])  # [1, D_pad]
+
+    def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        self.lib.dk_rms_norm(x.data_ptr(), 1, self.d, self.d, self.norm_w.data_ptr(), self.eps, self.h.data_ptr(),
+                             self.d)
+        if self.mlp is None:
+            return x + self.ffn(self.h)
+        lib, inter, gu, gus, gu_pad, dn, dns, dn_pad, fmt = self.mlp
+        if lib.i4_experts_ffn(self.h.data_ptr(), self.d, inter, 1, gu, gus, gu_pad, dn, dns, dn_pad, fmt,
+                              self.y.data_ptr(), threads):
+            raise ValueError(f"experts_ffn: kernel rejected D={self.d}, I={inter}")
+        return x + self.y[:, : self.d]
+
+
+class PlannedDecode:
+    """``maybe_step``: logits [1, V] of one sequence's one decode token, or None where the plan does not
+    apply (several sequences, prefill, a cache other than the dense fp32 one, no native kernels)."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.lib = decode_kernels.load()
+        rotary = model.rope.cos_sin(torch.zeros(1, dtype=torch.long))[0].shape[-1]
+        self.plans: list[AttentionPlan | None] = []
+        if self.lib is not None and int4_native.load_native() is not None:
+            self.plans = [AttentionPlan(layer, i, self.lib) if plannable(layer, rotary) else None
+                          for i, layer in enumerate(model.layers)]
+        self.ffns = [FfnPlan(layer, self.lib) if plan is not None and isinstance(layer.ffn_norm, RMSNorm) else None
+                     for layer, plan in zip(model.layers, self.plans)]
+        self.active = any(p is not None for p in self.plans)
+
+    def maybe_step(self, token_chunks: list[list[int]], in_prefill: list[bool], seq_ids: list[int],
+                   cache: KVCache) -> torch.Tensor | None:
+        if (not self.active or len(seq_ids) != 1 or in_prefill[0] or len(token_chunks[0]) != 1
+                or type(cache) is not DenseKVCache or cache.dtype != torch.float32):
+            return None
+        return self.step(token_chunks[0][0], seq_ids[0], cache)
+
+    @torch.inference_mode()
+    def step(self, token: int, seq_id: int, cache: DenseKVCache) -> torch.Tensor:
+        model, seq = self.model, cache.seqs[seq_id]
+        pos = seq.length
+        batch = BatchLayout([seq_id], [1])
+        cache.begin(batch)
+        positions = torch.tensor([pos])
+        x = model.embed[torch.tensor([token])].float()  # [1, D]
+        cos, sin = model.rope.cos_sin(positions)  # [1, 1, Dh]
+        threads = torch.get_num_threads()
+        for i, (layer, plan, ffn) in enumerate(zip(model.layers, self.plans, self.ffns)):
+            if plan is None:
+                x = layer.attention_block(x, cos, sin, cache, batch)
+            else:
+                keys = seq.keys[i]
+                values = keys if cache.values_in_keys else seq.values[i]
+                x = plan(x, cos, sin, keys, values, cache.value_dim, pos, threads)
+            x = layer.ffn_block(x) if ffn is None else ffn(x, threads)
+        cache.end(batch)
+        return model.logits(x)  # [1, V]
