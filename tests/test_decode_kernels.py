@@ -90,6 +90,18 @@ def test_one_token_attention_matches_the_reference(hq, hkv, dh, dv, n, window, s
         assert rel(c_out, ref) < 2e-6, (threads, rel(c_out, ref))
 
 
+@needs_lib
+@pytest.mark.parametrize("sink", [False, True])
+def test_threads_split_by_query_head_give_the_same_bits(sink):
+    # 3 KV heads on 2 threads run as 9 single-head units (an even split), 4 on 2 as KV groups: either way
+    # each head's arithmetic is the one-thread result, bit for bit
+    for hq, hkv in ((9, 3), (8, 4)):
+        sinks = torch.randn(hq, generator=torch.Generator().manual_seed(5)) if sink else None
+        one = attend_both(hq, hkv, 64, 64, 400, None, sinks, False, threads=1)[0]
+        two = attend_both(hq, hkv, 64, 64, 400, None, sinks, False, threads=2)[0]
+        assert torch.equal(one, two), (hq, hkv)
+
+
 def test_reference_is_the_softmax_formula():
     """decode_attention (the kernels' reference) against the textbook formula with repeated K/V."""
     g = torch.Generator().manual_seed(4)

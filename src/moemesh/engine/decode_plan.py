@@ -9,7 +9,8 @@ matmul of quant/int4_native), bound to preallocated buffers and called with the 
 step is the same arithmetic as ``Transformer.forward`` bit for bit (tests/test_decode_plan.py) without
 its per-op overhead. Layers the plan does not cover (other attention kinds, biases, non-int4 weights,
 partial rotary) run their modules' own forward; FFN blocks get their norm as a C call and, when dense
-int4 SwiGLUs, their one fused kernel call (MoE blocks run their forward on the normed row).
+int4 SwiGLUs or resident int4 experts behind a top-k softmax router, their one fused kernel call (the
+router's torch ops stay); other FFNs run their forward on the normed row.
 """
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ from ..batch import BatchLayout
 from ..kvcache.base import KVCache
 from ..kvcache.dense import DenseKVCache
 from ..layers.attention import Attention
+from ..experts.provider import ResidentExperts
 from ..layers.mlp import GatedMLP
+from ..layers.moe import MoEBlock
+from ..layers.router import TopKRouter
 from ..layers.norm import RMSNorm
 from ..models.transformer import DecoderLayer, Transformer
 from ..quant import decode_kernels, int4_native
@@ -107,8 +111,16 @@ class FfnPlan:
         self.norm_w, self.eps = layer.ffn_norm.weight, layer.ffn_norm.eps
         self.d = self.norm_w.shape[0]
         self.h = torch.empty(1, self.d)  # [1, D]
-        self.mlp = None
-        if isinstance(layer.ffn, GatedMLP) and layer.ffn.fused_int4() is not None:
+        self.mlp = self.moe = None
+        self.out = torch.empty(1, self.d)  # [1, D] a MoE layer's mixed experts
+        ffn = layer.ffn
+        if (isinstance(ffn, MoEBlock) and type(ffn.router) is TopKRouter and ffn.shared is None
+                and type(ffn.provider) is ResidentExperts and not ffn.provider.reference):
+            table = ffn.provider._decode_table(ffn.layer)  # (lib, pointer table, inter, gu N_pad, dn N_pad, fmt)
+            if table is not None:  # ResidentExperts.run's one-call path (moe_decode_table), buffers bound here
+                lib, t, inter, gu_pad, dn_pad, fmt = table
+                self.moe = (lib, inter, t.data_ptr(), t.shape[0], gu_pad, dn_pad, fmt)
+        if isinstance(ffn, GatedMLP) and ffn.fused_int4() is not None:
             mlp = layer.ffn
             gu_q, dn_q, fmt = mlp._kernel_key
             table = mlp._kernel_table  # int64 [4, 1]: gate_up q, scales, down q, scales
@@ -120,6 +132,14 @@ class FfnPlan:
     def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         self.lib.dk_rms_norm(x.data_ptr(), 1, self.d, self.d, self.norm_w.data_ptr(), self.eps, self.h.data_ptr(),
                              self.d)
+        if self.moe is not None:
+            ids, w = self.ffn.router(self.h)  # [1, A] int64 (distinct: topk), [1, A] fp32, both contiguous
+            lib, inter, table, n_exp, gu_pad, dn_pad, fmt = self.moe
+            rc = lib.i4_moe_decode(self.h.data_ptr(), self.d, inter, ids.shape[1], ids.data_ptr(), w.data_ptr(),
+                                   table, n_exp, gu_pad, dn_pad, fmt, self.out.data_ptr(), threads)
+            if rc:
+                raise ValueError(f"moe_decode: kernel rejected D={self.d}, I={inter}, ids {ids.tolist()}")
+            return x + self.out
         if self.mlp is None:
             return x + self.ffn(self.h)
         lib, inter, gu, gus, gu_pad, dn, dns, dn_pad, fmt = self.mlp

@@ -138,18 +138,23 @@ int dk_attend_one(const float *q, int64_t hq, const float *k_new, int64_t ks, co
         if (v_new) memcpy(values + (h * cap + pos) * v_stride, v_new + h * vs, sizeof(float) * (size_t)dv);
     }
     /* threads only when each has real work (a region costs a few microseconds) */
-    int nt = (n * hkv * (dh + dv) >= (1 << 16) && nthreads > 1) ? (int)(nthreads < hkv ? nthreads : hkv) : 1;
+    int nt = (n * hkv * (dh + dv) >= (1 << 16) && nthreads > 1) ? (int)(nthreads < hq ? nthreads : hq) : 1;
+    /* work units: whole KV groups (each key row read once per group), or single query heads when the groups
+       do not split evenly over the threads (3 KV heads on 2 threads: one thread would do two thirds). A head's
+       arithmetic is the same either way (attend_group is per query head in each of its loops): same bits. */
+    const int64_t per = (nt > 1 && hkv % nt) ? 1 : g, units = hq / per;
     int bad = 0;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t h = 0; h < hkv; h++) {
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t h = u * per / g;  /* the unit's KV head */
         float stack[2048];
-        float *scores = g * n <= 2048 ? stack : (float *)malloc(sizeof(float) * (size_t)(g * n));
+        float *scores = per * n <= 2048 ? stack : (float *)malloc(sizeof(float) * (size_t)(per * n));
         if (!scores) {
             bad = 1;
             continue;
         }
-        attend_group(q + h * g * dh, g, dh, keys + h * cap * dh, values + h * cap * v_stride, v_stride, dv, lo,
-                     end, scale, sinks ? sinks + h * g : NULL, out + h * g * dv, scores);
+        attend_group(q + u * per * dh, per, dh, keys + h * cap * dh, values + h * cap * v_stride, v_stride, dv, lo,
+                     end, scale, sinks ? sinks + u * per : NULL, out + u * per * dv, scores);
         if (scores != stack) free(scores);
     }
     return bad ? -2 : 0;
