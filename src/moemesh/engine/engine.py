@@ -102,7 +102,7 @@ class Engine:
                 f"prompt has {len(prompt_ids)} tokens but the context window is {self.context_length}"
             )
         self.memory.check(len(prompt_ids), params.max_tokens or 0,
-                          job=self.layer_major and len(prompt_ids) > self.max_prefill_tokens)
+                          self.prefix.cache.capacity if self.prefix is not None else 0)
         seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params.seed), self.stop_token_ids)
         seq.media = media
         seq.grammar = grammar
