@@ -15,6 +15,7 @@ from moemesh.engine.engine import Engine
 from moemesh.engine.memory import expert_caches
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.errors import PromptTooLong
+from moemesh.experts.budget import RUNTIME_OVERHEAD
 from moemesh.kvcache.dense import DenseKVCache
 from moemesh.loading.convert import convert
 from moemesh.loading.experts import ExpertOptions
@@ -74,7 +75,7 @@ def test_a_long_prompt_borrows_slots_and_gives_them_back(store):
 def test_a_prompt_that_cannot_fit_is_refused_with_sizes(store):
     engine, cache = lazy_engine(store, slots=8, reserve=0)
     room = (cache.capacity - cache.min_slots) * cache.blob_size
-    cache.reserve_bytes = engine.memory.per_token * 20 - room  # a budget whose KV room is 20 tokens
+    cache.reserve_bytes = engine.memory.per_token * 20 - room - RUNTIME_OVERHEAD  # KV room: 20 tokens
     with pytest.raises(PromptTooLong, match=r"needs [\d.]+ MiB of KV cache, but --ram leaves at most [\d.]+ MiB"):
         engine.add_request(list(range(5, 90)) * 2, SamplingParams(max_tokens=4))
     engine.add_request(PROMPT[:4], SamplingParams(max_tokens=4))  # small ones still fit

@@ -101,8 +101,7 @@ class Engine:
             raise PromptTooLong(
                 f"prompt has {len(prompt_ids)} tokens but the context window is {self.context_length}"
             )
-        self.memory.check(len(prompt_ids), params.max_tokens or 0,
-                          self.prefix.cache.capacity if self.prefix is not None else 0)
+        self.memory.check(len(prompt_ids), params.max_tokens or 0)
         seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params.seed), self.stop_token_ids)
         seq.media = media
         seq.grammar = grammar

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 from ..errors import PromptTooLong
+from ..experts.budget import RUNTIME_OVERHEAD
 from ..experts.cache import ExpertCache
 from ..kvcache.base import KVCache
 from ..models.transformer import Transformer
@@ -65,15 +66,17 @@ class WorkingMemory:
         """The working memory reachable: the reserve plus every slot above the caches' minimum."""
         return sum(c.reserve_bytes + (c.capacity - c.min_slots) * c.blob_size for c in self.caches)
 
-    def check(self, prompt_tokens: int, max_tokens: int, prefix_bytes: int = 0) -> None:
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """PromptTooLong when one sequence's KV cache alone could not fit even with the expert cache at its
-        minimum and the prefix cache's budget (``prefix_bytes``) counted; activations are transient and their
+        minimum and the prefix cache's and runtime's shares of --ram counted; activations are transient and their
         estimate conservative (a 2,084-token prompt of the demo MoE measured 27 MiB of them, estimated 155),
         so they are lent for when they come, as far as the cache allows, but never refused on."""
         if not self.active:
             return
         kv = self.per_token * (prompt_tokens + max_tokens)
-        room = self.most() + prefix_bytes
+        # + the runtime reserve: an estimate with slack (the demo MoE's 2,084-token prompt peaked at 539 MiB
+        # under --ram 680M, 141 MiB below it): refused only where the KV cache could not possibly fit
+        room = self.most() + sum(c.prefix_bytes for c in self.caches) + RUNTIME_OVERHEAD
         if kv > room:
             raise PromptTooLong(
                 f"a prompt of {prompt_tokens} tokens (+ {max_tokens} to generate) needs {kv / 2**20:.1f} MiB of KV "

@@ -77,6 +77,7 @@ class ExpertCache:
         # working memory --ram set aside at load for KV and activations (loading sets it); None: no --ram,
         # nothing is lent
         self.reserve_bytes: int | None = None
+        self.prefix_bytes = 0  # the prefix cache's share of --ram (a prompt's KV may take it: engine/memory.py)
 
     def slot_view(self, slot: int) -> memoryview:
         return self._view[slot * self.blob_size : (slot + 1) * self.blob_size]

@@ -119,6 +119,7 @@ def build_lazy(builder, experts: ExpertSource, opts: ExpertOptions, release: Cal
     lazy.cache.min_slots = min(slots, args.top_k)
     if plan is not None:  # under --ram: working memory past the reserve is lent by the cache (engine/memory.py)
         lazy.cache.reserve_bytes = plan.kv_reserve + max(0, plan.slots - slots) * experts.slot_bytes
+        lazy.cache.prefix_bytes = plan.prefix_cache
     if opts.prefetch:
         lazy.lookahead = lookaheads(model, opts.prefetch_top)
         lazy.gate = RankGate(opts.prefetch_threshold)
