@@ -247,3 +247,24 @@ def test_open_prefix_cache_capacity(tiny_checkpoints):
     assert open_prefix_cache(kv, 5 * 2**20).capacity == 5 * 2**20
     budget = plan_budget(2**31, 2**20, 2**20, 2**20, 1, prefix_cache=7 * 2**20)
     assert open_prefix_cache(kv, None, budget).capacity == 7 * 2**20
+
+
+def test_layer_major_prefill_inserts_its_blocks(tiny_checkpoints, tmp_path):
+    """A long prompt prefilled layer-major (lazy experts) leaves its blocks in the prefix cache like a
+    chunked prefill (they were never inserted: a 2,000-token agent prefix restored nothing), and the
+    next turn's hit gives the cold run's tokens."""
+    from moemesh.loading.convert import convert
+    from moemesh.loading.experts import ExpertOptions
+
+    store = convert(tiny_checkpoints["qwen3_moe-norm"][1], tmp_path / "s", "int4", progress=False)
+    model = load_model(str(store), experts=ExpertOptions(slots=6)).model
+    p1, p2, _ = prompts(model.args.vocab_size)
+    cache = model.new_cache("dense")
+    pc = PrefixCache(cache, 2**30, B)
+    engine = Engine(model, cache=cache, prefix_cache=pc, max_prefill_tokens=16)  # prompts > 16: layer-major
+    assert engine.layer_major
+    (a,) = engine.generate([p1], GREEDY)
+    (b,) = engine.generate([p2], GREEDY)
+    assert a.cached_tokens == 0 and b.cached_tokens == 80  # 90 shared tokens: 5 whole blocks
+    (cold,) = Engine(model, max_prefill_tokens=16).generate([p2], GREEDY)
+    assert b.output_ids == cold.output_ids

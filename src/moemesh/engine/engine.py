@@ -204,6 +204,8 @@ class Engine:
         logits = self.job.finish()  # [1, V]
         seq.num_computed = len(seq.prompt_ids)
         self.job, self._job_seq = None, None
+        if self.prefix is not None:  # the prompt's blocks, as a chunked prefill inserts them (before sampling)
+            self.prefix.after_step([seq], [True])
         outputs = self._sample([seq], [0], logits)
         seq.prefill_seconds += time.perf_counter() - t0
         return outputs
