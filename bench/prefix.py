@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(DEMO), help="default: the MoE demo model `make run` builds")
     ap.add_argument("--ram", default="680M", help="as `make run` (lazy experts; the prefix cache gets its share)")
     ap.add_argument("--kv", default="dense")
+    ap.add_argument("--quant", default="int4", help="as `make run` (an HF directory: its int4 store, int4 trunk)")
     ap.add_argument("--prefix-tokens", type=int, default=2000)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=48, help="answer length cap per turn")
@@ -113,7 +114,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, experts=ExpertOptions(ram=parse_size(args.ram), prefix_cache=None))
+    # what `make run` serves: the int4 store made on first use (int4 trunk: 34 MiB, not 220 MiB of fp32, which
+    # left the prefix cache 2 MiB of the 680 MiB budget and a 2,000-token prefix nowhere to stay)
+    loaded = load_model(args.model, args.quant, experts=ExpertOptions(ram=parse_size(args.ram), prefix_cache=None))
     load_s = time.perf_counter() - t0
     system = system_prompt(loaded.tokenizer, args.prefix_tokens)
     load_before = os.getloadavg()
