@@ -60,7 +60,7 @@ def moe_store(tmp_path_factory):
 def test_int4_moe_store_with_head_norms_bit_exact(moe_store):
     model = load_model(str(moe_store)).model
     assert model.layers[0].attn.qk_norm == "head"
-    assert Engine(model).planned.ffns[0].moe is not None  # resident int4 experts: the one-call MoE layer
+    assert Engine(model).planned.ffns[0].moe  # resident int4 experts: the one-call MoE layer
     check_same(model, [5, 9, 13, 2, 77, 31])
 
 

@@ -19,14 +19,14 @@ import ctypes
 import torch
 
 from ..batch import BatchLayout
+from ..experts.provider import ResidentExperts
 from ..kvcache.base import KVCache
 from ..kvcache.dense import DenseKVCache
 from ..layers.attention import Attention
-from ..experts.provider import ResidentExperts
 from ..layers.mlp import GatedMLP
 from ..layers.moe import MoEBlock
-from ..layers.router import TopKRouter
 from ..layers.norm import RMSNorm
+from ..layers.router import TopKRouter
 from ..models.transformer import DecoderLayer, Transformer
 from ..quant import decode_kernels, int4_native
 from ..quant.qlinear import QuantLinear
@@ -50,13 +50,14 @@ class _Matmul:
     """One int4 QuantLinear on one row: x [1, K] -> out [1, N_pad] (int4_native.int4_matmul's call)."""
 
     def __init__(self, lin: QuantLinear, x: torch.Tensor) -> None:
+        self.lin, self.x = lin, x
         self.lib, self.k, self.n_pad = lin.native_int4(), lin.in_features, lin.qweight.shape[0]
-        self.args = (x.data_ptr(), 0, 1, self.k, lin.qweight.data_ptr(), lin.int4_scales().data_ptr(),
-                     lin.kernel_fmt(), self.n_pad)
         self.out = torch.empty(1, self.n_pad)  # [1, N_pad]
 
     def __call__(self, threads: int) -> None:
-        if self.lib.i4_matmul(*self.args, self.out.data_ptr(), threads):
+        lin = self.lin  # (the weight's pointers and format read at each call: loading may move or re-lay them)
+        if self.lib.i4_matmul(self.x.data_ptr(), 0, 1, self.k, lin.qweight.data_ptr(), lin.int4_scales().data_ptr(),
+                              lin.kernel_fmt(), self.n_pad, self.out.data_ptr(), threads):
             raise ValueError(f"int4_matmul: kernel rejected K={self.k}, N={self.n_pad}")
 
 
@@ -103,49 +104,46 @@ class AttentionPlan:
 
 
 class FfnPlan:
-    """x [1, D] -> x + ffn(norm(x)): the norm as a C call into a preallocated row, then a dense int4 SwiGLU
-    as its one fused call (GatedMLP.forward's decode path), any other FFN (MoE blocks) by its forward."""
+    """x [1, D] -> x + ffn(norm(x)): the norm as a C call into a preallocated row, then a dense int4 SwiGLU's
+    one fused call (GatedMLP.forward's decode path) or resident int4 experts' (ResidentExperts.run's, after
+    the router's torch ops), any other FFN by its forward."""
 
     def __init__(self, layer: DecoderLayer, lib: ctypes.CDLL) -> None:
         self.lib, self.ffn = lib, layer.ffn
         self.norm_w, self.eps = layer.ffn_norm.weight, layer.ffn_norm.eps
         self.d = self.norm_w.shape[0]
         self.h = torch.empty(1, self.d)  # [1, D]
-        self.mlp = self.moe = None
         self.out = torch.empty(1, self.d)  # [1, D] a MoE layer's mixed experts
         ffn = layer.ffn
-        if (isinstance(ffn, MoEBlock) and type(ffn.router) is TopKRouter and ffn.shared is None
-                and type(ffn.provider) is ResidentExperts and not ffn.provider.reference):
-            table = ffn.provider._decode_table(ffn.layer)  # (lib, pointer table, inter, gu N_pad, dn N_pad, fmt)
-            if table is not None:  # ResidentExperts.run's one-call path (moe_decode_table), buffers bound here
-                lib, t, inter, gu_pad, dn_pad, fmt = table
-                self.moe = (lib, inter, t.data_ptr(), t.shape[0], gu_pad, dn_pad, fmt)
-        if isinstance(ffn, GatedMLP) and ffn.fused_int4() is not None:
-            mlp = layer.ffn
-            gu_q, dn_q, fmt = mlp._kernel_key
-            table = mlp._kernel_table  # int64 [4, 1]: gate_up q, scales, down q, scales
-            base = table.data_ptr()
-            self.mlp = (mlp.fused_int4(), mlp.down.in_features, base, base + 8, gu_q[0], base + 16, base + 24,
-                        dn_q[0], fmt)
-            self.y = torch.empty(1, dn_q[0])  # [1, D_pad]
+        # resident int4 experts behind a top-k softmax router: ResidentExperts.run's one-call path
+        self.moe = (isinstance(ffn, MoEBlock) and type(ffn.router) is TopKRouter and ffn.shared is None
+                    and type(ffn.provider) is ResidentExperts and not ffn.provider.reference
+                    and ffn.provider._decode_table(ffn.layer) is not None)
+        self.mlp = isinstance(ffn, GatedMLP) and ffn.fused_int4() is not None
+        if self.mlp:
+            self.y = torch.empty(1, ffn._kernel_key[1][0])  # [1, D_pad]
 
     def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        # (pointer tables are looked up at each call, as the modules do: loading may rebuild them)
         self.lib.dk_rms_norm(x.data_ptr(), 1, self.d, self.d, self.norm_w.data_ptr(), self.eps, self.h.data_ptr(),
                              self.d)
-        if self.moe is not None:
-            ids, w = self.ffn.router(self.h)  # [1, A] int64 (distinct: topk), [1, A] fp32, both contiguous
-            lib, inter, table, n_exp, gu_pad, dn_pad, fmt = self.moe
+        ffn = self.ffn
+        if self.moe:
+            ids, w = ffn.router(self.h)  # [1, A] int64 (distinct: topk), [1, A] fp32, both contiguous
+            lib, t, inter, gu_pad, dn_pad, fmt = ffn.provider._decode_table(ffn.layer)
             rc = lib.i4_moe_decode(self.h.data_ptr(), self.d, inter, ids.shape[1], ids.data_ptr(), w.data_ptr(),
-                                   table, n_exp, gu_pad, dn_pad, fmt, self.out.data_ptr(), threads)
+                                   t.data_ptr(), t.shape[0], gu_pad, dn_pad, fmt, self.out.data_ptr(), threads)
             if rc:
                 raise ValueError(f"moe_decode: kernel rejected D={self.d}, I={inter}, ids {ids.tolist()}")
             return x + self.out
-        if self.mlp is None:
-            return x + self.ffn(self.h)
-        lib, inter, gu, gus, gu_pad, dn, dns, dn_pad, fmt = self.mlp
-        if lib.i4_experts_ffn(self.h.data_ptr(), self.d, inter, 1, gu, gus, gu_pad, dn, dns, dn_pad, fmt,
-                              self.y.data_ptr(), threads):
-            raise ValueError(f"experts_ffn: kernel rejected D={self.d}, I={inter}")
+        if not self.mlp:
+            return x + ffn(self.h)
+        lib = ffn.fused_int4()
+        gu_q, dn_q, fmt = ffn._kernel_key
+        base = ffn._kernel_table.data_ptr()  # int64 [4, 1]: gate_up q, scales, down q, scales
+        if lib.i4_experts_ffn(self.h.data_ptr(), self.d, ffn.down.in_features, 1, base, base + 8, gu_q[0], base + 16,
+                              base + 24, dn_q[0], fmt, self.y.data_ptr(), threads):
+            raise ValueError(f"experts_ffn: kernel rejected D={self.d}")
         return x + self.y[:, : self.d]
 
 
