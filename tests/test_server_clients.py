@@ -264,8 +264,9 @@ def test_ollama_errors(oll):
         oll.chat(model="other", messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 404 and "does not exist" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
-        oll.chat(model="scripted", messages=[{"role": "user", "content": "hi"}], format="yaml")
-    assert e.value.status_code == 400 and "format" in e.value.error
+        oll.chat(model="scripted", messages=[{"role": "user", "content": "hi"}],
+                 format={"type": "array", "items": {"type": "integer"}, "uniqueItems": True})
+    assert e.value.status_code == 400 and "uniqueItems" in e.value.error  # a schema the grammar cannot enforce
 
 
 # --- an agent framework
