@@ -180,12 +180,12 @@ class PlannedDecode:
         x = model.embed[torch.tensor([token])].float()  # [1, D]
         cos, sin = model.rope.cos_sin(positions)  # [1, 1, Dh]
         threads = torch.get_num_threads()
-        for i, (layer, plan, ffn) in enumerate(zip(model.layers, self.plans, self.ffns)):
+        for layer, plan, ffn in zip(model.layers, self.plans, self.ffns):
             if plan is None:
                 x = layer.attention_block(x, cos, sin, cache, batch)
             else:
-                keys = seq.keys[i]
-                values = keys if cache.values_in_keys else seq.values[i]
+                keys = seq.keys[plan.attn.layer]  # the layer's index in the cache (a mesh stage's own numbering)
+                values = keys if cache.values_in_keys else seq.values[plan.attn.layer]
                 x = plan(x, cos, sin, keys, values, cache.value_dim, pos, threads)
             x = layer.ffn_block(x) if ffn is None else ffn(x, threads)
         cache.end(batch)
