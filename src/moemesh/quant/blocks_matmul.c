@@ -44,15 +44,16 @@ BK_INLINE void bk_tile_t(const int type, const bk_xbuf *xb, int64_t m, int64_t k
     memset(acc, 0, sizeof(float) * (size_t)(mm * BK_NB * 16));
     if (type == BK_FP8) {
         const int64_t nb = (k + BK_FP8_BLOCK - 1) / BK_FP8_BLOCK, kp = nb * BK_FP8_BLOCK;
+#if BK_AVX2
+        if (mm == 1) {  /* one activation row: row by row (sequential), converted in registers into the dot */
+            for (int64_t r = 0; r < nn; r++)
+                for (int64_t c = 0; c < nb; c++)
+                    bk_fp8_dot_direct(w + (n0 + r) * rs, c, xb->f + m0 * kp + c * BK_FP8_BLOCK, acc + r * 16);
+            goto finish;
+        }
+#endif
         float wf[BK_NB][BK_FP8_BLOCK], s[BK_NB];
         for (int64_t c = 0; c < nb; c++) {
-#if BK_AVX2
-            if (mm == 1) {  /* one activation row: convert in registers, straight into the dot */
-                for (int64_t r = 0; r < nn; r++)
-                    bk_fp8_dot_direct(w + (n0 + r) * rs, c, xb->f + m0 * kp + c * BK_FP8_BLOCK, acc + r * 16);
-                continue;
-            }
-#endif
             for (int64_t r = 0; r < nn; r++) s[r] = bk_fp8_unpack(w + (n0 + r) * rs, c, wf[r]);
             for (int64_t i = 0; i < mm; i++)
                 for (int64_t r = 0; r < nn; r++)
@@ -60,18 +61,21 @@ BK_INLINE void bk_tile_t(const int type, const bk_xbuf *xb, int64_t m, int64_t k
         }
     } else {
         const int64_t G8 = xb->G8, nc = G8 / 8;
+#if BK_AVX2
+        if (mm == 1) {  /* one activation row: each weight row start to end (one sequential stream), unpacked
+                           in registers straight into the dot */
+            for (int64_t r = 0; r < nn; r++)
+                for (int64_t c = 0; c < nc; c++) {
+                    const float *du = xb->f + m0 * G8 + 8 * c, *sx32 = xb->f + (m + m0) * G8 + 8 * c;
+                    bk_dot_direct(type, w + (n0 + r) * rs, k, c, xb->X + m0 * k + c * BK_CHUNK, du, sx32,
+                                  xb->f + 2 * m * G8 + 2 * m0 * G8 + 16 * c, acc + r * 16);
+                }
+            goto finish;
+        }
+#endif
         bk_wq wq[BK_NB][BK_CHUNK];
         bk_scales sc[BK_NB];
         for (int64_t c = 0; c < nc; c++) {
-#if BK_AVX2
-            if (mm == 1) {  /* one activation row: unpack in registers, straight into the dot */
-                const float *du = xb->f + m0 * G8 + 8 * c, *sx32 = xb->f + (m + m0) * G8 + 8 * c;
-                for (int64_t r = 0; r < nn; r++)
-                    bk_dot_direct(type, w + (n0 + r) * rs, k, c, xb->X + m0 * k + c * BK_CHUNK, du, sx32,
-                                  xb->f + 2 * m * G8 + 2 * m0 * G8 + 16 * c, acc + r * 16);
-                continue;
-            }
-#endif
             for (int64_t r = 0; r < nn; r++) bk_unpack(type, w + (n0 + r) * rs, k, c, wq[r], &sc[r]);
             for (int64_t i = 0; i < mm; i++) {
                 const int64_t row = m0 + i;
@@ -82,6 +86,9 @@ BK_INLINE void bk_tile_t(const int type, const bk_xbuf *xb, int64_t m, int64_t k
             }
         }
     }
+#if BK_AVX2
+finish:
+#endif
     for (int64_t i = 0; i < mm; i++)
         for (int64_t r = 0; r < nn; r++) {
             float v;
