@@ -91,7 +91,7 @@ BK_INLINE void bk_dot(const bk_wq *q, const int16_t *X, const bk_scales *sc, con
                       const float *sx16, const bk_traits t, float *acc) {
     __m256i d[8];
     for (int g = 0; g < 8; g++)
-        d[g] = g < sc->ng ? bk_madd_eo(_mm256_loadu_si256((const __m256i *)(q + 32 * g)),
+        d[g] = t.block == 256 || g < sc->ng ? bk_madd_eo(  /* 256-blocks: always 8 groups, no branch */_mm256_loadu_si256((const __m256i *)(q + 32 * g)),
                                        _mm256_loadu_si256((const __m256i *)(q + 32 * g + 16)), X + 32 * g)
                           : _mm256_setzero_si256();
     bk_dot_d(d, sc, du, sx32, sx16, t, acc);

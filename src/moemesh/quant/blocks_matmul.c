@@ -8,16 +8,17 @@ arithmetic of blocks_kernel.h whoever computes it, so results do not depend on M
 #include "blocks_fp8.h"
 #include "blocks_tile.h"
 #include "blocks_unpack_avx2.h"
+#include "blocks_v512.h"
 
-int bk_simd(void) { return BK_AVX2; }
+int bk_simd(void) { return BK_V512 ? 2 : BK_AVX2; }  /* 0 scalar, 1 AVX2, 2 AVX2 + AVX-512 VNNI prefill */
 
 void bk_xfree(bk_xbuf *b) {
-    free(b->X), free(b->f);
-    b->X = NULL, b->f = NULL;
+    free(b->X), free(b->f), free(b->XT), free(b->fT);
+    b->X = NULL, b->f = NULL, b->XT = NULL, b->fT = NULL;
 }
 
 int bk_prepare(int type, const float *x, int64_t m, int64_t k, bk_xbuf *b) {
-    b->X = NULL, b->f = NULL, b->G8 = 0;
+    b->X = NULL, b->f = NULL, b->G8 = 0, b->XT = NULL, b->fT = NULL;
     if (type == BK_FP8) {
         const int64_t kp = (k + BK_FP8_BLOCK - 1) / BK_FP8_BLOCK * BK_FP8_BLOCK;
         b->f = (float *)calloc((size_t)(m * kp), sizeof(float));
@@ -34,6 +35,7 @@ int bk_prepare(int type, const float *x, int64_t m, int64_t k, bk_xbuf *b) {
         const bk_xrow a = {b->X + r * k, b->f + r * b->G8, b->f + (m + r) * b->G8, b->f + 2 * m * b->G8 + 2 * r * b->G8};
         bk_quant_x(x + r * k, k, a);
     }
+    if (BK_V512 && m >= BK_V512_MIN) return bk_prepare_t(b->X, b->f, m, k, b->G8, &b->XT, &b->fT);
     return 0;
 }
 
@@ -71,6 +73,12 @@ BK_INLINE void bk_tile_t(const int type, const bk_xbuf *xb, int64_t m, int64_t k
                                   xb->f + 2 * m * G8 + 2 * m0 * G8 + 16 * c, acc + r * 16);
                 }
             goto finish;
+        }
+#endif
+#if BK_V512
+        if (xb->XT) {  /* 16 rows a lane set (blocks_v512.h); m0 is a multiple of BK_MB */
+            bk_tile_v512(type, xb->XT, xb->fT, G8, m, k, w, rs, n, bias, y, m0, mm, n0, nn, acc);
+            return;
         }
 #endif
         bk_wq wq[BK_NB][BK_CHUNK];

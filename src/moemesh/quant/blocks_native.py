@@ -19,7 +19,7 @@ import torch
 from .native import BASE_FLAGS, load_library
 
 HERE = Path(__file__).parent
-SOURCES = ("exp_poly.h", "blocks_kernel.h", "blocks_unpack.h", "blocks_dot.h", "blocks_unpack_avx2.h", "blocks_fp8.h", "blocks_tile.h",
+SOURCES = ("exp_poly.h", "blocks_kernel.h", "blocks_unpack.h", "blocks_dot.h", "blocks_unpack_avx2.h", "blocks_fp8.h", "blocks_tile.h", "blocks_v512.h",
            "blocks_matmul.c", "blocks_ffn.c")
 # no fma contraction: the scalar and the AVX2 builds must do the same roundings (blocks_kernel.h)
 FLAGS = (*BASE_FLAGS, "-ffp-contract=off", "-fno-math-errno")

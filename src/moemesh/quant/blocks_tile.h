@@ -15,6 +15,8 @@ typedef struct {
     int16_t *X;
     float *f;
     int64_t G8;
+    int32_t *XT;  /* AVX-512 prefill: the rows transposed 16 at a time (blocks_v512.h), or NULL */
+    float *fT;
 } bk_xbuf;
 
 /* x fp32 [m, k] -> b (allocated; bk_xfree). 0 or -3 (no memory). */
@@ -28,7 +30,7 @@ void bk_tile(int type, const bk_xbuf *xb, int64_t m, int64_t k, const uint8_t *w
 /* A thread's tile accumulator (BK_ACC floats; free it when the thread is done); NULL and *rc = -3
    when out of memory (the thread then skips its work and the call fails). */
 static inline float *bk_thread_acc(int *rc) {
-    float *acc = (float *)malloc(sizeof(float) * BK_ACC);
+    float *acc = (float *)aligned_alloc(64, sizeof(float) * BK_ACC);  /* 64: zmm loads (blocks_v512.h) */
     if (!acc) {
 #pragma omp atomic write
         *rc = -3;
