@@ -20,6 +20,7 @@ import torch
 
 from ..layers.mlp import GatedMLP, run_fused
 from ..layers.moe import ExpertProvider
+from ..quant import blocks_ffn
 
 Group = tuple[int, torch.Tensor, torch.Tensor]  # (expert, token_idx [n], slot_idx [n] into the flat [T*A] picks)
 ExpertFn = Callable[[int], torch.nn.Module]
@@ -66,7 +67,24 @@ def expert_rows(mlps: list[torch.nn.Module], groups: list[Group], x: torch.Tenso
     if x.shape[0] == 1 and len(mlps) > 1 and all(isinstance(m, GatedMLP) and m.fused_int4() is not None for m in mlps):
         y = run_fused(mlps[0].fused_int4(), mlps, x)  # [n, D]
         return [y[j : j + 1] * flat_w[slots, None] for j, (_, _, slots) in enumerate(groups)]
+    if x.shape[0] == 1 and len(mlps) > 1:
+        y = block_rows(mlps, x)
+        if y is not None:
+            return [y[j : j + 1] * flat_w[slots, None] for j, (_, _, slots) in enumerate(groups)]
     return [per_block(m, x, token_idx, rows) * flat_w[slots, None] for m, (_, token_idx, slots) in zip(mlps, groups)]
+
+
+def block_rows(mlps: list[torch.nn.Module], x: torch.Tensor) -> torch.Tensor | None:
+    """One token through block-format experts (GatedMLP.block_act) of one shape and activation in one
+    C call (blocks_ffn.experts_mix, no mix): [n, D], row e the bits of mlps[e](x); None when they
+    cannot share a call."""
+    acts = [m.block_act() if isinstance(m, GatedMLP) else None for m in mlps]
+    if acts[0] is None or any(a != acts[0] for a in acts):
+        return None
+    experts = [(m.gate_up, m.down) for m in mlps]
+    if not blocks_ffn.fusable(experts):
+        return None
+    return blocks_ffn.experts_mix(x, experts, None, *acts[0])
 
 
 def per_block(mlp: torch.nn.Module, x: torch.Tensor, token_idx: torch.Tensor, rows: int | None) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant import blocks_ffn
+from ..quant.blocks import BlockLinear
 from ..quant.qlinear import QuantLinear
 from .mlp import GatedMLP
 
@@ -26,11 +28,19 @@ class ClampedSwiGLU(GatedMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
+        block = self.block_act()
+        if block is not None:  # block-format weights: blocks_ffn's C activation (same operations, its exp)
+            return self.down(blocks_ffn.activation(self.gate_up(x), *block))
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
         gate = gate.clamp(min=None, max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         glu = gate * torch.sigmoid(gate * self.alpha)
         return self.down((up + 1) * glu)
+
+    def block_act(self) -> tuple[str, float, float] | None:
+        if not (isinstance(self.gate_up, BlockLinear) and isinstance(self.down, BlockLinear)):
+            return None
+        return ACT_NAME, self.alpha, self.limit
 
 
 class LogitTopKRouter(torch.nn.Module):

@@ -6,7 +6,8 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from ..quant import int4_native
+from ..quant import blocks_ffn, int4_native
+from ..quant.blocks import BlockLinear
 from ..quant.qlinear import QuantLinear
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -36,8 +37,20 @@ class GatedMLP(torch.nn.Module):
                 y = int4_native.experts_ffn_table(lib, x, self.down.in_features, self._kernel_table, gu_q[0], dn_q[0], fmt)
                 d = self.down.out_features
                 return y if y.shape[1] == d else y[:, :d].contiguous()
+        block = self.block_act()
+        if block is not None:  # block-format weights: the C activation for every M (blocks_ffn.expert_forward's bits)
+            return self.down(blocks_ffn.activation(self.gate_up(x), *block))
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
         return self.down(ACTIVATIONS[self.act_name](gate) * up)
+
+    def block_act(self) -> tuple[str, float, float] | None:
+        """(act, alpha, limit) for blocks_ffn when both linears hold block-format weights (BlockLinear)
+        and the activation is one blocks_ffn has, else None. Such an MLP computes exactly
+        blocks_ffn.expert_forward, so one token through several of them can be one experts_mix call
+        (experts/mixing.expert_rows) with the same bits."""
+        if self.act_name != "silu" or not (isinstance(self.gate_up, BlockLinear) and isinstance(self.down, BlockLinear)):
+            return None
+        return "silu", 1.702, 7.0  # alpha, limit: unused by silu
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unfused path (two kernel calls and torch's silu), for tests of the fused one."""
