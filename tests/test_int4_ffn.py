@@ -181,3 +181,32 @@ def test_resident_provider_with_held_experts_keeps_the_grouped_loop() -> None:
     x, ids, w = torch.randn(1, 64), torch.tensor([[5, 2]]), torch.rand(1, 2)
     assert torch.equal(prov.run(3, x, ids, w), mix_grouped(x, ids, w, held[3].__getitem__))
     assert prov._tables[3] is None
+
+
+@needs_lib
+@pytest.mark.parametrize("d,i,sym", [(96, 160, False), (64, 32, True)])
+def test_batched_tokens_in_one_call_equal_the_grouped_loop(d: int, i: int, sym: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several tokens (a batched decode step, a short prompt chunk): ResidentExperts.run's one C call
+    (i4_moe_batch: group by expert id, each expert over its tokens, weighted rows added in id order) ==
+    the grouped loop bit for bit, with experts shared between tokens, unused ones, and a block-scale
+    layout; == the per-token reference within fp32 tolerance."""
+    experts = {0: [expert(d, i, s) for s in range(7)]}
+    if sym:
+        for e in experts[0]:
+            e.use_block_scales()
+    prov = ResidentExperts(experts)
+    calls = []
+    real = n4.moe_batch_table
+    monkeypatch.setattr(n4, "moe_batch_table", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    g = torch.Generator().manual_seed(11)
+    for t in (2, 5, 33):
+        x = torch.randn(t, d, generator=g)
+        ids = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(t)])  # [T, 3]
+        w = torch.softmax(torch.randn(t, 3, generator=g), -1)
+        got = prov.run(0, x, ids, w)
+        assert calls[-1] == t  # the one-call path ran
+        assert torch.equal(got, mix_grouped(x, ids, w, experts[0].__getitem__))
+        assert torch.allclose(got, mix_reference(x, ids, w, experts[0].__getitem__), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        real(LIB, x, torch.full_like(ids, 9), w, *prov._decode_table(0)[1:])

@@ -40,6 +40,9 @@ class GatedMLP(torch.nn.Module):
         block = self.block_act()
         if block is not None:  # block-format weights: the C activation for every M (blocks_ffn.expert_forward's bits)
             return self.down(blocks_ffn.activation(self.gate_up(x), *block))
+        lib = self.fused_int4() if x.dim() == 2 and not torch.compiler.is_compiling() else None
+        if lib is not None:  # many rows: the fused call's silu, so each row has its one-token bits (batch invariant)
+            return self.down(int4_native.silu_mul(lib, self.gate_up(x), self.down.in_features))
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
         return self.down(ACTIVATIONS[self.act_name](gate) * up)
 

@@ -116,3 +116,95 @@ int i4_moe_decode(const float *x, int64_t d, int64_t inter, int64_t a, const int
     }
     return i4_experts_mix(x, d, inter, a, gq, gs, gu_npad, dq, ds, dn_npad, fmt, ws, out, nthreads);
 }
+
+/* The MoE layer of t tokens (a batched decode step) in one call, from the router's picks ids int64
+   [t, a], weights fp32 [t, a] and the layer's pointer table [E, 4]: the grouped loop's computation
+   (experts/mixing.GroupedProvider.run) without its Python. Slots are grouped by expert id, each
+   expert's tokens ascending (a stable counting sort: torch.argsort(stable=True)'s order); each expert
+   runs i4_block over its m tokens' rows (the rows' bits do not depend on m: int4_kernel.h), then
+   y * w is stored per row and out[token] += it, experts in id order, exactly index_add_'s additions.
+   out fp32 [t, d]. 0, -1 (bad shape / no memory) or -2 (an id outside [0, E)). */
+int i4_moe_batch(const float *x, int64_t t, int64_t d, int64_t inter, int64_t a, const int64_t *ids, const float *w,
+                 const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int fmt, float *out,
+                 int nthreads) {
+    if (t <= 0 || a <= 0 || d % GS || inter % GS || gu_npad < 2 * inter || dn_npad < d || num_experts <= 0) return -1;
+    const int64_t R = t * a, G1 = d / GS, G2 = inter / GS, bn = block_rows(fmt);
+    const int64_t nb1 = (gu_npad + bn - 1) / bn, nb2 = (dn_npad + bn - 1) / bn;
+    int64_t *start = (int64_t *)calloc((size_t)(num_experts + 1), sizeof(int64_t));
+    int64_t *slot = (int64_t *)malloc(sizeof(int64_t) * (size_t)R);   /* row r of the grouped order -> flat slot */
+    int64_t *used = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1)); /* experts with rows, ascending */
+    float *xg = (float *)malloc(sizeof(float) * (size_t)(R * d + R * gu_npad + R * dn_npad + 2 * R * G1 + 2 * R * G2));
+    int8_t *q = (int8_t *)malloc((size_t)(2 * R * d + 2 * R * inter));
+    int32_t *is = (int32_t *)malloc(sizeof(int32_t) * (size_t)(R * G1 + R * G2));
+    int rc = start && slot && used && xg && q && is ? 0 : -1;
+    for (int64_t s = 0; rc == 0 && s < R; s++)
+        if (ids[s] < 0 || ids[s] >= num_experts) rc = -2;
+    if (rc) {
+        free(start), free(slot), free(used), free(xg), free(q), free(is);
+        return rc;
+    }
+    for (int64_t s = 0; s < R; s++) start[ids[s] + 1]++;
+    int64_t nu = 0;
+    for (int64_t e = 0; e < num_experts; e++) {
+        if (start[e + 1]) used[nu++] = e;
+        start[e + 1] += start[e];
+    }
+    {
+        int64_t *fill = (int64_t *)malloc(sizeof(int64_t) * (size_t)num_experts);
+        if (!fill) {
+            free(start), free(slot), free(used), free(xg), free(q), free(is);
+            return -1;
+        }
+        memcpy(fill, start, sizeof(int64_t) * (size_t)num_experts);
+        for (int64_t s = 0; s < R; s++) slot[fill[ids[s]]++] = s;  /* slots ascending within an expert */
+        free(fill);
+    }
+    float *h = xg + R * d, *y = h + R * gu_npad, *du = y + R * dn_npad, *sumx = du + R * G1, *adu = sumx + R * G1,
+          *asum = adu + R * G2;
+    int8_t *x1 = q, *x2 = q + R * d, *a1 = x2 + R * d, *a2 = a1 + R * inter;
+    int32_t *sx = is, *asx = is + R * G1;
+    for (int64_t r = 0; r < R; r++) memcpy(xg + r * d, x + (slot[r] / a) * d, sizeof(float) * (size_t)d);
+    i4_quant_x(xg, 0, R, d, x1, x2, du, sumx, sx);
+    if (R * (gu_npad * d + dn_npad * inter) < SERIAL_MACS) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(guided)
+        for (int64_t it = 0; it < nu * nb1; it++) {
+            const int64_t e = used[it / nb1], r0 = start[e], m = start[e + 1] - r0;
+            const int64_t *row = table + 4 * e;
+            i4_block((const uint8_t *)(uintptr_t)row[0], (const uint16_t *)(uintptr_t)row[1], fmt, it % nb1, gu_npad, d, m,
+                     x1 + r0 * d, x2 + r0 * d, du + r0 * G1, sumx + r0 * G1, sx + r0 * G1, h + r0 * gu_npad, gu_npad);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            i4_silu_mul(h + r * gu_npad, inter);
+            i4_quant_x(h + r * gu_npad, 0, 1, inter, a1 + r * inter, a2 + r * inter, adu + r * G2, asum + r * G2, asx + r * G2);
+        }
+#pragma omp for schedule(guided)
+        for (int64_t it = 0; it < nu * nb2; it++) {
+            const int64_t e = used[it / nb2], r0 = start[e], m = start[e + 1] - r0;
+            const int64_t *row = table + 4 * e;
+            i4_block((const uint8_t *)(uintptr_t)row[2], (const uint16_t *)(uintptr_t)row[3], fmt, it % nb2, dn_npad, inter,
+                     m, a1 + r0 * inter, a2 + r0 * inter, adu + r0 * G2, asum + r0 * G2, asx + r0 * G2, y + r0 * dn_npad,
+                     dn_npad);
+        }
+    }
+    for (int64_t r = 0; r < R; r++)  /* products stored before they are added: no fma contraction */
+        for (int64_t j = 0; j < d; j++) y[r * dn_npad + j] = y[r * dn_npad + j] * w[slot[r]];
+    for (int64_t j = 0; j < t * d; j++) out[j] = 0.f;
+    for (int64_t r = 0; r < R; r++) {
+        float *o = out + (slot[r] / a) * d;
+        for (int64_t j = 0; j < d; j++) o[j] = o[j] + y[r * dn_npad + j];
+    }
+    free(start), free(slot), free(used), free(xg), free(q), free(is);
+    return 0;
+}
+
+/* h fp32 [m, ld] in place: h[r, i] = silu(h[r, i]) * h[r, inter + i] for i < inter, the fused kernels'
+   activation (i4_silu_mul), so the unfused path over any number of rows (mlp.GatedMLP) gives each row
+   the fused one-token call's bits. 0, or -1. */
+int i4_silu_mul_rows(float *h, int64_t m, int64_t ld, int64_t inter) {
+    if (m < 0 || inter <= 0 || ld < 2 * inter) return -1;
+    for (int64_t r = 0; r < m; r++) i4_silu_mul(h + r * ld, inter);
+    return 0;
+}

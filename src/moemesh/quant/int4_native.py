@@ -66,6 +66,10 @@ def _load(isa: str) -> ctypes.CDLL | None:
     lib.i4_experts_mix.restype = i32
     lib.i4_moe_decode.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, i64, i32, p, i32]
     lib.i4_moe_decode.restype = i32
+    lib.i4_moe_batch.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, i64, i64, i32, p, i32]
+    lib.i4_moe_batch.restype = i32
+    lib.i4_silu_mul_rows.argtypes = [p, i64, i64, i64]
+    lib.i4_silu_mul_rows.restype = i32
     lib.i4_isa.restype = i32
     return lib if lib.i4_isa() == ISAS[isa] else None  # the compiler could not target it
 
@@ -215,6 +219,35 @@ def moe_decode_table(lib: ctypes.CDLL, x: torch.Tensor, ids: torch.Tensor, weigh
         raise ValueError(f"moe_decode: an expert id outside [0, {table.shape[0]}) in {ids.tolist()}")
     if rc:
         raise ValueError(f"moe_decode: kernel rejected D={x.shape[1]}, I={inter}, A={ids.shape[1]}")
+    return out
+
+
+def silu_mul(lib: ctypes.CDLL, h: torch.Tensor, inter: int) -> torch.Tensor:
+    """[gate | up] rows h fp32 [M, >= 2I] -> silu(gate) * up [M, I] with the fused kernels' silu
+    (int4_ffn.c ``i4_silu_mul_rows``; h is overwritten: pass a tensor of your own)."""
+    if h.dtype != torch.float32 or not h.is_contiguous():
+        h = h.float().contiguous()
+    if lib.i4_silu_mul_rows(h.data_ptr(), h.shape[0], h.shape[1], inter):
+        raise ValueError(f"silu_mul: rows of {h.shape[1]} cannot hold gate and up of {inter}")
+    return h[:, :inter]
+
+
+def moe_batch_table(lib: ctypes.CDLL, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    table: torch.Tensor, inter: int, gu_npad: int, dn_npad: int, fmt: int) -> torch.Tensor:
+    """T tokens' MoE layer from the router's picks in one call: x fp32 [T, D], ids int64 [T, A],
+    weights fp32 [T, A], table int64 [E, 4] -> [T, D]; the grouped loop's bits (slots grouped by expert
+    id, each expert over its tokens, weighted rows added in expert-id order: int4_ffn.c ``i4_moe_batch``)."""
+    x = x.float().contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.float().contiguous()
+    table = table.contiguous()
+    out = torch.empty_like(x)
+    rc = lib.i4_moe_batch(x.data_ptr(), x.shape[0], x.shape[1], inter, ids.shape[1], ids.data_ptr(), weights.data_ptr(),
+                          table.data_ptr(), table.shape[0], gu_npad, dn_npad, fmt, out.data_ptr(), torch.get_num_threads())
+    if rc == -2:
+        raise ValueError(f"moe_batch: an expert id outside [0, {table.shape[0]}) in the picks")
+    if rc:
+        raise ValueError(f"moe_batch: kernel rejected T={x.shape[0]}, D={x.shape[1]}, I={inter}, A={ids.shape[1]}")
     return out
 
 
