@@ -66,6 +66,28 @@ def test_lazy_logits_bit_identical(stores):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def test_lazy_many_tokens_take_one_int4_call_and_match_resident(stores, monkeypatch):
+    """A step of several tokens through lazily cached int4 experts: every expert read, then one
+    i4_moe_batch call per layer (experts/mixing.mix_batch), logits equal to resident experts' bit for bit."""
+    import torch
+
+    from moemesh.batch import BatchLayout
+    from moemesh.experts import lazy as lazy_mod
+
+    calls = []
+    real = lazy_mod.mix_batch
+    monkeypatch.setattr(lazy_mod, "mix_batch", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    ids = torch.tensor(PROMPTS[0])
+    outs = []
+    for opts in (None, ExpertOptions(slots=1000)):
+        model = load_model(str(stores["qwen3_moe-norm"]), experts=opts).model
+        cache = model.new_cache()
+        cache.add_sequence(0)
+        outs.append(model(ids, torch.arange(len(ids)), cache, BatchLayout([0], [len(ids)]), all_logits=True))
+    assert calls and set(calls) == {len(ids)}  # the lazy run's layers, one call each
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_store_matches_checkpoint_closely(stores, tiny_checkpoints):
     """fp32 store == the HF checkpoint exactly; the int4 store stays close (greedy prefix)."""
     _, d = tiny_checkpoints["mixtral"]

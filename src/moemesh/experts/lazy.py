@@ -13,7 +13,7 @@ import torch
 
 from ..layers.router import TopKRouter
 from .cache import ExpertCache
-from .mixing import Group, GroupedProvider, expert_rows
+from .mixing import Group, GroupedProvider, add_in_order, batchable, expert_rows, group_by_expert, mix_batch
 
 
 class Lookahead:
@@ -92,12 +92,40 @@ class LazyExperts(GroupedProvider):
         # its own share, so it skips experts another node will compute (and layers it does not run)
         self.prefetch_filter: Callable[[int, int], bool] | None = None
 
-    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor, *,
-                         rows: int | None = None) -> list[torch.Tensor]:
-        # x: [T, D]; groups in expert-id order -> each expert's weighted rows [n, D]
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+            rows: int | None = None) -> torch.Tensor:
+        # x: [T, D], ids/weights: [T, A] -> [T, D]
+        groups = group_by_expert(ids)
+        if not batchable(x, ids, rows, min_tokens=1) or len(groups) > self.cache.num_slots:
+            return super().run(layer, x, ids, weights, rows)
+        # every expert read, then one int4 call when they are fusable (the grouped loop's bits, as
+        # ResidentExperts computes them), else the grouped loop; one token whose reads are still on
+        # their way computes its cached experts while the others land instead
+        self._note(layer, x, groups)
+        entries = self.cache.acquire([(layer, e) for e, _, _ in groups])
+        try:
+            self._prefetch_next(layer, x, {e.key for e in entries})
+            if x.shape[0] == 1 and any(e.future is not None and not e.future.done() for e in entries):
+                ys = self._compute_as_ready(entries, groups, x, weights.reshape(-1), None)
+            else:
+                mlps = [self.cache.expert(e) for e in entries]
+                out = mix_batch(mlps, groups, x, ids, weights)
+                if out is not None:
+                    return out
+                ys = expert_rows(mlps, groups, x, weights.reshape(-1))
+        finally:
+            self.cache.release(entries)
+        return add_in_order(x, groups, ys)
+
+    def _note(self, layer: int, x: torch.Tensor, groups: list[Group]) -> None:
         self._score_prediction(layer, [e for e, _, _ in groups])
         self.token_layers += x.shape[0]
         self.layers_seen.add(layer)
+
+    def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor, *,
+                         rows: int | None = None) -> list[torch.Tensor]:
+        # x: [T, D]; groups in expert-id order -> each expert's weighted rows [n, D]
+        self._note(layer, x, groups)
         ys: list[torch.Tensor] = []
         wave = self.cache.num_slots
         for start in range(0, len(groups), wave):  # waves keep expert-id order: same sums as resident

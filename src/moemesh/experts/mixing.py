@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..layers.mlp import GatedMLP, run_fused
+from ..layers.mlp import GatedMLP, fused_table, run_fused
 from ..layers.moe import ExpertProvider
-from ..quant import blocks_ffn
+from ..quant import blocks_ffn, int4_native
 
 Group = tuple[int, torch.Tensor, torch.Tensor]  # (expert, token_idx [n], slot_idx [n] into the flat [T*A] picks)
 ExpertFn = Callable[[int], torch.nn.Module]
@@ -143,6 +143,29 @@ def sum_in_order(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Ten
     for i in range(yw.shape[0]):
         out.add_(yw[i])
     return out
+
+
+BATCH_MAX_TOKENS = 1024  # rows of one i4_moe_batch call (its scratch grows with tokens x picks)
+
+
+def batchable(x: torch.Tensor, ids: torch.Tensor, rows: int | None, min_tokens: int = 2) -> bool:
+    """Whether a layer call may take the one-call int4 batch path: at least ``min_tokens`` tokens, no
+    per-block calls (``rows``), and no token picking one expert twice."""
+    return (rows is None and min_tokens <= x.shape[0] <= BATCH_MAX_TOKENS
+            and all(len(set(r)) == ids.shape[1] for r in ids.tolist()))
+
+
+def mix_batch(mlps: list[GatedMLP], groups: list[Group], x: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output [T, D] for the experts of ``groups`` (mlps in the same order, every expert
+    the picks name) in one int4 C call (int4_native.moe_batch_table: the grouped loop's bits), or None
+    when the experts are not fusable int4 SwiGLUs of one shape."""
+    args = fused_table(mlps)
+    if args is None:
+        return None
+    lut = torch.full((int(ids.max()) + 1,), -1, dtype=torch.int64)
+    lut[torch.tensor([e for e, _, _ in groups])] = torch.arange(len(groups))  # ascending ids -> 0..n-1: same order
+    return int4_native.moe_batch_table(args[0], x, lut[ids], weights, *args[1:])
 
 
 def expert_table(experts: list[GatedMLP]) -> torch.Tensor | None:

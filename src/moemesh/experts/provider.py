@@ -11,9 +11,7 @@ import torch
 
 from ..layers.mlp import GatedMLP
 from ..quant import int4_native, int4_ops  # noqa: F401  (int4_ops registers moemesh::moe_decode)
-from .mixing import Group, GroupedProvider, expert_rows, expert_table, mix_reference
-
-BATCH_MAX_TOKENS = 1024  # rows of one i4_moe_batch call (its scratch grows with tokens x picks)
+from .mixing import Group, GroupedProvider, batchable, expert_rows, expert_table, mix_reference
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,9 @@ class ResidentExperts(GroupedProvider):
                 # one C call from the router's picks (sort by id, pointer gather, experts, sum in order):
                 # the grouped loop's bits without its ~0.12 ms of Python per layer
                 return int4_native.moe_decode_table(table[0], x, ids, weights, *table[1:])
-        elif rows is None and x.shape[0] <= BATCH_MAX_TOKENS:
+        elif batchable(x, ids, rows):
             table = self._decode_table(layer)
-            if table is not None and all(len(set(r)) == ids.shape[1] for r in ids.tolist()):
+            if table is not None:
                 # a batched decode step (or a short prompt chunk) in one C call: the grouped loop's bits
                 # without its per-expert Python (two kernel calls, a silu, an index_add per expert)
                 return int4_native.moe_batch_table(table[0], x, ids, weights, *table[1:])

@@ -113,6 +113,25 @@ def mix_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor, w: torch.
                                         gu_q[0], dn_q[0], fmt, mlps[0].down.out_features)
 
 
+def fused_table(mlps: list[torch.nn.Module]) -> tuple[ctypes.CDLL, torch.Tensor, int, int, int, int] | None:
+    """(lib, pointer table int64 [n, 4], I, gate_up N_pad, down N_pad, fmt): the arguments of the
+    one-call MoE kernels (int4_native.moe_batch_table) when every module is a fusable int4 SwiGLU of
+    one shape and format, else None. Built from each module's cached pointers (cheap per layer call)."""
+    if not mlps or not all(isinstance(m, GatedMLP) for m in mlps):
+        return None
+    for m in mlps:
+        if m._fusable is None:
+            m.fused_int4()
+    m0 = mlps[0]
+    if not m0._fusable or any(not m._fusable or m._kernel_key != m0._kernel_key for m in mlps):
+        return None
+    lib = int4_native.load_native()
+    if lib is None:
+        return None
+    gu_q, dn_q, fmt = m0._kernel_key
+    return lib, torch.tensor([m._kernel_ptrs for m in mlps], dtype=torch.int64), m0.down.in_features, gu_q[0], dn_q[0], fmt
+
+
 def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.Tensor:
     """One token x [1, D] through every MLP of ``mlps`` (all fused_int4()) -> [n, D]; row e equals
     mlps[e](x) bit for bit (the kernel computes each expert independently of the others)."""
