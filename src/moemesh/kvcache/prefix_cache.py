@@ -17,16 +17,21 @@ leaf: evicting it never strands cached descendants.
 
 A cache with ``needs_tail`` (TurboQuant) can only be restored where its exact window was saved
 (``Block.tail``): a lookup returns the longest cached prefix that ends at such a block.
+
+Blocks held in RAM live in slots of a BlockPool (kvcache/block_pool.py), not one malloc each: one
+by one, they fragmented the heap ~8x beyond their own bytes (issue 20's soak). A lookup's tensors
+are slot views, valid until the next lookup or insert.
 """
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .base import KVCache
+from .block_pool import BlockPool
 
 Tensors = dict[str, torch.Tensor]
 DEFAULT_BLOCK = 32  # tokens per block: the TurboQuant window's default, and a small rounding loss
@@ -50,6 +55,7 @@ class Block:
     end: int  # prefix length at the block's end
     data: Tensors
     tail: Tensors | None = None  # what restoring at this block's end needs beyond the blocks
+    slot: int | None = None  # its BlockPool slot while held in RAM (None: not pooled)
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +90,9 @@ class PrefixCache:
         if block_size < 1:
             raise ValueError(f"block size must be >= 1, got {block_size}")
         self.kv, self.capacity, self.block_size, self.store = kv, capacity, block_size, store
-        spec = repr(sorted((k, str(d), s) for k, (d, s) in kv.block_spec(block_size).items()))
+        block_spec = kv.block_spec(block_size)
+        spec = repr(sorted((k, str(d), s) for k, (d, s) in block_spec.items()))
+        self.pool = BlockPool(block_spec)
         self.root = hashlib.blake2b(namespace + b"|" + spec.encode(), digest_size=16).digest()
         self.blocks: OrderedDict[bytes, Block] = OrderedDict()  # LRU order: least recent first
         self.nbytes = 0
@@ -104,7 +112,9 @@ class PrefixCache:
 
     # -- lookup --------------------------------------------------------------------------------
     def lookup(self, ids: list[int], max_tokens: int, keys: list[bytes]) -> Hit:
-        """The longest cached, restorable prefix of ids of at most max_tokens tokens."""
+        """The longest cached, restorable prefix of ids of at most max_tokens tokens (its blocks
+        are valid until the next lookup or insert)."""
+        self.pool.settle()
         self.stats.lookups += 1
         self.stats.query_tokens += len(ids)
         b = self.block_size
@@ -152,6 +162,7 @@ class PrefixCache:
         """Blocks first, first + 1, ... of ids (their exported data), then touch the chain up to
         block ``stop`` (default: the last one given). ``tail``: the restore data at the chain's
         end, attached if that block has none yet; returns whether it was."""
+        self.pool.settle()
         b = self.block_size
         stop = first + len(data) if stop is None else stop
         self.extend_keys(ids, keys, stop)
@@ -161,7 +172,8 @@ class PrefixCache:
                 self._add(block)
                 self.stats.inserted_blocks += 1
                 if self.store is not None and block.key in self.blocks:
-                    self.store.save(block)
+                    # the exported tensors, not the slot: its writer may run after an eviction reused it
+                    self.store.save(replace(block, data=d, slot=None))
         self._touch(keys[:stop])
         end = self.blocks.get(keys[stop - 1]) if stop else None
         if tail is None or end is None or end.tail is not None:
@@ -189,6 +201,7 @@ class PrefixCache:
     def _add(self, block: Block) -> None:
         if block.key in self.blocks or block.nbytes > self.capacity:
             return
+        block.data, block.slot = self.pool.take(block.data)
         self.blocks[block.key] = block
         self.nbytes += block.nbytes
         self._evict(keep=block.key)
@@ -199,12 +212,17 @@ class PrefixCache:
             if key == keep:  # the newest block alone is over the budget: drop it
                 self.blocks.move_to_end(key)
                 if len(self.blocks) == 1:
-                    self.blocks.pop(key)
-                    self.nbytes -= block.nbytes
+                    self._drop(key)
                 continue
-            self.blocks.pop(key)
-            self.nbytes -= block.nbytes
+            self._drop(key)
             self.stats.evicted_blocks += 1
+
+    def _drop(self, key: bytes) -> None:
+        block = self.blocks.pop(key)
+        self.nbytes -= block.nbytes
+        if block.slot is not None:
+            self.pool.give(block.slot)
+            block.slot = None
 
     def _touch(self, keys: list[bytes]) -> None:
         for key in reversed(keys):  # the chain's end first: its root ends up the most recent
@@ -214,12 +232,13 @@ class PrefixCache:
     def clear(self) -> None:
         self.blocks.clear()
         self.nbytes = 0
+        self.pool.clear()
 
     def summary(self) -> dict:
         s = self.stats
         out = {
             "block_tokens": self.block_size, "blocks": len(self.blocks), "bytes": self.nbytes,
-            "capacity_bytes": self.capacity, "lookups": s.lookups, "query_tokens": s.query_tokens,
+            "capacity_bytes": self.capacity, "pool_bytes": self.pool.nbytes, "lookups": s.lookups, "query_tokens": s.query_tokens,
             "hit_tokens": s.hit_tokens, "hit_rate": s.hit_tokens / s.query_tokens if s.query_tokens else 0.0,
             "disk_hit_tokens": s.disk_hit_tokens, "inserted_blocks": s.inserted_blocks,
             "evicted_blocks": s.evicted_blocks,

@@ -115,6 +115,8 @@ def _kv_section(bytes_per_token: int, prefix: dict | None, labels: str) -> list[
          p.get("disk_hit_tokens", 0)),
         ("moemesh_prefix_cache_bytes", "gauge", "Bytes of KV blocks held by the prefix cache.", p.get("bytes", 0)),
         ("moemesh_prefix_cache_capacity_bytes", "gauge", "The prefix cache's budget (0: off).", p.get("capacity_bytes", 0)),
+        ("moemesh_prefix_cache_pool_bytes", "gauge", "Bytes of the slabs its blocks live in (held and free slots).",
+         p.get("pool_bytes", 0)),
         ("moemesh_prefix_cache_blocks", "gauge", "KV blocks held by the prefix cache.", p.get("blocks", 0)),
         ("moemesh_prefix_cache_evicted_blocks_total", "counter", "Blocks evicted (least recently used first).",
          p.get("evicted_blocks", 0)),
