@@ -17,17 +17,16 @@ import json
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KINDS = ("chat", "chat_stream", "tools", "completion", "anthropic", "anthropic_stream", "overlong", "bad", "disconnect")
+from .soak_report import KINDS, Outcome, SoakReport
+
 EXPECTED = {"overlong": 400, "bad": 400}  # every other kind expects 200
 # a forced tool call the model did not write validly is refused by name (422 invalid_tool_call)
 ALSO_EXPLAINED = {"tools": 422}
-EXPLAINED = frozenset({"ok", "queue_full", "rejected", "left"})
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TOPICS = ("the sea", "a cat", "Paris", "robots", "winter", "coffee", "a lighthouse", "the moon")
@@ -46,62 +45,20 @@ class SoakConfig:
     api_key: str | None = None
 
 
-@dataclass
-class Outcome:
-    kind: str
-    category: str  # ok | queue_full | rejected | left | server_error | status_NNN | connection | timeout | truncated
-    seconds: float
-    status: int | None = None
+def is_error_event(event: Any) -> bool:
+    """An SSE data object that reports an error: OpenAI's ``{"error": {...}}``, Anthropic's
+    ``{"type": "error", ...}``. Matching the bytes ``"error"`` instead also caught a streamed token
+    that reads "error" (``{"content": "error"}``): the soak's "unexplained" stream errors."""
+    return isinstance(event, dict) and ("error" in event or event.get("type") == "error")
 
 
-@dataclass
-class SoakReport:
-    outcomes: list[Outcome] = field(default_factory=list)
-    rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, bytes)
-    seconds: float = 0.0
-
-    def unexplained(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.category not in EXPLAINED]
-
-    def summary(self, warmup: float) -> dict[str, Any]:
-        by_kind = {k: dict(Counter(o.category for o in self.outcomes if o.kind == k)) for k in KINDS}
-        ok = sorted(o.seconds for o in self.outcomes if o.category == "ok")
-        rss = [b for _, b in self.rss]
-        return {
-            "seconds": round(self.seconds, 1), "requests": len(self.outcomes),
-            "outcomes": dict(Counter(o.category for o in self.outcomes)), "by_kind": by_kind,
-            "unexplained": len(self.unexplained()),
-            "unexplained_by_kind": dict(Counter(f"{o.kind}:{o.category}" for o in self.unexplained())),
-            "latency_ok_s": {"p50": percentile(ok, 50), "p99": percentile(ok, 99), "n": len(ok)},
-            "rss_mib": {"start": mib(rss[0]) if rss else None, "end": mib(rss[-1]) if rss else None,
-                        "max": mib(max(rss)) if rss else None, "samples": len(rss)},
-            "rss_slope": rss_slope(self.rss, warmup),
-        }
+def _clip(data: bytes, limit: int = 600) -> str:
+    return data[:limit].decode("utf-8", "replace")
 
 
-def mib(n: float) -> float:
-    return round(n / 2**20, 1)
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    i = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return round(sorted_values[i], 4)
-
-
-def rss_slope(samples: list[tuple[float, int]], warmup: float) -> dict[str, float | None]:
-    """Least-squares RSS slope after ``warmup`` seconds: MiB per hour, and percent of the mean per hour."""
-    pts = [(t, b) for t, b in samples if t >= warmup]
-    if len(pts) < 3:
-        return {"mib_per_hour": None, "percent_per_hour": None, "after_s": warmup}
-    n = len(pts)
-    mt = sum(t for t, _ in pts) / n
-    mb = sum(b for _, b in pts) / n
-    var = sum((t - mt) ** 2 for t, _ in pts)
-    slope = sum((t - mt) * (b - mb) for t, b in pts) / var if var else 0.0  # bytes per second
-    return {"mib_per_hour": round(slope * 3600 / 2**20, 2), "percent_per_hour": round(100 * slope * 3600 / mb, 2),
-            "after_s": warmup}
+def _tail(seen: list[bytes], limit: int = 600) -> str:
+    """The last ``limit`` bytes read (a truncated stream's end, or a body cut short)."""
+    return b"".join(seen)[-limit:].decode("utf-8", "replace")
 
 
 def read_rss(pid: int) -> int | None:
@@ -150,11 +107,33 @@ class Soak:
     def _sampler(self, t0: float) -> None:
         while True:
             rss = read_rss(self.pid)
-            if rss is not None:
-                with self._lock:
-                    self.report.rss.append((time.monotonic() - t0, rss))
+            gauges = self._gauges(("moemesh_prefix_cache_pool_bytes", "moemesh_prefix_cache_capacity_bytes"))
+            with self._lock:
+                now = time.monotonic() - t0
+                if rss is not None:
+                    self.report.rss.append((now, rss))
+                if "moemesh_prefix_cache_pool_bytes" in gauges:  # the memory its blocks take
+                    self.report.prefix.append((now, int(gauges["moemesh_prefix_cache_pool_bytes"])))
+                    self.report.prefix_capacity = int(gauges.get("moemesh_prefix_cache_capacity_bytes", 0))
             if self._stop.wait(self.config.sample_every):
                 return
+
+    def _gauges(self, names: tuple[str, ...]) -> dict[str, float]:
+        """Values of unlabelled-but-for-model gauges from /metrics ({} when it does not answer)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        except (OSError, http.client.HTTPException):
+            return {}
+        finally:
+            conn.close()
+        out = {}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in names:
+                out[name] = float(line.rsplit(" ", 1)[1])
+        return out
 
     def _bursts(self, t0: float) -> None:
         while not self._stop.wait(self.config.burst_every):
@@ -186,49 +165,61 @@ class Soak:
         headers = {"Content-Type": "application/json"}
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
+        status: int | None = None
+        seen: list[bytes] = []  # what was read so far: the detail of an unexplained outcome
         try:
             conn.request("POST", path, body=body, headers=headers)
             resp = conn.getresponse()
             status = resp.status
-            category = self._read(kind, resp, stream, status)
-        except TimeoutError:
-            category, status = "timeout", None
-        except (OSError, http.client.HTTPException):
-            category, status = "connection", None
+            category, detail = self._read(kind, resp, stream, status, seen)
+        except TimeoutError as exc:
+            category, detail = "timeout", f"{type(exc).__name__}: {exc}; read: {_tail(seen)}"
+        except (OSError, http.client.HTTPException) as exc:
+            category, detail = "connection", f"{type(exc).__name__}: {exc}; read: {_tail(seen)}"
+        except ValueError as exc:  # an answer that is not the JSON it should be
+            category, detail = "bad_json", f"{type(exc).__name__}: {exc}; read: {_tail(seen)}"
         finally:
             conn.close()
-        return Outcome(kind, category, time.monotonic() - t0, status)
+        return Outcome(kind, category, time.monotonic() - t0, status, detail)
 
-    def _read(self, kind: str, resp: http.client.HTTPResponse, stream: bool, status: int) -> str:
+    def _read(self, kind: str, resp: http.client.HTTPResponse, stream: bool, status: int,
+              seen: list[bytes]) -> tuple[str, str]:
+        def body() -> bytes:
+            seen.append(resp.read())
+            return seen[-1]
+
         if status == 429:
-            resp.read()
-            return "queue_full"
+            body()
+            return "queue_full", ""
         if status >= 500:
-            resp.read()
-            return "server_error"
+            return "server_error", _clip(body())
         expected = EXPECTED.get(kind, 200)
         if status == ALSO_EXPLAINED.get(kind):
-            body = json.loads(resp.read())
-            return "rejected" if "error" in body else f"status_{status}"
+            return ("rejected", "") if "error" in json.loads(body()) else (f"status_{status}", _clip(seen[-1]))
         if status != expected:
-            resp.read()
-            return f"status_{status}"
+            return f"status_{status}", _clip(body())
         if status != 200:
-            body = json.loads(resp.read())
-            return "rejected" if "error" in body else f"status_{status}"
+            return ("rejected", "") if "error" in json.loads(body()) else (f"status_{status}", _clip(seen[-1]))
         if kind == "disconnect":
             resp.readline()  # the first event line, then hang up mid-stream
-            return "left"
+            return "left", ""
         if not stream:
-            json.loads(resp.read())
-            return "ok"
-        final = b"message_stop" if kind.startswith("anthropic") else b"data: [DONE]"
+            json.loads(body())
+            return "ok", ""
         seen_final = False
         for line in resp:
-            if b'"error"' in line and line.startswith(b"data:"):
-                return "server_error"  # an error event inside the stream
-            seen_final |= line.startswith(final) or (final == b"message_stop" and b'"message_stop"' in line)
-        return "ok" if seen_final else "truncated"
+            seen.append(line)
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":  # OpenAI's end
+                seen_final = True
+                continue
+            event = json.loads(data)
+            if is_error_event(event):
+                return "server_error", _clip(line)  # an error event inside the stream
+            seen_final |= isinstance(event, dict) and event.get("type") == "message_stop"  # Anthropic's end
+        return ("ok", "") if seen_final else ("truncated", f"no final event; read: {_tail(seen)}")
 
     def _body(self, kind: str, rng: random.Random) -> tuple[str, bytes, bool]:
         ask = [{"role": "user", "content": f"Write one sentence about {rng.choice(TOPICS)}."}]
@@ -252,16 +243,3 @@ class Soak:
         }
         path, body, stream = make[kind]()
         return path, body if isinstance(body, bytes) else json.dumps(body).encode(), stream
-
-
-def markdown(summary: dict[str, Any], title: str) -> str:
-    s = summary
-    lines = [f"# {title}", "", f"{s['requests']} requests in {s['seconds']} s; unexplained: {s['unexplained']}",
-             "", "| kind | outcomes |", "|---|---|"]
-    for kind, outcomes in s["by_kind"].items():
-        lines.append(f"| {kind} | {', '.join(f'{k}: {v}' for k, v in sorted(outcomes.items()))} |")
-    lat, rss, slope = s["latency_ok_s"], s["rss_mib"], s["rss_slope"]
-    lines += ["", f"latency of successful requests: p50 {lat['p50']} s, p99 {lat['p99']} s ({lat['n']} requests)",
-              f"RSS: start {rss['start']} MiB, end {rss['end']} MiB, max {rss['max']} MiB ({rss['samples']} samples); "
-              f"slope after {slope['after_s']:g} s: {slope['mib_per_hour']} MiB/h ({slope['percent_per_hour']} %/h)", ""]
-    return "\n".join(lines)
