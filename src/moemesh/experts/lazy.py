@@ -98,14 +98,14 @@ class LazyExperts(GroupedProvider):
         groups = group_by_expert(ids)
         if not batchable(x, ids, rows, min_tokens=1) or len(groups) > self.cache.num_slots:
             return super().run(layer, x, ids, weights, rows)
-        # every expert read, then one int4 call when they are fusable (the grouped loop's bits, as
-        # ResidentExperts computes them), else the grouped loop; one token whose reads are still on
-        # their way computes its cached experts while the others land instead
+        # every expert already read: one int4 call when they are fusable (the grouped loop's bits, as
+        # ResidentExperts computes them), else the grouped loop; reads still on their way: the cached
+        # experts are computed while the others land (what the grouped loop does)
         self._note(layer, x, groups)
         entries = self.cache.acquire([(layer, e) for e, _, _ in groups])
         try:
             self._prefetch_next(layer, x, {e.key for e in entries})
-            if x.shape[0] == 1 and any(e.future is not None and not e.future.done() for e in entries):
+            if any(e.future is not None and not e.future.done() for e in entries):
                 ys = self._compute_as_ready(entries, groups, x, weights.reshape(-1), None)
             else:
                 mlps = [self.cache.expert(e) for e in entries]
