@@ -170,15 +170,8 @@ def mix_batch(mlps: list[GatedMLP], groups: list[Group], x: torch.Tensor, ids: t
 
 def expert_table(experts: list[GatedMLP]) -> torch.Tensor | None:
     """int64 [E, 4] pointer table of a layer's experts (data_ptr of gate_up qweight, gate_up scales,
-    down qweight, down scales), or None unless every one is a fusable int4 SwiGLU of one shape: the
-    input of the one-call decode (``int4_native.moe_decode_table``, the compiled graph's
-    ``moemesh::moe_decode``). The tensors stay owned by the provider, alive and in place."""
-    if not experts or any(not isinstance(e, GatedMLP) or e.fused_int4() is None for e in experts):
-        return None
-    shape = lambda e: (e.gate_up.qweight.shape, e.down.qweight.shape, e.down.in_features, e.gate_up.kernel_fmt(),  # noqa: E731
-                       e.down.kernel_fmt())
-    if any(shape(e) != shape(experts[0]) for e in experts):
-        return None
-    return torch.tensor([[e.gate_up.qweight.data_ptr(), e.gate_up.int4_scales().data_ptr(),
-                          e.down.qweight.data_ptr(), e.down.int4_scales().data_ptr()] for e in experts],
-                        dtype=torch.int64)
+    down qweight, down scales), or None unless every one is a fusable int4 SwiGLU of one shape (and the
+    kernels load): the input of the one-call decode (``int4_native.moe_decode_table``, the compiled
+    graph's ``moemesh::moe_decode``); mlp.fused_table's table. The tensors stay owned by the provider."""
+    args = fused_table(experts)
+    return None if args is None else args[1]

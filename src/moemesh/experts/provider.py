@@ -9,15 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers.mlp import GatedMLP
+from ..layers.mlp import GatedMLP, fused_table
 from ..quant import int4_native, int4_ops  # noqa: F401  (int4_ops registers moemesh::moe_decode)
-from .mixing import Group, GroupedProvider, batchable, expert_rows, expert_table, mix_reference
+from .mixing import Group, GroupedProvider, batchable, expert_rows, mix_reference
 
 
 @dataclass(frozen=True)
 class TableDecode:
     """A layer's resident int4 SwiGLU experts as one graph op: ``moemesh::moe_decode`` over the layer's
-    pointer table (mixing.expert_table), the C call ``ResidentExperts.run`` makes for one decode token,
+    pointer table (mlp.fused_table), the C call ``ResidentExperts.run`` makes for one decode token,
     so a compiled graph gets the eager MoE layer's bits. x [1, D], ids int64 [1, A], weights [1, A] -> [1, D]."""
 
     table: torch.Tensor  # int64 [E, 4]
@@ -67,14 +67,10 @@ class ResidentExperts(GroupedProvider):
 
     def _decode_table(self, layer: int) -> tuple | None:
         """(kernel library, pointer table, inter, gate_up N_pad, down N_pad, fmt) for a layer whose
-        experts all run fused (mixing.expert_table), else None; built on first use."""
+        experts all run fused (mlp.fused_table), else None; built on first use."""
         if layer not in self._tables:
             experts = self.experts[layer]
-            table = expert_table(experts) if isinstance(experts, list) else None
-            lib = int4_native.load_native() if table is not None else None  # (expert_table checked fusability)
-            self._tables[layer] = None if lib is None else (
-                lib, table, experts[0].down.in_features, experts[0].gate_up.qweight.shape[0],
-                experts[0].down.qweight.shape[0], experts[0].gate_up.kernel_fmt())
+            self._tables[layer] = fused_table(experts) if isinstance(experts, list) else None
         return self._tables[layer]
 
     def decode_op(self, layer: int) -> TableDecode | str:
