@@ -80,7 +80,7 @@ BK_INLINE void bk_tile_t(const int type, const bk_xbuf *xb, int64_t m, int64_t k
 #endif
 #if BK_V512
         if (xb->XT) {  /* 16 rows a lane set (blocks_v512.h); m0 is a multiple of BK_MB */
-            bk_tile_v512(type, xb->XT, xb->fT, G8, m, k, w, rs, n, bias, y, m0, mm, n0, nn, acc);
+            bk_tile_v512(type, xb->XT, xb->fT, G8, k, w, rs, n, bias, y, m0, mm, n0, nn, acc);
             return;
         }
 #endif

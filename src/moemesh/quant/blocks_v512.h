@@ -112,7 +112,7 @@ BK_INLINE void bk_chunk16(const int NN, const bk_traits t, int ng, const bk_wq (
 /* The tile (weight rows n0..n0+nn-1, activation rows m0..m0+mm-1, m0 a multiple of 16) from the
    transposed rows: chunk by chunk, each weight row unpacked once for all the tile's rows. acc: BK_ACC
    floats of scratch, [block][weight row][16 lanes][16 rows]. */
-BK_INLINE void bk_tile_v512(const int type, const int32_t *XT, const float *fT, int64_t G8, int64_t m, int64_t k,
+BK_INLINE void bk_tile_v512(const int type, const int32_t *XT, const float *fT, int64_t G8, int64_t k,
                             const uint8_t *w, int64_t rs, int64_t n, const float *bias, float *y, int64_t m0, int64_t mm,
                             int64_t n0, int64_t nn, float *acc) {
     const bk_traits t = BK_TRAITS[type];
@@ -151,7 +151,6 @@ BK_INLINE void bk_tile_v512(const int type, const int32_t *XT, const float *fT, 
             for (int64_t i = 0; i < rows; i++)
                 y[(m0 + b * BK_RB + i) * n + n0 + r] = bias ? out[i] + bias[n0 + r] : out[i];
         }
-    (void)m;
 }
 #endif
 
