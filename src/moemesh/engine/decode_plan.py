@@ -62,7 +62,8 @@ class _Matmul:
 
 
 class AttentionPlan:
-    """x [1, D] -> x + attention(norm(x)) for one token of one sequence, as the eager modules compute it."""
+    """x [1, D] -> x + attention(norm(x)) for one token of one sequence, as the eager modules compute it
+    (the sum written into x: the step's row, which nothing else holds)."""
 
     def __init__(self, layer: DecoderLayer, index: int, lib: ctypes.CDLL) -> None:
         a: Attention = layer.attn  # type: ignore[assignment]
@@ -100,11 +101,12 @@ class AttentionPlan:
         if rc:
             raise ValueError(f"attend_one: bad shapes at layer {self.index}, pos {pos}")
         self.o(threads)
-        return x + self.o.out[:, : self.d]
+        lib.dk_add(x.data_ptr(), self.o.out.data_ptr(), self.d)  # the residual, in place (x is the step's own row)
+        return x
 
 
 class FfnPlan:
-    """x [1, D] -> x + ffn(norm(x)): the norm as a C call into a preallocated row, then a dense int4 SwiGLU's
+    """x [1, D] -> x + ffn(norm(x)) (into x, as AttentionPlan): the norm as a C call into a preallocated row, then a dense int4 SwiGLU's
     one fused call (GatedMLP.forward's decode path) or resident int4 experts' (ResidentExperts.run's, after
     the router's torch ops), any other FFN by its forward."""
 
@@ -135,7 +137,8 @@ class FfnPlan:
                                    t.data_ptr(), t.shape[0], gu_pad, dn_pad, fmt, self.out.data_ptr(), threads)
             if rc:
                 raise ValueError(f"moe_decode: kernel rejected D={self.d}, I={inter}, ids {ids.tolist()}")
-            return x + self.out
+            self.lib.dk_add(x.data_ptr(), self.out.data_ptr(), self.d)
+            return x
         if not self.mlp:
             return x + ffn(self.h)
         lib = ffn.fused_int4()
@@ -144,7 +147,8 @@ class FfnPlan:
         if lib.i4_experts_ffn(self.h.data_ptr(), self.d, ffn.down.in_features, 1, base, base + 8, gu_q[0], base + 16,
                               base + 24, dn_q[0], fmt, self.y.data_ptr(), threads):
             raise ValueError(f"experts_ffn: kernel rejected D={self.d}")
-        return x + self.y[:, : self.d]
+        self.lib.dk_add(x.data_ptr(), self.y.data_ptr(), self.d)
+        return x
 
 
 class PlannedDecode:
@@ -177,7 +181,7 @@ class PlannedDecode:
         batch = BatchLayout([seq_id], [1])
         cache.begin(batch)
         positions = torch.tensor([pos])
-        x = model.embed[torch.tensor([token])].float()  # [1, D]
+        x = model.embed[torch.tensor([token])].float().contiguous()  # [1, D] a new row: the plans add into it
         cos, sin = model.rope.cos_sin(positions)  # [1, 1, Dh]
         threads = torch.get_num_threads()
         for layer, plan, ffn in zip(model.layers, self.plans, self.ffns):

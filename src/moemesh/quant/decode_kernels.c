@@ -11,6 +11,8 @@
  *                 the visible run [lo, pos] (GQA without repeating K/V; optional per-head sink logits)
  * dk_heads_i8     per-head matrix-vector products with int8 weights (MLA's absorbed per-head matrices)
  * dk_greedy       a row's argmax (first of equal maxima; a NaN wins, as torch.argmax) and its log-probability
+ * dk_router_topk  a softmax router's top k per row (logits, softmax over the experts, selection, renormalisation)
+ * dk_add          x += y in place (a residual connection without a new tensor)
  */
 #include <math.h>
 #include <stdint.h>
@@ -216,4 +218,49 @@ void dk_greedy(const float *x, int64_t rows, int64_t v, int64_t sx, int64_t *idx
         idx[r] = best;
         logp[r] = (xr[best] - m) - (float)log(sum);
     }
+}
+
+/* A softmax top-k router on rows of x [T, D] (row stride sx): logits = x W^T (W [E, D] contiguous, each
+ * one dk_dot), p = softmax over the E logits (exp(l - max) / sum, the sum in expert order), the k largest
+ * in descending order (equal values: the lower expert id first), renormalised to sum 1 when norm (their
+ * sum in that order). ids int64 [T, k], wout fp32 [T, k]. Rows are independent (the bits of a row do not
+ * depend on T). 0, or -1 on a bad shape (k outside [1, E], E above DK_MAX_EXPERTS). */
+#define DK_MAX_EXPERTS 4096
+int dk_router_topk(const float *x, int64_t t, int64_t d, int64_t sx, const float *w, int64_t e, int64_t k,
+                   int norm, int64_t *ids, float *wout, int nthreads) {
+    if (k < 1 || k > e || e > DK_MAX_EXPERTS) return -1;
+    int nt = (t * e * d >= (1 << 20) && nthreads > 1) ? nthreads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t r = 0; r < t; r++) {
+        float p[DK_MAX_EXPERTS];
+        const float *xr = x + r * sx;
+        float m = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < e; j++) {
+            p[j] = dk_dot(xr, w + j * d, d);
+            m = p[j] > m ? p[j] : m;
+        }
+        for (int64_t j = 0; j < e; j++) {
+            p[j] = dk_exp(p[j] - m);
+            sum += p[j];
+        }
+        for (int64_t j = 0; j < e; j++) p[j] = p[j] / sum;
+        int64_t *ir = ids + r * k;
+        float *wr = wout + r * k, picked = 0.0f;
+        for (int64_t i = 0; i < k; i++) {  /* selection: k passes (k and E are small) */
+            int64_t best = -1;
+            for (int64_t j = 0; j < e; j++)
+                if (p[j] != -1.0f && (best < 0 || p[j] > p[best])) best = j;  /* (NaN: the first untaken) */
+            ir[i] = best;
+            wr[i] = p[best];
+            picked += p[best];
+            p[best] = -1.0f;  /* taken (a probability is never -1) */
+        }
+        if (norm)
+            for (int64_t i = 0; i < k; i++) wr[i] = wr[i] / picked;
+    }
+    return 0;
+}
+
+void dk_add(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] + y[i];
 }

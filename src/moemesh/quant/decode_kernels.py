@@ -12,6 +12,8 @@ is one ctypes call (~1 us) doing what several torch ops did, on fp32 contiguous 
   visible run, sinks optional (the reference: ``kvcache.decode_attention.decode_attention``);
 * ``greedy``: each row's argmax and its log-probability in one pass, for a sampler step that needs
   nothing else (the reference: ``argmax`` and ``log_softmax`` over the row);
+* ``router_topk``: a softmax router's top k per row (logits, softmax, selection, renormalisation; the
+  reference: ``layers.router.TopKRouter.reference``, the same up to summation order and ties);
 * ``heads_i8``: H per-head matrix-vector products with int8 weights and per-row scales (MLA's absorbed
   matrices; the reference: ``heads_i8_reference``, an einsum over the same int8 values).
 
@@ -58,6 +60,10 @@ def load() -> ctypes.CDLL | None:
     lib.dk_heads_i8.restype = None
     lib.dk_greedy.argtypes = [p, i64, i64, i64, p, p]
     lib.dk_greedy.restype = None
+    lib.dk_router_topk.argtypes = [p, i64, i64, i64, p, i64, i64, i32, p, p, i32]
+    lib.dk_router_topk.restype = i32
+    lib.dk_add.argtypes = [p, p, i64]
+    lib.dk_add.restype = None
     return lib if lib.dk_simd() == 1 else None
 
 
@@ -141,3 +147,18 @@ def greedy(lib: ctypes.CDLL, logits: torch.Tensor) -> tuple[list[int], list[floa
     idx, logp = torch.empty(b, dtype=torch.int64), torch.empty(b)
     lib.dk_greedy(logits.data_ptr(), b, v, logits.stride(0), idx.data_ptr(), logp.data_ptr())
     return idx.tolist(), logp.tolist()
+
+
+def router_topk(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, k: int,
+                norm: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x fp32 [T, D] (D contiguous), weight fp32 [E, D] contiguous -> (ids int64 [T, k] in descending
+    probability, their probabilities fp32 [T, k], renormalised when ``norm``); None when the kernel
+    declines the shape (the caller runs the reference)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t, d = x.shape
+    ids, w = torch.empty(t, k, dtype=torch.int64), torch.empty(t, k)
+    if lib.dk_router_topk(x.data_ptr(), t, d, x.stride(0), weight.data_ptr(), weight.shape[0], k, int(norm),
+                          ids.data_ptr(), w.data_ptr(), torch.get_num_threads()):
+        return None
+    return ids, w
