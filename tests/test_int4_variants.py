@@ -5,7 +5,8 @@ SIMD build this CPU runs is compared with it bit for bit on the matmul (M = 1, 3
 fused experts, the one-call mix and the pointer-table decode, with full blocks and 16/32/48-row tail
 blocks, symmetric and asymmetric scales, torch's and the block-major scale layout, and both of torch's
 weight packings (64-row blocks from an AVX-512 machine, 32-row from an AVX2 one). Builds this CPU lacks
-are skipped, naming what it has.
+are skipped, naming what it has. Every test runs at both activation precisions (MOEMESH_INT4_ACT 16:
+two int8 planes, 8: one), each SIMD build against the scalar build of the same precision.
 """
 from __future__ import annotations
 
@@ -18,13 +19,24 @@ from moemesh.quant.int4_pack import pack_int4, torch_layout, unpack_int4
 from moemesh.quant.qlinear import QuantLinear
 from moemesh.quant.qlinear_state import export_state, from_state
 
-REF = n4.load_variant("scalar")
-needs_ref = pytest.mark.skipif(REF is None, reason="no C compiler (the C int4 kernel is not built)")
+needs_ref = pytest.mark.skipif(n4.load_variant("scalar") is None, reason="no C compiler (the C int4 kernel is not built)")
 PACKINGS = [(64, True), (32, True)]  # torch's AVX-512 and AVX2 packings
 
 
+@pytest.fixture(autouse=True, params=[16, 8], ids=["act16", "act8"])
+def act(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The activation precision of the test: the builds compared, and load_native's (reference_forward)."""
+    monkeypatch.setenv(n4.ACT_ENV, str(request.param))
+    return request.param
+
+
+def scalar_ref():
+    """The scalar build at the test's activation precision (the reference of the SIMD builds)."""
+    return n4.load_variant("scalar", n4.activation_bits() == 8)
+
+
 def simd(isa: str):
-    lib = n4.load_variant(isa)
+    lib = n4.load_variant(isa, n4.activation_bits() == 8)
     if lib is None:
         pytest.skip(f"this CPU does not run the {isa} build (it runs: {', '.join(n4.cpu_isas())})")
     return lib
@@ -70,7 +82,7 @@ def test_matmul_bits_equal_the_scalar_build(isa: str, packing: tuple[int, bool],
         for m in (1, 3, 40):
             x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, m)[:, None]
             for xx in (x, x.bfloat16()):
-                want = n4.int4_matmul(REF, xx, lin.qweight, lin.int4_scales(), fmt)
+                want = n4.int4_matmul(scalar_ref(), xx, lin.qweight, lin.int4_scales(), fmt)
                 assert torch.equal(n4.int4_matmul(lib, xx, lin.qweight, lin.int4_scales(), fmt), want), (n, k, m, xx.dtype)
 
 
@@ -82,9 +94,9 @@ def test_scalar_build_matches_the_reference_arithmetic(packing: tuple[int, bool]
     for i, (n, k) in enumerate(SHAPES):
         lin = linear(n, k, False, packing, False, 10 + i)
         x = torch.randn(3, k, generator=g)
-        y = n4.int4_matmul(REF, x, lin.qweight, lin.scales_and_zeros, lin.kernel_fmt())
+        y = n4.int4_matmul(scalar_ref(), x, lin.qweight, lin.scales_and_zeros, lin.kernel_fmt())
         q = unpack_int4(lin.qweight, lin.qweight.shape[0], k, *packing)
-        ref = n4.reference_int4_matmul(x, q, lin.scales_and_zeros)
+        ref = n4.reference_int4_matmul(x, q, lin.scales_and_zeros, x8=n4.activation_bits() == 8)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
@@ -93,7 +105,7 @@ def test_packings_give_the_same_bits() -> None:
     """A store packed on an AVX-512 machine and one packed here: same weight, same outputs, every build."""
     g = torch.Generator().manual_seed(2)
     for isa in n4.cpu_isas():
-        lib = n4.load_variant(isa)
+        lib = n4.load_variant(isa, n4.activation_bits() == 8)
         for n, k in SHAPES:
             a, b = (linear(n, k, False, p, False, n + k) for p in PACKINGS)
             x = torch.randn(3, k, generator=g)
@@ -144,14 +156,14 @@ def test_fused_experts_mix_and_decode_bits_equal_the_scalar_build(isa: str, pack
     gu_npad, dn_npad = mlps[0].gate_up.qweight.shape[0], mlps[0].down.qweight.shape[0]
     g = torch.Generator().manual_seed(d + inter)
     x, w = torch.randn(1, d, generator=g), torch.rand(5, generator=g)
-    ffn = n4.experts_ffn_ptrs(REF, x, inter, ptrs, gu_npad, dn_npad, fmt)
+    ffn = n4.experts_ffn_ptrs(scalar_ref(), x, inter, ptrs, gu_npad, dn_npad, fmt)
     assert torch.equal(n4.experts_ffn_ptrs(lib, x, inter, ptrs, gu_npad, dn_npad, fmt), ffn)
-    mix = n4.experts_mix_ptrs(REF, x, inter, ptrs, w, gu_npad, dn_npad, fmt, d)
+    mix = n4.experts_mix_ptrs(scalar_ref(), x, inter, ptrs, w, gu_npad, dn_npad, fmt, d)
     assert torch.equal(n4.experts_mix_ptrs(lib, x, inter, ptrs, w, gu_npad, dn_npad, fmt, d), mix)
     table = torch.tensor(ptrs, dtype=torch.int64)  # [E, 4]
     ids, weights = torch.tensor([[4, 0, 2]]), torch.rand(1, 3, generator=g)
     args = (table, inter, gu_npad, dn_npad, fmt)
-    dec = n4.moe_decode_table(REF, x, ids, weights, *args)
+    dec = n4.moe_decode_table(scalar_ref(), x, ids, weights, *args)
     assert torch.equal(n4.moe_decode_table(lib, x, ids, weights, *args), dec)
     ref = torch.cat([m.reference_forward(x) for m in mlps])  # unfused: two kernel calls and torch's silu
     assert ((ffn[:, :d] - ref).norm() / ref.norm()).item() < 1e-5  # silu ulps, requantized: measured <= 1.01e-6
@@ -170,7 +182,7 @@ def test_silu_far_ends_bits_equal_the_scalar_build(isa: str) -> None:
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)) * 4
     gate = mlps[0].gate_up(x)[0, :32]
     assert gate.abs().max() > 100  # the clamp is reached
-    y = n4.experts_ffn_ptrs(REF, x, 32, ptrs, gu_npad, dn_npad, fmt)
+    y = n4.experts_ffn_ptrs(scalar_ref(), x, 32, ptrs, gu_npad, dn_npad, fmt)
     assert torch.isfinite(y).all()
     assert torch.equal(n4.experts_ffn_ptrs(lib, x, 32, ptrs, gu_npad, dn_npad, fmt), y)
 
@@ -192,3 +204,18 @@ def test_the_env_var_picks_a_build(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(n4.ISA_ENV, "sse9")
     with pytest.raises(ValueError, match="expected one of"):
         n4.load_native()
+
+
+def test_activation_bits_default_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 bits unless the variable says 8; a bad value warns."""
+    monkeypatch.delenv(n4.ACT_ENV)
+    assert n4.activation_bits() == 16
+    for v in ("8", "16"):
+        monkeypatch.setenv(n4.ACT_ENV, v)
+        assert n4.activation_bits() == int(v)
+        lib = n4.load_native()
+        assert lib is None or lib.i4_x8() == (v == "8")
+    monkeypatch.setenv(n4.ACT_ENV, "12")
+    n4._activation_bits.cache_clear()  # (warned once per value and process)
+    with pytest.warns(RuntimeWarning, match="expected 8 or 16"):
+        assert n4.activation_bits() in (8, 16)

@@ -85,6 +85,10 @@ def test_transformers_matches_moemesh_fp32(tiny_root):
 
 def test_lazy_hf_worker_decodes_the_checkpoint(tiny_root):
     pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # (alone, no other test put it there)
     import lazy_hf
 
     res = lazy_hf.worker({"model": str(synth_hf.hf_dir(tiny_root)), "tokens": [5, 9, 17, 33, 65], "warmup": 2,

@@ -25,8 +25,8 @@ class TopKRouter(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, D] -> ids [T, A] int64, weights [T, A] fp32
-        lib = decode_kernels.load()
-        if lib is not None and x.dim() == 2 and decode_kernels.usable(x, self.weight):
+        lib = decode_kernels.load() if x.dim() == 2 and decode_kernels.usable(x, self.weight) else None  # (graphs: torch)
+        if lib is not None:
             picked = decode_kernels.router_topk(lib, x, self.weight, self.top_k, self.norm_topk_prob)
             if picked is not None:
                 return picked

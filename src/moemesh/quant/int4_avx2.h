@@ -17,7 +17,9 @@
    step at 16 cycles, the bare instruction mix runs 19.6, the tiles 23-27 in L2 (both packings within a
    few %); 5.3-5.7 GB of expert weights per CPU-second, torch's int4 kernel 2.0-2.4, a plain read 12-16
    (bench/int4_kernel.py --bandwidth --quick under a load average of 17: per CPU-second, as wall-clock
-   rates meant little). So here decode is compute-bound: about half the read floor with 2 threads. */
+   rates meant little). So here decode is compute-bound: about half the read floor with 2 threads. The
+   one-plane build (I4_X8: a2 never accumulates, its maddubs are gone) halves the multiplies: 1.2-1.4x
+   per matmul on that machine (bench/int4_act.py). */
 #ifndef INT4_AVX2_H
 #define INT4_AVX2_H
 
@@ -52,7 +54,7 @@ static inline void quant_x_avx2(const void *x, int x_bf16, int64_t m, int64_t k,
                 q1[h] = _mm256_cvtps_epi32(t);                                          /* round to nearest even */
                 __m256 rest = _mm256_sub_ps(t, _mm256_cvtepi32_ps(q1[h]));              /* exact */
                 q2[h] = _mm256_cvtps_epi32(_mm256_mul_ps(rest, _mm256_set1_ps(256.f)));
-                q2[h] = _mm256_min_epi32(q2[h], _mm256_set1_epi32(127));
+                q2[h] = I4_X8 ? _mm256_setzero_si256() : _mm256_min_epi32(q2[h], _mm256_set1_epi32(127));
                 acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_slli_epi32(q1[h], 8), q2[h]));
             }
             __m256i p1 = _mm256_packs_epi16(_mm256_packs_epi32(q1[0], q1[1]), _mm256_packs_epi32(q1[2], q1[3]));
@@ -102,7 +104,7 @@ static inline __attribute__((always_inline)) void nibble_madds(__m256i a1[4], __
                           _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4), _mm256_and_si256(_mm256_srli_epi16(q, 4), lo4)};
     for (int r = 0; r < 4; r++) {
         a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(w[r], b1));
-        a2[r] = _mm256_add_epi16(a2[r], _mm256_maddubs_epi16(w[r], b2));
+        if (!I4_X8) a2[r] = _mm256_add_epi16(a2[r], _mm256_maddubs_epi16(w[r], b2));  /* (one plane: a2 stays 0) */
     }
 }
 

@@ -29,7 +29,7 @@ static inline void quant_x_avx512(const void *x, int x_bf16, int64_t m, int64_t 
                 __m512i q1 = _mm512_cvtps_epi32(t);                        /* round to nearest even */
                 __m512 rest = _mm512_sub_ps(t, _mm512_cvtepi32_ps(q1));    /* exact, in [-0.5, 0.5] */
                 __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(rest, _mm512_set1_ps(256.f)));
-                q2 = _mm512_min_epi32(q2, _mm512_set1_epi32(127));         /* +128 only at an exact half */
+                q2 = I4_X8 ? _mm512_setzero_si512() : _mm512_min_epi32(q2, _mm512_set1_epi32(127));  /* +128 only at an exact half */
                 _mm_storeu_si128((__m128i *)(x1 + o + 16 * h), _mm512_cvtepi32_epi8(q1));
                 _mm_storeu_si128((__m128i *)(x2 + o + 16 * h), _mm512_cvtepi32_epi8(q2));
                 acc = _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_slli_epi32(q1, 8), q2));
@@ -80,7 +80,7 @@ static inline __attribute__((always_inline)) void block_tile_avx512(
                 __m512i b1 = _mm512_set1_epi32(v1), b2 = _mm512_set1_epi32(v2);
                 for (int r = 0; r < 4; r++) {
                     d1[mi][r] = _mm512_dpbusd_epi32(d1[mi][r], w[r], b1);
-                    d2[mi][r] = _mm512_dpbusd_epi32(d2[mi][r], w[r], b2);
+                    if (!I4_X8) d2[mi][r] = _mm512_dpbusd_epi32(d2[mi][r], w[r], b2);
                 }
             }
         }

@@ -26,7 +26,9 @@ of one). Same values, same arithmetic, other addresses: both layouts give the sa
 
 Activations: per (row, group of 32), t = x * 127 / amax is split into two int8 planes,
 x1 = round(t) and x2 = round(256 (t - x1)), so x ~ du * (256 x1 + x2), du = amax / 127 / 256
-(about 16-bit precision: llama.cpp's Q8 with a second residual plane). The integer dot of each plane
+(about 16-bit precision: llama.cpp's Q8 with a second residual plane). Built with -DI4_X8=1, x2 is 0
+(x ~ du * 256 x1: llama.cpp's Q8 activations) and the SIMD paths skip its multiplies; the formula,
+and so the agreement of the builds bit for bit, is unchanged. The integer dot of each plane
 is exact (VNNI vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd, or plain C) and they combine into
 D = sum((q - 8) * (256 x1 + x2)), |D| < 2^24 so exact in fp32; the zero term uses the fp32 group sum
 of x in one fixed order (int4_scalar.h sum32):  acc = fma(D, s * du, acc); acc = fma(z, sum(x), acc)
@@ -47,6 +49,9 @@ with -march=native; I4_PATH is the path the compiler could target, i4_isa() repo
 
 #ifndef I4_ISA
 #define I4_ISA 2  /* the best one the compiler targets */
+#endif
+#ifndef I4_X8
+#define I4_X8 0  /* 1: activations as one int8 plane (x2 = 0: llama.cpp's Q8 precision, half the multiplies) */
 #endif
 #if I4_ISA >= 2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
 #define I4_PATH 2

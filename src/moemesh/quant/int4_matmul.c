@@ -3,6 +3,7 @@
 
 /* The path this library was built with: 0 plain C, 1 AVX2 + FMA, 2 AVX-512 VNNI + VBMI. */
 int i4_isa(void) { return I4_PATH; }
+int i4_x8(void) { return I4_X8; }
 
 /* y fp32 [M, n_pad] = x [M, K] @ W.T; sz: (scale, zero) pairs, or scales alone when fmt & FMT_SYM, in
    torch's or (fmt & FMT_BLOCKS) the block-major layout; qw in torch's 64-row or (fmt & FMT_B32) 32-row

@@ -4,6 +4,9 @@ torch's ``_weight_int4pack_mm_for_cpu`` dequantizes every weight to fp32 (two fm
 the C kernel splits x per (row, group of 32) into two int8 planes (llama.cpp's Q8 plus a
 residual plane: ~16-bit activations) and takes exact integer dot products, reading the same ``qweight``
 and ``scales_and_zeros`` buffers (no repack, no extra memory, nothing to redo per expert load).
+Each build also comes with one plane (``-DI4_X8=1``: llama.cpp's 8-bit activations, half the
+multiplies), chosen per process by ``MOEMESH_INT4_ACT=8`` (``activation_bits()``; default 16): faster
+on AVX2 CPUs, less accurate (bench/int4_act.py measures both: speed and logits vs fp32).
 Three builds of the same sources, one arithmetic, the same bits (int4_kernel.h): ``avx512`` (VNNI +
 VBMI), ``avx2`` (+ FMA), ``scalar`` (plain C, any CPU); ``load_native`` picks the best one this CPU
 runs (``MOEMESH_INT4_ISA`` forces one). Both of torch's SIMD packings (64-row blocks, written on an
@@ -38,6 +41,7 @@ GROUP = 32
 BLOCK = 64  # rows per block-major scale block (and per AVX-512 weight block)
 FMT_SYM, FMT_BLOCKS, FMT_B32 = 1, 2, 4  # the kernels' ``fmt`` bits (int4_kernel.h): symmetric, block-major scales, 32-row weight blocks
 ISA_ENV = "MOEMESH_INT4_ISA"
+ACT_ENV = "MOEMESH_INT4_ACT"
 
 
 def cpu_isas() -> list[str]:
@@ -52,9 +56,10 @@ def _cpu_isas() -> tuple[str, ...]:
 
 
 @cache
-def _load(isa: str) -> ctypes.CDLL | None:
+def _load(isa: str, x8: bool) -> ctypes.CDLL | None:
     try:
-        lib = load_library(f"int4_matmul_{isa}", HERE, SOURCES, [*FLAGS, f"-DI4_ISA={ISAS[isa]}"])
+        lib = load_library(f"int4_matmul_{isa}{'_x8' if x8 else ''}", HERE, SOURCES,
+                           [*FLAGS, f"-DI4_ISA={ISAS[isa]}", f"-DI4_X8={int(x8)}"])
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -71,24 +76,44 @@ def _load(isa: str) -> ctypes.CDLL | None:
     lib.i4_silu_mul_rows.argtypes = [p, i64, i64, i64]
     lib.i4_silu_mul_rows.restype = i32
     lib.i4_isa.restype = i32
-    return lib if lib.i4_isa() == ISAS[isa] else None  # the compiler could not target it
+    lib.i4_x8.restype = i32
+    ok = lib.i4_isa() == ISAS[isa] and lib.i4_x8() == int(x8)
+    return lib if ok else None  # the compiler could not target it
 
 
-def load_variant(isa: str) -> ctypes.CDLL | None:
-    """The ``isa`` build of the kernels ("scalar", "avx2", "avx512"), or None when this CPU lacks it or
-    it cannot be built. Tests compare the builds on one machine."""
+def load_variant(isa: str, x8: bool = False) -> ctypes.CDLL | None:
+    """The ``isa`` build of the kernels ("scalar", "avx2", "avx512"), with one int8 activation plane when
+    ``x8``, or None when this CPU lacks it or it cannot be built. Tests compare the builds on one machine."""
     if isa not in ISAS:
         raise ValueError(f"int4 kernel build {isa!r}: expected one of {sorted(ISAS)}")
-    return _load(isa) if isa in _cpu_isas() else None
+    return _load(isa, x8) if isa in _cpu_isas() else None
+
+
+def activation_bits() -> int:
+    """The int4 kernels' activation precision in this process: ``MOEMESH_INT4_ACT`` (8 or 16), 16 by
+    default. 8 is faster where a decode step is compute-bound (AVX2 CPUs: 1.2-1.4x per matmul, see
+    int4_avx2.h) but not free: SmolLM2's top-1 agreement with fp32 fell from 99.4% to 95.7% and its
+    greedy answer to the README's question changed (bench/results/int4_act.md), so it is a choice."""
+    return _activation_bits(os.environ.get(ACT_ENV, ""))
+
+
+@cache  # (asked on every int4 call: the environment is read once per value)
+def _activation_bits(env: str) -> int:
+    if env in ("8", "16"):
+        return int(env)
+    if env:
+        warnings.warn(f"{ACT_ENV}={env!r}: expected 8 or 16; using the default", RuntimeWarning, stacklevel=4)
+    return 16
 
 
 def load_native() -> ctypes.CDLL | None:
     """The kernel library, or None when disabled (MOEMESH_INT4_NATIVE=0) or unavailable. The best build
-    for this CPU, or the one MOEMESH_INT4_ISA names (None, with a warning, if this CPU lacks it)."""
+    for this CPU, or the one MOEMESH_INT4_ISA names (None, with a warning, if this CPU lacks it), at
+    ``activation_bits()``."""
     if os.environ.get("MOEMESH_INT4_NATIVE", "1") == "0":
         return None
     isa = os.environ.get(ISA_ENV) or _cpu_isas()[0]
-    lib = load_variant(isa)
+    lib = load_variant(isa, activation_bits() == 8)
     if lib is None and isa not in _cpu_isas():
         _warn_missing(isa)
     return lib
@@ -251,10 +276,12 @@ def moe_batch_table(lib: ctypes.CDLL, x: torch.Tensor, ids: torch.Tensor, weight
     return out
 
 
-def reference_int4_matmul(x: torch.Tensor, qweight_q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+def reference_int4_matmul(x: torch.Tensor, qweight_q: torch.Tensor, scales_and_zeros: torch.Tensor,
+                          x8: bool = False) -> torch.Tensor:
     """The kernel's arithmetic in torch, for tests: x [M, K], q uint8 [N, K] (unpacked 0..15),
-    sz bf16 [K/32, N, 2] -> fp32 [M, N]. The integer dots are exact; the fp32 steps round like the
-    kernel's but are summed over groups in another order (compare within a tolerance)."""
+    sz bf16 [K/32, N, 2] -> fp32 [M, N]; ``x8``: the one-plane build's (x2 = 0). The integer dots are
+    exact; the fp32 steps round like the kernel's but are summed over groups in another order (compare
+    within a tolerance)."""
     xf = x.float()
     m, k = xf.shape
     g = k // GROUP
@@ -262,7 +289,7 @@ def reference_int4_matmul(x: torch.Tensor, qweight_q: torch.Tensor, scales_and_z
     amax = xg.abs().amax(-1, keepdim=True)  # [M, G, 1]
     t = xg * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))  # |t| <= 127
     x1 = torch.round(t)  # round half even, like cvtps2dq
-    x2 = torch.round((t - x1) * 256).clamp(max=127)
+    x2 = torch.zeros_like(x1) if x8 else torch.round((t - x1) * 256).clamp(max=127)
     xx = (256 * x1 + x2).to(torch.int64)  # [M, G, 32]
     du, sumx = (amax / 127.0 / 256.0).squeeze(-1), xg.sum(-1)  # [M, G]
     qc = qweight_q.to(torch.int64).view(-1, g, GROUP) - 8  # [N, G, 32]

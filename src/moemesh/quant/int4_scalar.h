@@ -35,7 +35,7 @@ static inline void quant_x_scalar(const void *x, int x_bf16, int64_t m, int64_t 
             for (int i = 0; i < GS; i++) {
                 const float t = v[i] * inv;     /* |t| <= 127 */
                 const float q1 = rintf(t);
-                int32_t q2 = (int32_t)rintf((t - q1) * 256.f);
+                int32_t q2 = I4_X8 ? 0 : (int32_t)rintf((t - q1) * 256.f);
                 q2 = q2 < 127 ? q2 : 127;       /* +128 only at an exact half */
                 x1[o + i] = (int8_t)q1, x2[o + i] = (int8_t)q2;
                 acc += 256 * (int32_t)q1 + q2;
