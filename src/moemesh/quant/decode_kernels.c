@@ -91,28 +91,67 @@ void dk_rope(float *x, int64_t t, int64_t h, int64_t dh, int64_t st, int64_t sh,
     }
 }
 
-/* One KV head's group of G query heads over keys [lo, end): scores, softmax (with sinks), values. */
+/* 8 floats as one value (GCC/Clang vector extension: elementwise IEEE operations, so every target,
+ * with or without SIMD, gives the same bits); loads and stores through memcpy (no alignment assumed). */
+typedef float dk_v8 __attribute__((vector_size(32)));
+
+static inline dk_v8 dk_load8(const float *p) {
+    dk_v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* a . b over n (a multiple of 8): eight lane sums over the chunks in order, then a fixed tree. One
+ * accumulator: a score's adds form a short chain, and the key loop around it has many independent ones. */
+static inline float dk_dot8(const float *a, const float *b, int64_t n) {
+    dk_v8 acc = {0};
+    for (int64_t i = 0; i < n; i += 8) acc += dk_load8(a + i) * dk_load8(b + i);
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+/* out [8 C8] = sum over j < n, in order, of p[j] * v[j] (v rows v_stride apart), from 0. */
+static inline __attribute__((always_inline)) void head_values(const int C8, const float *p, int64_t n,
+                                                               const float *v, int64_t v_stride, float *out) {
+    dk_v8 o[16] = {{0}};
+    for (int64_t j = 0; j < n; j++) {
+        const dk_v8 pj = {p[j], p[j], p[j], p[j], p[j], p[j], p[j], p[j]};
+        for (int c = 0; c < C8; c++) o[c] += pj * dk_load8(v + j * v_stride + 8 * c);
+    }
+    memcpy(out, o, sizeof(float) * 8 * (size_t)C8);
+}
+
+/* One KV head's group of G query heads over keys [lo, end): scores, softmax (with sinks), values.
+ * A head's output is summed over the keys in order, 0 + p0 v0 + p1 v1 + ...; with Dv 64 or 128 in
+ * registers, one head at a time (its value rows come from cache for the next head), else in the output
+ * row: the same operations either way. */
 static void attend_group(const float *q, int64_t g, int64_t dh, const float *keys, const float *values,
                          int64_t v_stride, int64_t dv, int64_t lo, int64_t end, float scale,
                          const float *sinks, float *out, float *scores) {
     int64_t n = end - lo;
     for (int64_t j = 0; j < n; j++) {  /* each key row read once for the whole group */
         const float *k = keys + (lo + j) * dh;
-        for (int64_t a = 0; a < g; a++) scores[a * n + j] = dk_dot(q + a * dh, k, dh) * scale;
+        for (int64_t a = 0; a < g; a++)
+            scores[a * n + j] = (dh % 8 ? dk_dot(q + a * dh, k, dh) : dk_dot8(q + a * dh, k, dh)) * scale;
     }
     for (int64_t a = 0; a < g; a++) {
         float *s = scores + a * n;
         float m = sinks ? sinks[a] : -INFINITY;
         for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+        for (int64_t j = 0; j < n; j++) s[j] = dk_exp(s[j] - m);  /* (apart from the sum: this loop vectorizes) */
         float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            s[j] = dk_exp(s[j] - m);
-            sum += s[j];
-        }
+        for (int64_t j = 0; j < n; j++) sum += s[j];
         if (sinks) sum += dk_exp(sinks[a] - m);
         float inv = 1.0f / sum;
         for (int64_t j = 0; j < n; j++) s[j] *= inv;
         memset(out + a * dv, 0, sizeof(float) * (size_t)dv);
+    }
+    if (dv == 64 || dv == 128) {  /* (a constant chunk count: the sums stay in registers) */
+        for (int64_t a = 0; a < g; a++)
+            if (dv == 64)
+                head_values(8, scores + a * n, n, values + lo * v_stride, v_stride, out + a * dv);
+            else
+                head_values(16, scores + a * n, n, values + lo * v_stride, v_stride, out + a * dv);
+        return;
     }
     for (int64_t j = 0; j < n; j++) {  /* each value row read once for the whole group */
         const float *v = values + (lo + j) * v_stride;
