@@ -122,6 +122,9 @@ class FfnPlan:
                     and type(ffn.provider) is ResidentExperts and not ffn.provider.reference
                     and ffn.provider._decode_table(ffn.layer) is not None)
         self.mlp = isinstance(ffn, GatedMLP) and ffn.fused_int4() is not None
+        if self.moe:  # the router's C call (TopKRouter.forward's) into preallocated picks
+            k = ffn.router.top_k
+            self.ids, self.w = torch.empty(1, k, dtype=torch.int64), torch.empty(1, k)  # [1, A], [1, A]
         if self.mlp:
             self.y = torch.empty(1, ffn._kernel_key[1][0])  # [1, D_pad]
 
@@ -131,7 +134,10 @@ class FfnPlan:
                              self.d)
         ffn = self.ffn
         if self.moe:
-            ids, w = ffn.router(self.h)  # [1, A] int64 (distinct: topk), [1, A] fp32, both contiguous
+            r, ids, w = ffn.router, self.ids, self.w
+            if self.lib.dk_router_topk(self.h.data_ptr(), 1, self.d, self.d, r.weight.data_ptr(), r.weight.shape[0],
+                                       r.top_k, int(r.norm_topk_prob), ids.data_ptr(), w.data_ptr(), threads):
+                ids, w = r(self.h)  # (a shape the kernel declines: the module's own forward)
             lib, t, inter, gu_pad, dn_pad, fmt = ffn.provider._decode_table(ffn.layer)
             rc = lib.i4_moe_decode(self.h.data_ptr(), self.d, inter, ids.shape[1], ids.data_ptr(), w.data_ptr(),
                                    t.data_ptr(), t.shape[0], gu_pad, dn_pad, fmt, self.out.data_ptr(), threads)
