@@ -150,3 +150,57 @@ def test_greedy_step_equals_the_samplers_reference(monkeypatch):
     # a row asking for logprobs, a penalty or sampling takes the full path
     mixed = [SamplingParams(temperature=0.0, logprobs=2)] + params[1:]
     assert Sampler().sample(logits, mixed, *args[1:]).top_logprobs is not None
+
+
+@needs_lib
+@pytest.mark.parametrize("hq,hkv,dh,dv,window,sink,vik", [
+    (9, 3, 64, 64, None, False, False),  # SmolLM2's heads
+    (6, 2, 8, 8, 5, True, False),  # sliding window + sinks (gpt-oss)
+    (4, 1, 36, 32, None, False, True),  # MLA: values are the keys' first 32
+])
+def test_batched_decode_step_gives_each_sequence_its_own_bits(hq, hkv, dh, dv, window, sink, vik):
+    """A decode step of several sequences (lengths 3 .. 900, so some caches grew) is one attend_batch call;
+    each sequence's output and cache equal the same token attended alone, on 1 and 2 threads."""
+    g = torch.Generator().manual_seed(7)
+    sinks = torch.randn(hq, generator=g) if sink else None
+    lens = [3, 900, 40, 17, 260]
+    prompts = [(torch.randn(n, hq, dh, generator=g), torch.randn(n, hkv, dh, generator=g),
+                torch.randn(n, hkv, dv, generator=g)) for n in lens]
+    step = [torch.randn(len(lens), h, w, generator=g) for h, w in ((hq, dh), (hkv, dh), (hkv, dv))]
+
+    def run(batched: bool, threads: int) -> tuple[torch.Tensor, DenseKVCache]:
+        c = DenseKVCache(1, hkv, dh, value_dim=dv, values_in_keys=vik)
+        for sid, (q, k, v) in enumerate(prompts):
+            c.add_sequence(sid)
+            b = BatchLayout([sid], [q.shape[0]])
+            c.begin(b)
+            c.attend(0, q, k, None if vik else v, b, 0.2, window, sinks)
+            c.end(b)
+        torch.set_num_threads(threads)
+        try:
+            q, k, v = step
+            if batched:
+                b = BatchLayout(list(range(len(lens))), [1] * len(lens))
+                c.begin(b)
+                out = c.attend(0, q, k, None if vik else v, b, 0.2, window, sinks)
+                c.end(b)
+                return out, c
+            outs = []
+            for sid in range(len(lens)):
+                b = BatchLayout([sid], [1])
+                c.begin(b)
+                outs.append(c.attend(0, q[sid : sid + 1], k[sid : sid + 1], None if vik else v[sid : sid + 1], b, 0.2,
+                                     window, sinks))
+                c.end(b)
+            return torch.cat(outs), c
+        finally:
+            torch.set_num_threads(2)
+
+    alone, ca = run(False, 1)
+    for threads in (1, 2):
+        together, cb = run(True, threads)
+        assert torch.equal(together, alone), threads
+        for sid, n in enumerate(lens):
+            assert torch.equal(ca.seqs[sid].keys[0][:, : n + 1], cb.seqs[sid].keys[0][:, : n + 1])
+            if not vik:
+                assert torch.equal(ca.seqs[sid].values[0][:, : n + 1], cb.seqs[sid].values[0][:, : n + 1])

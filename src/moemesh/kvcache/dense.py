@@ -96,6 +96,13 @@ class DenseKVCache(KVCache):
             lib = None
         if lib is not None and len(batch.query_lens) == 1 and batch.query_lens[0] == 1:  # the common decode step
             return self._attend_one(lib, layer, self.seqs[batch.seq_ids[0]], q, k, v, scale, window, sinks)
+        if lib is not None and all(n == 1 for n in batch.query_lens):  # a batched decode step: one call
+            seqs = [self.seqs[sid] for sid in batch.seq_ids]
+            keys = [s.keys[layer] for s in seqs]
+            values = keys if self.values_in_keys else [s.values[layer] for s in seqs]
+            lo = [0 if window is None else max(0, s.length + 1 - window) for s in seqs]
+            return decode_kernels.attend_batch(lib, q, k, None if self.values_in_keys else v, keys, values,
+                                               self.value_dim, [s.length for s in seqs], lo, scale, sinks)
         out = q.new_empty(q.shape[0], q.shape[1], self.value_dim)  # [T, Hq, Dv]
         for i, (sid, off, n) in enumerate(zip(batch.seq_ids, batch.offsets, batch.query_lens)):
             seq = self.seqs[sid]

@@ -9,6 +9,8 @@
  * dk_rope         rotate-half rotary embedding in place on [T, H, Dh] (HF checkpoints' convention)
  * dk_attend_one   one query token: append its k/v to a sequence's cache buffers at `pos`, attend over
  *                 the visible run [lo, pos] (GQA without repeating K/V; optional per-head sink logits)
+ * dk_attend_batch one query token of each of B sequences: dk_attend_one per sequence, sequences shared
+ *                 out over the threads
  * dk_heads_i8     per-head matrix-vector products with int8 weights (MLA's absorbed per-head matrices)
  * dk_greedy       a row's argmax (first of equal maxima; a NaN wins, as torch.argmax) and its log-probability
  * dk_router_topk  a softmax router's top k per row (logits, softmax over the experts, selection, renormalisation)
@@ -199,6 +201,27 @@ int dk_attend_one(const float *q, int64_t hq, const float *k_new, int64_t ks, co
         if (scores != stack) free(scores);
     }
     return bad ? -2 : 0;
+}
+
+/* B decode tokens, one per sequence: sequence i's q at q + i qs [Hq, Dh], its new k/v at k_new + i kbs /
+ * v_new + i vbs (head strides ks / vs; NULL: values live in the keys), its buffers at keys[i] / values[i]
+ * (addresses) with capacity caps[i], its token at row pos[i], attention over [lo[i], pos[i]]; out [B, Hq, Dv].
+ * Each sequence is dk_attend_one on one thread (the same bits as alone); the threads take whole sequences.
+ * 0, or -1 if any sequence's shapes are bad. */
+int dk_attend_batch(int64_t b, const float *q, int64_t qs, int64_t hq, const float *k_new, int64_t kbs, int64_t ks,
+                    const float *v_new, int64_t vbs, int64_t vs, const int64_t *keys, const int64_t *values,
+                    const int64_t *caps, const int64_t *pos, const int64_t *lo, int64_t hkv, int64_t dh, int64_t dv,
+                    int64_t v_stride, float scale, const float *sinks, float *out, int nthreads) {
+    int64_t work = 0;
+    for (int64_t i = 0; i < b; i++) work += pos[i] + 1 - lo[i];
+    int nt = (work * hkv * (dh + dv) >= (1 << 16) && nthreads > 1) ? (int)(nthreads < b ? nthreads : b) : 1;
+    int bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1) reduction(| : bad)
+    for (int64_t i = 0; i < b; i++)
+        bad |= dk_attend_one(q + i * qs, hq, k_new ? k_new + i * kbs : NULL, ks, v_new ? v_new + i * vbs : NULL, vs,
+                             (float *)(uintptr_t)keys[i], (float *)(uintptr_t)values[i], hkv, caps[i], dh, dv, v_stride,
+                             pos[i], lo[i], pos[i] + 1, scale, sinks, out + i * hq * dv, 1) != 0;
+    return bad ? -1 : 0;
 }
 
 /* sum of x[i] * (float)q[i] in LANES partial sums */

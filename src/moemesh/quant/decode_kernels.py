@@ -10,6 +10,8 @@ is one ctypes call (~1 us) doing what several torch ops did, on fp32 contiguous 
   library is built with -ffp-contract=off, so products and sums round as torch's do);
 * ``attend_one``: one query token appends its k/v to a sequence's cache buffers and attends over the
   visible run, sinks optional (the reference: ``kvcache.decode_attention.decode_attention``);
+* ``attend_batch``: ``attend_one`` for one token of each of B sequences, one call, the sequences shared
+  out over the threads (each row the bits it has alone);
 * ``greedy``: each row's argmax and its log-probability in one pass, for a sampler step that needs
   nothing else (the reference: ``argmax`` and ``log_softmax`` over the row);
 * ``router_topk``: a softmax router's top k per row (logits, softmax, selection, renormalisation; the
@@ -56,6 +58,9 @@ def load() -> ctypes.CDLL | None:
     lib.dk_rope.restype = None
     lib.dk_attend_one.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i64, i64, i64, i64, i64, i64, i64, f32, p, p, i32]
     lib.dk_attend_one.restype = i32
+    lib.dk_attend_batch.argtypes = [i64, p, i64, i64, p, i64, i64, p, i64, i64, p, p, p, p, p, i64, i64, i64, i64, f32,
+                                    p, p, i32]
+    lib.dk_attend_batch.restype = i32
     lib.dk_heads_i8.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, p, i32]
     lib.dk_heads_i8.restype = None
     lib.dk_greedy.argtypes = [p, i64, i64, i64, p, p]
@@ -111,6 +116,31 @@ def attend_one(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor | None, v: tor
         out.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"attend_one: bad shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}, pos {pos}, lo {lo}")
+    return out
+
+
+def attend_batch(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, keys: list[torch.Tensor],
+                 values: list[torch.Tensor], dv: int, pos: list[int], lo: list[int], scale: float,
+                 sinks: torch.Tensor | None) -> torch.Tensor:
+    """One decode token of each of B sequences in one call: ``attend_one`` for row i of q [B, Hq, Dh], k [B,
+    Hkv, Dh], v [B, Hkv, Dv] (None: values live in the keys) on sequence i's buffers keys[i] [Hkv, cap_i, Dh] /
+    values[i] (same strides past the capacity), row pos[i], visible from lo[i] -> [B, Hq, Dv]; each row the
+    bits ``attend_one`` gives it alone."""
+    q = q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v is None or v.stride(-1) == 1 else v.contiguous()
+    b, hq, dh = q.shape
+    hkv = keys[0].shape[0]
+    out = torch.empty(b, hq, dv)
+    ptrs = torch.tensor([[t.data_ptr() for t in keys], [t.data_ptr() for t in values], [t.shape[1] for t in keys],
+                         pos, lo], dtype=torch.int64)  # [5, B]
+    rc = lib.dk_attend_batch(
+        b, q.data_ptr(), q.stride(0), hq, k.data_ptr(), k.stride(0), k.stride(1), None if v is None else v.data_ptr(),
+        0 if v is None else v.stride(0), 0 if v is None else v.stride(1), ptrs[0].data_ptr(), ptrs[1].data_ptr(),
+        ptrs[2].data_ptr(), ptrs[3].data_ptr(), ptrs[4].data_ptr(), hkv, dh, dv, values[0].stride(1), scale,
+        None if sinks is None else sinks.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"attend_batch: bad shapes q {tuple(q.shape)}, positions {pos}, windows from {lo}")
     return out
 
 
