@@ -9,8 +9,8 @@ matmul of quant/int4_native), bound to preallocated buffers and called with the 
 step is the same arithmetic as ``Transformer.forward`` bit for bit (tests/test_decode_plan.py) without
 its per-op overhead. Layers the plan does not cover (other attention kinds, biases, non-int4 weights,
 partial rotary) run their modules' own forward; FFN blocks get their norm as a C call and, when dense
-int4 SwiGLUs or resident int4 experts behind a top-k softmax router, their one fused kernel call (the
-router's torch ops stay); other FFNs run their forward on the normed row.
+int4 SwiGLUs or resident int4 experts behind a top-k softmax router, their one fused kernel call (after
+the router's own C call); other FFNs run their forward on the normed row. Residuals are added in place.
 """
 from __future__ import annotations
 
@@ -106,9 +106,9 @@ class AttentionPlan:
 
 
 class FfnPlan:
-    """x [1, D] -> x + ffn(norm(x)) (into x, as AttentionPlan): the norm as a C call into a preallocated row, then a dense int4 SwiGLU's
-    one fused call (GatedMLP.forward's decode path) or resident int4 experts' (ResidentExperts.run's, after
-    the router's torch ops), any other FFN by its forward."""
+    """x [1, D] -> x + ffn(norm(x)) (into x, as AttentionPlan): the norm as a C call into a preallocated row,
+    then a dense int4 SwiGLU's one fused call (GatedMLP.forward's decode path) or resident int4 experts'
+    (ResidentExperts.run's, after the router's C call), any other FFN by its forward."""
 
     def __init__(self, layer: DecoderLayer, lib: ctypes.CDLL) -> None:
         self.lib, self.ffn = lib, layer.ffn
