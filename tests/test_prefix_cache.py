@@ -11,7 +11,7 @@ from moemesh.engine.prefix import open_prefix_cache
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.errors import MoemeshError
 from moemesh.experts.budget import PREFIX_AUTO_MAX, RUNTIME_OVERHEAD, plan_budget
-from moemesh.kvcache.prefix_cache import PrefixCache, tensors_nbytes
+from moemesh.kvcache.prefix_cache import BLOCK_META, PrefixCache, tensors_nbytes
 from moemesh.loading.loader import load_model
 from test_deepseek import configs as ds_configs
 from test_deepseek import make_checkpoint as ds_checkpoint
@@ -195,7 +195,7 @@ def test_lru_evicts_leaves_first_and_keeps_recent_chains(tiny_checkpoints):
     model = load_model(str(tiny_checkpoints["llama-gqa"][1]), "int4").model
     cache = model.new_cache("dense")
     fake = {"k": torch.zeros(2, 2, B, 12), "v": torch.zeros(2, 2, B, 12)}
-    per_block = tensors_nbytes(fake)
+    per_block = tensors_nbytes(fake) + BLOCK_META  # its tensors and what holding it costs
     pc = PrefixCache(cache, 6 * per_block, B)
     a = list(range(3 * B))
     b = list(range(2 * B)) + [7] * B  # shares a's first two blocks

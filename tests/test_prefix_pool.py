@@ -15,7 +15,7 @@ import torch
 
 from moemesh.kvcache.block_pool import BlockPool
 from moemesh.kvcache.dense import DenseKVCache
-from moemesh.kvcache.prefix_cache import PrefixCache
+from moemesh.kvcache.prefix_cache import BLOCK_META, PrefixCache
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 32
@@ -54,20 +54,52 @@ def test_blocks_between_step_buffers_do_not_fragment_the_heap():
             step = [torch.ones(49152 * rng.randint(1, 4)) for _ in range(3)]
             pc.insert([i] * 32, [], 0, [{n: torch.zeros(s, dtype=d) for n, (d, s) in spec.items()}])
             del step
-        print(rss() - r0, pc.nbytes)
+        print(rss() - r0, pc.pool.nbytes)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert out.returncode == 0, out.stderr
     grown, blocks = map(int, out.stdout.split())
-    assert blocks == 4000 * 16 * 1024
+    assert blocks >= 4000 * 16 * 1024
     assert grown < 1.5 * blocks + (8 << 20), f"RSS grew {grown / 2**20:.1f} MiB for {blocks / 2**20:.1f} MiB of blocks"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="measures glibc malloc's heap")
+def test_a_held_block_costs_at_most_block_meta_beside_its_slot():
+    """What a held block costs in RSS beyond its slab bytes (its Block, key, packed tokens, LRU
+    entry), in a fresh process over 20,000 blocks of distinct tokens, is within BLOCK_META, which
+    the cache counts in its budget. (As a tuple of ints and a dict of tensor views it was ~3.6 KiB:
+    the 2-hour soak's RSS growth beyond the slabs.)"""
+    script = textwrap.dedent("""
+        import random, torch
+        from moemesh.kvcache.dense import DenseKVCache
+        from moemesh.kvcache.prefix_cache import PrefixCache
+        def rss():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) * 1024
+        cache = DenseKVCache(2, 2, 16)
+        pc = PrefixCache(cache, 1 << 34, 32)
+        data = {n: torch.zeros(s, dtype=d) for n, (d, s) in cache.block_spec(32).items()}
+        rng = random.Random(0)
+        n = 20000
+        r0 = rss()
+        for i in range(n // 8):
+            pc.insert([rng.randrange(1000, 50000) for _ in range(256)], [], 0, [data] * 8)
+        print((rss() - r0 - pc.pool.nbytes) / n, len(pc.blocks))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    per_block, held = out.stdout.split()
+    assert int(held) == 20000
+    assert float(per_block) <= BLOCK_META, f"a held block costs {float(per_block):.0f} bytes beside its slot"
 
 
 def test_slots_are_bounded_by_capacity_and_hold_what_was_inserted():
     cache = DenseKVCache(2, 2, 16)
     per_block = 16 * 1024
-    pc = PrefixCache(cache, 10 * per_block, B)
+    pc = PrefixCache(cache, 10 * (per_block + BLOCK_META), B)
     pc.pool = BlockPool(cache.block_spec(B), slab_bytes=4 * per_block)  # 4 blocks a slab
     for i in range(100):
         pc.insert(ids_of(i), [], 0, [block(cache, float(i))])
@@ -83,7 +115,7 @@ def test_a_slot_freed_during_a_call_is_not_reused_in_it():
     """Four blocks into room for two in one insert: the fourth cannot take the slot the first left
     (so a lookup's blocks stay valid until the next call); the next call takes it."""
     cache = DenseKVCache(2, 2, 16)
-    pc = PrefixCache(cache, 2 * 16 * 1024, B)
+    pc = PrefixCache(cache, 2 * (16 * 1024 + BLOCK_META), B)
     pc.pool = BlockPool(cache.block_spec(B), slab_bytes=1)  # one block a slab: slots are easy to count
     ids = ids_of(1) + ids_of(2) + ids_of(3) + ids_of(4)
     pc.insert(ids, [], 0, [block(cache, v) for v in (1.0, 2.0, 3.0, 4.0)])
@@ -107,7 +139,7 @@ class RecordingStore:
 
 def test_the_prompt_store_gets_the_exported_tensors_not_a_slot():
     cache = DenseKVCache(2, 2, 16)
-    pc = PrefixCache(cache, 16 * 1024, B, store=RecordingStore())  # room for one block: every insert evicts
+    pc = PrefixCache(cache, 16 * 1024 + BLOCK_META, B, store=RecordingStore())  # room for one block: every insert evicts
     for i in range(5):
         pc.insert(ids_of(i), [], 0, [block(cache, float(i))])
     assert [blk.slot for blk in pc.store.saved] == [None] * 5
@@ -119,4 +151,4 @@ def test_a_block_of_another_shape_is_kept_as_it_is():
     cache = DenseKVCache(2, 2, 16)
     pool = BlockPool(cache.block_spec(B))
     odd = {"k": torch.zeros(3)}
-    assert pool.take(odd) == (odd, None) and not pool.slabs
+    assert pool.take(odd) is None and not pool.slabs

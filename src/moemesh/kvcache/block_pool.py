@@ -43,24 +43,25 @@ class BlockPool:
         return data.keys() == self.spec.keys() and all(
             (t.dtype, tuple(t.shape)) == self.spec[name] for name, t in data.items())
 
-    def take(self, data: Tensors) -> tuple[Tensors, int | None]:
-        """A slot holding a copy of ``data``: (its views, the slot); (data, None) for a block of
-        another shape, which stays as it is."""
+    def take(self, data: Tensors) -> int | None:
+        """A slot holding a copy of ``data``, or None for a block of another shape (kept as it is)."""
         if not self.fits(data):
-            return data, None
+            return None
         if not self._free:
             first = len(self.slabs) * self.per_slab
             self.slabs.append({name: torch.empty((self.per_slab, *shape), dtype=dtype)
                                for name, (dtype, shape) in self.spec.items()})
             self._free = list(range(first + self.per_slab - 1, first - 1, -1))  # pop() takes the lowest first
         slot = self._free.pop()
+        for name, view in self.views(slot).items():
+            view.copy_(data[name])
+        return slot
+
+    def views(self, slot: int) -> Tensors:
+        """The slot's tensors (views into its slab), made when asked: a held block keeps no tensor
+        objects (each costs ~1 KiB of RSS beside the bytes it views)."""
         slab, row = divmod(slot, self.per_slab)
-        views = {}
-        for name, t in data.items():
-            view = self.slabs[slab][name][row]
-            view.copy_(t)
-            views[name] = view
-        return views, slot
+        return {name: t[row] for name, t in self.slabs[slab].items()}
 
     def give(self, slot: int) -> None:
         """Free ``slot`` (reusable after the next settle())."""

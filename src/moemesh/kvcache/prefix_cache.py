@@ -20,11 +20,15 @@ A cache with ``needs_tail`` (TurboQuant) can only be restored where its exact wi
 
 Blocks held in RAM live in slots of a BlockPool (kvcache/block_pool.py), not one malloc each: one
 by one, they fragmented the heap ~8x beyond their own bytes (issue 20's soak). A lookup's tensors
-are slot views, valid until the next lookup or insert.
+are slot views, valid until the next lookup or insert. A held block is small beside its bytes: its
+tokens packed, no tensor objects (views are made by a lookup), slots in place of a __dict__; as a
+tuple of ints and a dict of views it cost ~3.6 KiB of RSS beyond a 16 KiB block, which the 2-hour
+soak saw as RSS growing past the cache's slabs. What it still costs (BLOCK_META) counts in its bytes.
 """
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
@@ -35,31 +39,48 @@ from .block_pool import BlockPool
 
 Tensors = dict[str, torch.Tensor]
 DEFAULT_BLOCK = 32  # tokens per block: the TurboQuant window's default, and a small rounding loss
+# A held block's bytes beside its tensors: the Block, its key and packed tokens, its LRU entry
+# (~0.7 KiB of RSS at 32 tokens a block: tests/test_prefix_pool.py measures it), counted in the budget.
+BLOCK_META = 1024
 
 
 def tensors_nbytes(tensors: Tensors | None) -> int:
     return 0 if not tensors else sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def block_key(parent: bytes, tokens: list[int] | tuple[int, ...]) -> bytes:
+def pack_tokens(tokens: list[int] | tuple[int, ...]) -> bytes:
+    """Token ids as int64 bytes (native order): what a block keeps and its key hashes."""
+    return array("q", tokens).tobytes()
+
+
+def unpack_tokens(packed: bytes) -> list[int]:
+    return array("q", packed).tolist()
+
+
+def block_key(parent: bytes, tokens: bytes) -> bytes:
+    """tokens: pack_tokens of the block's ids."""
     h = hashlib.blake2b(parent, digest_size=16)
-    h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
+    h.update(tokens)
     return h.digest()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block:
     key: bytes
     parent: bytes
-    tokens: tuple[int, ...]
+    tokens: bytes  # pack_tokens of its ids
     end: int  # prefix length at the block's end
-    data: Tensors
+    data: Tensors | None  # its tensors; None while they sit in a BlockPool slot
     tail: Tensors | None = None  # what restoring at this block's end needs beyond the blocks
     slot: int | None = None  # its BlockPool slot while held in RAM (None: not pooled)
+    size: int = field(init=False)  # bytes of its tensors
+
+    def __post_init__(self) -> None:
+        self.size = tensors_nbytes(self.data)
 
     @property
     def nbytes(self) -> int:
-        return tensors_nbytes(self.data) + tensors_nbytes(self.tail)
+        return self.size + tensors_nbytes(self.tail) + BLOCK_META
 
 
 @dataclass
@@ -104,7 +125,7 @@ class PrefixCache:
         b = self.block_size
         while len(keys) < n_blocks:
             i = len(keys)
-            keys.append(block_key(keys[-1] if keys else self.root, ids[i * b : (i + 1) * b]))
+            keys.append(block_key(keys[-1] if keys else self.root, pack_tokens(ids[i * b : (i + 1) * b])))
         return keys
 
     def parent_of(self, keys: list[bytes], i: int) -> bytes:
@@ -122,12 +143,13 @@ class PrefixCache:
         chain: list[Block] = []
         from_disk: list[Block] = []
         for i in range(max(0, max_tokens) // b):
+            tokens = pack_tokens(ids[i * b : (i + 1) * b])
             block = self.blocks.get(keys[i])
             if block is None and self.store is not None:
-                block = self.store.load(keys[i], self.parent_of(keys, i), tuple(ids[i * b : (i + 1) * b]), (i + 1) * b)
+                block = self.store.load(keys[i], self.parent_of(keys, i), tokens, (i + 1) * b)
                 if block is not None:
                     from_disk.append(block)
-            if block is None or block.parent != self.parent_of(keys, i) or block.tokens != tuple(ids[i * b : (i + 1) * b]):
+            if block is None or block.parent != self.parent_of(keys, i) or block.tokens != tokens:
                 break
             chain.append(block)
         matched = len(chain)
@@ -147,7 +169,10 @@ class PrefixCache:
         n = len(chain) * b
         self.stats.hit_tokens += n
         self.stats.disk_hit_tokens += b * sum(1 for blk in from_disk if blk in chain)
-        return Hit(n, [blk.data for blk in chain], tail, matched * b)
+        return Hit(n, [self._tensors(blk) for blk in chain], tail, matched * b)
+
+    def _tensors(self, block: Block) -> Tensors:
+        return block.data if block.slot is None else self.pool.views(block.slot)  # type: ignore[return-value]
 
     # -- insert --------------------------------------------------------------------------------
     def first_missing(self, keys: list[bytes], start: int, stop: int) -> int:
@@ -168,7 +193,7 @@ class PrefixCache:
         self.extend_keys(ids, keys, stop)
         for i, d in zip(range(first, stop), data):
             if keys[i] not in self.blocks:
-                block = Block(keys[i], self.parent_of(keys, i), tuple(ids[i * b : (i + 1) * b]), (i + 1) * b, d)
+                block = Block(keys[i], self.parent_of(keys, i), pack_tokens(ids[i * b : (i + 1) * b]), (i + 1) * b, d)
                 self._add(block)
                 self.stats.inserted_blocks += 1
                 if self.store is not None and block.key in self.blocks:
@@ -201,7 +226,9 @@ class PrefixCache:
     def _add(self, block: Block) -> None:
         if block.key in self.blocks or block.nbytes > self.capacity:
             return
-        block.data, block.slot = self.pool.take(block.data)
+        block.slot = self.pool.take(block.data)  # type: ignore[arg-type]
+        if block.slot is not None:
+            block.data = None  # (its tensors are the slot's now)
         self.blocks[block.key] = block
         self.nbytes += block.nbytes
         self._evict(keep=block.key)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from .prefix_cache import Block, Tensors, tensors_nbytes
+from .prefix_cache import Block, Tensors, pack_tokens, tensors_nbytes, unpack_tokens
 
 log = logging.getLogger("moemesh.prompt_cache")
 
@@ -130,13 +130,18 @@ class PromptStore:
             pass
         return header, tensors
 
-    def load(self, key: bytes, parent: bytes, tokens: tuple[int, ...], end: int) -> Block | None:
+    def load(self, key: bytes, parent: bytes, tokens: bytes, end: int) -> Block | None:
+        """tokens: pack_tokens of the block's ids."""
         def check(header: dict, tensors: Tensors) -> None:
             if (header.get("kind"), header.get("key"), header.get("parent")) != ("block", key.hex(), parent.hex()):
                 raise ValueError("header names another block")
-            if tuple(header.get("tokens", ())) != tokens:
+            try:
+                stored = pack_tokens(header.get("tokens", ()))
+            except (OverflowError, TypeError) as exc:
+                raise ValueError(f"tokens are not token ids ({exc})") from None
+            if stored != tokens:
                 raise ValueError("tokens differ from the prefix looked up")
-            check_spec(tensors, self.block_spec(len(tokens)))
+            check_spec(tensors, self.block_spec(len(tokens) // 8))
 
         got = self._read(self._path(key, ".blk"), check)
         if got is None:
@@ -156,7 +161,7 @@ class PromptStore:
     # -- writes (queued for the writer thread) ------------------------------------------------------
     def save(self, block: Block) -> None:
         if not self._path(block.key, ".blk").exists():
-            header = {"kind": "block", "key": block.key.hex(), "parent": block.parent.hex(), "tokens": list(block.tokens)}
+            header = {"kind": "block", "key": block.key.hex(), "parent": block.parent.hex(), "tokens": unpack_tokens(block.tokens)}
             self._enqueue(self._path(block.key, ".blk"), header, block.data)
         if block.tail is not None:
             self.save_tail(block, block.tail)
