@@ -1,11 +1,13 @@
 """engine/decode_plan.py: one sequence's decode steps with the attention blocks as pre-bound C calls give
 the eager forward's logits bit for bit (int4 trunks: SmolLM2's GGUF, an int4 MoE store with per-head q/k
-norms; and a layer it cannot plan falls back to its module), and it stays out of the way elsewhere."""
+norms; and a layer it cannot plan falls back to its module), and it stays out of the way elsewhere.
+engine/decode_step.py: a fully planned model's layers as one C call give the per-layer loop's bits."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moemesh.engine.decode_plan import PlannedDecode
 from moemesh.engine.engine import Engine
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.loading.convert import convert
@@ -30,9 +32,10 @@ def logits_per_step(model, planned: bool, prompt: list[int], n: int) -> tuple[li
     return seq.output_ids, seen
 
 
-def check_same(model, prompt: list[int], n: int = 24) -> None:
+def check_same(model, prompt: list[int], n: int = 24, one_call: bool = True) -> None:
     engine = Engine(model)
     assert engine.planned is not None and engine.planned.active
+    assert (engine.planned.table is not None) == one_call  # all layers planned: one C call per token
     ids_a, la = logits_per_step(model, True, prompt, n)
     ids_b, lb = logits_per_step(model, False, prompt, n)
     assert ids_a == ids_b and len(la) == len(lb) == n
@@ -68,7 +71,7 @@ def test_lazy_experts_bit_exact(moe_store):
     from moemesh.loading.experts import ExpertOptions
 
     model = load_model(str(moe_store), experts=ExpertOptions(slots=5)).model  # experts read while decoding
-    check_same(model, [5, 9, 13, 2, 77, 31])
+    check_same(model, [5, 9, 13, 2, 77, 31], one_call=False)  # (lazy experts: the module's MoE forward)
 
 
 def test_unplannable_layers_fall_back(moe_store):
@@ -76,7 +79,7 @@ def test_unplannable_layers_fall_back(moe_store):
     model.layers[1].attn.clip_qkv = 1e9  # the plan does not cover clipping: this layer runs its module
     engine = Engine(model)
     assert engine.planned.plans[0] is not None and engine.planned.plans[1] is None
-    check_same(model, [5, 9, 13, 2, 77, 31])
+    check_same(model, [5, 9, 13, 2, 77, 31], one_call=False)  # a layer outside the plan: the per-layer loop
 
 
 def test_fp32_models_and_batches_use_the_modules(tiny_checkpoints):
@@ -87,3 +90,44 @@ def test_fp32_models_and_batches_use_the_modules(tiny_checkpoints):
     a, b = engine.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=6))
     ref = Engine(model, planned=False).generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=6))
     assert [a.output_ids, b.output_ids] == [r.output_ids for r in ref]
+
+
+def one_call_vs_loop(model, prompt: list[int], n: int) -> None:
+    """The same engine's decode steps with the table (one C call per token) and with the per-layer loop."""
+    engine = Engine(model)
+    assert engine.planned.table is not None
+    runs = []
+    for one_call in (True, False):
+        engine.planned = PlannedDecode(model, one_call=one_call)
+        seen: list[torch.Tensor] = []
+        real = Engine._sample.__get__(engine)
+        engine._sample = lambda seqs, ready, logits: (seen.append(logits.clone()), real(seqs, ready, logits))[1]
+        (seq,) = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n))
+        runs.append((seq.output_ids, seen))
+    (ids_a, la), (ids_b, lb) = runs
+    assert ids_a == ids_b and len(la) == len(lb) == n
+    assert all(torch.equal(a, b) for a, b in zip(la, lb))
+
+
+def test_one_call_gives_the_per_layer_loops_bits_as_the_cache_grows(moe_store):
+    """40 tokens from a 6-token prompt: the KV buffers are replaced several times (16, then a quarter
+    more each time), so the table reads their new addresses."""
+    one_call_vs_loop(load_model(str(moe_store)).model, [5, 9, 13, 2, 77, 31], 40)
+
+
+def test_one_call_dense_mlp_gives_the_per_layer_loops_bits():
+    one_call_vs_loop(load_model("smollm2", "auto").model, list(range(300, 320)), 12)
+
+
+def test_one_call_names_the_layer_that_failed(moe_store):
+    from moemesh.batch import BatchLayout
+
+    model = load_model(str(moe_store)).model
+    table = Engine(model).planned.table
+    cache = model.new_cache("dense")
+    cache.add_sequence(0)
+    cache.begin(BatchLayout([0], [1]))  # buffers for a few tokens
+    cos, sin = model.rope.cos_sin(torch.tensor([0]))
+    x = torch.zeros(1, model.embed.shape[1])
+    with pytest.raises(ValueError, match="attention failed at layer 0, position 1000000"):
+        table.run(x, cos, sin, cache, 0, 10**6, 1)  # a position past the buffers

@@ -30,6 +30,7 @@ from ..layers.router import TopKRouter
 from ..models.transformer import DecoderLayer, Transformer
 from ..quant import decode_kernels, int4_native
 from ..quant.qlinear import QuantLinear
+from .decode_step import StepTable
 
 
 def _int4(lin: object) -> bool:
@@ -159,9 +160,11 @@ class FfnPlan:
 
 class PlannedDecode:
     """``maybe_step``: logits [1, V] of one sequence's one decode token, or None where the plan does not
-    apply (several sequences, prefill, a cache other than the dense fp32 one, no native kernels)."""
+    apply (several sequences, prefill, a cache other than the dense fp32 one, no native kernels).
+    When every layer is planned, a token's layers run as one C call (decode_step.StepTable) unless
+    ``one_call`` is False (the per-layer loop below: the same calls, from Python)."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, one_call: bool = True) -> None:
         self.model = model
         self.lib = decode_kernels.load()
         rotary = model.rope.cos_sin(torch.zeros(1, dtype=torch.long))[0].shape[-1]
@@ -172,6 +175,8 @@ class PlannedDecode:
         self.ffns = [FfnPlan(layer, self.lib) if plan is not None and isinstance(layer.ffn_norm, RMSNorm) else None
                      for layer, plan in zip(model.layers, self.plans)]
         self.active = any(p is not None for p in self.plans)
+        d = model.embed.shape[1] if self.active else 0
+        self.table = StepTable.build(self.plans, self.ffns, self.lib, d) if self.active and one_call else None
 
     def maybe_step(self, token_chunks: list[list[int]], in_prefill: list[bool], seq_ids: list[int],
                    cache: KVCache) -> torch.Tensor | None:
@@ -190,6 +195,10 @@ class PlannedDecode:
         x = model.embed[torch.tensor([token])].float().contiguous()  # [1, D] a new row: the plans add into it
         cos, sin = model.rope.cos_sin(positions)  # [1, 1, Dh]
         threads = torch.get_num_threads()
+        if self.table is not None:
+            self.table.run(x, cos, sin, cache, seq_id, pos, threads)
+            cache.end(batch)
+            return model.logits(x)  # [1, V]
         for layer, plan, ffn in zip(model.layers, self.plans, self.ffns):
             if plan is None:
                 x = layer.attention_block(x, cos, sin, cache, batch)

@@ -16,6 +16,8 @@ is one ctypes call (~1 us) doing what several torch ops did, on fp32 contiguous 
   nothing else (the reference: ``argmax`` and ``log_softmax`` over the row);
 * ``router_topk``: a softmax router's top k per row (logits, softmax, selection, renormalisation; the
   reference: ``layers.router.TopKRouter.reference``, the same up to summation order and ties);
+* ``dk_decode_layers`` (decode_step.c): a planned decode token's layers, those calls from one C loop
+  (engine/decode_step.py builds its table);
 * ``heads_i8``: H per-head matrix-vector products with int8 weights and per-row scales (MLA's absorbed
   matrices; the reference: ``heads_i8_reference``, an einsum over the same int8 values).
 
@@ -36,7 +38,7 @@ import torch
 from .native import BASE_FLAGS, load_library
 
 HERE = Path(__file__).parent
-SOURCES = ("decode_kernels.c",)
+SOURCES = ("decode_kernels.c", "decode_step.c")
 FLAGS = (*BASE_FLAGS, "-ffp-contract=off")  # no fused multiply-adds: torch's rounding of a*b + c*d
 ENV = "MOEMESH_DECODE_NATIVE"
 
@@ -69,6 +71,8 @@ def load() -> ctypes.CDLL | None:
     lib.dk_router_topk.restype = i32
     lib.dk_add.argtypes = [p, p, i64]
     lib.dk_add.restype = None
+    lib.dk_decode_layers.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i32]  # (engine/decode_step.py)
+    lib.dk_decode_layers.restype = i32
     return lib if lib.dk_simd() == 1 else None
 
 
