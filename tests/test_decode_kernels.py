@@ -204,3 +204,33 @@ def test_batched_decode_step_gives_each_sequence_its_own_bits(hq, hkv, dh, dv, w
             assert torch.equal(ca.seqs[sid].keys[0][:, : n + 1], cb.seqs[sid].keys[0][:, : n + 1])
             if not vik:
                 assert torch.equal(ca.seqs[sid].values[0][:, : n + 1], cb.seqs[sid].values[0][:, : n + 1])
+
+
+@needs_lib
+def test_head_rescore_recomputes_the_references_candidates():
+    """The approximate head's rescoring in one C pass (head_kernels.c) against OutputHead.rescore_reference
+    (topk, einsum, scatter): the same entries replaced, by the same exact dot products up to summation
+    order; ties go to the lower index; a NaN row is declined and left untouched."""
+    from moemesh.layers.head import OutputHead
+
+    lib = dk.load()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5000, 64, generator=g)
+    x = torch.randn(3, 64, generator=g)
+    approx = x @ w.T + 0.05 * torch.randn(3, 5000, generator=g)  # [3, V] a quantized head's error
+    head = OutputHead(w, approx=torch.nn.Identity(), rescore=16)
+    got, want = approx.clone(), head.rescore_reference(x, approx.clone())
+    assert dk.head_rescore(lib, got, x, w, 16)
+    assert torch.equal(got != approx, want != approx) and int((got != approx).sum()) == 3 * 16
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    ties = torch.zeros(1, 100)
+    assert dk.head_rescore(lib, ties, x[:1], w[:100], 4)
+    assert (ties[0, :4] != 0).all() and (ties[0, 4:] == 0).all()  # equal values: the lowest indices
+
+    bad = approx[:1].clone()
+    bad[0, 7] = float("nan")
+    before = bad.clone()
+    assert not dk.head_rescore(lib, bad, x[:1], w, 16)
+    assert torch.equal(bad.nan_to_num(), before.nan_to_num())
+    assert not dk.head_rescore(lib, approx[:1].clone(), x[:1], w, 65)  # more candidates than it keeps

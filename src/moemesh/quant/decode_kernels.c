@@ -12,58 +12,13 @@
  * dk_attend_batch one query token of each of B sequences: dk_attend_one per sequence, sequences shared
  *                 out over the threads
  * dk_heads_i8     per-head matrix-vector products with int8 weights (MLA's absorbed per-head matrices)
- * dk_greedy       a row's argmax (first of equal maxima; a NaN wins, as torch.argmax) and its log-probability
  * dk_router_topk  a softmax router's top k per row (logits, softmax over the experts, selection, renormalisation)
  * dk_add          x += y in place (a residual connection without a new tensor)
+ * (the output head's greedy sampler and rescoring: head_kernels.c; a whole planned token: decode_step.c)
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-/* exp for the softmax, Cephes' expf (range reduction by ln 2, degree-6 polynomial; < 2 ulp on
- * [-87, 88]), written so the loops over it vectorize. exp(-inf) = 0 via the clamp: callers pass
- * s - max, never above 0. */
-static inline float dk_exp(float x) {
-    x = x < -87.33654f ? -87.33654f : x;
-    x = x > 88.37626f ? 88.37626f : x;
-    const float t = x * 1.44269504088896341f + 0.5f;
-    float n = (float)(int32_t)t; /* floorf(t), as a truncation and a step: a call to floorf kept the */
-    n = n > t ? n - 1.0f : n;    /* loops over dk_exp from vectorizing (|t| < 2^7: exact either way) */
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two;
-    memcpy(&two, &bits, sizeof two);
-    return p * two;
-}
+#include "decode_common.h"
 
 int dk_simd(void) { return 1; }
-
-#define LANES 16 /* partial sums per reduction: two AVX registers, so the loops vectorize */
-
-/* sum of a[i] * b[i], in LANES partial sums (a fixed order: the same bits for the same inputs) */
-static inline float dk_dot(const float *a, const float *b, int64_t n) {
-    float acc[LANES] = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[i + l] * b[i + l];
-    float tail = 0.0f;
-    for (; i < n; i++) tail += a[i] * b[i];
-    float s = 0.0f;
-    for (int l = 0; l < LANES; l++) s += acc[l];
-    return s + tail;
-}
 
 void dk_rms_norm(const float *x, int64_t rows, int64_t dim, int64_t sx, const float *w, float eps,
                  float *y, int64_t sy) {
@@ -93,16 +48,6 @@ void dk_rope(float *x, int64_t t, int64_t h, int64_t dh, int64_t st, int64_t sh,
             }
         }
     }
-}
-
-/* 8 floats as one value (GCC/Clang vector extension: elementwise IEEE operations, so every target,
- * with or without SIMD, gives the same bits); loads and stores through memcpy (no alignment assumed). */
-typedef float dk_v8 __attribute__((vector_size(32)));
-
-static inline dk_v8 dk_load8(const float *p) {
-    dk_v8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
 }
 
 /* a . b over n (a multiple of 8): eight lane sums over the chunks in order, then a fixed tree. One
@@ -255,108 +200,6 @@ void dk_heads_i8(const float *x, int64_t t, int64_t h, int64_t k, int64_t xt, in
             float *yv = y + (tt * h + hh) * n;
             for (int64_t j = 0; j < n; j++) yv[j] = sh[j] * dk_dot_i8(xv, wh + j * k, k);
         }
-    }
-}
-
-typedef float dk_v16 __attribute__((vector_size(64)));
-typedef int32_t dk_v16i __attribute__((vector_size(64)));
-typedef double dk_v8d __attribute__((vector_size(64)));
-
-/* The first index of a row's maximum, or of its first NaN (torch.argmax: a NaN wins). Per lane of 16 its
- * first maximum, in vector registers, then the lowest index among the lanes holding the maximum. */
-static int64_t dk_argmax(const float *x, int64_t v) {
-    int64_t i = 0, best = 0;
-    float m = x[0];
-    dk_v16i nan = {0};
-    if (v >= 16 && v < INT32_MAX) {
-        dk_v16 mx;
-        dk_v16i bi;
-        memcpy(&mx, x, sizeof mx);
-        for (int l = 0; l < 16; l++) bi[l] = l;
-        nan |= mx != mx;
-        const dk_v16i step = {16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16};
-        dk_v16i at = bi;
-        for (i = 16; i + 16 <= v; i += 16) {
-            dk_v16 a;
-            memcpy(&a, x + i, sizeof a);
-            at += step;
-            const dk_v16i up = a > mx;
-            nan |= a != a;
-            mx = (dk_v16)(((dk_v16i)a & up) | ((dk_v16i)mx & ~up));
-            bi = (at & up) | (bi & ~up);
-        }
-        m = mx[0], best = bi[0];
-        for (int l = 1; l < 16; l++)
-            if (mx[l] > m || (mx[l] == m && bi[l] < best)) m = mx[l], best = bi[l];
-    }
-    int any_nan = 0;
-    for (int l = 0; l < 16; l++) any_nan |= nan[l] != 0;
-    for (; i < v; i++) {
-        any_nan |= x[i] != x[i];
-        if (x[i] > m) m = x[i], best = i;
-    }
-    if (any_nan || m != m)
-        for (best = 0; best < v && x[best] == x[best]; best++) {}
-    return best;
-}
-
-#define DK_SPLAT16(c) ((dk_v16){c, c, c, c, c, c, c, c, c, c, c, c, c, c, c, c})
-
-static inline dk_v16 dk_blend16(dk_v16i mask, dk_v16 a, dk_v16 b) { /* mask ? a : b, per lane */
-    return (dk_v16)(((dk_v16i)a & mask) | ((dk_v16i)b & ~mask));
-}
-
-/* dk_exp on 16 lanes, the same operations in the same order (so the same bits), written with vector
- * types: the compiler turned the scalar form's clamps into branches in some loops and kept them scalar. */
-static inline dk_v16 dk_exp16(dk_v16 x) {
-    x = dk_blend16(x < DK_SPLAT16(-87.33654f), DK_SPLAT16(-87.33654f), x);
-    x = dk_blend16(x > DK_SPLAT16(88.37626f), DK_SPLAT16(88.37626f), x);
-    const dk_v16 t = x * DK_SPLAT16(1.44269504088896341f) + DK_SPLAT16(0.5f);
-    dk_v16 n = __builtin_convertvector(__builtin_convertvector(t, dk_v16i), dk_v16);
-    n = dk_blend16(n > t, n - DK_SPLAT16(1.0f), n);
-    dk_v16 r = x - n * DK_SPLAT16(0.693359375f);
-    r = r - n * DK_SPLAT16(-2.12194440e-4f);
-    dk_v16 p = DK_SPLAT16(1.9875691500e-4f);
-    p = p * r + DK_SPLAT16(1.3981999507e-3f);
-    p = p * r + DK_SPLAT16(8.3334519073e-3f);
-    p = p * r + DK_SPLAT16(4.1665795894e-2f);
-    p = p * r + DK_SPLAT16(1.6666665459e-1f);
-    p = p * r + DK_SPLAT16(5.0000001201e-1f);
-    p = p * r * r + r + DK_SPLAT16(1.0f);
-    const dk_v16i bits = (__builtin_convertvector(n, dk_v16i) + 127) << 23;
-    return p * (dk_v16)bits;
-}
-
-/* sum of exp(x[i] - m) over a row: 16 double lanes, each adding its exps in order (a float sum of 10^5
- * terms would carry ~1e-6 of rounding), then the tail, then the lanes in order. */
-static double dk_sum_exp(const float *x, int64_t v, float m) {
-    dk_v8d lo = {0}, hi = {0};
-    int64_t i = 0;
-    for (; i + 16 <= v; i += 16) {
-        dk_v16 a;
-        memcpy(&a, x + i, sizeof a);
-        const dk_v16 e = dk_exp16(a - DK_SPLAT16(m));
-        dk_v8 e0, e1;
-        memcpy(&e0, &e, sizeof e0);
-        memcpy(&e1, (const char *)&e + sizeof e0, sizeof e1);
-        lo += __builtin_convertvector(e0, dk_v8d);
-        hi += __builtin_convertvector(e1, dk_v8d);
-    }
-    double sum = 0.0;
-    for (; i < v; i++) sum += dk_exp(x[i] - m);
-    for (int l = 0; l < 8; l++) sum += lo[l];
-    for (int l = 0; l < 8; l++) sum += hi[l];
-    return sum;
-}
-
-/* rows of logits x [rows, v] (row stride sx): idx[r] = argmax, logp[r] = log_softmax(x[r])[idx[r]],
- * computed as torch's log_softmax does: (x - max) - log(sum(exp(x - max))). */
-void dk_greedy(const float *x, int64_t rows, int64_t v, int64_t sx, int64_t *idx, float *logp) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * sx;
-        const int64_t best = dk_argmax(xr, v);
-        idx[r] = best;
-        logp[r] = xr[best] != xr[best] ? xr[best] : (float)-log(dk_sum_exp(xr, v, xr[best]));
     }
 }
 

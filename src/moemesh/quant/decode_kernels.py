@@ -13,7 +13,9 @@ is one ctypes call (~1 us) doing what several torch ops did, on fp32 contiguous 
 * ``attend_batch``: ``attend_one`` for one token of each of B sequences, one call, the sequences shared
   out over the threads (each row the bits it has alone);
 * ``greedy``: each row's argmax and its log-probability in one pass, for a sampler step that needs
-  nothing else (the reference: ``argmax`` and ``log_softmax`` over the row);
+  nothing else (the reference: ``argmax`` and ``log_softmax`` over the row; head_kernels.c);
+* ``head_rescore``: an approximate output head's best candidates recomputed exactly (the reference:
+  ``layers.head.OutputHead.rescore_reference``: topk, an einsum, a scatter; head_kernels.c);
 * ``router_topk``: a softmax router's top k per row (logits, softmax, selection, renormalisation; the
   reference: ``layers.router.TopKRouter.reference``, the same up to summation order and ties);
 * ``dk_decode_layers`` (decode_step.c): a planned decode token's layers, those calls from one C loop
@@ -38,7 +40,7 @@ import torch
 from .native import BASE_FLAGS, load_library
 
 HERE = Path(__file__).parent
-SOURCES = ("decode_kernels.c", "decode_step.c")
+SOURCES = ("decode_common.h", "decode_kernels.c", "head_kernels.c", "decode_step.c")
 FLAGS = (*BASE_FLAGS, "-ffp-contract=off")  # no fused multiply-adds: torch's rounding of a*b + c*d
 ENV = "MOEMESH_DECODE_NATIVE"
 
@@ -71,6 +73,8 @@ def load() -> ctypes.CDLL | None:
     lib.dk_router_topk.restype = i32
     lib.dk_add.argtypes = [p, p, i64]
     lib.dk_add.restype = None
+    lib.dk_head_rescore.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64]
+    lib.dk_head_rescore.restype = i32
     lib.dk_decode_layers.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i32]  # (engine/decode_step.py)
     lib.dk_decode_layers.restype = i32
     return lib if lib.dk_simd() == 1 else None
@@ -181,6 +185,15 @@ def greedy(lib: ctypes.CDLL, logits: torch.Tensor) -> tuple[list[int], list[floa
     idx, logp = torch.empty(b, dtype=torch.int64), torch.empty(b)
     lib.dk_greedy(logits.data_ptr(), b, v, logits.stride(0), idx.data_ptr(), logp.data_ptr())
     return idx.tolist(), logp.tolist()
+
+
+def head_rescore(lib: ctypes.CDLL, logits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: int) -> bool:
+    """logits fp32 [B, V] (V contiguous), in place: each row's r largest (ties: the lower index) become
+    x[b] . weight[i] exactly (x fp32 [B, D], weight fp32 [V, D], both contiguous). False (logits
+    untouched) where the kernel declines: r outside [1, 64], or a NaN in a row."""
+    b, v = logits.shape
+    return lib.dk_head_rescore(logits.data_ptr(), b, v, logits.stride(0), x.data_ptr(), x.stride(0),
+                               weight.data_ptr(), weight.shape[1], r) == 0
 
 
 def router_topk(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, k: int,
