@@ -1,7 +1,7 @@
 """Load-time placement of the weights a decode step streams: every resident quantized buffer in a
 huge-page arena (hugepages.py), and the scales of those the C kernels read every token (resident
-experts, trunk linears big enough to run moemesh's kernel in compiled graphs too) rewritten in the
-kernels' block-major layout (QuantLinear.use_block_scales). Both change addresses only: same values,
+experts, the trunk's int4 linears) rewritten in the kernels' block-major layout
+(QuantLinear.use_block_scales): one run of scales per weight block instead of one every N_pad entries. Both change addresses only: same values,
 same arithmetic, same bits. Done right after the model is built, before a compiled plan captures the
 tensors (fused MLPs that already ran are told to forget their pointers).
 """
@@ -14,7 +14,6 @@ from ..layers.mlp import GatedMLP
 from ..layers.moe import MoEBlock
 from ..models.transformer import Transformer
 from ..quant.hugepages import move_quantized
-from ..quant.int4_ops import NATIVE_LINEAR_MIN_BYTES
 from ..quant.qlinear import QuantLinear
 
 
@@ -37,14 +36,13 @@ def place_expert_weights(modules: list[torch.nn.Module]) -> int:
 
 def place_decode_weights(model: Transformer, move_experts: bool = True) -> int:
     """Trunk (and, with ``move_experts``, resident experts: a store's are read into their arena
-    directly) into huge pages; block scales for every resident expert and the big trunk linears.
+    directly) into huge pages; block scales for every resident expert and int4 trunk linear.
     Returns how many linears now use block scales."""
     experts = resident_expert_modules(model)
     trunk = list(model.modules())
     move_quantized(trunk + experts if move_experts else trunk)
-    big = [m for m in trunk if isinstance(m, QuantLinear) and m.mode == "int4"
-           and m.qweight.numel() >= NATIVE_LINEAR_MIN_BYTES]
-    n = sum(m.use_block_scales() for m in big + [m for m in experts if isinstance(m, QuantLinear)])
+    linears = [m for m in trunk if isinstance(m, QuantLinear) and m.mode == "int4"]
+    n = sum(m.use_block_scales() for m in linears + [m for m in experts if isinstance(m, QuantLinear)])
     for m in trunk + experts:  # a fused MLP that already ran cached the old pointers and format
         if isinstance(m, GatedMLP):
             m.forget_kernel_pointers()

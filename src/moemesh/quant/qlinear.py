@@ -318,14 +318,14 @@ class QuantLinear(torch.nn.Module):
     def prepare_graph(self) -> str | None:
         """Before a compiled decode step traces this layer (engine/compiled.py): pick its kernel in the
         graph and build what that kernel reads. int4 linears of >= ``int4_ops.NATIVE_LINEAR_MIN_BYTES``
-        packed (or with block-major scales, which only the C kernel reads) call moemesh's C kernel as
-        the graph op ``moemesh::int4_linear`` (the eager layer's bits for the same input); smaller ones
-        torch's kernel on a bf16 input (a Python custom op costs ~8 us a call: more than these save),
-        which for a symmetric layer needs (scale, 0) pairs, built once here. Returns None (every mode
-        runs in a graph)."""
+        packed call moemesh's C kernel as the graph op ``moemesh::int4_linear`` (the eager layer's bits
+        for the same input); smaller ones torch's kernel on a bf16 input (a Python custom op costs ~8 us
+        a call: more than these save), which reads torch's scale layout: (scale, zero) pairs built once
+        here (unblocked where the eager kernel reads block-major scales). Returns None (every mode runs
+        in a graph)."""
         if self.mode == "int4":
-            self._graph_native = self.native_int4() is not None and (
-                self.qweight.numel() >= int4_ops.NATIVE_LINEAR_MIN_BYTES or self.scale_blocks)
+            self._graph_native = (self.native_int4() is not None
+                                  and self.qweight.numel() >= int4_ops.NATIVE_LINEAR_MIN_BYTES)
             self._graph_sz = None if self._graph_native else self.torch_scales_and_zeros()
         return None
 
