@@ -131,3 +131,26 @@ def test_one_call_names_the_layer_that_failed(moe_store):
     x = torch.zeros(1, model.embed.shape[1])
     with pytest.raises(ValueError, match="attention failed at layer 0, position 1000000"):
         table.run(x, cos, sin, cache, 0, 10**6, 1)  # a position past the buffers
+
+
+def batched_logits(model, planned: bool, prompts: list[list[int]], n: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    engine = Engine(model, planned=planned)
+    seen: list[torch.Tensor] = []
+    real = engine._sample
+    engine._sample = lambda seqs, ready, logits: (seen.append(logits.clone()), real(seqs, ready, logits))[1]
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n))
+    return [o.output_ids for o in outs], seen
+
+
+@pytest.mark.parametrize("which", ["moe", "smollm2"])
+def test_batched_decode_steps_in_one_call_give_the_modules_bits(which, moe_store):
+    """Steps of several sequences in decode run as one C call (dk_decode_layers_batch); each row's logits
+    are the modules' batched forward's bits (planned=False), through KV buffers replaced as they grow."""
+    model = load_model(str(moe_store)).model if which == "moe" else load_model("smollm2", "auto").model
+    assert Engine(model).planned.table is not None
+    prompts = [[5, 9, 13, 2], [77], [31, 4, 8], [2, 2, 2, 2, 2, 2, 2], [40, 41]]
+    n = 40 if which == "moe" else 12
+    ids_a, la = batched_logits(model, True, prompts, n)
+    ids_b, lb = batched_logits(model, False, prompts, n)
+    assert ids_a == ids_b and len(la) == len(lb) == n
+    assert all(torch.equal(a, b) for a, b in zip(la, lb))

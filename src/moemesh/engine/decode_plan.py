@@ -180,10 +180,12 @@ class PlannedDecode:
 
     def maybe_step(self, token_chunks: list[list[int]], in_prefill: list[bool], seq_ids: list[int],
                    cache: KVCache) -> torch.Tensor | None:
-        if (not self.active or len(seq_ids) != 1 or in_prefill[0] or len(token_chunks[0]) != 1
+        if (not self.active or any(in_prefill) or any(len(c) != 1 for c in token_chunks)
                 or type(cache) is not DenseKVCache or cache.dtype != torch.float32):
             return None
-        return self.step(token_chunks[0][0], seq_ids[0], cache)
+        if len(seq_ids) == 1:
+            return self.step(token_chunks[0][0], seq_ids[0], cache)
+        return None if self.table is None else self.step_batch([c[0] for c in token_chunks], seq_ids, cache)
 
     @torch.inference_mode()
     def step(self, token: int, seq_id: int, cache: DenseKVCache) -> torch.Tensor:
@@ -209,3 +211,17 @@ class PlannedDecode:
             x = layer.ffn_block(x) if ffn is None else ffn(x, threads)
         cache.end(batch)
         return model.logits(x)  # [1, V]
+
+    @torch.inference_mode()
+    def step_batch(self, tokens: list[int], seq_ids: list[int], cache: DenseKVCache) -> torch.Tensor:
+        """One decode token of each sequence (a batched step) through the table: logits [B, V], each row
+        the modules' batched forward's bits, which are its bits alone."""
+        model = self.model
+        positions = [cache.seqs[s].length for s in seq_ids]
+        batch = BatchLayout(list(seq_ids), [1] * len(seq_ids))
+        cache.begin(batch)
+        x = model.embed[torch.tensor(tokens)].float().contiguous()  # [B, D]
+        cos, sin = model.rope.cos_sin(torch.tensor(positions))  # [B, 1, Dh]
+        self.table.run_batch(x, cos, sin, cache, seq_ids, positions, torch.get_num_threads())  # type: ignore[union-attr]
+        cache.end(batch)
+        return model.logits(x)  # [B, V]

@@ -33,7 +33,7 @@ FFN_MOE, FFN_MLP = 1, 2
 class Layer(ctypes.Structure):
     """decode_step.c's dk_layer, field for field."""
     _fields_ = [
-        ("qkv_fn", P), ("o_fn", P), ("ffn_fn", P),
+        ("qkv_fn", P), ("o_fn", P), ("ffn_fn", P), ("ffn_batch_fn", P),
         ("attn_norm", P), ("q_norm", P), ("k_norm", P), ("sinks", P), ("ffn_norm", P), ("router", P),
         ("qkv_q", P), ("o_q", P), ("qkv_s", P), ("o_s", P), ("table", P),
         ("qkv_npad", I64), ("o_npad", I64), ("qkv_fmt", I64), ("o_fmt", I64),
@@ -62,6 +62,7 @@ class StepTable:
         self.addr = ctypes.addressof(self.layers)
         self.kv = torch.zeros(len(plans), 4, dtype=torch.int64)  # [L, 4] keys, values, capacity, values' row stride
         self._first: weakref.ref | None = None  # the KV buffer the addresses in ``kv`` were read from
+        self._rows: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # batched steps: seq id -> (first buffer, [L, 3])
 
     @staticmethod
     def build(plans: list[AttentionPlan], ffns: list[FfnPlan], lib: ctypes.CDLL,
@@ -95,6 +96,7 @@ class StepTable:
             r = ffn.router
             lib, table, inter, gu_pad, dn_pad, fmt = ffn.provider._decode_table(ffn.layer)
             L.ffn_kind, L.ffn_fn, L.router, L.table = FFN_MOE, _fn(lib, "i4_moe_decode"), r.weight.data_ptr(), table.data_ptr()
+            L.ffn_batch_fn = _fn(lib, "i4_moe_batch")
             L.n_exp, L.top_k, L.norm_topk = r.weight.shape[0], r.top_k, int(r.norm_topk_prob)
             L.inter, L.gu_npad, L.dn_npad, L.ffn_fmt = inter, gu_pad, dn_pad, fmt
             held += [r.weight, table]
@@ -102,6 +104,7 @@ class StepTable:
             lib = ffn.fused_int4()
             gu_q, dn_q, fmt = ffn._kernel_key
             L.ffn_kind, L.ffn_fn, L.table = FFN_MLP, _fn(lib, "i4_experts_ffn"), ffn._kernel_table.data_ptr()
+            L.ffn_batch_fn = _fn(lib, "i4_silu_mul_rows")  # (its batched gate_up and down: i4_matmul, as qkv_fn)
             L.inter, L.gu_npad, L.dn_npad, L.ffn_fmt = ffn.down.in_features, gu_q[0], dn_q[0], fmt
             held += [ffn._kernel_table]
         self.keep += [t for t in held if t is not None]
@@ -125,15 +128,46 @@ class StepTable:
         seq = cache.seqs[seq_id]
         first = seq.keys[self.plans[0].attn.layer]
         if self._first is None or self._first() is not first:
-            rows = []
-            for p in self.plans:
-                keys = seq.keys[p.attn.layer]
-                values = keys if cache.values_in_keys else seq.values[p.attn.layer]
-                rows.append([keys.data_ptr(), values.data_ptr(), keys.shape[1], values.stride(1)])
-            self.kv.copy_(torch.tensor(rows, dtype=torch.int64))
+            self.kv.copy_(self._addresses(cache, seq, 4))
             self._first = weakref.ref(first)
         return seq
 
+    def _addresses(self, cache: DenseKVCache, seq, cols: int) -> torch.Tensor:
+        """int64 [L, cols]: per layer the keys and values addresses, the capacity (and the values' row stride)."""
+        rows = []
+        for p in self.plans:
+            keys = seq.keys[p.attn.layer]
+            values = keys if cache.values_in_keys else seq.values[p.attn.layer]
+            rows.append([keys.data_ptr(), values.data_ptr(), keys.shape[1], values.stride(1)][:cols])
+        return torch.tensor(rows, dtype=torch.int64)
+
+    def run_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: DenseKVCache,
+                  seq_ids: list[int], positions: list[int], threads: int) -> None:
+        """x fp32 [B, D] (one token of each sequence; their last hidden states on return), cos/sin
+        [B, 1, Dh]: every layer for the tokens at ``positions`` (buffers reserved by cache.begin)."""
+        cols = []
+        for sid in seq_ids:
+            seq = cache.seqs[sid]
+            first = seq.keys[self.plans[0].attn.layer]
+            got = self._rows.get(sid)
+            if got is None or got[0]() is not first:
+                got = (weakref.ref(first), self._addresses(cache, seq, 3))
+                self._rows[sid] = got
+            cols.append(got[1])
+        if len(self._rows) > 4 * len(seq_ids) + 64:  # sequences that ended: their buffers are gone
+            self._rows = {k: v for k, v in self._rows.items() if v[0]() is not None}
+        kv = torch.stack(cols, dim=-1).contiguous()  # [L, 3, B]
+        pos = torch.tensor(positions, dtype=torch.int64)
+        p0 = self.plans[0]
+        v_stride = p0.dh if cache.values_in_keys else cache.value_dim
+        rc = self.lib.dk_decode_layers_batch(x.data_ptr(), x.shape[0], x.shape[1], self.addr, len(self.plans),
+                                             kv.data_ptr(), cache.value_dim, v_stride, cos.data_ptr(), sin.data_ptr(),
+                                             pos.data_ptr(), threads)
+        if rc:
+            what = {1: "the qkv matmul", 2: "attention", 3: "the o matmul", 4: "the router", 5: "the FFN kernels"}
+            raise ValueError("batched decode step: out of memory" if rc < 0 else
+                             f"batched decode step: {what.get((rc - 1) % 16, '?')} failed at layer {(rc - 1) // 16}, "
+                             f"positions {positions}")
 
 def _router_takes(lib: ctypes.CDLL, f: FfnPlan, d: int) -> bool:
     """Whether the router's C call takes this layer's shape (it declines some: then the plan's own

@@ -77,6 +77,8 @@ def load() -> ctypes.CDLL | None:
     lib.dk_head_rescore.restype = i32
     lib.dk_decode_layers.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i32]  # (engine/decode_step.py)
     lib.dk_decode_layers.restype = i32
+    lib.dk_decode_layers_batch.argtypes = [p, i64, i64, p, i64, p, i64, i64, p, p, p, i32]
+    lib.dk_decode_layers_batch.restype = i32
     return lib if lib.dk_simd() == 1 else None
 
 

@@ -19,6 +19,10 @@ void dk_rope(float *x, int64_t t, int64_t h, int64_t dh, int64_t st, int64_t sh,
 int dk_attend_one(const float *q, int64_t hq, const float *k_new, int64_t ks, const float *v_new, int64_t vs,
                   float *keys, float *values, int64_t hkv, int64_t cap, int64_t dh, int64_t dv, int64_t v_stride,
                   int64_t pos, int64_t lo, int64_t end, float scale, const float *sinks, float *out, int nthreads);
+int dk_attend_batch(int64_t b, const float *q, int64_t qs, int64_t hq, const float *k_new, int64_t kbs, int64_t ks,
+                    const float *v_new, int64_t vbs, int64_t vs, const int64_t *keys, const int64_t *values,
+                    const int64_t *caps, const int64_t *pos, const int64_t *lo, int64_t hkv, int64_t dh, int64_t dv,
+                    int64_t v_stride, float scale, const float *sinks, float *out, int nthreads);
 int dk_router_topk(const float *x, int64_t t, int64_t d, int64_t sx, const float *w, int64_t e, int64_t k, int norm,
                    int64_t *ids, float *wout, int nthreads);
 void dk_add(float *x, const float *y, int64_t n);
@@ -28,6 +32,10 @@ typedef int (*i4_matmul_fn)(const void *x, int x_bf16, int64_t m, int64_t k, con
 typedef int (*i4_moe_fn)(const float *x, int64_t d, int64_t inter, int64_t a, const int64_t *ids, const float *w,
                          const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int fmt,
                          float *out, int nthreads);
+typedef int (*i4_moe_batch_fn)(const float *x, int64_t t, int64_t d, int64_t inter, int64_t a, const int64_t *ids,
+                               const float *w, const int64_t *table, int64_t num_experts, int64_t gu_npad,
+                               int64_t dn_npad, int fmt, float *out, int nthreads);
+typedef int (*i4_silu_rows_fn)(float *h, int64_t m, int64_t ld, int64_t inter);
 typedef int (*i4_ffn_fn)(const float *x, int64_t d, int64_t inter, int64_t n, const uint8_t *const *gu_q,
                          const uint16_t *const *gu_sz, int64_t gu_npad, const uint8_t *const *dn_q,
                          const uint16_t *const *dn_sz, int64_t dn_npad, int fmt, float *y, int nthreads);
@@ -38,6 +46,7 @@ enum { FFN_MOE = 1, FFN_MLP = 2 };
 typedef struct {
     i4_matmul_fn qkv_fn, o_fn;
     void *ffn_fn;                    /* i4_moe_fn (FFN_MOE) or i4_ffn_fn (FFN_MLP) */
+    void *ffn_batch_fn;              /* i4_moe_batch_fn (FFN_MOE) or i4_silu_rows_fn (FFN_MLP) */
     const float *attn_norm, *q_norm, *k_norm, *sinks, *ffn_norm, *router;  /* q/k_norm, sinks: NULL if none */
     const uint8_t *qkv_q, *o_q;
     const uint16_t *qkv_s, *o_s;
@@ -123,6 +132,107 @@ int dk_decode_layers(float *x, int64_t d, const dk_layer *layers, int64_t n, con
             break;
         }
         dk_add(x, y, d);
+    }
+    free(buf), free(ids);
+    return rc;
+}
+
+/* A batched decode step: one token of each of b sequences, x fp32 [b, D] in and out. The modules' batched
+   forward (int4 matmuls over b rows, attention as dk_attend_batch, the MoE layer as i4_moe_batch, a dense
+   MLP as gate_up, silu over the rows, down) as C calls, so each row has those bits, which are also its bits
+   alone (every kernel is row-invariant). kv int64 [n, 3, b]: per layer the sequences' keys and values
+   addresses and capacities; v_stride: the values' row stride; pos [b]; cos/sin [b, Dh]. Returns as
+   dk_decode_layers. */
+int dk_decode_layers_batch(float *x, int64_t b, int64_t d, const dk_layer *layers, int64_t n, const int64_t *kv,
+                           int64_t dv, int64_t v_stride, const float *cos_, const float *sin_, const int64_t *pos,
+                           int nthreads) {
+    int64_t wq = 0, wo = 0, wa = 0, wk = 1, wy = d, wm = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const dk_layer *L = layers + i;
+        const int64_t a = L->hq * (L->dh > dv ? L->dh : dv);
+        wq = L->qkv_npad > wq ? L->qkv_npad : wq;
+        wo = L->o_npad > wo ? L->o_npad : wo;
+        wa = a > wa ? a : wa;
+        wk = L->top_k > wk ? L->top_k : wk;
+        wy = L->dn_npad > wy ? L->dn_npad : wy;
+        wm = L->ffn_kind == FFN_MLP && L->gu_npad > wm ? L->gu_npad : wm;
+    }
+    /* per row: h [D], qkv [wq], normed q, k [wa] x2, attention out [wa], o [wo], FFN out [wy], gate_up [wm],
+       activation [wm], router weights [wk]; and ids [b, wk], lo [b] */
+    const int64_t row = d + wq + 3 * wa + wo + wy + 2 * wm + wk;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(b * row + 1));
+    int64_t *ids = (int64_t *)malloc(sizeof(int64_t) * (size_t)(b * wk + b + 1));
+    if (!buf || !ids) {
+        free(buf), free(ids);
+        return -1;
+    }
+    float *h = buf, *qkv = h + b * d, *qn = qkv + b * wq, *kn = qn + b * wa, *att = kn + b * wa, *o = att + b * wa,
+          *y = o + b * wo, *gu = y + b * wy, *act = gu + b * wm, *w = act + b * wm;
+    int64_t *lo = ids + b * wk;
+    int rc = 0;
+    for (int64_t i = 0; i < n && !rc; i++) {
+        const dk_layer *L = layers + i;
+        const int64_t hq = L->hq, hkv = L->hkv, dh = L->dh, *c = kv + 3 * b * i;
+        const int fail = (int)(1 + 16 * i);
+        dk_rms_norm(x, b, d, d, L->attn_norm, L->attn_eps, h, d);
+        if (L->qkv_fn(h, 0, b, d, L->qkv_q, L->qkv_s, (int)L->qkv_fmt, L->qkv_npad, qkv, nthreads)) {
+            rc = fail + 1;
+            break;
+        }
+        float *q = qkv, *k = qkv + hq * dh;
+        int64_t qs = L->qkv_npad, kbs = L->qkv_npad;
+        if (L->q_norm) { /* per head, over Dh, each row's heads */
+            for (int64_t r = 0; r < b; r++) {
+                dk_rms_norm(qkv + r * L->qkv_npad, hq, dh, dh, L->q_norm, L->q_eps, qn + r * hq * dh, dh);
+                dk_rms_norm(qkv + r * L->qkv_npad + hq * dh, hkv, dh, dh, L->k_norm, L->k_eps, kn + r * hkv * dh, dh);
+            }
+            q = qn, k = kn, qs = hq * dh, kbs = hkv * dh;
+        }
+        dk_rope(q, b, hq, dh, qs, dh, cos_, sin_);
+        dk_rope(k, b, hkv, dh, kbs, dh, cos_, sin_);
+        for (int64_t r = 0; r < b; r++)
+            lo[r] = L->window <= 0 ? 0 : (pos[r] + 1 - L->window > 0 ? pos[r] + 1 - L->window : 0);
+        if (dk_attend_batch(b, q, qs, hq, k, kbs, dh, qkv + (hq + hkv) * dh, L->qkv_npad, dh, c, c + b, c + 2 * b, pos,
+                            lo, hkv, dh, dv, v_stride, L->scale, L->sinks, att, nthreads)) {
+            rc = fail + 2;
+            break;
+        }
+        if (L->o_fn(att, 0, b, hq * dv, L->o_q, L->o_s, (int)L->o_fmt, L->o_npad, o, nthreads)) {
+            rc = fail + 3;
+            break;
+        }
+        for (int64_t r = 0; r < b; r++) dk_add(x + r * d, o + r * L->o_npad, d);
+        dk_rms_norm(x, b, d, d, L->ffn_norm, L->ffn_eps, h, d);
+        float *out = y;
+        int64_t so = wy;
+        if (L->ffn_kind == FFN_MOE) {
+            if (dk_router_topk(h, b, d, d, L->router, L->n_exp, L->top_k, (int)L->norm_topk, ids, w, nthreads)) {
+                rc = fail + 4;
+                break;
+            }
+            so = d; /* i4_moe_batch writes [b, D] */
+            if (((i4_moe_batch_fn)L->ffn_batch_fn)(h, b, d, L->inter, L->top_k, ids, w, L->table, L->n_exp,
+                                                   L->gu_npad, L->dn_npad, (int)L->ffn_fmt, y, nthreads)) {
+                rc = fail + 5;
+                break;
+            }
+        } else { /* gate_up over the rows, silu(gate) * up, down: GatedMLP.forward's batched path */
+            const int64_t *t = L->table; /* gate_up q, scales, down q, scales */
+            if (L->qkv_fn(h, 0, b, d, (const uint8_t *)(intptr_t)t[0], (const uint16_t *)(intptr_t)t[1],
+                          (int)L->ffn_fmt, L->gu_npad, gu, nthreads) ||
+                ((i4_silu_rows_fn)L->ffn_batch_fn)(gu, b, L->gu_npad, L->inter)) {
+                rc = fail + 5;
+                break;
+            }
+            for (int64_t r = 0; r < b; r++) memcpy(act + r * L->inter, gu + r * L->gu_npad, sizeof(float) * (size_t)L->inter);
+            so = L->dn_npad;
+            if (L->qkv_fn(act, 0, b, L->inter, (const uint8_t *)(intptr_t)t[2], (const uint16_t *)(intptr_t)t[3],
+                          (int)L->ffn_fmt, L->dn_npad, y, nthreads)) {
+                rc = fail + 5;
+                break;
+            }
+        }
+        for (int64_t r = 0; r < b; r++) dk_add(x + r * d, out + r * so, d);
     }
     free(buf), free(ids);
     return rc;
