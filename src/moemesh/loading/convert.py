@@ -124,8 +124,9 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", progress: boo
 def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str, quant: str = "int4") -> list[tuple[str, torch.Tensor]]:
     """Every non-expert tensor under its HF name; with trunk_quant int4 each linear weight as its
     three int4 tensors instead (GGUF 4-bit groups as read, float weights quantized like at load);
-    under --quant auto a GGUF's block-format tensors keep their rows (NAME.blocks.QTYPE)."""
-    from ..quant import int4_trunk
+    under --quant auto a GGUF's block-format tensors keep their rows (NAME.blocks.QTYPE), an FP8
+    checkpoint's weights their e4m3 tensors and scales."""
+    from ..quant import fp8, int4_trunk
 
     linears = linear_names(spec, args, source) if trunk_quant == "int4" else set()
     head = head_table_name(source, args) if trunk_quant == "int4" else None
@@ -136,6 +137,9 @@ def trunk_tensors(spec, args, source, expert_names: set[str], trunk_quant: str, 
         blocks = getattr(source, "blocks", lambda _: None)(n) if trunk_quant == "keep" and quant == "auto" else None
         if blocks is not None and (groups := source.int4_groups(n)) is not None:  # Q4_0/Q4_1: the int4 kernel's
             out += [(n + sfx, v) for sfx, v in int4_trunk.from_groups(groups).items()]  # groups, as a load gives
+            continue
+        if blocks is not None and blocks[0] == fp8.QTYPE:  # e4m3 as stored (its NAME_scale_inv is copied too):
+            out.append((n, source.ckpt.get(n)))  # padded rows would lose K, which the pair keeps
             continue
         if blocks is not None and blocks[0] in supported_qtypes():
             out.append((f"{n}{BLOCKS}{blocks[0]}", blocks[1]))  # the GGUF's rows as they are (BlockLinear at load)

@@ -5,6 +5,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import CheckpointError
 from ..quant.int4_trunk import Int4Groups, dequantize, groups
 
 
@@ -21,14 +22,21 @@ class WeightSource(Protocol):
 BLOCKS = ".blocks."  # an expert store's trunk tensor kept in its GGUF block format: NAME.blocks.QTYPE, uint8 rows
 
 
+FP8_SCALE = "_scale_inv"  # an FP8 checkpoint's NAME.weight (e4m3) beside NAME.weight_scale_inv (128x128 blocks)
+
+
 class SafetensorsSource:
     """Adapts a SafetensorsCheckpoint: float tensors, an expert store's int4 trunk linears
-    (NAME.q4 / .q4_scale / .q4_zero, weights/int4_trunk.py) as exact 4-bit groups, and a store's
-    block-format trunk tensors (NAME.blocks.QTYPE: the raw rows a GGUF held) as ``blocks``."""
+    (NAME.q4 / .q4_scale / .q4_zero, weights/int4_trunk.py) as exact 4-bit groups, a store's
+    block-format trunk tensors (NAME.blocks.QTYPE: the raw rows a GGUF held) and an FP8 checkpoint's
+    e4m3 weights with their block scales (DeepSeek-V3/R1's ``weight_scale_inv``; quant/fp8.py's rows)
+    as ``blocks``; ``get`` dequantizes both."""
 
     def __init__(self, ckpt) -> None:
         self.ckpt = ckpt
         self._blocks = {n.split(BLOCKS)[0]: n for n in ckpt.names() if BLOCKS in n}  # NAME -> its stored name
+        self._fp8 = {n[: -len(FP8_SCALE)] for n in ckpt.names() if n.endswith(".weight" + FP8_SCALE)
+                     and ckpt.has(n[: -len(FP8_SCALE)])}  # FP8 weights' names
 
     def has(self, name: str) -> bool:
         return self.ckpt.has(name) or self.ckpt.has(name + ".q4") or name in self._blocks
@@ -36,14 +44,26 @@ class SafetensorsSource:
     def get(self, name: str) -> torch.Tensor:
         if not self.ckpt.has(name) and self.ckpt.has(name + ".q4"):
             return dequantize(*self.int4_parts(name))
-        if not self.ckpt.has(name) and name in self._blocks:
+        if (not self.ckpt.has(name) and name in self._blocks) or name in self._fp8:
             from ..quant.blocks import BlockLinear
 
             return BlockLinear(*self.blocks(name)).dequantize()  # type: ignore[misc]
         return self.ckpt.get(name)
 
     def blocks(self, name: str) -> tuple[str, torch.Tensor, int] | None:
-        """(qtype, raw uint8 [N, row_bytes] (an mmap view), in_features) of a block-format trunk tensor."""
+        """(qtype, raw uint8 [N, row_bytes] (an mmap view; FP8: packed rows, a copy), in_features) of a
+        block-format tensor."""
+        if name in self._fp8:
+            from ..quant import fp8
+
+            weight = self.ckpt.get(name)
+            if weight.dtype not in (torch.float8_e4m3fn, torch.uint8) or weight.dim() != 2:
+                raise CheckpointError(f"{name}: an FP8 weight (it has {name + FP8_SCALE}) must be 2-D e4m3, "
+                                      f"got {weight.dtype} {tuple(weight.shape)}")
+            try:
+                return fp8.QTYPE, fp8.pack(weight, self.ckpt.get(name + FP8_SCALE)), weight.shape[1]
+            except ValueError as exc:
+                raise CheckpointError(f"{name}: {exc}") from None
         stored = self._blocks.get(name)
         if stored is None:
             return None
@@ -55,6 +75,10 @@ class SafetensorsSource:
         return qtype, raw, raw.shape[1] // size * block
 
     def stored_type(self, name: str) -> str:
+        if name in self._fp8:
+            from ..quant import fp8
+
+            return fp8.QTYPE
         stored = self._blocks.get(name)
         return stored.split(BLOCKS)[1] if stored else str(self.get(name).dtype).removeprefix("torch.")
 
