@@ -133,9 +133,10 @@ int i4_moe_batch(const float *x, int64_t t, int64_t d, int64_t inter, int64_t a,
     int64_t *start = (int64_t *)calloc((size_t)(num_experts + 1), sizeof(int64_t));
     int64_t *slot = (int64_t *)malloc(sizeof(int64_t) * (size_t)R);   /* row r of the grouped order -> flat slot */
     int64_t *used = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1)); /* experts with rows, ascending */
-    float *xg = (float *)malloc(sizeof(float) * (size_t)(R * d + R * gu_npad + R * dn_npad + 2 * R * G1 + 2 * R * G2));
-    int8_t *q = (int8_t *)malloc((size_t)(2 * R * d + 2 * R * inter));
-    int32_t *is = (int32_t *)malloc(sizeof(int32_t) * (size_t)(R * G1 + R * G2));
+    /* fp32: h [R, gu_npad], y [R, dn_npad], per-row stats of the grouped rows and of the t tokens */
+    float *xg = (float *)malloc(sizeof(float) * (size_t)(R * gu_npad + R * dn_npad + 2 * R * G1 + 2 * R * G2 + 2 * t * G1));
+    int8_t *q = (int8_t *)malloc((size_t)(2 * R * d + 2 * R * inter + 2 * t * d));
+    int32_t *is = (int32_t *)malloc(sizeof(int32_t) * (size_t)(R * G1 + R * G2 + t * G1));
     int rc = start && slot && used && xg && q && is ? 0 : -1;
     for (int64_t s = 0; rc == 0 && s < R; s++)
         if (ids[s] < 0 || ids[s] >= num_experts) rc = -2;
@@ -159,12 +160,22 @@ int i4_moe_batch(const float *x, int64_t t, int64_t d, int64_t inter, int64_t a,
         for (int64_t s = 0; s < R; s++) slot[fill[ids[s]]++] = s;  /* slots ascending within an expert */
         free(fill);
     }
-    float *h = xg + R * d, *y = h + R * gu_npad, *du = y + R * dn_npad, *sumx = du + R * G1, *adu = sumx + R * G1,
-          *asum = adu + R * G2;
-    int8_t *x1 = q, *x2 = q + R * d, *a1 = x2 + R * d, *a2 = a1 + R * inter;
-    int32_t *sx = is, *asx = is + R * G1;
-    for (int64_t r = 0; r < R; r++) memcpy(xg + r * d, x + (slot[r] / a) * d, sizeof(float) * (size_t)d);
-    i4_quant_x(xg, 0, R, d, x1, x2, du, sumx, sx);
+    float *h = xg, *y = h + R * gu_npad, *du = y + R * dn_npad, *sumx = du + R * G1, *adu = sumx + R * G1,
+          *asum = adu + R * G2, *tdu = asum + R * G2, *tsum = tdu + t * G1;
+    int8_t *x1 = q, *x2 = q + R * d, *a1 = x2 + R * d, *a2 = a1 + R * inter, *t1 = a2 + R * inter, *t2 = t1 + t * d;
+    int32_t *sx = is, *asx = is + R * G1, *tsx = asx + R * G2;
+    /* each token's planes once (a row's quantization depends on that row alone), then copied to its slots'
+       grouped rows: the planes a quantization of the gathered rows would give, without quantizing a token
+       once per expert it picked */
+    i4_quant_x(x, 0, t, d, t1, t2, tdu, tsum, tsx);
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t tok = slot[r] / a;
+        memcpy(x1 + r * d, t1 + tok * d, (size_t)d);
+        memcpy(x2 + r * d, t2 + tok * d, (size_t)d);
+        memcpy(du + r * G1, tdu + tok * G1, sizeof(float) * (size_t)G1);
+        memcpy(sumx + r * G1, tsum + tok * G1, sizeof(float) * (size_t)G1);
+        memcpy(sx + r * G1, tsx + tok * G1, sizeof(int32_t) * (size_t)G1);
+    }
     if (R * (gu_npad * d + dn_npad * inter) < SERIAL_MACS) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
