@@ -123,12 +123,13 @@ def test_a_scale_that_does_not_fit_its_weight_names_the_tensor(checkpoints, tmp_
         load_model(str(bad), "auto")
 
 
-def test_lazy_experts_from_the_fp8_checkpoint(checkpoints, tmp_path):
+def test_lazy_experts_from_the_fp8_checkpoint(checkpoints, tmp_path, monkeypatch):
     """--ram on an FP8 checkpoint: its experts streamed (from the file, or from a store `moemesh convert`
     writes) give the resident model's tokens."""
     from moemesh.loading.convert import convert
     from moemesh.loading.experts import ExpertOptions
 
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path / "cache"))  # the store --ram converts to, not ~/.cache
     q8, _ = checkpoints
     want, _ = greedy(load_model(str(q8), "auto").model)
     lazy, _ = greedy(load_model(str(q8), "auto", experts=ExpertOptions(slots=4)).model)
