@@ -203,8 +203,7 @@ int dk_decode_layers_batch(float *x, int64_t b, int64_t d, const dk_layer *layer
         }
         for (int64_t r = 0; r < b; r++) dk_add(x + r * d, o + r * L->o_npad, d);
         dk_rms_norm(x, b, d, d, L->ffn_norm, L->ffn_eps, h, d);
-        float *out = y;
-        int64_t so = wy;
+        int64_t so; /* the FFN output's row stride in y */
         if (L->ffn_kind == FFN_MOE) {
             if (dk_router_topk(h, b, d, d, L->router, L->n_exp, L->top_k, (int)L->norm_topk, ids, w, nthreads)) {
                 rc = fail + 4;
@@ -232,7 +231,7 @@ int dk_decode_layers_batch(float *x, int64_t b, int64_t d, const dk_layer *layer
                 break;
             }
         }
-        for (int64_t r = 0; r < b; r++) dk_add(x + r * d, out + r * so, d);
+        for (int64_t r = 0; r < b; r++) dk_add(x + r * d, y + r * so, d);
     }
     free(buf), free(ids);
     return rc;
