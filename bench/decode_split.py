@@ -24,6 +24,7 @@ sys.path.insert(0, str(HERE))
 
 from moemesh.benchkit.results import write_results  # noqa: E402
 from moemesh.benchkit.synth import core as synth
+from moemesh.quant import int4_experts as n4e  # noqa: E402
 from moemesh.quant import int4_native as n4  # noqa: E402
 
 
@@ -53,9 +54,9 @@ def main() -> None:
     from moemesh.loading.loader import load_model
 
     acc = {"experts": 0.0, "matmul": 0.0}
-    n4.experts_ffn_ptrs = timed(n4.experts_ffn_ptrs, acc, "experts")
-    n4.experts_mix_ptrs = timed(n4.experts_mix_ptrs, acc, "experts")  # eager: experts + their weighted sum
-    n4.moe_decode_table = timed(n4.moe_decode_table, acc, "experts")  # eager resident one-token path (and the compiled op)
+    n4e.experts_ffn_ptrs = timed(n4e.experts_ffn_ptrs, acc, "experts")
+    n4e.experts_mix_ptrs = timed(n4e.experts_mix_ptrs, acc, "experts")  # eager: experts + their weighted sum
+    n4e.moe_decode_table = timed(n4e.moe_decode_table, acc, "experts")  # eager resident one-token path (and the compiled op)
     n4.int4_matmul = timed(n4.int4_matmul, acc, "matmul")
     root = synth.model_dir(Path(a.work_dir), a.layers, a.vocab, 0)
     lm = load_model(str(root / "store"), "int4")

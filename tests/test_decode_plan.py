@@ -154,3 +154,34 @@ def test_batched_decode_steps_in_one_call_give_the_modules_bits(which, moe_store
     ids_b, lb = batched_logits(model, False, prompts, n)
     assert ids_a == ids_b and len(la) == len(lb) == n
     assert all(torch.equal(a, b) for a, b in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_store(tmp_path_factory):
+    """A tiny gpt-oss (biased q/k/v/o, sinks, sliding and full layers, biased top-k-then-softmax router,
+    clamped SwiGLU experts with biases) as an int4 store with an int4 trunk (widths multiples of 32)."""
+    from test_gpt_oss import configs as gpt_oss_configs
+    from test_gpt_oss import make_checkpoint as gpt_oss_checkpoint
+
+    cfg = gpt_oss_configs()["gqa-alt"]
+    cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads = 64, 64, 16, 4
+    root = tmp_path_factory.mktemp("plan-gpt-oss")
+    gpt_oss_checkpoint(cfg, root / "hf")
+    return convert(root / "hf", root / "store", "int4", progress=False, trunk_quant="int4")
+
+
+def test_gpt_oss_int4_store_decodes_in_one_call_bit_exact(gpt_oss_store):
+    """Every gpt-oss layer is planned (biases added as QuantLinear adds them, sinks, windows, its router and
+    experts' act in C): one C call per token == the per-layer loop == the eager forward, bit for bit; and
+    the batched step == the modules' batched forward."""
+    model = load_model(str(gpt_oss_store)).model
+    layer = model.layers[0]
+    assert layer.attn.qkv.bias is not None and layer.attn.sinks is not None and layer.ffn.provider._decode_table(0)[6]
+    assert {lay.attn.window for lay in model.layers} == {4, None}  # sliding and full layers
+    prompt = [5, 9, 13, 2, 77, 31, 8, 100, 3]  # longer than the window
+    check_same(model, prompt, n=20)
+    one_call_vs_loop(model, prompt, 20)
+    prompts = [[5, 9, 13, 2], [77], [31, 4, 8, 6, 6, 6], [40, 41]]
+    ids_a, la = batched_logits(model, True, prompts, 16)
+    ids_b, lb = batched_logits(model, False, prompts, 16)
+    assert ids_a == ids_b and all(torch.equal(a, b) for a, b in zip(la, lb))

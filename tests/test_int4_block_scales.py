@@ -8,6 +8,7 @@ import torch
 
 from moemesh.experts.mixing import expert_table
 from moemesh.layers.mlp import mix_fused, run_fused
+from moemesh.quant import int4_experts as n4e
 from moemesh.quant import int4_native as n4
 from moemesh.quant.qlinear import QuantLinear
 from moemesh.quant.qlinear_state import export_state
@@ -73,7 +74,7 @@ def test_fused_experts_with_block_scales_give_the_same_bits(make, d: int, i: int
 
     def via_table() -> torch.Tensor:
         e = mlps[0]
-        return n4.moe_decode_table(LIB, x, ids, weights, expert_table(mlps), e.down.in_features,
+        return n4e.moe_decode_table(LIB, x, ids, weights, expert_table(mlps), e.down.in_features,
                                    e.gate_up.qweight.shape[0], e.down.qweight.shape[0], e.gate_up.kernel_fmt())
 
     table_out = via_table()

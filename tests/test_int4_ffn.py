@@ -13,6 +13,7 @@ import torch
 from moemesh.experts.mixing import accumulate, expert_rows, group_by_expert, mix_grouped, mix_reference
 from moemesh.experts.provider import ResidentExperts
 from moemesh.layers.mlp import GatedMLP, run_fused
+from moemesh.quant import int4_experts as n4e
 from moemesh.quant import int4_native as n4
 from moemesh.quant.qlinear import QuantLinear
 
@@ -143,11 +144,11 @@ def test_one_call_mix_equals_fused_outputs_summed_in_order(d: int, i: int, sym: 
     weights = torch.rand(1, 4, generator=g)
     order = sorted(range(4), key=ids[0].tolist().__getitem__)
     ref = sum_in_order(x, run_fused(LIB, [mlps[ids[0, a]] for a in order], x), weights[0, order])
-    assert torch.equal(n4.moe_decode_table(LIB, x, ids, weights, *args), ref)
-    other = n4.moe_decode_table(LIB, x, torch.tensor([[5, 0, 3, 2]]), weights, *args)
+    assert torch.equal(n4e.moe_decode_table(LIB, x, ids, weights, *args), ref)
+    other = n4e.moe_decode_table(LIB, x, torch.tensor([[5, 0, 3, 2]]), weights, *args)
     assert not torch.equal(other, ref)  # the table lookup follows the ids
     with pytest.raises(ValueError, match="outside"):
-        n4.moe_decode_table(LIB, x, torch.tensor([[5, 0, 3, 6]]), weights, *args)
+        n4e.moe_decode_table(LIB, x, torch.tensor([[5, 0, 3, 6]]), weights, *args)
 
 
 @needs_lib
@@ -166,7 +167,7 @@ def test_resident_provider_decodes_one_token_through_the_pointer_table() -> None
     for e in experts[3]:
         e.use_block_scales()
     prov.forget_kernel_tables()
-    assert torch.equal(prov.run(3, x, ids, w), want) and prov._tables[3][-1] & n4.FMT_BLOCKS
+    assert torch.equal(prov.run(3, x, ids, w), want) and prov._tables[3][5] & n4.FMT_BLOCKS
     two = torch.randn(2, 96, generator=g)  # more than one token: the grouped loop
     assert torch.equal(prov.run(3, two, ids.repeat(2, 1), w.repeat(2, 1)),
                        mix_grouped(two, ids.repeat(2, 1), w.repeat(2, 1), experts[3].__getitem__))
@@ -197,8 +198,8 @@ def test_batched_tokens_in_one_call_equal_the_grouped_loop(d: int, i: int, sym: 
             e.use_block_scales()
     prov = ResidentExperts(experts)
     calls = []
-    real = n4.moe_batch_table
-    monkeypatch.setattr(n4, "moe_batch_table", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    real = n4e.moe_batch_table
+    monkeypatch.setattr(n4e, "moe_batch_table", lambda *a: calls.append(a[1].shape[0]) or real(*a))
     g = torch.Generator().manual_seed(11)
     for t in (2, 5, 33):
         x = torch.randn(t, d, generator=g)

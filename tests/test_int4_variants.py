@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moemesh.layers.mlp import GatedMLP
+from moemesh.quant import int4_experts as n4e
 from moemesh.quant import int4_native as n4
 from moemesh.quant.int4_pack import pack_int4, torch_layout, unpack_int4
 from moemesh.quant.qlinear import QuantLinear
@@ -156,15 +157,15 @@ def test_fused_experts_mix_and_decode_bits_equal_the_scalar_build(isa: str, pack
     gu_npad, dn_npad = mlps[0].gate_up.qweight.shape[0], mlps[0].down.qweight.shape[0]
     g = torch.Generator().manual_seed(d + inter)
     x, w = torch.randn(1, d, generator=g), torch.rand(5, generator=g)
-    ffn = n4.experts_ffn_ptrs(scalar_ref(), x, inter, ptrs, gu_npad, dn_npad, fmt)
-    assert torch.equal(n4.experts_ffn_ptrs(lib, x, inter, ptrs, gu_npad, dn_npad, fmt), ffn)
-    mix = n4.experts_mix_ptrs(scalar_ref(), x, inter, ptrs, w, gu_npad, dn_npad, fmt, d)
-    assert torch.equal(n4.experts_mix_ptrs(lib, x, inter, ptrs, w, gu_npad, dn_npad, fmt, d), mix)
+    ffn = n4e.experts_ffn_ptrs(scalar_ref(), x, inter, ptrs, gu_npad, dn_npad, fmt)
+    assert torch.equal(n4e.experts_ffn_ptrs(lib, x, inter, ptrs, gu_npad, dn_npad, fmt), ffn)
+    mix = n4e.experts_mix_ptrs(scalar_ref(), x, inter, ptrs, w, gu_npad, dn_npad, fmt, d)
+    assert torch.equal(n4e.experts_mix_ptrs(lib, x, inter, ptrs, w, gu_npad, dn_npad, fmt, d), mix)
     table = torch.tensor(ptrs, dtype=torch.int64)  # [E, 4]
     ids, weights = torch.tensor([[4, 0, 2]]), torch.rand(1, 3, generator=g)
     args = (table, inter, gu_npad, dn_npad, fmt)
-    dec = n4.moe_decode_table(scalar_ref(), x, ids, weights, *args)
-    assert torch.equal(n4.moe_decode_table(lib, x, ids, weights, *args), dec)
+    dec = n4e.moe_decode_table(scalar_ref(), x, ids, weights, *args)
+    assert torch.equal(n4e.moe_decode_table(lib, x, ids, weights, *args), dec)
     ref = torch.cat([m.reference_forward(x) for m in mlps])  # unfused: two kernel calls and torch's silu
     assert ((ffn[:, :d] - ref).norm() / ref.norm()).item() < 1e-5  # silu ulps, requantized: measured <= 1.01e-6
 
@@ -182,9 +183,9 @@ def test_silu_far_ends_bits_equal_the_scalar_build(isa: str) -> None:
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)) * 4
     gate = mlps[0].gate_up(x)[0, :32]
     assert gate.abs().max() > 100  # the clamp is reached
-    y = n4.experts_ffn_ptrs(scalar_ref(), x, 32, ptrs, gu_npad, dn_npad, fmt)
+    y = n4e.experts_ffn_ptrs(scalar_ref(), x, 32, ptrs, gu_npad, dn_npad, fmt)
     assert torch.isfinite(y).all()
-    assert torch.equal(n4.experts_ffn_ptrs(lib, x, 32, ptrs, gu_npad, dn_npad, fmt), y)
+    assert torch.equal(n4e.experts_ffn_ptrs(lib, x, 32, ptrs, gu_npad, dn_npad, fmt), y)
 
 
 def test_the_env_var_picks_a_build(monkeypatch: pytest.MonkeyPatch) -> None:

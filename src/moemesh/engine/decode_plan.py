@@ -7,10 +7,12 @@ checking its arguments and allocating its output). Here each layer's attention b
 the C kernels the eager modules call (quant/decode_kernels.c: RMSNorm, rotary, attend_one; the int4
 matmul of quant/int4_native), bound to preallocated buffers and called with the same arguments, so a
 step is the same arithmetic as ``Transformer.forward`` bit for bit (tests/test_decode_plan.py) without
-its per-op overhead. Layers the plan does not cover (other attention kinds, biases, non-int4 weights,
-partial rotary) run their modules' own forward; FFN blocks get their norm as a C call and, when dense
-int4 SwiGLUs or resident int4 experts behind a top-k softmax router, their one fused kernel call (after
-the router's own C call); other FFNs run their forward on the normed row. Residuals are added in place.
+its per-op overhead. Layers the plan does not cover (other attention kinds, non-int4 weights, partial
+rotary) run their modules' own forward; projection biases (gpt-oss) are added as the linear adds them.
+FFN blocks get their norm as a C call and, when dense int4 gated MLPs or resident int4 experts behind a
+top-k softmax router or gpt-oss's (top-k logits, then a softmax), their one fused kernel call (after the
+router's own C call; the experts' act and biases ride along as int4_experts.Epilogue); other FFNs run
+their forward on the normed row. Residuals are added in place.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..experts.provider import ResidentExperts
 from ..kvcache.base import KVCache
 from ..kvcache.dense import DenseKVCache
 from ..layers.attention import Attention
+from ..layers.gpt_oss_moe import LogitTopKRouter
 from ..layers.mlp import GatedMLP
 from ..layers.moe import MoEBlock
 from ..layers.norm import RMSNorm
@@ -30,12 +33,17 @@ from ..layers.router import TopKRouter
 from ..models.transformer import DecoderLayer, Transformer
 from ..quant import decode_kernels, int4_native
 from ..quant.qlinear import QuantLinear
-from .decode_step import StepTable
+from .decode_step import StepTable, route
 
 
 def _int4(lin: object) -> bool:
-    return (isinstance(lin, QuantLinear) and lin.mode == "int4" and lin.bias is None and lin.native_int4() is not None
-            and lin.dequant_min_m > 1)
+    return (isinstance(lin, QuantLinear) and lin.mode == "int4" and lin.native_int4() is not None
+            and lin.dequant_min_m > 1 and (lin.bias is None or (lin.bias.dtype == torch.float32
+                                                                and lin.bias.is_contiguous())))
+
+
+def _bias(lin: QuantLinear) -> int | None:
+    return None if lin.bias is None else lin.bias.data_ptr()
 
 
 def plannable(layer: DecoderLayer, head_dim_rotary: int) -> bool:
@@ -48,10 +56,11 @@ def plannable(layer: DecoderLayer, head_dim_rotary: int) -> bool:
 
 
 class _Matmul:
-    """One int4 QuantLinear on one row: x [1, K] -> out [1, N_pad] (int4_native.int4_matmul's call)."""
+    """One int4 QuantLinear on one row: x [1, K] -> out [1, N_pad] (int4_native.int4_matmul's call, then
+    the bias on the first N entries: QuantLinear.forward's torch.add)."""
 
-    def __init__(self, lin: QuantLinear, x: torch.Tensor) -> None:
-        self.lin, self.x = lin, x
+    def __init__(self, lin: QuantLinear, x: torch.Tensor, dk: ctypes.CDLL) -> None:
+        self.lin, self.x, self.dk = lin, x, dk  # dk: the decode kernels (dk_add)
         self.lib, self.k, self.n_pad = lin.native_int4(), lin.in_features, lin.qweight.shape[0]
         self.out = torch.empty(1, self.n_pad)  # [1, N_pad]
 
@@ -60,6 +69,8 @@ class _Matmul:
         if self.lib.i4_matmul(self.x.data_ptr(), 0, 1, self.k, lin.qweight.data_ptr(), lin.int4_scales().data_ptr(),
                               lin.kernel_fmt(), self.n_pad, self.out.data_ptr(), threads):
             raise ValueError(f"int4_matmul: kernel rejected K={self.k}, N={self.n_pad}")
+        if lin.bias is not None:
+            self.dk.dk_add(self.out.data_ptr(), lin.bias.data_ptr(), lin.out_features)
 
 
 class AttentionPlan:
@@ -73,13 +84,13 @@ class AttentionPlan:
         hq, hkv, dh = a.num_heads, a.num_kv_heads, a.head_dim
         self.norm_w, self.eps = layer.attn_norm.weight, layer.attn_norm.eps
         self.h = torch.empty(1, d)  # [1, D] the normed input
-        self.qkv = _Matmul(a.qkv, self.h)  # -> [1, (Hq + 2 Hkv) Dh (+ pad)]
+        self.qkv = _Matmul(a.qkv, self.h, lib)  # -> [1, (Hq + 2 Hkv) Dh (+ pad)]
         buf = self.qkv.out
         self.q, self.k, self.v = buf[0, : hq * dh], buf[0, hq * dh : (hq + hkv) * dh], buf[0, (hq + hkv) * dh :]
         if a.qk_norm == "head":  # normed copies (RMSNorm's output is a new tensor in the eager path too)
             self.q, self.k = torch.empty(hq * dh), torch.empty(hkv * dh)
         self.out = torch.empty(1, hq, dh)  # [1, Hq, Dh] attention output
-        self.o = _Matmul(a.o_proj, self.out)  # -> [1, D (+ pad)]
+        self.o = _Matmul(a.o_proj, self.out, lib)  # -> [1, D (+ pad)]
         self.d, self.hq, self.hkv, self.dh = d, hq, hkv, dh
         self.sinks = None if a.sinks is None else a.sinks.data_ptr()
 
@@ -118,8 +129,8 @@ class FfnPlan:
         self.h = torch.empty(1, self.d)  # [1, D]
         self.out = torch.empty(1, self.d)  # [1, D] a MoE layer's mixed experts
         ffn = layer.ffn
-        # resident int4 experts behind a top-k softmax router: ResidentExperts.run's one-call path
-        self.moe = (isinstance(ffn, MoEBlock) and type(ffn.router) is TopKRouter and ffn.shared is None
+        # resident int4 experts behind a top-k softmax router (or gpt-oss's): ResidentExperts.run's one-call path
+        self.moe = (isinstance(ffn, MoEBlock) and type(ffn.router) in (TopKRouter, LogitTopKRouter) and ffn.shared is None
                     and type(ffn.provider) is ResidentExperts and not ffn.provider.reference
                     and ffn.provider._decode_table(ffn.layer) is not None)
         self.mlp = isinstance(ffn, GatedMLP) and ffn.fused_int4() is not None
@@ -136,12 +147,12 @@ class FfnPlan:
         ffn = self.ffn
         if self.moe:
             r, ids, w = ffn.router, self.ids, self.w
-            if self.lib.dk_router_topk(self.h.data_ptr(), 1, self.d, self.d, r.weight.data_ptr(), r.weight.shape[0],
-                                       r.top_k, int(r.norm_topk_prob), ids.data_ptr(), w.data_ptr(), threads):
+            if route(self.lib, r, self.h, ids, w, threads):
                 ids, w = r(self.h)  # (a shape the kernel declines: the module's own forward)
-            lib, t, inter, gu_pad, dn_pad, fmt = ffn.provider._decode_table(ffn.layer)
+            lib, t, inter, gu_pad, dn_pad, fmt, epi = ffn.provider._decode_table(ffn.layer)
             rc = lib.i4_moe_decode(self.h.data_ptr(), self.d, inter, ids.shape[1], ids.data_ptr(), w.data_ptr(),
-                                   t.data_ptr(), t.shape[0], gu_pad, dn_pad, fmt, self.out.data_ptr(), threads)
+                                   t.data_ptr(), t.shape[0], gu_pad, dn_pad, fmt, epi and epi.ptr, self.out.data_ptr(),
+                                   threads)
             if rc:
                 raise ValueError(f"moe_decode: kernel rejected D={self.d}, I={inter}, ids {ids.tolist()}")
             self.lib.dk_add(x.data_ptr(), self.out.data_ptr(), self.d)
@@ -149,10 +160,10 @@ class FfnPlan:
         if not self.mlp:
             return x + ffn(self.h)
         lib = ffn.fused_int4()
-        gu_q, dn_q, fmt = ffn._kernel_key
-        base = ffn._kernel_table.data_ptr()  # int64 [4, 1]: gate_up q, scales, down q, scales
+        gu_q, dn_q, fmt, _ = ffn._kernel_key
+        base, epi = ffn._kernel_table.data_ptr(), ffn._epilogue  # int64 [4, 1]: gate_up q, scales, down q, scales
         if lib.i4_experts_ffn(self.h.data_ptr(), self.d, ffn.down.in_features, 1, base, base + 8, gu_q[0], base + 16,
-                              base + 24, dn_q[0], fmt, self.y.data_ptr(), threads):
+                              base + 24, dn_q[0], fmt, epi and epi.ptr, self.y.data_ptr(), threads):
             raise ValueError(f"experts_ffn: kernel rejected D={self.d}")
         self.lib.dk_add(x.data_ptr(), self.y.data_ptr(), self.d)
         return x

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ..kvcache.dense import DenseKVCache
+from ..layers.gpt_oss_moe import LogitTopKRouter
+from ..layers.router import TopKRouter
 
 AttentionPlan = FfnPlan = Any  # decode_plan's classes (which import this module): what the table reads of them
 
@@ -28,6 +30,7 @@ P = ctypes.c_void_p
 I64 = ctypes.c_int64
 F32 = ctypes.c_float
 FFN_MOE, FFN_MLP = 1, 2
+ROUTER_SOFTMAX, ROUTER_LOGITS = 0, 1  # TopKRouter, gpt-oss's LogitTopKRouter
 
 
 class Layer(ctypes.Structure):
@@ -35,10 +38,12 @@ class Layer(ctypes.Structure):
     _fields_ = [
         ("qkv_fn", P), ("o_fn", P), ("ffn_fn", P), ("ffn_batch_fn", P),
         ("attn_norm", P), ("q_norm", P), ("k_norm", P), ("sinks", P), ("ffn_norm", P), ("router", P),
+        ("qkv_b", P), ("o_b", P), ("router_b", P), ("epi", P),
         ("qkv_q", P), ("o_q", P), ("qkv_s", P), ("o_s", P), ("table", P),
         ("qkv_npad", I64), ("o_npad", I64), ("qkv_fmt", I64), ("o_fmt", I64),
         ("hq", I64), ("hkv", I64), ("dh", I64), ("window", I64),
-        ("ffn_kind", I64), ("n_exp", I64), ("top_k", I64), ("norm_topk", I64), ("inter", I64), ("gu_npad", I64),
+        ("ffn_kind", I64), ("router_kind", I64), ("n_exp", I64), ("top_k", I64), ("norm_topk", I64), ("inter", I64),
+        ("gu_npad", I64),
         ("dn_npad", I64), ("ffn_fmt", I64),
         ("attn_eps", F32), ("q_eps", F32), ("k_eps", F32), ("scale", F32), ("ffn_eps", F32), ("pad_", F32),
     ]
@@ -73,6 +78,8 @@ class StepTable:
         for p, f in zip(plans, ffns):
             if p is None or f is None or not (f.moe or f.mlp) or p.attn.o_proj.in_features != p.hq * p.dh:
                 return None
+            if f.mlp and f.ffn._epilogue is not None:  # (a dense MLP's act and biases: the per-layer loop)
+                return None
             if f.moe and not _router_takes(lib, f, d):
                 return None
         return StepTable(plans, ffns, lib)  # type: ignore[arg-type]
@@ -80,12 +87,14 @@ class StepTable:
     def _layer(self, p: AttentionPlan, f: FfnPlan) -> Layer:
         a, qkv, o = p.attn, p.qkv.lin, p.o.lin
         head_norm = a.qk_norm == "head"
-        held = [p.norm_w, qkv.qweight, qkv.int4_scales(), o.qweight, o.int4_scales(), f.norm_w, a.sinks]
+        held = [p.norm_w, qkv.qweight, qkv.int4_scales(), o.qweight, o.int4_scales(), f.norm_w, a.sinks, qkv.bias,
+                o.bias]
         L = Layer(qkv_fn=_fn(qkv.native_int4(), "i4_matmul"), o_fn=_fn(o.native_int4(), "i4_matmul"),
                   attn_norm=_ptr(p.norm_w), q_norm=_ptr(a.q_norm.weight) if head_norm else None,
                   k_norm=_ptr(a.k_norm.weight) if head_norm else None, sinks=_ptr(a.sinks), ffn_norm=_ptr(f.norm_w),
                   qkv_q=_ptr(qkv.qweight), o_q=_ptr(o.qweight), qkv_s=_ptr(qkv.int4_scales()),
-                  o_s=_ptr(o.int4_scales()), qkv_npad=qkv.qweight.shape[0], o_npad=o.qweight.shape[0],
+                  o_s=_ptr(o.int4_scales()), qkv_b=_ptr(qkv.bias), o_b=_ptr(o.bias),
+                  qkv_npad=qkv.qweight.shape[0], o_npad=o.qweight.shape[0],
                   qkv_fmt=qkv.kernel_fmt(), o_fmt=o.kernel_fmt(), hq=p.hq, hkv=p.hkv, dh=p.dh,
                   window=a.window or 0, attn_eps=p.eps, q_eps=a.q_norm.eps if head_norm else 0.0,
                   k_eps=a.k_norm.eps if head_norm else 0.0, scale=a.scale, ffn_eps=f.eps)
@@ -94,15 +103,18 @@ class StepTable:
         ffn = f.ffn
         if f.moe:
             r = ffn.router
-            lib, table, inter, gu_pad, dn_pad, fmt = ffn.provider._decode_table(ffn.layer)
+            lib, table, inter, gu_pad, dn_pad, fmt, epi = ffn.provider._decode_table(ffn.layer)
             L.ffn_kind, L.ffn_fn, L.router, L.table = FFN_MOE, _fn(lib, "i4_moe_decode"), r.weight.data_ptr(), table.data_ptr()
             L.ffn_batch_fn = _fn(lib, "i4_moe_batch")
-            L.n_exp, L.top_k, L.norm_topk = r.weight.shape[0], r.top_k, int(r.norm_topk_prob)
+            logits = type(r) is LogitTopKRouter  # gpt-oss's router: biased logits, top k, softmax
+            L.router_kind, L.router_b = (ROUTER_LOGITS, r.bias.data_ptr()) if logits else (ROUTER_SOFTMAX, None)
+            L.n_exp, L.top_k, L.norm_topk = r.weight.shape[0], r.top_k, 0 if logits else int(r.norm_topk_prob)
             L.inter, L.gu_npad, L.dn_npad, L.ffn_fmt = inter, gu_pad, dn_pad, fmt
-            held += [r.weight, table]
+            L.epi = None if epi is None else epi.ptr
+            held += [r.weight, table, r.bias if logits else None, epi]
         else:
             lib = ffn.fused_int4()
-            gu_q, dn_q, fmt = ffn._kernel_key
+            gu_q, dn_q, fmt, _ = ffn._kernel_key
             L.ffn_kind, L.ffn_fn, L.table = FFN_MLP, _fn(lib, "i4_experts_ffn"), ffn._kernel_table.data_ptr()
             L.ffn_batch_fn = _fn(lib, "i4_silu_mul_rows")  # (its batched gate_up and down: i4_matmul, as qkv_fn)
             L.inter, L.gu_npad, L.dn_npad, L.ffn_fmt = ffn.down.in_features, gu_q[0], dn_q[0], fmt
@@ -169,12 +181,21 @@ class StepTable:
                              f"batched decode step: {what.get((rc - 1) % 16, '?')} failed at layer {(rc - 1) // 16}, "
                              f"positions {positions}")
 
+def route(lib: ctypes.CDLL, r: TopKRouter | LogitTopKRouter, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+          threads: int) -> int:
+    """The router's C call (its module's forward's) on rows h [T, D] into ids int64 [T, A], w [T, A]: 0, or
+    nonzero where the kernel declines the shape."""
+    t, d = h.shape
+    if type(r) is LogitTopKRouter:
+        return lib.dk_router_logits_topk(h.data_ptr(), t, d, d, r.weight.data_ptr(), r.bias.data_ptr(),
+                                         r.weight.shape[0], r.top_k, ids.data_ptr(), w.data_ptr(), threads)
+    return lib.dk_router_topk(h.data_ptr(), t, d, d, r.weight.data_ptr(), r.weight.shape[0], r.top_k,
+                              int(r.norm_topk_prob), ids.data_ptr(), w.data_ptr(), threads)
+
+
 def _router_takes(lib: ctypes.CDLL, f: FfnPlan, d: int) -> bool:
     """Whether the router's C call takes this layer's shape (it declines some: then the plan's own
     fallback, the module, must run, which one C loop cannot)."""
     r = f.ffn.router
-    h = torch.zeros(1, d)
     ids, w = torch.empty(1, r.top_k, dtype=torch.int64), torch.empty(1, r.top_k)
-    return lib.dk_router_topk(h.data_ptr(), 1, d, d, r.weight.data_ptr(), r.weight.shape[0], r.top_k,
-                              int(r.norm_topk_prob), ids.data_ptr(), w.data_ptr(), 1) == 0
-
+    return route(lib, r, torch.zeros(1, d), ids, w, 1) == 0

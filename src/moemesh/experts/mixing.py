@@ -9,7 +9,7 @@ Shape legend: T tokens, D hidden, A active experts per token, n rows routed to o
 is the shared per-expert computation, with one fused kernel call when one decode token goes through
 several fusable int4 experts (each row the bits the expert gives alone). ``mix_reference`` is the
 obvious per-token, per-slot loop kept beside it for tests; ``sum_in_order`` is the reference of the
-C kernels' one-call mix (``quant.int4_native.moe_decode_table``).
+C kernels' one-call mix (``quant.int4_experts.moe_decode_table``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 
 from ..layers.mlp import GatedMLP, fused_table, run_fused
 from ..layers.moe import ExpertProvider
-from ..quant import blocks_ffn, int4_native
+from ..quant import blocks_ffn, int4_experts
 
 Group = tuple[int, torch.Tensor, torch.Tensor]  # (expert, token_idx [n], slot_idx [n] into the flat [T*A] picks)
 ExpertFn = Callable[[int], torch.nn.Module]
@@ -136,7 +136,7 @@ def mix_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exp
 def sum_in_order(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum_e w[e] * y[e] for one token, one product and one addition per expert in the given order:
     the float operations of the grouped loop, so the bits match. The reference of the one-call mix in
-    C (int4_native.moe_decode_table / mlp.mix_fused), compared bitwise in tests/test_int4_ffn.py.
+    C (int4_experts.moe_decode_table / mlp.mix_fused), compared bitwise in tests/test_int4_ffn.py.
     x [1, D] (shape/dtype of the result), y [A, D], w [A] -> [1, D]."""
     yw = y * w[:, None]  # [A, D]
     out = torch.zeros_like(x)
@@ -158,20 +158,20 @@ def batchable(x: torch.Tensor, ids: torch.Tensor, rows: int | None, min_tokens: 
 def mix_batch(mlps: list[GatedMLP], groups: list[Group], x: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor) -> torch.Tensor | None:
     """The layer's output [T, D] for the experts of ``groups`` (mlps in the same order, every expert
-    the picks name) in one int4 C call (int4_native.moe_batch_table: the grouped loop's bits), or None
+    the picks name) in one int4 C call (int4_experts.moe_batch_table: the grouped loop's bits), or None
     when the experts are not fusable int4 SwiGLUs of one shape."""
     args = fused_table(mlps)
     if args is None:
         return None
     lut = torch.full((int(ids.max()) + 1,), -1, dtype=torch.int64)
     lut[torch.tensor([e for e, _, _ in groups])] = torch.arange(len(groups))  # ascending ids -> 0..n-1: same order
-    return int4_native.moe_batch_table(args[0], x, lut[ids], weights, *args[1:])
+    return int4_experts.moe_batch_table(args[0], x, lut[ids], weights, *args[1:])
 
 
 def expert_table(experts: list[GatedMLP]) -> torch.Tensor | None:
     """int64 [E, 4] pointer table of a layer's experts (data_ptr of gate_up qweight, gate_up scales,
     down qweight, down scales), or None unless every one is a fusable int4 SwiGLU of one shape (and the
-    kernels load): the input of the one-call decode (``int4_native.moe_decode_table``, the compiled
-    graph's ``moemesh::moe_decode``); mlp.fused_table's table. The tensors stay owned by the provider."""
+    kernels load, with silu and no biases): the input of the one-call decode (``int4_experts.moe_decode_table``,
+    the compiled graph's ``moemesh::moe_decode``); mlp.fused_table's table. The tensors stay owned by the provider."""
     args = fused_table(experts)
-    return None if args is None else args[1]
+    return None if args is None or args[6] is not None else args[1]

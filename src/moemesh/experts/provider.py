@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layers.mlp import GatedMLP, fused_table
-from ..quant import int4_native, int4_ops  # noqa: F401  (int4_ops registers moemesh::moe_decode)
+from ..quant import int4_experts, int4_ops  # noqa: F401  (int4_ops registers moemesh::moe_decode)
 from .mixing import Group, GroupedProvider, batchable, expert_rows, mix_reference
 
 
@@ -47,13 +47,13 @@ class ResidentExperts(GroupedProvider):
             if table is not None and len(set(ids[0].tolist())) == ids.shape[1]:
                 # one C call from the router's picks (sort by id, pointer gather, experts, sum in order):
                 # the grouped loop's bits without its ~0.12 ms of Python per layer
-                return int4_native.moe_decode_table(table[0], x, ids, weights, *table[1:])
+                return int4_experts.moe_decode_table(table[0], x, ids, weights, *table[1:])
         elif batchable(x, ids, rows):
             table = self._decode_table(layer)
             if table is not None:
                 # a batched decode step (or a short prompt chunk) in one C call: the grouped loop's bits
                 # without its per-expert Python (two kernel calls, a silu, an index_add per expert)
-                return int4_native.moe_batch_table(table[0], x, ids, weights, *table[1:])
+                return int4_experts.moe_batch_table(table[0], x, ids, weights, *table[1:])
         return super().run(layer, x, ids, weights, rows)
 
     def weighted_outputs(self, layer: int, x: torch.Tensor, groups: list[Group], flat_w: torch.Tensor, *,
@@ -66,7 +66,7 @@ class ResidentExperts(GroupedProvider):
         return held is not None and (expert in held if isinstance(held, dict) else 0 <= expert < len(held))
 
     def _decode_table(self, layer: int) -> tuple | None:
-        """(kernel library, pointer table, inter, gate_up N_pad, down N_pad, fmt) for a layer whose
+        """(kernel library, pointer table, inter, gate_up N_pad, down N_pad, fmt, epilogue) for a layer whose
         experts all run fused (mlp.fused_table), else None; built on first use."""
         if layer not in self._tables:
             experts = self.experts[layer]
@@ -81,7 +81,9 @@ class ResidentExperts(GroupedProvider):
         table = self._decode_table(layer)
         if table is None:
             return "resident experts that are not int4 SwiGLUs the fused C kernel reads have no graph form"
-        return TableDecode(*table[1:])
+        if table[6] is not None:
+            return "resident int4 experts with biases or another act than silu have no graph op (they run eagerly)"
+        return TableDecode(*table[1:6])
 
     def forget_kernel_tables(self) -> None:
         """Drop the pointer tables: after the experts' buffers moved or changed layout."""

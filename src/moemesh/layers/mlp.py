@@ -6,7 +6,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from ..quant import blocks_ffn, int4_native
+from ..quant import blocks_ffn, int4_experts, int4_native
 from ..quant.blocks import BlockLinear
 from ..quant.qlinear import QuantLinear
 
@@ -23,26 +23,29 @@ class GatedMLP(torch.nn.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"activation {act!r} not supported (have {sorted(ACTIVATIONS)})")
         self.act_name = act
-        self._fusable: bool | None = None  # int4 SwiGLU the fused kernel reads; decided on first use
+        self._fusable: bool | None = None  # int4 gated MLP the fused kernel reads; decided on first use
         self._kernel_ptrs: list[int] = []  # data_ptr of (gate_up q, scales, down q, scales), set with _fusable
-        self._kernel_key: tuple | None = None  # (gate_up q shape, down q shape, kernel fmt) when fusable
+        self._kernel_bias: list[int] = []  # data_ptr of (gate_up bias, down bias), 0 for none
+        self._kernel_key: tuple | None = None  # (gate_up q shape, down q shape, kernel fmt, act) when fusable
         self._kernel_table: torch.Tensor | None = None  # int64 [4, 1]: _kernel_ptrs as the kernel's pointer rows
+        self._epilogue: int4_experts.Epilogue | None = None  # act and biases, unless a plain SwiGLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D] -> [T, D]
         if x.dim() == 2 and x.shape[0] == 1 and not torch.compiler.is_compiling():
             lib = self.fused_int4()
             if lib is not None:  # one token: one C call (int4_ffn.c), same bits as run_fused over a layer
-                gu_q, dn_q, fmt = self._kernel_key
-                y = int4_native.experts_ffn_table(lib, x, self.down.in_features, self._kernel_table, gu_q[0], dn_q[0], fmt)
+                gu_q, dn_q, fmt, _ = self._kernel_key
+                y = int4_experts.experts_ffn_table(lib, x, self.down.in_features, self._kernel_table, gu_q[0], dn_q[0],
+                                                   fmt, self._epilogue)
                 d = self.down.out_features
                 return y if y.shape[1] == d else y[:, :d].contiguous()
         block = self.block_act()
         if block is not None:  # block-format weights: the C activation for every M (blocks_ffn.expert_forward's bits)
             return self.down(blocks_ffn.activation(self.gate_up(x), *block))
         lib = self.fused_int4() if x.dim() == 2 and not torch.compiler.is_compiling() else None
-        if lib is not None:  # many rows: the fused call's silu, so each row has its one-token bits (batch invariant)
-            return self.down(int4_native.silu_mul(lib, self.gate_up(x), self.down.in_features))
+        if lib is not None:  # many rows: the fused call's act, so each row has its one-token bits (batch invariant)
+            return self.down(int4_experts.act_rows(lib, self.gate_up(x), self.down.in_features, self.kernel_act()))
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
         return self.down(ACTIVATIONS[self.act_name](gate) * up)
 
@@ -60,12 +63,16 @@ class GatedMLP(torch.nn.Module):
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
         return self.down(ACTIVATIONS[self.act_name](gate) * up)
 
+    def kernel_act(self) -> tuple[int, float, float] | None:
+        """(int4_experts.ACT_*, alpha, limit): the fused kernels' form of this MLP's activation, or None."""
+        return (int4_experts.ACT_SILU, 0.0, 0.0) if self.act_name == "silu" else None
+
     def fused_int4(self) -> ctypes.CDLL | None:
-        """The int4 kernel library when this MLP can run fused (int4 native gate_up and down, silu,
-        no biases), else None."""
+        """The int4 kernel library when this MLP can run fused (int4 native gate_up and down, an act the
+        kernels have, fp32 biases or none), else None."""
         if self._fusable is None:
             gu, dn = self.gate_up, self.down
-            self._fusable = (self.act_name == "silu" and gu.bias is None and dn.bias is None
+            self._fusable = (self.kernel_act() is not None and _kernel_bias_ok(gu) and _kernel_bias_ok(dn)
                              and isinstance(gu, QuantLinear) and isinstance(dn, QuantLinear)
                              and gu.native_int4() is not None and dn.native_int4() is not None
                              and gu.out_features == 2 * dn.in_features
@@ -74,8 +81,10 @@ class GatedMLP(torch.nn.Module):
                                                                  dn.qweight, dn.int4_scales())))
             if self._fusable:  # expert buffers are never replaced (store views, slot views): pointers stay valid
                 self._kernel_ptrs = [t.data_ptr() for t in (gu.qweight, gu.int4_scales(), dn.qweight, dn.int4_scales())]
-                self._kernel_key = (gu.qweight.shape, dn.qweight.shape, gu.kernel_fmt())
+                self._kernel_bias = [0 if b is None else b.data_ptr() for b in (gu.bias, dn.bias)]
+                self._kernel_key = (gu.qweight.shape, dn.qweight.shape, gu.kernel_fmt(), self.kernel_act())
                 self._kernel_table = torch.tensor(self._kernel_ptrs, dtype=torch.int64)[:, None]  # [4, 1]
+                self._epilogue = int4_experts.epilogue(self.kernel_act(), [self._kernel_bias])
         return int4_native.load_native() if self._fusable else None
 
     def use_block_scales(self) -> None:
@@ -87,6 +96,7 @@ class GatedMLP(torch.nn.Module):
     def forget_kernel_pointers(self) -> None:
         """Drop the cached pointers and format key: after the linears' buffers moved or changed layout."""
         self._fusable, self._kernel_ptrs, self._kernel_key, self._kernel_table = None, [], None, None
+        self._kernel_bias, self._epilogue = [], None
 
     def nbytes(self) -> int:
         return self.gate_up.nbytes() + self.down.nbytes()
@@ -98,9 +108,9 @@ def _kernel_key(mlps: list[GatedMLP]) -> tuple:
             m.fused_int4()
     key = mlps[0]._kernel_key
     if key is None:
-        raise ValueError("run_fused: not a fusable int4 SwiGLU MLP")
+        raise ValueError("run_fused: not a fusable int4 gated MLP")
     if any(m._kernel_key != key for m in mlps):
-        raise ValueError("run_fused: the MLPs of one call must share their shapes and int4 format "
+        raise ValueError("run_fused: the MLPs of one call must share their shapes, int4 format and act "
                          "(symmetric and asymmetric int4, block and torch scale layouts cannot share one call)")
     return key
 
@@ -108,15 +118,17 @@ def _kernel_key(mlps: list[GatedMLP]) -> tuple:
 def mix_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum_e w[e] * mlps[e](x) for one token x [1, D], w [n], in one C call -> [1, D]: the bits of
     moe.sum_in_order(x, run_fused(lib, mlps, x), w)."""
-    gu_q, dn_q, fmt = _kernel_key(mlps)
-    return int4_native.experts_mix_ptrs(lib, x, mlps[0].down.in_features, [m._kernel_ptrs for m in mlps], w,
-                                        gu_q[0], dn_q[0], fmt, mlps[0].down.out_features)
+    gu_q, dn_q, fmt, act = _kernel_key(mlps)
+    return int4_experts.experts_mix_ptrs(lib, x, mlps[0].down.in_features, [m._kernel_ptrs for m in mlps], w,
+                                         gu_q[0], dn_q[0], fmt, mlps[0].down.out_features,
+                                         int4_experts.epilogue(act, [m._kernel_bias for m in mlps]))
 
 
-def fused_table(mlps: list[torch.nn.Module]) -> tuple[ctypes.CDLL, torch.Tensor, int, int, int, int] | None:
-    """(lib, pointer table int64 [n, 4], I, gate_up N_pad, down N_pad, fmt): the arguments of the
-    one-call MoE kernels (int4_native.moe_batch_table) when every module is a fusable int4 SwiGLU of
-    one shape and format, else None. Built from each module's cached pointers (cheap per layer call)."""
+def fused_table(mlps: list[torch.nn.Module]) -> tuple | None:
+    """(lib, pointer table int64 [n, 4], I, gate_up N_pad, down N_pad, fmt, epilogue or None): the
+    arguments of the one-call MoE kernels (int4_experts.moe_batch_table) when every module is a fusable
+    int4 gated MLP of one shape, format and act, else None. Built from each module's cached pointers
+    (cheap per layer call)."""
     if not mlps or not all(isinstance(m, GatedMLP) for m in mlps):
         return None
     for m in mlps:
@@ -128,15 +140,24 @@ def fused_table(mlps: list[torch.nn.Module]) -> tuple[ctypes.CDLL, torch.Tensor,
     lib = int4_native.load_native()
     if lib is None:
         return None
-    gu_q, dn_q, fmt = m0._kernel_key
-    return lib, torch.tensor([m._kernel_ptrs for m in mlps], dtype=torch.int64), m0.down.in_features, gu_q[0], dn_q[0], fmt
+    gu_q, dn_q, fmt, act = m0._kernel_key
+    epi = int4_experts.epilogue(act, [m._kernel_bias for m in mlps])
+    return (lib, torch.tensor([m._kernel_ptrs for m in mlps], dtype=torch.int64), m0.down.in_features, gu_q[0],
+            dn_q[0], fmt, epi)
 
 
 def run_fused(lib: ctypes.CDLL, mlps: list[GatedMLP], x: torch.Tensor) -> torch.Tensor:
     """One token x [1, D] through every MLP of ``mlps`` (all fused_int4()) -> [n, D]; row e equals
     mlps[e](x) bit for bit (the kernel computes each expert independently of the others)."""
-    gu_q, dn_q, fmt = _kernel_key(mlps)
-    y = int4_native.experts_ffn_ptrs(lib, x, mlps[0].down.in_features, [m._kernel_ptrs for m in mlps],
-                                     gu_q[0], dn_q[0], fmt)  # [n, N_pad]
+    gu_q, dn_q, fmt, act = _kernel_key(mlps)
+    y = int4_experts.experts_ffn_ptrs(lib, x, mlps[0].down.in_features, [m._kernel_ptrs for m in mlps],
+                                      gu_q[0], dn_q[0], fmt, int4_experts.epilogue(act, [m._kernel_bias for m in mlps]))
     d = mlps[0].down.out_features
     return y if y.shape[1] == d else y[:, :d].contiguous()
+
+
+def _kernel_bias_ok(lin: torch.nn.Module) -> bool:
+    """No bias, or one the fused kernels add as they are (fp32, contiguous, one per output row)."""
+    b = getattr(lin, "bias", None)
+    return b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.dim() == 1
+                         and b.shape[0] == getattr(lin, "out_features", -1))

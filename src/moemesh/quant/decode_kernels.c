@@ -13,6 +13,7 @@
  *                 out over the threads
  * dk_heads_i8     per-head matrix-vector products with int8 weights (MLA's absorbed per-head matrices)
  * dk_router_topk  a softmax router's top k per row (logits, softmax over the experts, selection, renormalisation)
+ * dk_router_logits_topk  gpt-oss's: biased logits, top k, softmax over the k
  * dk_add          x += y in place (a residual connection without a new tensor)
  * (the output head's greedy sampler and rescoring: head_kernels.c; a whole planned token: decode_step.c)
  */
@@ -240,6 +241,42 @@ int dk_router_topk(const float *x, int64_t t, int64_t d, int64_t sx, const float
         }
         if (norm)
             for (int64_t i = 0; i < k; i++) wr[i] = wr[i] / picked;
+    }
+    return 0;
+}
+
+/* gpt-oss's router (layers/gpt_oss_moe.LogitTopKRouter) per row: logits x . w_j (+ b_j), the k largest
+ * (ties to the lower id), then a softmax over those k (exp(l - l_max) / sum, in selection order). */
+int dk_router_logits_topk(const float *x, int64_t t, int64_t d, int64_t sx, const float *w, const float *b, int64_t e,
+                          int64_t k, int64_t *ids, float *wout, int nthreads) {
+    if (k < 1 || k > e || e > DK_MAX_EXPERTS) return -1;
+    int nt = (t * e * d >= (1 << 20) && nthreads > 1) ? nthreads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t r = 0; r < t; r++) {
+        float p[DK_MAX_EXPERTS];
+        char taken[DK_MAX_EXPERTS];
+        const float *xr = x + r * sx;
+        for (int64_t j = 0; j < e; j++) {
+            p[j] = dk_dot(xr, w + j * d, d);
+            if (b) p[j] = p[j] + b[j];
+            taken[j] = 0;
+        }
+        int64_t *ir = ids + r * k;
+        float *wr = wout + r * k, sum = 0.0f;
+        for (int64_t i = 0; i < k; i++) {  /* selection: k passes (NaN: the first untaken) */
+            int64_t best = -1;
+            for (int64_t j = 0; j < e; j++)
+                if (!taken[j] && (best < 0 || p[j] > p[best])) best = j;
+            ir[i] = best;
+            wr[i] = p[best];
+            taken[best] = 1;
+        }
+        const float m = wr[0];
+        for (int64_t i = 0; i < k; i++) {
+            wr[i] = dk_exp(wr[i] - m);
+            sum += wr[i];
+        }
+        for (int64_t i = 0; i < k; i++) wr[i] = wr[i] / sum;
     }
     return 0;
 }

@@ -71,6 +71,8 @@ def load() -> ctypes.CDLL | None:
     lib.dk_greedy.restype = None
     lib.dk_router_topk.argtypes = [p, i64, i64, i64, p, i64, i64, i32, p, p, i32]
     lib.dk_router_topk.restype = i32
+    lib.dk_router_logits_topk.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, i32]
+    lib.dk_router_logits_topk.restype = i32
     lib.dk_add.argtypes = [p, p, i64]
     lib.dk_add.restype = None
     lib.dk_head_rescore.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64]
@@ -209,5 +211,21 @@ def router_topk(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, k: int,
     ids, w = torch.empty(t, k, dtype=torch.int64), torch.empty(t, k)
     if lib.dk_router_topk(x.data_ptr(), t, d, x.stride(0), weight.data_ptr(), weight.shape[0], k, int(norm),
                           ids.data_ptr(), w.data_ptr(), torch.get_num_threads()):
+        return None
+    return ids, w
+
+
+def router_logits_topk(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """gpt-oss's router: x fp32 [T, D] (D contiguous), weight fp32 [E, D], bias fp32 [E] or None ->
+    (ids int64 [T, k] of the k largest logits, descending, and a softmax over those k, fp32 [T, k]);
+    None when the kernel declines the shape."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t, d = x.shape
+    ids, w = torch.empty(t, k, dtype=torch.int64), torch.empty(t, k)
+    if lib.dk_router_logits_topk(x.data_ptr(), t, d, x.stride(0), weight.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), weight.shape[0], k, ids.data_ptr(),
+                                 w.data_ptr(), torch.get_num_threads()):
         return None
     return ids, w

@@ -25,22 +25,26 @@ int dk_attend_batch(int64_t b, const float *q, int64_t qs, int64_t hq, const flo
                     int64_t v_stride, float scale, const float *sinks, float *out, int nthreads);
 int dk_router_topk(const float *x, int64_t t, int64_t d, int64_t sx, const float *w, int64_t e, int64_t k, int norm,
                    int64_t *ids, float *wout, int nthreads);
+int dk_router_logits_topk(const float *x, int64_t t, int64_t d, int64_t sx, const float *w, const float *b, int64_t e,
+                          int64_t k, int64_t *ids, float *wout, int nthreads);
 void dk_add(float *x, const float *y, int64_t n);
 
 typedef int (*i4_matmul_fn)(const void *x, int x_bf16, int64_t m, int64_t k, const uint8_t *qw, const uint16_t *sz,
                             int fmt, int64_t n_pad, float *y, int nthreads);
 typedef int (*i4_moe_fn)(const float *x, int64_t d, int64_t inter, int64_t a, const int64_t *ids, const float *w,
                          const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int fmt,
-                         float *out, int nthreads);
+                         const void *epi, float *out, int nthreads);
 typedef int (*i4_moe_batch_fn)(const float *x, int64_t t, int64_t d, int64_t inter, int64_t a, const int64_t *ids,
                                const float *w, const int64_t *table, int64_t num_experts, int64_t gu_npad,
-                               int64_t dn_npad, int fmt, float *out, int nthreads);
+                               int64_t dn_npad, int fmt, const void *epi, float *out, int nthreads);
 typedef int (*i4_silu_rows_fn)(float *h, int64_t m, int64_t ld, int64_t inter);
 typedef int (*i4_ffn_fn)(const float *x, int64_t d, int64_t inter, int64_t n, const uint8_t *const *gu_q,
                          const uint16_t *const *gu_sz, int64_t gu_npad, const uint8_t *const *dn_q,
-                         const uint16_t *const *dn_sz, int64_t dn_npad, int fmt, float *y, int nthreads);
+                         const uint16_t *const *dn_sz, int64_t dn_npad, int fmt, const void *epi, float *y,
+                         int nthreads);
 
 enum { FFN_MOE = 1, FFN_MLP = 2 };
+enum { ROUTER_SOFTMAX = 0, ROUTER_LOGITS = 1 };  /* TopKRouter; gpt-oss's: biased logits, top k, softmax over k */
 
 /* One layer; mirrored field for field by engine/decode_step.Layer (ctypes). */
 typedef struct {
@@ -48,14 +52,23 @@ typedef struct {
     void *ffn_fn;                    /* i4_moe_fn (FFN_MOE) or i4_ffn_fn (FFN_MLP) */
     void *ffn_batch_fn;              /* i4_moe_batch_fn (FFN_MOE) or i4_silu_rows_fn (FFN_MLP) */
     const float *attn_norm, *q_norm, *k_norm, *sinks, *ffn_norm, *router;  /* q/k_norm, sinks: NULL if none */
+    const float *qkv_b, *o_b, *router_b;  /* the projections' and router's biases, NULL if none */
+    const void *epi;                 /* the experts' act and biases (int4_kernel.h i4_epi), NULL: plain SwiGLU */
     const uint8_t *qkv_q, *o_q;
     const uint16_t *qkv_s, *o_s;
     const int64_t *table;            /* experts' [E, 4] pointer table, or the MLP's [4] */
     int64_t qkv_npad, o_npad, qkv_fmt, o_fmt;
     int64_t hq, hkv, dh, window;     /* window 0: none */
-    int64_t ffn_kind, n_exp, top_k, norm_topk, inter, gu_npad, dn_npad, ffn_fmt;
+    int64_t ffn_kind, router_kind, n_exp, top_k, norm_topk, inter, gu_npad, dn_npad, ffn_fmt;
     float attn_eps, q_eps, k_eps, scale, ffn_eps, pad_;
 } dk_layer;
+
+/* The layer's router on rows h [t, D] (TopKRouter's or gpt-oss's C call, as its module's forward). */
+static int route(const dk_layer *L, const float *h, int64_t t, int64_t d, int64_t *ids, float *w, int nthreads) {
+    if (L->router_kind == ROUTER_LOGITS)
+        return dk_router_logits_topk(h, t, d, d, L->router, L->router_b, L->n_exp, L->top_k, ids, w, nthreads);
+    return dk_router_topk(h, t, d, d, L->router, L->n_exp, L->top_k, (int)L->norm_topk, ids, w, nthreads);
+}
 
 /* x fp32 [D]: the token's embedding in, its last hidden state out (in place). layers [n]; kv int64 [n, 4]
    per layer this step: keys address, values address, capacity, values' row stride; dv: the cache's
@@ -92,6 +105,7 @@ int dk_decode_layers(float *x, int64_t d, const dk_layer *layers, int64_t n, con
             rc = fail + 1;
             break;
         }
+        if (L->qkv_b) dk_add(qkv, L->qkv_b, (hq + 2 * hkv) * dh);
         float *q = qkv, *k = qkv + hq * dh, *v = qkv + (hq + hkv) * dh;
         if (L->q_norm) {  /* per head, over Dh */
             dk_rms_norm(qkv, hq, dh, dh, L->q_norm, L->q_eps, qn, dh);
@@ -110,24 +124,25 @@ int dk_decode_layers(float *x, int64_t d, const dk_layer *layers, int64_t n, con
             rc = fail + 3;
             break;
         }
+        if (L->o_b) dk_add(o, L->o_b, d);
         dk_add(x, o, d);
         /* FFN block (decode_plan.FfnPlan) */
         dk_rms_norm(x, 1, d, d, L->ffn_norm, L->ffn_eps, h, d);
         if (L->ffn_kind == FFN_MOE) {
-            if (dk_router_topk(h, 1, d, d, L->router, L->n_exp, L->top_k, (int)L->norm_topk, ids, w, nthreads)) {
+            if (route(L, h, 1, d, ids, w, nthreads)) {
                 rc = fail + 4;
                 break;
             }
             if (((i4_moe_fn)L->ffn_fn)(h, d, L->inter, L->top_k, ids, w, L->table, L->n_exp, L->gu_npad, L->dn_npad,
-                                       (int)L->ffn_fmt, y, nthreads)) {
+                                       (int)L->ffn_fmt, L->epi, y, nthreads)) {
                 rc = fail + 5;
                 break;
             }
         } else if (((i4_ffn_fn)L->ffn_fn)(h, d, L->inter, 1, (const uint8_t *const *)L->table,
                                           (const uint16_t *const *)(L->table + 1), L->gu_npad,
                                           (const uint8_t *const *)(L->table + 2),
-                                          (const uint16_t *const *)(L->table + 3), L->dn_npad, (int)L->ffn_fmt, y,
-                                          nthreads)) {
+                                          (const uint16_t *const *)(L->table + 3), L->dn_npad, (int)L->ffn_fmt,
+                                          L->epi, y, nthreads)) {
             rc = fail + 5;
             break;
         }
@@ -179,6 +194,8 @@ int dk_decode_layers_batch(float *x, int64_t b, int64_t d, const dk_layer *layer
             rc = fail + 1;
             break;
         }
+        if (L->qkv_b)
+            for (int64_t r = 0; r < b; r++) dk_add(qkv + r * L->qkv_npad, L->qkv_b, (hq + 2 * hkv) * dh);
         float *q = qkv, *k = qkv + hq * dh;
         int64_t qs = L->qkv_npad, kbs = L->qkv_npad;
         if (L->q_norm) { /* per head, over Dh, each row's heads */
@@ -201,17 +218,20 @@ int dk_decode_layers_batch(float *x, int64_t b, int64_t d, const dk_layer *layer
             rc = fail + 3;
             break;
         }
-        for (int64_t r = 0; r < b; r++) dk_add(x + r * d, o + r * L->o_npad, d);
+        for (int64_t r = 0; r < b; r++) {
+            if (L->o_b) dk_add(o + r * L->o_npad, L->o_b, d);
+            dk_add(x + r * d, o + r * L->o_npad, d);
+        }
         dk_rms_norm(x, b, d, d, L->ffn_norm, L->ffn_eps, h, d);
         int64_t so; /* the FFN output's row stride in y */
         if (L->ffn_kind == FFN_MOE) {
-            if (dk_router_topk(h, b, d, d, L->router, L->n_exp, L->top_k, (int)L->norm_topk, ids, w, nthreads)) {
+            if (route(L, h, b, d, ids, w, nthreads)) {
                 rc = fail + 4;
                 break;
             }
             so = d; /* i4_moe_batch writes [b, D] */
             if (((i4_moe_batch_fn)L->ffn_batch_fn)(h, b, d, L->inter, L->top_k, ids, w, L->table, L->n_exp,
-                                                   L->gu_npad, L->dn_npad, (int)L->ffn_fmt, y, nthreads)) {
+                                                   L->gu_npad, L->dn_npad, (int)L->ffn_fmt, L->epi, y, nthreads)) {
                 rc = fail + 5;
                 break;
             }

@@ -215,4 +215,19 @@ static inline __m256 silu_mul8(__m256 g, __m256 u) {
     return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
 }
 
+/* gpt-oss's clamped SwiGLU over 8 lanes: clamp_swiglu1's operations (2^n as silu_mul8's). */
+static inline __m256 clamp_swiglu8(__m256 g, __m256 u, float alpha, float limit) {
+    const __m256 l = _mm256_set1_ps(limit), one = _mm256_set1_ps(1.f);
+    g = _mm256_min_ps(g, l);
+    u = _mm256_min_ps(_mm256_max_ps(u, _mm256_set1_ps(-limit)), l);
+    const __m256 x = _mm256_max_ps(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(g, _mm256_set1_ps(alpha))),
+                                                 _mm256_set1_ps(88.37626f)), _mm256_set1_ps(-88.37626f));
+    __m256 n;
+    const __m256 p = exp_poly8(x, &n);
+    const __m256i ni = _mm256_max_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(-126));
+    const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
+    const __m256 e = _mm256_mul_ps(p, two_n);
+    return _mm256_mul_ps(_mm256_add_ps(u, one), _mm256_mul_ps(g, _mm256_div_ps(one, _mm256_add_ps(one, e))));
+}
+
 #endif /* INT4_AVX2_H */

@@ -119,4 +119,17 @@ static inline __m512 silu_mul16(__m512 g, __m512 u) {
     return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
 }
 
+/* gpt-oss's clamped SwiGLU over 16 lanes: clamp_swiglu1's operations. */
+static inline __m512 clamp_swiglu16(__m512 g, __m512 u, float alpha, float limit) {
+    const __m512 l = _mm512_set1_ps(limit), one = _mm512_set1_ps(1.f);
+    g = _mm512_min_ps(g, l);
+    u = _mm512_min_ps(_mm512_max_ps(u, _mm512_set1_ps(-limit)), l);
+    const __m512 x = _mm512_max_ps(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(g, _mm512_set1_ps(alpha))),
+                                                 _mm512_set1_ps(88.37626f)), _mm512_set1_ps(-88.37626f));
+    __m512 n;
+    const __m512 p = exp_poly16(x, &n);
+    const __m512 e = _mm512_scalef_ps(p, n);
+    return _mm512_mul_ps(_mm512_add_ps(u, one), _mm512_mul_ps(g, _mm512_div_ps(one, _mm512_add_ps(one, e))));
+}
+
 #endif /* INT4_AVX512_H */

@@ -20,10 +20,11 @@
 /* x fp32 [D]; expert e: gate_up qweight gu_q[e] [gu_npad, D/2], scales gu_sz[e] bf16 [D/32, gu_npad, 2]
    ([D/32, gu_npad] when sym: symmetric int4, see int4_kernel.h); down dn_q[e] [dn_npad, I/2],
    dn_sz[e] [I/32, dn_npad(, 2)], or block-major with FMT_BLOCKS (int4_kernel.h); weights in 32-row
-   blocks with FMT_B32. fmt (FMT_SYM, FMT_BLOCKS, FMT_B32) applies to every matrix of the call. y fp32 [n, dn_npad]. 0, or -1. */
+   blocks with FMT_B32. fmt (FMT_SYM, FMT_BLOCKS, FMT_B32) applies to every matrix of the call. epi: NULL,
+   or the experts' act and biases (int4_kernel.h i4_epi; bias rows by position e). y fp32 [n, dn_npad]. 0, or -1. */
 int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const uint8_t *const *gu_q,
                    const uint16_t *const *gu_sz, int64_t gu_npad, const uint8_t *const *dn_q,
-                   const uint16_t *const *dn_sz, int64_t dn_npad, int fmt, float *y, int nthreads) {
+                   const uint16_t *const *dn_sz, int64_t dn_npad, int fmt, const i4_epi *epi, float *y, int nthreads) {
     if (d % GS || inter % GS || gu_npad % 16 || dn_npad % 16 || gu_npad < 2 * inter || n <= 0) return -1;
     const int64_t G1 = d / GS, G2 = inter / GS, bn = block_rows(fmt);
     const int64_t nb1 = (gu_npad + bn - 1) / bn, nb2 = (dn_npad + bn - 1) / bn;
@@ -50,7 +51,8 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
 #pragma omp for schedule(static)
         for (int64_t e = 0; e < n; e++) {
             float *he = h + e * gu_npad;
-            i4_silu_mul(he, inter);  /* act in place */
+            if (epi && epi->bias) i4_add_bias(he, epi->bias + 2 * e, 2 * inter);
+            i4_act_mul(he, inter, epi);  /* act in place */
             i4_quant_x(he, 0, 1, inter, a1 + e * inter, a2 + e * inter, adu + e * G2, asum + e * G2, asx + e * G2);
         }
 #pragma omp for schedule(guided)
@@ -58,6 +60,10 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
             const int64_t e = it / nb2;
             i4_block(dn_q[e], dn_sz[e], fmt, it % nb2, dn_npad, inter, 1, a1 + e * inter, a2 + e * inter, adu + e * G2,
                      asum + e * G2, asx + e * G2, y + e * dn_npad, dn_npad);
+        }
+        if (epi && epi->bias) {
+#pragma omp for schedule(static)
+            for (int64_t e = 0; e < n; e++) i4_add_bias(y + e * dn_npad, epi->bias + 2 * e + 1, d);
         }
     }
     free(xq), free(fs), free(is);
@@ -71,11 +77,12 @@ int i4_experts_ffn(const float *x, int64_t d, int64_t inter, int64_t n, const ui
    contracts them into an fma. 0, or -1. */
 int i4_experts_mix(const float *x, int64_t d, int64_t inter, int64_t n, const uint8_t *const *gu_q,
                    const uint16_t *const *gu_sz, int64_t gu_npad, const uint8_t *const *dn_q,
-                   const uint16_t *const *dn_sz, int64_t dn_npad, int fmt, const float *w, float *out, int nthreads) {
+                   const uint16_t *const *dn_sz, int64_t dn_npad, int fmt, const i4_epi *epi, const float *w, float *out,
+                   int nthreads) {
     if (n <= 0 || d > dn_npad) return -1;
     float *y = (float *)malloc(sizeof(float) * (size_t)(n * dn_npad));
     if (!y) return -1;
-    int rc = i4_experts_ffn(x, d, inter, n, gu_q, gu_sz, gu_npad, dn_q, dn_sz, dn_npad, fmt, y, nthreads);
+    int rc = i4_experts_ffn(x, d, inter, n, gu_q, gu_sz, gu_npad, dn_q, dn_sz, dn_npad, fmt, epi, y, nthreads);
     if (rc == 0) {
         for (int64_t e = 0; e < n; e++)
             for (int64_t j = 0; j < d; j++) y[e * dn_npad + j] = y[e * dn_npad + j] * w[e];
@@ -91,12 +98,12 @@ int i4_experts_mix(const float *x, int64_t d, int64_t inter, int64_t n, const ui
 
 /* The compiled graph's MoE layer for one token (layers/int4_ops.moe_decode): the router's picks
    ids int64 [a] with weights fp32 [a], the layer's pointer table int64 [E, 4] (gate_up qweight,
-   gate_up scales, down qweight, down scales per expert). The picks are summed in expert-id order
-   (a stable sort, like Python's sorted), as the eager layer sums them. 0, -1 (bad shape), or -2
-   (an id outside [0, E)). */
+   gate_up scales, down qweight, down scales per expert); epi NULL or the experts' act and biases (bias
+   rows by expert id). The picks are summed in expert-id order (a stable sort, like Python's sorted), as
+   the eager layer sums them. 0, -1 (bad shape), or -2 (an id outside [0, E)). */
 int i4_moe_decode(const float *x, int64_t d, int64_t inter, int64_t a, const int64_t *ids, const float *w,
-                  const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int fmt, float *out,
-                  int nthreads) {
+                  const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int fmt,
+                  const i4_epi *epi, float *out, int nthreads) {
     if (a <= 0 || a > MIX_MAX) return -1;
     int64_t order[MIX_MAX];
     for (int64_t i = 0; i < a; i++) {
@@ -108,13 +115,17 @@ int i4_moe_decode(const float *x, int64_t d, int64_t inter, int64_t a, const int
     const uint8_t *gq[MIX_MAX], *dq[MIX_MAX];
     const uint16_t *gs[MIX_MAX], *ds[MIX_MAX];
     float ws[MIX_MAX];
+    int64_t bias[2 * MIX_MAX];  /* the picks' bias rows, in the call's order */
+    i4_epi picked;
     for (int64_t i = 0; i < a; i++) {
         const int64_t *row = table + 4 * ids[order[i]];
         gq[i] = (const uint8_t *)(uintptr_t)row[0], gs[i] = (const uint16_t *)(uintptr_t)row[1];
         dq[i] = (const uint8_t *)(uintptr_t)row[2], ds[i] = (const uint16_t *)(uintptr_t)row[3];
         ws[i] = w[order[i]];
+        if (epi && epi->bias) bias[2 * i] = epi->bias[2 * ids[order[i]]], bias[2 * i + 1] = epi->bias[2 * ids[order[i]] + 1];
     }
-    return i4_experts_mix(x, d, inter, a, gq, gs, gu_npad, dq, ds, dn_npad, fmt, ws, out, nthreads);
+    if (epi) picked = *epi, picked.bias = epi->bias ? bias : NULL, epi = &picked;
+    return i4_experts_mix(x, d, inter, a, gq, gs, gu_npad, dq, ds, dn_npad, fmt, epi, ws, out, nthreads);
 }
 
 /* The MoE layer of t tokens (a batched decode step) in one call, from the router's picks ids int64
@@ -123,10 +134,11 @@ int i4_moe_decode(const float *x, int64_t d, int64_t inter, int64_t a, const int
    expert's tokens ascending (a stable counting sort: torch.argsort(stable=True)'s order); each expert
    runs i4_block over its m tokens' rows (the rows' bits do not depend on m: int4_kernel.h), then
    y * w is stored per row and out[token] += it, experts in id order, exactly index_add_'s additions.
-   out fp32 [t, d]. 0, -1 (bad shape / no memory) or -2 (an id outside [0, E)). */
+   epi: NULL or the experts' act and biases (bias rows by expert id). out fp32 [t, d]. 0, -1 (bad shape /
+   no memory) or -2 (an id outside [0, E)). */
 int i4_moe_batch(const float *x, int64_t t, int64_t d, int64_t inter, int64_t a, const int64_t *ids, const float *w,
-                 const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int fmt, float *out,
-                 int nthreads) {
+                 const int64_t *table, int64_t num_experts, int64_t gu_npad, int64_t dn_npad, int fmt,
+                 const i4_epi *epi, float *out, int nthreads) {
     if (t <= 0 || a <= 0 || d % GS || inter % GS || gu_npad < 2 * inter || dn_npad < d || num_experts <= 0) return -1;
     const int64_t R = t * a, G1 = d / GS, G2 = inter / GS, bn = block_rows(fmt);
     const int64_t nb1 = (gu_npad + bn - 1) / bn, nb2 = (dn_npad + bn - 1) / bn;
@@ -188,7 +200,8 @@ int i4_moe_batch(const float *x, int64_t t, int64_t d, int64_t inter, int64_t a,
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
-            i4_silu_mul(h + r * gu_npad, inter);
+            if (epi && epi->bias) i4_add_bias(h + r * gu_npad, epi->bias + 2 * ids[slot[r]], 2 * inter);
+            i4_act_mul(h + r * gu_npad, inter, epi);
             i4_quant_x(h + r * gu_npad, 0, 1, inter, a1 + r * inter, a2 + r * inter, adu + r * G2, asum + r * G2, asx + r * G2);
         }
 #pragma omp for schedule(guided)
@@ -200,8 +213,10 @@ int i4_moe_batch(const float *x, int64_t t, int64_t d, int64_t inter, int64_t a,
                      dn_npad);
         }
     }
-    for (int64_t r = 0; r < R; r++)  /* products stored before they are added: no fma contraction */
+    for (int64_t r = 0; r < R; r++) {  /* (the down bias), products stored before they are added */
+        if (epi && epi->bias) i4_add_bias(y + r * dn_npad, epi->bias + 2 * ids[slot[r]] + 1, d);
         for (int64_t j = 0; j < d; j++) y[r * dn_npad + j] = y[r * dn_npad + j] * w[slot[r]];
+    }
     for (int64_t j = 0; j < t * d; j++) out[j] = 0.f;
     for (int64_t r = 0; r < R; r++) {
         float *o = out + (slot[r] / a) * d;
@@ -217,5 +232,14 @@ int i4_moe_batch(const float *x, int64_t t, int64_t d, int64_t inter, int64_t a,
 int i4_silu_mul_rows(float *h, int64_t m, int64_t ld, int64_t inter) {
     if (m < 0 || inter <= 0 || ld < 2 * inter) return -1;
     for (int64_t r = 0; r < m; r++) i4_silu_mul(h + r * ld, inter);
+    return 0;
+}
+
+/* As i4_silu_mul_rows with an expert's act (I4_ACT_SILU or I4_ACT_CLAMP_SWIGLU with alpha and limit): the
+   unfused path's activation (gate_up's bias already added by its linear) with the fused kernels' bits. */
+int i4_act_rows(float *h, int64_t m, int64_t ld, int64_t inter, int64_t act, float alpha, float limit) {
+    if (m < 0 || inter <= 0 || ld < 2 * inter || act < I4_ACT_SILU || act > I4_ACT_CLAMP_SWIGLU) return -1;
+    const i4_epi epi = {act, alpha, limit, NULL};
+    for (int64_t r = 0; r < m; r++) i4_act_mul(h + r * ld, inter, &epi);
     return 0;
 }

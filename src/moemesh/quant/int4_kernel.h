@@ -138,6 +138,44 @@ static inline void i4_silu_mul(float *h, int64_t inter) {
     for (; i < inter; i++) h[i] = silu_mul1(h[i], h[inter + i]);
 }
 
+/* What an expert does around its two matmuls besides silu(gate) * up: NULL (every SwiGLU without biases)
+   or this (engine: quant/int4_native.Epilogue, field for field). act 1 is gpt-oss's clamped SwiGLU
+   (clamp_swiglu1) with its alpha and limit; bias, when not NULL, is an int64 [rows, 2] table of fp32
+   bias addresses (gate_up's [2I], down's [D]; 0 for none), its rows indexed like the call's weight
+   table (by expert id) or pointer arrays (by position). */
+typedef struct {
+    int64_t act;
+    float alpha, limit;
+    const int64_t *bias;
+} i4_epi;
+
+enum { I4_ACT_SILU = 0, I4_ACT_CLAMP_SWIGLU = 1 };
+
+/* h[i] = act(h[i], h[inter + i]) for i < inter, in place: silu_mul or the epilogue's act. */
+static inline void i4_act_mul(float *h, int64_t inter, const i4_epi *epi) {
+    if (!epi || epi->act == I4_ACT_SILU) {
+        i4_silu_mul(h, inter);
+        return;
+    }
+    const float alpha = epi->alpha, limit = epi->limit;
+    int64_t i = 0;
+#if I4_PATH == 2
+    for (; i + 16 <= inter; i += 16)
+        _mm512_storeu_ps(h + i, clamp_swiglu16(_mm512_loadu_ps(h + i), _mm512_loadu_ps(h + inter + i), alpha, limit));
+#elif I4_PATH == 1
+    for (; i + 8 <= inter; i += 8)
+        _mm256_storeu_ps(h + i, clamp_swiglu8(_mm256_loadu_ps(h + i), _mm256_loadu_ps(h + inter + i), alpha, limit));
+#endif
+    for (; i < inter; i++) h[i] = clamp_swiglu1(h[i], h[inter + i], alpha, limit);
+}
+
+/* y[j] += b[j] for j < n when b is not NULL (a QuantLinear's bias: torch.add's one rounding). */
+static inline void i4_add_bias(float *y, const int64_t *b, int64_t n) {
+    const float *bf = b ? (const float *)(uintptr_t)*b : NULL;
+    if (bf)
+        for (int64_t j = 0; j < n; j++) y[j] = y[j] + bf[j];
+}
+
 /* Output rows of weight block ``blk`` (block_rows(fmt) rows, or the short tail block) for m rows of x:
    x planes row r at x1 + r k, stats at du + r G, output row r at y + r n_out. qw, sz: the whole matrix. */
 static inline void i4_block(const uint8_t *qw, const uint16_t *sz, int fmt, int64_t blk, int64_t n_pad, int64_t k,

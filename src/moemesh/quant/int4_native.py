@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import int4_experts
 from .int4_pack import torch_layout
 from .native import BASE_FLAGS, cpu_flags, load_library
 
@@ -65,16 +66,7 @@ def _load(isa: str, x8: bool) -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.i4_matmul.argtypes = [p, i32, i64, i64, p, p, i32, i64, p, i32]
     lib.i4_matmul.restype = i32
-    lib.i4_experts_ffn.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i32, p, i32]
-    lib.i4_experts_ffn.restype = i32
-    lib.i4_experts_mix.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i32, p, p, i32]
-    lib.i4_experts_mix.restype = i32
-    lib.i4_moe_decode.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, i64, i32, p, i32]
-    lib.i4_moe_decode.restype = i32
-    lib.i4_moe_batch.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, i64, i64, i32, p, i32]
-    lib.i4_moe_batch.restype = i32
-    lib.i4_silu_mul_rows.argtypes = [p, i64, i64, i64]
-    lib.i4_silu_mul_rows.restype = i32
+    int4_experts.declare(lib)  # the fused expert calls' signatures
     lib.i4_isa.restype = i32
     lib.i4_x8.restype = i32
     ok = lib.i4_isa() == ISAS[isa] and lib.i4_x8() == int(x8)
@@ -184,98 +176,6 @@ def int4_matmul(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scales
     return y
 
 
-def _pointer_arrays(ptrs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
-    """The kernel's four pointer arrays (gate_up qweight, gate_up scales, down qweight, down scales
-    of each expert) as rows of one int64 tensor [4, n] (ctypes arrays cost ~20x more per call):
-    the tensor (keep it alive through the call) and the address of each row."""
-    tables = torch.tensor(ptrs, dtype=torch.int64).t().contiguous()  # [4, n]
-    return tables, [tables.data_ptr() + 8 * len(ptrs) * r for r in range(4)]
-
-
-def experts_ffn_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[list[int]], gu_npad: int,
-                     dn_npad: int, fmt: int = 0) -> torch.Tensor:
-    """One token through n int4 SwiGLU experts in one call (int4_ffn.c): x fp32 [1, D] -> fp32
-    [n, N_pad]. Expert e is named by the data pointers of its four buffers, ptrs[e] = (gate_up
-    qweight, gate_up scales, down qweight, down scales) of its QuantLinears (contiguous; all of one
-    ``fmt``, QuantLinear.kernel_fmt: checked by the callers, GatedMLP keeps the row and its format
-    key); the buffers must stay alive during the call."""
-    d, n = x.shape[1], len(ptrs)
-    x = x.float().contiguous()
-    tables, (gq, gs, dq, ds) = _pointer_arrays(ptrs)
-    y = torch.empty(n, dn_npad)
-    rc = lib.i4_experts_ffn(x.data_ptr(), d, inter, n, gq, gs, gu_npad, dq, ds, dn_npad,
-                            fmt, y.data_ptr(), torch.get_num_threads())
-    if rc:
-        raise ValueError(f"experts_ffn: kernel rejected D={d}, I={inter}, n={n}")
-    return y
-
-
-def experts_mix_ptrs(lib: ctypes.CDLL, x: torch.Tensor, inter: int, ptrs: list[list[int]], w: torch.Tensor,
-                     gu_npad: int, dn_npad: int, fmt: int, d: int) -> torch.Tensor:
-    """One token through n experts (as ``experts_ffn_ptrs``) and their weighted sum in the given
-    order, in one call: x fp32 [1, D], w fp32 [n] -> [1, d]; the bits of layers/moe.sum_in_order
-    over the experts' outputs (int4_ffn.c ``i4_experts_mix``)."""
-    n = len(ptrs)
-    x = x.float().contiguous()
-    w = w.float().contiguous()
-    tables, (gq, gs, dq, ds) = _pointer_arrays(ptrs)
-    out = torch.empty(1, d)
-    rc = lib.i4_experts_mix(x.data_ptr(), x.shape[1], inter, n, gq, gs, gu_npad, dq, ds,
-                            dn_npad, fmt, w.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    if rc:
-        raise ValueError(f"experts_mix: kernel rejected D={x.shape[1]}, I={inter}, n={n}, d={d}")
-    return out
-
-
-def moe_decode_table(lib: ctypes.CDLL, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                     table: torch.Tensor, inter: int, gu_npad: int, dn_npad: int, fmt: int) -> torch.Tensor:
-    """One token's MoE layer from the router's picks: x fp32 [1, D], ids int64 [1, A], weights
-    fp32 [1, A], table int64 [E, 4] (experts/mixing.expert_table) -> [1, D]; the picks summed in
-    expert-id order (int4_ffn.c ``i4_moe_decode``: sort, pointer gather, experts, weighted sum)."""
-    x = x.float().contiguous()
-    ids = ids.to(torch.int64).contiguous()
-    weights = weights.float().contiguous()
-    table = table.contiguous()
-    out = torch.empty_like(x)
-    rc = lib.i4_moe_decode(x.data_ptr(), x.shape[1], inter, ids.shape[1], ids.data_ptr(), weights.data_ptr(),
-                           table.data_ptr(), table.shape[0], gu_npad, dn_npad, fmt, out.data_ptr(),
-                           torch.get_num_threads())
-    if rc == -2:
-        raise ValueError(f"moe_decode: an expert id outside [0, {table.shape[0]}) in {ids.tolist()}")
-    if rc:
-        raise ValueError(f"moe_decode: kernel rejected D={x.shape[1]}, I={inter}, A={ids.shape[1]}")
-    return out
-
-
-def silu_mul(lib: ctypes.CDLL, h: torch.Tensor, inter: int) -> torch.Tensor:
-    """[gate | up] rows h fp32 [M, >= 2I] -> silu(gate) * up [M, I] with the fused kernels' silu
-    (int4_ffn.c ``i4_silu_mul_rows``; h is overwritten: pass a tensor of your own)."""
-    if h.dtype != torch.float32 or not h.is_contiguous():
-        h = h.float().contiguous()
-    if lib.i4_silu_mul_rows(h.data_ptr(), h.shape[0], h.shape[1], inter):
-        raise ValueError(f"silu_mul: rows of {h.shape[1]} cannot hold gate and up of {inter}")
-    return h[:, :inter]
-
-
-def moe_batch_table(lib: ctypes.CDLL, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                    table: torch.Tensor, inter: int, gu_npad: int, dn_npad: int, fmt: int) -> torch.Tensor:
-    """T tokens' MoE layer from the router's picks in one call: x fp32 [T, D], ids int64 [T, A],
-    weights fp32 [T, A], table int64 [E, 4] -> [T, D]; the grouped loop's bits (slots grouped by expert
-    id, each expert over its tokens, weighted rows added in expert-id order: int4_ffn.c ``i4_moe_batch``)."""
-    x = x.float().contiguous()
-    ids = ids.to(torch.int64).contiguous()
-    weights = weights.float().contiguous()
-    table = table.contiguous()
-    out = torch.empty_like(x)
-    rc = lib.i4_moe_batch(x.data_ptr(), x.shape[0], x.shape[1], inter, ids.shape[1], ids.data_ptr(), weights.data_ptr(),
-                          table.data_ptr(), table.shape[0], gu_npad, dn_npad, fmt, out.data_ptr(), torch.get_num_threads())
-    if rc == -2:
-        raise ValueError(f"moe_batch: an expert id outside [0, {table.shape[0]}) in the picks")
-    if rc:
-        raise ValueError(f"moe_batch: kernel rejected T={x.shape[0]}, D={x.shape[1]}, I={inter}, A={ids.shape[1]}")
-    return out
-
-
 def reference_int4_matmul(x: torch.Tensor, qweight_q: torch.Tensor, scales_and_zeros: torch.Tensor,
                           x8: bool = False) -> torch.Tensor:
     """The kernel's arithmetic in torch, for tests: x [M, K], q uint8 [N, K] (unpacked 0..15),
@@ -296,21 +196,3 @@ def reference_int4_matmul(x: torch.Tensor, qweight_q: torch.Tensor, scales_and_z
     dots = torch.einsum("mgk,ngk->mng", xx, qc).float()  # [M, N, G] exact integers (< 2^24)
     s, z = scales_and_zeros.float().permute(2, 1, 0)  # [N, G]
     return (dots * (s[None] * du[:, None]) + z[None] * sumx[:, None]).sum(-1)  # [M, N]
-
-
-def experts_ffn_table(lib: ctypes.CDLL, x: torch.Tensor, inter: int, table: torch.Tensor, gu_npad: int, dn_npad: int,
-                      fmt: int) -> torch.Tensor:
-    """``experts_ffn_ptrs`` over a pointer table built once by the caller (``_pointer_arrays``' layout:
-    int64 [4, n], rows gate_up qweight, gate_up scales, down qweight, down scales): a dense FFN's
-    decode token pays one C call and no per-call table (~10 us of torch.tensor on a small model's
-    layer). x fp32 [1, D] contiguous -> [n, N_pad]."""
-    n = table.shape[1]
-    if x.dtype != torch.float32 or not x.is_contiguous():
-        x = x.float().contiguous()
-    y = torch.empty(n, dn_npad)
-    base, row = table.data_ptr(), 8 * n
-    rc = lib.i4_experts_ffn(x.data_ptr(), x.shape[1], inter, n, base, base + row, gu_npad, base + 2 * row,
-                            base + 3 * row, dn_npad, fmt, y.data_ptr(), torch.get_num_threads())
-    if rc:
-        raise ValueError(f"experts_ffn: kernel rejected D={x.shape[1]}, I={inter}, n={n}")
-    return y

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import int4_native
+from . import int4_experts, int4_native
 
 
 @torch.library.custom_op("moemesh::moe_decode", mutates_args=())
@@ -26,7 +26,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table:
         raise RuntimeError("moemesh::moe_decode: the C int4 kernel is not available")
     # one C call: picks sorted by expert id (as the eager path sums), pointers gathered from the
     # table, the experts and their weighted sum (~0.1 ms of Python and small torch ops per layer before)
-    return int4_native.moe_decode_table(lib, x, ids, weights, table, inter, gu_npad, dn_npad, fmt)
+    return int4_experts.moe_decode_table(lib, x, ids, weights, table, inter, gu_npad, dn_npad, fmt)
 
 
 @moe_decode.register_fake

@@ -85,4 +85,20 @@ static inline float silu_mul1(float g, float u) {
     return (g / (1.f + e)) * u;
 }
 
+/* gpt-oss's clamped SwiGLU (layers/gpt_oss_moe.ClampedSwiGLU's operations in its order), with the vector
+   paths' operations: g = min(g, limit) (NaN -> limit, as minps), u = clamp(up, -limit, limit),
+   (u + 1) * (g * (1 / (1 + exp(-(g * alpha))))), exp as silu_mul1's. */
+static inline float clamp_swiglu1(float g, float u, float alpha, float limit) {
+    g = g < limit ? g : limit;
+    u = u > -limit ? u : -limit;
+    u = u < limit ? u : limit;
+    float x = 0.f - g * alpha;
+    x = x < 88.37626f ? x : 88.37626f;
+    x = x > -88.37626f ? x : -88.37626f;
+    float n;
+    const float p = exp_poly1(x, &n);
+    const float e = ldexpf(p, (int)n);  /* exp(-(g * alpha)) */
+    return (u + 1.f) * (g * (1.f / (1.f + e)));
+}
+
 #endif /* INT4_SCALAR_H */
