@@ -37,13 +37,14 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), s.float()
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    """(an FP8 DeepSeek-V3 checkpoint, the same model with those weights dequantized to fp32)."""
+def write_checkpoints(root: Path, layers: int = 2, shards: int = 1) -> tuple[Path, Path]:
+    """(an FP8 DeepSeek-V3 checkpoint, the same model with those weights dequantized to fp32) under root;
+    ``layers`` decoder layers (the first dense, the rest MoE); ``shards`` > 1 deals the FP8 one's tensors
+    round-robin by name into that many files with a model.safetensors.index.json (so a weight and its
+    weight_scale_inv land in different files)."""
     from transformers import AutoModelForCausalLM, DeepseekV3Config
 
-    root = tmp_path_factory.mktemp("fp8")
-    cfg = DeepseekV3Config(vocab_size=160, num_hidden_layers=2, max_position_embeddings=256, hidden_size=64,
+    cfg = DeepseekV3Config(vocab_size=160, num_hidden_layers=layers, max_position_embeddings=256, hidden_size=64,
                            intermediate_size=96, moe_intermediate_size=32, qk_nope_head_dim=16, v_head_dim=16,
                            num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_rope_head_dim=8,
                            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
@@ -69,13 +70,25 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
         else:
             fp8_tensors[name] = dequantized[name] = t
     assert sum(n.endswith("_scale_inv") for n in fp8_tensors) >= 10
-    save_file(fp8_tensors, q8 / "model.safetensors", metadata={"format": "pt"})
+    if shards == 1:
+        save_file(fp8_tensors, q8 / "model.safetensors", metadata={"format": "pt"})
+    else:
+        files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+        weight_map = {n: files[i % shards] for i, n in enumerate(sorted(fp8_tensors))}
+        for f in files:
+            save_file({n: t for n, t in fp8_tensors.items() if weight_map[n] == f}, q8 / f, metadata={"format": "pt"})
+        (q8 / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     save_file(dequantized, ref / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((q8 / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": [128, 128]}
     (q8 / "config.json").write_text(json.dumps(config))
     return q8, ref
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    return write_checkpoints(tmp_path_factory.mktemp("fp8"))
 
 
 def greedy(model, n: int = 8) -> tuple[list[int], list[torch.Tensor]]:

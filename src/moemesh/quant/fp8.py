@@ -55,3 +55,36 @@ def dequantize(raw: torch.Tensor, k: int) -> torch.Tensor:
     bits, scales = unpack(raw, k)
     w = bits.contiguous().view(torch.float8_e4m3fn).float()  # [N, K], exact
     return w * scales.repeat_interleave(BLOCK, dim=1)[:, :k]
+
+
+def pack_in_place(buf: torch.Tensor, out_at: int, src_at: int, n: int, k: int, scale_inv: torch.Tensor,
+                  chunk_bytes: int = 1 << 20) -> None:
+    """Pack the e4m3 rows at ``buf[src_at : src_at + n*k]`` (uint8 [N, K], as a checkpoint stores them)
+    into ``buf[out_at : out_at + n * row_bytes(k)]``: the bytes ``pack`` gives, without a buffer the size
+    of the weight (lazy experts read from an FP8 file: the slot holds the reads, then their packed rows).
+
+    Rows go forward in chunks of whole 128-row bands, each written at or below the source rows still
+    to come (needs ``out_at + n * row_bytes(k) <= src_at + n * k``); a chunk whose rows overlap its own
+    source is taken from a copy of that chunk (at most ``chunk_bytes``)."""
+    rb, nb, full = row_bytes(k), -(-k // BLOCK), k // BLOCK
+    rem = k - full * BLOCK
+    if out_at + n * rb > src_at + n * k:
+        raise ValueError(f"packed rows [{out_at}, {out_at + n * rb}) would overtake their source ending at {src_at + n * k}")
+    if tuple(scale_inv.shape) != (-(-n // BLOCK), nb):
+        raise ValueError(f"FP8 weight_scale_inv {tuple(scale_inv.shape)} does not match weight {(n, k)}")
+    step = max(1, chunk_bytes // (rb * BLOCK)) * BLOCK  # rows per chunk: whole scale bands
+    for r in range(0, n, step):
+        c = min(step, n - r)
+        src = buf[src_at + r * k : src_at + (r + c) * k]
+        dst_at = out_at + r * rb
+        if dst_at + c * rb > src_at + r * k:
+            src = src.clone()  # the chunk's packed rows would overwrite its own source
+        src, out = src.view(c, k), buf[dst_at : dst_at + c * rb].view(c, nb, TYPE_SIZE)
+        if full:
+            out[:, :full, 4:].copy_(src[:, : full * BLOCK].view(c, full, BLOCK))
+        if rem:
+            out[:, full, 4 : 4 + rem].copy_(src[:, full * BLOCK :])
+            out[:, full, 4 + rem :].zero_()  # e4m3 +0 past K, as pack pads
+        bands = scale_inv[r // BLOCK : -(-(r + c) // BLOCK)].float()
+        rows = bands.repeat_interleave(BLOCK, dim=0)[:c].contiguous()  # r is a band start
+        out[:, :, :4].copy_(rows.view(torch.uint8).view(c, nb, 4))

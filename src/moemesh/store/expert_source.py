@@ -2,7 +2,8 @@
 
 Two kinds implement it: an expert store (store/expert_store.py: one checksummed, aligned blob per
 expert) and the model's own file (store/file_experts.py: an expert's slices of a GGUF's stacked
-tensors or of safetensors files, read in place). The cache (experts/cache.py) only asks:
+tensors or of safetensors files, read in place; store/fp8_file_experts.py: an FP8 checkpoint's e4m3
+experts, packed with their block scales after the reads). The cache (experts/cache.py) only asks:
 
 - ``slot_bytes``: how big one cache slot is (every expert fits);
 - ``spans(layer, expert)``: the aligned reads that fill a slot (O_DIRECT: file offset, slot offset
