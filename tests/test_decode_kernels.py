@@ -224,6 +224,14 @@ def test_head_rescore_recomputes_the_references_candidates():
     assert torch.equal(got != approx, want != approx) and int((got != approx).sum()) == 3 * 16
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+    wb = w.to(torch.bfloat16)  # a bf16 table (a checkpoint's own embedding): widened exactly, the same dots
+    head_b = OutputHead(wb, approx=torch.nn.Identity(), rescore=16)
+    got, want = approx.clone(), head_b.rescore_reference(x, approx.clone())
+    assert dk.head_rescore(lib, got, x, wb, 16)
+    assert torch.equal(got != approx, want != approx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not dk.head_rescore(lib, approx.clone(), x, w.half(), 16)  # fp16: declined (the reference runs)
+
     ties = torch.zeros(1, 100)
     assert dk.head_rescore(lib, ties, x[:1], w[:100], 4)
     assert (ties[0, :4] != 0).all() and (ties[0, 4:] == 0).all()  # equal values: the lowest indices

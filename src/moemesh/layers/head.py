@@ -32,7 +32,7 @@ class OutputHead(torch.nn.Module):
             return logits
         # one C pass (~0.3 ms of topk, gather and einsum at 49k x 576 before), where it applies
         lib = None if torch.compiler.is_compiling() else decode_kernels.load()
-        if (lib is not None and self.weight.dtype == torch.float32 and self.weight.is_contiguous()
+        if (lib is not None and self.weight.is_contiguous()
                 and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() and logits.is_contiguous()
                 and decode_kernels.head_rescore(lib, logits, x, self.weight, self.rescore)):
             return logits

@@ -75,7 +75,7 @@ def load() -> ctypes.CDLL | None:
     lib.dk_router_logits_topk.restype = i32
     lib.dk_add.argtypes = [p, p, i64]
     lib.dk_add.restype = None
-    lib.dk_head_rescore.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64]
+    lib.dk_head_rescore.argtypes = [p, i64, i64, i64, p, i64, p, i32, i64, i64]
     lib.dk_head_rescore.restype = i32
     lib.dk_decode_layers.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i32]  # (engine/decode_step.py)
     lib.dk_decode_layers.restype = i32
@@ -193,11 +193,13 @@ def greedy(lib: ctypes.CDLL, logits: torch.Tensor) -> tuple[list[int], list[floa
 
 def head_rescore(lib: ctypes.CDLL, logits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: int) -> bool:
     """logits fp32 [B, V] (V contiguous), in place: each row's r largest (ties: the lower index) become
-    x[b] . weight[i] exactly (x fp32 [B, D], weight fp32 [V, D], both contiguous). False (logits
-    untouched) where the kernel declines: r outside [1, 64], or a NaN in a row."""
+    x[b] . weight[i] exactly (x fp32 [B, D], weight fp32 or bf16 [V, D], both contiguous). False (logits
+    untouched) where the kernel declines: r outside [1, 64], another weight dtype, or a NaN in a row."""
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return False
     b, v = logits.shape
     return lib.dk_head_rescore(logits.data_ptr(), b, v, logits.stride(0), x.data_ptr(), x.stride(0),
-                               weight.data_ptr(), weight.shape[1], r) == 0
+                               weight.data_ptr(), int(weight.dtype == torch.bfloat16), weight.shape[1], r) == 0
 
 
 def router_topk(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, k: int,

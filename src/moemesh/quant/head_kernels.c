@@ -76,25 +76,44 @@ void dk_greedy(const float *x, int64_t rows, int64_t v, int64_t sx, int64_t *idx
 
 /* An approximate head's rescoring (layers/head.OutputHead): for each row of logits [rows, v] (row
  * stride sl), its r largest values (ties: the lower index) are replaced by the exact x[row] . w[i]
- * (x rows sx apart, w [v, d] fp32 contiguous; dk_dot's fixed order). 0; -1 for r outside [1, 64]
- * or above v; -2 for a row holding a NaN (the caller runs torch's topk, which ranks NaN first). */
+ * (x rows sx apart, w [v, d] contiguous, fp32 or, with w_bf16, bf16 widened exactly; dk_dot's fixed
+ * order). 0; -1 for r outside [1, 64] or above v (or no memory); -2 for a row holding a NaN (the
+ * caller runs torch's topk, which ranks NaN first). */
 #define DK_MAX_RESCORE 64
 int dk_head_rescore(float *logits, int64_t rows, int64_t v, int64_t sl, const float *x, int64_t sx,
-                    const float *w, int64_t d, int64_t r) {
+                    const void *w, int w_bf16, int64_t d, int64_t r) {
     if (r < 1 || r > DK_MAX_RESCORE || r > v) return -1;
-    for (int64_t row = 0; row < rows; row++) {
+    float *wide = w_bf16 ? (float *)malloc(sizeof(float) * (size_t)d) : NULL;  /* a bf16 row, widened */
+    if (w_bf16 && !wide) return -1;
+    int rc = 0;
+    for (int64_t row = 0; row < rows && !rc; row++) {
         float *lr = logits + row * sl;
         float top[DK_MAX_RESCORE];
         int64_t at[DK_MAX_RESCORE], n = 0;
         for (int64_t i = 0; i < v; i++) {
             const float a = lr[i];
-            if (a != a) return -2;
+            if (a != a) {
+                rc = -2;
+                break;
+            }
             if (n == r && !(a > top[r - 1])) continue; /* most values: one compare */
             int64_t j = n < r ? n++ : r - 1;          /* insert, sorted descending; an equal value stays behind */
             for (; j > 0 && a > top[j - 1]; j--) top[j] = top[j - 1], at[j] = at[j - 1];
             top[j] = a, at[j] = i;
         }
-        for (int64_t j = 0; j < n; j++) lr[at[j]] = dk_dot(x + row * sx, w + at[j] * d, d);
+        for (int64_t j = 0; j < n && !rc; j++) {
+            const float *wr = (const float *)w + at[j] * d;
+            if (w_bf16) {
+                const uint16_t *b = (const uint16_t *)w + at[j] * d;
+                for (int64_t k = 0; k < d; k++) {
+                    const uint32_t u = (uint32_t)b[k] << 16;
+                    memcpy(wide + k, &u, 4);
+                }
+                wr = wide;
+            }
+            lr[at[j]] = dk_dot(x + row * sx, wr, d);
+        }
     }
-    return 0;
+    free(wide);
+    return rc;
 }
