@@ -72,12 +72,13 @@ def int4_quantize(w: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, 
     bf16-exact fp32 scale, zero [N, K/g] with w ~ (q - 8) * scale + zero (the kernel's formula)."""
     n, k = w.shape
     wg = w.view(n, k // g, g)  # [N, K/g, g]
-    lo, hi = wg.amin(-1), wg.amax(-1)  # [N, K/g]
+    lo, hi = torch.aminmax(wg, dim=-1)  # [N, K/g] (one pass)
     scale = ((hi - lo) / 15).clamp_min(1e-12)
     # quantize against the bf16-rounded scale/zero the kernel will actually use
     scale_b = scale.to(torch.bfloat16).float()
     zero_b = (lo + 8 * scale).to(torch.bfloat16).float()
-    q = torch.round((wg - zero_b[..., None]) / scale_b[..., None] + 8).clamp(0, 15)
+    q = wg - zero_b[..., None]  # [N, K/g, g]; then in place: each new tensor of this size costs its page faults
+    q.div_(scale_b[..., None]).add_(8).round_().clamp_(0, 15)  # (round half even, like torch.round)
     return q.view(n, k).to(torch.int32), scale_b, zero_b
 
 
