@@ -54,3 +54,24 @@ def test_release_drops_resident_file_pages(tmp_path):
     advised = page_out_unused([f.mapping() for f in ck.files.values()], [])
     if advised:  # a kernel without MADV_PAGEOUT advises nothing
         assert rss_file_kib() <= before - 6 * 1024
+
+
+def test_row_tables_are_faulted_back_in_from_a_thread(tmp_path):
+    """A released table's pages come back mapped (RssFile) from prefault_in_background, values unchanged;
+    row_tables names an approximate head's rescoring table beside the embedding."""
+    from moemesh.layers.head import OutputHead
+    from moemesh.weights.page_out import prefault_in_background, row_tables
+    from moemesh.weights.safetensors_io import write_safetensors
+
+    write_safetensors(tmp_path / "model.safetensors", [("w", torch.randn(2048, 1024))])  # 8 MiB
+    ck = SafetensorsCheckpoint(tmp_path)
+    w = ck.get("w")
+    total = float(w.sum())  # every page touched
+    if not page_out_unused([f.mapping() for f in ck.files.values()], []):
+        return  # a kernel without MADV_PAGEOUT: nothing was released
+    low = rss_file_kib()
+    prefault_in_background([w]).join(timeout=60)
+    assert rss_file_kib() >= low + 6 * 1024 and float(w.sum()) == total
+    model = torch.nn.Module()
+    model.embed, model.lm_head = w[:8], OutputHead(w, approx=torch.nn.Identity())
+    assert [t.data_ptr() for t in row_tables(model)] == [w.data_ptr(), w.data_ptr()]

@@ -10,6 +10,7 @@ from ..models.args import ModelArgs
 from ..models.build import make_builder
 from ..models.transformer import Transformer
 from ..sysinfo import trim_heap
+from ..weights.page_out import prefault_in_background, row_tables
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource
 from .placement import place_decode_weights
@@ -53,6 +54,8 @@ def load_model(
     if path.is_dir() and is_store(path):
         store = ExpertStore(path)
         model, prov, budget = build_from_store(store, quant, opts)
+        if not lazy:  # every expert resident: the row tables' pages too
+            prefault_in_background(row_tables(model))
         trim_heap()
         tokenizer = None
         if (path / "tokenizer.json").is_file():
@@ -67,6 +70,7 @@ def load_model(
     place_decode_weights(model)  # huge pages, block-major scales (before the float pages below go)
     if isinstance(source, SafetensorsSource):
         source.ckpt.release_unused(model)  # the float pages of weights the build converted
+    prefault_in_background(row_tables(model))  # (everything resident: the row tables' pages too)
     trim_heap()
     return LoadedModel(model, args, tokenizer, path, config, provider, images=image_input(config, source, path))
 

