@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ...batch import BatchLayout
+from ...engine.decode_range import PlannedRange
 from ...errors import CheckpointError
 from ...experts.budget import BudgetPlan
 from ...experts.lazy import LazyExperts
@@ -58,6 +59,7 @@ class StageLayers(torch.nn.Module):
         self.index = dict(sorted(layers.items()))  # global layer -> module (the same modules)
         self.rope = make_rotary(args.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings,
                                 args.mrope_section)
+        self._planned: PlannedRange | None = None  # decode tokens' C calls, built on first use (weights placed)
 
     def covers(self, a: int, b: int) -> bool:
         return all(i in self.index for i in range(a, b))
@@ -73,15 +75,26 @@ class StageLayers(torch.nn.Module):
             raise ValueError(f"layers {a}:{b}: layer {a} reuses the sparse-attention pick of layer {a - 1}, so a "
                              "stage cannot start there (start it at a layer with its own indexer)")
         cos, sin = self.rope.cos_sin(positions)
-        kv = RangeCache(cache, range_offsets([self.index[i] for i in range(a, b)]))
+        offsets = range_offsets([self.index[i] for i in range(a, b)])
+        kv = RangeCache(cache, offsets)
         kv.begin(batch)
-        for i in range(a, b):
-            x = self.index[i](x, cos, sin, kv, batch)
+        planned = self.planned()
+        if planned.takes(a, b, x, batch, cache):  # one decode token: the planned per-layer C calls
+            x = planned.run(a, b, x, cos, sin, cache, offsets.get("attn", 0), batch.seq_ids[0])  # type: ignore[arg-type]
+        else:
+            for i in range(a, b):
+                x = self.index[i](x, cos, sin, kv, batch)
         kv.end(batch)
         return x
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, batch: BatchLayout) -> torch.Tensor:
         return self.run(self.start, self.end, x, positions, cache, batch)
+
+    def planned(self) -> PlannedRange:
+        if self._planned is None:
+            rotary = self.rope.cos_sin(torch.zeros(1, dtype=torch.long))[0].shape[-1]
+            self._planned = PlannedRange(self.index, rotary)
+        return self._planned
 
     def new_cache(self, kv: str = "dense", a: int | None = None, b: int | None = None) -> KVCache:
         """The cache for layers [a, b) (default: the start share), numbered per kind from 0 as a whole

@@ -1,0 +1,58 @@
+"""One decode token of one sequence through a run of decoder layers with decode_plan's per-layer C calls.
+
+A mesh node runs a share of the layers (mesh/pipeline/slice.StageLayers), not a whole Transformer, so
+the Engine's planned decode never reached it: its layers ran their modules' forward. On loopback at
+0 ms per hop, two chained stages of SmolLM2 took 13.7 ms per token where one planned process took 4.45,
+of which 1.9 ms was transport (bench/results/mesh.md): the rest was the modules' per-op dispatch. Here
+each layer the plan covers (decode_plan.plannable) is bound once to AttentionPlan / FfnPlan, and a
+single-sequence decode token runs them: the same calls with the same arguments as the layers' forward,
+so the same bits (tests/test_decode_range.py). Anything else (prefill, batches, other caches, a layer
+the plan does not cover) stays with the modules.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..batch import BatchLayout
+from ..kvcache.dense import DenseKVCache
+from ..layers.norm import RMSNorm
+from ..models.transformer import DecoderLayer
+from ..quant import decode_kernels, int4_native
+from .decode_plan import AttentionPlan, FfnPlan, plannable
+
+
+class PlannedRange:
+    """Plans for the layers of ``layers`` (global number -> layer) that decode_plan covers."""
+
+    def __init__(self, layers: dict[int, DecoderLayer], rotary_dim: int) -> None:
+        self.lib = decode_kernels.load()
+        self.plans: dict[int, tuple[DecoderLayer, AttentionPlan, FfnPlan | None]] = {}
+        if self.lib is None or int4_native.load_native() is None:
+            return
+        for i, layer in layers.items():
+            if plannable(layer, rotary_dim):
+                ffn = FfnPlan(layer, self.lib) if isinstance(layer.ffn_norm, RMSNorm) else None
+                self.plans[i] = (layer, AttentionPlan(layer, i, self.lib), ffn)
+
+    def takes(self, a: int, b: int, x: torch.Tensor, batch: BatchLayout, cache: object) -> bool:
+        """Whether layers [a, b) run planned for this call: one token of one sequence at its next position
+        (no explicit starts), every layer planned, the dense fp32 cache."""
+        return (x.shape[0] == 1 and len(batch.seq_ids) == 1 and batch.starts is None and type(cache) is DenseKVCache
+                and cache.dtype == torch.float32 and all(i in self.plans for i in range(a, b)))
+
+    @torch.inference_mode()
+    def run(self, a: int, b: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: DenseKVCache,
+            offset: int, seq_id: int) -> torch.Tensor:
+        """x [1, D] -> [1, D] through layers [a, b) for the token at the sequence's next position (after
+        cache.begin, before cache.end); ``cache`` numbers its layers from ``offset`` (a range's cache)."""
+        seq = cache.seqs[seq_id]
+        pos, threads = seq.length, torch.get_num_threads()
+        x = x.float().clone()  # [1, D]: the plans add into it, and it may be the caller's (or the wire's) row
+        for i in range(a, b):
+            layer, attn, ffn = self.plans[i]
+            local = attn.attn.layer - offset
+            keys = seq.keys[local]
+            values = keys if cache.values_in_keys else seq.values[local]
+            x = attn(x, cos, sin, keys, values, cache.value_dim, pos, threads)
+            x = layer.ffn_block(x) if ffn is None else ffn(x, threads)
+        return x
