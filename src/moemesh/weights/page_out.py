@@ -12,12 +12,14 @@ so its first decode tokens do not each wait on a few page faults from disk.
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
 
 import torch
 
 MADV_PAGEOUT = 21  # Linux >= 5.4; Python's mmap module does not name it
+MADV_WILLNEED, MADV_POPULATE_READ = 3, 22  # (the latter Linux >= 5.14)
 PAGE = mmap.PAGESIZE
 
 
@@ -70,18 +72,25 @@ def row_tables(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def prefault_in_background(tables: list[torch.Tensor]) -> threading.Thread:
-    """Read one element per page of each table from a daemon thread (torch releases the GIL in the
-    reduction), so their file pages are mapped before decode asks for them row by row: on a 1-layer
-    DeepSeek-V3-shaped model (two 470 MB bf16 tables) the first 32 decode tokens ran at 42.6 tok/s
-    with the faults, 50.9 with the tables touched first. The load does not wait for it."""
+    """Fault each table's pages in from a daemon thread (madvise MADV_POPULATE_READ, Linux >= 5.14; else
+    MADV_WILLNEED, the kernel's own readahead), so their file pages are mapped before decode asks for them
+    row by row: on a 1-layer DeepSeek-V3-shaped model (two 470 MB bf16 tables) the first 32 decode tokens
+    ran at 42.6 tok/s with the faults, 50.9 with the tables touched first. The load does not wait for it.
+    Only system calls (no torch) run in the thread: a process may exit while it works."""
+    spans = []
+    for t in tables:
+        start = t.untyped_storage().data_ptr() if not t.is_contiguous() else t.data_ptr()
+        size = t.untyped_storage().nbytes() if not t.is_contiguous() else t.numel() * t.element_size()
+        lo = start // PAGE * PAGE
+        spans.append((lo, -(-(start + size - lo) // PAGE) * PAGE))
 
-    def touch() -> None:
-        for t in tables:
-            flat = t.reshape(-1) if t.is_contiguous() else t
-            step = max(1, PAGE // t.element_size())
-            if flat.dim() == 1:
-                flat[::step].float().sum()
+    def populate() -> None:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        for addr, length in spans:
+            if madvise(addr, length, MADV_POPULATE_READ) != 0:
+                madvise(addr, length, MADV_WILLNEED)
 
-    thread = threading.Thread(target=touch, name="moemesh-prefault", daemon=True)
+    thread = threading.Thread(target=populate, name="moemesh-prefault", daemon=True)
     thread.start()
     return thread
