@@ -42,9 +42,6 @@ def _int4(lin: object) -> bool:
                                                                 and lin.bias.is_contiguous())))
 
 
-def _bias(lin: QuantLinear) -> int | None:
-    return None if lin.bias is None else lin.bias.data_ptr()
-
 
 def plannable(layer: DecoderLayer, head_dim_rotary: int) -> bool:
     """Whether ``layer``'s attention block runs as planned C calls (else its module's forward)."""

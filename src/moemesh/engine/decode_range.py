@@ -1,13 +1,13 @@
 """One decode token of one sequence through a run of decoder layers with decode_plan's per-layer C calls.
 
 A mesh node runs a share of the layers (mesh/pipeline/slice.StageLayers), not a whole Transformer, so
-the Engine's planned decode never reached it: its layers ran their modules' forward. On loopback at
-0 ms per hop, two chained stages of SmolLM2 took 13.7 ms per token where one planned process took 4.45,
-of which 1.9 ms was transport (bench/results/mesh.md): the rest was the modules' per-op dispatch. Here
-each layer the plan covers (decode_plan.plannable) is bound once to AttentionPlan / FfnPlan, and a
-single-sequence decode token runs them: the same calls with the same arguments as the layers' forward,
-so the same bits (tests/test_decode_range.py). Anything else (prefill, batches, other caches, a layer
-the plan does not cover) stays with the modules.
+the Engine's planned decode never reached it: its layers ran their modules' forward. Here each layer
+the plan covers (decode_plan.plannable) is bound once to AttentionPlan / FfnPlan, and a single-sequence
+decode token runs them: the same calls with the same arguments as the layers' forward, so the same bits
+(tests/test_decode_range.py). 15 of SmolLM2's layers per token: 4.1-4.2 -> 2.7-3.1 ms on one thread; two
+chained stages on loopback at 0 ms per hop 13.71 -> 12.36 ms per token (bench/results/mesh.md). Anything
+else (prefill, batches, explicit starts, other caches, a layer the plan does not cover) stays with the
+modules.
 """
 from __future__ import annotations
 

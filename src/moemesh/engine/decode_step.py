@@ -181,6 +181,7 @@ class StepTable:
                              f"batched decode step: {what.get((rc - 1) % 16, '?')} failed at layer {(rc - 1) // 16}, "
                              f"positions {positions}")
 
+
 def route(lib: ctypes.CDLL, r: TopKRouter | LogitTopKRouter, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
           threads: int) -> int:
     """The router's C call (its module's forward's) on rows h [T, D] into ids int64 [T, A], w [T, A]: 0, or
