@@ -67,13 +67,20 @@ def test_kill9_replans_onto_survivors_then_rejoins(stores, mode):  # noqa: F811
             victim = nodes[0]
             assert head.node.stats.peers[victim.peer_id].calls > 0  # it computed its share of the experts
         victim.kill9()
-        t0 = time.monotonic()
-        engine.step()  # this step meets the dead node: re-plan onto the survivors, replay, go on
-        elapsed = time.monotonic() - t0
+
+        def failovers() -> int:
+            return head.pipeline.failovers if kw.get("layers") else head.remote_experts.failovers
+
+        # the first step that meets the dead node re-plans onto the survivors, replays and goes on; with
+        # expert shards a step whose tokens route to none of the victim's experts never calls it, so step
+        # until one does (each step within the bound)
+        while failovers() == 0 and len(seq.output_ids) < N:
+            t0 = time.monotonic()
+            engine.step()
+            elapsed = time.monotonic() - t0
+            assert elapsed < FAILOVER_BOUND
         print(f"failover ({mode[0]}): the step that met the dead node took {elapsed:.2f} s")
-        assert elapsed < FAILOVER_BOUND
-        failovers = head.pipeline.failovers if kw.get("layers") else head.remote_experts.failovers
-        assert failovers >= 1
+        assert failovers() >= 1
         if kw.get("layers"):
             assert victim.peer_id not in engine.cache.route_peers(seq.seq_id)
             assert len(head.pipeline.plan) == 2  # the head and the survivor split the four layers
