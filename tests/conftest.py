@@ -1,4 +1,8 @@
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +10,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
+# converted trunks (weights/trunk_cache.py) go to a directory of this session's, shared with the
+# subprocesses it starts: a second load of a test checkpoint maps them, as a user's second load does
+if "MOEMESH_TRUNK_CACHE" not in os.environ:
+    os.environ["MOEMESH_TRUNK_CACHE"] = tempfile.mkdtemp(prefix="moemesh-trunks-")
+    atexit.register(shutil.rmtree, os.environ["MOEMESH_TRUNK_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

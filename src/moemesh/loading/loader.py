@@ -13,6 +13,7 @@ from ..sysinfo import trim_heap
 from ..weights.page_out import prefault_in_background, row_tables
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource
+from ..weights.trunk_cache import TrunkCache
 from .placement import place_decode_weights
 from .source import arch_and_args, open_source, resolve_model_path
 
@@ -66,7 +67,9 @@ def load_model(
                            image_input(store.config, SafetensorsSource(SafetensorsCheckpoint(path)), path))
     config, source, tokenizer = open_source(path)
     spec, args = arch_and_args(path, config)
-    model = make_builder(spec, args, source, quant).build(provider)
+    builder = make_builder(spec, args, source, quant)
+    builder.trunk = TrunkCache.for_model(path, quant)
+    model = builder.build(provider)
     place_decode_weights(model)  # huge pages, block-major scales (before the float pages below go)
     if isinstance(source, SafetensorsSource):
         source.ckpt.release_unused(model)  # the float pages of weights the build converted
@@ -112,7 +115,9 @@ def load_file_lazy(path: Path, quant: str, opts: "ExpertOptions") -> LoadedModel
         release = lambda m: page_out_unused(mappings, kept_ranges(m))  # noqa: E731
     else:
         release = source.ckpt.release_unused
-    model, prov, budget = build_lazy(make_builder(spec, args, source, quant), experts, opts, release, embed_resident=gguf)
+    builder = make_builder(spec, args, source, quant)
+    builder.trunk = TrunkCache.for_model(path, quant)
+    model, prov, budget = build_lazy(builder, experts, opts, release, embed_resident=gguf)
     trim_heap()
     return LoadedModel(model, args, tokenizer, path, config, prov, budget)
 

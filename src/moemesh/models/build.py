@@ -23,6 +23,7 @@ from ..quant.blocks import BlockLinear, supported_qtypes
 from ..quant.qlinear import QuantLinear
 from ..quant.qlinear_rows import from_float_rows
 from ..weights.source import WeightSource
+from ..weights.trunk_cache import TrunkCache
 from .args import ModelArgs
 from .conversion import ConversionLog
 from .spec import ArchSpec
@@ -63,6 +64,7 @@ class Builder:
         self.spec, self.args, self.src, self.quant = spec, args, source, quant
         self.native_int4 = False  # set once a stored 4-bit tensor went straight into the kernel
         self.conversion = ConversionLog(quant)
+        self.trunk: TrunkCache | None = None  # converted linears from an earlier load (the loader sets it)
 
     def tensor(self, name: str) -> torch.Tensor:
         if not self.src.has(name):
@@ -85,20 +87,36 @@ class Builder:
         if self.quant == "auto" and expert and all(self.stored_type(n) in ("BF16", "bfloat16") for n in names):
             w = torch.cat([self.tensor(n) for n in names]).to(torch.bfloat16)  # exact: bf16 values stay bf16
             return QuantLinear.from_float(w, bias, "bf16")  # as a bf16 store or lazy bf16 experts hold them
+        key = None if expert else "+".join(names)  # routed experts: an expert store is their cache
         if self.quant in ("auto", "int4"):
             groups = [self.src.int4_groups(n) if self.src.has(n) else None for n in names]
             if all(g is not None for g in groups):
-                q, s, m = (torch.cat(parts) for parts in zip(*groups))
                 self.native_int4 = True
-                return QuantLinear.from_int4_groups(q, s, m, bias)
+                if (hit := self._cached(key)) is not None:
+                    return hit
+                layer = QuantLinear.from_int4_groups(*(torch.cat(parts) for parts in zip(*groups)), bias)
+                return self._keep(key, layer)
         if self.quant == "auto" and (blocks := self.block_rows(names)) is not None:
             qtype, raws, k = blocks
             return BlockLinear(qtype, raws[0] if len(raws) == 1 else torch.cat(raws), k, bias)  # gate + up: one copy
+        if (hit := self._cached(key)) is not None:
+            return hit
         weights = [self.tensor(n) for n in names]
         w = weights[0] if len(weights) == 1 else torch.cat(weights)  # [O, I]
         mode = "fp32" if self.quant == "auto" else self.quant
         layer = QuantLinear.from_float(w.float(), bias, mode)
-        self.conversion.record(self.stored_type(names[0]), w, layer)
+        return self._keep(key, layer, self.conversion.record(self.stored_type(names[0]), w, layer))
+
+    def _cached(self, key: str | None) -> QuantLinear | None:
+        """A layer this load would convert, as an earlier load converted it (the trunk cache), or None."""
+        if self.trunk is None or key is None or (layer := self.trunk.get(key)) is None:
+            return None
+        self.conversion.replay(self.trunk.conversion(key))
+        return layer
+
+    def _keep(self, key: str | None, layer: QuantLinear, recorded: list | None = None) -> QuantLinear:
+        if self.trunk is not None and key is not None:
+            self.trunk.put(key, layer, recorded)
         return layer
 
     def block_rows(self, names: list[str]) -> tuple[str, list[torch.Tensor], int] | None:
@@ -166,6 +184,8 @@ class Builder:
         layers = [self.layer(i, provider) for i in range(a.num_layers)]
         embed = self.embedding()  # [V, D], as stored (an mmap view if float; block rows for K-quants ...)
         model = Transformer(a, embed, layers, self.norm("model.norm.weight"), self.head(embed))
+        if self.trunk is not None:
+            self.trunk.save()
         if (note := self.conversion.report()) is not None:  # an explicit --quant conversion: say what it cost
             print(f"moemesh: {note}", file=sys.stderr)
         return model
@@ -208,6 +228,9 @@ class Builder:
         if mode == "fp32":
             return OutputHead(table.float())
         stored = getattr(self.src, "int4_parts", lambda _: None)("model.embed_tokens.weight" if tied else name)
+        key = f"head:{mode}:{'model.embed_tokens.weight' if tied else name}"
+        if (hit := self._cached(key)) is not None:
+            return OutputHead(table, hit)
         if mode == "int4" and stored is not None:  # an int4 trunk's head (weights/int4_trunk.py): no float pass
-            return OutputHead(table, int4_head(stored))
-        return OutputHead(table, from_float_rows(table, mode))
+            return OutputHead(table, self._keep(key, int4_head(stored)))
+        return OutputHead(table, self._keep(key, from_float_rows(table, mode)))

@@ -19,17 +19,29 @@ class ConversionLog:
         self.ref2 = 0.0  # sum of squared stored values
         self.sources: Counter[str] = Counter()  # stored format -> linears converted from it
 
-    def record(self, stored: str, w: torch.Tensor, layer) -> None:
-        """``w`` [O, I]: the stored values (float); ``layer``: what they became."""
+    def record(self, stored: str, w: torch.Tensor, layer) -> list | None:
+        """``w`` [O, I]: the stored values (float); ``layer``: what they became. Returns what was
+        recorded ([stored] or [stored, err2, ref2]; None: nothing), for ``replay`` on a later load."""
         if self.quant in ("auto", "fp32"):
-            return  # kept as stored, or decoded exactly to fp32: nothing lost
+            return None  # kept as stored, or decoded exactly to fp32: nothing lost
         self.count += 1
         self.sources[stored] += 1
         if self.measured < SAMPLE and hasattr(layer, "dequantized_weight"):
             got = layer.dequantized_weight().float()
-            self.err2 += float((got - w.float()).pow(2).sum())
-            self.ref2 += float(w.float().pow(2).sum())
-            self.measured += 1
+            err2, ref2 = float((got - w.float()).pow(2).sum()), float(w.float().pow(2).sum())
+            self.err2, self.ref2, self.measured = self.err2 + err2, self.ref2 + ref2, self.measured + 1
+            return [stored, err2, ref2]
+        return [stored]
+
+    def replay(self, recorded: list | None) -> None:
+        """Count a conversion ``record`` returned on an earlier load (its layer came from the trunk
+        cache, weights/trunk_cache.py), so the report reads the same."""
+        if not recorded:
+            return
+        self.count += 1
+        self.sources[recorded[0]] += 1
+        if len(recorded) == 3 and self.measured < SAMPLE:
+            self.err2, self.ref2, self.measured = self.err2 + recorded[1], self.ref2 + recorded[2], self.measured + 1
 
     def report(self) -> str | None:
         """One line for the user, or None when nothing was converted."""
