@@ -3,6 +3,7 @@ ExpertSource: an expert store, or the model's own file (loading/file_experts.py)
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -74,12 +75,15 @@ def lookaheads(model: Transformer, top: int | None = None) -> dict[int, Lookahea
     return out
 
 
-def resident_from_store(store: ExpertStore, num_experts: int, verify: bool) -> ResidentExperts:
+def resident_from_store(store: ExpertStore, num_experts: int, verify: bool, threads: int = 4) -> ResidentExperts:
     """Every expert of the store read into one huge-page arena (hugepages.py: the fused kernels
-    stream them every token)."""
+    stream them every token), ``threads`` reads in flight (the reads and checksums release the GIL:
+    a page-cache copy or a disk queue deeper than one)."""
     arena = HugePageArena(arena_size([store.blob_size] * (num_experts * len(store.moe_layers))))
-    return ResidentExperts({i: [store.read_expert(i, e, verify, into=arena.take(store.blob_size))
-                                for e in range(num_experts)] for i in store.moe_layers})
+    slots = [(i, e, arena.take(store.blob_size)) for i in store.moe_layers for e in range(num_experts)]  # in order
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        modules = list(pool.map(lambda s: store.read_expert(s[0], s[1], verify, into=s[2]), slots))
+    return ResidentExperts({i: modules[k * num_experts : (k + 1) * num_experts] for k, i in enumerate(store.moe_layers)})
 
 
 def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tuple[Transformer, ExpertProvider, BudgetPlan | None]:
