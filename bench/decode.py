@@ -60,6 +60,9 @@ def moemesh_worker(cfg: dict) -> dict:
     import_s = t0 - t_import
     loaded = load_model(cfg["model"], cfg["quant"])
     load_s = time.perf_counter() - t0
+    from decode_floor import decode_bytes
+
+    nbytes = decode_bytes(loaded.model)["total"]
     engine = Engine(loaded.model)
     stamps: list[float] = []
     t0 = time.perf_counter()
@@ -70,7 +73,8 @@ def moemesh_worker(cfg: dict) -> dict:
     decode_s = stamps[-1] - stamps[cfg["warmup"]]
     return {"engine": "moemesh", "import_s": import_s, "load_s": load_s, "prefill_s": prefill_s,
             "prefill_tok_s": len(cfg["prompt"]) / prefill_s, "decode_tok_s": cfg["decode"] / decode_s,
-            "first_token_s": stamps[0] - T_START, "tokens": seq.output_ids, "quant": cfg["quant"]}
+            "first_token_s": stamps[0] - T_START, "tokens": seq.output_ids, "quant": cfg["quant"],
+            "bytes_per_token": nbytes}
 
 
 # ---------------------------------------------------------------- the rows
@@ -126,7 +130,9 @@ def run_one(engine: str, row: dict, args, prompt: list[int]) -> dict:
     env = dict(os.environ)
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    if engine == "moemesh":
+    if engine == "floor":  # the read bandwidth, a fresh process beside the engines (decode_floor.py)
+        cmd = [sys.executable, str(HERE / "decode_floor.py"), "--threads", str(args.threads)]
+    elif engine == "moemesh":
         cmd = [sys.executable, __file__, "--worker", json.dumps({**cfg, "model": row["moemesh"], "quant": row["quant"]})]
     else:
         n_ctx = len(prompt) + args.warmup + args.decode_tokens + 8
@@ -135,7 +141,7 @@ def run_one(engine: str, row: dict, args, prompt: list[int]) -> dict:
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
         return {"engine": engine, "error": (r.stderr or r.stdout)[-2000:]}
-    return json.loads(line[len("RESULT "):])
+    return {"read_gb_s": float(line.split()[1])} if engine == "floor" else json.loads(line[len("RESULT "):])
 
 
 def summary(runs: list[dict]) -> dict:
@@ -174,6 +180,7 @@ def main() -> int:
         print("RESULT " + json.dumps(moemesh_worker(json.loads(args.worker))), flush=True)
         return 0
 
+    from decode_report import markdown
     from moemesh.benchkit.results import write_results
     from moemesh.benchkit.suites import DEFAULT_LLAMA_PYTHON
 
@@ -211,8 +218,13 @@ def main() -> int:
         row_start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         prompt = prompt_ids(key, row, args.prompt_tokens)
         runs: dict[str, list[dict]] = {e: [] for e in engines}
+        reads: list[float] = []
         for r in range(args.rounds):
             order = engines if r % 2 == 0 else engines[::-1]
+            if not args.quick:
+                floor = run_one("floor", row, args, prompt)
+                reads += [floor["read_gb_s"]] if "read_gb_s" in floor else []
+                log(f"{key} round {r + 1}/{args.rounds} read floor: {floor.get('read_gb_s', floor.get('error'))} GB/s")
             for e in order:
                 res = run_one(e, row, args, prompt)
                 runs[e].append(res)
@@ -226,6 +238,10 @@ def main() -> int:
         if base.get("decode_tok_s_median") and ours.get("decode_tok_s_median"):
             out["decode_vs_llama_cpp"] = ours["decode_tok_s_median"] / base["decode_tok_s_median"]
             out["prefill_vs_llama_cpp"] = ours["prefill_tok_s_median"] / base["prefill_tok_s_median"]
+        nbytes = [r["bytes_per_token"] for r in runs["moemesh"] if "bytes_per_token" in r]
+        if reads and nbytes:  # the physical floor: decode_floor.py
+            out["floor"] = {"read_gb_s_median": statistics.median(reads), "read_gb_s_all": reads,
+                            "bytes_per_token": nbytes[0], "tok_s": statistics.median(reads) * 1e9 / nbytes[0]}
         out.update(title=TITLES.get(key) or _synth_title(key), layers=row["layers"], quant=row["quant"],
                    model=row["moemesh"], gguf=row["gguf"], measured_at=row_start,
                    loadavg=[row_load[0], os.getloadavg()[0]], command=" ".join(sys.argv))
@@ -256,49 +272,6 @@ def _synth_title(key: str) -> str:
     from moemesh.benchkit.synth.configs import TITLES as SYNTH
 
     return f"{SYNTH[key]} shapes"
-
-
-def markdown(p: dict) -> str:
-    lines = ["# Decode and prefill: moemesh's default path vs llama.cpp", "",
-             f"Fresh process per run, engines alternating, medians of {p['rounds']} round(s); prompt {p['prompt_tokens']} "
-             f"tokens, then {p['warmup']} untimed and {p['decode_tokens']} timed greedy decode steps; {p['threads']} threads; "
-             f"load average {p['loadavg_before'][0]:.1f} before, {p['loadavg_after'][0]:.1f} after. The machine (2 cores) "
-             "is shared with other jobs (helpers running test suites): a load average above 2 means both engines ran "
-             "on oversubscribed cores, which hurts 2-thread decode (spinning thread pools) far more than prefill.", "",
-             "| model | layers | moemesh decode tok/s | llama.cpp decode tok/s | ratio | moemesh prefill tok/s | "
-             "llama.cpp prefill tok/s | ratio | moemesh load s | moemesh first token s | measured (UTC), load avg |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    f = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
-    for key, r in p["rows"].items():
-        ours, peer = r["moemesh"], r.get("llama.cpp", {})
-        lines.append(f"| {r['title']} | {r['layers']} | {f(ours.get('decode_tok_s_median'))} | "
-                     f"{f(peer.get('decode_tok_s_median'))} | {f(r.get('decode_vs_llama_cpp'), '.2f')} | "
-                     f"{f(ours.get('prefill_tok_s_median'), '.0f')} | {f(peer.get('prefill_tok_s_median'), '.0f')} | "
-                     f"{f(r.get('prefill_vs_llama_cpp'), '.2f')} | {f(ours.get('load_s_median'))} | "
-                     f"{f(ours.get('first_token_s_median'))} | {_when(r)} |")
-        for e in ("moemesh", "llama.cpp"):
-            if r.get(e, {}).get("error"):
-                lines.append(f"|  | {e} failed: {r[e]['error'].strip().splitlines()[-1][:200]} ||||||||||")
-    lines += ["", "Issue 22's goals per row (decode >= 1.2x llama.cpp, prefill >= 2x, first token of a fresh process "
-              "<= 10 s; first token = process start -> first token: imports + load + prefill):", "",
-              "| model | decode | prefill | first token | split: import / load / rest s |", "|---|---|---|---|---|"]
-    for r in p["rows"].values():
-        ours = r["moemesh"]
-        d, pf, ft = r.get("decode_vs_llama_cpp"), r.get("prefill_vs_llama_cpp"), ours.get("first_token_s_median")
-        goal = lambda v, g: "-" if v is None else f"{v:.3f}x {'met' if v >= g else 'NOT met'}"  # noqa: E731
-        first = "-" if ft is None else f"{ft:.1f} s {'met' if ft <= 10 else 'NOT met'}"
-        imp, ld = ours.get("import_s_median"), ours.get("load_s_median")
-        split = "-" if None in (imp, ld, ft) else f"{imp:.1f} / {ld:.1f} / {ft - imp - ld:.1f}"
-        lines.append(f"| {r['title']} | {goal(d, 1.2)} | {goal(pf, 2.0)} | {first} | {split} |")
-    if p["notes"]:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in p["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def _when(r: dict) -> str:
-    if "measured_at" not in r:
-        return "-"
-    return f"{r['measured_at'][5:16].replace('T', ' ')}, {r['loadavg'][0]:.1f} -> {r['loadavg'][1]:.1f}"
 
 
 if __name__ == "__main__":
