@@ -115,3 +115,21 @@ def test_off_writes_nothing(tiny_checkpoints, cache_dir, monkeypatch):
     _, d = tiny_checkpoints["qwen3_moe-norm"]
     load_model(str(d), "int4")
     assert not cache_dir.exists()
+
+
+def test_the_caches_stay_within_their_size_limit(tiny_checkpoints, cache_dir, monkeypatch, capfd):
+    old = []
+    for i in range(3):  # three earlier caches, 1 MiB each, loaded at times 1000, 2000, 3000
+        d = cache_dir / f"old-{i}"
+        d.mkdir(parents=True)
+        (d / "part-0.safetensors").write_bytes(b"\0" * 2**20)
+        (d / "index.json").write_text('{"format": 1, "entries": {}}')
+        os.utime(d / "index.json", (1000 * (i + 1), 1000 * (i + 1)))
+        old.append(d)
+    monkeypatch.setenv(trunk_cache.MAX_ENV, str(1.5 / 1024))  # 1.5 MiB: the newest old one and this one fit
+    _, d = tiny_checkpoints["qwen3_moe-norm"]
+    load_model(str(d), "int4")  # writes its own (small) cache, then prunes the oldest
+    assert "removed the 2 least recently loaded" in capfd.readouterr().err
+    assert not old[0].exists() and not old[1].exists() and old[2].exists()
+    mine = [p for p in cache_dir.iterdir() if p not in old]
+    assert len(mine) == 1 and (mine[0] / "index.json").is_file()

@@ -10,7 +10,8 @@ converting: the same buffers, so the same bits (tests/test_trunk_cache.py compar
 The key covers each source file's name, size and modification time, torch's version, the packing
 torch writes here and a hash of the quantizing sources, so an edited model or a changed quantizer
 never reads stale layers. An unreadable or corrupt cache is ignored with a warning (the load
-converts as before). ``MOEMESH_TRUNK_CACHE=0`` turns it off, ``MOEMESH_TRUNK_CACHE=DIR`` puts it in DIR
+converts as before). The caches together stay within ``MOEMESH_TRUNK_CACHE_GB`` (16 by default): a
+save removes the least recently loaded. ``MOEMESH_TRUNK_CACHE=0`` turns it off, ``MOEMESH_TRUNK_CACHE=DIR`` puts it in DIR
 (the test suite's: a temporary one); otherwise it lives under ``MOEMESH_CACHE``.
 Writes are atomic (a temporary directory renamed into place), so concurrent loads never see half a
 cache; a mesh stage that builds some layers writes a part for those, and a later load adds the rest.
@@ -38,6 +39,8 @@ from .safetensors_io import SafetensorsFile, write_safetensors
 
 FORMAT = 1
 ENV = "MOEMESH_TRUNK_CACHE"
+MAX_ENV = "MOEMESH_TRUNK_CACHE_GB"  # the caches' total size; least recently loaded ones go first
+DEFAULT_MAX_GB = 16.0
 CACHED_MODES = ("int4", "int8", "bf16")  # what a load converts into (fp32 is the stored values: nothing to save)
 INDEX = "index.json"
 
@@ -100,6 +103,7 @@ class TrunkCache:
             if data.get("format") != FORMAT:
                 return
             self.entries = dict(data["entries"])
+            os.utime(index)  # loaded now: the last to be pruned
         except (OSError, ValueError, KeyError, TypeError) as exc:
             warnings.warn(f"{index}: unreadable trunk cache ({exc}); converting the trunk again", RuntimeWarning, stacklevel=3)
             self.entries = {}
@@ -161,7 +165,31 @@ class TrunkCache:
         except OSError as exc:
             warnings.warn(f"{self.dir}: could not write the trunk cache ({exc})", RuntimeWarning, stacklevel=2)
             return
-        size = sum(p.stat().st_size for p in self.dir.iterdir()) / 2**20
+        size = dir_bytes(self.dir) / 2**20
         print(f"moemesh: the converted trunk ({len(self.new)} linears) is cached in {self.dir} ({size:.0f} MiB): "
               f"the next load maps it instead of converting", file=sys.stderr)
         self.new.clear()
+        limit = int(float(os.environ.get(MAX_ENV, DEFAULT_MAX_GB)) * 2**30)
+        if gone := prune(self.dir.parent, self.dir, limit):
+            print(f"moemesh: trunk caches over {limit / 2**30:.1f} GiB ({MAX_ENV}): removed the {len(gone)} least "
+                  f"recently loaded", file=sys.stderr)
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+
+
+def prune(root: Path, keep: Path, limit: int) -> list[Path]:
+    """Remove the least recently loaded caches under ``root`` (their index's mtime) until the total is
+    within ``limit`` bytes; never ``keep``. A load reading a removed one keeps its open files, or converts."""
+    dirs = [d for d in root.iterdir() if d.is_dir() and (d / INDEX).is_file()]
+    sizes = {d: dir_bytes(d) for d in dirs}
+    total, gone = sum(sizes.values()), []
+    for d in sorted(dirs, key=lambda d: (d / INDEX).stat().st_mtime):
+        if total <= limit:
+            break
+        if d != keep:
+            shutil.rmtree(d, ignore_errors=True)
+            total -= sizes[d]
+            gone.append(d)
+    return gone
