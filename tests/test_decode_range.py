@@ -39,7 +39,13 @@ def test_a_middle_range_decodes_planned_with_the_modules_bits(monkeypatch):
     d = model.embed.shape[1]
     xs, steps = torch.randn(6, d, generator=g), torch.randn(20, d, generator=g)  # 26 tokens: the KV buffers grow
     got = run_range(stage, 5, 17, xs, steps, True, monkeypatch)
+    assert [t is not None for t in stage.planned().tables.values()] == [True]  # the range as one C call
     want = run_range(stage, 5, 17, xs, steps, False, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    stage.planned().tables.clear()
+    with monkeypatch.context() as m:  # and the per-layer calls (a range the one-call step does not cover)
+        m.setattr("moemesh.engine.decode_range.StepTable.build", lambda *args: None)
+        per_layer = run_range(stage, 5, 17, xs, steps, True, monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(per_layer, want))
     assert not stage.planned().takes(5, 17, xs, BatchLayout([7], [6]), stage.new_cache("dense", 5, 17))  # prefill
     assert not stage.planned().takes(5, 17, xs[:2], BatchLayout([7, 8], [1, 1]), stage.new_cache("dense", 5, 17))

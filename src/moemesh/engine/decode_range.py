@@ -4,7 +4,8 @@ A mesh node runs a share of the layers (mesh/pipeline/slice.StageLayers), not a 
 the Engine's planned decode never reached it: its layers ran their modules' forward. Here each layer
 the plan covers (decode_plan.plannable) is bound once to AttentionPlan / FfnPlan, and a single-sequence
 decode token runs them: the same calls with the same arguments as the layers' forward, so the same bits
-(tests/test_decode_range.py). 15 of SmolLM2's layers per token: 4.1-4.2 -> 2.7-3.1 ms on one thread; two
+(tests/test_decode_range.py); when the whole-model step covers every layer of the range, the range is
+one C call (decode_step.StepTable with the range's cache offset). 15 of SmolLM2's layers per token: 4.1-4.2 -> 2.7-3.1 ms on one thread; two
 chained stages on loopback at 0 ms per hop 13.71 -> 12.36 ms per token (bench/results/mesh.md). Anything
 else (prefill, batches, explicit starts, other caches, a layer the plan does not cover) stays with the
 modules.
@@ -19,6 +20,7 @@ from ..layers.norm import RMSNorm
 from ..models.transformer import DecoderLayer
 from ..quant import decode_kernels, int4_native
 from .decode_plan import AttentionPlan, FfnPlan, plannable
+from .decode_step import StepTable
 
 
 class PlannedRange:
@@ -27,6 +29,7 @@ class PlannedRange:
     def __init__(self, layers: dict[int, DecoderLayer], rotary_dim: int) -> None:
         self.lib = decode_kernels.load()
         self.plans: dict[int, tuple[DecoderLayer, AttentionPlan, FfnPlan | None]] = {}
+        self.tables: dict[tuple[int, int, int], StepTable | None] = {}  # (a, b, offset) -> the range's one C call
         if self.lib is None or int4_native.load_native() is None:
             return
         for i, layer in layers.items():
@@ -48,6 +51,13 @@ class PlannedRange:
         seq = cache.seqs[seq_id]
         pos, threads = seq.length, torch.get_num_threads()
         x = x.float().clone()  # [1, D]: the plans add into it, and it may be the caller's (or the wire's) row
+        if (a, b, offset) not in self.tables:  # the range as one C call when the whole-model step covers it
+            run = [self.plans[i] for i in range(a, b)]
+            self.tables[(a, b, offset)] = StepTable.build([p[1] for p in run], [p[2] for p in run], self.lib,
+                                                          x.shape[1], offset)
+        if (table := self.tables[(a, b, offset)]) is not None:
+            table.run(x, cos, sin, cache, seq_id, pos, threads)  # the same kernels and order: the same bits
+            return x
         for i in range(a, b):
             layer, attn, ffn = self.plans[i]
             local = attn.attn.layer - offset

@@ -2,7 +2,7 @@
 
 decode_plan.PlannedDecode binds each layer's blocks to pre-bound C calls; this packs the same calls'
 arguments into a table of ``Layer`` structs once, so a token's layers run from one C loop: the same
-kernels with the same arguments in the same order (the same bits: tests/test_decode_step.py) without
+kernels with the same arguments in the same order (the same bits: tests/test_decode_plan.py) without
 ~12 ctypes calls and their Python per layer. It applies when every layer is planned (attention as
 AttentionPlan, FFN as FfnPlan's fused MoE or MLP call, whose router takes the shape); otherwise
 PlannedDecode keeps its per-layer loop.
@@ -60,8 +60,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class StepTable:
     """Every layer of a fully planned model as dk_layer structs; ``run`` computes one token's layers."""
 
-    def __init__(self, plans: list[AttentionPlan], ffns: list[FfnPlan], lib: ctypes.CDLL) -> None:
+    def __init__(self, plans: list[AttentionPlan], ffns: list[FfnPlan], lib: ctypes.CDLL, offset: int = 0) -> None:
         self.lib, self.plans = lib, plans
+        self.offset = offset  # the cache numbers its layers from here (a mesh stage's range: decode_range.py)
         self.keep: list[object] = []  # every tensor the table points into (kept alive with it)
         self.layers = (Layer * len(plans))(*[self._layer(p, f) for p, f in zip(plans, ffns)])
         self.addr = ctypes.addressof(self.layers)
@@ -71,7 +72,7 @@ class StepTable:
 
     @staticmethod
     def build(plans: list[AttentionPlan], ffns: list[FfnPlan], lib: ctypes.CDLL,
-              d: int) -> StepTable | None:
+              d: int, offset: int = 0) -> StepTable | None:
         """The table when every layer is planned end to end and the library has the step, else None."""
         if not plans or not hasattr(lib, "dk_decode_layers"):
             return None
@@ -82,7 +83,7 @@ class StepTable:
                 return None
             if f.moe and not _router_takes(lib, f, d):
                 return None
-        return StepTable(plans, ffns, lib)  # type: ignore[arg-type]
+        return StepTable(plans, ffns, lib, offset)  # type: ignore[arg-type]
 
     def _layer(self, p: AttentionPlan, f: FfnPlan) -> Layer:
         a, qkv, o = p.attn, p.qkv.lin, p.o.lin
@@ -138,7 +139,7 @@ class StepTable:
     def kv_of(self, cache: DenseKVCache, seq_id: int):
         """The sequence, with ``kv`` holding its buffers' addresses (read again when they moved)."""
         seq = cache.seqs[seq_id]
-        first = seq.keys[self.plans[0].attn.layer]
+        first = seq.keys[self.plans[0].attn.layer - self.offset]
         if self._first is None or self._first() is not first:
             self.kv.copy_(self._addresses(cache, seq, 4))
             self._first = weakref.ref(first)
@@ -148,8 +149,8 @@ class StepTable:
         """int64 [L, cols]: per layer the keys and values addresses, the capacity (and the values' row stride)."""
         rows = []
         for p in self.plans:
-            keys = seq.keys[p.attn.layer]
-            values = keys if cache.values_in_keys else seq.values[p.attn.layer]
+            keys = seq.keys[p.attn.layer - self.offset]
+            values = keys if cache.values_in_keys else seq.values[p.attn.layer - self.offset]
             rows.append([keys.data_ptr(), values.data_ptr(), keys.shape[1], values.stride(1)][:cols])
         return torch.tensor(rows, dtype=torch.int64)
 
@@ -160,7 +161,7 @@ class StepTable:
         cols = []
         for sid in seq_ids:
             seq = cache.seqs[sid]
-            first = seq.keys[self.plans[0].attn.layer]
+            first = seq.keys[self.plans[0].attn.layer - self.offset]
             got = self._rows.get(sid)
             if got is None or got[0]() is not first:
                 got = (weakref.ref(first), self._addresses(cache, seq, 3))
