@@ -133,3 +133,14 @@ def test_the_caches_stay_within_their_size_limit(tiny_checkpoints, cache_dir, mo
     assert not old[0].exists() and not old[1].exists() and old[2].exists()
     mine = [p for p in cache_dir.iterdir() if p not in old]
     assert len(mine) == 1 and (mine[0] / "index.json").is_file()
+
+
+def test_a_bad_size_limit_warns_and_a_dead_save_is_cleaned(tiny_checkpoints, cache_dir, monkeypatch):
+    dead = cache_dir / ".tmp-dead"  # what a load killed mid-save leaves
+    dead.mkdir(parents=True)
+    os.utime(dead, (1000, 1000))
+    monkeypatch.setenv(trunk_cache.MAX_ENV, "16G")
+    _, d = tiny_checkpoints["qwen3_moe-norm"]
+    with pytest.warns(RuntimeWarning, match="expected a number of GiB"):
+        load_model(str(d), "int4")
+    assert not dead.exists()

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,6 @@ class TrunkCache:
         self.entries: dict[str, dict[str, Any]] = {}  # name -> {"meta", "part", "conv"}
         self._files: dict[str, SafetensorsFile] = {}
         self.new: dict[str, tuple[QuantLinear, Any]] = {}
-        self.hits = 0
         self._read_index()
 
     @classmethod
@@ -122,10 +122,7 @@ class TrunkCache:
                           RuntimeWarning, stacklevel=2)
             del self.entries[name]
             return None
-        if isinstance(layer, BlockLinear):
-            return None
-        self.hits += 1
-        return layer
+        return None if isinstance(layer, BlockLinear) else layer
 
     def conversion(self, name: str) -> Any:
         """What the conversion log recorded when ``name`` was converted (None if nothing)."""
@@ -158,7 +155,12 @@ class TrunkCache:
                 old = self.dir.with_name(self.dir.name + f".old-{os.getpid()}")
                 if self.dir.exists():
                     self.dir.rename(old)
-                tmp.rename(self.dir)
+                try:
+                    tmp.rename(self.dir)
+                except OSError:
+                    if old.exists() and not self.dir.exists():
+                        old.rename(self.dir)  # (another load won the race: keep what was there)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -169,10 +171,20 @@ class TrunkCache:
         print(f"moemesh: the converted trunk ({len(self.new)} linears) is cached in {self.dir} ({size:.0f} MiB): "
               f"the next load maps it instead of converting", file=sys.stderr)
         self.new.clear()
-        limit = int(float(os.environ.get(MAX_ENV, DEFAULT_MAX_GB)) * 2**30)
+        limit = int(max_gb() * 2**30)
         if gone := prune(self.dir.parent, self.dir, limit):
             print(f"moemesh: trunk caches over {limit / 2**30:.1f} GiB ({MAX_ENV}): removed the {len(gone)} least "
                   f"recently loaded", file=sys.stderr)
+
+
+def max_gb() -> float:
+    """``MOEMESH_TRUNK_CACHE_GB`` (a number of GiB; a bad value warns and keeps the default)."""
+    text = os.environ.get(MAX_ENV, "")
+    try:
+        return float(text) if text else DEFAULT_MAX_GB
+    except ValueError:
+        warnings.warn(f"{MAX_ENV}={text!r}: expected a number of GiB; using {DEFAULT_MAX_GB}", RuntimeWarning, stacklevel=3)
+        return DEFAULT_MAX_GB
 
 
 def dir_bytes(d: Path) -> int:
@@ -182,6 +194,10 @@ def dir_bytes(d: Path) -> int:
 def prune(root: Path, keep: Path, limit: int) -> list[Path]:
     """Remove the least recently loaded caches under ``root`` (their index's mtime) until the total is
     within ``limit`` bytes; never ``keep``. A load reading a removed one keeps its open files, or converts."""
+    stale = time.time() - 3600  # what a load that died mid-save left (never a live save's: those take seconds)
+    for d in root.iterdir():
+        if d.is_dir() and (d.name.startswith(".tmp-") or ".old-" in d.name) and d.stat().st_mtime < stale:
+            shutil.rmtree(d, ignore_errors=True)
     dirs = [d for d in root.iterdir() if d.is_dir() and (d / INDEX).is_file()]
     sizes = {d: dir_bytes(d) for d in dirs}
     total, gone = sum(sizes.values()), []
