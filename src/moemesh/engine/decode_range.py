@@ -4,10 +4,10 @@ A mesh node runs a share of the layers (mesh/pipeline/slice.StageLayers), not a 
 the Engine's planned decode never reached it: its layers ran their modules' forward. Here each layer
 the plan covers (decode_plan.plannable) is bound once to AttentionPlan / FfnPlan, and a single-sequence
 decode token runs them: the same calls with the same arguments as the layers' forward, so the same bits
-(tests/test_decode_range.py); when the whole-model step covers every layer of the range, the range is
-one C call (decode_step.StepTable with the range's cache offset). 15 of SmolLM2's layers per token: 4.1-4.2 -> 2.7-3.1 ms on one thread; two
-chained stages on loopback at 0 ms per hop 13.71 -> 12.36 ms per token (bench/results/mesh.md). Anything
-else (prefill, batches, explicit starts, other caches, a layer the plan does not cover) stays with the
+(tests/test_decode_range.py). 15 of SmolLM2's layers per token: 4.1-4.2 -> 2.7-3.1 ms on one thread; two
+chained stages on loopback at 0 ms per hop 13.71 -> 12.36 ms per token. When the whole-model step covers
+every layer of the range, the range is one C call (decode_step.StepTable with the range's cache offset):
+12.36 -> 10.34 ms, three stages 13.93 -> 8.09 (bench/results/mesh.md). Anything else (prefill, batches, explicit starts, other caches, a layer the plan does not cover) stays with the
 modules.
 """
 from __future__ import annotations

@@ -77,8 +77,8 @@ def lookaheads(model: Transformer, top: int | None = None) -> dict[int, Lookahea
 
 def resident_from_store(store: ExpertStore, num_experts: int, verify: bool, threads: int = 4) -> ResidentExperts:
     """Every expert of the store read into one huge-page arena (hugepages.py: the fused kernels
-    stream them every token), ``threads`` reads in flight (the reads and checksums release the GIL:
-    a page-cache copy or a disk queue deeper than one)."""
+    stream them every token), ``threads`` reads in flight (file reads release the GIL: page-cache
+    copies on several cores, or a disk queue deeper than one)."""
     arena = HugePageArena(arena_size([store.blob_size] * (num_experts * len(store.moe_layers))))
     slots = [(i, e, arena.take(store.blob_size)) for i in store.moe_layers for e in range(num_experts)]  # in order
     with ThreadPoolExecutor(max_workers=threads) as pool:
