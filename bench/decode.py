@@ -55,7 +55,11 @@ def moemesh_worker(cfg: dict) -> dict:
     from moemesh.engine.engine import Engine
     from moemesh.engine.sampling_params import SamplingParams
     from moemesh.loading.loader import load_model
+    from moemesh.loading.source import resolve_model_path
+    from moemesh.weights.trunk_cache import TrunkCache
 
+    trunk = TrunkCache.for_model(resolve_model_path(cfg["model"]), cfg["quant"])  # before the load: warm or not
+    warm = trunk is not None and bool(trunk.entries)
     t0 = time.perf_counter()
     import_s = t0 - t_import
     loaded = load_model(cfg["model"], cfg["quant"])
@@ -74,7 +78,7 @@ def moemesh_worker(cfg: dict) -> dict:
     return {"engine": "moemesh", "import_s": import_s, "load_s": load_s, "prefill_s": prefill_s,
             "prefill_tok_s": len(cfg["prompt"]) / prefill_s, "decode_tok_s": cfg["decode"] / decode_s,
             "first_token_s": stamps[0] - T_START, "tokens": seq.output_ids, "quant": cfg["quant"],
-            "bytes_per_token": nbytes}
+            "bytes_per_token": nbytes, "trunk_cache": "mapped" if warm else "converted"}
 
 
 # ---------------------------------------------------------------- the rows
@@ -153,7 +157,8 @@ def summary(runs: list[dict]) -> dict:
             "load_s_median": med("load_s"), "first_token_s_median": med("first_token_s"),
             "import_s_median": med("import_s") if all("import_s" in r for r in ok) else None,
             "decode_tok_s_all": [r["decode_tok_s"] for r in ok], "prefill_tok_s_all": [r["prefill_tok_s"] for r in ok],
-            "runs": len(ok), "failed": len(runs) - len(ok), "version": ok[0].get("version")}
+            "runs": len(ok), "failed": len(runs) - len(ok), "version": ok[0].get("version"),
+            "trunk_cache": [r.get("trunk_cache") for r in ok]}
 
 
 def main() -> int:

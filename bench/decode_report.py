@@ -33,6 +33,9 @@ def markdown(p: dict) -> str:
         first = "-" if ft is None else f"{ft:.1f} s {'met' if ft <= 10 else 'NOT met'}"
         imp, ld = ours.get("import_s_median"), ours.get("load_s_median")
         split = "-" if None in (imp, ld, ft) else f"{imp:.1f} / {ld:.1f} / {ft - imp - ld:.1f}"
+        loads = ours.get("trunk_cache") or []
+        if loads:  # whether each run's load converted the trunk or mapped an earlier load's (weights/trunk_cache.py)
+            first += f" ({sum(t == 'mapped' for t in loads)} of {len(loads)} loads mapped the trunk cache)"
         lines.append(f"| {r['title']} | {goal(d, 1.2)} | {goal(pf, 2.0)} | {first} | {split} |")
     floors = [(r, r["floor"]) for r in p["rows"].values() if r.get("floor")]
     if floors:
