@@ -93,8 +93,11 @@ def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tup
     builder = make_builder(spec, args, source, quant)
     builder.trunk = TrunkCache.for_model(store.root, quant)
     if opts.ram is None and opts.slots is None:
-        provider = resident_from_store(store, args.num_experts, opts.verify)
-        model = builder.build(provider)
+        provider = ResidentExperts({})  # filled below: the build never touches experts
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the experts stream in while the trunk builds (or converts)
+            reading = pool.submit(resident_from_store, store, args.num_experts, opts.verify)
+            model = builder.build(provider)
+            provider.experts = reading.result().experts
         place_decode_weights(model, move_experts=False)  # experts already in their arena; before the trunk's file pages go
         source.ckpt.release_unused(model)
         return model, provider, None
