@@ -18,39 +18,34 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
 
 
 def _tensors(module: torch.nn.Module):
     yield from module.parameters(recurse=False)
     yield from (b for b in module.buffers(recurse=False) if b is not None)
-    for name in ("weight",):  # plain tensor attributes (routers, norms held as attributes)
-        t = getattr(module, name, None)
-        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
-            yield t
+    t = getattr(module, "weight", None)  # a plain tensor attribute (routers, norms, the head's table)
+    if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+        yield t
 
 
 def decode_bytes(model) -> dict[str, float]:
     """{"trunk", "experts", "total"} bytes one decode token reads (see the module docstring)."""
     from moemesh.layers.moe import MoEBlock
+    from moemesh.weights.page_out import row_tables
 
-    embed, head = model.embed, model.lm_head
-    rows = [t for t in (embed, getattr(head, "weight", None)) if isinstance(t, torch.Tensor)]
-    tables = {t.untyped_storage().data_ptr() for t in rows}
-    row_bytes = sum(t[0].numel() * t.element_size() for t in rows[:1])
-    rescored = getattr(head, "rescore", 0) * (rows[-1][0].numel() * rows[-1].element_size()) if head.approx is not None else 0
-    seen, trunk = set(), 0
+    row = lambda t: t[0].numel() * t.element_size()  # noqa: E731
+    embed, head = model.embed, model.lm_head  # of these tables a token reads one row, and the rescored head rows
+    trunk = (row(embed) if isinstance(embed, torch.Tensor) else 0) + (head.rescore * row(head.weight) if head.approx is not None else 0)
+    skip = {t.untyped_storage().data_ptr() for t in row_tables(model)}
+    seen: set[tuple[int, int]] = set()
     for m in model.modules():
         for t in _tensors(m):
             key = (t.untyped_storage().data_ptr(), t.storage_offset())
-            if key in seen or t.untyped_storage().data_ptr() in tables:
-                continue
-            seen.add(key)
-            trunk += t.numel() * t.element_size()
+            if key not in seen and key[0] not in skip:
+                seen.add(key)
+                trunk += t.numel() * t.element_size()
     experts = 0.0
     for layer in model.layers:
         if isinstance(layer.ffn, MoEBlock):
@@ -58,19 +53,14 @@ def decode_bytes(model) -> dict[str, float]:
             mods = list(held.values() if isinstance(held, dict) else held)
             per = statistics.mean(sum(t.numel() * t.element_size() for m in e.modules() for t in _tensors(m)) for e in mods)
             experts += layer.ffn.router.top_k * per
-    trunk += row_bytes + rescored
     return {"trunk": float(trunk), "experts": experts, "total": trunk + experts}
 
 
 def read_gbs(threads: int, rounds: int = 9, size: int = 1 << 30) -> float:
     """Median GB/s of ``rounds`` sustained reads of one ``size``-byte buffer over ``threads`` threads."""
-    import ctypes
+    from int4_bandwidth import read_library  # bench/read_loop.c, as the int4 kernel benchmark's floor
 
-    from moemesh.quant.native import BASE_FLAGS, load_library
-
-    lib = load_library("read_loop", HERE, ("read_loop.c",), list(BASE_FLAGS))
-    lib.read_bufs.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    lib.read_bufs.restype = ctypes.c_uint64
+    lib = read_library()
     buf = torch.ones(size, dtype=torch.uint8)  # touched: every page present
     ptrs, sizes = torch.tensor([buf.data_ptr()], dtype=torch.int64), torch.tensor([size], dtype=torch.int64)
     rates = []

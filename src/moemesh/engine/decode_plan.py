@@ -42,7 +42,6 @@ def _int4(lin: object) -> bool:
                                                                 and lin.bias.is_contiguous())))
 
 
-
 def plannable(layer: DecoderLayer, head_dim_rotary: int) -> bool:
     """Whether ``layer``'s attention block runs as planned C calls (else its module's forward)."""
     a = layer.attn

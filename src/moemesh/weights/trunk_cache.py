@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "trunks"
 
 
+@cache  # (the sources do not change under a running process)
 def _code_hash() -> str:
     """The sources whose output the cache holds: a change to any of them is a new key."""
     h = hashlib.sha256()
@@ -114,7 +116,9 @@ class TrunkCache:
         if entry is None:
             return None
         try:
-            part = self._files.get(entry["part"]) or self._files.setdefault(entry["part"], SafetensorsFile(self.dir / entry["part"]))
+            if entry["part"] not in self._files:
+                self._files[entry["part"]] = SafetensorsFile(self.dir / entry["part"])
+            part = self._files[entry["part"]]
             names = [*qlinear_state.buffer_names(entry["meta"]), *(["bias"] if entry["meta"].get("bias") else [])]
             layer = qlinear_state.from_state(entry["meta"], {b: part.get(f"{name}/{b}") for b in names})
         except (CheckpointError, OSError, KeyError, TypeError, RuntimeError) as exc:
