@@ -1,7 +1,8 @@
 """bench/lazy.py's moemesh worker: one fresh process per run, started by ``lazy.run_worker``
 (possibly inside a memory cgroup). Loads the store (resident experts, or lazy ones with --ram /
 slots), optionally lowers its own cgroup limit after load, decodes the teacher-forced stream one
-token per step (eager, or ``--compile``'s graph) and prints one line ``RESULT {json}``: tokens/s,
+token per step (the engine's planned decode, as ``moemesh generate``; ``eager``: the
+modules' forward; or ``--compile``'s graph) and prints one line ``RESULT {json}``: tokens/s,
 the expert cache's stats, where the MoE time goes, and (uncapped, ``routing``) the routing trace.
 
     .venv/bin/python bench/lazy_worker.py '{"store": DIR, "tokens": [...], "warmup": 3, ...}'
@@ -88,6 +89,14 @@ def moemesh_worker(cfg: dict) -> dict:
         if why:
             return {"engine": "moemesh", "error": f"--compile unsupported: {why}"}
         decoder = CompiledDecoder(model)
+    # eager: the modules' forward; otherwise the engine's default decode path (engine/decode_plan.py,
+    # what `moemesh generate` runs: its C calls where the plan covers a layer, the modules elsewhere)
+    planned = None
+    if decoder is None and not cfg.get("eager"):
+        from moemesh.engine.decode_plan import PlannedDecode
+
+        planned = PlannedDecode(model)
+        planned = planned if planned.active else None
     tokens, warmup = cfg["tokens"], cfg["warmup"]
     steps, logits = [], []
     s0 = snap()
@@ -95,9 +104,12 @@ def moemesh_worker(cfg: dict) -> dict:
         if i == warmup:
             s0 = snap()
         t = time.perf_counter()
+        out = None
         if decoder is not None:
             out = decoder.step(tok, cache, 0).reshape(1, -1)  # [1, V]
-        else:
+        elif planned is not None:
+            out = planned.maybe_step([[tok]], [False], [0], cache)  # [1, V], or None where the plan declines
+        if out is None:
             out = model(torch.tensor([tok]), torch.tensor([i]), cache, layout)  # [1, V]
         steps.append(time.perf_counter() - t)
         if len(logits) < cfg.get("logits", 0):
@@ -107,6 +119,7 @@ def moemesh_worker(cfg: dict) -> dict:
     wall = s1["t"] - s0["t"]
     res = {
         "engine": "moemesh", "mode": "lazy" if lazy else "resident", "load_s": load_s, "step_s": steps,
+        "decode_path": "compiled" if decoder is not None else "planned" if planned is not None else "eager",
         "timed_tokens": n, "timed_wall_s": wall, "tokens_per_s": n / wall,
         "disk_read_bytes_per_token": (s1["io"]["read_bytes"] - s0["io"]["read_bytes"]) / n,
         "major_faults_per_token": (s1["ru"].ru_majflt - s0["ru"].ru_majflt) / n,

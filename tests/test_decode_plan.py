@@ -185,3 +185,33 @@ def test_gpt_oss_int4_store_decodes_in_one_call_bit_exact(gpt_oss_store):
     ids_a, la = batched_logits(model, True, prompts, 16)
     ids_b, lb = batched_logits(model, False, prompts, 16)
     assert ids_a == ids_b and all(torch.equal(a, b) for a, b in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def block_ggufs(tmp_path_factory):
+    """Tiny whole GGUFs in the flagship formats: Qwen3-MoE with Q4_K experts and trunk, gpt-oss with
+    MXFP4 experts, biases and sinks (benchkit/synth/whole.py's tiny shapes)."""
+    from moemesh.benchkit.synth import whole, whole_write
+
+    root = tmp_path_factory.mktemp("block-gguf")
+    return {name: whole_write.write(whole.tiny_spec(name), root, progress=False)
+            for name in ("qwen3-30b-a3b", "gpt-oss-120b")}
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "gpt-oss-120b"])
+@pytest.mark.parametrize("lazy", [False, True], ids=["resident", "lazy"])
+def test_block_format_gguf_bit_exact(block_ggufs, name, lazy, monkeypatch):
+    """A GGUF's block-format projections as planned bk_matmul calls and its experts (resident or read
+    from the file while decoding) behind the router's C call: the eager forward's logits, every step."""
+    from moemesh.engine.decode_plan import FfnPlan, _BlockMatmul
+    from moemesh.loading.experts import ExpertOptions
+
+    model = load_model(str(block_ggufs[name]), "auto", experts=ExpertOptions(slots=5) if lazy else None).model
+    planned = Engine(model).planned
+    assert all(isinstance(p.qkv, _BlockMatmul) for p in planned.plans)  # every layer planned, block formats
+    assert all(isinstance(f, FfnPlan) and f.routed for f in planned.ffns)
+    calls = []
+    real = FfnPlan.__call__
+    monkeypatch.setattr(FfnPlan, "__call__", lambda self, x, threads: (calls.append(1), real(self, x, threads))[1])
+    check_same(model, [5, 9, 13, 2, 77, 31, 100, 7], n=16, one_call=False)  # (no int4 table: the per-layer loop)
+    assert len(calls) == 15 * len(model.layers)  # the planned run's 15 decode steps went through the plan

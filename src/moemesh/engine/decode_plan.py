@@ -7,12 +7,14 @@ checking its arguments and allocating its output). Here each layer's attention b
 the C kernels the eager modules call (quant/decode_kernels.c: RMSNorm, rotary, attend_one; the int4
 matmul of quant/int4_native), bound to preallocated buffers and called with the same arguments, so a
 step is the same arithmetic as ``Transformer.forward`` bit for bit (tests/test_decode_plan.py) without
-its per-op overhead. Layers the plan does not cover (other attention kinds, non-int4 weights, partial
-rotary) run their modules' own forward; projection biases (gpt-oss) are added as the linear adds them.
-FFN blocks get their norm as a C call and, when dense int4 gated MLPs or resident int4 experts behind a
-top-k softmax router or gpt-oss's (top-k logits, then a softmax), their one fused kernel call (after the
-router's own C call; the experts' act and biases ride along as int4_experts.Epilogue); other FFNs run
-their forward on the normed row. Residuals are added in place.
+its per-op overhead. Projections may be int4 or block-format (a GGUF's K-quants, MXFP4: BlockLinear's bk_matmul call);
+layers the plan does not cover (other attention kinds, other weights, partial rotary) run their modules'
+own forward; projection biases (gpt-oss) are added as the linear adds them. FFN blocks get their norm as
+a C call and, when dense int4 gated MLPs or resident int4 experts behind a top-k softmax router or
+gpt-oss's (top-k logits, then a softmax), their one fused kernel call (after the router's own C call; the
+experts' act and biases ride along as int4_experts.Epilogue); experts behind any other provider (block
+formats, lazy, remote) get the router's C call and then their provider's ``run``; other FFNs run their
+forward on the normed row. Residuals are added in place.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from ..layers.moe import MoEBlock
 from ..layers.norm import RMSNorm
 from ..layers.router import TopKRouter
 from ..models.transformer import DecoderLayer, Transformer
-from ..quant import decode_kernels, int4_native
+from ..quant import blocks_native, decode_kernels, int4_native
+from ..quant.blocks import BlockLinear
 from ..quant.qlinear import QuantLinear
 from .decode_step import StepTable, route
 
@@ -42,11 +45,15 @@ def _int4(lin: object) -> bool:
                                                                 and lin.bias.is_contiguous())))
 
 
+def _block(lin: object) -> bool:
+    return isinstance(lin, BlockLinear) and blocks_native.load_native() is not None
+
+
 def plannable(layer: DecoderLayer, head_dim_rotary: int) -> bool:
     """Whether ``layer``'s attention block runs as planned C calls (else its module's forward)."""
     a = layer.attn
     return (type(a) is Attention and not a.output_gate and a.clip_qkv is None and a.qk_norm in (None, "head")
-            and isinstance(layer.attn_norm, RMSNorm) and _int4(a.qkv) and _int4(a.o_proj)
+            and isinstance(layer.attn_norm, RMSNorm) and all(_int4(w) or _block(w) for w in (a.qkv, a.o_proj))
             and head_dim_rotary == a.head_dim and (a.qk_norm is None or (isinstance(a.q_norm, RMSNorm)
                                                                        and isinstance(a.k_norm, RMSNorm))))
 
@@ -69,6 +76,28 @@ class _Matmul:
             self.dk.dk_add(self.out.data_ptr(), lin.bias.data_ptr(), lin.out_features)
 
 
+class _BlockMatmul:
+    """One block-format linear on one row: x [1, K] -> out [1, N] (BlockLinear.forward's bk_matmul call,
+    its bias added by the kernel)."""
+
+    def __init__(self, lin: BlockLinear, x: torch.Tensor) -> None:
+        self.lin, self.x, self.lib = lin, x, blocks_native.load_native()
+        self.qtype = blocks_native.TYPE_IDS[lin.qtype]
+        self.out = torch.empty(1, lin.out_features)  # [1, N]
+
+    def __call__(self, threads: int) -> None:
+        lin = self.lin
+        rc = self.lib.bk_matmul(self.qtype, self.x.data_ptr(), 1, lin.in_features, lin.raw.data_ptr(),
+                                lin.raw.stride(0), lin.out_features, None if lin.bias is None else lin.bias.data_ptr(),
+                                self.out.data_ptr(), threads)
+        if rc:
+            blocks_native.check_rc(rc, f"{lin.qtype} matmul [1, {lin.in_features}] x [{lin.out_features}, {lin.in_features}]")
+
+
+def _matmul(lin: QuantLinear | BlockLinear, x: torch.Tensor, dk: ctypes.CDLL) -> _Matmul | _BlockMatmul:
+    return _BlockMatmul(lin, x) if isinstance(lin, BlockLinear) else _Matmul(lin, x, dk)
+
+
 class AttentionPlan:
     """x [1, D] -> x + attention(norm(x)) for one token of one sequence, as the eager modules compute it
     (the sum written into x: the step's row, which nothing else holds)."""
@@ -80,13 +109,14 @@ class AttentionPlan:
         hq, hkv, dh = a.num_heads, a.num_kv_heads, a.head_dim
         self.norm_w, self.eps = layer.attn_norm.weight, layer.attn_norm.eps
         self.h = torch.empty(1, d)  # [1, D] the normed input
-        self.qkv = _Matmul(a.qkv, self.h, lib)  # -> [1, (Hq + 2 Hkv) Dh (+ pad)]
+        self.qkv = _matmul(a.qkv, self.h, lib)  # -> [1, (Hq + 2 Hkv) Dh (+ pad)]
         buf = self.qkv.out
         self.q, self.k, self.v = buf[0, : hq * dh], buf[0, hq * dh : (hq + hkv) * dh], buf[0, (hq + hkv) * dh :]
         if a.qk_norm == "head":  # normed copies (RMSNorm's output is a new tensor in the eager path too)
             self.q, self.k = torch.empty(hq * dh), torch.empty(hkv * dh)
         self.out = torch.empty(1, hq, dh)  # [1, Hq, Dh] attention output
-        self.o = _Matmul(a.o_proj, self.out, lib)  # -> [1, D (+ pad)]
+        self.o = _matmul(a.o_proj, self.out, lib)  # -> [1, D (+ pad)]
+        self.int4 = isinstance(self.qkv, _Matmul) and isinstance(self.o, _Matmul)  # what the one-call table takes
         self.d, self.hq, self.hkv, self.dh = d, hq, hkv, dh
         self.sinks = None if a.sinks is None else a.sinks.data_ptr()
 
@@ -130,7 +160,9 @@ class FfnPlan:
                     and type(ffn.provider) is ResidentExperts and not ffn.provider.reference
                     and ffn.provider._decode_table(ffn.layer) is not None)
         self.mlp = isinstance(ffn, GatedMLP) and ffn.fused_int4() is not None
-        if self.moe:  # the router's C call (TopKRouter.forward's) into preallocated picks
+        # experts behind any other provider (block formats, lazy, remote): the router's C call, then the provider
+        self.routed = (not self.moe and isinstance(ffn, MoEBlock) and type(ffn.router) in (TopKRouter, LogitTopKRouter))
+        if self.moe or self.routed:  # the router's C call (TopKRouter.forward's) into preallocated picks
             k = ffn.router.top_k
             self.ids, self.w = torch.empty(1, k, dtype=torch.int64), torch.empty(1, k)  # [1, A], [1, A]
         if self.mlp:
@@ -152,6 +184,14 @@ class FfnPlan:
             if rc:
                 raise ValueError(f"moe_decode: kernel rejected D={self.d}, I={inter}, ids {ids.tolist()}")
             self.lib.dk_add(x.data_ptr(), self.out.data_ptr(), self.d)
+            return x
+        if self.routed:  # MoEBlock.forward's one-block path after the router's C call
+            r, ids, w = ffn.router, self.ids, self.w
+            if route(self.lib, r, self.h, ids, w, threads):
+                ids, w = r(self.h)
+            out = ffn._add_shared(self.h, ffn.provider.run(ffn.layer, self.h, ids, w))  # [1, D]
+            out = out if out.dtype == torch.float32 and out.is_contiguous() else out.float().contiguous()
+            self.lib.dk_add(x.data_ptr(), out.data_ptr(), self.d)
             return x
         if not self.mlp:
             return x + ffn(self.h)

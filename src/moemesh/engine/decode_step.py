@@ -77,7 +77,7 @@ class StepTable:
         if not plans or not hasattr(lib, "dk_decode_layers"):
             return None
         for p, f in zip(plans, ffns):
-            if p is None or f is None or not (f.moe or f.mlp) or p.attn.o_proj.in_features != p.hq * p.dh:
+            if p is None or f is None or not p.int4 or not (f.moe or f.mlp) or p.attn.o_proj.in_features != p.hq * p.dh:
                 return None
             if f.mlp and f.ffn._epilogue is not None:  # (a dense MLP's act and biases: the per-layer loop)
                 return None
