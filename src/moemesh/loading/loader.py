@@ -14,6 +14,7 @@ from ..weights.page_out import kept_ranges, page_out_unused, prefault_in_backgro
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource
 from ..weights.trunk_cache import TrunkCache
+from .gguf_checkpoint import GGUFSource
 from .placement import place_decode_weights
 from .source import arch_and_args, open_source, resolve_model_path
 
@@ -73,7 +74,7 @@ def load_model(
     place_decode_weights(model)  # huge pages, block-major scales (before the float pages below go)
     if isinstance(source, SafetensorsSource):
         source.ckpt.release_unused(model)  # the float pages of weights the build converted
-    elif path.is_file():  # a GGUF: the pages the load read but the model no longer views (experts and
+    elif isinstance(source, GGUFSource):  # the pages the load read but the model no longer views (experts and
         # trunk moved into huge pages) would stay mapped beside their copies (a whole Q4_K Qwen3-30B-A3B:
         # ~10 GB of file pages next to the arena on a 24 GB machine)
         page_out_unused(source.ckpt.file.mappings(), kept_ranges(model))
