@@ -94,16 +94,16 @@ def populate_read_supported() -> bool:
 def test_resident_gguf_load_pages_out_what_it_copied(tmp_path, monkeypatch):
     """A GGUF loaded with every expert resident: the file pages the load read and the model no longer
     views (its experts and trunk copied into huge pages) are paged out; the output is unchanged."""
-    import moemesh.loading.loader as loader
     from moemesh.benchkit.synth import whole, whole_write
+    from moemesh.loading.gguf_checkpoint import GGUFCheckpoint
 
     path = whole_write.write(whole.tiny_spec("qwen3-30b-a3b"), tmp_path, progress=False)
     advised: list[int] = []
-    real = loader.page_out_unused
-    monkeypatch.setattr(loader, "page_out_unused", lambda maps, keep: advised.append(real(maps, keep)) or advised[-1])
+    real = GGUFCheckpoint.release_unused
+    monkeypatch.setattr(GGUFCheckpoint, "release_unused", lambda self, model: advised.append(real(self, model)) or advised[-1])
     paged = load_model(str(path), "auto").model
     supported = page_out_unused([mmap.mmap(-1, 2 * PAGE)], []) > 0  # (a kernel without MADV_PAGEOUT advises nothing)
     assert len(advised) == 1 and (advised[0] >= whole.expert_bytes(whole.tiny_spec("qwen3-30b-a3b")) // 2 or not supported)
-    monkeypatch.setattr(loader, "page_out_unused", lambda maps, keep: 0)
+    monkeypatch.setattr(GGUFCheckpoint, "release_unused", lambda self, model: 0)
     kept = load_model(str(path), "auto").model
     assert torch.equal(decode(paged), decode(kept))

@@ -7,8 +7,8 @@ decode token runs them: the same calls with the same arguments as the layers' fo
 (tests/test_decode_range.py). 15 of SmolLM2's layers per token: 4.1-4.2 -> 2.7-3.1 ms on one thread; two
 chained stages on loopback at 0 ms per hop 13.71 -> 12.36 ms per token. When the whole-model step covers
 every layer of the range, the range is one C call (decode_step.StepTable with the range's cache offset):
-12.36 -> 10.34 ms, three stages 13.93 -> 8.09 (bench/results/mesh.md). Anything else (prefill, batches, explicit starts, other caches, a layer the plan does not cover) stays with the
-modules.
+12.36 -> 10.34 ms, three stages 13.93 -> 8.09 (bench/results/mesh.md). Anything else (prefill,
+batches, explicit starts, other caches, a layer the plan does not cover) stays with the modules.
 """
 from __future__ import annotations
 

@@ -23,7 +23,6 @@ from ..store.expert_source import ExpertSource
 from ..store.expert_store import ExpertStore
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource
-from ..weights.trunk_cache import TrunkCache
 from .placement import place_decode_weights
 
 # Measured (bench/lazy_profile.py --prefetch-threshold, docs in RankGate): 0.7 prefetched 6 of 8 ranks on the
@@ -90,8 +89,7 @@ def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tup
     spec = get_arch(store.config["model_type"])
     args = spec.args_from_config(store.config)
     source = SafetensorsSource(SafetensorsCheckpoint(store.root))
-    builder = make_builder(spec, args, source, quant)
-    builder.trunk = TrunkCache.for_model(store.root, quant)
+    builder = make_builder(spec, args, source, quant, trunk_of=store.root)
     if opts.ram is None and opts.slots is None:
         provider = ResidentExperts({})  # filled below: the build never touches experts
         with ThreadPoolExecutor(max_workers=1) as pool:  # the experts stream in while the trunk builds (or converts)

@@ -112,6 +112,13 @@ class GGUFCheckpoint:
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, arch={self.architecture!r}, tensors={len(self.tensors)})"
 
+    def release_unused(self, model: torch.nn.Module) -> int:
+        """Page out every mapped range the built model does not view (weights/page_out.py), as
+        SafetensorsCheckpoint.release_unused does; bytes advised."""
+        from ..weights.page_out import kept_ranges, page_out_unused
+
+        return page_out_unused(self.file.mappings(), kept_ranges(model))
+
     def metadata(self, key: str, default: Any = None) -> Any:
         """A metadata value as Python (str, number, bool or list), or ``default`` when absent."""
         return self.file.metadata(key, default)

@@ -10,11 +10,9 @@ from ..models.args import ModelArgs
 from ..models.build import make_builder
 from ..models.transformer import Transformer
 from ..sysinfo import trim_heap
-from ..weights.page_out import kept_ranges, page_out_unused, prefault_in_background, row_tables
+from ..weights.page_out import prefault_in_background, row_tables
 from ..weights.safetensors_io import SafetensorsCheckpoint
 from ..weights.source import SafetensorsSource
-from ..weights.trunk_cache import TrunkCache
-from .gguf_checkpoint import GGUFSource
 from .placement import place_decode_weights
 from .source import arch_and_args, open_source, resolve_model_path
 
@@ -68,16 +66,11 @@ def load_model(
                            image_input(store.config, SafetensorsSource(SafetensorsCheckpoint(path)), path))
     config, source, tokenizer = open_source(path)
     spec, args = arch_and_args(path, config)
-    builder = make_builder(spec, args, source, quant)
-    builder.trunk = TrunkCache.for_model(path, quant)
-    model = builder.build(provider)
+    model = make_builder(spec, args, source, quant, trunk_of=path).build(provider)
     place_decode_weights(model)  # huge pages, block-major scales (before the float pages below go)
-    if isinstance(source, SafetensorsSource):
-        source.ckpt.release_unused(model)  # the float pages of weights the build converted
-    elif isinstance(source, GGUFSource):  # the pages the load read but the model no longer views (experts and
-        # trunk moved into huge pages) would stay mapped beside their copies (a whole Q4_K Qwen3-30B-A3B:
-        # ~10 GB of file pages next to the arena on a 24 GB machine)
-        page_out_unused(source.ckpt.file.mappings(), kept_ranges(model))
+    # the pages the load read but the model no longer views (float weights it converted; a GGUF's experts and
+    # trunk moved into huge pages, which for a whole Q4_K Qwen3-30B-A3B left ~10 GB mapped beside their copies)
+    source.ckpt.release_unused(model)
     prefault_in_background(row_tables(model))  # (everything resident: the row tables' pages too)
     trim_heap()
     return LoadedModel(model, args, tokenizer, path, config, provider, images=image_input(config, source, path))
@@ -114,14 +107,8 @@ def load_file_lazy(path: Path, quant: str, opts: "ExpertOptions") -> LoadedModel
     if experts is None:
         print(f"moemesh: {path.name}: lazy experts need an expert store ({why}); converting once", file=sys.stderr)
         return None
-    if gguf:
-        mappings = source.ckpt.file.mappings()
-        release = lambda m: page_out_unused(mappings, kept_ranges(m))  # noqa: E731
-    else:
-        release = source.ckpt.release_unused
-    builder = make_builder(spec, args, source, quant)
-    builder.trunk = TrunkCache.for_model(path, quant)
-    model, prov, budget = build_lazy(builder, experts, opts, release, embed_resident=gguf)
+    builder = make_builder(spec, args, source, quant, trunk_of=path)
+    model, prov, budget = build_lazy(builder, experts, opts, source.ckpt.release_unused, embed_resident=gguf)
     trim_heap()
     return LoadedModel(model, args, tokenizer, path, config, prov, budget)
 

@@ -6,6 +6,7 @@ weight exists once: as an mmap view when it is used as stored, or only in its co
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,9 +48,13 @@ def int4_head(stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> QuantL
     return from_row_chunks(packed.shape[0], chunk, "int4")
 
 
-def make_builder(spec: ArchSpec, args: ModelArgs, source: WeightSource, quant: str = "auto") -> "Builder":
-    """The architecture's own Builder subclass (spec.builder, e.g. gpt_oss) or the shared one."""
-    return (spec.builder or Builder)(spec, args, spec.source(source), quant)
+def make_builder(spec: ArchSpec, args: ModelArgs, source: WeightSource, quant: str = "auto",
+                 trunk_of: Path | None = None) -> "Builder":
+    """The architecture's own Builder subclass (spec.builder, e.g. gpt_oss) or the shared one.
+    ``trunk_of``: the model's path, whose trunk cache (weights/trunk_cache.py) the build maps or fills."""
+    builder = (spec.builder or Builder)(spec, args, spec.source(source), quant)
+    builder.trunk = None if trunk_of is None else TrunkCache.for_model(trunk_of, quant)
+    return builder
 
 
 class Builder:
@@ -64,7 +69,7 @@ class Builder:
         self.spec, self.args, self.src, self.quant = spec, args, source, quant
         self.native_int4 = False  # set once a stored 4-bit tensor went straight into the kernel
         self.conversion = ConversionLog(quant)
-        self.trunk: TrunkCache | None = None  # converted linears from an earlier load (the loader sets it)
+        self.trunk: TrunkCache | None = None  # converted linears from an earlier load (make_builder's trunk_of)
 
     def tensor(self, name: str) -> torch.Tensor:
         if not self.src.has(name):
