@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..batch import BatchLayout
 from ..quant import decode_kernels
 from .base import KVCache, causal_mask
+from .causal_attention import causal_attention
 from .decode_attention import decode_attention
 from .decode_view import OneTokenView
 from .sinks import attend_with_sinks
@@ -130,6 +131,10 @@ class DenseKVCache(KVCache):
             # queries in blocks whose scores [Hq, rows, L] stay within score_block_bytes: a 512-token chunk
             # of gpt-oss (64 heads) against 2,048 keys would otherwise hold ~1.6 GB of scores and softmax
             rows = max(1, self.score_block_bytes // (4 * qs.shape[0] * (end - lo)))
+            if mask is not None and window is None and allowed is None and sinks is None and q.shape[1] % keys.shape[0] == 0:
+                # plain causal: only the scores a query sees (causal_attention.py; the masked SDPA below is its reference)
+                out[off : off + n] = causal_attention(qs, keys, values, start, scale, rows).transpose(0, 1)
+                continue
             for r in range(0, n, rows):
                 m = None if mask is None else mask[r : r + rows]
                 if sinks is not None:  # SDPA has no sink term
