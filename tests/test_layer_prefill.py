@@ -103,3 +103,21 @@ def test_layer_major_equals_chunked_sinks_windows_and_mla(tmp_path, family, name
     prompt = [t % mod.V for t in PROMPT[:70]]
     (ref, ref_tokens), (got, tokens) = (first_logits(model, p, prompt) for p in ("chunked", "layer"))
     assert torch.equal(got, ref) and tokens == ref_tokens
+
+
+def test_block_format_experts_take_their_tokens_in_one_call(tmp_path, monkeypatch):
+    """Q4_K experts read from a GGUF (benchkit/synth/whole.py's tiny Qwen3-MoE): layer-major prefill
+    computes each expert over all its tokens at once (its rows' bits do not depend on the rows beside
+    them) and still gives chunked prefill's logits bit for bit."""
+    from moemesh.benchkit.synth import whole, whole_write
+    from moemesh.layers.mlp import GatedMLP
+
+    path = whole_write.write(whole.tiny_spec("qwen3-30b-a3b"), tmp_path, progress=False)
+    model = load_model(str(path), "auto", experts=ExpertOptions(slots=6)).model
+    ref, ref_tokens = first_logits(model, "chunked")
+    sizes: list[int] = []
+    real = GatedMLP.forward
+    monkeypatch.setattr(GatedMLP, "forward", lambda self, x: sizes.append(x.shape[0]) or real(self, x))
+    got, tokens = first_logits(model, "layer")
+    assert torch.equal(got, ref) and tokens == ref_tokens
+    assert max(sizes) > CHUNK  # an expert's tokens from several chunks in one call

@@ -88,8 +88,10 @@ def block_rows(mlps: list[torch.nn.Module], x: torch.Tensor) -> torch.Tensor | N
 
 
 def per_block(mlp: torch.nn.Module, x: torch.Tensor, token_idx: torch.Tensor, rows: int | None) -> torch.Tensor:
-    """mlp(x[token_idx]) [n, D], one call per block of ``rows`` consecutive tokens (token_idx ascending)."""
-    if rows is None:
+    """mlp(x[token_idx]) [n, D], one call per block of ``rows`` consecutive tokens (token_idx ascending).
+    Block-format experts take all their tokens in one call: their kernels give each row the same bits
+    whatever the rows beside it (blocks_kernel.h), and fewer, taller calls run faster."""
+    if rows is None or (isinstance(mlp, GatedMLP) and mlp.block_act() is not None):
         return mlp(x[token_idx])
     block = token_idx // rows  # [n]
     cuts = (torch.nonzero(block[1:] != block[:-1]).flatten() + 1).tolist()
