@@ -7,7 +7,7 @@
 #include "blocks_kernel.h"
 
 #if BK_AVX2
-typedef int16_t bk_wq;  /* unpacked weights: int16, each group of 32 as its even then odd positions */
+typedef int16_t bk_wq;  /* unpacked weights: int16 in the type's layout (bk_natural: value order, else even then odd) */
 #else
 typedef int8_t bk_wq;   /* unpacked weights: int8 codes in value order */
 #endif
@@ -80,10 +80,15 @@ BK_INLINE void bk_dot_d(const __m256i *d, const bk_scales *sc, const float *du, 
     }
 }
 
-/* int16 weights [even 16 | odd 16] of a group against the activations' [even | odd]: int32 lanes. */
+/* int16 weights of a group, its first (e) and second (o) 16 positions in the type's layout (even | odd,
+   or value order: bk_natural), against the activations in the same layout: int32 lanes. */
 BK_INLINE __m256i bk_madd_eo(__m256i e, __m256i o, const int16_t *X) {
-    return _mm256_add_epi32(_mm256_madd_epi16(e, _mm256_loadu_si256((const __m256i *)X)),
-                            _mm256_madd_epi16(o, _mm256_loadu_si256((const __m256i *)(X + 16))));
+    const __m256i m = _mm256_madd_epi16(e, _mm256_loadu_si256((const __m256i *)X));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(m, o, _mm256_loadu_si256((const __m256i *)(X + 16)));  /* madd + add, exact */
+#else
+    return _mm256_add_epi32(m, _mm256_madd_epi16(o, _mm256_loadu_si256((const __m256i *)(X + 16))));
+#endif
 }
 
 /* One chunk from the unpacked buffer q (bk_unpack). */

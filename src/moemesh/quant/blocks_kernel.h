@@ -30,6 +30,14 @@ FP8_E4M3_B128 is an fp32 path (blocks_fp8.h).
 #else
 #define BK_AVX2 0
 #endif
+/* AVX-512 BW + VL (16-bit lane permutes on ymm): the 32-block types and IQ4_XS keep their activations
+   and unpacked codes in value order ("natural"), decoded by a 16-entry int16 table lookup (vpermw)
+   instead of byte lookups widened to even/odd int16 (~16% faster MXFP4 decode on Zen 4). */
+#if BK_AVX2 && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(BK_NO512)
+#define BK_PERMW 1
+#else
+#define BK_PERMW 0
+#endif
 
 enum { BK_MXFP4, BK_Q8_0, BK_Q4_0, BK_Q4_1, BK_Q2_K, BK_Q3_K, BK_Q4_K, BK_Q5_K, BK_Q6_K, BK_IQ4_XS, BK_FP8, BK_NTYPES };
 
@@ -58,9 +66,17 @@ typedef struct {
     int ng;  /* groups of 32 in the chunk (< 8 only at the end of a row of a 32-block type) */
 } bk_scales;
 
+/* Whether ``type``'s activations and codes are in value order in this build (BK_PERMW above); the
+   other AVX2 layouts hold each group of 32 as its 16 even then its 16 odd positions. Any layout gives
+   the same exact integer D: only the products' pairing changes. */
+static inline int bk_natural(int type) {
+    return !BK_AVX2 || (BK_PERMW && (type == BK_MXFP4 || type == BK_Q8_0 || type == BK_Q4_0 || type == BK_Q4_1 ||
+                                     type == BK_IQ4_XS));
+}
+
 /* One activation row, quantized (bk_quant_x). */
 typedef struct {
-    int16_t *X;      /* [K] int16; AVX2 build: each group of 32 as its 16 even then 16 odd positions */
+    int16_t *X;      /* [K] int16 in the type's layout (bk_natural) */
     float *du;       /* [G8] per group, zero past G */
     float *sumx32;   /* [G8] */
     float *sumx16;   /* [2 * G8] */
@@ -108,8 +124,8 @@ static inline float bk_reduce8_avx(__m256 v) {
 }
 #endif
 
-/* x fp32 [K] (K % 32 == 0) -> one activation row (see the header comment). */
-static inline void bk_quant_x(const float *x, int64_t k, bk_xrow a) {
+/* x fp32 [K] (K % 32 == 0) -> one activation row (see the header comment); natural: value order. */
+static inline void bk_quant_x(const float *x, int64_t k, bk_xrow a, int natural) {
     const int64_t G = k / BK_GS, G8 = (G + 7) / 8 * 8;
     for (int64_t g = 0; g < G; g++) {
         const float *xg = x + g * BK_GS;
@@ -123,15 +139,22 @@ static inline void bk_quant_x(const float *x, int64_t k, bk_xrow a) {
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
         const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-        const __m256i eo = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
         __m256i q[4];
-        for (int i = 0; i < 4; i++) q[i] = _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)), eo);
-        const __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);  /* [evens | odds] of 16 */
-        _mm256_storeu_si256((__m256i *)X, _mm256_permute2x128_si256(p01, p23, 0x20));
-        _mm256_storeu_si256((__m256i *)(X + 16), _mm256_permute2x128_si256(p01, p23, 0x31));
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+        if (natural) {  /* packs interleaves 128-bit halves: [q0 0-3, q1 0-3 | q0 4-7, q1 4-7] -> value order */
+            _mm256_storeu_si256((__m256i *)X, _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
+            _mm256_storeu_si256((__m256i *)(X + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+        } else {
+            const __m256i eo = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+            for (int i = 0; i < 4; i++) q[i] = _mm256_permutevar8x32_epi32(q[i], eo);
+            const __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);  /* [evens | odds] of 16 */
+            _mm256_storeu_si256((__m256i *)X, _mm256_permute2x128_si256(p01, p23, 0x20));
+            _mm256_storeu_si256((__m256i *)(X + 16), _mm256_permute2x128_si256(p01, p23, 0x31));
+        }
         a.sumx16[2 * g] = bk_reduce8_avx(_mm256_add_ps(v[0], v[1]));
         a.sumx16[2 * g + 1] = bk_reduce8_avx(_mm256_add_ps(v[2], v[3]));
 #else
+        (void)natural;  /* the scalar build is in value order */
         float amax = 0.f;
         for (int i = 0; i < BK_GS; i++) {
             const float ax = fabsf(xg[i]);

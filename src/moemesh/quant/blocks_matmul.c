@@ -36,7 +36,7 @@ int bk_prepare(int type, const float *x, int64_t m, int64_t k, bk_xbuf *b) {
     if (!b->X || !b->f) return -3;
     for (int64_t r = 0; r < m; r++) {
         const bk_xrow a = {b->X + r * k, b->f + r * b->G8, b->f + (m + r) * b->G8, b->f + 2 * m * b->G8 + 2 * r * b->G8};
-        bk_quant_x(x + r * k, k, a);
+        bk_quant_x(x + r * k, k, a, bk_natural(type));
     }
     if (BK_V512 && m >= BK_V512_MIN) return bk_prepare_t(b->X, b->f, m, k, b->G8, &b->XT, &b->fT);
     return 0;

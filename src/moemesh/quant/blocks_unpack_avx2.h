@@ -32,9 +32,49 @@ BK_INLINE __m256i bk_lut16(const int8_t *lut, __m256i idx) {
     return _mm256_shuffle_epi8(_mm256_set_m128i(l, l), idx);
 }
 
-/* Group g (0..7) of the chunk starting at cb: its codes as int16 even (*e) and odd (*o) positions. */
+#if BK_PERMW
+/* 16 bytes of nibbles (low: values 0..15, high: 16..31) -> int16 [values 0..15], [16..31] via a 16-entry
+   int16 table (lut as 16 int16 lanes). */
+BK_INLINE void bk_nibbles_lut16(const uint8_t *p, __m256i lut, __m256i *e, __m256i *o) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    *e = _mm256_permutexvar_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x000F)), lut);
+    *o = _mm256_permutexvar_epi16(_mm256_srli_epi16(v, 4), lut);
+}
+
+/* Group g of a natural-layout type (bk_natural): values 0..15 (*e) and 16..31 (*o) as int16. */
+BK_INLINE void bk_group_natural(const int type, const uint8_t *cb, int g, __m256i *e, __m256i *o) {
+    switch (type) {
+    case BK_MXFP4:
+        bk_nibbles_lut16(cb + g * 17 + 1, _mm256_setr_epi16(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12), e, o);
+        break;
+    case BK_IQ4_XS:
+        bk_nibbles_lut16(cb + 8 + 16 * g, _mm256_setr_epi16(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
+                                                          89, 113), e, o);
+        break;
+    case BK_Q8_0:
+        *e = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(cb + g * 34 + 2)));
+        *o = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(cb + g * 34 + 18)));
+        break;
+    default: { /* BK_Q4_0 (codes nibble - 8), BK_Q4_1 (nibble) */
+        const int off = type == BK_Q4_0 ? 8 : 0;
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(cb + g * BK_TRAITS[type].size + 2 + 2 * (type == BK_Q4_1))));
+        *e = _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x000F)), _mm256_set1_epi16((short)off));
+        *o = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), _mm256_set1_epi16((short)off));
+    }
+    }
+}
+#endif
+
+/* Group g (0..7) of the chunk starting at cb: its codes as int16, the first (*e) and second (*o) 16
+   positions of the type's layout (bk_natural: value order; otherwise even and odd positions). */
 BK_INLINE void bk_group_eo(const int type, const uint8_t *cb, int g, __m256i *e, __m256i *o) {
     const __m256i m4 = _mm256_set1_epi16(0x000F);
+#if BK_PERMW
+    if (bk_natural(type)) {
+        bk_group_natural(type, cb, g, e, o);
+        return;
+    }
+#endif
     switch (type) {
     case BK_MXFP4:
         bk_widen(bk_lut16(BK_MXFP4_LUT, bk_nibbles16(cb + g * 17 + 1)), e, o);
