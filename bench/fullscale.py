@@ -138,7 +138,11 @@ def one_model(name: str, args, log) -> dict:
             s = arm["summary"]
             bpt = s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
             if bpt is not None and s.get("tokens_per_s") and bps:
-                s["disk_floor_s_per_token"] = bpt / bps
+                # the floor's bandwidth: the probe's median, or what this arm itself sustained where that was
+                # more (a floor the engine beats would be no floor: the guest's disk varies between minutes)
+                got = s.get("read_throughput_bytes_s") or 0.0
+                s["floor_bytes_s"] = max(bps, got)
+                s["disk_floor_s_per_token"] = bpt / s["floor_bytes_s"]
                 s["over_floor"] = (1 / s["tokens_per_s"]) / s["disk_floor_s_per_token"] if bpt else None
         res["caps"][c] = row
     if args.prompts and caps:

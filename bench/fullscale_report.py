@@ -14,17 +14,20 @@ def f(x, fmt: str = "{:.2f}") -> str:
 
 
 def decode_table(name: str, m: dict) -> list[str]:
-    lines = ["| cap | engine, routing | tok/s (median; all) | ok/runs | hit rate | MiB read/token | disk floor ms/token | "
-             "time / floor | peak RSS MiB | peak cgroup MiB | errors |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| cap | engine, routing | tok/s (median; all) | ok/runs | hit rate: cached / + prefetched | MiB read/token | "
+             "floor GB/s | disk floor ms/token | time / floor | peak RSS MiB | peak cgroup MiB | errors |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c, row in m["caps"].items():
         if row.get("skipped"):
-            lines.append(f"| {c} | - | {row['skipped']} | | | | | | | | |")
+            lines.append(f"| {c} | - | {row['skipped']} | | | | | | | | | |")
         for arm, a in row["arms"].items():
             s = a["summary"]
             bpt = s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
             alls = ", ".join(f"{x:.3f}" for x in s.get("tokens_per_s_all", []))
             lines.append(f"| {c} | {arm} | **{f(s.get('tokens_per_s'), '{:.3f}')}** ({alls}) | {s['ok']}/{s['runs']} | "
-                         f"{f(s.get('hit_rate'))} | {f(bpt / MIB if bpt is not None else None, '{:.0f}')} | "
+                         f"{f(s.get('resident_hit_rate'))} / {f(s.get('hit_rate'))} | "
+                         f"{f(bpt / MIB if bpt is not None else None, '{:.0f}')} | "
+                         f"{f(s['floor_bytes_s'] / 1e9 if s.get('floor_bytes_s') else None)} | "
                          f"{f(s['disk_floor_s_per_token'] * 1e3 if s.get('disk_floor_s_per_token') else None, '{:.0f}')} | "
                          f"{f(s.get('over_floor'))} | {f(s['peak_rss_bytes'] / MIB if s.get('peak_rss_bytes') else None, '{:.0f}')} | "
                          f"{f(s['cgroup_max_usage_bytes'] / MIB if s.get('cgroup_max_usage_bytes') else None, '{:.0f}')} | "
@@ -120,7 +123,10 @@ def markdown(r: dict) -> str:
                   f"{ex.get('tokens')} tokens, chunks of {ex.get('chunk')}; finite: {ex.get('finite')}) {ex.get('error', '')}",
                   f"- disk floor: {f(d.get('bytes_s', 0) / 1e9)} GB/s median O_DIRECT random reads of "
                   f"{f(d.get('request_bytes', 0) / MIB)} MiB (one expert slice) at QD{d.get('queue_depth')} "
-                  f"(all: {', '.join(f'{x / 1e9:.2f}' for x in d.get('all', []))})", ""]
+                  f"(all: {', '.join(f'{x / 1e9:.2f}' for x in d.get('all', []))}); an arm's floor uses the larger of "
+                  "this and the read throughput the arm itself sustained over its timed tokens ('floor GB/s')",
+                  "- hit rate: 'cached' = demanded experts already in the cache; '+ prefetched' also counts those a "
+                  "prefetch had brought in by then (the plan's hit rate is the cached one)", ""]
         lines += decode_table(name, m)
         pl = [(c, row["plan"]) for c, row in m["caps"].items() if row.get("plan")]
         if pl:

@@ -67,7 +67,7 @@ def summarize(runs: list[dict]) -> dict:
     if not ok:
         return s
     keys = ["tokens_per_s", "load_s", "disk_read_bytes_per_token", "major_faults_per_token", "peak_rss_bytes",
-            "hit_rate", "misses_per_token", "bytes_read_per_token", "read_bandwidth_bytes_s", "read_throughput_bytes_s",
+            "hit_rate", "resident_hit_rate", "misses_per_token", "bytes_read_per_token", "read_bandwidth_bytes_s", "read_throughput_bytes_s",
             "stall_s_per_token", "expert_fetch_s_per_token", "moe_s_per_token", "prefetch_accuracy",
             "prefetch_issued_per_token", "prefetch_hits_per_token", "load_peak_rss_bytes"]
     for k in keys:

@@ -130,7 +130,8 @@ def moemesh_worker(cfg: dict) -> dict:
         d = {k: s1[k] - s0[k] for k in ("hits", "misses", "stall", "pf_issued", "pf_hits", "bytes", "read_s",
                                          "pred_total", "pred_right", "expert_fetch")}
         res.update({
-            "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]),
+            "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]),  # a prefetched expert counts as a hit
+            "resident_hit_rate": (d["hits"] - d["pf_hits"]) / max(1, d["hits"] + d["misses"]),  # already cached
             "misses_per_token": d["misses"] / n,
             "bytes_read_per_token": d["bytes"] / n,
             "read_bandwidth_bytes_s": d["bytes"] / d["read_s"] if d["read_s"] else None,  # per request, overlapped

@@ -99,9 +99,21 @@ def test_resident_gguf_load_pages_out_what_it_copied(tmp_path, monkeypatch):
 
     path = whole_write.write(whole.tiny_spec("qwen3-30b-a3b"), tmp_path, progress=False)
     advised: list[int] = []
+    maps: list[tuple[int, int]] = []
     real = GGUFCheckpoint.release_unused
-    monkeypatch.setattr(GGUFCheckpoint, "release_unused", lambda self, model: advised.append(real(self, model)) or advised[-1])
+
+    def release(self, model):
+        for m in self.file.mappings():
+            base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+            maps.append((base, base + len(m)))
+        advised.append(real(self, model))
+        return advised[-1]
+
+    monkeypatch.setattr(GGUFCheckpoint, "release_unused", release)
     paged = load_model(str(path), "auto").model
+    raws = [m.raw.data_ptr() for m in paged.modules() if isinstance(getattr(m, "raw", None), torch.Tensor)]
+    assert raws and maps  # the K-quant rows (experts, trunk) were copied out of the file's map (huge pages):
+    assert not any(lo <= p < hi for p in raws for lo, hi in maps)  # no decode faults them in from disk
     supported = page_out_unused([mmap.mmap(-1, 2 * PAGE)], []) > 0  # (a kernel without MADV_PAGEOUT advises nothing)
     assert len(advised) == 1 and (advised[0] >= whole.expert_bytes(whole.tiny_spec("qwen3-30b-a3b")) // 2 or not supported)
     monkeypatch.setattr(GGUFCheckpoint, "release_unused", lambda self, model: 0)

@@ -69,16 +69,24 @@ def arena_size(sizes: Iterable[int]) -> int:
 
 
 def move_quantized(modules: Iterable[torch.nn.Module]) -> HugePageArena | None:
-    """Move the quantized weight buffers (``QUANTIZED_BUFFERS``) of these modules into one new
-    arena, buffer by buffer (each old tensor is freed as it is replaced when nothing else holds
-    it). Call before anything caches the buffers' data pointers (the fused expert kernels, the
-    compiled graph's tables): right after the model is built. Returns the arena, or None when
-    there is nothing to move."""
-    todo = [(m, name) for m in modules for name in QUANTIZED_BUFFERS
+    """Move what the decode kernels stream into one new arena: the quantized buffers
+    (``QUANTIZED_BUFFERS``) and the raw rows of block-format linears (quant/blocks.BlockLinear's
+    ``raw``: a GGUF's K-quant / MXFP4 rows are views of the file's map, whose 4 KiB pages a decode
+    would otherwise fault in from disk the first time each expert is routed), one tensor at a time
+    (an old buffer is freed as it is replaced when nothing else holds it; the file pages a moved view
+    leaves go with the checkpoint's ``release_unused``). Call before anything caches the data
+    pointers (the fused expert kernels, the compiled graph's tables): right after the model is built.
+    Returns the arena, or None when there is nothing to move."""
+    mods = list({id(m): m for m in modules}.values())  # a module listed twice moves once
+    todo = [(m, name) for m in mods for name in QUANTIZED_BUFFERS
             if isinstance(m._buffers.get(name), torch.Tensor) and m._buffers[name].is_contiguous()]
-    if not todo:
+    raws = [m for m in mods if isinstance(getattr(m, "raw", None), torch.Tensor) and m.raw.is_contiguous()]
+    sizes = [m._buffers[n].numel() * m._buffers[n].element_size() for m, n in todo] + [m.raw.numel() for m in raws]
+    if not sizes:
         return None
-    arena = HugePageArena(arena_size(m._buffers[n].numel() * m._buffers[n].element_size() for m, n in todo))
+    arena = HugePageArena(arena_size(sizes))
     for m, name in todo:
         m._buffers[name] = arena.hold(m._buffers[name])
+    for m in raws:
+        m.raw = arena.hold(m.raw)  # uint8 [N, row_bytes]
     return arena
