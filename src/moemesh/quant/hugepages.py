@@ -1,4 +1,4 @@
-"""Huge-page backed memory for the weights the int4 kernels stream every decode step.
+"""Huge-page backed memory for the weights the kernels stream every decode step (int4 buffers, block-format rows).
 
 A decode step reads every resident weight it uses once, so its speed is memory bandwidth, and on
 4 KiB pages the page walks cost part of it: the kernels' scale rows are strided by N_pad (one
