@@ -134,17 +134,7 @@ def one_model(name: str, args, log) -> dict:
         log(f"{name}: cap {c}")
         row = {"cap_bytes": cap, "arms": decode_runs(path, spec, cap, args, stream)}
         row["plan"] = fr.plan_row(path, None if cap is None else cap - args.margin_mib * 2**20, probe, spec.expert_type)
-        for arm in row["arms"].values():
-            s = arm["summary"]
-            bpt = s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
-            if bpt is not None and s.get("tokens_per_s") and bps:
-                # the floor's bandwidth: the probe's median, or what this arm itself sustained where that was
-                # more (a floor the engine beats would be no floor: the guest's disk varies between minutes)
-                got = s.get("read_throughput_bytes_s") or 0.0
-                s["floor_bytes_s"] = max(bps, got)
-                s["disk_floor_s_per_token"] = bpt / s["floor_bytes_s"]
-                s["over_floor"] = (1 / s["tokens_per_s"]) / s["disk_floor_s_per_token"] if bpt else None
-        res["caps"][c] = row
+        res["caps"][c] = row  # (each arm's disk floor: fullscale_report.floor, from res["disk"])
     if args.prompts and caps:
         c = next((c for c in caps if c != "none"), caps[0])
         cap = parse_cap(c)

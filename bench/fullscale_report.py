@@ -13,9 +13,20 @@ def f(x, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def floor(m: dict, s: dict) -> tuple[float | None, float | None]:
+    """(disk floor s per token, time per token / floor) of an arm's summary: the bytes it read per token
+    over the probe's median bandwidth (cold random reads of one expert slice at the engine's queue
+    depth), or (None, None)."""
+    bpt = s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
+    bps = (m.get("disk") or {}).get("bytes_s")
+    if not bpt or not bps or not s.get("tokens_per_s"):
+        return None, None
+    return bpt / bps, (1 / s["tokens_per_s"]) / (bpt / bps)
+
+
 def decode_table(name: str, m: dict) -> list[str]:
     lines = ["| cap | engine, routing | tok/s (median; all) | ok/runs | hit rate: cached / + prefetched | MiB read/token | "
-             "floor GB/s | disk floor ms/token | time / floor | peak RSS MiB | peak cgroup MiB | errors |",
+             "read GB/s achieved | disk floor ms/token | time / floor | peak RSS MiB | peak cgroup MiB | errors |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c, row in m["caps"].items():
         if row.get("skipped"):
@@ -23,13 +34,14 @@ def decode_table(name: str, m: dict) -> list[str]:
         for arm, a in row["arms"].items():
             s = a["summary"]
             bpt = s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
+            fl, over = floor(m, s)
             alls = ", ".join(f"{x:.3f}" for x in s.get("tokens_per_s_all", []))
             lines.append(f"| {c} | {arm} | **{f(s.get('tokens_per_s'), '{:.3f}')}** ({alls}) | {s['ok']}/{s['runs']} | "
                          f"{f(s.get('resident_hit_rate'))} / {f(s.get('hit_rate'))} | "
                          f"{f(bpt / MIB if bpt is not None else None, '{:.0f}')} | "
-                         f"{f(s['floor_bytes_s'] / 1e9 if s.get('floor_bytes_s') else None)} | "
-                         f"{f(s['disk_floor_s_per_token'] * 1e3 if s.get('disk_floor_s_per_token') else None, '{:.0f}')} | "
-                         f"{f(s.get('over_floor'))} | {f(s['peak_rss_bytes'] / MIB if s.get('peak_rss_bytes') else None, '{:.0f}')} | "
+                         f"{f(s['read_throughput_bytes_s'] / 1e9 if s.get('read_throughput_bytes_s') else None)} | "
+                         f"{f(fl * 1e3 if fl else None, '{:.0f}')} | "
+                         f"{f(over)} | {f(s['peak_rss_bytes'] / MIB if s.get('peak_rss_bytes') else None, '{:.0f}')} | "
                          f"{f(s['cgroup_max_usage_bytes'] / MIB if s.get('cgroup_max_usage_bytes') else None, '{:.0f}')} | "
                          f"{'; '.join(s['errors'])[:90]} |")
     return lines
@@ -50,9 +62,14 @@ def goals(name: str, m: dict) -> list[str]:
         elif mr.get("tokens_per_s"):
             out.append(f"- {c}: llama.cpp gave no figure ({'; '.join(lu.get('errors', [])) or 'not run'}): "
                        f"moemesh {mr['tokens_per_s']:.3f} tok/s vs llama.cpp < {lower_bound(row):s}")
-        if cap is not None and mu.get("over_floor"):
-            out.append(f"- {c}: moemesh time per token / disk floor (uniform trace) = **{mu['over_floor']:.2f}x** (goal <= 1.25x): "
-                       f"{'met' if mu['over_floor'] <= 1.25 else 'NOT met'}")
+        over = floor(m, mu)[1]
+        if cap is not None and over:
+            got = mu.get("read_throughput_bytes_s") or 0
+            verdict = "met" if 1 <= over <= 1.25 else "NOT met" if over > 1.25 else (
+                f"not judged: below 1, the arm sustained {got / 1e9:.2f} GB/s where the cold probe read "
+                f"{m['disk']['bytes_s'] / 1e9:.2f}, so the probe is not this arm's floor (its repeated expert reads can "
+                "come from the host's cache of this VM's disk, which the guest cannot drop)")
+            out.append(f"- {c}: moemesh time per token / disk floor (uniform trace) = **{over:.2f}x** (goal <= 1.25x): {verdict}")
         peaks = [a["peak_rss_bytes"] for k, a in arms.items() if k.startswith("moemesh") and a.get("peak_rss_bytes")]
         if cap is not None and peaks:
             out.append(f"- {c}: moemesh peak RSS (max of the arms' medians) {max(peaks) / GIB:.2f} GiB vs cap "
@@ -71,20 +88,37 @@ def lower_bound(row: dict) -> str:
     return "1 token per timeout" if t else "?"
 
 
+def prefill_floors(m: dict) -> dict[str, dict]:
+    """prompt length -> its floor: the experts the prompt touches read once at the probe's bandwidth, + the
+    experts' matmuls at the kernel's rate. The touched bytes: the expectation under uniform routing, or
+    what moemesh's layer-major prefill read where that is less (it reads each routed expert of a layer
+    once, so its bytes bound the set the model's own router touched from above)."""
+    p, bps = m["prefill"], (m.get("disk") or {}).get("bytes_s")
+    out = {}
+    for n, fl in p["floors"].items():
+        run = p["runs"].get(f"moemesh {n}", {})
+        read = run.get("bytes_read", run.get("disk_read_bytes"))
+        io = min(fl["io_s"], read / bps) if read and bps else fl["io_s"]
+        out[str(n)] = {"io_s": io, "compute_s": fl["compute_s"], "floor_s": io + (fl["compute_s"] or 0.0)}
+    return out
+
+
 def prefill_lines(m: dict) -> list[str]:
     p = m.get("prefill")
     if not p:
         return []
+    floors = prefill_floors(m)
     lines = ["", f"Time to first token under the {p['cap']} cap (the model's own router; moemesh layer-major prefill, llama.cpp "
              "512-token batches). Floor = bytes of the experts the prompt touches (expected distinct experts per layer "
-             "under uniform routing) / disk floor bandwidth + the experts' matmuls at the block kernel's measured rate "
+             "under uniform routing, or the bytes moemesh read where less: it reads each routed expert once) / disk "
+             "floor bandwidth + the experts' matmuls at the block kernel's measured rate "
              f"({f((p.get('compute_rate') or {}).get('gflops'), '{:.1f}')} GFLOP/s at "
              f"{(p.get('compute_rate') or {}).get('rows')} rows; attention not counted).", "",
              "| prompt | engine | TTFT s | prefill tok/s | floor s (I/O + compute) | TTFT / floor | MiB read | peak RSS MiB | error |",
              "|---:|---|---:|---:|---|---:|---:|---:|---|"]
     for key, r in p["runs"].items():
         engine, n = key.rsplit(" ", 1)
-        fl = p["floors"].get(n) or p["floors"].get(int(n))
+        fl = floors.get(str(n))
         ratio = r["ttft_s"] / fl["floor_s"] if r.get("ttft_s") and fl else None
         rd = r.get("bytes_read", r.get("disk_read_bytes"))
         lines.append(f"| {n} | {engine} | {f(r.get('ttft_s'), '{:.1f}')} | {f(r.get('prefill_tokens_per_s'), '{:.1f}')} | "
@@ -123,8 +157,8 @@ def markdown(r: dict) -> str:
                   f"{ex.get('tokens')} tokens, chunks of {ex.get('chunk')}; finite: {ex.get('finite')}) {ex.get('error', '')}",
                   f"- disk floor: {f(d.get('bytes_s', 0) / 1e9)} GB/s median O_DIRECT random reads of "
                   f"{f(d.get('request_bytes', 0) / MIB)} MiB (one expert slice) at QD{d.get('queue_depth')} "
-                  f"(all: {', '.join(f'{x / 1e9:.2f}' for x in d.get('all', []))}); an arm's floor uses the larger of "
-                  "this and the read throughput the arm itself sustained over its timed tokens ('floor GB/s')",
+                  f"(all: {', '.join(f'{x / 1e9:.2f}' for x in d.get('all', []))}); 'read GB/s achieved' = the bytes an arm "
+                  "read over its timed wall time (reads overlap compute, so the device gave at least that)",
                   "- hit rate: 'cached' = demanded experts already in the cache; '+ prefetched' also counts those a "
                   "prefetch had brought in by then (the plan's hit rate is the cached one)", ""]
         lines += decode_table(name, m)

@@ -9,7 +9,7 @@ import torch
 
 from moemesh.batch import BatchLayout
 from moemesh.loading.loader import load_model
-from moemesh.weights.page_out import PAGE, page_out_unused
+from moemesh.weights.page_out import PAGE, page_out_unused, page_out_view
 from moemesh.weights.safetensors_io import SafetensorsCheckpoint
 
 
@@ -28,6 +28,15 @@ def test_ranges_outside_kept_tensors_whole_pages_only():
     advised = page_out_unused([m], keep)
     assert advised in (0, (3 + 5) * PAGE)  # pages 0-2 and 5-9; 0 on a kernel without MADV_PAGEOUT
     assert m[PAGE + 5 : PAGE + 8] == b"abc"
+
+
+def test_page_out_view_whole_pages_of_a_view_only():
+    m = mmap.mmap(-1, 10 * PAGE)
+    whole = torch.frombuffer(m, dtype=torch.uint8)  # [10 pages]
+    supported = page_out_unused([mmap.mmap(-1, 2 * PAGE)], []) > 0
+    assert page_out_view([m], whole[PAGE + 1 : 4 * PAGE + 1]) == (2 * PAGE if supported else 0)  # pages 2, 3
+    assert page_out_view([m], whole[PAGE + 1 : 2 * PAGE]) == 0  # no whole page inside
+    assert page_out_view([m], torch.zeros(4 * PAGE, dtype=torch.uint8)) == 0  # not a view of the map
 
 
 def rss_file_kib() -> int:

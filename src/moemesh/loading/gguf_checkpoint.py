@@ -119,6 +119,12 @@ class GGUFCheckpoint:
 
         return page_out_unused(self.file.mappings(), kept_ranges(model))
 
+    def page_out_view(self, t: torch.Tensor) -> int:
+        """Page out ``t``'s file pages if it views this file (a weight just copied elsewhere); bytes."""
+        from ..weights.page_out import page_out_view
+
+        return page_out_view(self.file.mappings(), t)
+
     def metadata(self, key: str, default: Any = None) -> Any:
         """A metadata value as Python (str, number, bool or list), or ``default`` when absent."""
         return self.file.metadata(key, default)

@@ -7,6 +7,8 @@ tensors (fused MLPs that already ran are told to forget their pointers).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..experts.provider import ResidentExperts
@@ -34,13 +36,15 @@ def place_expert_weights(modules: list[torch.nn.Module]) -> int:
     return sum(m.use_block_scales() for m in modules if isinstance(m, QuantLinear))
 
 
-def place_decode_weights(model: Transformer, move_experts: bool = True) -> int:
+def place_decode_weights(model: Transformer, move_experts: bool = True,
+                         release: Callable[[torch.Tensor], object] | None = None) -> int:
     """Trunk (and, with ``move_experts``, resident experts: a store's are read into their arena
     directly) into huge pages; block scales for every resident expert and int4 trunk linear.
-    Returns how many linears now use block scales."""
+    ``release(old)`` gets each tensor once copied (a checkpoint's ``page_out_view``: the file pages
+    of a moved view go as the load goes). Returns how many linears now use block scales."""
     experts = resident_expert_modules(model)
     trunk = list(model.modules())
-    move_quantized(trunk + experts if move_experts else trunk)
+    move_quantized(trunk + experts if move_experts else trunk, release)
     linears = [m for m in trunk if isinstance(m, QuantLinear) and m.mode == "int4"]
     n = sum(m.use_block_scales() for m in linears + [m for m in experts if isinstance(m, QuantLinear)])
     for m in trunk + experts:  # a fused MLP that already ran cached the old pointers and format

@@ -1,5 +1,6 @@
-/* AVX2 unpacking into the dot's layout (blocks_dot.h): per group of 32, int16 codes as [even 16 | odd 16]
-   positions (the activations' order, blocks_kernel.h), the codes of blocks_unpack.h (the scalar build's;
+/* AVX2 unpacking into the dot's layout (blocks_dot.h): per group of 32, int16 codes in the type's layout
+   (value order with AVX-512 BW/VL for the types of bk_natural, else [even 16 | odd 16] positions: the
+   activations' order, blocks_kernel.h), the codes of blocks_unpack.h (the scalar build's;
    tests compare the builds bit for bit). ``bk_unpack`` fills a chunk's buffer (prefill: decoded once, used
    for many activation rows); ``bk_dot_direct`` unpacks in registers straight into the dot (one row: no
    store and reload of the decoded weights). The scalar build has bk_unpack only (the portable codes). */

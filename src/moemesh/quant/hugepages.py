@@ -14,13 +14,19 @@ Where THP is off or unsupported the arena is plain anonymous memory: same bytes,
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+
+from ..sysinfo import trim_heap
 
 HUGE_PAGE = 2 << 20
 ALIGN = 4096  # every piece starts on a page (O_DIRECT reads land in it; kernels load 64-byte lines)
 QUANTIZED_BUFFERS = ("qweight", "scales", "scales_and_zeros")  # what QuantLinear's kernels stream
+# freed bytes between malloc_trim calls while moving: the replaced copies (a GGUF's gate + up rows
+# concatenated at build, 10.9 GB for a whole Qwen3-30B-A3B) are freed into malloc's heap, not to the OS,
+# so without trimming the load held both copies at once (28 GB: OOM-killed on a 24 GB machine)
+TRIM_EVERY = 256 << 20
 
 
 class HugePageArena:
@@ -68,13 +74,15 @@ def arena_size(sizes: Iterable[int]) -> int:
     return sum(-(-n // ALIGN) * ALIGN for n in sizes)
 
 
-def move_quantized(modules: Iterable[torch.nn.Module]) -> HugePageArena | None:
+def move_quantized(modules: Iterable[torch.nn.Module],
+                   release: Callable[[torch.Tensor], object] | None = None) -> HugePageArena | None:
     """Move what the decode kernels stream into one new arena: the quantized buffers
     (``QUANTIZED_BUFFERS``) and the raw rows of block-format linears (quant/blocks.BlockLinear's
     ``raw``: a GGUF's K-quant / MXFP4 rows are views of the file's map, whose 4 KiB pages a decode
     would otherwise fault in from disk the first time each expert is routed), one tensor at a time
     (an old buffer is freed as it is replaced when nothing else holds it; the file pages a moved view
-    leaves go with the checkpoint's ``release_unused``). Call before anything caches the data
+    leaves go through ``release``, called with each old tensor once it is copied: a checkpoint's
+    ``page_out_view``). Call before anything caches the data
     pointers (the fused expert kernels, the compiled graph's tables): right after the model is built.
     Returns the arena, or None when there is nothing to move."""
     mods = list({id(m): m for m in modules}.values())  # a module listed twice moves once
@@ -85,8 +93,25 @@ def move_quantized(modules: Iterable[torch.nn.Module]) -> HugePageArena | None:
     if not sizes:
         return None
     arena = HugePageArena(arena_size(sizes))
+    freed = 0
+
+    def copied(old: torch.Tensor) -> None:
+        nonlocal freed
+        if release is not None:
+            release(old)
+        freed += old.numel() * old.element_size()
+        if freed >= TRIM_EVERY:  # give the replaced copies' heap back as the arena fills (all but ``old``)
+            trim_heap()
+            freed = 0
+
     for m, name in todo:
-        m._buffers[name] = arena.hold(m._buffers[name])
+        old = m._buffers[name]
+        m._buffers[name] = arena.hold(old)
+        copied(old)
     for m in raws:
-        m.raw = arena.hold(m.raw)  # uint8 [N, row_bytes]
+        old = m.raw
+        m.raw = arena.hold(old)  # uint8 [N, row_bytes]
+        copied(old)
+    del old
+    trim_heap()
     return arena

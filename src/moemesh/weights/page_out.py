@@ -61,6 +61,27 @@ def page_out_unused(mappings: list[mmap.mmap], keep: list[tuple[int, int]]) -> i
     return advised
 
 
+def page_out_view(mappings: list[mmap.mmap], t: torch.Tensor) -> int:
+    """Advise MADV_PAGEOUT on the whole pages of contiguous ``t``'s bytes where ``t`` views one of
+    ``mappings`` (a tensor the load just copied elsewhere: its file pages go now, not at the end of
+    the load, so a resident load never holds a weight twice); bytes advised, 0 for a tensor outside
+    them."""
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    for m in mappings:
+        base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+        if base <= lo and hi <= base + len(m):
+            start, end = -(-(lo - base) // PAGE) * PAGE, ((hi - base) // PAGE) * PAGE
+            if end <= start:
+                return 0
+            try:
+                m.madvise(MADV_PAGEOUT, start, end - start)
+            except OSError:  # older kernel: the pages stay until the end of the load's release
+                return 0
+            return end - start
+    return 0
+
+
 def row_tables(model: torch.nn.Module) -> list[torch.Tensor]:
     """The tables a decode step reads a few rows of per token: the embedding and an approximate head's
     rescoring table (OutputHead.weight when ``approx`` is set)."""

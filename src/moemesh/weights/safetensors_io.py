@@ -154,6 +154,12 @@ class SafetensorsCheckpoint:
     def names(self) -> list[str]:
         return list(self.where)
 
+    def page_out_view(self, t: torch.Tensor) -> int:
+        """Page out ``t``'s file pages if it views one of these files (a weight just copied elsewhere)."""
+        from .page_out import page_out_view
+
+        return page_out_view([m for f in self.files.values() if (m := f.mapping()) is not None], t)
+
     def release_unused(self, model: torch.nn.Module) -> int:
         """Page out every mapped range the built model does not view (weights/page_out.py); bytes advised."""
         from .page_out import kept_ranges, page_out_unused
