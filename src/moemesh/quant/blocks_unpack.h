@@ -100,6 +100,20 @@ BK_INLINE void bk_scales256(const int type, const uint8_t *b, bk_scales *sc) {
         _mm256_storeu_ps(sc->a + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), d));
         return;
     }
+    if (type == BK_Q3_K) {  /* the 12 packed bytes -> 16 six-bit scales (ggml's utmp shuffle), minus 32 */
+        uint32_t a[3], u[4];
+        memcpy(a, b + 96, 12);
+        const uint32_t k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
+        u[0] = (a[0] & k2) | ((a[2] & k1) << 4);
+        u[1] = (a[1] & k2) | (((a[2] >> 2) & k1) << 4);
+        u[2] = ((a[0] >> 4) & k2) | (((a[2] >> 4) & k1) << 4);
+        u[3] = ((a[1] >> 4) & k2) | (((a[2] >> 6) & k1) << 4);
+        const __m128i v = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)u), _mm_set1_epi8(32));
+        const __m256 d = _mm256_set1_ps(bk_f16(bk_rd16(b + 108)));
+        _mm256_storeu_ps(sc->a, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d));
+        _mm256_storeu_ps(sc->a + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), d));
+        return;
+    }
     if (type == BK_Q2_K) {
         const __m128i v = _mm_loadu_si128((const __m128i *)b), m4 = _mm_set1_epi8(0x0F);
         const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
