@@ -215,3 +215,27 @@ def test_block_format_gguf_bit_exact(block_ggufs, name, lazy, monkeypatch):
     monkeypatch.setattr(FfnPlan, "__call__", lambda self, x, threads: (calls.append(1), real(self, x, threads))[1])
     check_same(model, [5, 9, 13, 2, 77, 31, 100, 7], n=16, one_call=False)  # (no int4 table: the per-layer loop)
     assert len(calls) == 15 * len(model.layers)  # the planned run's 15 decode steps went through the plan
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "gpt-oss-120b"])
+def test_block_mix_is_the_per_expert_loop(block_ggufs, name):
+    """One decode token through a layer's block-format experts in one C call that also weights and sums
+    them (mixing.block_mix, what ResidentExperts and LazyExperts run) gives the bits of each expert's own
+    forward, weighted, added in expert-id order."""
+    from moemesh.experts.mixing import block_mix, group_by_expert
+
+    model = load_model(str(block_ggufs[name]), "auto").model
+    provider = next(layer.ffn.provider for layer in model.layers if hasattr(layer.ffn, "provider"))
+    layer, held = next(iter(provider.experts.items()))
+    g = torch.Generator().manual_seed(3)
+    top_k = model.args.top_k
+    for _ in range(3):
+        x = torch.randn(1, held[0].down.out_features, generator=g)  # [1, D]
+        ids = torch.randperm(len(held), generator=g)[:top_k].reshape(1, -1)  # [1, A], distinct
+        w = torch.softmax(torch.randn(1, top_k, generator=g), -1)  # [1, A]
+        ref = torch.zeros_like(x)
+        for e, slot in sorted((int(e), j) for j, e in enumerate(ids[0])):
+            ref.add_(held[e](x) * w[0, slot])
+        groups = group_by_expert(ids)
+        assert torch.equal(block_mix([held[e] for e, _, _ in groups], groups, x, w.reshape(-1)), ref)
+        assert torch.equal(provider.run(layer, x, ids, w), ref)

@@ -13,7 +13,7 @@ import torch
 
 from ..layers.router import TopKRouter
 from .cache import ExpertCache
-from .mixing import Group, GroupedProvider, add_in_order, batchable, expert_rows, group_by_expert, mix_batch
+from .mixing import Group, GroupedProvider, add_in_order, batchable, block_mix, expert_rows, group_by_expert, mix_batch
 
 
 class Lookahead:
@@ -110,6 +110,8 @@ class LazyExperts(GroupedProvider):
             else:
                 mlps = [self.cache.expert(e) for e in entries]
                 out = mix_batch(mlps, groups, x, ids, weights)
+                if out is None:
+                    out = block_mix(mlps, groups, x, weights.reshape(-1))
                 if out is not None:
                     return out
                 ys = expert_rows(mlps, groups, x, weights.reshape(-1))

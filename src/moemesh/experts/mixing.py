@@ -28,6 +28,11 @@ ExpertFn = Callable[[int], torch.nn.Module]
 
 def group_by_expert(ids: torch.Tensor) -> list[Group]:
     """ids [T, A] -> [(expert, token_idx [n], slot_flat_idx [n])] sorted by expert id."""
+    if ids.shape[0] == 1:  # a decode token (distinct picks): the same groups without the sort and count ops
+        row = ids[0].tolist()
+        if len(set(row)) == len(row):
+            zero = torch.zeros(1, dtype=torch.int64)
+            return [(e, zero, torch.tensor([j])) for j, e in sorted(enumerate(row), key=lambda p: p[1])]
     flat = ids.reshape(-1)  # [T*A]
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat).tolist()
@@ -74,17 +79,35 @@ def expert_rows(mlps: list[torch.nn.Module], groups: list[Group], x: torch.Tenso
     return [per_block(m, x, token_idx, rows) * flat_w[slots, None] for m, (_, token_idx, slots) in zip(mlps, groups)]
 
 
-def block_rows(mlps: list[torch.nn.Module], x: torch.Tensor) -> torch.Tensor | None:
-    """One token through block-format experts (GatedMLP.block_act) of one shape and activation in one
-    C call (blocks_ffn.experts_mix, no mix): [n, D], row e the bits of mlps[e](x); None when they
-    cannot share a call."""
+def _block_call(mlps: list[torch.nn.Module]) -> tuple[list, tuple] | None:
+    """(experts as (gate_up, down), activation args) when block-format experts (GatedMLP.block_act) of
+    one shape and activation can share one blocks_ffn.experts_mix call, else None."""
     acts = [m.block_act() if isinstance(m, GatedMLP) else None for m in mlps]
     if acts[0] is None or any(a != acts[0] for a in acts):
         return None
     experts = [(m.gate_up, m.down) for m in mlps]
-    if not blocks_ffn.fusable(experts):
+    return (experts, acts[0]) if blocks_ffn.fusable(experts) else None
+
+
+def block_rows(mlps: list[torch.nn.Module], x: torch.Tensor) -> torch.Tensor | None:
+    """One token through block-format experts in one C call (no mix): [n, D], row e the bits of
+    mlps[e](x); None when they cannot share a call."""
+    call = _block_call(mlps)
+    return None if call is None else blocks_ffn.experts_mix(x, call[0], None, *call[1])
+
+
+def block_mix(mlps: list[torch.nn.Module], groups: list[Group], x: torch.Tensor,
+              flat_w: torch.Tensor) -> torch.Tensor | None:
+    """One decode token's layer output [1, D] through block-format experts in one C call that also
+    weights and sums them in the groups' order (each product rounded, then one add per expert:
+    add_in_order's bits over expert_rows'); None when they cannot share a call."""
+    if x.shape[0] != 1 or len(mlps) < 2:
         return None
-    return blocks_ffn.experts_mix(x, experts, None, *acts[0])
+    call = _block_call(mlps)
+    if call is None:
+        return None
+    w = flat_w[torch.cat([slots for _, _, slots in groups])]  # [n], the groups' order
+    return blocks_ffn.experts_mix(x, call[0], w, *call[1])
 
 
 def per_block(mlp: torch.nn.Module, x: torch.Tensor, token_idx: torch.Tensor, rows: int | None) -> torch.Tensor:

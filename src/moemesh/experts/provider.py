@@ -11,7 +11,7 @@ import torch
 
 from ..layers.mlp import GatedMLP, fused_table
 from ..quant import int4_experts, int4_ops  # noqa: F401  (int4_ops registers moemesh::moe_decode)
-from .mixing import Group, GroupedProvider, batchable, expert_rows, mix_reference
+from .mixing import Group, GroupedProvider, batchable, block_mix, expert_rows, group_by_expert, mix_reference
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ class ResidentExperts(GroupedProvider):
                 # one C call from the router's picks (sort by id, pointer gather, experts, sum in order):
                 # the grouped loop's bits without its ~0.12 ms of Python per layer
                 return int4_experts.moe_decode_table(table[0], x, ids, weights, *table[1:])
+            if table is None and isinstance(self.experts[layer], list):  # block formats: one call, mixed in C
+                groups = group_by_expert(ids)
+                out = block_mix([self.experts[layer][e] for e, _, _ in groups], groups, x, weights.reshape(-1))
+                if out is not None:
+                    return out
         elif batchable(x, ids, rows):
             table = self._decode_table(layer)
             if table is not None:
