@@ -128,3 +128,20 @@ def test_resident_gguf_load_pages_out_what_it_copied(tmp_path, monkeypatch):
     monkeypatch.setattr(GGUFCheckpoint, "release_unused", lambda self, model: 0)
     kept = load_model(str(path), "auto").model
     assert torch.equal(decode(paged), decode(kept))
+
+
+def test_build_releases_the_views_it_concatenates(tmp_path, monkeypatch):
+    """A resident GGUF build joins each expert's gate and up rows (a copy), then hands both file views to
+    the source's release_view at once (their pages go before the load ends); the output is unchanged."""
+    from moemesh.benchkit.synth import whole, whole_write
+    from moemesh.loading.gguf_checkpoint import GGUFSource
+
+    spec = whole.tiny_spec("qwen3-30b-a3b")
+    path = whole_write.write(spec, tmp_path, progress=False)
+    released: list[int] = []
+    real = GGUFSource.release_view
+    monkeypatch.setattr(GGUFSource, "release_view", lambda self, t: released.append(t.numel()) or real(self, t))
+    model = load_model(str(path), "auto").model
+    assert len(released) >= 2 * spec.layers * spec.experts  # gate and up of every expert (and fused trunk rows)
+    monkeypatch.setattr(GGUFSource, "release_view", lambda self, t: 0)
+    assert torch.equal(decode(model), decode(load_model(str(path), "auto").model))

@@ -167,5 +167,9 @@ class GGUFSource:
     def blocks(self, name: str) -> tuple[str, torch.Tensor, int] | None:
         return self.ckpt.tensor(name).block_rows()
 
+    def release_view(self, t: torch.Tensor) -> int:
+        """Page out a view of the file the build has just copied (GGUFCheckpoint.page_out_view)."""
+        return self.ckpt.page_out_view(t)
+
     def stored_type(self, name: str) -> str:
         return self.ckpt.tensor(name).ggml_type

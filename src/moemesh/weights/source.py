@@ -50,6 +50,10 @@ class SafetensorsSource:
             return BlockLinear(*self.blocks(name)).dequantize()  # type: ignore[misc]
         return self.ckpt.get(name)
 
+    def release_view(self, t: torch.Tensor) -> int:
+        """Page out a view of the files the build has just copied (SafetensorsCheckpoint.page_out_view)."""
+        return self.ckpt.page_out_view(t)
+
     def blocks(self, name: str) -> tuple[str, torch.Tensor, int] | None:
         """(qtype, raw uint8 [N, row_bytes] (an mmap view; FP8: packed rows, a copy), in_features) of a
         block-format tensor."""
