@@ -83,12 +83,8 @@ BK_INLINE void bk_dot_d(const __m256i *d, const bk_scales *sc, const float *du, 
 /* int16 weights of a group, its first (e) and second (o) 16 positions in the type's layout (even | odd,
    or value order: bk_natural), against the activations in the same layout: int32 lanes. */
 BK_INLINE __m256i bk_madd_eo(__m256i e, __m256i o, const int16_t *X) {
-    const __m256i m = _mm256_madd_epi16(e, _mm256_loadu_si256((const __m256i *)X));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpwssd_epi32(m, o, _mm256_loadu_si256((const __m256i *)(X + 16)));  /* madd + add, exact */
-#else
-    return _mm256_add_epi32(m, _mm256_madd_epi16(o, _mm256_loadu_si256((const __m256i *)(X + 16))));
-#endif
+    return _mm256_add_epi32(_mm256_madd_epi16(e, _mm256_loadu_si256((const __m256i *)X)),
+                            _mm256_madd_epi16(o, _mm256_loadu_si256((const __m256i *)(X + 16))));
 }
 
 /* One chunk from the unpacked buffer q (bk_unpack). */

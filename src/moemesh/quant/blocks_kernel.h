@@ -32,7 +32,7 @@ FP8_E4M3_B128 is an fp32 path (blocks_fp8.h).
 #endif
 /* AVX-512 BW + VL (16-bit lane permutes on ymm): the 32-block types and IQ4_XS keep their activations
    and unpacked codes in value order ("natural"), decoded by a 16-entry int16 table lookup (vpermw)
-   instead of byte lookups widened to even/odd int16 (~16% faster MXFP4 decode on Zen 4). */
+   instead of byte lookups widened to even/odd int16 (MXFP4 decode 1.13x on Zen 4: bench/block_kernels_ab.py). */
 #if BK_AVX2 && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(BK_NO512)
 #define BK_PERMW 1
 #else
