@@ -34,6 +34,9 @@ BK_INLINE __m256i bk_lut16(const int8_t *lut, __m256i idx) {
 }
 
 #if BK_PERMW
+/* A 16-entry int8 table (blocks_unpack.h's) as 16 int16 lanes, vpermw's table. */
+BK_INLINE __m256i bk_lut16_i16(const int8_t *lut) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)lut)); }
+
 /* 16 bytes of nibbles (low: values 0..15, high: 16..31) -> int16 [values 0..15], [16..31] via a 16-entry
    int16 table (lut as 16 int16 lanes). */
 BK_INLINE void bk_nibbles_lut16(const uint8_t *p, __m256i lut, __m256i *e, __m256i *o) {
@@ -46,11 +49,10 @@ BK_INLINE void bk_nibbles_lut16(const uint8_t *p, __m256i lut, __m256i *e, __m25
 BK_INLINE void bk_group_natural(const int type, const uint8_t *cb, int g, __m256i *e, __m256i *o) {
     switch (type) {
     case BK_MXFP4:
-        bk_nibbles_lut16(cb + g * 17 + 1, _mm256_setr_epi16(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12), e, o);
+        bk_nibbles_lut16(cb + g * 17 + 1, bk_lut16_i16(BK_MXFP4_LUT), e, o);
         break;
     case BK_IQ4_XS:
-        bk_nibbles_lut16(cb + 8 + 16 * g, _mm256_setr_epi16(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
-                                                          89, 113), e, o);
+        bk_nibbles_lut16(cb + 8 + 16 * g, bk_lut16_i16(BK_IQ4_LUT), e, o);
         break;
     case BK_Q8_0:
         *e = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(cb + g * 34 + 2)));
