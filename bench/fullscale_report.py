@@ -13,11 +13,16 @@ def f(x, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def read_per_token(s: dict) -> float | None:
+    """Bytes an arm read per token: moemesh's expert reads, or (llama.cpp) the process's disk reads."""
+    return s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
+
+
 def floor(m: dict, s: dict) -> tuple[float | None, float | None]:
     """(disk floor s per token, time per token / floor) of an arm's summary: the bytes it read per token
     over the probe's median bandwidth (cold random reads of one expert slice at the engine's queue
     depth), or (None, None)."""
-    bpt = s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
+    bpt = read_per_token(s)
     bps = (m.get("disk") or {}).get("bytes_s")
     if not bpt or not bps or not s.get("tokens_per_s"):
         return None, None
@@ -33,7 +38,7 @@ def decode_table(name: str, m: dict) -> list[str]:
             lines.append(f"| {c} | - | {row['skipped']} | | | | | | | | | |")
         for arm, a in row["arms"].items():
             s = a["summary"]
-            bpt = s.get("bytes_read_per_token", s.get("disk_read_bytes_per_token"))
+            bpt = read_per_token(s)
             fl, over = floor(m, s)
             alls = ", ".join(f"{x:.3f}" for x in s.get("tokens_per_s_all", []))
             lines.append(f"| {c} | {arm} | **{f(s.get('tokens_per_s'), '{:.3f}')}** ({alls}) | {s['ok']}/{s['runs']} | "

@@ -61,13 +61,6 @@ def measure(args, store: Path, expert_bytes: int, configs: list[str]) -> dict[st
     return runs
 
 
-def true_hit_rate(r: dict, lookups_per_token: int) -> float | None:
-    """Cache hits without prefetch (the worker's hit_rate counts a prefetched expert as a hit)."""
-    if "hit_rate" not in r:
-        return None
-    return (r["hit_rate"] * lookups_per_token - r["prefetch_hits_per_token"]) / lookups_per_token
-
-
 def refit_io_factor(rows: dict[str, dict], calibrate: str) -> float | None:
     """The IO_FACTOR k that best fits t = cpu + k * disk on the calibration caps: least squares of
     the relative error (cpu + k d) / t - 1 over them, i.e. k = sum(d/t (1 - cpu/t)) / sum((d/t)^2)."""
@@ -136,7 +129,6 @@ def main() -> None:
     if not ok_none:
         sys.exit("the uncapped run failed: no routing trace")
     routing, trace = ok_none[0]["routing_counts"], ok_none[0]["routing_trace"]
-    lookups = len(st.moe_layers) * st.config["num_experts_per_tok"]
 
     rows = {}
     for c in configs:
@@ -153,7 +145,7 @@ def main() -> None:
             "cap_bytes": cap, "ram_bytes": None if cap is None else ram, "runs": len(runs[c]), "ok": len(ok),
             "errors": [r["error"] for r in runs[c] if "error" in r],
             "measured_tokens_per_s": statistics.median(tps) if tps else None, "measured_all": tps,
-            "measured_true_hit_rate": statistics.median([true_hit_rate(r, lookups) for r in ok]) if ok and "hit_rate" in ok[0] else None,
+            "measured_true_hit_rate": statistics.median([r["resident_hit_rate"] for r in ok]) if ok and "resident_hit_rate" in ok[0] else None,
             "measured_slots": ok[0].get("slots") if ok else None,
             "measured_trunk_bytes": (ok[0].get("budget") or {}).get("trunk") if ok else None,
             "measured_bytes_read_per_token": statistics.median([r["bytes_read_per_token"] for r in ok]) if ok and "bytes_read_per_token" in ok[0] else None,

@@ -48,9 +48,10 @@ class ResidentExperts(GroupedProvider):
                 # one C call from the router's picks (sort by id, pointer gather, experts, sum in order):
                 # the grouped loop's bits without its ~0.12 ms of Python per layer
                 return int4_experts.moe_decode_table(table[0], x, ids, weights, *table[1:])
-            if table is None and isinstance(self.experts[layer], list):  # block formats: one call, mixed in C
-                groups = group_by_expert(ids)
-                out = block_mix([self.experts[layer][e] for e, _, _ in groups], groups, x, weights.reshape(-1))
+            held = self.experts[layer]
+            if table is None and isinstance(held, list) and isinstance(held[0], GatedMLP) and held[0].block_act():
+                groups = group_by_expert(ids)  # block formats: one call, mixed in C
+                out = block_mix([held[e] for e, _, _ in groups], groups, x, weights.reshape(-1))
                 if out is not None:
                     return out
         elif batchable(x, ids, rows):

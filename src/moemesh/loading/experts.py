@@ -96,7 +96,7 @@ def build_from_store(store: ExpertStore, quant: str, opts: ExpertOptions) -> tup
             reading = pool.submit(resident_from_store, store, args.num_experts, opts.verify)
             model = builder.build(provider)
             provider.experts = reading.result().experts
-        place_decode_weights(model, move_experts=False, release=source.ckpt.page_out_view)  # experts already in their arena
+        place_decode_weights(model, move_experts=False, release=source.release_view)  # experts already in their arena
         source.ckpt.release_unused(model)
         return model, provider, None
     return build_lazy(builder, store, opts, source.ckpt.release_unused)

@@ -67,7 +67,7 @@ def load_model(
     config, source, tokenizer = open_source(path)
     spec, args = arch_and_args(path, config)
     model = make_builder(spec, args, source, quant, trunk_of=path).build(provider)
-    place_decode_weights(model, release=source.ckpt.page_out_view)  # huge pages, block-major scales; each copied view's file pages go
+    place_decode_weights(model, release=source.release_view)  # huge pages, block-major scales; each copied view's file pages go
     # the pages the load read but the model no longer views (float weights it converted; a GGUF's experts and
     # trunk moved into huge pages, which for a whole Q4_K Qwen3-30B-A3B left ~10 GB mapped beside their copies)
     source.ckpt.release_unused(model)

@@ -132,8 +132,9 @@ class Builder:
             return raws[0]
         out = torch.cat(raws)  # uint8 [sum of rows, row_bytes]
         release = getattr(self.src, "release_view", None)
-        for r in raws if release is not None else []:
-            release(r)
+        if release is not None:
+            for r in raws:
+                release(r)
         return out
 
     def block_rows(self, names: list[str]) -> tuple[str, list[torch.Tensor], int] | None:

@@ -40,23 +40,37 @@ def kept_ranges(model: torch.nn.Module) -> list[tuple[int, int]]:
     return out
 
 
+def _base(m: mmap.mmap) -> int:
+    """The mapping's first address."""
+    return torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+
+
+def _page_out(m: mmap.mmap, lo: int, hi: int) -> int | None:
+    """MADV_PAGEOUT on the whole pages within offsets [lo, hi) of ``m``: bytes advised, or None where
+    the kernel lacks the advice (the pages stay mapped, nothing else changes)."""
+    start, end = -(-lo // PAGE) * PAGE, (hi // PAGE) * PAGE
+    if end <= start:
+        return 0
+    try:
+        m.madvise(MADV_PAGEOUT, start, end - start)
+    except OSError:
+        return None
+    return end - start
+
+
 def page_out_unused(mappings: list[mmap.mmap], keep: list[tuple[int, int]]) -> int:
     """Advise MADV_PAGEOUT on every whole page of ``mappings`` outside ``keep``; bytes advised
     (0 where the kernel lacks the advice)."""
     advised = 0
     for m in mappings:
-        size = len(m)
-        base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+        size, base = len(m), _base(m)
         inside = sorted((max(lo, base) - base, min(hi, base + size) - base) for lo, hi in keep if lo < base + size and hi > base)
         pos = 0
         for lo, hi in inside + [(size, size)]:
-            start, end = -(-pos // PAGE) * PAGE, (lo // PAGE) * PAGE  # whole pages strictly outside kept tensors
-            if end > start:
-                try:
-                    m.madvise(MADV_PAGEOUT, start, end - start)
-                except OSError:  # older kernel: the pages stay mapped, nothing else changes
-                    return advised
-                advised += end - start
+            done = _page_out(m, pos, lo)  # whole pages strictly outside kept tensors
+            if done is None:
+                return advised
+            advised += done
             pos = max(pos, hi)
     return advised
 
@@ -69,16 +83,9 @@ def page_out_view(mappings: list[mmap.mmap], t: torch.Tensor) -> int:
     lo = t.data_ptr()
     hi = lo + t.numel() * t.element_size()
     for m in mappings:
-        base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+        base = _base(m)
         if base <= lo and hi <= base + len(m):
-            start, end = -(-(lo - base) // PAGE) * PAGE, ((hi - base) // PAGE) * PAGE
-            if end <= start:
-                return 0
-            try:
-                m.madvise(MADV_PAGEOUT, start, end - start)
-            except OSError:  # older kernel: the pages stay until the end of the load's release
-                return 0
-            return end - start
+            return _page_out(m, lo - base, hi - base) or 0
     return 0
 
 
