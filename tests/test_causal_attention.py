@@ -25,12 +25,19 @@ def test_matches_masked_sdpa(hq, hkv, start, n, rows):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_dense_prefill_uses_it(monkeypatch):
-    """Two chunks through the dense cache (at position 0, then after it): the cache takes this path,
-    and each chunk's output is the masked SDPA over every key written so far."""
+@pytest.mark.parametrize("native", [False, True])
+def test_dense_prefill_uses_it(monkeypatch, native):
+    """Two chunks through the dense cache (at position 0, then after it): without the C prefill kernel
+    (quant/attention_prefill.c) the cache takes this path, with it the kernel; either way each chunk's
+    output is the masked SDPA over every key written so far."""
     from moemesh.batch import BatchLayout
     from moemesh.kvcache import dense
+    from moemesh.quant import decode_kernels
 
+    if native and decode_kernels.load() is None:
+        pytest.skip("the decode kernels could not be built")
+    if not native:
+        monkeypatch.setattr(decode_kernels, "prefill_usable", lambda *a: False)
     calls = []
     real = dense.causal_attention
     monkeypatch.setattr(dense, "causal_attention", lambda *a: calls.append(a[3]) or real(*a))
@@ -51,4 +58,4 @@ def test_dense_prefill_uses_it(monkeypatch):
                                               scale=0.25, enable_gqa=True).transpose(0, 1)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         start += n
-    assert calls == [0, 20]
+    assert calls == ([] if native else [0, 20])

@@ -104,6 +104,9 @@ class DenseKVCache(KVCache):
             lo = [0 if window is None else max(0, s.length + 1 - window) for s in seqs]
             return decode_kernels.attend_batch(lib, q, k, None if self.values_in_keys else v, keys, values,
                                                self.value_dim, [s.length for s in seqs], lo, scale, sinks)
+        plib = decode_kernels.load() if self.dtype == torch.float32 else None  # (a prompt's chunks)
+        if sinks is not None:
+            sinks = sinks.float().contiguous()
         out = q.new_empty(q.shape[0], q.shape[1], self.value_dim)  # [T, Hq, Dv]
         for i, (sid, off, n) in enumerate(zip(batch.seq_ids, batch.offsets, batch.query_lens)):
             seq = self.seqs[sid]
@@ -121,6 +124,12 @@ class DenseKVCache(KVCache):
                 values[:, start:end] = v[off : off + n].transpose(0, 1)
             if n == 1 and allowed is None:  # a decode token: the visible keys are one run, no mask
                 out[off] = decode_attention(q[off], keys[:, lo:end], values[:, lo:end], scale, sinks)
+                continue
+            if plib is not None and allowed is None and decode_kernels.prefill_usable(q, keys, self.value_dim):
+                # key blocks and an online softmax: no [queries, keys] score matrix (attention_prefill.c; the
+                # torch paths below are its reference)
+                out[off : off + n] = decode_kernels.attend_prefill(plib, q[off : off + n], keys, values, self.value_dim,
+                                                                  start, window, scale, sinks)
                 continue
             mask = causal_mask(n, start, window)
             if allowed is not None:

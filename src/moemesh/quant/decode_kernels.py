@@ -12,6 +12,9 @@ is one ctypes call (~1 us) doing what several torch ops did, on fp32 contiguous 
   visible run, sinks optional (the reference: ``kvcache.decode_attention.decode_attention``);
 * ``attend_batch``: ``attend_one`` for one token of each of B sequences, one call, the sequences shared
   out over the threads (each row the bits it has alone);
+* ``attend_prefill``: a prompt chunk's queries over their sequence's keys, causal, sliding window and
+  sinks optional, in key blocks with an online softmax (attention_prefill.c; the references: the masked
+  softmax of ``kvcache.sinks`` / SDPA / ``kvcache.causal_attention``, equal to fp32 rounding);
 * ``greedy``: each row's argmax and its log-probability in one pass, for a sampler step that needs
   nothing else (the reference: ``argmax`` and ``log_softmax`` over the row; head_kernels.c);
 * ``head_rescore``: an approximate output head's best candidates recomputed exactly (the reference:
@@ -40,7 +43,7 @@ import torch
 from .native import BASE_FLAGS, load_library
 
 HERE = Path(__file__).parent
-SOURCES = ("decode_common.h", "decode_kernels.c", "head_kernels.c", "decode_step.c")
+SOURCES = ("decode_common.h", "decode_kernels.c", "head_kernels.c", "decode_step.c", "attention_prefill.c")
 FLAGS = (*BASE_FLAGS, "-ffp-contract=off")  # no fused multiply-adds: torch's rounding of a*b + c*d
 ENV = "MOEMESH_DECODE_NATIVE"
 
@@ -65,6 +68,9 @@ def load() -> ctypes.CDLL | None:
     lib.dk_attend_batch.argtypes = [i64, p, i64, i64, p, i64, i64, p, i64, i64, p, p, p, p, p, i64, i64, i64, i64, f32,
                                     p, p, i32]
     lib.dk_attend_batch.restype = i32
+    lib.dk_attend_prefill.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, i64, i64, i64, i64, f32, p, p, i64,
+                                      i64, i32]
+    lib.dk_attend_prefill.restype = i32
     lib.dk_heads_i8.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, p, i32]
     lib.dk_heads_i8.restype = None
     lib.dk_greedy.argtypes = [p, i64, i64, i64, p, p]
@@ -129,6 +135,33 @@ def attend_one(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor | None, v: tor
     if rc:
         raise ValueError(f"attend_one: bad shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}, pos {pos}, lo {lo}")
     return out
+
+
+def attend_prefill(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dv: int, start: int,
+                   window: int | None, scale: float, sinks: torch.Tensor | None) -> torch.Tensor:
+    """n queries q [n, Hq, Dh] (Dh contiguous) at positions start .. start + n - 1 over their sequence's keys
+    [Hkv, cap, Dh] / values [Hkv, cap, >= Dv] (their own keys already written; ``values`` may be the keys:
+    MLA), each query seeing keys [0 or pos - window + 1, pos] -> [n, Hq, Dv]. sinks: fp32 [Hq] or None.
+    A query's output does not depend on the other queries of the call (attention_prefill.c)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    n, hq, dh = q.shape
+    hkv, cap, _ = keys.shape
+    out = torch.empty(n, hq, dv)
+    rc = lib.dk_attend_prefill(q.data_ptr(), n, hq, q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), hkv,
+                               cap, dh, dv, values.stride(1), start, window or 0, scale,
+                               None if sinks is None else sinks.data_ptr(), out.data_ptr(), out.stride(0),
+                               out.stride(1), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"attend_prefill: {'no memory' if rc == -2 else 'bad shapes'}: q {tuple(q.shape)}, keys "
+                         f"{tuple(keys.shape)}, start {start}, window {window}")
+    return out
+
+
+def prefill_usable(q: torch.Tensor, keys: torch.Tensor, dv: int) -> bool:
+    """Whether ``attend_prefill`` takes these shapes: fp32, head dims in whole 16-lane vectors, contiguous buffers."""
+    return (usable(q, keys) and q.shape[-1] % 16 == 0 and dv % 16 == 0 and keys.is_contiguous()
+            and keys.shape[-1] == q.shape[-1])
 
 
 def attend_batch(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, keys: list[torch.Tensor],
