@@ -3,8 +3,8 @@
 n queries of one sequence at positions start .. start + n - 1 attend to the sequence's keys: query i
 sees keys [lo_i, start + i], lo_i = 0, or start + i - window + 1 with a sliding window. torch's path
 (kvcache/dense.py, causal_attention.py, sinks.py) writes every score of a query block against all its
-keys to memory, masks it, takes the softmax in further passes and multiplies: on gpt-oss shapes at
-8,192 tokens that is ~1 GB of scores per chunk and ~27 GFLOP/s, half of a long prompt's prefill.
+keys to memory, masks it, takes the softmax in further passes and multiplies: with gpt-oss's sinks
+~22 G multiply-adds/s, and about half of an 8,192-token prompt's prefill (bench/attention_prefill.py).
 Here (the online softmax of FlashAttention) a unit of ROWS rows = (query head of one KV head, query)
 walks the keys in blocks of KB, the rows in vector lanes (a row's max, sum and scale are lane-wise, no
 horizontal reductions; the queries are transposed once per unit, the keys read as they lie):
@@ -19,11 +19,17 @@ the prompt it is computed in and whichever other rows share its unit: chunked an
 and a prefix-cached suffix, agree bit for bit. Against the reference (torch's masked softmax) the
 values agree to fp32 rounding (another summation order; tests/test_attention_prefill.py). */
 #include "decode_common.h"
+/* fused multiply-adds here (5-10% on Zen 4, one process A/B): no torch op's rounding to match, and every
+   call of this kernel still rounds a row the same way (GCC; other compilers keep separate roundings) */
+#pragma GCC optimize("fp-contract=fast")
 
-#define KB 64    /* keys per block */
-#define ROWS 32  /* rows per unit: query heads of one KV head x queries, two 16-lane vectors */
-#define KT 8     /* keys per register tile of scores */
-#define RT 4     /* rows per register tile of the values' products */
+#define KB 64              /* keys per block */
+#ifndef NV
+#define NV 4               /* 16-lane vectors of rows per unit */
+#endif
+#define ROWS (16 * NV)     /* rows per unit: query heads of one KV head x queries (the keys are read once per unit) */
+#define KT (16 / NV)       /* keys per register tile of scores (16 accumulators) */
+#define RT 4               /* rows per register tile of the values' products */
 
 typedef struct {
     const float *q, *keys, *values, *sinks;
@@ -36,30 +42,29 @@ typedef struct {
 static void block_scores(const float *qt, const float *k, int64_t dh, int64_t kb, float scale, dk_v16 *s) {
     int64_t j = 0;
     for (; j + KT <= kb; j += KT) {
-        dk_v16 acc[KT][2] = {{{0}}};
+        dk_v16 acc[KT][NV] = {{{0}}};
         for (int64_t d = 0; d < dh; d++) {
-            dk_v16 q0, q1;
-            memcpy(&q0, qt + d * ROWS, sizeof q0);
-            memcpy(&q1, qt + d * ROWS + 16, sizeof q1);
+            dk_v16 qv[NV];
+            for (int c = 0; c < NV; c++) memcpy(&qv[c], qt + d * ROWS + 16 * c, sizeof(dk_v16));
             for (int t = 0; t < KT; t++) {
                 const dk_v16 kd = DK_SPLAT16(k[(j + t) * dh + d]);
-                acc[t][0] += kd * q0;
-                acc[t][1] += kd * q1;
+                for (int c = 0; c < NV; c++) acc[t][c] += kd * qv[c];
             }
         }
-        for (int t = 0; t < KT; t++) s[2 * (j + t)] = acc[t][0] * DK_SPLAT16(scale), s[2 * (j + t) + 1] = acc[t][1] * DK_SPLAT16(scale);
+        for (int t = 0; t < KT; t++)
+            for (int c = 0; c < NV; c++) s[NV * (j + t) + c] = acc[t][c] * DK_SPLAT16(scale);
     }
     for (; j < kb; j++) {  /* the same operations, one key at a time */
-        dk_v16 a0 = DK_SPLAT16(0.0f), a1 = DK_SPLAT16(0.0f);
+        dk_v16 acc[NV] = {{0}};
         for (int64_t d = 0; d < dh; d++) {
-            dk_v16 q0, q1;
-            memcpy(&q0, qt + d * ROWS, sizeof q0);
-            memcpy(&q1, qt + d * ROWS + 16, sizeof q1);
             const dk_v16 kd = DK_SPLAT16(k[j * dh + d]);
-            a0 += kd * q0;
-            a1 += kd * q1;
+            for (int c = 0; c < NV; c++) {
+                dk_v16 qv;
+                memcpy(&qv, qt + d * ROWS + 16 * c, sizeof qv);
+                acc[c] += kd * qv;
+            }
         }
-        s[2 * j] = a0 * DK_SPLAT16(scale), s[2 * j + 1] = a1 * DK_SPLAT16(scale);
+        for (int c = 0; c < NV; c++) s[NV * j + c] = acc[c] * DK_SPLAT16(scale);
     }
 }
 
@@ -86,7 +91,7 @@ static inline __attribute__((always_inline)) void values_tile(const int W, float
 }
 
 /* One unit: KV head h, query heads a0 .. a0 + ga of its group, queries i0 .. i0 + qb; rows r = (query
-   r / ga, head r % ga), padded to ROWS with copies of the last (computed, not written). Scratch: qt
+   r / ga, head r % ga), padded to ROWS with copies of the last row (computed, not written). Scratch: qt
    [dh ROWS], s [KB ROWS] (scores, then probabilities), o [ROWS dv]. */
 static void pf_unit(const pf_args *A, int64_t h, int64_t a0, int64_t i0, float *qt, dk_v16 *s, float *o) {
     const int64_t qb = A->qb < A->n - i0 ? A->qb : A->n - i0, nr = A->ga * qb;
@@ -109,7 +114,7 @@ static void pf_unit(const pf_args *A, int64_t h, int64_t a0, int64_t i0, float *
         const int64_t kb = last + 1 - j0 < KB ? last + 1 - j0 : KB;
         block_scores(qt, kh + j0 * A->dh, A->dh, kb, A->scale, s);
         float c[ROWS];
-        for (int half = 0; half < 2; half++) {  /* the online softmax, 16 rows per lane vector */
+        for (int half = 0; half < NV; half++) {  /* the online softmax, 16 rows per lane vector */
             dk_v16 vp, vl, vm, vs;
             memcpy(&vp, pos + 16 * half, sizeof vp);
             memcpy(&vl, lo + 16 * half, sizeof vl);
@@ -119,7 +124,7 @@ static void pf_unit(const pf_args *A, int64_t h, int64_t a0, int64_t i0, float *
             for (int64_t j = 0; j < kb; j++) {
                 const dk_v16 kp = DK_SPLAT16((float)(j0 + j));
                 const dk_v16i vis = (kp >= vl) & (kp <= vp);
-                dk_v16 *sj = s + 2 * j + half;
+                dk_v16 *sj = s + NV * j + half;
                 *sj = dk_blend16(vis, *sj, DK_SPLAT16(-INFINITY));
                 mx = dk_blend16(*sj > mx, *sj, mx);
             }
@@ -128,7 +133,7 @@ static void pf_unit(const pf_args *A, int64_t h, int64_t a0, int64_t i0, float *
             const dk_v16 cv = dk_blend16(none, DK_SPLAT16(1.0f), dk_exp16(vm - base));  /* exp(-inf) -> ~1e-38: O, l are 0 */
             dk_v16 sum = DK_SPLAT16(0.0f);
             for (int64_t j = 0; j < kb; j++) {
-                dk_v16 *sj = s + 2 * j + half;
+                dk_v16 *sj = s + NV * j + half;
                 const dk_v16i vis = *sj > DK_SPLAT16(-INFINITY);
                 *sj = dk_blend16(vis, dk_exp16(*sj - base), DK_SPLAT16(0.0f));
                 sum += *sj;
@@ -169,7 +174,7 @@ int dk_attend_prefill(const float *q, int64_t n, int64_t hq, int64_t qt, int64_t
     pf_args A = {q, keys, values, sinks, out, n, hq, qt, qh, hkv, cap, dh, dv, v_stride, start, window, ot, oh,
                  hq / hkv, 0, 0, scale};
     A.ga = A.g < ROWS ? A.g : ROWS;
-    while (ROWS % A.ga || A.g % A.ga) A.ga--;  /* head subgroups of equal size that tile the rows */
+    while (A.g % A.ga) A.ga--;  /* head subgroups of equal size (a group of 3: 21 queries x 3 heads + 1 padding row) */
     A.qb = ROWS / A.ga;
     const int64_t nsub = A.g / A.ga, nqb = (n + A.qb - 1) / A.qb, units = hkv * nsub * nqb;
     const int nt = nthreads > 1 && units > 1 ? nthreads : 1;
@@ -177,7 +182,7 @@ int dk_attend_prefill(const float *q, int64_t n, int64_t hq, int64_t qt, int64_t
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : bad)
     {
         float *qt = (float *)malloc(sizeof(float) * (size_t)(A.dh * ROWS + ROWS * dv));
-        dk_v16 *s = (dk_v16 *)aligned_alloc(64, sizeof(dk_v16) * 2 * KB);
+        dk_v16 *s = (dk_v16 *)aligned_alloc(64, sizeof(dk_v16) * NV * KB);
         bad = !qt || !s;
         /* the last query blocks see the most keys: handed out first */
 #pragma omp for schedule(dynamic, 1)
