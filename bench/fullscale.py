@@ -102,6 +102,15 @@ def prefill_floor(spec, n: int, disk_bps: float, rate: dict | None, touched_byte
     return {"io_s": io, "compute_s": compute, "floor_s": io + (compute or 0.0), "expert_flops": flops}
 
 
+def floor_rates(spec, prompts: list[int]) -> dict:
+    """The rates a prompt's attention and attention projections run at here (fullscale_report.prefill_floors)."""
+    qkvo = [(spec.hidden, spec.heads * spec.head_dim), (spec.hidden, spec.kv_heads * spec.head_dim),
+            (spec.hidden, spec.kv_heads * spec.head_dim), (spec.heads * spec.head_dim, spec.hidden)]
+    return {"attention_rate": fr.attention_rate(spec.heads, spec.kv_heads, spec.head_dim, max(prompts) // 2,
+                                                sinks=spec.gpt_oss),
+            "trunk_rate": fr.block_rate(spec.attn_type, qkvo, 512)}
+
+
 def one_model(name: str, args, log) -> dict:
     from moemesh.benchkit.synth import whole, whole_write
 
@@ -146,7 +155,7 @@ def one_model(name: str, args, log) -> dict:
         for n in args.prompts:
             used = spec.experts * (1 - (1 - spec.top_k / spec.experts) ** n)  # expected experts touched per layer
             floors[n] = prefill_floor(spec, n, bps, rate, used * spec.layers * per_expert)
-        res["prefill"] = {"cap": c, "runs": pre, "compute_rate": rate, "floors": floors}
+        res["prefill"] = {"cap": c, "runs": pre, "compute_rate": rate, "floors": floors, **floor_rates(spec, args.prompts)}
     if args.cleanup:
         whole_write.remove(spec, args.dir)
         log(f"{name}: removed {path.parent} (--cleanup)")
@@ -200,7 +209,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (4 layers, 8 experts), caps 1G,none, 1 repeat")
     ap.add_argument("--out", default=str(RESULTS / "fullscale"))
+    ap.add_argument("--rates-into", metavar="JSON", help="only measure the attention and projection rates of the "
+                    "prefill floor and add them to an earlier run's results (re-rendering its markdown)")
     args = ap.parse_args()
+    if args.rates_into:
+        return rates_into(Path(args.rates_into))
     if args.quick:
         args.caps = args.caps or "1G,none"
         args.repeats, args.llama_repeats, args.tokens, args.llama_tokens, args.disk_rounds = 1, 1, 4, 2, 2
@@ -228,6 +241,23 @@ def main() -> None:
         result["loadavg_after"], result["wall_s"] = os.getloadavg(), time.time() - t_start
         save(merged(result, args.merge_into) if args.merge_into else result, out)  # a partial run keeps what it measured
     print(out.with_suffix(".md").read_text())
+
+
+def rates_into(path: Path) -> None:
+    """floor_rates for each model of an earlier run with a prefill table (runs written before the floor counted
+    attention), measured now on this machine and noted as such."""
+    from moemesh.benchkit.synth import whole
+
+    result = json.loads(path.read_text())
+    for name, m in result["models"].items():
+        if m.get("prefill"):
+            spec = whole.WholeSpec(**m["spec"])
+            m["prefill"].update(floor_rates(spec, [int(n) for n in m["prefill"]["floors"]]))
+            result.setdefault("notes", []).append(
+                f"{name}: the prefill floor's attention and projection rates were measured after the run "
+                f"({time.strftime('%Y-%m-%d %H:%M')}, `bench/fullscale.py --rates-into {path.name}`), load average "
+                f"{os.getloadavg()[0]:.1f}")
+    save(result, path.with_suffix(""))
 
 
 def machine() -> dict:

@@ -38,6 +38,8 @@ def decode_table(name: str, m: dict) -> list[str]:
             lines.append(f"| {c} | - | {row['skipped']} | | | | | | | | | |")
         for arm, a in row["arms"].items():
             s = a["summary"]
+            if not s.get("runs"):  # an arm that ran nothing (a TTFT-only run's --llama-repeats 0)
+                continue
             bpt = read_per_token(s)
             fl, over = floor(m, s)
             alls = ", ".join(f"{x:.3f}" for x in s.get("tokens_per_s_all", []))
@@ -93,18 +95,37 @@ def lower_bound(row: dict) -> str:
     return "1 token per timeout" if t else "?"
 
 
+def prefill_macs(spec: dict, n: int) -> dict[str, float]:
+    """Multiply-adds of an n-token prompt besides the experts: attention (scores and values of the keys each
+    query sees; gpt-oss: every other layer a 128-token sliding window) and the attention projections."""
+    hd, heads, kv, d, layers = spec["head_dim"], spec["heads"], spec["kv_heads"], spec["hidden"], spec["layers"]
+    windowed = layers // 2 if spec["arch"] == "gpt-oss" else 0
+    full_keys = n * (n + 1) / 2
+    window_keys = sum(min(i + 1, 128) for i in range(n))
+    attention = heads * 2 * hd * ((layers - windowed) * full_keys + windowed * window_keys)
+    trunk = n * layers * (d * (heads + 2 * kv) * hd + heads * hd * d)
+    return {"attention": attention, "trunk": trunk}
+
+
 def prefill_floors(m: dict) -> dict[str, dict]:
     """prompt length -> its floor: the experts the prompt touches read once at the probe's bandwidth, + the
-    experts' matmuls at the kernel's rate. The touched bytes: the expectation under uniform routing, or
-    what moemesh's layer-major prefill read where that is less (it reads each routed expert of a layer
-    once, so its bytes bound the set the model's own router touched from above)."""
+    experts' matmuls at the kernel's rate, + (where the run measured their rates) the attention at the
+    prefill attention kernel's rate and the attention projections at the block kernel's. The touched bytes:
+    the expectation under uniform routing, or what moemesh's layer-major prefill read where that is less (it
+    reads each routed expert of a layer once, so its bytes bound the set the model's own router touched from
+    above)."""
     p, bps = m["prefill"], (m.get("disk") or {}).get("bytes_s")
+    ar, tr = (p.get("attention_rate") or {}).get("gmacs_s"), (p.get("trunk_rate") or {}).get("gflops")
     out = {}
     for n, fl in p["floors"].items():
         run = p["runs"].get(f"moemesh {n}", {})
         read = run.get("bytes_read", run.get("disk_read_bytes"))
         io = min(fl["io_s"], read / bps) if read and bps else fl["io_s"]
-        out[str(n)] = {"io_s": io, "compute_s": fl["compute_s"], "floor_s": io + (fl["compute_s"] or 0.0)}
+        macs = prefill_macs(m["spec"], int(n))
+        att = macs["attention"] / (ar * 1e9) if ar else None
+        trunk = 2 * macs["trunk"] / (tr * 1e9) if tr else None
+        out[str(n)] = {"io_s": io, "compute_s": fl["compute_s"], "attention_s": att, "trunk_s": trunk,
+                       "floor_s": io + (fl["compute_s"] or 0.0) + (att or 0.0) + (trunk or 0.0)}
     return out
 
 
@@ -113,24 +134,48 @@ def prefill_lines(m: dict) -> list[str]:
     if not p:
         return []
     floors = prefill_floors(m)
+    ar, tr = p.get("attention_rate") or {}, p.get("trunk_rate") or {}
+    rest = (f"the attention at the prefill attention kernel's measured rate ({f(ar.get('gmacs_s'), '{:.1f}')} G "
+            f"multiply-adds/s, a {ar.get('rows')}-query chunk at position {ar.get('start')}) and the attention "
+            f"projections at the block kernel's ({f(tr.get('gflops'), '{:.1f}')} GFLOP/s, {tr.get('qtype')}, "
+            f"{tr.get('rows')} rows)" if ar or tr else "attention and the attention projections not counted (this run "
+            "did not measure their rates)")
     lines = ["", f"Time to first token under the {p['cap']} cap (the model's own router; moemesh layer-major prefill, llama.cpp "
              "512-token batches). Floor = bytes of the experts the prompt touches (expected distinct experts per layer "
              "under uniform routing, or the bytes moemesh read where less: it reads each routed expert once) / disk "
              "floor bandwidth + the experts' matmuls at the block kernel's measured rate "
              f"({f((p.get('compute_rate') or {}).get('gflops'), '{:.1f}')} GFLOP/s at "
-             f"{(p.get('compute_rate') or {}).get('rows')} rows; attention not counted).", "",
-             "| prompt | engine | TTFT s | prefill tok/s | floor s (I/O + compute) | TTFT / floor | MiB read | peak RSS MiB | error |",
+             f"{(p.get('compute_rate') or {}).get('rows')} rows) + {rest}. Norms, routers, the head and the "
+             "reads that do not overlap compute are not in it.", "",
+             "| prompt | engine | TTFT s | prefill tok/s | floor s (I/O + experts + attention + projections) | TTFT / floor "
+             "| MiB read | peak RSS MiB | error |",
              "|---:|---|---:|---:|---|---:|---:|---:|---|"]
     for key, r in p["runs"].items():
         engine, n = key.rsplit(" ", 1)
         fl = floors.get(str(n))
         ratio = r["ttft_s"] / fl["floor_s"] if r.get("ttft_s") and fl else None
         rd = r.get("bytes_read", r.get("disk_read_bytes"))
+        parts = " + ".join(f(fl[k], "{:.1f}") for k in ("io_s", "compute_s", "attention_s", "trunk_s"))
         lines.append(f"| {n} | {engine} | {f(r.get('ttft_s'), '{:.1f}')} | {f(r.get('prefill_tokens_per_s'), '{:.1f}')} | "
-                     f"{fl['floor_s']:.1f} ({fl['io_s']:.1f} + {f(fl['compute_s'], '{:.1f}')}) | {f(ratio)} | "
+                     f"{fl['floor_s']:.1f} ({parts}) | {f(ratio)} | "
                      f"{f(rd / MIB if rd else None, '{:.0f}')} | {f(r['peak_rss_bytes'] / MIB if r.get('peak_rss_bytes') else None, '{:.0f}')} | "
                      f"{r.get('error', '')} |")
     return lines
+
+
+def prefill_goals(m: dict) -> list[str]:
+    """Issue 19: each engine's time to first token within 1.5x of the prompt's floor."""
+    p = m.get("prefill")
+    if not p:
+        return []
+    floors, out = prefill_floors(m), []
+    for key, r in p["runs"].items():
+        engine, n = key.rsplit(" ", 1)
+        if r.get("ttft_s") and str(n) in floors:
+            ratio = r["ttft_s"] / floors[str(n)]["floor_s"]
+            out.append(f"- {p['cap']}: {engine} first token of {n} tokens / floor = **{ratio:.2f}x** (goal <= 1.5x): "
+                       f"{'met' if ratio <= 1.5 else 'NOT met'}")
+    return out
 
 
 def markdown(r: dict) -> str:
@@ -176,7 +221,7 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {c} | {f(p.get('tokens_per_s'), '{:.3f}')} | {f(p.get('hit_rate'))} | {p.get('cache_slots')} | "
                              f"{f(meas, '{:.3f}')} | {f(p['tokens_per_s'] / meas if meas and p.get('tokens_per_s') else None)} |")
         lines += prefill_lines(m)
-        lines += ["", "Goals (issue 19):"] + goals(name, m)
+        lines += ["", "Goals (issue 19):"] + goals(name, m) + prefill_goals(m)
     return "\n".join(lines) + "\n"
 
 

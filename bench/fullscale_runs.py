@@ -66,6 +66,11 @@ def expert_slice_bytes(path: Path) -> int:
 def compute_rate(qtype: str, d: int, inter: int, rows: int, seconds: float = 2.0) -> dict | None:
     """GFLOP/s of the block kernels on one expert's gate, up, down at ``rows`` tokens (a prefill's rows
     per routed expert): the compute floor of a prefill's experts. Random valid blocks (benchkit/synth)."""
+    return block_rate(qtype, [(d, inter), (d, inter), (inter, d)], rows, seconds)
+
+
+def block_rate(qtype: str, shapes: list[tuple[int, int]], rows: int, seconds: float = 2.0) -> dict | None:
+    """GFLOP/s of the block kernels on matrices of ``shapes`` (in, out) at ``rows`` tokens, random valid blocks."""
     import numpy as np
     import torch
 
@@ -77,10 +82,10 @@ def compute_rate(qtype: str, d: int, inter: int, rows: int, seconds: float = 2.0
         return None
     words, rng = pool(1), np.random.default_rng(1)
     mats = []
-    for k, n in ((d, inter), (d, inter), (inter, d)):
+    for k, n in shapes:
         raw = np.concatenate(list(block_chunks(qtype, n * row_bytes(qtype, k), words, rng)))
         mats.append(BlockLinear(qtype, torch.from_numpy(raw.reshape(n, row_bytes(qtype, k))), k))
-    xs = {k: torch.randn(rows, k) for k in (d, inter)}  # [rows, K]
+    xs = {k: torch.randn(rows, k) for k, _ in shapes}  # [rows, K]
     flops = sum(2 * rows * m.in_features * m.out_features for m in mats)
     times = []
     stop = time.perf_counter() + seconds
@@ -91,6 +96,32 @@ def compute_rate(qtype: str, d: int, inter: int, rows: int, seconds: float = 2.0
                 m(xs[m.in_features])
             times.append(time.perf_counter() - t)
     return {"rows": rows, "gflops": flops / statistics.median(times) / 1e9, "qtype": qtype}
+
+
+def attention_rate(heads: int, kv_heads: int, head_dim: int, start: int, rows: int = 512, seconds: float = 2.0,
+                   sinks: bool = False) -> dict | None:
+    """G multiply-adds/s of the prefill attention kernel (quant/attention_prefill.c) on one ``rows``-query chunk
+    at position ``start`` (scores and values of the keys each query sees): a prompt's attention floor."""
+    import torch
+
+    from moemesh.quant import decode_kernels
+
+    lib = decode_kernels.load()
+    if lib is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(kv_heads, start + rows, head_dim, generator=g)
+    values = torch.randn(kv_heads, start + rows, head_dim, generator=g)
+    q = torch.randn(rows, heads, head_dim, generator=g)
+    s = torch.randn(heads, generator=g) if sinks else None
+    macs = heads * 2 * head_dim * sum(start + i + 1 for i in range(rows))
+    times = []
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop or len(times) < 3:
+        t = time.perf_counter()
+        decode_kernels.attend_prefill(lib, q, keys, values, head_dim, start, None, head_dim**-0.5, s)
+        times.append(time.perf_counter() - t)
+    return {"rows": rows, "start": start, "gmacs_s": macs / statistics.median(times) / 1e9}
 
 
 def exactness(path: Path, layers: int, tokens: int, chunk: int, timeout: float) -> dict:
