@@ -125,7 +125,7 @@ class DenseKVCache(KVCache):
             if n == 1 and allowed is None:  # a decode token: the visible keys are one run, no mask
                 out[off] = decode_attention(q[off], keys[:, lo:end], values[:, lo:end], scale, sinks)
                 continue
-            if plib is not None and allowed is None and decode_kernels.prefill_usable(q, keys, self.value_dim):
+            if plib is not None and allowed is None and decode_kernels.prefill_usable(q, keys, values, self.value_dim):
                 # key blocks and an online softmax: no [queries, keys] score matrix (attention_prefill.c; the
                 # torch paths below are its reference)
                 out[off : off + n] = decode_kernels.attend_prefill(plib, q[off : off + n], keys, values, self.value_dim,

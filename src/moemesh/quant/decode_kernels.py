@@ -158,10 +158,12 @@ def attend_prefill(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values
     return out
 
 
-def prefill_usable(q: torch.Tensor, keys: torch.Tensor, dv: int) -> bool:
-    """Whether ``attend_prefill`` takes these shapes: fp32, head dims in whole 16-lane vectors, contiguous buffers."""
-    return (usable(q, keys) and q.shape[-1] % 16 == 0 and dv % 16 == 0 and keys.is_contiguous()
-            and keys.shape[-1] == q.shape[-1])
+def prefill_usable(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dv: int) -> bool:
+    """Whether ``attend_prefill`` takes these: fp32, head dims in whole 16-lane vectors, the keys one buffer
+    [Hkv, cap, Dh] and the values [Hkv, cap, v_stride] rows (a buffer of their own, or the keys' first Dv)."""
+    return (usable(q, keys, values) and q.shape[-1] % 16 == 0 and dv % 16 == 0 and keys.is_contiguous()
+            and keys.shape[-1] == q.shape[-1] and values.stride(-1) == 1
+            and values.stride(0) == keys.shape[1] * values.stride(1))
 
 
 def attend_batch(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, keys: list[torch.Tensor],
