@@ -116,10 +116,12 @@ def test_three_lazy_expert_shards_match_one_process(stores, arch):
         assert rx.remote_rows > 0 and rx.local_rows > 0
         for stack in stacks:
             me = stack.node.peer_id.to_base58()
-            keys = cached(stack)
-            assert keys and all(me in rx.assign(layer, [e]) for layer, e in keys), me  # its share only
-        for stack in stacks[1:]:
-            assert stack.expert_server.calls > 0
+            assert all(me in rx.assign(layer, [e]) for layer, e in cached(stack)), me  # its share only
+        # the shares come from a rendezvous over random peer ids: a small share can hold none of the experts
+        # these prompts route to (one clean-clone run of 2026-12-08; 10 reruns passed), and then its node is
+    # rightly never called
+        called = [s for s in stacks[1:] if s.expert_server.calls > 0]
+        assert called and all(bool(cached(s)) == (s in called) for s in stacks[1:])
         keys = [(layer, e) for layer in head.args.moe_layers for e in range(head.args.num_experts)]
         owner = {(layer, e): next(iter(rx.assign(layer, [e]))) for layer, e in keys}
         shares = [sum(owner[k] == s.node.peer_id.to_base58() for k in keys) for s in stacks]
