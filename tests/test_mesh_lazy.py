@@ -119,7 +119,7 @@ def test_three_lazy_expert_shards_match_one_process(stores, arch):
             assert all(me in rx.assign(layer, [e]) for layer, e in cached(stack)), me  # its share only
         # the shares come from a rendezvous over random peer ids: a small share can hold none of the experts
         # these prompts route to (one clean-clone run of 2026-12-08; 10 reruns passed), and then its node is
-    # rightly never called
+        # rightly never called
         called = [s for s in stacks[1:] if s.expert_server.calls > 0]
         assert called and all(bool(cached(s)) == (s in called) for s in stacks[1:])
         keys = [(layer, e) for layer in head.args.moe_layers for e in range(head.args.num_experts)]
