@@ -4,7 +4,7 @@ n queries of one sequence at positions start .. start + n - 1 attend to the sequ
 sees keys [lo_i, start + i], lo_i = 0, or start + i - window + 1 with a sliding window. torch's path
 (kvcache/dense.py, causal_attention.py, sinks.py) writes every score of a query block against all its
 keys to memory, masks it, takes the softmax in further passes and multiplies: with gpt-oss's sinks
-~22 G multiply-adds/s, and about half of an 8,192-token prompt's prefill (bench/attention_prefill.py).
+16-25 G multiply-adds/s, and about half of an 8,192-token prompt's prefill (bench/attention_prefill.py).
 Here (the online softmax of FlashAttention) a unit of ROWS rows = (query head of one KV head, query)
 walks the keys in blocks of KB, the rows in vector lanes (a row's max, sum and scale are lane-wise, no
 horizontal reductions; the queries are transposed once per unit, the keys read as they lie):
