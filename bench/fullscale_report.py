@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moemesh.benchkit.synth.whole import GPT_OSS_WINDOW
+
 GIB = 2**30
 MIB = 2**20
 GOALS = {"gpt-oss-120b": 10.0, "qwen3-30b-a3b": 5.0}  # moemesh / llama.cpp under the 8 GB cap
@@ -95,13 +97,18 @@ def lower_bound(row: dict) -> str:
     return "1 token per timeout" if t else "?"
 
 
+def prompt_read(run: dict) -> float | None:
+    """Bytes a TTFT run read: moemesh's expert reads, or (llama.cpp) the process's disk reads."""
+    return run.get("bytes_read", run.get("disk_read_bytes"))
+
+
 def prefill_macs(spec: dict, n: int) -> dict[str, float]:
     """Multiply-adds of an n-token prompt besides the experts: attention (scores and values of the keys each
     query sees; gpt-oss: every other layer a 128-token sliding window) and the attention projections."""
     hd, heads, kv, d, layers = spec["head_dim"], spec["heads"], spec["kv_heads"], spec["hidden"], spec["layers"]
     windowed = layers // 2 if spec["arch"] == "gpt-oss" else 0
     full_keys = n * (n + 1) / 2
-    window_keys = sum(min(i + 1, 128) for i in range(n))
+    window_keys = sum(min(i + 1, GPT_OSS_WINDOW) for i in range(n))
     attention = heads * 2 * hd * ((layers - windowed) * full_keys + windowed * window_keys)
     trunk = n * layers * (d * (heads + 2 * kv) * hd + heads * hd * d)
     return {"attention": attention, "trunk": trunk}
@@ -119,7 +126,7 @@ def prefill_floors(m: dict) -> dict[str, dict]:
     out = {}
     for n, fl in p["floors"].items():
         run = p["runs"].get(f"moemesh {n}", {})
-        read = run.get("bytes_read", run.get("disk_read_bytes"))
+        read = prompt_read(run)
         io = min(fl["io_s"], read / bps) if read and bps else fl["io_s"]
         macs = prefill_macs(m["spec"], int(n))
         att = macs["attention"] / (ar * 1e9) if ar else None
@@ -154,7 +161,7 @@ def prefill_lines(m: dict) -> list[str]:
         engine, n = key.rsplit(" ", 1)
         fl = floors.get(str(n))
         ratio = r["ttft_s"] / fl["floor_s"] if r.get("ttft_s") and fl else None
-        rd = r.get("bytes_read", r.get("disk_read_bytes"))
+        rd = prompt_read(r)
         parts = " + ".join(f(fl[k], "{:.1f}") for k in ("io_s", "compute_s", "attention_s", "trunk_s"))
         lines.append(f"| {n} | {engine} | {f(r.get('ttft_s'), '{:.1f}')} | {f(r.get('prefill_tokens_per_s'), '{:.1f}')} | "
                      f"{fl['floor_s']:.1f} ({parts}) | {f(ratio)} | "

@@ -47,6 +47,8 @@ class WholeSpec:
         return asdict(self)
 
 
+GPT_OSS_WINDOW = 128  # gpt-oss's sliding window (every other layer), as its GGUF metadata says
+
 SPECS = {
     # config.json of openai/gpt-oss-120b; llama.cpp's MXFP4 GGUF layout (expert biases fp32)
     "gpt-oss-120b": WholeSpec("gpt-oss-120b", "gpt-oss", 36, 128, 4, 2880, 2880, 64, 8, 64, 201088,
@@ -141,7 +143,7 @@ def metadata(w, s: WholeSpec) -> None:
     w.add_expert_used_count(s.top_k)
     w.add_expert_feed_forward_length(s.inter)
     if s.gpt_oss:
-        w.add_sliding_window(128)
+        w.add_sliding_window(GPT_OSS_WINDOW)
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(32.0)
         w.add_rope_scaling_orig_ctx_len(4096)
